@@ -1,0 +1,162 @@
+"""Assembles the gRPC server: database pool, migrations, event hub, servicers, health."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service.auth.authenticator import Authenticator
+from service.auth.principal import Role
+from service.auth.store import TOKEN_REVOKED_CHANNEL, IdentityStore, IssuedToken
+from service.common.interceptors import AuthInterceptor, ErrorInterceptor
+from service.config import Settings
+from service.db.database import create_pool
+from service.db.migrate import migrate
+from service.events.hub import EventHub
+from service.registry import servicer as registry
+
+log = logging.getLogger(__name__)
+
+# Server-side limits that keep one client from exhausting the process.
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+@dataclass
+class Capability:
+    """A service of ours: its full name, who may call each method, how to register it."""
+
+    name: str
+    method_roles: Mapping[str, frozenset[Role]]
+    register: Callable[[grpc.aio.Server], None]
+
+
+@dataclass
+class Service:
+    settings: Settings
+    dsn: str
+    pool: asyncpg.Pool | None = None
+    hub: EventHub | None = None
+    server: grpc.aio.Server | None = None
+    port: int = 0
+    bootstrap_token: IssuedToken | None = None
+    _health: health.aio.HealthServicer | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _service_names: list[str] = field(default_factory=list)
+
+    async def start(self) -> int:
+        """Migrates, starts serving, returns the bound port."""
+        settings = self.settings
+        self.pool = await create_pool(
+            self.dsn, settings.db_pool_min_size, settings.db_pool_max_size
+        )
+        async with self.pool.acquire() as conn:
+            await migrate(conn)
+        identity = IdentityStore(self.pool)
+        if settings.bootstrap:
+            self.bootstrap_token = await identity.bootstrap_partner("default-partner")
+
+        self.hub = EventHub(self.dsn, settings.health_interval_seconds)
+        await self.hub.start()
+        authenticator = Authenticator(identity, settings.token_cache_seconds)
+        await self.hub.listen(TOKEN_REVOKED_CHANNEL, authenticator.forget)
+        self.hub.on_reset(authenticator.forget_all)
+
+        capabilities = self._capabilities()
+        method_roles: dict[str, frozenset[Role]] = {}
+        for capability in capabilities:
+            method_roles.update(capability.method_roles)
+        self.server = grpc.aio.server(
+            interceptors=[ErrorInterceptor(), AuthInterceptor(authenticator, method_roles)],
+            options=GRPC_OPTIONS,
+        )
+        for capability in capabilities:
+            capability.register(self.server)
+        self._service_names = [c.name for c in capabilities]
+
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
+        reflection.enable_server_reflection(
+            [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self.port = self.server.add_insecure_port(settings.grpc_address)
+        if self.port == 0:
+            raise RuntimeError(f"cannot bind {settings.grpc_address}")
+        await self.server.start()
+        await self._set_health(serving=True)
+        self._tasks.append(asyncio.create_task(self._watch_database(), name="health-probe"))
+        return self.port
+
+    def _capabilities(self) -> list[Capability]:
+        assert self.pool is not None
+        assert self.hub is not None
+        registry_servicer = registry.SiteRegistryServicer(
+            self.pool, self.hub, self.settings.watch_buffer_size
+        )
+        return [
+            Capability(
+                registry.SERVICE,
+                registry.METHOD_ROLES,
+                lambda server: registry.register(server, registry_servicer),
+            ),
+        ]
+
+    async def _set_health(self, serving: bool) -> None:
+        assert self._health is not None
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *self._service_names]:
+            await self._health.set(name, status)
+
+    async def _watch_database(self) -> None:
+        """SERVING only while the database answers."""
+        assert self.pool is not None
+        serving = True
+        interval = self.settings.health_interval_seconds
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                async with asyncio.timeout(interval):
+                    await self.pool.fetchval("SELECT 1")
+                healthy = self.hub is not None and self.hub.connected
+            except Exception:
+                healthy = False
+            if healthy != serving:
+                log.warning("database %s", "reachable again" if healthy else "unreachable")
+                serving = healthy
+                await self._set_health(serving)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stops accepting calls, lets in-flight ones finish within the grace period."""
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        stopping = asyncio.create_task(self.server.stop(grace)) if self.server else None
+        # Watch streams never finish on their own: end them now rather than at the deadline.
+        if self.hub is not None:
+            await self.hub.close()
+        if stopping is not None:
+            await stopping
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.pool is not None:
+            await self.pool.close()

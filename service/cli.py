@@ -1,0 +1,174 @@
+"""The ``openvpp`` command: serve, migrate, and manage organizations and tokens."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+from uuid import UUID
+
+import asyncpg
+
+from service.app import Service
+from service.auth.principal import Role
+from service.auth.store import IdentityStore
+from service.config import Settings
+from service.db.database import EmbeddedPostgres
+from service.db.migrate import migrate
+from service.observability import setup_logging, setup_tracing
+
+T = TypeVar("T")
+
+
+def _run(coro: Awaitable[T]) -> T:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def database(settings: Settings) -> Iterator[str]:
+    """The configured database URL, or an embedded server's for the lifetime of the block."""
+    if settings.database_url:
+        yield settings.database_url
+        return
+    embedded = EmbeddedPostgres(settings.data_dir)
+    dsn = embedded.start()
+    try:
+        yield dsn
+    finally:
+        embedded.stop()
+
+
+async def _serve(settings: Settings, dsn: str) -> None:
+    service = Service(settings, dsn)
+    await service.start()
+    if service.bootstrap_token is not None:
+        token = service.bootstrap_token
+        print(
+            f"created partner organization {token.org_id}\n"
+            f"its API token (shown once, keep it): {token.token}",
+            flush=True,
+        )
+    print(f"openvpp serving gRPC on {settings.grpc_address} (port {service.port})", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    print("shutting down", flush=True)
+    await service.stop()
+
+
+async def _with_identity(dsn: str, action: Callable[[IdentityStore], Awaitable[T]]) -> T:
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    assert pool is not None
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn)
+        return await action(IdentityStore(pool))
+    finally:
+        await pool.close()
+
+
+async def _migrate(dsn: str) -> list[str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="openvpp", description=__doc__)
+    parser.add_argument("--database-url", help="PostgreSQL URL (env OPENVPP_DATABASE_URL)")
+    parser.add_argument("--data-dir", type=Path, help="embedded database home (OPENVPP_DATA_DIR)")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (OPENVPP_LOG_LEVEL)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gRPC service")
+    serve.add_argument("--grpc-address", help="host:port to listen on (OPENVPP_GRPC_ADDRESS)")
+    serve.add_argument(
+        "--shutdown-grace-seconds", type=float, help="(OPENVPP_SHUTDOWN_GRACE_SECONDS)"
+    )
+    serve.add_argument("--trace-exporter", help="'console' or empty (OPENVPP_TRACE_EXPORTER)")
+
+    commands.add_parser("migrate", help="apply pending database migrations and exit")
+
+    orgs = commands.add_parser("orgs", help="manage organizations").add_subparsers(
+        dest="action", required=True
+    )
+    create_org = orgs.add_parser("create", help="create an organization")
+    create_org.add_argument("name")
+    create_org.add_argument("--role", required=True, choices=[r.value for r in Role])
+    orgs.add_parser("list", help="list organizations")
+
+    tokens = commands.add_parser("tokens", help="manage API tokens").add_subparsers(
+        dest="action", required=True
+    )
+    create_token = tokens.add_parser("create", help="issue a token (printed once)")
+    create_token.add_argument("--org", required=True, type=UUID, help="organization id")
+    revoke = tokens.add_parser("revoke", help="revoke a token by its id")
+    revoke.add_argument("token_id", type=UUID)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides: dict[str, Any] = {
+        "database_url": args.database_url,
+        "data_dir": args.data_dir,
+        "log_level": args.log_level,
+        "grpc_address": getattr(args, "grpc_address", None),
+        "shutdown_grace_seconds": getattr(args, "shutdown_grace_seconds", None),
+        "trace_exporter": getattr(args, "trace_exporter", None),
+    }
+    settings = Settings.from_env(**overrides)
+    setup_logging(settings.log_level)
+
+    with database(settings) as dsn:
+        if args.command == "serve":
+            setup_tracing(settings.trace_exporter)
+            _run(_serve(settings, dsn))
+        elif args.command == "migrate":
+            applied = _run(_migrate(dsn))
+            print(
+                f"applied {len(applied)} migration(s)"
+                + (f": {', '.join(applied)}" if applied else "")
+            )
+        elif args.command == "orgs" and args.action == "create":
+            role = Role(args.role)
+            org = _run(_with_identity(dsn, lambda store: store.create_org(args.name, role)))
+            print(f"{org.id}\t{org.name}\t{org.role}")
+        elif args.command == "orgs" and args.action == "list":
+            for org in _run(_with_identity(dsn, lambda store: store.list_orgs())):
+                print(f"{org.id}\t{org.name}\t{org.role}")
+        elif args.command == "tokens" and args.action == "create":
+
+            async def issue(store: IdentityStore) -> Any:
+                if await store.get_org(args.org) is None:
+                    raise SystemExit(f"no organization {args.org}")
+                return await store.create_token(args.org)
+
+            issued = _run(_with_identity(dsn, issue))
+            print(f"token id: {issued.id}", file=sys.stderr)
+            print(issued.token)
+        elif args.command == "tokens" and args.action == "revoke":
+            revoked = _run(_with_identity(dsn, lambda store: store.revoke_token(args.token_id)))
+            if not revoked:
+                print(f"no active token {args.token_id}", file=sys.stderr)
+                return 1
+            print(f"revoked {args.token_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Turns domain errors into gRPC statuses with ``google.rpc`` error details."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from service.common.errors import (
+    AlreadyExistsError,
+    DomainError,
+    FailedPreconditionError,
+    NotFoundError,
+    ValidationError,
+)
+
+log = logging.getLogger(__name__)
+
+ERROR_DOMAIN = "openvpp.io"
+
+# Errors that mean "the database is not reachable right now": the caller may retry.
+DATABASE_UNAVAILABLE = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InterfaceError,
+)
+
+
+def _packed(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+def status_for(error: DomainError) -> grpc.Status:
+    """The gRPC status (code, message and details) that tells the caller what went wrong."""
+    code: int
+    details: list[any_pb2.Any] = []
+    if isinstance(error, ValidationError):
+        code = code_pb2.INVALID_ARGUMENT
+        details.append(
+            _packed(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=v.field, description=v.rule
+                        )
+                        for v in error.violations
+                    ]
+                )
+            )
+        )
+    elif isinstance(error, NotFoundError):
+        code = code_pb2.NOT_FOUND
+        details.append(
+            _packed(
+                error_details_pb2.ResourceInfo(
+                    resource_type=error.kind, resource_name=error.entity_id
+                )
+            )
+        )
+    elif isinstance(error, AlreadyExistsError):
+        code = code_pb2.ALREADY_EXISTS
+        details.append(
+            _packed(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=error.field, description=error.message
+                        )
+                    ]
+                )
+            )
+        )
+    elif isinstance(error, FailedPreconditionError):
+        code = code_pb2.FAILED_PRECONDITION
+        details.append(
+            _packed(
+                error_details_pb2.PreconditionFailure(
+                    violations=[
+                        error_details_pb2.PreconditionFailure.Violation(
+                            type=error.precondition_type,
+                            subject=error.subject,
+                            description=error.message,
+                        )
+                    ]
+                )
+            )
+        )
+    else:
+        code = code_pb2.INVALID_ARGUMENT
+    status: grpc.Status = rpc_status.to_status(
+        status_pb2.Status(code=code, message=error.message, details=details)
+    )
+    return status
+
+
+def status_with_reason(code: grpc.StatusCode, message: str, reason: str) -> grpc.Status:
+    """A status with a machine-readable ``ErrorInfo`` reason (e.g. for auth failures)."""
+    status: grpc.Status = rpc_status.to_status(
+        status_pb2.Status(
+            code=code.value[0],
+            message=message,
+            details=[_packed(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))],
+        )
+    )
+    return status

@@ -1,0 +1,184 @@
+"""Server interceptors: authentication, role checks and error mapping for every RPC.
+
+Handlers stay free of this plumbing: they read ``current_principal()`` and raise domain
+errors; what the client sees is decided here, once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+from opentelemetry import trace
+
+from service.auth.authenticator import Authenticator
+from service.auth.principal import Role, bind_principal, unbind_principal
+from service.auth.tokens import bearer_token
+from service.common.errors import DomainError
+from service.common.grpc_errors import DATABASE_UNAVAILABLE, status_for, status_with_reason
+from service.events.hub import EventsInterrupted, SubscriberTooSlow
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("openvpp")
+
+# Method prefixes that need no token: clients probe health and discover services freely.
+PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+Guard = Callable[[grpc.aio.ServicerContext[Any, Any]], Any]
+
+
+def _wrap(handler: Any, guard: Guard) -> Any:
+    """The same handler, its behaviour run inside ``guard(context)`` (an async context manager)."""
+    if handler.request_streaming and handler.response_streaming:
+        inner_ss = handler.stream_stream
+
+        async def stream_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
+            async with guard(context):
+                async for response in inner_ss(requests, context):
+                    yield response
+
+        return grpc.stream_stream_rpc_method_handler(
+            stream_stream, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.response_streaming:
+        inner_us = handler.unary_stream
+
+        async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            async with guard(context):
+                async for response in inner_us(request, context):
+                    yield response
+
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.request_streaming:
+        inner_su = handler.stream_unary
+
+        async def stream_unary(requests: Any, context: Any) -> Any:
+            async with guard(context):
+                return await inner_su(requests, context)
+
+        return grpc.stream_unary_rpc_method_handler(
+            stream_unary, handler.request_deserializer, handler.response_serializer
+        )
+    inner_uu = handler.unary_unary
+
+    async def unary_unary(request: Any, context: Any) -> Any:
+        async with guard(context):
+            return await inner_uu(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(
+        unary_unary, handler.request_deserializer, handler.response_serializer
+    )
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Domain errors become statuses with details; anything unexpected becomes INTERNAL
+    with a generic message, logged here with its stack trace, never sent to the client."""
+
+    async def intercept_service(
+        self,
+        continuation: Any,
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+
+        @asynccontextmanager
+        async def guard(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+            with tracer.start_as_current_span(method, kind=trace.SpanKind.SERVER) as span:
+                try:
+                    yield
+                except grpc.aio.AbortError:
+                    raise
+                except DomainError as error:
+                    span.set_attribute("rpc.grpc.error", type(error).__name__)
+                    await context.abort_with_status(status_for(error))
+                except SubscriberTooSlow as error:
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"stream ended: the client read too slowly ({error}); reconnect",
+                    )
+                except EventsInterrupted as error:
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE, f"stream ended: {error}; reconnect"
+                    )
+                except DATABASE_UNAVAILABLE:
+                    log.warning("database unavailable during %s", method, exc_info=True)
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE, "database unavailable; retry later"
+                    )
+                except Exception:
+                    log.exception("unexpected error in %s", method)
+                    span.set_status(trace.StatusCode.ERROR)
+                    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+        return _wrap(handler, guard)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates the bearer token and checks the caller's role for the method.
+
+    ``method_roles`` maps every full method name ("/openvpp.v1.SiteRegistry/GetSite") to the
+    roles allowed to call it. A method without an entry is refused: new RPCs are closed until
+    someone decides who may call them.
+    """
+
+    def __init__(
+        self, authenticator: Authenticator, method_roles: Mapping[str, frozenset[Role]]
+    ) -> None:
+        self._authenticator = authenticator
+        self._method_roles = method_roles
+
+    async def intercept_service(
+        self,
+        continuation: Any,
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        method = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        if handler is None or method.startswith(PUBLIC_PREFIXES):
+            return handler
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        token = bearer_token(_as_text(metadata.get("authorization")))
+        principal = await self._authenticator.authenticate(token) if token else None
+        allowed = self._method_roles.get(method, frozenset())
+
+        @asynccontextmanager
+        async def guard(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+            if principal is None:
+                await context.abort_with_status(
+                    status_with_reason(
+                        grpc.StatusCode.UNAUTHENTICATED,
+                        "missing, unknown or revoked token; send 'authorization: Bearer <token>'",
+                        "INVALID_TOKEN",
+                    )
+                )
+            assert principal is not None
+            if principal.role not in allowed:
+                roles = ", ".join(sorted(allowed)) or "none"
+                await context.abort_with_status(
+                    status_with_reason(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        f"role {principal.role} may not call {method} (allowed: {roles})",
+                        "ROLE_NOT_ALLOWED",
+                    )
+                )
+            bound = bind_principal(principal)
+            try:
+                yield
+            finally:
+                unbind_principal(bound)
+
+        return _wrap(handler, guard)
+
+
+def _as_text(value: str | bytes | None) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return value

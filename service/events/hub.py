@@ -1,0 +1,219 @@
+"""Fan-out of PostgreSQL NOTIFY events to in-process subscribers.
+
+One dedicated connection per process LISTENs; every replica that commits a change issues
+``pg_notify`` in the same transaction, so subscribers on every replica see exactly the
+committed changes. Each subscriber has a bounded buffer: one that cannot keep up is ended
+(``SubscriberTooSlow``) instead of growing memory. When the listening connection is lost,
+every subscriber is ended (``EventsInterrupted``) so clients reconnect and re-read rather
+than silently missing events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+
+
+class SubscriberTooSlow(Exception):
+    """The subscriber's buffer overflowed; its stream must end."""
+
+
+class EventsInterrupted(Exception):
+    """The event source was lost; events may have been missed."""
+
+
+class Subscription:
+    def __init__(
+        self,
+        hub: EventHub,
+        channel: str,
+        key: str,
+        max_buffered: int,
+        matches: Callable[[Event], bool] | None,
+    ) -> None:
+        self._hub = hub
+        self.channel = channel
+        self.key = key
+        self._max_buffered = max_buffered
+        self._matches = matches
+        self._buffer: collections.deque[Event] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._ended: Exception | None = None
+
+    def deliver(self, event: Event) -> None:
+        if self._ended is not None or (self._matches is not None and not self._matches(event)):
+            return
+        if len(self._buffer) >= self._max_buffered:
+            self.end(SubscriberTooSlow(f"more than {self._max_buffered} events not yet read"))
+            return
+        self._buffer.append(event)
+        self._wakeup.set()
+
+    def end(self, reason: Exception) -> None:
+        if self._ended is None:
+            self._ended = reason
+            self._buffer.clear()
+            self._wakeup.set()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def close(self) -> None:
+        self._hub._remove(self)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Event:
+        while not self._buffer:
+            if self._ended is not None:
+                raise self._ended
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        return self._buffer.popleft()
+
+
+class EventHub:
+    def __init__(self, dsn: str, probe_interval_seconds: float = 2.0) -> None:
+        self._dsn = dsn
+        self._probe_interval = probe_interval_seconds
+        self._conn: asyncpg.Connection | None = None
+        self._channels: set[str] = set()
+        self._subscriptions: dict[str, dict[str, set[Subscription]]] = collections.defaultdict(
+            lambda: collections.defaultdict(set)
+        )
+        self._listeners: dict[str, list[Callable[[str], None]]] = collections.defaultdict(list)
+        self._on_reset: list[Callable[[], None]] = []
+        self._supervisor: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._closing = False
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.is_closed()
+
+    async def start(self) -> None:
+        await self._connect()
+        self._supervisor = asyncio.create_task(self._supervise(), name="event-hub-supervisor")
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+        for per_key in self._subscriptions.values():
+            for subs in per_key.values():
+                for sub in subs:
+                    sub.end(EventsInterrupted("server is shutting down"))
+        if self._conn is not None and not self._conn.is_closed():
+            await self._conn.close()
+
+    async def listen(self, channel: str, callback: Callable[[str], None]) -> None:
+        """Calls ``callback(payload)`` for every notification on ``channel`` (internal use)."""
+        self._listeners[channel].append(callback)
+        await self._ensure_listening(channel)
+
+    def on_reset(self, callback: Callable[[], None]) -> None:
+        """Called when notifications may have been missed (connection lost)."""
+        self._on_reset.append(callback)
+
+    async def subscribe(
+        self,
+        channel: str,
+        key: str,
+        max_buffered: int,
+        matches: Callable[[Event], bool] | None = None,
+    ) -> Subscription:
+        """Events on ``channel`` whose JSON payload has ``"key": key`` (the owning org)."""
+        await self._ensure_listening(channel)
+        if not self.connected:
+            raise EventsInterrupted("event source is not connected")
+        subscription = Subscription(self, channel, key, max_buffered, matches)
+        self._subscriptions[channel][key].add(subscription)
+        return subscription
+
+    def subscriber_count(self, channel: str) -> int:
+        return sum(len(subs) for subs in self._subscriptions[channel].values())
+
+    def _remove(self, subscription: Subscription) -> None:
+        per_key = self._subscriptions[subscription.channel]
+        subs = per_key.get(subscription.key)
+        if subs is not None:
+            subs.discard(subscription)
+            if not subs:
+                del per_key[subscription.key]
+
+    async def _ensure_listening(self, channel: str) -> None:
+        async with self._lock:
+            if channel in self._channels:
+                return
+            self._channels.add(channel)
+            if self._conn is not None and not self._conn.is_closed():
+                await self._conn.add_listener(channel, self._dispatch)
+
+    async def _connect(self) -> None:
+        async with self._lock:
+            conn = await asyncpg.connect(self._dsn)
+            for channel in self._channels:
+                await conn.add_listener(channel, self._dispatch)
+            conn.add_termination_listener(self._terminated)
+            self._conn = conn
+
+    def _dispatch(self, _conn: object, _pid: int, channel: str, payload: str) -> None:
+        for callback in self._listeners.get(channel, ()):
+            try:
+                callback(payload)
+            except Exception:
+                log.exception("listener for %s failed", channel)
+        per_key = self._subscriptions.get(channel)
+        if not per_key:
+            return
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            log.warning("dropping malformed notification on %s", channel)
+            return
+        for subscription in list(per_key.get(str(event.get("key", "")), ())):
+            subscription.deliver(event)
+
+    def _terminated(self, _conn: object) -> None:
+        self._interrupt("lost the database connection that carries events")
+
+    def _interrupt(self, why: str) -> None:
+        for per_key in self._subscriptions.values():
+            for subs in per_key.values():
+                for sub in list(subs):
+                    sub.end(EventsInterrupted(why))
+        for callback in self._on_reset:
+            callback()
+
+    async def _supervise(self) -> None:
+        """Probes the listening connection and reconnects it when it is gone."""
+        while not self._closing:
+            await asyncio.sleep(self._probe_interval)
+            try:
+                if self._conn is None or self._conn.is_closed():
+                    raise ConnectionError("not connected")
+                await asyncio.wait_for(self._conn.execute("SELECT 1"), self._probe_interval)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                if self._closing:
+                    return
+                self._interrupt("lost the database connection that carries events")
+                if self._conn is not None:
+                    self._conn.terminate()
+                self._conn = None
+                try:
+                    await self._connect()
+                    log.info("event listener reconnected")
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                    log.warning("event listener reconnect failed; retrying")

@@ -1,0 +1,301 @@
+"""Site and resource rules of the registry: validation, normalization, status. No I/O."""
+
+from __future__ import annotations
+
+import math
+import zoneinfo
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import cache
+from urllib.parse import urlsplit
+
+import pytz
+
+from service.common.errors import ViolationCollector
+from service.identifiers import InvalidGridIdentifier, parse_grid_identifier
+from service.telemetry.domain import SUPPORTED_RESOLUTIONS, SiteType, parse_resolution
+
+MAX_NAME_LENGTH = 200
+MAX_ADDRESS_LENGTH = 1000
+MAX_URL_LENGTH = 2048
+DEFAULT_BALANCE_RESOLUTION = "PT15M"
+
+
+class SiteStatus(StrEnum):
+    NO_RESOURCES = "no_resources"
+    ONBOARDED = "onboarded"
+    PAUSED = "paused"
+    DELETED = "deleted"
+
+
+class SupplyPointDirection(StrEnum):
+    BIDIRECTIONAL = "bidirectional"
+    OFFTAKE = "offtake"
+    INJECTION = "injection"
+
+
+class ResourceType(StrEnum):
+    STATIC_BATTERY = "static_battery"
+    HEAT_PUMP = "heat_pump"
+    ELECTRIC_VEHICLE = "electric_vehicle"
+    EV_CHARGING_POINT = "ev_charging_point"
+    PHOTOVOLTAIC = "photovoltaic"
+    WIND = "wind"
+    OTHER = "other"
+    METER = "meter"
+
+
+# Generation only: a positive (consuming) bound is a typo, not a device.
+PRODUCTION_ONLY = frozenset({ResourceType.PHOTOVOLTAIC, ResourceType.WIND})
+CONSUMPTION_ONLY = frozenset({ResourceType.HEAT_PUMP})
+
+
+def is_controllable(resource_type: ResourceType) -> bool:
+    """Controllable resources are what dispatch steers; a meter only measures."""
+    return resource_type is not ResourceType.METER
+
+
+def derive_site_status(paused: bool, controllable_resources: int) -> SiteStatus:
+    if paused:
+        return SiteStatus.PAUSED
+    return SiteStatus.ONBOARDED if controllable_resources > 0 else SiteStatus.NO_RESOURCES
+
+
+@dataclass(frozen=True)
+class Location:
+    address: str = ""
+    latitude: float | None = None
+    longitude: float | None = None
+    country: str = ""
+
+
+@dataclass(frozen=True)
+class SupplyPoint:
+    grid_identifier: str
+    direction: SupplyPointDirection | None
+
+
+@dataclass(frozen=True)
+class SiteFields:
+    """A site's writable fields; ``validate_site`` returns them normalized."""
+
+    name: str
+    external_id: str
+    location: Location
+    timezone: str
+    supply_points: tuple[SupplyPoint, ...]
+    site_type: SiteType | None
+    balance_resolution: str
+
+    @property
+    def primary(self) -> SupplyPoint:
+        """The BIDIRECTIONAL or OFFTAKE point; ``validate_site`` guarantees there is one."""
+        return next(
+            p for p in self.supply_points if p.direction is not SupplyPointDirection.INJECTION
+        )
+
+    @property
+    def injection(self) -> SupplyPoint | None:
+        return next(
+            (p for p in self.supply_points if p.direction is SupplyPointDirection.INJECTION), None
+        )
+
+
+@dataclass(frozen=True)
+class Bounds:
+    min: float
+    max: float
+
+
+@dataclass(frozen=True)
+class ResourceFields:
+    resource_type: ResourceType | None
+    name: str
+    external_id: str
+    power_kw: Bounds | None
+    capacity_kwh: Bounds | None
+    webhook_url: str
+
+
+@cache
+def _known_timezones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+def default_timezone(country: str) -> str:
+    """The country's first-listed (main) IANA zone, else UTC."""
+    zones = pytz.country_timezones.get(country) if country else None
+    return zones[0] if zones else "UTC"
+
+
+def is_country_code(country: str) -> bool:
+    return len(country) == 2 and country.isalpha() and country in pytz.country_names
+
+
+def validate_site(site: SiteFields, prefix: str = "") -> SiteFields:
+    """Checks every rule, reports all violations at once, returns the normalized fields."""
+    errors = ViolationCollector()
+    _check_length(errors, prefix + "name", site.name, MAX_NAME_LENGTH)
+    _check_length(errors, prefix + "external_id", site.external_id, MAX_NAME_LENGTH)
+
+    location = site.location
+    country = location.country.strip().upper()
+    loc = prefix + "location."
+    _check_length(errors, loc + "address", location.address, MAX_ADDRESS_LENGTH)
+    if country and not is_country_code(country):
+        errors.add(loc + "country", "must be an ISO 3166-1 alpha-2 code, e.g. BE or GB")
+        country = ""
+    if (location.latitude is None) != (location.longitude is None):
+        missing = "latitude" if location.latitude is None else "longitude"
+        errors.add(loc + missing, "must be set together with the other coordinate")
+    if location.latitude is not None and not (
+        math.isfinite(location.latitude) and -90 <= location.latitude <= 90
+    ):
+        errors.add(loc + "latitude", "must be between -90 and 90")
+    if location.longitude is not None and not (
+        math.isfinite(location.longitude) and -180 <= location.longitude <= 180
+    ):
+        errors.add(loc + "longitude", "must be between -180 and 180")
+
+    timezone = site.timezone.strip()
+    if not timezone:
+        timezone = default_timezone(country)
+    elif timezone not in _known_timezones():
+        errors.add(prefix + "timezone", "must be an IANA time zone name, e.g. Europe/Brussels")
+
+    points = _validate_supply_points(errors, site.supply_points, country, prefix)
+
+    resolution = site.balance_resolution.strip() or DEFAULT_BALANCE_RESOLUTION
+    try:
+        parse_resolution(resolution)
+    except ValueError:
+        errors.add(
+            prefix + "balance_resolution",
+            f"must be one of {', '.join(SUPPORTED_RESOLUTIONS)} (ISO 8601 duration)",
+        )
+
+    errors.raise_if_any()
+    return SiteFields(
+        name=site.name.strip(),
+        external_id=site.external_id.strip(),
+        location=Location(location.address.strip(), location.latitude, location.longitude, country),
+        timezone=timezone,
+        supply_points=points,
+        site_type=site.site_type,
+        balance_resolution=resolution,
+    )
+
+
+def _validate_supply_points(
+    errors: ViolationCollector, points: tuple[SupplyPoint, ...], country: str, prefix: str
+) -> tuple[SupplyPoint, ...]:
+    field = prefix + "supply_points"
+    if not points:
+        errors.add(field, "must contain at least one supply point")
+        return ()
+    normalized: list[SupplyPoint] = []
+    for index, point in enumerate(points):
+        path = f"{field}[{index}]"
+        if point.direction is None:
+            errors.add(path + ".direction", "must be BIDIRECTIONAL, OFFTAKE or INJECTION")
+        try:
+            identifier = parse_grid_identifier(point.grid_identifier, country or None)
+        except InvalidGridIdentifier as invalid:
+            errors.add(path + ".grid_identifier", invalid.rule)
+            identifier = point.grid_identifier
+        normalized.append(SupplyPoint(identifier, point.direction))
+    if errors.has(field):
+        return tuple(normalized)
+
+    directions = sorted(str(p.direction) for p in normalized)
+    allowed = (["bidirectional"], ["offtake"], ["injection", "offtake"])
+    if directions not in allowed:
+        errors.add(
+            field,
+            "must be one BIDIRECTIONAL point, one OFFTAKE point, or one OFFTAKE and one INJECTION",
+        )
+    elif len(normalized) == 2 and normalized[0].grid_identifier == normalized[1].grid_identifier:
+        errors.add(field + "[1].grid_identifier", "must differ from the offtake point's identifier")
+    # Primary point first, so reads return a stable order.
+    normalized.sort(key=lambda p: p.direction is SupplyPointDirection.INJECTION)
+    return tuple(normalized)
+
+
+def validate_resource(resource: ResourceFields, prefix: str = "") -> ResourceFields:
+    errors = ViolationCollector()
+    kind = resource.resource_type
+    if kind is None:
+        errors.add(prefix + "type", "is required")
+    _check_length(errors, prefix + "name", resource.name, MAX_NAME_LENGTH)
+    _check_length(errors, prefix + "external_id", resource.external_id, MAX_NAME_LENGTH)
+
+    power = resource.power_kw
+    if power is None:
+        if kind is not None and is_controllable(kind):
+            errors.add(prefix + "power_kw", "is required for controllable resources")
+    elif _check_bounds(errors, prefix + "power_kw", power) and kind is not None:
+        if kind in PRODUCTION_ONLY and power.max > 0:
+            errors.add(
+                prefix + "power_kw.max",
+                f"must be <= 0 for {kind.name}: it only produces (negative is production)",
+            )
+        if kind in CONSUMPTION_ONLY and power.min < 0:
+            errors.add(
+                prefix + "power_kw.min",
+                f"must be >= 0 for {kind.name}: it only consumes (positive is consumption)",
+            )
+
+    capacity = resource.capacity_kwh
+    if capacity is None:
+        if kind is ResourceType.STATIC_BATTERY:
+            errors.add(prefix + "capacity_kwh", "is required for STATIC_BATTERY")
+    elif _check_bounds(errors, prefix + "capacity_kwh", capacity):
+        if capacity.min < 0:
+            errors.add(prefix + "capacity_kwh.min", "must be >= 0")
+        if capacity.max <= 0:
+            errors.add(prefix + "capacity_kwh.max", "must be > 0")
+
+    url = resource.webhook_url.strip()
+    if url:
+        _check_url(errors, prefix + "webhook_url", url)
+
+    errors.raise_if_any()
+    return ResourceFields(
+        resource_type=kind,
+        name=resource.name.strip(),
+        external_id=resource.external_id.strip(),
+        power_kw=power,
+        capacity_kwh=capacity,
+        webhook_url=url,
+    )
+
+
+def _check_length(errors: ViolationCollector, field: str, value: str, limit: int) -> None:
+    if len(value) > limit:
+        errors.add(field, f"must be at most {limit} characters")
+
+
+def _check_bounds(errors: ViolationCollector, field: str, bounds: Bounds) -> bool:
+    finite = True
+    for name, value in (("min", bounds.min), ("max", bounds.max)):
+        if not math.isfinite(value):
+            errors.add(f"{field}.{name}", "must be a finite number")
+            finite = False
+    if finite and bounds.min > bounds.max:
+        errors.add(field, "min must be <= max")
+        return False
+    return finite
+
+
+def _check_url(errors: ViolationCollector, field: str, url: str) -> None:
+    if len(url) > MAX_URL_LENGTH:
+        errors.add(field, f"must be at most {MAX_URL_LENGTH} characters")
+        return
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme in {"http", "https"} and bool(parts.hostname)
+        _ = parts.port  # raises on a malformed port
+    except ValueError:
+        valid = False
+    if not valid:
+        errors.add(field, "must be an absolute http:// or https:// URL with a host")

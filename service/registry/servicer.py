@@ -1,0 +1,223 @@
+"""gRPC transport of the site registry: requests in, domain and store calls, messages out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import grpc
+from openvpp.v1 import site_registry_pb2 as pb
+from openvpp.v1 import site_registry_pb2_grpc as pb_grpc
+
+from service.auth.principal import Role, current_principal
+from service.common.pagination import (
+    Cursor,
+    decode_page_token,
+    encode_page_token,
+    filters_fingerprint,
+    page_size_or_default,
+)
+from service.common.protoconv import enum_from_proto, parse_uuid, to_timestamp
+from service.events.hub import EventHub
+from service.identifiers import normalize_grid_identifier
+from service.registry import convert
+from service.registry.domain import SiteFields, SiteStatus, validate_resource, validate_site
+from service.registry.store import SITE_EVENTS_CHANNEL, RegistryStore, SiteFilter, SiteRecord
+from service.upstream.domain import UpstreamStatus
+
+SERVICE = "openvpp.v1.SiteRegistry"
+METHOD_ROLES: dict[str, frozenset[Role]] = {
+    f"/{SERVICE}/{method}": frozenset({Role.PARTNER})
+    for method in pb.DESCRIPTOR.services_by_name["SiteRegistry"].methods_by_name
+}
+
+SITE_UPDATABLE = frozenset(
+    {"name", "external_id", "location", "timezone", "supply_points", "type", "balance_resolution"}
+)
+RESOURCE_UPDATABLE = frozenset({"name", "external_id", "power_kw", "capacity_kwh", "webhook_url"})
+
+
+class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
+    def __init__(self, pool: asyncpg.Pool, hub: EventHub, watch_buffer_size: int) -> None:
+        self._pool = pool
+        self._hub = hub
+        self._watch_buffer_size = watch_buffer_size
+
+    def _store(self) -> RegistryStore:
+        return RegistryStore(self._pool, current_principal().org_id)
+
+    async def CreateSite(
+        self, request: pb.CreateSiteRequest, context: Any
+    ) -> pb.CreateSiteResponse:
+        fields = validate_site(convert.site_fields_from_create(request))
+        site = await self._store().create_site(fields)
+        return pb.CreateSiteResponse(site=convert.site_to_proto(site))
+
+    async def GetSite(self, request: pb.GetSiteRequest, context: Any) -> pb.GetSiteResponse:
+        site = await self._store().get_site(parse_uuid(request.site_id, "site_id"))
+        return pb.GetSiteResponse(site=convert.site_to_proto(site))
+
+    async def ListSites(self, request: pb.ListSitesRequest, context: Any) -> pb.ListSitesResponse:
+        limit = page_size_or_default(request.page_size)
+        site_filter = SiteFilter(
+            status=enum_from_proto(
+                pb.SiteStatus, "SITE_STATUS_", request.status, SiteStatus, "status"
+            ),
+            upstream_status=enum_from_proto(
+                pb.UpstreamStatus,
+                "UPSTREAM_STATUS_",
+                request.upstream_status,
+                UpstreamStatus,
+                "upstream_status",
+            ),
+            grid_identifier=normalize_grid_identifier(request.grid_identifier) or None,
+        )
+        fingerprint = filters_fingerprint(site_filter)
+        after = decode_page_token(request.page_token, fingerprint)
+        sites, total = await self._store().list_sites(site_filter, after, limit + 1)
+        next_token = ""
+        if len(sites) > limit:
+            sites = sites[:limit]
+            last = sites[-1]
+            next_token = encode_page_token(Cursor(last.created_at, last.id), fingerprint)
+        return pb.ListSitesResponse(
+            sites=[convert.site_to_proto(site) for site in sites],
+            next_page_token=next_token,
+            total_size=total,
+        )
+
+    async def UpdateSite(
+        self, request: pb.UpdateSiteRequest, context: Any
+    ) -> pb.UpdateSiteResponse:
+        site_id = parse_uuid(request.site.id, "site.id")
+        paths = convert.require_mask(list(request.update_mask.paths), SITE_UPDATABLE)
+        given = request.site
+        # Parse the request before taking the row lock, so bad enums fail fast.
+        new_points = convert.supply_points_from_proto(given.supply_points, "site.")
+        new_type = convert.site_type_from_proto(given.type, "site.type")
+        new_location = convert.location_from_proto(given.location)
+
+        def change(current: SiteFields) -> SiteFields:
+            updated = replace(
+                current,
+                name=given.name if "name" in paths else current.name,
+                external_id=given.external_id if "external_id" in paths else current.external_id,
+                location=new_location if "location" in paths else current.location,
+                timezone=given.timezone if "timezone" in paths else current.timezone,
+                supply_points=new_points if "supply_points" in paths else current.supply_points,
+                site_type=new_type if "type" in paths else current.site_type,
+                balance_resolution=given.balance_resolution
+                if "balance_resolution" in paths
+                else current.balance_resolution,
+            )
+            return validate_site(updated, prefix="site.")
+
+        site = await self._store().update_site(site_id, change)
+        return pb.UpdateSiteResponse(site=convert.site_to_proto(site))
+
+    async def DeleteSite(
+        self, request: pb.DeleteSiteRequest, context: Any
+    ) -> pb.DeleteSiteResponse:
+        await self._store().delete_site(parse_uuid(request.site_id, "site_id"))
+        return pb.DeleteSiteResponse()
+
+    async def PauseSite(self, request: pb.PauseSiteRequest, context: Any) -> pb.PauseSiteResponse:
+        site = await self._store().set_paused(parse_uuid(request.site_id, "site_id"), True)
+        return pb.PauseSiteResponse(site=convert.site_to_proto(site))
+
+    async def ResumeSite(
+        self, request: pb.ResumeSiteRequest, context: Any
+    ) -> pb.ResumeSiteResponse:
+        site = await self._store().set_paused(parse_uuid(request.site_id, "site_id"), False)
+        return pb.ResumeSiteResponse(site=convert.site_to_proto(site))
+
+    async def WatchSites(
+        self, request: pb.WatchSitesRequest, context: Any
+    ) -> AsyncIterator[pb.WatchSitesResponse]:
+        org_id = str(current_principal().org_id)
+        subscription = await self._hub.subscribe(
+            SITE_EVENTS_CHANNEL, org_id, self._watch_buffer_size
+        )
+        try:
+            # Headers out first, so a client knows it is subscribed before any event exists.
+            await context.send_initial_metadata(())
+            async for event in subscription:
+                site = SiteRecord.from_row(event["site"])
+                yield pb.WatchSitesResponse(
+                    event_type=pb.SiteEventType.Value(
+                        "SITE_EVENT_TYPE_" + str(event["event_type"]).upper()
+                    ),
+                    site=convert.site_to_proto(site),
+                    event_time=to_timestamp(datetime.fromisoformat(event["at"])),
+                )
+        finally:
+            subscription.close()
+
+    async def CreateResource(
+        self, request: pb.CreateResourceRequest, context: Any
+    ) -> pb.CreateResourceResponse:
+        site_id = parse_uuid(request.site_id, "site_id")
+        fields = validate_resource(convert.resource_fields_from_create(request))
+        resource = await self._store().create_resource(site_id, fields)
+        return pb.CreateResourceResponse(resource=convert.resource_to_proto(resource))
+
+    async def GetResource(
+        self, request: pb.GetResourceRequest, context: Any
+    ) -> pb.GetResourceResponse:
+        resource = await self._store().get_resource(parse_uuid(request.resource_id, "resource_id"))
+        return pb.GetResourceResponse(resource=convert.resource_to_proto(resource))
+
+    async def ListResources(
+        self, request: pb.ListResourcesRequest, context: Any
+    ) -> pb.ListResourcesResponse:
+        site_id = parse_uuid(request.site_id, "site_id")
+        limit = page_size_or_default(request.page_size)
+        fingerprint = filters_fingerprint(site_id)
+        after = decode_page_token(request.page_token, fingerprint)
+        resources, total = await self._store().list_resources(site_id, after, limit + 1)
+        next_token = ""
+        if len(resources) > limit:
+            resources = resources[:limit]
+            last = resources[-1]
+            next_token = encode_page_token(Cursor(last.created_at, last.id), fingerprint)
+        return pb.ListResourcesResponse(
+            resources=[convert.resource_to_proto(r) for r in resources],
+            next_page_token=next_token,
+            total_size=total,
+        )
+
+    async def UpdateResource(
+        self, request: pb.UpdateResourceRequest, context: Any
+    ) -> pb.UpdateResourceResponse:
+        resource_id = parse_uuid(request.resource.id, "resource.id")
+        paths = convert.require_mask(list(request.update_mask.paths), RESOURCE_UPDATABLE)
+        given = request.resource
+        power = convert.bounds_from_proto(given.power_kw, given.HasField("power_kw"))
+        capacity = convert.bounds_from_proto(given.capacity_kwh, given.HasField("capacity_kwh"))
+
+        def change(current: Any) -> Any:
+            updated = replace(
+                current,
+                name=given.name if "name" in paths else current.name,
+                external_id=given.external_id if "external_id" in paths else current.external_id,
+                power_kw=power if "power_kw" in paths else current.power_kw,
+                capacity_kwh=capacity if "capacity_kwh" in paths else current.capacity_kwh,
+                webhook_url=given.webhook_url if "webhook_url" in paths else current.webhook_url,
+            )
+            return validate_resource(updated, prefix="resource.")
+
+        resource = await self._store().update_resource(resource_id, change)
+        return pb.UpdateResourceResponse(resource=convert.resource_to_proto(resource))
+
+    async def DeleteResource(
+        self, request: pb.DeleteResourceRequest, context: Any
+    ) -> pb.DeleteResourceResponse:
+        await self._store().delete_resource(parse_uuid(request.resource_id, "resource_id"))
+        return pb.DeleteResourceResponse()
+
+
+def register(server: grpc.aio.Server, servicer: SiteRegistryServicer) -> None:
+    pb_grpc.add_SiteRegistryServicer_to_server(servicer, server)

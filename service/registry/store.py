@@ -1,0 +1,434 @@
+"""Sites and resources in PostgreSQL, scoped to one organization on every query.
+
+A ``RegistryStore`` is built for one tenant and cannot be asked about another's rows: an
+id of another organization behaves exactly like an id that does not exist. Every change
+notifies ``SITE_EVENTS_CHANNEL`` in its own transaction, so watchers on every replica see
+exactly what was committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from service.common.errors import AlreadyExistsError, NotFoundError
+from service.common.pagination import Cursor
+from service.registry.domain import (
+    Bounds,
+    Location,
+    ResourceFields,
+    ResourceType,
+    SiteFields,
+    SiteStatus,
+    SupplyPoint,
+    SupplyPointDirection,
+    derive_site_status,
+)
+from service.telemetry.domain import SiteType
+from service.upstream.domain import UpstreamStatus
+
+SITE_EVENTS_CHANNEL = "openvpp_site_events"
+
+
+class SiteEventType:
+    CREATED = "created"
+    UPDATED = "updated"
+    STATUS_CHANGED = "status_changed"
+    UPSTREAM_STATUS_CHANGED = "upstream_status_changed"
+    DELETED = "deleted"
+
+
+@dataclass(frozen=True)
+class SiteRecord:
+    id: UUID
+    org_id: UUID
+    fields: SiteFields
+    status: SiteStatus
+    upstream_status: UpstreamStatus
+    paused: bool
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> SiteRecord:
+        """From a database row, or from the JSON snapshot carried by a site event."""
+        points = [
+            SupplyPoint(row["grid_identifier"], SupplyPointDirection(row["primary_direction"]))
+        ]
+        if row["injection_grid_identifier"]:
+            points.append(
+                SupplyPoint(row["injection_grid_identifier"], SupplyPointDirection.INJECTION)
+            )
+        return cls(
+            id=_uuid(row["id"]),
+            org_id=_uuid(row["org_id"]),
+            fields=SiteFields(
+                name=row["name"],
+                external_id=row["external_id"],
+                location=Location(
+                    row["address"], row["latitude"], row["longitude"], row["country"]
+                ),
+                timezone=row["timezone"],
+                supply_points=tuple(points),
+                site_type=SiteType(row["site_type"]) if row["site_type"] else None,
+                balance_resolution=row["balance_resolution"],
+            ),
+            status=SiteStatus(row["status"]),
+            upstream_status=UpstreamStatus(row["upstream_status"]),
+            paused=row["paused"],
+            created_at=_datetime(row["created_at"]),
+            updated_at=_datetime(row["updated_at"]),
+        )
+
+
+@dataclass(frozen=True)
+class ResourceRecord:
+    id: UUID
+    site_id: UUID
+    fields: ResourceFields
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> ResourceRecord:
+        power = (
+            Bounds(row["power_min_kw"], row["power_max_kw"])
+            if row["power_min_kw"] is not None
+            else None
+        )
+        capacity = (
+            Bounds(row["capacity_min_kwh"], row["capacity_max_kwh"])
+            if row["capacity_min_kwh"] is not None
+            else None
+        )
+        return cls(
+            id=row["id"],
+            site_id=row["site_id"],
+            fields=ResourceFields(
+                resource_type=ResourceType(row["resource_type"]),
+                name=row["name"],
+                external_id=row["external_id"],
+                power_kw=power,
+                capacity_kwh=capacity,
+                webhook_url=row["webhook_url"],
+            ),
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+        )
+
+
+@dataclass(frozen=True)
+class SiteFilter:
+    status: SiteStatus | None = None
+    upstream_status: UpstreamStatus | None = None
+    grid_identifier: str | None = None
+
+
+def _uuid(value: Any) -> UUID:
+    return value if isinstance(value, UUID) else UUID(str(value))
+
+
+def _datetime(value: Any) -> datetime:
+    return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+
+
+def _site_columns(fields: SiteFields) -> list[Any]:
+    injection = fields.injection
+    return [
+        fields.name,
+        fields.external_id,
+        fields.location.address,
+        fields.location.latitude,
+        fields.location.longitude,
+        fields.location.country,
+        fields.timezone,
+        fields.primary.grid_identifier,
+        str(fields.primary.direction),
+        injection.grid_identifier if injection else None,
+        str(fields.site_type) if fields.site_type else None,
+        fields.balance_resolution,
+    ]
+
+
+def _resource_columns(fields: ResourceFields) -> list[Any]:
+    power, capacity = fields.power_kw, fields.capacity_kwh
+    return [
+        fields.name,
+        fields.external_id,
+        power.min if power else None,
+        power.max if power else None,
+        capacity.min if capacity else None,
+        capacity.max if capacity else None,
+        fields.webhook_url,
+    ]
+
+
+async def notify_site_event(conn: asyncpg.Connection, site_id: UUID, event_type: str) -> None:
+    """Publishes the site as it is in this transaction; delivered only if it commits."""
+    await conn.execute(
+        """
+        SELECT pg_notify($3, json_build_object(
+            'key', s.org_id, 'event_type', $2::text, 'at', clock_timestamp(),
+            'site', to_jsonb(s))::text)
+        FROM sites s WHERE s.id = $1
+        """,
+        site_id,
+        event_type,
+        SITE_EVENTS_CHANNEL,
+    )
+
+
+def _duplicate_identifier(identifier: str) -> AlreadyExistsError:
+    return AlreadyExistsError(
+        "supply_points[0].grid_identifier",
+        f"a site with primary grid identifier {identifier} already exists; "
+        "a second head meter is a second site with its own identifier",
+    )
+
+
+class RegistryStore:
+    def __init__(self, pool: asyncpg.Pool, org_id: UUID) -> None:
+        self._pool = pool
+        self._org_id = org_id
+
+    # Sites
+
+    async def create_site(self, fields: SiteFields) -> SiteRecord:
+        async with self._pool.acquire() as conn, conn.transaction():
+            try:
+                row = await conn.fetchrow(
+                    """
+                    INSERT INTO sites (org_id, name, external_id, address, latitude, longitude,
+                        country, timezone, grid_identifier, primary_direction,
+                        injection_grid_identifier, site_type, balance_resolution)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                    RETURNING *
+                    """,
+                    self._org_id,
+                    *_site_columns(fields),
+                )
+            except asyncpg.UniqueViolationError:
+                raise _duplicate_identifier(fields.primary.grid_identifier) from None
+            await notify_site_event(conn, row["id"], SiteEventType.CREATED)
+        return SiteRecord.from_row(row)
+
+    async def get_site(self, site_id: UUID) -> SiteRecord:
+        row = await self._pool.fetchrow(
+            "SELECT * FROM sites WHERE id = $1 AND org_id = $2", site_id, self._org_id
+        )
+        if row is None:
+            raise NotFoundError("site", str(site_id))
+        return SiteRecord.from_row(row)
+
+    async def list_sites(
+        self, site_filter: SiteFilter, after: Cursor | None, limit: int
+    ) -> tuple[list[SiteRecord], int]:
+        """One page in creation order, and the number of sites matching the filter."""
+        conditions = ["org_id = $1"]
+        args: list[Any] = [self._org_id]
+        if site_filter.status is not None:
+            args.append(str(site_filter.status))
+            conditions.append(f"status = ${len(args)}")
+        if site_filter.upstream_status is not None:
+            args.append(str(site_filter.upstream_status))
+            conditions.append(f"upstream_status = ${len(args)}")
+        if site_filter.grid_identifier:
+            args.append(site_filter.grid_identifier)
+            conditions.append(
+                f"(grid_identifier = ${len(args)} OR injection_grid_identifier = ${len(args)})"
+            )
+        where = " AND ".join(conditions)
+        page_conditions = where
+        page_args = list(args)
+        if after is not None:
+            page_args += [after.created_at, after.id]
+            n = len(page_args)
+            page_conditions += f" AND (created_at, id) > (${n - 1}, ${n})"
+        page_args.append(limit)
+        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            rows = await conn.fetch(
+                f"SELECT * FROM sites WHERE {page_conditions} "
+                f"ORDER BY created_at, id LIMIT ${len(page_args)}",
+                *page_args,
+            )
+            total = await conn.fetchval(f"SELECT count(*) FROM sites WHERE {where}", *args)
+        return [SiteRecord.from_row(row) for row in rows], total
+
+    async def update_site(
+        self, site_id: UUID, change: Callable[[SiteFields], SiteFields]
+    ) -> SiteRecord:
+        """Applies ``change`` (which validates) to the locked current fields, atomically."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            current = await self._lock_site(conn, site_id)
+            fields = change(current.fields)
+            try:
+                row = await conn.fetchrow(
+                    """
+                    UPDATE sites SET name = $3, external_id = $4, address = $5, latitude = $6,
+                        longitude = $7, country = $8, timezone = $9, grid_identifier = $10,
+                        primary_direction = $11, injection_grid_identifier = $12,
+                        site_type = $13, balance_resolution = $14, updated_at = clock_timestamp()
+                    WHERE id = $1 AND org_id = $2
+                    RETURNING *
+                    """,
+                    site_id,
+                    self._org_id,
+                    *_site_columns(fields),
+                )
+            except asyncpg.UniqueViolationError:
+                raise _duplicate_identifier(fields.primary.grid_identifier) from None
+            await notify_site_event(conn, site_id, SiteEventType.UPDATED)
+        return SiteRecord.from_row(row)
+
+    async def delete_site(self, site_id: UUID) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await self._lock_site(conn, site_id)
+            await notify_site_event(conn, site_id, SiteEventType.DELETED)
+            await conn.execute(
+                "DELETE FROM sites WHERE id = $1 AND org_id = $2", site_id, self._org_id
+            )
+
+    async def set_paused(self, site_id: UUID, paused: bool) -> SiteRecord:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await self._lock_site(conn, site_id)
+            await conn.execute(
+                "UPDATE sites SET paused = $3 WHERE id = $1 AND org_id = $2 AND paused <> $3",
+                site_id,
+                self._org_id,
+                paused,
+            )
+            return await self._refresh_status(conn, site_id)
+
+    async def _lock_site(self, conn: asyncpg.Connection, site_id: UUID) -> SiteRecord:
+        row = await conn.fetchrow(
+            "SELECT * FROM sites WHERE id = $1 AND org_id = $2 FOR UPDATE", site_id, self._org_id
+        )
+        if row is None:
+            raise NotFoundError("site", str(site_id))
+        return SiteRecord.from_row(row)
+
+    async def _refresh_status(self, conn: asyncpg.Connection, site_id: UUID) -> SiteRecord:
+        """Re-derives the status of a locked site; publishes STATUS_CHANGED when it moved."""
+        row = await conn.fetchrow(
+            """
+            SELECT s.paused, s.status, (SELECT count(*) FROM resources r
+                WHERE r.site_id = s.id AND r.resource_type <> $3) AS controllable
+            FROM sites s WHERE s.id = $1 AND s.org_id = $2
+            """,
+            site_id,
+            self._org_id,
+            str(ResourceType.METER),
+        )
+        status = derive_site_status(row["paused"], row["controllable"])
+        if status != row["status"]:
+            await conn.execute(
+                "UPDATE sites SET status = $2, updated_at = clock_timestamp() WHERE id = $1",
+                site_id,
+                str(status),
+            )
+            await notify_site_event(conn, site_id, SiteEventType.STATUS_CHANGED)
+        return SiteRecord.from_row(
+            await conn.fetchrow("SELECT * FROM sites WHERE id = $1", site_id)
+        )
+
+    # Resources
+
+    async def create_resource(self, site_id: UUID, fields: ResourceFields) -> ResourceRecord:
+        assert fields.resource_type is not None
+        async with self._pool.acquire() as conn, conn.transaction():
+            await self._lock_site(conn, site_id)
+            row = await conn.fetchrow(
+                """
+                INSERT INTO resources (org_id, site_id, resource_type, name, external_id,
+                    power_min_kw, power_max_kw, capacity_min_kwh, capacity_max_kwh, webhook_url)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                RETURNING *
+                """,
+                self._org_id,
+                site_id,
+                str(fields.resource_type),
+                *_resource_columns(fields),
+            )
+            await self._refresh_status(conn, site_id)
+        return ResourceRecord.from_row(row)
+
+    async def get_resource(self, resource_id: UUID) -> ResourceRecord:
+        row = await self._pool.fetchrow(
+            "SELECT * FROM resources WHERE id = $1 AND org_id = $2", resource_id, self._org_id
+        )
+        if row is None:
+            raise NotFoundError("resource", str(resource_id))
+        return ResourceRecord.from_row(row)
+
+    async def list_resources(
+        self, site_id: UUID, after: Cursor | None, limit: int
+    ) -> tuple[list[ResourceRecord], int]:
+        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            if not await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM sites WHERE id = $1 AND org_id = $2)",
+                site_id,
+                self._org_id,
+            ):
+                raise NotFoundError("site", str(site_id))
+            args: list[Any] = [site_id, self._org_id, limit]
+            page = ""
+            if after is not None:
+                args += [after.created_at, after.id]
+                page = "AND (created_at, id) > ($4, $5)"
+            rows = await conn.fetch(
+                f"SELECT * FROM resources WHERE site_id = $1 AND org_id = $2 {page} "
+                "ORDER BY created_at, id LIMIT $3",
+                *args,
+            )
+            total = await conn.fetchval(
+                "SELECT count(*) FROM resources WHERE site_id = $1 AND org_id = $2",
+                site_id,
+                self._org_id,
+            )
+        return [ResourceRecord.from_row(row) for row in rows], total
+
+    async def update_resource(
+        self, resource_id: UUID, change: Callable[[ResourceFields], ResourceFields]
+    ) -> ResourceRecord:
+        async with self._pool.acquire() as conn, conn.transaction():
+            current = await conn.fetchrow(
+                "SELECT * FROM resources WHERE id = $1 AND org_id = $2 FOR UPDATE",
+                resource_id,
+                self._org_id,
+            )
+            if current is None:
+                raise NotFoundError("resource", str(resource_id))
+            fields = change(ResourceRecord.from_row(current).fields)
+            row = await conn.fetchrow(
+                """
+                UPDATE resources SET name = $3, external_id = $4, power_min_kw = $5,
+                    power_max_kw = $6, capacity_min_kwh = $7, capacity_max_kwh = $8,
+                    webhook_url = $9, updated_at = clock_timestamp()
+                WHERE id = $1 AND org_id = $2
+                RETURNING *
+                """,
+                resource_id,
+                self._org_id,
+                *_resource_columns(fields),
+            )
+        return ResourceRecord.from_row(row)
+
+    async def delete_resource(self, resource_id: UUID) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            site_id = await conn.fetchval(
+                "SELECT site_id FROM resources WHERE id = $1 AND org_id = $2",
+                resource_id,
+                self._org_id,
+            )
+            if site_id is None:
+                raise NotFoundError("resource", str(resource_id))
+            await self._lock_site(conn, site_id)
+            await conn.execute(
+                "DELETE FROM resources WHERE id = $1 AND org_id = $2", resource_id, self._org_id
+            )
+            await self._refresh_status(conn, site_id)

@@ -1,0 +1,499 @@
+"""Pure telemetry rules: balance grids, register differencing and reading validation.
+
+Nothing here does I/O. Every datetime handled must be timezone-aware; results are UTC.
+
+Balance grid
+    A site's ``balance_resolution`` (``PT15M``, ``PT1H`` or ``P1M``) defines grid points in
+    the site's *local* wall time: quarter-hours, full hours, or local midnight of the 1st.
+    Fixed-length steps are computed in UTC and checked against the local offset of each
+    instant, so both occurrences of the repeated hour on the fall-back day are distinct grid
+    points (a Europe/Berlin day has 92, 96 or 100 quarter-hours). Months are computed in
+    local wall time.
+
+Readings
+    A meter reading carries either a cumulative ``register_wh`` at an instant, or
+    ``interval_wh``, the energy of the grid interval that starts at ``timestamp``.
+    :func:`check_reading` returns the first broken rule as a :class:`RejectReason`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from zoneinfo import ZoneInfo
+
+# ---------------------------------------------------------------------------------------------
+# Site and meter classification
+# ---------------------------------------------------------------------------------------------
+
+
+class SiteType(StrEnum):
+    BALANCED_ACCURATE = "balanced_accurate"
+    BALANCED_INACCURATE = "balanced_inaccurate"
+    UNBALANCED_ACCURATE = "unbalanced_accurate"
+    UNBALANCED_INACCURATE = "unbalanced_inaccurate"
+
+
+class Measuring(StrEnum):
+    READINGS_ACCURATE = "readings_accurate"
+    LOAD_PROFILE_ACCURATE = "load_profile_accurate"
+    READINGS_INACCURATE = "readings_inaccurate"
+
+
+class MeterDirection(StrEnum):
+    CONSUMER = "consumer"
+    PRODUCER = "producer"
+    BIDIRECTIONAL = "bidirectional"
+
+
+class Flow(StrEnum):
+    IMPORT = "import"
+    EXPORT = "export"
+
+
+_ACCURATE_SITE_TYPES = frozenset({SiteType.BALANCED_ACCURATE, SiteType.UNBALANCED_ACCURATE})
+_ACCURATE_MEASURING = frozenset({Measuring.READINGS_ACCURATE, Measuring.LOAD_PROFILE_ACCURATE})
+
+
+def site_type_is_accurate(site_type: SiteType) -> bool:
+    """True for the ``*_ACCURATE`` site types."""
+    return site_type in _ACCURATE_SITE_TYPES
+
+
+def measuring_allowed(site_type: SiteType, measuring: Measuring) -> bool:
+    """Accurate sites need accurate metering; inaccurate sites accept every kind."""
+    if site_type_is_accurate(site_type):
+        return measuring in _ACCURATE_MEASURING
+    return True
+
+
+def measuring_rule(site_type: SiteType) -> str:
+    """Human text of the measuring rule for ``site_type`` (for a field violation)."""
+    allowed = [m.value for m in Measuring if measuring_allowed(site_type, m)]
+    if len(allowed) == len(Measuring):
+        return f"a {site_type.value} site accepts any measuring: " + ", ".join(allowed)
+    return f"a {site_type.value} site requires measuring " + " or ".join(allowed)
+
+
+def effective_flow(direction: MeterDirection, flow: Flow | None) -> Flow | None:
+    """The flow a reading counts for: consumers default to IMPORT, producers to EXPORT.
+
+    A given flow is returned unchanged (even when it contradicts the direction; that is
+    :attr:`RejectReason.FLOW_NOT_ALLOWED`). Bidirectional meters have no default: ``None``.
+    """
+    if flow is not None:
+        return flow
+    if direction == MeterDirection.CONSUMER:
+        return Flow.IMPORT
+    if direction == MeterDirection.PRODUCER:
+        return Flow.EXPORT
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Balance resolution grid
+# ---------------------------------------------------------------------------------------------
+
+SUPPORTED_RESOLUTIONS: tuple[str, ...] = ("PT15M", "PT1H", "P1M")
+
+_ONE_MICROSECOND = timedelta(microseconds=1)
+# Real zones change offset at most once within a day; this bounds the grid search loops.
+_MAX_SEARCH_STEPS = 8
+
+
+def _require_aware(ts: datetime) -> None:
+    if ts.tzinfo is None or ts.utcoffset() is None:
+        raise ValueError(f"timezone-aware datetime required, got naive {ts.isoformat()}")
+
+
+def _offset(ts_utc: datetime, tz: ZoneInfo) -> timedelta:
+    offset = ts_utc.astimezone(tz).utcoffset()
+    assert offset is not None  # a ZoneInfo always yields an offset for an aware datetime
+    return offset
+
+
+def _month_start(year: int, month: int, tz: ZoneInfo) -> datetime:
+    """First instant (UTC) of local day 1 of ``year``/``month``.
+
+    ``fold=0`` picks the first occurrence if local midnight repeats, and for zones that
+    skip midnight (a spring-forward gap at 00:00) it yields the transition instant.
+    """
+    while month > 12:
+        year, month = year + 1, month - 12
+    while month < 1:
+        year, month = year - 1, month + 12
+    return datetime(year, month, 1, tzinfo=tz).astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """A supported balance resolution; build it with :func:`parse_resolution`.
+
+    ``step`` is the fixed length of PT15M/PT1H, ``months`` the calendar length of P1M
+    (exactly one of them is set).
+    """
+
+    iso: str
+    step: timedelta | None
+    months: int = 0
+
+    def __str__(self) -> str:
+        return self.iso
+
+    @property
+    def is_calendar(self) -> bool:
+        """True for month-based resolutions (length varies with the calendar)."""
+        return self.step is None
+
+    # -- alignment --------------------------------------------------------------------------
+
+    def _step_minutes(self) -> int:
+        assert self.step is not None
+        return int(self.step.total_seconds()) // 60
+
+    def _wall_aligned(self, local: datetime) -> bool:
+        """Fixed steps only: the local wall time sits on a quarter-hour / full hour."""
+        if local.second or local.microsecond:
+            return False
+        return local.minute % self._step_minutes() == 0
+
+    def is_on_grid(self, ts: datetime, tz: ZoneInfo) -> bool:
+        """True when ``ts`` is a grid point in the local time of ``tz``."""
+        _require_aware(ts)
+        if self.step is None:
+            # The first instant of local day 1 (normally local midnight of the 1st).
+            local = ts.astimezone(tz)
+            return ts == _month_start(local.year, local.month, tz)
+        return self._wall_aligned(ts.astimezone(tz))
+
+    # -- fixed-step helpers (offset-aware, UTC arithmetic) ------------------------------------
+
+    def _floor_under(self, t_utc: datetime, offset: timedelta) -> datetime:
+        """Latest instant <= t whose wall time under ``offset`` is aligned (unchecked)."""
+        wall = (t_utc + offset).replace(tzinfo=None)
+        minutes = self._step_minutes()
+        floored = wall.replace(minute=wall.minute - wall.minute % minutes, second=0, microsecond=0)
+        return (floored - offset).replace(tzinfo=UTC)
+
+    def _ceil_under(self, t_utc: datetime, offset: timedelta) -> datetime:
+        """Earliest instant >= t whose wall time under ``offset`` is aligned (unchecked)."""
+        floored = self._floor_under(t_utc, offset)
+        if floored == t_utc:
+            return floored
+        assert self.step is not None
+        return floored + self.step
+
+    def _floor_fixed(self, ts_utc: datetime, tz: ZoneInfo) -> datetime:
+        assert self.step is not None
+        t = ts_utc
+        for _ in range(_MAX_SEARCH_STEPS):
+            # Any grid point in (t - step, t] carries one of these two offsets.
+            best: datetime | None = None
+            for offset in {_offset(t, tz), _offset(t - self.step, tz)}:
+                candidate = self._floor_under(t, offset)
+                if _offset(candidate, tz) == offset and (best is None or candidate > best):
+                    best = candidate
+            if best is not None:
+                return best
+            t -= self.step
+        raise ValueError(f"no {self.iso} grid point found at or before {ts_utc.isoformat()}")
+
+    def _ceil_fixed(self, ts_utc: datetime, tz: ZoneInfo) -> datetime:
+        assert self.step is not None
+        t = ts_utc
+        for _ in range(_MAX_SEARCH_STEPS):
+            # Any grid point in [t, t + step) carries one of these two offsets.
+            best: datetime | None = None
+            for offset in {_offset(t, tz), _offset(t + self.step, tz)}:
+                candidate = self._ceil_under(t, offset)
+                if _offset(candidate, tz) == offset and (best is None or candidate < best):
+                    best = candidate
+            if best is not None:
+                return best
+            t += self.step
+        raise ValueError(f"no {self.iso} grid point found at or after {ts_utc.isoformat()}")
+
+    # -- public grid arithmetic ---------------------------------------------------------------
+
+    def floor(self, ts: datetime, tz: ZoneInfo) -> datetime:
+        """The grid point at or before ``ts``, in UTC."""
+        _require_aware(ts)
+        ts_utc = ts.astimezone(UTC)
+        if self.step is not None:
+            return self._floor_fixed(ts_utc, tz)
+        local = ts_utc.astimezone(tz)
+        start = _month_start(local.year, local.month, tz)
+        if start > ts_utc:  # only possible inside an odd gap on the 1st
+            start = _month_start(local.year, local.month - self.months, tz)
+        return start
+
+    def ceil(self, ts: datetime, tz: ZoneInfo) -> datetime:
+        """The grid point at or after ``ts``, in UTC."""
+        _require_aware(ts)
+        ts_utc = ts.astimezone(UTC)
+        if self.step is not None:
+            return self._ceil_fixed(ts_utc, tz)
+        floored = self.floor(ts_utc, tz)
+        return floored if floored == ts_utc else self.next_start(floored, tz)
+
+    def next_start(self, ts: datetime, tz: ZoneInfo) -> datetime:
+        """The first grid point strictly after ``ts``, in UTC.
+
+        For an on-grid ``ts`` this is the end of the interval starting at ``ts``: 15 minutes
+        or one hour later in UTC, or local midnight of the next month's 1st.
+        """
+        _require_aware(ts)
+        ts_utc = ts.astimezone(UTC)
+        if self.step is not None:
+            return self._ceil_fixed(ts_utc + _ONE_MICROSECOND, tz)
+        floored = self.floor(ts_utc, tz)
+        local = floored.astimezone(tz)
+        return _month_start(local.year, local.month + self.months, tz)
+
+    def iter_starts(self, start: datetime, end: datetime, tz: ZoneInfo) -> Iterator[datetime]:
+        """Grid points in ``[start, end)``, in UTC, ascending."""
+        _require_aware(end)
+        end_utc = end.astimezone(UTC)
+        current = self.ceil(start, tz)
+        while current < end_utc:
+            yield current
+            current = self.next_start(current, tz)
+
+
+PT15M = Resolution("PT15M", timedelta(minutes=15))
+PT1H = Resolution("PT1H", timedelta(hours=1))
+P1M = Resolution("P1M", None, months=1)
+
+_RESOLUTIONS = {r.iso: r for r in (PT15M, PT1H, P1M)}
+
+
+def parse_resolution(text: str) -> Resolution:
+    """Parse an ISO 8601 balance resolution; exactly ``PT15M``, ``PT1H`` or ``P1M``."""
+    resolution = _RESOLUTIONS.get(text)
+    if resolution is None:
+        supported = ", ".join(SUPPORTED_RESOLUTIONS)
+        raise ValueError(
+            f"unsupported balance resolution {text!r}: must be one of {supported} "
+            "(ISO 8601 duration, upper case)"
+        )
+    return resolution
+
+
+# ---------------------------------------------------------------------------------------------
+# Registers and intervals
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegisterPoint:
+    """A cumulative register value (Wh) at an instant."""
+
+    timestamp: datetime
+    register_wh: float
+
+
+@dataclass(frozen=True)
+class IntervalEnergy:
+    """Energy (Wh) of the grid interval starting at ``interval_start`` (UTC)."""
+
+    interval_start: datetime
+    energy_wh: float
+
+
+def registers_to_intervals(
+    points: Sequence[RegisterPoint],
+    resolution: Resolution,
+    tz: ZoneInfo,
+    transformer_factor: float = 1.0,
+) -> list[IntervalEnergy]:
+    """Interval energies from register values, one per pair of adjacent grid points.
+
+    Points are sorted by time here. Only pairs whose timestamps are consecutive grid points
+    yield an interval (``(b - a) * transformer_factor``, starting at ``a``, in UTC); a
+    missing grid point leaves the intervals around it out: nothing is interpolated. Points
+    off the grid never start an interval. Monotonicity is not checked here (see
+    :func:`check_register_sequence`).
+    """
+    ordered = sorted(points, key=lambda p: p.timestamp)
+    result: list[IntervalEnergy] = []
+    for first, second in itertools.pairwise(ordered):
+        if not resolution.is_on_grid(first.timestamp, tz):
+            continue
+        if resolution.next_start(first.timestamp, tz) != second.timestamp:
+            continue
+        energy = (second.register_wh - first.register_wh) * transformer_factor
+        result.append(IntervalEnergy(first.timestamp.astimezone(UTC), energy))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading validation
+# ---------------------------------------------------------------------------------------------
+
+
+class RejectReason(StrEnum):
+    UNKNOWN_METER = "unknown_meter"
+    NOT_ON_GRID = "not_on_grid"
+    OUTSIDE_METER_DATES = "outside_meter_dates"
+    TOO_FAR_IN_FUTURE = "too_far_in_future"
+    NON_FINITE_VALUE = "non_finite_value"
+    NEGATIVE_VALUE = "negative_value"
+    REGISTER_DECREASED = "register_decreased"
+    MISSING_VALUE = "missing_value"
+    WRONG_VALUE_KIND = "wrong_value_kind"
+    FLOW_REQUIRED = "flow_required"
+    FLOW_NOT_ALLOWED = "flow_not_allowed"
+
+
+_REASON_TEXTS: dict[RejectReason, str] = {
+    RejectReason.UNKNOWN_METER: "the meter does not exist or is not visible to the caller",
+    RejectReason.NOT_ON_GRID: (
+        "the timestamp is not a grid point of the site's balance resolution in the site's "
+        "local time (quarter-hour, full hour or local midnight of the 1st)"
+    ),
+    RejectReason.OUTSIDE_METER_DATES: (
+        "the timestamp (for interval values: the whole interval) lies outside the meter's "
+        "start and end date"
+    ),
+    RejectReason.TOO_FAR_IN_FUTURE: "the timestamp lies too far in the future",
+    RejectReason.NON_FINITE_VALUE: "the value is NaN or infinite",
+    RejectReason.NEGATIVE_VALUE: "the value is negative",
+    RejectReason.REGISTER_DECREASED: (
+        "the register value is lower than an earlier or higher than a later register value "
+        "of the same meter and flow"
+    ),
+    RejectReason.MISSING_VALUE: "neither a register value nor an interval value was given",
+    RejectReason.WRONG_VALUE_KIND: (
+        "load_profile_accurate meters take interval values only, readings_* meters take "
+        "register values only"
+    ),
+    RejectReason.FLOW_REQUIRED: "a bidirectional meter needs the flow (import or export)",
+    RejectReason.FLOW_NOT_ALLOWED: (
+        "the flow contradicts the meter direction (consumer meters import only, producer "
+        "meters export only)"
+    ),
+}
+
+
+def reason_text(reason: RejectReason) -> str:
+    """Human explanation of a reject reason."""
+    return _REASON_TEXTS[reason]
+
+
+@dataclass(frozen=True)
+class MeterContext:
+    """What validation needs to know about the meter a reading is for."""
+
+    meter_id: str
+    site_id: str
+    direction: MeterDirection
+    measuring: Measuring
+    start_date: datetime
+    end_date: datetime | None
+    transformer_factor: float
+    timezone: ZoneInfo
+    resolution: Resolution
+
+
+@dataclass(frozen=True)
+class IncomingReading:
+    """A reading as received; exactly one of ``register_wh`` and ``interval_wh`` is expected."""
+
+    meter_id: str
+    timestamp: datetime
+    register_wh: float | None
+    interval_wh: float | None
+    flow: Flow | None
+
+
+def _flow_reason(direction: MeterDirection, flow: Flow | None) -> RejectReason | None:
+    if direction == MeterDirection.BIDIRECTIONAL:
+        return RejectReason.FLOW_REQUIRED if flow is None else None
+    expected = effective_flow(direction, None)
+    if flow is not None and flow != expected:
+        return RejectReason.FLOW_NOT_ALLOWED
+    return None
+
+
+def check_reading(
+    reading: IncomingReading,
+    meter: MeterContext | None,
+    now: datetime,
+    max_future: timedelta,
+) -> RejectReason | None:
+    """The first rule ``reading`` breaks, or ``None`` when it is acceptable.
+
+    Order: unknown meter, missing value, wrong value kind, non-finite, negative, flow,
+    not on grid, outside meter dates, too far in future. Register monotonicity needs the
+    stored neighbours and is checked separately (:func:`find_register_decreases`).
+    Raises ``ValueError`` for a naive timestamp.
+    """
+    if meter is None:
+        return RejectReason.UNKNOWN_METER
+    if reading.register_wh is None and reading.interval_wh is None:
+        return RejectReason.MISSING_VALUE
+    load_profile = meter.measuring == Measuring.LOAD_PROFILE_ACCURATE
+    if load_profile and reading.register_wh is not None:
+        return RejectReason.WRONG_VALUE_KIND
+    if not load_profile and reading.interval_wh is not None:
+        return RejectReason.WRONG_VALUE_KIND
+    value = reading.interval_wh if load_profile else reading.register_wh
+    assert value is not None
+    if not math.isfinite(value):
+        return RejectReason.NON_FINITE_VALUE
+    if value < 0:
+        return RejectReason.NEGATIVE_VALUE
+    flow_reason = _flow_reason(meter.direction, reading.flow)
+    if flow_reason is not None:
+        return flow_reason
+    ts = reading.timestamp
+    if not meter.resolution.is_on_grid(ts, meter.timezone):
+        return RejectReason.NOT_ON_GRID
+    if ts < meter.start_date:
+        return RejectReason.OUTSIDE_METER_DATES
+    if meter.end_date is not None:
+        if ts >= meter.end_date:
+            return RejectReason.OUTSIDE_METER_DATES
+        if load_profile and meter.resolution.next_start(ts, meter.timezone) > meter.end_date:
+            return RejectReason.OUTSIDE_METER_DATES
+    if ts > now + max_future:
+        return RejectReason.TOO_FAR_IN_FUTURE
+    return None
+
+
+def find_register_decreases(
+    previous: RegisterPoint | None,
+    following: RegisterPoint | None,
+    candidate: RegisterPoint,
+) -> bool:
+    """True when ``candidate`` breaks monotonicity against its stored neighbours.
+
+    ``previous`` is the latest stored point before the candidate, ``following`` the earliest
+    after it (same meter and flow); a candidate below ``previous`` or above ``following``
+    would make the register decrease somewhere.
+    """
+    if previous is not None and candidate.register_wh < previous.register_wh:
+        return True
+    return following is not None and candidate.register_wh > following.register_wh
+
+
+def check_register_sequence(points: Sequence[RegisterPoint]) -> list[int]:
+    """Indexes (into ``points``, ascending) of points that make the register decrease.
+
+    ``points`` belong to one meter and flow. Walking them in time order (ties keep the given
+    order), a point lower than the last accepted value is rejected; the earlier value stands.
+    """
+    order = sorted(range(len(points)), key=lambda i: points[i].timestamp)
+    rejected: list[int] = []
+    highest: float | None = None
+    for index in order:
+        value = points[index].register_wh
+        if highest is not None and value < highest:
+            rejected.append(index)
+        else:
+            highest = value
+    return sorted(rejected)

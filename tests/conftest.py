@@ -1,0 +1,126 @@
+"""Test harness: a real PostgreSQL (embedded, or OPENVPP_DATABASE_URL) and real gRPC channels.
+
+One database per test session; every test creates its own organizations, so tests are
+isolated by the same tenant scoping that isolates production callers.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import grpc
+import pytest
+from openvpp.v1 import site_registry_pb2_grpc
+
+from service.app import Service
+from service.auth.principal import Role
+from service.auth.store import IdentityStore
+from service.config import Settings
+from service.db.database import EmbeddedPostgres
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    configured = os.environ.get("OPENVPP_DATABASE_URL")
+    if not configured:
+        embedded = EmbeddedPostgres(tmp_path_factory.mktemp("pg"))
+        try:
+            yield embedded.start()
+        finally:
+            embedded.stop()
+        return
+    name = f"openvpp_test_{uuid.uuid4().hex[:12]}"
+    import asyncio
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(configured)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    parts = urlsplit(configured)
+    try:
+        yield urlunsplit(parts._replace(path="/" + name))
+    finally:
+        asyncio.run(admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+
+def test_settings(**overrides: object) -> Settings:
+    base = Settings(
+        grpc_address="127.0.0.1:0",
+        bootstrap=False,
+        health_interval_seconds=0.5,
+        shutdown_grace_seconds=2,
+        db_pool_min_size=1,
+        db_pool_max_size=10,
+    )
+    from dataclasses import replace
+
+    return replace(base, **overrides)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+async def service(database_url: str) -> AsyncIterator[Service]:
+    running = Service(test_settings(), database_url)
+    await running.start()
+    yield running
+    await running.stop(grace=1)
+
+
+@pytest.fixture(scope="session")
+async def channel(service: Service) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as open_channel:
+        yield open_channel
+
+
+@pytest.fixture(scope="session")
+def registry(channel: grpc.aio.Channel) -> site_registry_pb2_grpc.SiteRegistryAsyncStub:
+    return site_registry_pb2_grpc.SiteRegistryStub(channel)
+
+
+@dataclass(frozen=True)
+class Org:
+    id: uuid.UUID
+    role: Role
+    token: str
+    token_id: uuid.UUID
+
+    @property
+    def auth(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),)
+
+
+MakeOrg = Callable[[Role], Awaitable[Org]]
+
+
+@pytest.fixture(scope="session")
+def make_org(service: Service) -> MakeOrg:
+    async def make(role: Role = Role.PARTNER) -> Org:
+        assert service.pool is not None
+        store = IdentityStore(service.pool)
+        org = await store.create_org(f"test-{role}-{uuid.uuid4().hex[:6]}", role)
+        issued = await store.create_token(org.id)
+        return Org(org.id, role, issued.token, issued.id)
+
+    return make
+
+
+@pytest.fixture
+async def partner(make_org: MakeOrg) -> Org:
+    return await make_org(Role.PARTNER)
+
+
+@pytest.fixture
+async def other_partner(make_org: MakeOrg) -> Org:
+    return await make_org(Role.PARTNER)
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -1,0 +1,90 @@
+"""Assertions on gRPC errors and small request builders shared by the tests."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from openvpp.v1 import site_registry_pb2 as pb
+
+T = TypeVar("T")
+
+
+async def rpc_error(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value
+
+
+def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    """field -> rule from the error's google.rpc.BadRequest detail."""
+    status = rpc_status.from_call(error)
+    assert status is not None, f"no rich status in {error.code()}: {error.details()}"
+    violations: dict[str, str] = {}
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            for violation in bad_request.field_violations:
+                violations[violation.field] = violation.description
+    return violations
+
+
+async def expect_invalid(call: Awaitable[Any], field: str) -> str:
+    """Awaits a call that must fail INVALID_ARGUMENT with a violation on ``field``; its rule."""
+    error = await rpc_error(call)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    violations = field_violations(error)
+    assert field in violations, f"expected a violation on {field}, got {violations}"
+    assert violations[field], "the rule must be described"
+    return violations[field]
+
+
+def gs1_check_digit(data: str) -> str:
+    total = sum(int(d) * (3 if i % 2 == 0 else 1) for i, d in enumerate(reversed(data)))
+    return str((10 - total % 10) % 10)
+
+
+def random_ean18(prefix: str = "5414") -> str:
+    """A valid EAN-18 (GS1 check digit), unique per call."""
+    body = prefix + "".join(secrets.choice("0123456789") for _ in range(17 - len(prefix)))
+    return body + gs1_check_digit(body)
+
+
+def random_identifier() -> str:
+    """A unique identifier valid for sites without a country."""
+    return "T" + secrets.token_hex(8).upper()
+
+
+def site_request(
+    grid_identifier: str | None = None, country: str = "", **fields: Any
+) -> pb.CreateSiteRequest:
+    request = pb.CreateSiteRequest(
+        location=pb.Location(address="Dok Noord, Gent, Belgium", country=country),
+        supply_points=[
+            pb.SupplyPoint(
+                grid_identifier=grid_identifier or random_identifier(),
+                direction=pb.SUPPLY_POINT_DIRECTION_BIDIRECTIONAL,
+            )
+        ],
+        **fields,
+    )
+    return request
+
+
+def battery_request(site_id: str, **fields: Any) -> pb.CreateResourceRequest:
+    values: dict[str, Any] = {
+        "site_id": site_id,
+        "type": pb.RESOURCE_TYPE_STATIC_BATTERY,
+        "name": "home battery",
+        "power_kw": pb.Bounds(min=-5, max=5),
+        "capacity_kwh": pb.Bounds(min=0, max=10),
+        "webhook_url": "https://partner.example/setpoints",
+    }
+    values.update(fields)
+    return pb.CreateResourceRequest(**values)
