@@ -59,6 +59,14 @@ class Service:
 
     async def start(self) -> int:
         """Migrates, starts serving, returns the bound port."""
+        try:
+            return await self._start()
+        except BaseException:
+            # A half-started service (e.g. the port is taken) must not leave a pool behind.
+            await self.stop(grace=0)
+            raise
+
+    async def _start(self) -> int:
         settings = self.settings
         self.pool = await create_pool(
             self.dsn, settings.db_pool_min_size, settings.db_pool_max_size
@@ -71,7 +79,10 @@ class Service:
 
         self.hub = EventHub(self.dsn, settings.health_interval_seconds)
         await self.hub.start()
-        authenticator = Authenticator(identity, settings.token_cache_seconds)
+        hub = self.hub
+        authenticator = Authenticator(
+            identity, settings.token_cache_seconds, cache_allowed=lambda: hub.connected
+        )
         await self.hub.listen(TOKEN_REVOKED_CHANNEL, authenticator.forget)
         self.hub.on_reset(authenticator.forget_all)
 
@@ -143,14 +154,21 @@ class Service:
                 await self._set_health(serving)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stops accepting calls, lets in-flight ones finish within the grace period."""
+        """Stops accepting calls, lets in-flight ones finish within the grace period, then
+        closes the event hub and the pool. Safe to call more than once."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         for task in self._tasks:
             task.cancel()
-        stopping = asyncio.create_task(self.server.stop(grace)) if self.server else None
+        stopping: asyncio.Task[None] | None = None
+        if self.server is not None:
+            stopping = asyncio.create_task(self.server.stop(grace))
+            # Let the server refuse new calls before watch streams are ended below, so a
+            # client reconnecting at once is refused rather than subscribed to a closing hub.
+            await asyncio.sleep(0)
         # Watch streams never finish on their own: end them now rather than at the deadline.
+        # Unary calls do not use the hub, so they still complete within the grace period.
         if self.hub is not None:
             await self.hub.close()
         if stopping is not None:
@@ -158,5 +176,11 @@ class Service:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._tasks.clear()
         if self.pool is not None:
-            await self.pool.close()
+            # Every call has ended, so connections come back; a stuck one must not hang exit.
+            try:
+                await asyncio.wait_for(self.pool.close(), timeout=max(grace, 1.0) + 5)
+            except TimeoutError:
+                log.warning("database pool did not close in time; terminating it")
+                self.pool.terminate()

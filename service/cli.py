@@ -41,14 +41,34 @@ def database(settings: Settings) -> Iterator[str]:
         yield settings.database_url
         return
     embedded = EmbeddedPostgres(settings.data_dir)
-    dsn = embedded.start()
     try:
-        yield dsn
+        yield embedded.start()
     finally:
-        embedded.stop()
+        # Stopping is what SIGTERM asked for: a second signal must not cut it short and
+        # leave the server running with this process still registered as a user.
+        previous = {
+            signum: signal.signal(signum, signal.SIG_IGN)
+            for signum in (signal.SIGTERM, signal.SIGINT)
+        }
+        try:
+            embedded.stop()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    # Outside the event loop (embedded database start-up, CLI commands) SIGTERM unwinds
+    # like Ctrl-C, so ``database()`` still stops what it started.
+    raise SystemExit(128 + signum)
 
 
 async def _serve(settings: Settings, dsn: str) -> None:
+    # Handlers first: a signal during start-up (migrations) stops right after it.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     service = Service(settings, dsn)
     await service.start()
     if service.bootstrap_token is not None:
@@ -59,10 +79,6 @@ async def _serve(settings: Settings, dsn: str) -> None:
             flush=True,
         )
     print(f"openvpp serving gRPC on {settings.grpc_address} (port {service.port})", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     print("shutting down", flush=True)
     await service.stop()
@@ -133,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     settings = Settings.from_env(**overrides)
     setup_logging(settings.log_level)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     with database(settings) as dsn:
         if args.command == "serve":

@@ -72,11 +72,14 @@ class IdentityStore:
             return True
 
     async def principal_for(self, token: str) -> Principal | None:
+        return await self.principal_for_hash(token_hash(token))
+
+    async def principal_for_hash(self, digest: bytes) -> Principal | None:
         row = await self._pool.fetchrow(
             "SELECT t.id AS token_id, o.id AS org_id, o.role FROM api_tokens t "
             "JOIN organizations o ON o.id = t.org_id "
             "WHERE t.token_hash = $1 AND t.revoked_at IS NULL",
-            token_hash(token),
+            digest,
         )
         if row is None:
             return None

