@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -13,11 +12,7 @@ from openvpp.v1 import site_registry_pb2_grpc
 from service.app import Service
 from tests.conftest import Org, test_settings
 from tests.helpers import site_request
-
-if TYPE_CHECKING:
-    from openvpp.v1.site_registry_pb2_grpc import SiteRegistryAsyncStub as Stub
-else:
-    Stub = object  # the async stub type exists only in the generated .pyi
+from tests.registry.support import Stub
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 import grpc
@@ -14,6 +14,13 @@ from openvpp.v1 import site_registry_pb2 as pb
 
 from tests.conftest import Org
 from tests.helpers import rpc_error
+
+if TYPE_CHECKING:
+    from openvpp.v1.site_registry_pb2_grpc import SiteRegistryAsyncStub
+
+    Stub: TypeAlias = SiteRegistryAsyncStub
+else:
+    Stub = object  # the async stub type exists only in the generated .pyi
 
 BID = pb.SUPPLY_POINT_DIRECTION_BIDIRECTIONAL
 OFFTAKE = pb.SUPPLY_POINT_DIRECTION_OFFTAKE

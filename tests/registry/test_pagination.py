@@ -10,7 +10,7 @@ from openvpp.v1 import site_registry_pb2 as pb
 
 from tests.conftest import Org
 from tests.helpers import battery_request, expect_invalid, site_request
-from tests.registry.conftest import Stub
+from tests.registry.support import Stub
 
 
 async def create_sites(registry: Stub, org: Org, count: int) -> list[str]:

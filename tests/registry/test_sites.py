@@ -11,10 +11,10 @@ from openvpp.v1 import site_registry_pb2 as pb
 from service.app import Service
 from tests.conftest import Org
 from tests.helpers import battery_request, expect_invalid, rpc_error, site_request
-from tests.registry.conftest import Stub
 from tests.registry.support import (
     INJECTION,
     OFFTAKE,
+    Stub,
     count_rows,
     mask,
     point,

@@ -11,8 +11,7 @@ from openvpp.v1 import site_registry_pb2 as pb
 
 from tests.conftest import Org
 from tests.helpers import battery_request, site_request
-from tests.registry.conftest import Stub
-from tests.registry.support import mask, not_found, random_id
+from tests.registry.support import Stub, mask, not_found, random_id
 
 # RPC name -> request naming (site id, resource id).
 CALLS: dict[str, Callable[[str, str], Any]] = {

@@ -13,8 +13,7 @@ from openvpp.v1 import site_registry_pb2 as pb
 
 from tests.conftest import Org
 from tests.helpers import expect_invalid, field_violations, rpc_error, site_request
-from tests.registry.conftest import Stub
-from tests.registry.support import BID, INJECTION, OFFTAKE, point, resource_request
+from tests.registry.support import BID, INJECTION, OFFTAKE, Stub, point, resource_request
 
 # Published or cross-checked valid identifiers (see tests/unit/test_grid_identifiers.py).
 SCHEMES: list[tuple[str, str, str, str]] = [
@@ -361,7 +360,7 @@ def _resource(site_id: str, kind: int, overrides: dict[str, Any]) -> pb.CreateRe
     )
     for name, value in overrides.items():
         if value is None:
-            request.ClearField(name)
+            request.ClearField(name)  # type: ignore[arg-type]
     return request
 
 
@@ -443,9 +442,13 @@ async def test_page_size_rules(registry: Stub, partner: Org, site: pb.Site) -> N
 
 async def test_list_filters_must_be_known_values(registry: Stub, partner: Org) -> None:
     auth = partner.auth
-    await expect_invalid(registry.ListSites(pb.ListSitesRequest(status=9), metadata=auth), "status")
+    unknown_status: Any = 9
+    unknown_upstream: Any = 99
     await expect_invalid(
-        registry.ListSites(pb.ListSitesRequest(upstream_status=99), metadata=auth),
+        registry.ListSites(pb.ListSitesRequest(status=unknown_status), metadata=auth), "status"
+    )
+    await expect_invalid(
+        registry.ListSites(pb.ListSitesRequest(upstream_status=unknown_upstream), metadata=auth),
         "upstream_status",
     )
     await registry.ListSites(
