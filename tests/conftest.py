@@ -7,6 +7,8 @@ isolated by the same tenant scoping that isolates production callers.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -29,11 +31,15 @@ from service.db.database import EmbeddedPostgres
 def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     configured = os.environ.get("OPENVPP_DATABASE_URL")
     if not configured:
-        embedded = EmbeddedPostgres(tmp_path_factory.mktemp("pg"))
+        # Not under pytest's tmp dir: every pytest run resets /tmp/pytest-of-<user> to mode
+        # 0700, which locks out the embedded server's own user while another run is starting.
+        home = Path(tempfile.mkdtemp(prefix="openvpp-test-pg-"))
+        embedded = EmbeddedPostgres(home)
         try:
             yield embedded.start()
         finally:
             embedded.stop()
+            shutil.rmtree(home, ignore_errors=True)
         return
     name = f"openvpp_test_{uuid.uuid4().hex[:12]}"
     import asyncio

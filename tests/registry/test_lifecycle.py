@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
@@ -33,16 +34,18 @@ async def running(dsn: str, **overrides: object) -> AsyncIterator[tuple[Service,
         await service.stop(grace=0)
 
 
-async def wait_until_blocked_on_lock(conn: asyncpg.Connection, site_id: str) -> None:
-    for _ in range(500):
+async def wait_until_blocked_on_lock(conn: asyncpg.Connection, call: asyncio.Future[Any]) -> None:
+    """Until ``call`` waits for the row lock that ``conn`` holds."""
+    for _ in range(1000):
+        if call.done():
+            raise AssertionError(f"the call ended instead of waiting: {call.result()}")
         waiting = await conn.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND query LIKE '%FOR UPDATE%'"
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid <> pg_backend_pid()"
         )
         if waiting:
             return
         await asyncio.sleep(0.01)
-    raise AssertionError(f"no call is waiting for the lock on {site_id}")
+    raise AssertionError("the call never waited for the lock")
 
 
 async def test_in_flight_call_finishes_within_the_grace_period(
@@ -61,7 +64,7 @@ async def test_in_flight_call_finishes_within_the_grace_period(
             in_flight = asyncio.ensure_future(
                 registry.PauseSite(pb.PauseSiteRequest(site_id=site.id), metadata=org.auth)
             )
-            await wait_until_blocked_on_lock(blocker, site.id)
+            await wait_until_blocked_on_lock(blocker, in_flight)
             stopping = asyncio.create_task(service.stop(grace=10))
             # The open watch stream ends at once (clients reconnect elsewhere) ...
             with pytest.raises(grpc.aio.AioRpcError) as ended:
@@ -97,7 +100,7 @@ async def test_call_still_running_at_the_deadline_is_cancelled_and_rolled_back(
                 in_flight = asyncio.ensure_future(
                     registry.PauseSite(pb.PauseSiteRequest(site_id=site.id), metadata=org.auth)
                 )
-                await wait_until_blocked_on_lock(blocker, site.id)
+                await wait_until_blocked_on_lock(blocker, in_flight)
                 await asyncio.wait_for(service.stop(grace=0.3), 10)
                 error = await rpc_error(in_flight)
                 assert error.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)

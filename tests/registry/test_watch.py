@@ -164,5 +164,7 @@ async def test_slow_reader_is_cut_off_with_a_bounded_buffer(
         # Reconnecting works and sees new events.
         again = await open_watch(slow, org)
         site = (await registry.CreateSite(site_request(), metadata=org.auth)).site
-        assert (await next_event(again)).site.id == site.id
+        # Notifications of the earlier burst may still be on their way; the new one follows.
+        while (await next_event(again)).site.id != site.id:
+            pass
         again.cancel()
