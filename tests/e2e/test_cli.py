@@ -1,0 +1,146 @@
+"""End to end: ``openvpp serve``, ``migrate``, ``orgs`` and ``tokens`` as separate processes
+on one data directory with embedded PostgreSQL, as an operator would run them."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from openvpp.v1 import site_registry_pb2 as pb
+from openvpp.v1 import site_registry_pb2_grpc
+
+from tests.e2e.conftest import Serve, cli, postgres_processes
+from tests.helpers import site_request
+
+
+def bearer(token: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def code_of(call: Callable[[], Any]) -> grpc.StatusCode:
+    try:
+        call()
+    except grpc.RpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def ok(result: Any) -> str:
+    assert result.returncode == 0, result.stderr
+    return str(result.stdout)
+
+
+def test_serve_cli_restart_and_shutdown(data_dir: Path) -> None:
+    server = Serve(data_dir)
+    try:
+        token = server.bootstrap_token
+        assert token is not None
+        assert token.startswith("ovpp_")
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            assert (
+                health.Check(health_pb2.HealthCheckRequest()).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            answer = next(
+                reflection.ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+                )
+            )
+            names = {s.name for s in answer.list_services_response.service}
+            assert {"openvpp.v1.SiteRegistry", "grpc.health.v1.Health"} <= names
+
+            registry = site_registry_pb2_grpc.SiteRegistryStub(channel)
+            site = registry.CreateSite(site_request("EAN1234567890"), metadata=bearer(token)).site
+
+            # The CLI works beside the running server, on the same embedded database.
+            assert "applied 0 migration(s)" in ok(cli(data_dir, "migrate"))
+            org_line = ok(cli(data_dir, "orgs", "create", "acme", "--role", "partner"))
+            org_id = org_line.split("\t")[0]
+            assert org_line.strip().endswith("acme\tpartner")
+            assert org_id in ok(cli(data_dir, "orgs", "list"))
+            created = cli(data_dir, "tokens", "create", "--org", org_id)
+            acme_token = ok(created).strip()
+            acme_token_id = created.stderr.strip().rsplit(" ", 1)[1]
+            listed = registry.ListSites(pb.ListSitesRequest(), metadata=bearer(acme_token))
+            assert listed.total_size == 0  # a new partner sees none of the other's sites
+            assert ok(cli(data_dir, "tokens", "revoke", acme_token_id)).startswith("revoked")
+            assert eventually(
+                lambda: (
+                    code_of(
+                        lambda: registry.ListSites(
+                            pb.ListSitesRequest(), metadata=bearer(acme_token)
+                        )
+                    )
+                    == grpc.StatusCode.UNAUTHENTICATED
+                )
+            )
+            assert cli(data_dir, "tokens", "revoke", acme_token_id).returncode == 1
+            assert cli(data_dir, "tokens", "create", "--org", site.id).returncode != 0
+            supplier = ok(cli(data_dir, "orgs", "create", "s", "--role", "supplier"))
+            supplier_token = ok(cli(data_dir, "tokens", "create", "--org", supplier.split()[0]))
+            assert (
+                code_of(
+                    lambda: registry.ListSites(
+                        pb.ListSitesRequest(), metadata=bearer(supplier_token.strip())
+                    )
+                )
+                == grpc.StatusCode.PERMISSION_DENIED
+            )
+        assert postgres_processes(data_dir)
+        assert server.stop(signal.SIGTERM) == 0
+        assert "shutting down" in server.lines
+    finally:
+        server.kill()
+    assert not postgres_processes(data_dir), "the embedded database must be stopped"
+
+    # Without a server running, the CLI starts and stops the embedded database itself.
+    offline_token = ok(cli(data_dir, "tokens", "create", "--org", org_id)).strip()
+    assert not postgres_processes(data_dir)
+
+    restarted = Serve(data_dir)
+    try:
+        assert restarted.bootstrap_token is None  # only on the first start
+        with grpc.insecure_channel(f"127.0.0.1:{restarted.port}") as channel:
+            registry = site_registry_pb2_grpc.SiteRegistryStub(channel)
+            again = registry.GetSite(pb.GetSiteRequest(site_id=site.id), metadata=bearer(token))
+            assert again.site == site
+            listed = registry.ListSites(pb.ListSitesRequest(), metadata=bearer(offline_token))
+            assert listed.total_size == 0
+            assert (
+                code_of(
+                    lambda: registry.ListSites(pb.ListSitesRequest(), metadata=bearer(acme_token))
+                )
+                == grpc.StatusCode.UNAUTHENTICATED
+            )
+        assert restarted.stop(signal.SIGINT) == 0
+    finally:
+        restarted.kill()
+    assert not postgres_processes(data_dir)
+
+
+def test_migrate_on_a_fresh_data_dir(data_dir: Path) -> None:
+    first = ok(cli(data_dir, "migrate"))
+    assert "0001_identity" in first
+    assert "0002_registry" in first
+    assert ok(cli(data_dir, "migrate")).strip() == "applied 0 migration(s)"
+    assert "default-partner" not in ok(
+        cli(data_dir, "orgs", "list")
+    )  # serve bootstraps, not migrate
+    assert not postgres_processes(data_dir)
