@@ -1,0 +1,310 @@
+"""GetSite and ListSites under 64 concurrent calls, next to a bare grpc.aio echo server.
+
+Usage: python -m loadtest.registry_bench [--seconds 10] [--concurrency 64] [--clients 1]
+
+Starts, each in its own process: ``openvpp serve`` on a fresh embedded PostgreSQL in a
+temporary directory (with authentication and the database, as deployed), and a bare
+grpc.aio server that echoes a GetSiteRequest back. Then, from separate client processes
+using the generated stubs, runs each phase for a bounded time and prints throughput and
+p50/p95/p99 latency for echo, GetSite and ListSites, and each one's ratio to echo.
+The goal of the foundation issue: GetSite >= 0.5 x echo throughput, p99 < 50 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from openvpp.v1 import site_registry_pb2 as pb
+from openvpp.v1 import site_registry_pb2_grpc
+
+ECHO_METHOD = "/openvpp.bench.Echo/Echo"
+SITES = 500
+LIST_PAGE_SIZE = 50
+
+
+def _run(coro: Awaitable[Any]) -> Any:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+# --- the bare echo server ----------------------------------------------------------------
+
+
+async def _echo(request: pb.GetSiteRequest, _context: Any) -> pb.GetSiteRequest:
+    return request
+
+
+async def _serve_echo() -> None:
+    server = grpc.aio.server()
+    handler = grpc.method_handlers_generic_handler(
+        "openvpp.bench.Echo",
+        {
+            "Echo": grpc.unary_unary_rpc_method_handler(
+                _echo,
+                request_deserializer=pb.GetSiteRequest.FromString,
+                response_serializer=pb.GetSiteRequest.SerializeToString,
+            )
+        },
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"echo serving on port {port}", flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(1)
+
+
+# --- the load -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    port: int
+    token: str
+    site_ids: list[str]
+
+
+def _make_call(phase: Phase, channel: grpc.aio.Channel) -> Callable[[], Awaitable[Any]]:
+    metadata = (("authorization", f"Bearer {phase.token}"),)
+    if phase.name == "echo":
+        echo = channel.unary_unary(
+            ECHO_METHOD,
+            request_serializer=pb.GetSiteRequest.SerializeToString,
+            response_deserializer=pb.GetSiteRequest.FromString,
+        )
+        request = pb.GetSiteRequest(site_id=phase.site_ids[0])
+        return lambda: echo(request)
+    registry = site_registry_pb2_grpc.SiteRegistryStub(channel)
+    if phase.name == "GetSite":
+        requests = [pb.GetSiteRequest(site_id=site_id) for site_id in phase.site_ids]
+        return lambda: registry.GetSite(random.choice(requests), metadata=metadata)
+    list_request = pb.ListSitesRequest(page_size=LIST_PAGE_SIZE)
+    return lambda: registry.ListSites(list_request, metadata=metadata)
+
+
+async def _load(phase: Phase, concurrency: int, seconds: float, warmup: float) -> list[float]:
+    """Latencies (s) of calls that completed in the measured window, after a warm-up."""
+    latencies: list[float] = []
+    errors = 0
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{phase.port}") as channel:
+        call = _make_call(phase, channel)
+        start = time.perf_counter()
+        measure_from = start + warmup
+        end = measure_from + seconds
+
+        async def worker() -> None:
+            nonlocal errors
+            while True:
+                began = time.perf_counter()
+                if began >= end:
+                    return
+                try:
+                    await call()
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                    continue
+                if began >= measure_from:
+                    latencies.append(time.perf_counter() - began)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    if errors:
+        raise SystemExit(f"{phase.name}: {errors} calls failed")
+    return latencies
+
+
+def _client(phase: Phase, concurrency: int, seconds: float, warmup: float, out: Any) -> None:
+    out.send(_run(_load(phase, concurrency, seconds, warmup)))
+
+
+def run_phase(
+    phase: Phase, concurrency: int, clients: int, seconds: float, warmup: float
+) -> dict[str, float]:
+    """Runs ``concurrency`` calls in flight, split over ``clients`` processes."""
+    context = multiprocessing.get_context("spawn")
+    pipes = []
+    processes = []
+    for index in range(clients):
+        share = concurrency // clients + (1 if index < concurrency % clients else 0)
+        receiver, sender = context.Pipe(duplex=False)
+        process = context.Process(
+            target=_client, args=(phase, share, seconds, warmup, sender), daemon=True
+        )
+        process.start()
+        pipes.append(receiver)
+        processes.append(process)
+    latencies: list[float] = []
+    for receiver in pipes:
+        latencies += receiver.recv()
+    for process in processes:
+        process.join()
+    latencies.sort()
+    quantiles = statistics.quantiles(latencies, n=100, method="inclusive")
+    return {
+        "calls": len(latencies),
+        "throughput": len(latencies) / seconds,
+        "p50_ms": quantiles[49] * 1000,
+        "p95_ms": quantiles[94] * 1000,
+        "p99_ms": quantiles[98] * 1000,
+    }
+
+
+# --- servers as subprocesses --------------------------------------------------------------
+
+
+def _start(
+    command: list[str], pattern: str, env: dict[str, str]
+) -> tuple[subprocess.Popen[str], list[str]]:
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+        if re.search(pattern, line):
+            return process, lines
+    process.kill()
+    raise SystemExit(f"{command[0]} did not start:\n" + "\n".join(lines))
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+async def _seed(port: int, token: str, count: int) -> list[str]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        registry = site_registry_pb2_grpc.SiteRegistryStub(channel)
+        metadata = (("authorization", f"Bearer {token}"),)
+        ids = []
+        for index in range(count):
+            response = await registry.CreateSite(
+                pb.CreateSiteRequest(
+                    name=f"bench site {index}",
+                    location=pb.Location(address="Dok Noord, Gent", country="BE"),
+                    supply_points=[
+                        pb.SupplyPoint(
+                            grid_identifier=_ean18(index),
+                            direction=pb.SUPPLY_POINT_DIRECTION_BIDIRECTIONAL,
+                        )
+                    ],
+                ),
+                metadata=metadata,
+            )
+            ids.append(response.site.id)
+        return ids
+
+
+def _ean18(index: int) -> str:
+    body = f"54144882{index:09d}"
+    total = sum(int(d) * (3 if i % 2 == 0 else 1) for i, d in enumerate(reversed(body)))
+    return body + str((10 - total % 10) % 10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured time per phase")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured time per phase")
+    parser.add_argument("--concurrency", type=int, default=64, help="calls in flight")
+    parser.add_argument("--clients", type=int, default=2, help="client processes")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.echo_server:
+        _run(_serve_echo())
+        return
+
+    home = Path(tempfile.mkdtemp(prefix="openvpp-bench-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENVPP_")}
+    env.update(
+        OPENVPP_DATA_DIR=str(home / "data"),
+        OPENVPP_GRPC_ADDRESS="127.0.0.1:0",
+        OPENVPP_LOG_LEVEL="WARNING",
+    )
+    openvpp = str(Path(sys.executable).parent / "openvpp")
+    servers: list[subprocess.Popen[str]] = []
+    try:
+        serve, lines = _start([openvpp, "serve"], r"\(port \d+\)", env)
+        servers.append(serve)
+        port = int(re.findall(r"\(port (\d+)\)", lines[-1])[0])
+        token = next(line.rsplit(" ", 1)[1] for line in lines if "API token" in line)
+        echo, echo_lines = _start(
+            [sys.executable, "-m", "loadtest.registry_bench", "--echo-server"],
+            r"echo serving on port \d+",
+            env,
+        )
+        servers.append(echo)
+        echo_port = int(echo_lines[-1].rsplit(" ", 1)[1])
+        site_ids = _run(_seed(port, token, SITES))
+
+        results: dict[str, dict[str, float]] = {}
+        for name, target in (("echo", echo_port), ("GetSite", port), ("ListSites", port)):
+            phase = Phase(name, target, token, site_ids)
+            results[name] = run_phase(
+                phase, args.concurrency, args.clients, args.seconds, args.warmup
+            )
+    finally:
+        for server in servers:
+            _stop(server)
+        shutil.rmtree(home, ignore_errors=True)
+
+    echo_rate = results["echo"]["throughput"]
+    print(
+        f"\n{args.concurrency} concurrent calls from {args.clients} client process(es), "
+        f"{args.seconds:g} s per phase after {args.warmup:g} s warm-up, "
+        f"{os.cpu_count()} CPUs shared by clients, servers and PostgreSQL; "
+        f"ListSites pages of {LIST_PAGE_SIZE} of {SITES} sites\n"
+    )
+    print(f"{'phase':<10} {'calls/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'x echo':>7}")
+    for name, figures in results.items():
+        print(
+            f"{name:<10} {figures['throughput']:>9.0f} {figures['p50_ms']:>8.2f} "
+            f"{figures['p95_ms']:>8.2f} {figures['p99_ms']:>8.2f} "
+            f"{figures['throughput'] / echo_rate:>7.2f}"
+        )
+    get_site = results["GetSite"]
+    ratio = get_site["throughput"] / echo_rate
+    print(
+        f"\ngoal GetSite >= 0.5 x echo: {ratio:.2f} ({'met' if ratio >= 0.5 else 'NOT met'}); "
+        f"p99 < 50 ms: {get_site['p99_ms']:.1f} ms "
+        f"({'met' if get_site['p99_ms'] < 50 else 'NOT met'})"
+    )
+    if args.json:
+        print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
