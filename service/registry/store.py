@@ -274,7 +274,10 @@ class RegistryStore:
         """Applies ``change`` (which validates) to the locked current fields, atomically."""
         async with self._pool.acquire() as conn, conn.transaction():
             # The identifier's upstream lock before the row lock: the order every writer of
-            # upstream_status keeps (see service.upstream.status).
+            # upstream_status keeps (see service.upstream.status). A change to a new
+            # identifier takes that one's lock later, after the row's; it could only meet a
+            # reverse order if two sites swapped identifiers concurrently, and PostgreSQL
+            # would then abort one of the two (deadlock detected) rather than hang.
             identifier = await conn.fetchval(
                 "SELECT grid_identifier FROM sites WHERE id = $1 AND org_id = $2",
                 site_id,

@@ -41,6 +41,13 @@ class UpstreamRegistryStub:
     A supplier learns whether some partner site matches its upstream site
     (`matched_partner_site`), never which partner it belongs to.
 
+    A matching partner site's upstream_status: NO_UPSTREAM_REGISTERED without any matching
+    upstream site; NO_CONTRACT when they have no contract at all; otherwise the state of the
+    leading contract among all matching upstream sites' contracts, by the precedence
+    ACTIVE > PENDING > NEEDS_AGREEMENT > INACTIVE (so during a supplier switch the old contract
+    shows until its end, then the new one). Date-driven changes are applied by a scheduler in
+    the service at local midnight of the partner site's time zone and published to WatchSites.
+
     Dates are calendar dates (google.type.Date, full dates only) and periods are half-open:
     a contract is in force on the days d with start_date <= d < end_date. "Today" is the
     local date in the upstream site's time zone for the supplier's view, and in each partner
@@ -110,6 +117,13 @@ class UpstreamRegistryServicer:
 
     A supplier learns whether some partner site matches its upstream site
     (`matched_partner_site`), never which partner it belongs to.
+
+    A matching partner site's upstream_status: NO_UPSTREAM_REGISTERED without any matching
+    upstream site; NO_CONTRACT when they have no contract at all; otherwise the state of the
+    leading contract among all matching upstream sites' contracts, by the precedence
+    ACTIVE > PENDING > NEEDS_AGREEMENT > INACTIVE (so during a supplier switch the old contract
+    shows until its end, then the new one). Date-driven changes are applied by a scheduler in
+    the service at local midnight of the partner site's time zone and published to WatchSites.
 
     Dates are calendar dates (google.type.Date, full dates only) and periods are half-open:
     a contract is in force on the days d with start_date <= d < end_date. "Today" is the
@@ -246,6 +260,13 @@ class UpstreamRegistry:
 
     A supplier learns whether some partner site matches its upstream site
     (`matched_partner_site`), never which partner it belongs to.
+
+    A matching partner site's upstream_status: NO_UPSTREAM_REGISTERED without any matching
+    upstream site; NO_CONTRACT when they have no contract at all; otherwise the state of the
+    leading contract among all matching upstream sites' contracts, by the precedence
+    ACTIVE > PENDING > NEEDS_AGREEMENT > INACTIVE (so during a supplier switch the old contract
+    shows until its end, then the new one). Date-driven changes are applied by a scheduler in
+    the service at local midnight of the partner site's time zone and published to WatchSites.
 
     Dates are calendar dates (google.type.Date, full dates only) and periods are half-open:
     a contract is in force on the days d with start_date <= d < end_date. "Today" is the
