@@ -275,9 +275,10 @@ class RegistryStore:
         async with self._pool.acquire() as conn, conn.transaction():
             # The identifier's upstream lock before the row lock: the order every writer of
             # upstream_status keeps (see service.upstream.status). A change to a new
-            # identifier takes that one's lock later, after the row's; it could only meet a
-            # reverse order if two sites swapped identifiers concurrently, and PostgreSQL
-            # would then abort one of the two (deadlock detected) rather than hang.
+            # identifier takes that one's lock later, after the row's; that reverse order only
+            # matters when identifiers change concurrently (two sites swapping them, or two
+            # updates of one site), and PostgreSQL then aborts one transaction (deadlock
+            # detected) rather than hang.
             identifier = await conn.fetchval(
                 "SELECT grid_identifier FROM sites WHERE id = $1 AND org_id = $2",
                 site_id,
