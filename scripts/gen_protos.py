@@ -22,6 +22,9 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 GEN_ROOT = ROOT / "gen"
+# Imported googleapis types (google/type/date.proto): include path only, never generated
+# (their Python modules ship with googleapis-common-protos).
+VENDORED_ROOT = ROOT / "third_party" / "protos"
 
 
 def generate(out_dir: Path) -> None:
@@ -32,6 +35,7 @@ def generate(out_dir: Path) -> None:
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
         f"-I{well_known}",
+        f"-I{VENDORED_ROOT}",
         f"--plugin=protoc-gen-mypy={scripts / 'protoc-gen-mypy'}",
         f"--plugin=protoc-gen-mypy_grpc={scripts / 'protoc-gen-mypy_grpc'}",
         f"--python_out={out_dir}",

@@ -16,12 +16,15 @@ from grpc_reflection.v1alpha import reflection
 from service.auth.authenticator import Authenticator
 from service.auth.principal import Role
 from service.auth.store import TOKEN_REVOKED_CHANNEL, IdentityStore, IssuedToken
+from service.common.clock import SYSTEM_CLOCK, Clock
 from service.common.interceptors import AuthInterceptor, ErrorInterceptor
 from service.config import Settings
 from service.db.database import create_pool
 from service.db.migrate import migrate
 from service.events.hub import EventHub
 from service.registry import servicer as registry
+from service.upstream import servicer as upstream
+from service.upstream.scheduler import UpstreamScheduler
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,9 @@ class Service:
     server: grpc.aio.Server | None = None
     port: int = 0
     bootstrap_token: IssuedToken | None = None
+    # Injectable so tests move time instead of sleeping.
+    clock: Clock = SYSTEM_CLOCK
+    upstream_scheduler: UpstreamScheduler | None = None
     _health: health.aio.HealthServicer | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _service_names: list[str] = field(default_factory=list)
@@ -109,19 +115,29 @@ class Service:
         await self.server.start()
         await self._set_health(serving=True)
         self._tasks.append(asyncio.create_task(self._watch_database(), name="health-probe"))
+        self.upstream_scheduler = UpstreamScheduler(
+            self.pool, self.clock, settings.upstream_scheduler_interval_seconds
+        )
+        self.upstream_scheduler.start()
         return self.port
 
     def _capabilities(self) -> list[Capability]:
         assert self.pool is not None
         assert self.hub is not None
         registry_servicer = registry.SiteRegistryServicer(
-            self.pool, self.hub, self.settings.watch_buffer_size
+            self.pool, self.hub, self.settings.watch_buffer_size, self.clock
         )
+        upstream_servicer = upstream.UpstreamRegistryServicer(self.pool, self.clock)
         return [
             Capability(
                 registry.SERVICE,
                 registry.METHOD_ROLES,
                 lambda server: registry.register(server, registry_servicer),
+            ),
+            Capability(
+                upstream.SERVICE,
+                upstream.METHOD_ROLES,
+                lambda server: upstream.register(server, upstream_servicer),
             ),
         ]
 
@@ -161,6 +177,8 @@ class Service:
             await self._health.enter_graceful_shutdown()
         for task in self._tasks:
             task.cancel()
+        if self.upstream_scheduler is not None:
+            await self.upstream_scheduler.stop()
         stopping: asyncio.Task[None] | None = None
         if self.server is not None:
             stopping = asyncio.create_task(self.server.stop(grace))

@@ -31,6 +31,9 @@ class Settings:
     log_level: str = "INFO"
     # "console" prints OpenTelemetry spans to stderr; empty disables tracing export.
     trace_exporter: str = ""
+    # Seconds between ticks of the scheduler that applies date-driven upstream_status changes
+    # (contracts starting or ending at local midnight); 0 disables it.
+    upstream_scheduler_interval_seconds: float = 60.0
     # Create a partner organization and print its token when the database is empty.
     bootstrap: bool = True
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)

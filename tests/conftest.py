@@ -67,6 +67,8 @@ def test_settings(**overrides: object) -> Settings:
         shutdown_grace_seconds=2,
         db_pool_min_size=1,
         db_pool_max_size=10,
+        # Tests tick the upstream scheduler themselves (run_once) with their own clocks.
+        upstream_scheduler_interval_seconds=0,
     )
     from dataclasses import replace
 

@@ -13,6 +13,7 @@ from openvpp.v1 import site_registry_pb2 as pb
 from openvpp.v1 import site_registry_pb2_grpc as pb_grpc
 
 from service.auth.principal import Role, current_principal
+from service.common.clock import SYSTEM_CLOCK, Clock
 from service.common.pagination import (
     Cursor,
     decode_page_token,
@@ -41,13 +42,20 @@ RESOURCE_UPDATABLE = frozenset({"name", "external_id", "power_kw", "capacity_kwh
 
 
 class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
-    def __init__(self, pool: asyncpg.Pool, hub: EventHub, watch_buffer_size: int) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        hub: EventHub,
+        watch_buffer_size: int,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         self._pool = pool
         self._hub = hub
         self._watch_buffer_size = watch_buffer_size
+        self._clock = clock
 
     def _store(self) -> RegistryStore:
-        return RegistryStore(self._pool, current_principal().org_id)
+        return RegistryStore(self._pool, current_principal().org_id, self._clock)
 
     async def CreateSite(
         self, request: pb.CreateSiteRequest, context: Any

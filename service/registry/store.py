@@ -16,6 +16,7 @@ from uuid import UUID
 
 import asyncpg
 
+from service.common.clock import SYSTEM_CLOCK, Clock
 from service.common.errors import AlreadyExistsError, NotFoundError
 from service.common.pagination import Cursor
 from service.registry.domain import (
@@ -30,6 +31,7 @@ from service.registry.domain import (
     derive_site_status,
 )
 from service.telemetry.domain import SiteType
+from service.upstream import status as upstream_sync
 from service.upstream.domain import UpstreamStatus
 
 SITE_EVENTS_CHANNEL = "openvpp_site_events"
@@ -192,9 +194,10 @@ def _duplicate_identifier(identifier: str, prefix: str = "") -> AlreadyExistsErr
 
 
 class RegistryStore:
-    def __init__(self, pool: asyncpg.Pool, org_id: UUID) -> None:
+    def __init__(self, pool: asyncpg.Pool, org_id: UUID, clock: Clock = SYSTEM_CLOCK) -> None:
         self._pool = pool
         self._org_id = org_id
+        self._clock = clock
 
     # Sites
 
@@ -214,7 +217,13 @@ class RegistryStore:
                 )
             except asyncpg.UniqueViolationError:
                 raise _duplicate_identifier(fields.primary.grid_identifier) from None
+            # A supplier may have registered this identifier already; CREATED carries the
+            # matching upstream_status, so no separate UPSTREAM_STATUS_CHANGED for a new site.
+            await upstream_sync.refresh_upstream_status(
+                conn, [row["grid_identifier"]], self._clock.now(), silent={row["id"]}
+            )
             await notify_site_event(conn, row["id"], SiteEventType.CREATED)
+            row = await conn.fetchrow("SELECT * FROM sites WHERE id = $1", row["id"])
         return SiteRecord.from_row(row)
 
     async def get_site(self, site_id: UUID) -> SiteRecord:
@@ -264,6 +273,19 @@ class RegistryStore:
     ) -> SiteRecord:
         """Applies ``change`` (which validates) to the locked current fields, atomically."""
         async with self._pool.acquire() as conn, conn.transaction():
+            # The identifier's upstream lock before the row lock: the order every writer of
+            # upstream_status keeps (see service.upstream.status). A change to a new
+            # identifier takes that one's lock later, after the row's; that reverse order only
+            # matters when identifiers change concurrently (two sites swapping them, or two
+            # updates of one site), and PostgreSQL then aborts one transaction (deadlock
+            # detected) rather than hang.
+            identifier = await conn.fetchval(
+                "SELECT grid_identifier FROM sites WHERE id = $1 AND org_id = $2",
+                site_id,
+                self._org_id,
+            )
+            if identifier is not None:
+                await upstream_sync.lock_identifiers(conn, [identifier])
             current = await self._lock_site(conn, site_id)
             fields = change(current.fields)
             try:
@@ -283,6 +305,11 @@ class RegistryStore:
             except asyncpg.UniqueViolationError:
                 raise _duplicate_identifier(fields.primary.grid_identifier, "site.") from None
             await notify_site_event(conn, site_id, SiteEventType.UPDATED)
+            # A new identifier or time zone can change upstream_status (published after UPDATED).
+            if await upstream_sync.refresh_upstream_status(
+                conn, [fields.primary.grid_identifier], self._clock.now()
+            ):
+                row = await conn.fetchrow("SELECT * FROM sites WHERE id = $1", site_id)
         return SiteRecord.from_row(row)
 
     async def delete_site(self, site_id: UUID) -> None:

@@ -1,0 +1,94 @@
+"""Applies date-driven upstream_status changes (a contract starting or ending) on its own.
+
+Every partner site carries ``upstream_next_check_at``, the instant its status will next change
+by the calendar alone (kept by :func:`service.upstream.status.refresh_upstream_status`). Each
+tick recomputes the identifiers of all sites that are due at the clock's "now".
+
+Several replicas may tick at once. An identifier is claimed with a *non-blocking* try of the
+same advisory lock every writer takes first (the SKIP LOCKED of identifiers): a replica skips
+what another replica (or a concurrent API write, which recomputes it anyway) holds. Should
+two replicas still recompute one identifier one after the other, the second finds the status
+already right and writes nothing, so each transition is applied, and published, once. Claiming
+by row lock (``FOR UPDATE SKIP LOCKED`` on sites) would take a site row before the advisory
+lock, the reverse of the writers' order, and could deadlock with them. Nothing is missed after
+downtime: a due row stays due (``<= now``) until a recomputation moves it on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import asyncpg
+
+from service.common.clock import Clock
+from service.upstream.status import refresh_upstream_status, try_lock_identifier
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 100
+
+
+class UpstreamScheduler:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        clock: Clock,
+        interval_seconds: float,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> None:
+        self._pool = pool
+        self._clock = clock
+        self._interval = interval_seconds
+        self._batch_size = batch_size
+        self._task: asyncio.Task[None] | None = None
+
+    async def run_once(self) -> int:
+        """One tick: recomputes every identifier due now that no one else holds; returns the
+        number of site statuses this replica changed."""
+        now = self._clock.now()
+        after = ""  # keyset over identifiers: each is looked at once per tick
+        changed = 0
+        while True:
+            due = await self._pool.fetch(
+                """
+                SELECT DISTINCT grid_identifier FROM sites
+                WHERE upstream_next_check_at <= $1 AND grid_identifier > $2
+                ORDER BY grid_identifier
+                LIMIT $3
+                """,
+                now,
+                after,
+                self._batch_size,
+            )
+            if not due:
+                return changed
+            for row in due:
+                after = row["grid_identifier"]
+                async with self._pool.acquire() as conn, conn.transaction():
+                    if await try_lock_identifier(conn, after):
+                        changed += await refresh_upstream_status(conn, [after], now)
+
+    def start(self) -> None:
+        """Ticks at once (catching up after downtime), then every interval; <= 0 disables."""
+        if self._interval > 0 and self._task is None:
+            self._task = asyncio.create_task(self._run(), name="upstream-scheduler")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                changed = await self.run_once()
+                if changed:
+                    log.info("upstream scheduler changed %d site status(es)", changed)
+            except Exception:
+                # The database may be briefly away; due rows stay due for the next tick.
+                log.warning("upstream scheduler tick failed", exc_info=True)
+            await asyncio.sleep(self._interval)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
