@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from service.auth.authenticator import Authenticator
 from service.auth.principal import Role
 from service.auth.store import TOKEN_REVOKED_CHANNEL, IdentityStore, IssuedToken
-from service.common.interceptors import AuthInterceptor, ErrorInterceptor
+from service.common.interceptors import RpcInterceptor
 from service.config import Settings
 from service.db.database import create_pool
 from service.db.migrate import migrate
@@ -91,7 +91,7 @@ class Service:
         for capability in capabilities:
             method_roles.update(capability.method_roles)
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(), AuthInterceptor(authenticator, method_roles)],
+            interceptors=[RpcInterceptor(authenticator, method_roles)],
             options=GRPC_OPTIONS,
         )
         for capability in capabilities:

@@ -75,67 +75,18 @@ def _wrap(handler: Any, guard: Guard) -> Any:
     )
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Domain errors become statuses with details; anything unexpected becomes INTERNAL
-    with a generic message, logged here with its stack trace, never sent to the client."""
+class RpcInterceptor(grpc.aio.ServerInterceptor):
+    """Authentication, role check and error mapping for every RPC but health and reflection.
 
-    def __init__(self) -> None:
-        # Wrapped handlers per method: building them on every call showed up in profiles.
-        self._wrapped: dict[str, tuple[Any, Any]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Any,
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-
-        @asynccontextmanager
-        async def guard(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
-            with tracer.start_as_current_span(method, kind=trace.SpanKind.SERVER) as span:
-                try:
-                    yield
-                except grpc.aio.AbortError:
-                    raise
-                except DomainError as error:
-                    span.set_attribute("rpc.grpc.error", type(error).__name__)
-                    await context.abort_with_status(status_for(error))
-                except SubscriberTooSlow as error:
-                    await context.abort(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"stream ended: the client read too slowly ({error}); reconnect",
-                    )
-                except EventsInterrupted as error:
-                    await context.abort(
-                        grpc.StatusCode.UNAVAILABLE, f"stream ended: {error}; reconnect"
-                    )
-                except DATABASE_UNAVAILABLE:
-                    log.warning("database unavailable during %s", method, exc_info=True)
-                    await context.abort(
-                        grpc.StatusCode.UNAVAILABLE, "database unavailable; retry later"
-                    )
-                except Exception:
-                    log.exception("unexpected error in %s", method)
-                    span.set_status(trace.StatusCode.ERROR)
-                    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-
-        wrapped = _wrap(handler, guard)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
-
-
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates the bearer token and checks the caller's role for the method.
-
+    The caller's bearer token must belong to an organization whose role may call the method:
     ``method_roles`` maps every full method name ("/openvpp.v1.SiteRegistry/GetSite") to the
-    roles allowed to call it. A method without an entry is refused: new RPCs are closed until
-    someone decides who may call them.
+    roles allowed to call it, and a method without an entry is refused, so new RPCs are closed
+    until someone decides who may call them.
+
+    Domain errors become statuses with details; anything unexpected becomes INTERNAL with a
+    generic message, logged here with its stack trace, never sent to the client.
+
+    One interceptor rather than two: each interceptor in grpc.aio's chain costs every call.
     """
 
     def __init__(
@@ -143,6 +94,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     ) -> None:
         self._authenticator = authenticator
         self._method_roles = method_roles
+        # Wrapped handlers per method: building them on every call showed up in profiles.
         self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     async def intercept_service(
@@ -158,36 +110,62 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if cached is not None and cached[0] is handler:
             return cached[1]
         allowed = self._method_roles.get(method, frozenset())
+        authenticator = self._authenticator
 
         @asynccontextmanager
         async def guard(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
-            # Looked up inside the handler, so the error interceptor around it maps a database
-            # outage to UNAVAILABLE instead of the call failing with UNKNOWN.
-            token = _authorization_token(context.invocation_metadata())
-            principal = await self._authenticator.authenticate(token) if token else None
-            if principal is None:
-                await context.abort_with_status(
-                    status_with_reason(
-                        grpc.StatusCode.UNAUTHENTICATED,
-                        "missing, unknown or revoked token; send 'authorization: Bearer <token>'",
-                        "INVALID_TOKEN",
+            with tracer.start_as_current_span(method, kind=trace.SpanKind.SERVER) as span:
+                try:
+                    token = _authorization_token(context.invocation_metadata())
+                    principal = await authenticator.authenticate(token) if token else None
+                    if principal is None:
+                        await context.abort_with_status(
+                            status_with_reason(
+                                grpc.StatusCode.UNAUTHENTICATED,
+                                "missing, unknown or revoked token; "
+                                "send 'authorization: Bearer <token>'",
+                                "INVALID_TOKEN",
+                            )
+                        )
+                    assert principal is not None
+                    if principal.role not in allowed:
+                        roles = ", ".join(sorted(allowed)) or "none"
+                        await context.abort_with_status(
+                            status_with_reason(
+                                grpc.StatusCode.PERMISSION_DENIED,
+                                f"role {principal.role} may not call {method} (allowed: {roles})",
+                                "ROLE_NOT_ALLOWED",
+                            )
+                        )
+                    bound = bind_principal(principal)
+                    try:
+                        yield
+                    finally:
+                        unbind_principal(bound)
+                except grpc.aio.AbortError:
+                    raise
+                except DomainError as error:
+                    span.set_attribute("rpc.grpc.error", type(error).__name__)
+                    await context.abort_with_status(status_for(error))
+                except SubscriberTooSlow as error:
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"stream ended: the client read too slowly ({error}); reconnect",
                     )
-                )
-            assert principal is not None
-            if principal.role not in allowed:
-                roles = ", ".join(sorted(allowed)) or "none"
-                await context.abort_with_status(
-                    status_with_reason(
-                        grpc.StatusCode.PERMISSION_DENIED,
-                        f"role {principal.role} may not call {method} (allowed: {roles})",
-                        "ROLE_NOT_ALLOWED",
+                except EventsInterrupted as error:
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE, f"stream ended: {error}; reconnect"
                     )
-                )
-            bound = bind_principal(principal)
-            try:
-                yield
-            finally:
-                unbind_principal(bound)
+                except DATABASE_UNAVAILABLE:
+                    # Also a token lookup that cannot reach the database: retryable.
+                    log.warning("database unavailable during %s", method, exc_info=True)
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE, "database unavailable; retry later"
+                    )
+                except Exception:
+                    log.exception("unexpected error in %s", method)
+                    span.set_status(trace.StatusCode.ERROR)
+                    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
         wrapped = _wrap(handler, guard)
         self._wrapped[method] = (handler, wrapped)
