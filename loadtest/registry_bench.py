@@ -298,7 +298,7 @@ def main() -> None:
     get_site = results["GetSite"]
     ratio = get_site["throughput"] / echo_rate
     print(
-        f"\ngoal GetSite >= 0.5 x echo: {ratio:.2f} ({'met' if ratio >= 0.5 else 'NOT met'}); "
+        f"\ngoal GetSite >= 0.5 x echo: {ratio:.3f} ({'met' if ratio >= 0.5 else 'NOT met'}); "
         f"p99 < 50 ms: {get_site['p99_ms']:.1f} ms "
         f"({'met' if get_site['p99_ms'] < 50 else 'NOT met'})"
     )
