@@ -24,6 +24,7 @@ from service.db.migrate import migrate
 from service.observability import setup_logging, setup_tracing
 
 T = TypeVar("T")
+MAX_ORG_NAME_LENGTH = 200
 
 
 def _run(coro: Awaitable[T]) -> T:
@@ -151,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         "shutdown_grace_seconds": getattr(args, "shutdown_grace_seconds", None),
         "trace_exporter": getattr(args, "trace_exporter", None),
     }
+    if args.command == "orgs" and args.action == "create":
+        args.name = args.name.strip()
+        if not 1 <= len(args.name) <= MAX_ORG_NAME_LENGTH:
+            # Checked before any database is started; the table enforces the same bounds.
+            raise SystemExit(f"organization name must be 1 to {MAX_ORG_NAME_LENGTH} characters")
     settings = Settings.from_env(**overrides)
     setup_logging(settings.log_level)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
