@@ -44,7 +44,13 @@ def database(settings: Settings) -> Iterator[str]:
         return
     embedded = EmbeddedPostgres(settings.data_dir)
     try:
-        yield embedded.start()
+        # A signal during start-up would kill initdb half-way and leave a data directory
+        # that never starts again; it is acted on once the server is up (and then stopped).
+        with _signals_deferred() as received:
+            dsn = embedded.start()
+        if received:
+            raise SystemExit(128 + received[0])
+        yield dsn
     finally:
         # Stopping is what SIGTERM asked for: a second signal must not cut it short and
         # leave the server running with this process still registered as a user.
@@ -57,6 +63,23 @@ def database(settings: Settings) -> Iterator[str]:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[list[int]]:
+    received: list[int] = []
+
+    def remember(signum: int, _frame: object) -> None:
+        received.append(signum)
+
+    previous = {
+        signum: signal.signal(signum, remember) for signum in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _exit_on_sigterm(signum: int, _frame: object) -> None:
