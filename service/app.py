@@ -32,6 +32,9 @@ GRPC_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # gRPC shares a taken port by default (SO_REUSEPORT): a second server, e.g. one on another
+    # data directory, would silently receive part of the calls. A taken port is an error.
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -103,9 +106,12 @@ class Service:
         reflection.enable_server_reflection(
             [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
-        self.port = self.server.add_insecure_port(settings.grpc_address)
+        try:
+            self.port = self.server.add_insecure_port(settings.grpc_address)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise RuntimeError(f"cannot bind {settings.grpc_address}")
+            raise RuntimeError(f"cannot bind {settings.grpc_address} (in use?)")
         await self.server.start()
         await self._set_health(serving=True)
         self._tasks.append(asyncio.create_task(self._watch_database(), name="health-probe"))
