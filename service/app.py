@@ -17,7 +17,7 @@ from service.auth.authenticator import Authenticator
 from service.auth.principal import Role
 from service.auth.store import TOKEN_REVOKED_CHANNEL, IdentityStore, IssuedToken
 from service.common.clock import SYSTEM_CLOCK, Clock
-from service.common.interceptors import AuthInterceptor, ErrorInterceptor
+from service.common.interceptors import RpcInterceptor
 from service.config import Settings
 from service.db.database import create_pool
 from service.db.migrate import migrate
@@ -35,6 +35,9 @@ GRPC_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # gRPC shares a taken port by default (SO_REUSEPORT): a second server, e.g. one on another
+    # data directory, would silently receive part of the calls. A taken port is an error.
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -97,7 +100,7 @@ class Service:
         for capability in capabilities:
             method_roles.update(capability.method_roles)
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(), AuthInterceptor(authenticator, method_roles)],
+            interceptors=[RpcInterceptor(authenticator, method_roles)],
             options=GRPC_OPTIONS,
         )
         for capability in capabilities:
@@ -109,9 +112,12 @@ class Service:
         reflection.enable_server_reflection(
             [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
-        self.port = self.server.add_insecure_port(settings.grpc_address)
+        try:
+            self.port = self.server.add_insecure_port(settings.grpc_address)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise RuntimeError(f"cannot bind {settings.grpc_address}")
+            raise RuntimeError(f"cannot bind {settings.grpc_address} (in use?)")
         await self.server.start()
         await self._set_health(serving=True)
         self._tasks.append(asyncio.create_task(self._watch_database(), name="health-probe"))

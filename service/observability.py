@@ -21,6 +21,9 @@ def setup_logging(level: str) -> None:
 
 def setup_tracing(exporter: str) -> None:
     """One span per RPC (see interceptors); exported only when an exporter is configured."""
+    if not exporter:
+        # The API's default no-op tracer: recording spans nobody exports costs every call.
+        return
     provider = TracerProvider(resource=Resource.create({"service.name": "openvpp"}))
     if exporter == "console":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))

@@ -75,25 +75,73 @@ def _wrap(handler: Any, guard: Guard) -> Any:
     )
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Domain errors become statuses with details; anything unexpected becomes INTERNAL
-    with a generic message, logged here with its stack trace, never sent to the client."""
+class RpcInterceptor(grpc.aio.ServerInterceptor):
+    """Authentication, role check and error mapping for every RPC but health and reflection.
+
+    The caller's bearer token must belong to an organization whose role may call the method:
+    ``method_roles`` maps every full method name ("/openvpp.v1.SiteRegistry/GetSite") to the
+    roles allowed to call it, and a method without an entry is refused, so new RPCs are closed
+    until someone decides who may call them.
+
+    Domain errors become statuses with details; anything unexpected becomes INTERNAL with a
+    generic message, logged here with its stack trace, never sent to the client.
+
+    One interceptor rather than two: each interceptor in grpc.aio's chain costs every call.
+    """
+
+    def __init__(
+        self, authenticator: Authenticator, method_roles: Mapping[str, frozenset[Role]]
+    ) -> None:
+        self._authenticator = authenticator
+        self._method_roles = method_roles
+        # Wrapped handlers per method: building them on every call showed up in profiles.
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     async def intercept_service(
         self,
         continuation: Any,
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
         method = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        if handler is None or method.startswith(PUBLIC_PREFIXES):
+            return handler
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        allowed = self._method_roles.get(method, frozenset())
+        authenticator = self._authenticator
 
         @asynccontextmanager
         async def guard(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
             with tracer.start_as_current_span(method, kind=trace.SpanKind.SERVER) as span:
                 try:
-                    yield
+                    token = _authorization_token(context.invocation_metadata())
+                    principal = await authenticator.authenticate(token) if token else None
+                    if principal is None:
+                        await context.abort_with_status(
+                            status_with_reason(
+                                grpc.StatusCode.UNAUTHENTICATED,
+                                "missing, unknown or revoked token; "
+                                "send 'authorization: Bearer <token>'",
+                                "INVALID_TOKEN",
+                            )
+                        )
+                    assert principal is not None
+                    if principal.role not in allowed:
+                        roles = ", ".join(sorted(allowed)) or "none"
+                        await context.abort_with_status(
+                            status_with_reason(
+                                grpc.StatusCode.PERMISSION_DENIED,
+                                f"role {principal.role} may not call {method} (allowed: {roles})",
+                                "ROLE_NOT_ALLOWED",
+                            )
+                        )
+                    bound = bind_principal(principal)
+                    try:
+                        yield
+                    finally:
+                        unbind_principal(bound)
                 except grpc.aio.AbortError:
                     raise
                 except DomainError as error:
@@ -109,6 +157,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                         grpc.StatusCode.UNAVAILABLE, f"stream ended: {error}; reconnect"
                     )
                 except DATABASE_UNAVAILABLE:
+                    # Also a token lookup that cannot reach the database: retryable.
                     log.warning("database unavailable during %s", method, exc_info=True)
                     await context.abort(
                         grpc.StatusCode.UNAVAILABLE, "database unavailable; retry later"
@@ -118,66 +167,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     span.set_status(trace.StatusCode.ERROR)
                     await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
-        return _wrap(handler, guard)
+        wrapped = _wrap(handler, guard)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates the bearer token and checks the caller's role for the method.
-
-    ``method_roles`` maps every full method name ("/openvpp.v1.SiteRegistry/GetSite") to the
-    roles allowed to call it. A method without an entry is refused: new RPCs are closed until
-    someone decides who may call them.
-    """
-
-    def __init__(
-        self, authenticator: Authenticator, method_roles: Mapping[str, frozenset[Role]]
-    ) -> None:
-        self._authenticator = authenticator
-        self._method_roles = method_roles
-
-    async def intercept_service(
-        self,
-        continuation: Any,
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        method = handler_call_details.method
-        handler = await continuation(handler_call_details)
-        if handler is None or method.startswith(PUBLIC_PREFIXES):
-            return handler
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        token = bearer_token(_as_text(metadata.get("authorization")))
-        allowed = self._method_roles.get(method, frozenset())
-
-        @asynccontextmanager
-        async def guard(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
-            # Looked up inside the handler, so the error interceptor around it maps a database
-            # outage to UNAVAILABLE instead of the call failing with UNKNOWN.
-            principal = await self._authenticator.authenticate(token) if token else None
-            if principal is None:
-                await context.abort_with_status(
-                    status_with_reason(
-                        grpc.StatusCode.UNAUTHENTICATED,
-                        "missing, unknown or revoked token; send 'authorization: Bearer <token>'",
-                        "INVALID_TOKEN",
-                    )
-                )
-            assert principal is not None
-            if principal.role not in allowed:
-                roles = ", ".join(sorted(allowed)) or "none"
-                await context.abort_with_status(
-                    status_with_reason(
-                        grpc.StatusCode.PERMISSION_DENIED,
-                        f"role {principal.role} may not call {method} (allowed: {roles})",
-                        "ROLE_NOT_ALLOWED",
-                    )
-                )
-            bound = bind_principal(principal)
-            try:
-                yield
-            finally:
-                unbind_principal(bound)
-
-        return _wrap(handler, guard)
+def _authorization_token(metadata: Any) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization":
+            return bearer_token(_as_text(value))
+    return None
 
 
 def _as_text(value: str | bytes | None) -> str | None:

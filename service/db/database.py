@@ -78,6 +78,14 @@ async def _ensure_database(admin_uri: str, name: str) -> None:
         await conn.close()
 
 
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """Skips asyncpg's per-release reset query (RESET ALL, UNLISTEN *, ...), one database
+    round trip per call. Our pool connections never change session state: settings are
+    per transaction, LISTEN lives on the event hub's own connection, and the migration
+    advisory lock is released before the connection is. asyncpg still rolls back any
+    transaction left open before a connection goes back to the pool."""
+
+
 async def create_pool(dsn: str, min_size: int, max_size: int) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         dsn,
@@ -86,6 +94,7 @@ async def create_pool(dsn: str, min_size: int, max_size: int) -> asyncpg.Pool:
         # Statements are prepared per connection; a bounded cache keeps memory flat.
         statement_cache_size=256,
         command_timeout=30,
+        reset=_keep_session,
     )
     assert pool is not None
     return pool

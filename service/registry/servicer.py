@@ -103,9 +103,16 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
         site_id = parse_uuid(request.site.id, "site.id")
         paths = convert.require_mask(list(request.update_mask.paths), SITE_UPDATABLE)
         given = request.site
-        # Parse the request before taking the row lock, so bad enums fail fast.
-        new_points = convert.supply_points_from_proto(given.supply_points, "site.")
-        new_type = convert.site_type_from_proto(given.type, "site.type")
+        # Parse the request before taking the row lock, so bad enums fail fast; only the
+        # masked fields, since the others are ignored.
+        new_points = (
+            convert.supply_points_from_proto(given.supply_points, "site.")
+            if "supply_points" in paths
+            else ()
+        )
+        new_type = (
+            convert.site_type_from_proto(given.type, "site.type") if "type" in paths else None
+        )
         new_location = convert.location_from_proto(given.location)
 
         def change(current: SiteFields) -> SiteFields:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from openvpp.v1 import site_registry_pb2 as pb
@@ -144,3 +145,14 @@ def test_migrate_on_a_fresh_data_dir(data_dir: Path) -> None:
         cli(data_dir, "orgs", "list")
     )  # serve bootstraps, not migrate
     assert not postgres_processes(data_dir)
+
+
+@pytest.mark.parametrize("name", ["", "   ", "x" * 201])
+def test_org_name_is_checked_before_touching_the_database(name: str) -> None:
+    from service.cli import main
+
+    nowhere = "/nonexistent/never-created"
+    args = ["--data-dir", nowhere, "orgs", "create", name, "--role", "partner"]
+    with pytest.raises(SystemExit, match="1 to 200 characters"):
+        main(args)
+    assert not Path(nowhere).exists()

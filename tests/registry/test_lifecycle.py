@@ -197,3 +197,15 @@ async def test_health_follows_the_database(database_url: str, make_org: MakeOrg)
         assert listed.total_size == 0
         await channel.close()
     await proxy.cut()
+
+
+async def test_a_taken_port_fails_the_start_and_leaves_nothing_open(
+    database_url: str, service: Service
+) -> None:
+    second = Service(settings_for_tests(grpc_address=f"127.0.0.1:{service.port}"), database_url)
+    with pytest.raises(RuntimeError, match="cannot bind"):
+        await second.start()
+    assert second.pool is not None
+    assert second.pool.is_closing()
+    assert second.hub is not None
+    assert not second.hub.connected

@@ -3,6 +3,8 @@ field masks, deletion and atomicity."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncpg
 import grpc
 import pytest
@@ -547,3 +549,23 @@ async def test_concurrent_resource_creation_keeps_status_consistent(
     conn: asyncpg.Connection
     async with service.pool.acquire() as conn:
         assert await count_rows(conn, "resources", partner) == 0
+
+
+async def test_update_site_ignores_fields_outside_the_mask(
+    registry: Stub, partner: Org, site: pb.Site
+) -> None:
+    """Even unparseable values (an unknown enum number) outside the mask do not matter."""
+    unknown: Any = 99
+    change = pb.Site(id=site.id, name="only this", type=unknown)
+    change.supply_points.add(grid_identifier="X", direction=unknown)
+    updated = await registry.UpdateSite(
+        pb.UpdateSiteRequest(site=change, update_mask=mask("name")), metadata=partner.auth
+    )
+    assert updated.site.name == "only this"
+    assert updated.site.supply_points == site.supply_points
+    await expect_invalid(
+        registry.UpdateSite(
+            pb.UpdateSiteRequest(site=change, update_mask=mask("type")), metadata=partner.auth
+        ),
+        "site.type",
+    )

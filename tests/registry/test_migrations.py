@@ -1,0 +1,48 @@
+"""Migrations from replicas starting together: each file runs exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from service.db.migrate import load_migrations, migrate
+
+
+async def test_concurrent_migrations_apply_each_file_once(database_url: str) -> None:
+    name = f"openvpp_migrate_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(database_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    parts = urlsplit(database_url)
+    scratch = urlunsplit(parts._replace(path="/" + name))
+    try:
+        connections = [await asyncpg.connect(scratch) for _ in range(4)]
+        try:
+            applied = await asyncio.gather(*(migrate(conn) for conn in connections))
+            versions = [m.version for m in load_migrations()]
+            assert sorted(applied, key=len) == [[], [], [], versions]
+            recorded = await connections[0].fetch(
+                "SELECT version FROM schema_migrations ORDER BY version"
+            )
+            assert [row["version"] for row in recorded] == versions
+            assert await migrate(connections[0]) == []
+            # History is append-only: an applied file that changed stops the service.
+            await connections[0].execute(
+                "UPDATE schema_migrations SET checksum = 'edited' WHERE version = $1",
+                versions[0],
+            )
+            try:
+                await migrate(connections[1])
+            except RuntimeError as error:
+                message = str(error)
+            else:
+                message = ""
+            assert "changed after it was applied" in message
+        finally:
+            for conn in connections:
+                await conn.close()
+    finally:
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.close()
