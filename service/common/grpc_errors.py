@@ -33,6 +33,12 @@ DATABASE_UNAVAILABLE = (
     asyncpg.exceptions.InterfaceError,
 )
 
+# Transaction aborted by PostgreSQL to resolve a conflict with another one: retryable.
+CONCURRENT_CONFLICT = (
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+)
+
 
 def _packed(message: object) -> any_pb2.Any:
     packed = any_pb2.Any()

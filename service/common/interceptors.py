@@ -18,7 +18,12 @@ from service.auth.authenticator import Authenticator
 from service.auth.principal import Role, bind_principal, unbind_principal
 from service.auth.tokens import bearer_token
 from service.common.errors import DomainError
-from service.common.grpc_errors import DATABASE_UNAVAILABLE, status_for, status_with_reason
+from service.common.grpc_errors import (
+    CONCURRENT_CONFLICT,
+    DATABASE_UNAVAILABLE,
+    status_for,
+    status_with_reason,
+)
 from service.events.hub import EventsInterrupted, SubscriberTooSlow
 
 log = logging.getLogger(__name__)
@@ -155,6 +160,13 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 except EventsInterrupted as error:
                     await context.abort(
                         grpc.StatusCode.UNAVAILABLE, f"stream ended: {error}; reconnect"
+                    )
+                except CONCURRENT_CONFLICT:
+                    # PostgreSQL aborted this transaction for another's sake; nothing of it
+                    # was written, and the same call again will normally succeed.
+                    log.info("concurrency conflict during %s", method, exc_info=True)
+                    await context.abort(
+                        grpc.StatusCode.ABORTED, "conflicting concurrent change; retry the call"
                     )
                 except DATABASE_UNAVAILABLE:
                     # Also a token lookup that cannot reach the database: retryable.

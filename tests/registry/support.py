@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -83,3 +84,17 @@ async def count_rows(conn: asyncpg.Connection, table: str, org: Org) -> int:
     value = await conn.fetchval(f"SELECT count(*) FROM {table} WHERE org_id = $1", org.id)
     assert isinstance(value, int)
     return value
+
+
+async def wait_until_blocked_on_lock(conn: asyncpg.Connection, call: asyncio.Future[Any]) -> None:
+    """Until ``call`` waits for the row lock that ``conn`` holds."""
+    for _ in range(1000):
+        if call.done():
+            raise AssertionError(f"the call ended instead of waiting: {call.result()}")
+        waiting = await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid <> pg_backend_pid()"
+        )
+        if waiting:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the call never waited for the lock")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
@@ -20,7 +19,7 @@ from service.auth.principal import Role
 from tests.conftest import MakeOrg
 from tests.conftest import test_settings as settings_for_tests
 from tests.helpers import rpc_error, site_request
-from tests.registry.support import Stub
+from tests.registry.support import Stub, wait_until_blocked_on_lock
 
 
 @contextlib.asynccontextmanager
@@ -32,20 +31,6 @@ async def running(dsn: str, **overrides: object) -> AsyncIterator[tuple[Service,
             yield service, site_registry_pb2_grpc.SiteRegistryStub(channel)
     finally:
         await service.stop(grace=0)
-
-
-async def wait_until_blocked_on_lock(conn: asyncpg.Connection, call: asyncio.Future[Any]) -> None:
-    """Until ``call`` waits for the row lock that ``conn`` holds."""
-    for _ in range(1000):
-        if call.done():
-            raise AssertionError(f"the call ended instead of waiting: {call.result()}")
-        waiting = await conn.fetchval(
-            "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid <> pg_backend_pid()"
-        )
-        if waiting:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the call never waited for the lock")
 
 
 async def test_in_flight_call_finishes_within_the_grace_period(

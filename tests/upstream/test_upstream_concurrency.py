@@ -58,7 +58,7 @@ async def test_partner_updates_racing_supplier_writes_do_not_deadlock(
             )
             await api.terminate(supplier, contract.id, days(10 * i + 1))
 
-    # Errors (a deadlock surfaces as INTERNAL) fail the gather.
+    # Errors (a deadlock surfaces as ABORTED) fail the gather.
     await asyncio.gather(partner_updates(), supplier_writes(), partner_updates())
     # Today (days(0)) lies in the first contract, terminated from days(1): active.
     assert await api.status(partner, site.id) == site_pb.UPSTREAM_STATUS_CONTRACT_ACTIVE
