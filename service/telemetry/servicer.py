@@ -74,6 +74,9 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
         self._grids = GridCache()
         self._max_future_us = int(settings.max_future_seconds * _US)
         self._maintenance: asyncio.Task[None] | None = None
+        # Highest number of events any finished watch subscription had buffered (for tests
+        # and diagnostics: it never exceeds readings_watch_buffer_size).
+        self.watch_peak_buffered = 0
         # Batches whose stream went away keep running to their commit; held here.
         self._orphans: set[asyncio.Task[pb.ReadingBatchAck]] = set()
 
@@ -359,6 +362,7 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
                 yield response
         finally:
             subscription.close()
+            self.watch_peak_buffered = max(self.watch_peak_buffered, subscription.peak_buffered)
 
 
 def register(server: grpc.aio.Server, servicer: TelemetryServicer) -> None:

@@ -49,7 +49,8 @@ CREATE TEMP TABLE IF NOT EXISTS reading_staging (
 """
 
 # Rows are inserted in key order so concurrent batches touching the same rows lock them in
-# the same order. xmax = 0 tells a fresh insert from an update of an existing row.
+# the same order. A fresh row carries the ingest id, a corrected one its negation, which
+# tells inserts from updates in RETURNING (xmax is not available on partitioned tables).
 _UPSERT = """
 WITH i AS MATERIALIZED (SELECT nextval('reading_ingest_seq') AS id),
 up AS (
@@ -59,9 +60,9 @@ up AS (
     FROM reading_staging s CROSS JOIN i
     ORDER BY s.meter_id, s.flow, s.ts_us
     ON CONFLICT (meter_id, flow, ts) DO UPDATE
-        SET value_wh = EXCLUDED.value_wh, ingest_id = EXCLUDED.ingest_id
+        SET value_wh = EXCLUDED.value_wh, ingest_id = -EXCLUDED.ingest_id
         WHERE r.value_wh IS DISTINCT FROM EXCLUDED.value_wh
-    RETURNING r.meter_id, r.ts, (r.xmax = 0) AS inserted
+    RETURNING r.meter_id, r.ts, (r.ingest_id > 0) AS inserted
 ),
 changed AS (
     SELECT DISTINCT up.meter_id, up.ts FROM up
@@ -382,7 +383,8 @@ async def fetch_ingested(
         f"""
         SELECT r.meter_id, r.flow, r.ts, r.value_wh, m.measuring FROM meters m
         JOIN readings r ON r.meter_id = m.id
-        WHERE m.org_id = $1 AND {where} AND r.ingest_id = $2 AND r.ts BETWEEN $3 AND $4
+        WHERE m.org_id = $1 AND {where} AND r.ingest_id IN ($2::bigint, -$2::bigint)
+          AND r.ts BETWEEN $3 AND $4
         ORDER BY r.meter_id, r.flow, r.ts
         """,
         org_id,

@@ -23,8 +23,8 @@ CREATE INDEX meters_org_idx ON meters (org_id);
 
 -- One row per (meter, flow, instant): a register value or an interval energy, as sent
 -- (the kind follows from the meter's measuring, which never changes). flow: 1 import,
--- 2 export. ingest_id names the batch that last changed the row, so watchers on every
--- replica fetch exactly what one commit changed. No foreign key to meters: the check per
+-- 2 export. ingest_id names the batch that last changed the row (negated when that change
+-- was a correction), so watchers on every replica fetch exactly what one commit changed. No foreign key to meters: the check per
 -- row would cost the bulk path; readings are only reached through their org's meters.
 CREATE TABLE readings (
     meter_id   uuid NOT NULL,
