@@ -223,10 +223,7 @@ class MeterStore:
 async def enqueue_balancing(
     conn: asyncpg.Connection, intervals: list[tuple[UUID, datetime]]
 ) -> None:
-    """Marks site intervals as needing (re)balancing, in the caller's transaction.
-
-    Sorted, so concurrent transactions lock queue rows in the same order (no deadlock).
-    """
+    """Marks site intervals as needing (re)balancing, in the caller's transaction."""
     if not intervals:
         return
     intervals.sort()
@@ -234,7 +231,6 @@ async def enqueue_balancing(
         """
         INSERT INTO balancing_queue (site_id, interval_start)
         SELECT * FROM unnest($1::uuid[], $2::timestamptz[])
-        ON CONFLICT (site_id, interval_start) DO UPDATE SET enqueued_at = clock_timestamp()
         """,
         [site for site, _ in intervals],
         [start for _, start in intervals],

@@ -43,7 +43,6 @@ from service.telemetry.store import (
     write_rows,
 )
 from service.telemetry.validate import (
-    GridCache,
     MeterInfo,
     ValidatedBatch,
     check_register_group,
@@ -71,7 +70,6 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
         self._settings = settings
         self.meters = MeterCache(pool, settings.meter_cache_seconds)
         self.partitions = Partitions(pool)
-        self._grids = GridCache()
         self._max_future_us = int(settings.max_future_seconds * _US)
         self._maintenance: asyncio.Task[None] | None = None
         # Highest number of events any finished watch subscription had buffered (for tests
@@ -132,7 +130,7 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
         readings = batch.readings
         meters = await self.meters.lookup(org_id, {r.meter_id for r in readings})
         now_us = int(time.time() * _US)
-        checked = validate_batch(readings, meters, now_us, self._max_future_us, self._grids)
+        checked = validate_batch(readings, meters, now_us, self._max_future_us)
         rejected = list(checked.rejected)
         inserted = updated = written = 0
         if checked.rows:
@@ -152,6 +150,11 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
                     if attempt == 2:
                         raise
                     log.info("ingest transaction conflicted; retrying")
+                except asyncpg.UndefinedTableError:
+                    # The backend lost its staging table (a new connection reusing a pid);
+                    # write_rows forgot it, so the retry creates it.
+                    if attempt == 2:
+                        raise
             rejected.extend(register_rejects)
             rejected.sort()
         ack = pb.ReadingBatchAck(

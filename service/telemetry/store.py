@@ -50,7 +50,7 @@ CREATE TEMP TABLE IF NOT EXISTS reading_staging (
 
 # Rows are inserted in key order so concurrent batches touching the same rows lock them in
 # the same order. A fresh row carries the ingest id, a corrected one its negation, which
-# tells inserts from updates in RETURNING (xmax is not available on partitioned tables).
+# tells inserts from updates (xmax is not available on partitioned tables).
 _UPSERT = """
 WITH i AS MATERIALIZED (SELECT nextval('reading_ingest_seq') AS id),
 up AS (
@@ -62,26 +62,26 @@ up AS (
     ON CONFLICT (meter_id, flow, ts) DO UPDATE
         SET value_wh = EXCLUDED.value_wh, ingest_id = -EXCLUDED.ingest_id
         WHERE r.value_wh IS DISTINCT FROM EXCLUDED.value_wh
-    RETURNING r.meter_id, r.ts, (r.ingest_id > 0) AS inserted
-),
-changed AS (
-    SELECT DISTINCT up.meter_id, up.ts FROM up
+    RETURNING r.ingest_id > 0 AS inserted
 )
 SELECT (SELECT id FROM i) AS ingest_id,
-       (SELECT count(*) FROM up WHERE inserted)::int AS inserted,
-       (SELECT count(*) FROM up WHERE NOT inserted)::int AS updated,
-       (SELECT array_agg(meter_id ORDER BY meter_id, ts) FROM changed) AS meters,
-       (SELECT array_agg((extract(epoch FROM ts) * 1000000)::bigint ORDER BY meter_id, ts)
-        FROM changed) AS stamps,
-       (SELECT min(ts) FROM up) AS first_ts,
-       (SELECT max(ts) FROM up) AS last_ts
+       count(*) FILTER (WHERE inserted)::int AS inserted,
+       count(*) FILTER (WHERE NOT inserted)::int AS updated
+FROM up
+"""
+
+# Only when part of a batch changed: which (meter, timestamp) rows it changed.
+_CHANGED = """
+SELECT meter_id, (extract(epoch FROM ts) * 1000000)::bigint AS ts_us FROM readings
+WHERE meter_id = ANY($1::uuid[]) AND ingest_id IN ($2::bigint, -$2::bigint)
+  AND ts BETWEEN timestamptz 'epoch' + $3::bigint * interval '1 microsecond'
+             AND timestamptz 'epoch' + $4::bigint * interval '1 microsecond'
 """
 
 _QUEUE_AND_NOTIFY = """
 WITH q AS (
     INSERT INTO balancing_queue (site_id, interval_start)
     SELECT * FROM unnest($1::uuid[], $2::timestamptz[])
-    ON CONFLICT (site_id, interval_start) DO UPDATE SET enqueued_at = clock_timestamp()
 )
 SELECT pg_notify($3, $4)
 """
@@ -314,6 +314,11 @@ async def stored_neighbours(
     return found
 
 
+# Server pids of connections that have the temporary staging table. A reused pid whose
+# table is gone raises UndefinedTableError: the caller forgets it and retries the batch.
+_STAGED_BACKENDS: set[int] = set()
+
+
 async def write_rows(
     conn: asyncpg.Connection,
     org_id: UUID,
@@ -321,25 +326,41 @@ async def write_rows(
     meters: dict[UUID, MeterInfo],
 ) -> WriteResult:
     """COPY + one upsert + queue + notify, inside the caller's transaction."""
-    await conn.execute(_STAGING_DDL)
-    await conn.copy_records_to_table(
-        "reading_staging", records=rows, columns=("meter_id", "flow", "ts_us", "value_wh")
-    )
+    pid = conn.get_server_pid()
+    if pid not in _STAGED_BACKENDS:
+        await conn.execute(_STAGING_DDL)
+        _STAGED_BACKENDS.add(pid)
+    try:
+        await conn.copy_records_to_table(
+            "reading_staging", records=rows, columns=("meter_id", "flow", "ts_us", "value_wh")
+        )
+    except asyncpg.UndefinedTableError:
+        _STAGED_BACKENDS.discard(pid)
+        raise
     result = await conn.fetchrow(_UPSERT)
     ingest_id: int = result["ingest_id"]
-    changed_meters: list[UUID] | None = result["meters"]
-    if changed_meters:
-        stamps: list[int] = result["stamps"]
+    changed_count = result["inserted"] + result["updated"]
+    if changed_count:
+        first_us = min(row[2] for row in rows)
+        last_us = max(row[2] for row in rows)
+        keys: Iterable[tuple[UUID, int]]
+        if changed_count == len(rows):
+            keys = ((row[0], row[2]) for row in rows)
+        else:
+            keys = [
+                (r[0], r[1])
+                for r in await conn.fetch(_CHANGED, list(meters), ingest_id, first_us, last_us)
+            ]
         intervals: set[tuple[UUID, int]] = set()
         sites: set[UUID] = set()
-        last_meter: UUID | None = None
-        info: MeterInfo | None = None
-        for meter_id, ts_us in zip(changed_meters, stamps, strict=True):
-            if meter_id != last_meter:
-                info = meters[meter_id]
-                last_meter = meter_id
-                sites.add(info.site_id)
-            assert info is not None
+        seen: set[tuple[UUID, int]] = set()
+        for meter_id, ts_us in keys:
+            info = meters[meter_id]
+            key = (info.site_id, ts_us)
+            if key in seen:
+                continue
+            seen.add(key)
+            sites.add(info.site_id)
             for start in _queue_starts(
                 info.timezone.key, info.resolution.iso, ts_us, not info.load_profile
             ):
@@ -349,8 +370,8 @@ async def write_rows(
             "key": str(org_id),
             "ingest": ingest_id,
             "sites": sorted(str(s) for s in sites) if len(sites) <= MAX_NOTIFIED_SITES else None,
-            "from": result["first_ts"].isoformat(),
-            "to": result["last_ts"].isoformat(),
+            "from": from_us(first_us).isoformat(),
+            "to": from_us(last_us).isoformat(),
         }
         await conn.execute(
             _QUEUE_AND_NOTIFY,

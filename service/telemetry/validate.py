@@ -47,6 +47,8 @@ class MeterInfo:
     # 0 for bidirectional meters (the reading must name the flow).
     default_flow: int
     load_profile: bool
+    # Grid membership per epoch second, shared by every meter on the same grid.
+    grid: dict[int, bool]
 
     @property
     def grid_key(self) -> tuple[str, str]:
@@ -96,35 +98,32 @@ def meter_info(
         resolution=resolution,
         default_flow=default_flow,
         load_profile=measuring == Measuring.LOAD_PROFILE_ACCURATE,
+        grid=_grid_for(timezone.key, resolution.iso),
     )
 
 
-class GridCache:
-    """Grid membership per (zone, resolution, second), bounded."""
+# Shared per (zone, resolution); each is cleared when it grows past this many seconds.
+_MAX_GRID_ENTRIES = 200_000
+_GRIDS: dict[tuple[str, str], dict[int, bool]] = {}
 
-    def __init__(self, max_entries: int = 200_000) -> None:
-        self._grids: dict[tuple[str, str], dict[int, bool]] = {}
-        self._max_entries = max_entries
-        self._entries = 0
 
-    def grid(self, info: MeterInfo) -> dict[int, bool]:
-        key = info.grid_key
-        grid = self._grids.get(key)
-        if grid is None:
-            grid = self._grids[key] = {}
-        return grid
+def _grid_for(zone: str, resolution: str) -> dict[int, bool]:
+    grid = _GRIDS.get((zone, resolution))
+    if grid is None:
+        grid = _GRIDS[(zone, resolution)] = {}
+    return grid
 
-    def on_grid(self, grid: dict[int, bool], info: MeterInfo, seconds: int) -> bool:
-        known = grid.get(seconds)
-        if known is None:
-            if self._entries >= self._max_entries:
-                for other in self._grids.values():
-                    other.clear()
-                self._entries = 0
-            instant = datetime.fromtimestamp(seconds, UTC)
-            known = grid[seconds] = info.resolution.is_on_grid(instant, info.timezone)
-            self._entries += 1
-        return known
+
+def on_grid(info: MeterInfo, seconds: int) -> bool:
+    """Whether ``seconds`` (epoch) is a grid point of the meter's site, cached."""
+    grid = info.grid
+    known = grid.get(seconds)
+    if known is None:
+        if len(grid) >= _MAX_GRID_ENTRIES:
+            grid.clear()
+        instant = datetime.fromtimestamp(seconds, UTC)
+        known = grid[seconds] = info.resolution.is_on_grid(instant, info.timezone)
+    return known
 
 
 @dataclass
@@ -151,7 +150,6 @@ def validate_batch(
     meters: Mapping[str, MeterInfo | None],
     now_us: int,
     max_future_us: int,
-    grids: GridCache,
 ) -> ValidatedBatch:
     """Checks every reading (``openvpp.v1.Reading`` messages); see the module docstring.
 
@@ -167,8 +165,6 @@ def validate_batch(
     positions: dict[tuple[UUID, int, int], int] = {}
     limit_us = now_us + max_future_us
     isfinite = math.isfinite
-    current_grid_info: MeterInfo | None = None
-    grid: dict[int, bool] = {}
     for index, reading in enumerate(readings):
         info = meters.get(reading.meter_id)
         if info is None:
@@ -209,12 +205,9 @@ def validate_batch(
         if stamp.nanos:
             rejected.append((index, RejectReason.NOT_ON_GRID))
             continue
-        if info is not current_grid_info:
-            grid = grids.grid(info)
-            current_grid_info = info
-        on = grid.get(seconds)
+        on = info.grid.get(seconds)
         if on is None:
-            on = grids.on_grid(grid, info, seconds)
+            on = on_grid(info, seconds)
         if not on:
             rejected.append((index, RejectReason.NOT_ON_GRID))
             continue
@@ -273,6 +266,21 @@ def check_register_group(
     value (stored or accepted candidate) or higher than the next later stored value is
     rejected; the values already there stand.
     """
+    if len(stored) <= 1:
+        # The common append: at most the register before the batch is stored.
+        floor = stored[0] if stored else None
+        highest = -_INF
+        last_ts = -1
+        ordered = True
+        for ts, value in candidates:
+            if ts <= last_ts or value < highest:
+                ordered = False
+                break
+            last_ts, highest = ts, value
+        if ordered and (
+            floor is None or (floor[0] < candidates[0][0] and floor[1] <= candidates[0][1])
+        ):
+            return []
     replaced = {ts for ts, _ in candidates}
     kept = sorted((ts, value) for ts, value in stored if ts not in replaced)
     order = sorted(range(len(candidates)), key=lambda i: candidates[i][0])

@@ -259,20 +259,23 @@ async def test_changes_mark_site_intervals_for_balancing(setup: Setup, service: 
     meter = await setup.meter()
     site_id = uuid.UUID(setup.site.id)
     await setup.ingest([register(meter, quarter(4), 10.0)])
-    queued = await service.pool.fetch(
-        "SELECT interval_start FROM balancing_queue WHERE site_id = $1 ORDER BY 1", site_id
-    )
+    query = "SELECT interval_start FROM balancing_queue WHERE site_id = $1 ORDER BY 1"
+    queued = await service.pool.fetch(query, site_id)
     # A register ends the interval before it and starts the one after it.
     assert [row[0] for row in queued] == [quarter(3), quarter(4)]
-    before = await service.pool.fetchval(
-        "SELECT max(enqueued_at) FROM balancing_queue WHERE site_id = $1", site_id
-    )
     duplicate = await setup.ingest([register(meter, quarter(4), 10.0)])
     assert duplicate.duplicate_count == 1
-    after = await service.pool.fetchval(
-        "SELECT max(enqueued_at) FROM balancing_queue WHERE site_id = $1", site_id
-    )
-    assert after == before  # nothing changed, nothing to rebalance
+    assert len(await service.pool.fetch(query, site_id)) == 2  # nothing changed
+    correction = await setup.ingest([register(meter, quarter(4), 11.0)])
+    assert correction.corrected_count == 1
+    again = await service.pool.fetch(query, site_id)
+    assert [row[0] for row in again] == [quarter(3), quarter(3), quarter(4), quarter(4)]
+
+    # Partly changed batches queue only what changed.
+    await setup.ingest([register(meter, quarter(4), 11.0), register(meter, quarter(8), 20.0)])
+    latest = await service.pool.fetch(query, site_id)
+    assert sorted({row[0] for row in latest}) == [quarter(3), quarter(4), quarter(7), quarter(8)]
+    assert len(latest) == 6
 
 
 async def test_list_readings_rules(setup: Setup, other_partner: Org) -> None:

@@ -28,7 +28,6 @@ from service.telemetry.domain import (
     validate_meter,
 )
 from service.telemetry.validate import (
-    GridCache,
     check_register_group,
     from_us,
     meter_info,
@@ -89,7 +88,7 @@ def test_batch_validator_agrees_with_check_reading() -> None:
         elif draw < 0.9:
             reading.interval_wh = value
         readings.append(reading)
-    checked = validate_batch(readings, meters, to_us(NOW), 3600 * 1_000_000, GridCache())
+    checked = validate_batch(readings, meters, to_us(NOW), 3600 * 1_000_000)
     got = dict(checked.rejected)
     for index, reading in enumerate(readings):
         kind = reading.WhichOneof("value")
@@ -127,7 +126,7 @@ def test_repeated_reading_in_batch_last_wins() -> None:
         reading = tpb.Reading(meter_id=str(meter_id), interval_wh=value)
         reading.timestamp.FromDatetime(START)
         readings.append(reading)
-    checked = validate_batch(readings, {str(meter_id): info}, to_us(NOW), 0, GridCache())
+    checked = validate_batch(readings, {str(meter_id): info}, to_us(NOW), 0)
     assert checked.rows == [(meter_id, 1, to_us(START), 2.0)]
     assert checked.row_index == [2]
     assert (checked.in_batch_duplicates, checked.in_batch_corrections) == (1, 1)

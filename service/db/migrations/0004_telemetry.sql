@@ -37,13 +37,17 @@ CREATE TABLE readings (
 
 CREATE SEQUENCE reading_ingest_seq;
 
--- What the balancing step consumes: a site interval (start on the site's balance grid)
--- whose readings changed since enqueued_at. Upserted in the ingest transaction.
+-- What the balancing step consumes: site intervals (start on the site's balance grid)
+-- whose readings changed. Append-only, written in the ingest transaction: concurrent
+-- batches of one site never wait on each other's queue rows. The consumer claims rows
+-- (DELETE ... WHERE id IN (SELECT id ... FOR UPDATE SKIP LOCKED) RETURNING site_id,
+-- interval_start), deduplicates, and rebalances each interval once; a change committed
+-- after its claim appends a new row, so nothing is missed.
 CREATE TABLE balancing_queue (
+    id              bigserial PRIMARY KEY,
     site_id         uuid NOT NULL REFERENCES sites (id) ON DELETE CASCADE,
     interval_start  timestamptz NOT NULL,
-    enqueued_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
-    PRIMARY KEY (site_id, interval_start)
+    enqueued_at     timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 
-CREATE INDEX balancing_queue_enqueued_idx ON balancing_queue (enqueued_at);
+CREATE INDEX balancing_queue_interval_idx ON balancing_queue (site_id, interval_start);
