@@ -115,6 +115,20 @@ CROSS JOIN LATERAL (
 ) x
 """
 
+# First pass for every group: the latest stored register from the window before the batch
+# on. When it lies before the batch (the usual append), it is the only neighbour there is.
+_LATEST = """
+SELECT g.n, (extract(epoch FROM x.ts) * 1000000)::bigint AS ts_us, x.value_wh
+FROM unnest($1::uuid[], $2::smallint[], $3::bigint[])
+     WITH ORDINALITY AS g(meter_id, flow, lo_us, n)
+CROSS JOIN LATERAL (
+    SELECT r.ts, r.value_wh FROM readings r
+    WHERE r.meter_id = g.meter_id AND r.flow = g.flow
+      AND r.ts >= timestamptz 'epoch' + g.lo_us * interval '1 microsecond' - $4::interval
+    ORDER BY r.ts DESC LIMIT 1
+) x
+"""
+
 # For groups with nothing stored in the window: the nearest values anywhere.
 _NEIGHBOURS_UNBOUNDED = """
 SELECT g.n, (extract(epoch FROM x.ts) * 1000000)::bigint AS ts_us, x.value_wh
@@ -291,15 +305,32 @@ async def stored_neighbours(
     found: list[list[tuple[int, float]]] = [[] for _ in groups]
     if not groups:
         return found
-    columns = (
-        [g[0] for g in groups],
-        [g[1] for g in groups],
-        [g[2] for g in groups],
-        [g[3] for g in groups],
+    window = timedelta(days=window_days)
+    latest = await conn.fetch(
+        _LATEST, [g[0] for g in groups], [g[1] for g in groups], [g[2] for g in groups], window
     )
-    for row in await conn.fetch(_NEIGHBOURS, *columns, timedelta(days=window_days)):
-        found[row[0] - 1].append((row[1], row[2]))
-    empty = [i for i, values in enumerate(found) if not values]
+    has_latest = [False] * len(groups)
+    full: list[int] = []
+    for n, ts_us, value in latest:
+        index = n - 1
+        has_latest[index] = True
+        if ts_us < groups[index][2]:
+            found[index].append((ts_us, value))
+        else:
+            full.append(index)
+    if full:
+        sub = [groups[i] for i in full]
+        rows = await conn.fetch(
+            _NEIGHBOURS,
+            [g[0] for g in sub],
+            [g[1] for g in sub],
+            [g[2] for g in sub],
+            [g[3] for g in sub],
+            window,
+        )
+        for row in rows:
+            found[full[row[0] - 1]].append((row[1], row[2]))
+    empty = [i for i, present in enumerate(has_latest) if not present]
     if empty:
         sub = [groups[i] for i in empty]
         rows = await conn.fetch(
