@@ -242,7 +242,10 @@ class MeterCache:
             entry = (now + self._ttl, {})
             self._orgs[org_key] = entry
         known = entry[1]
-        missing = {m for m in meter_ids if m not in known}
+        if len(known) > 200_000:
+            known.clear()
+        wanted = set(meter_ids)
+        missing = {m for m in wanted if m not in known}
         if missing:
             parsed: dict[UUID, str] = {}
             for text in missing:
@@ -263,11 +266,9 @@ class MeterCache:
                 for row in rows:
                     info = info_from_row(row)
                     known[parsed.pop(info.id)] = info
-                for text in parsed.values():
-                    known[text] = None
-            if len(known) > 200_000:
-                known.clear()
-        return known
+        # Ids not found are not remembered: a meter created a moment ago on another replica
+        # must not stay unknown here until the cache expires.
+        return {m: known.get(m) for m in wanted}
 
 
 def info_from_row(row: Any) -> MeterInfo:
