@@ -136,16 +136,25 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
         if checked.rows:
             stamps = [row[2] for row in checked.rows]
             await self.partitions.ensure_range(min(stamps), max(stamps))
+            optimistic = True
             for attempt in range(3):
                 try:
                     async with self._pool.acquire() as conn, conn.transaction():
-                        rows, register_rejects = await self._register_check(conn, checked)
+                        rows, register_rejects, fresh = await self._register_check(conn, checked)
                         if rows:
                             by_id = {info.id: info for info in checked.row_meter}
-                            result = await write_rows(conn, org_id, rows, by_id)
+                            result = await write_rows(
+                                conn, org_id, rows, by_id, fresh if optimistic else ()
+                            )
                             inserted, updated = result.inserted, result.updated
                         written = len(rows)
                     break
+                except asyncpg.UniqueViolationError:
+                    # A concurrent batch stored keys we took for new: upsert everything.
+                    log.info("ingest raced a concurrent writer; retrying with the upsert")
+                    if not optimistic:
+                        raise
+                    optimistic = False
                 except RETRYABLE:
                     if attempt == 2:
                         raise
@@ -175,27 +184,35 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
 
     async def _register_check(
         self, conn: asyncpg.Connection, checked: ValidatedBatch
-    ) -> tuple[list[tuple[UUID, int, int, float]], list[tuple[int, RejectReason]]]:
-        """The rows that keep every register monotonic, and the rejections of the others."""
+    ) -> tuple[
+        list[tuple[UUID, int, int, float]],
+        list[tuple[int, RejectReason]],
+        list[tuple[UUID, int]],
+    ]:
+        """The rows that keep every register monotonic, the rejections of the others, and
+        the (meter, flow) groups with nothing stored from their first timestamp on."""
         rows = checked.rows
         if not checked.registers:
-            return rows, []
+            return rows, [], []
         groups = list(checked.registers.items())
         bounds = []
         for (meter_id, flow), positions in groups:
             stamps = [rows[p][2] for p in positions]
             bounds.append((meter_id, flow, min(stamps), max(stamps)))
-        stored = await stored_neighbours(conn, bounds, self._settings.register_check_window_days)
+        stored, appends = await stored_neighbours(
+            conn, bounds, self._settings.register_check_window_days
+        )
+        fresh = [key for (key, _), append in zip(groups, appends, strict=True) if append]
         dropped: set[int] = set()
         for (_, positions), around in zip(groups, stored, strict=True):
             candidates = [(rows[p][2], rows[p][3]) for p in positions]
             for bad in check_register_group(candidates, around):
                 dropped.add(positions[bad])
         if not dropped:
-            return rows, []
+            return rows, [], fresh
         kept = [row for position, row in enumerate(rows) if position not in dropped]
         rejects = [(checked.row_index[p], RejectReason.REGISTER_DECREASED) for p in dropped]
-        return kept, rejects
+        return kept, rejects, fresh
 
     async def StreamReadings(
         self, request_iterator: AsyncIterator[pb.StreamReadingsRequest], context: Any

@@ -291,3 +291,16 @@ async def test_list_readings_rules(setup: Setup, other_partner: Org) -> None:
         metadata=other_partner.auth,
     ).code()
     assert error == grpc.StatusCode.NOT_FOUND
+
+
+async def test_same_new_batch_sent_concurrently_is_stored_once(
+    setup: Setup, service: Service
+) -> None:
+    meter = await setup.meter()
+    batch = [register(meter, quarter(i), float(i)) for i in range(300)]
+    # Both copies may find nothing stored and take the plain-insert path; the loser of the
+    # race retries with the upsert and reports duplicates.
+    acks = await asyncio.gather(*(setup.ingest(batch, batch_id=f"c{n}") for n in range(3)))
+    assert sum(a.accepted_count for a in acks) == 300
+    assert sum(a.duplicate_count for a in acks) == 600
+    assert await stored_count(service, meter.id) == 300
