@@ -40,6 +40,7 @@ from service.telemetry.store import (
     fetch_ingested,
     fetch_range,
     stored_neighbours,
+    unoccupied,
     write_rows,
 )
 from service.telemetry.validate import (
@@ -60,6 +61,8 @@ METHOD_ROLES: dict[str, frozenset[Role]] = {
 MAX_LIST_RANGE = timedelta(days=31)
 PARTITION_CHECK_SECONDS = 3600.0
 _US = 1_000_000
+# Average readings per interval group from which probing for plain inserts pays off.
+FRESH_PROBE_MIN_RUN = 10
 _REASON_TEXTS = {reason: reason_text(reason) for reason in RejectReason}
 
 
@@ -141,6 +144,7 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
                 try:
                     async with self._pool.acquire() as conn, conn.transaction():
                         rows, register_rejects, fresh = await self._register_check(conn, checked)
+                        fresh += await self._fresh_intervals(conn, checked)
                         if rows:
                             by_id = {info.id: info for info in checked.row_meter}
                             result = await write_rows(
@@ -181,6 +185,20 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
                 for index, reason in rejected
             )
         return ack
+
+    async def _fresh_intervals(
+        self, conn: asyncpg.Connection, checked: ValidatedBatch
+    ) -> list[tuple[UUID, int]]:
+        """Interval groups with nothing stored in their range yet (plain-insert candidates).
+
+        Worth one probe per group only when groups are long runs of intervals.
+        """
+        groups = checked.intervals
+        if not groups or len(groups) * FRESH_PROBE_MIN_RUN > len(checked.rows):
+            return []
+        return await unoccupied(
+            conn, [(meter, flow, span[0], span[1]) for (meter, flow), span in groups.items()]
+        )
 
     async def _register_check(
         self, conn: asyncpg.Connection, checked: ValidatedBatch

@@ -144,6 +144,19 @@ CROSS JOIN LATERAL (
 ) x
 """
 
+# Which (meter, flow, first, last) groups already have a stored value in their range.
+_OCCUPIED = """
+SELECT g.meter_id, g.flow
+FROM unnest($1::uuid[], $2::smallint[], $3::bigint[], $4::bigint[])
+     AS g(meter_id, flow, lo_us, hi_us)
+WHERE EXISTS (
+    SELECT 1 FROM readings r
+    WHERE r.meter_id = g.meter_id AND r.flow = g.flow
+      AND r.ts >= timestamptz 'epoch' + g.lo_us * interval '1 microsecond'
+      AND r.ts <= timestamptz 'epoch' + g.hi_us * interval '1 microsecond'
+)
+"""
+
 # For groups with nothing stored in the window: the nearest values anywhere.
 _NEIGHBOURS_UNBOUNDED = """
 SELECT g.n, (extract(epoch FROM x.ts) * 1000000)::bigint AS ts_us, x.value_wh
@@ -361,6 +374,23 @@ async def stored_neighbours(
             found[empty[row[0] - 1]].append((row[1], row[2]))
     in_full = set(full)
     return found, [i not in in_full for i in range(len(groups))]
+
+
+async def unoccupied(
+    conn: asyncpg.Connection, groups: Sequence[tuple[UUID, int, int, int]]
+) -> list[tuple[UUID, int]]:
+    """The (meter, flow) of ``groups`` with nothing stored between their first and last µs."""
+    if not groups:
+        return []
+    rows = await conn.fetch(
+        _OCCUPIED,
+        [g[0] for g in groups],
+        [g[1] for g in groups],
+        [g[2] for g in groups],
+        [g[3] for g in groups],
+    )
+    occupied = {(row[0], row[1]) for row in rows}
+    return [(g[0], g[1]) for g in groups if (g[0], g[1]) not in occupied]
 
 
 # Server pids of connections that have the temporary staging table. A reused pid whose

@@ -143,6 +143,8 @@ class ValidatedBatch:
     in_batch_duplicates: int = 0
     in_batch_corrections: int = 0
     registers: dict[tuple[UUID, int], list[int]] = field(default_factory=dict)
+    # The same for interval rows: (meter id, flow) -> [first µs, last µs].
+    intervals: dict[tuple[UUID, int], list[int]] = field(default_factory=dict)
 
 
 def validate_batch(
@@ -162,6 +164,7 @@ def validate_batch(
     row_meter = out.row_meter
     rejected = out.rejected
     registers = out.registers
+    intervals = out.intervals
     positions: dict[tuple[UUID, int, int], int] = {}
     limit_us = now_us + max_future_us
     isfinite = math.isfinite
@@ -251,6 +254,14 @@ def validate_batch(
                 registers[(meter_id, flow)] = [position]
             else:
                 group.append(position)
+        else:
+            span = intervals.get((meter_id, flow))
+            if span is None:
+                intervals[(meter_id, flow)] = [ts_us, ts_us]
+            elif ts_us < span[0]:
+                span[0] = ts_us
+            elif ts_us > span[1]:
+                span[1] = ts_us
     return out
 
 

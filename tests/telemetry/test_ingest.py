@@ -304,3 +304,17 @@ async def test_same_new_batch_sent_concurrently_is_stored_once(
     assert sum(a.accepted_count for a in acks) == 300
     assert sum(a.duplicate_count for a in acks) == 600
     assert await stored_count(service, meter.id) == 300
+
+
+async def test_same_new_load_profile_sent_concurrently_is_stored_once(
+    setup: Setup, service: Service
+) -> None:
+    meter = await setup.meter(measuring=mpb.MEASURING_LOAD_PROFILE_ACCURATE)
+    batch = [interval(meter, quarter(i), 2.0) for i in range(300)]
+    acks = await asyncio.gather(*(setup.ingest(batch, batch_id=f"p{n}") for n in range(3)))
+    assert sum(a.accepted_count for a in acks) == 300
+    assert sum(a.duplicate_count for a in acks) == 600
+    assert await stored_count(service, meter.id) == 300
+    # A later batch overlapping stored values corrects them through the upsert.
+    changed = await setup.ingest([interval(meter, quarter(i), 3.0) for i in range(290, 310)])
+    assert (changed.accepted_count, changed.corrected_count) == (10, 10)
