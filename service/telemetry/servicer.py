@@ -162,6 +162,7 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
                 except RETRYABLE:
                     if attempt == 2:
                         raise
+                    optimistic = False
                     log.info("ingest transaction conflicted; retrying")
                 except asyncpg.UndefinedTableError:
                     # The backend lost its staging table (a new connection reusing a pid);
