@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -23,6 +23,8 @@ from service.db.database import create_pool
 from service.db.migrate import migrate
 from service.events.hub import EventHub
 from service.registry import servicer as registry
+from service.telemetry import meter_servicer as meters
+from service.telemetry import servicer as telemetry
 from service.upstream import servicer as upstream
 from service.upstream.scheduler import UpstreamScheduler
 
@@ -48,6 +50,9 @@ class Capability:
     name: str
     method_roles: Mapping[str, frozenset[Role]]
     register: Callable[[grpc.aio.Server], None]
+    # Optional async set-up before serving and clean-up after the server stopped.
+    start: Callable[[], Awaitable[None]] | None = None
+    stop: Callable[[], Awaitable[None]] | None = None
 
 
 @dataclass
@@ -62,9 +67,11 @@ class Service:
     # Injectable so tests move time instead of sleeping.
     clock: Clock = SYSTEM_CLOCK
     upstream_scheduler: UpstreamScheduler | None = None
+    telemetry_servicer: telemetry.TelemetryServicer | None = None
     _health: health.aio.HealthServicer | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _service_names: list[str] = field(default_factory=list)
+    _capability_list: list[Capability] = field(default_factory=list)
 
     async def start(self) -> int:
         """Migrates, starts serving, returns the bound port."""
@@ -96,6 +103,10 @@ class Service:
         self.hub.on_reset(authenticator.forget_all)
 
         capabilities = self._capabilities()
+        self._capability_list = capabilities
+        for capability in capabilities:
+            if capability.start is not None:
+                await capability.start()
         method_roles: dict[str, frozenset[Role]] = {}
         for capability in capabilities:
             method_roles.update(capability.method_roles)
@@ -134,6 +145,9 @@ class Service:
             self.pool, self.hub, self.settings.watch_buffer_size, self.clock
         )
         upstream_servicer = upstream.UpstreamRegistryServicer(self.pool, self.clock)
+        meter_servicer = meters.MeterRegistryServicer(self.pool)
+        telemetry_servicer = telemetry.TelemetryServicer(self.pool, self.hub, self.settings)
+        self.telemetry_servicer = telemetry_servicer
         return [
             Capability(
                 registry.SERVICE,
@@ -144,6 +158,18 @@ class Service:
                 upstream.SERVICE,
                 upstream.METHOD_ROLES,
                 lambda server: upstream.register(server, upstream_servicer),
+            ),
+            Capability(
+                meters.SERVICE,
+                meters.METHOD_ROLES,
+                lambda server: meters.register(server, meter_servicer),
+            ),
+            Capability(
+                telemetry.SERVICE,
+                telemetry.METHOD_ROLES,
+                lambda server: telemetry.register(server, telemetry_servicer),
+                start=telemetry_servicer.start,
+                stop=telemetry_servicer.stop,
             ),
         ]
 
@@ -197,6 +223,9 @@ class Service:
             await self.hub.close()
         if stopping is not None:
             await stopping
+        for capability in self._capability_list:
+            if capability.stop is not None:
+                await capability.stop()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -28,6 +28,20 @@ class Settings:
     watch_buffer_size: int = 1000
     # Seconds an authenticated token stays cached; revocations also clear it at once.
     token_cache_seconds: float = 30.0
+    # Telemetry: readings per batch above which the batch is refused (INVALID_ARGUMENT).
+    max_batch_readings: int = 10000
+    # Telemetry: readings later than now + this are rejected (TOO_FAR_IN_FUTURE).
+    max_future_seconds: float = 3600.0
+    # Telemetry: committed batches buffered per WatchReadings subscriber before it is cut off.
+    readings_watch_buffer_size: int = 64
+    # Telemetry: batches of one StreamReadings call processed concurrently (acks stay ordered).
+    stream_pipeline_depth: int = 4
+    # Telemetry: monthly readings partitions kept created ahead of the current month.
+    partitions_ahead_months: int = 3
+    # Telemetry: seconds a cached meter context lives; meter/site changes also clear it at once.
+    meter_cache_seconds: float = 60.0
+    # Telemetry: days around a batch searched for stored neighbours of a register value.
+    register_check_window_days: int = 92
     log_level: str = "INFO"
     # "console" prints OpenTelemetry spans to stderr; empty disables tracing export.
     trace_exporter: str = ""

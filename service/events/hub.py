@@ -50,14 +50,20 @@ class Subscription:
         self._buffer: collections.deque[Event] = collections.deque()
         self._wakeup = asyncio.Event()
         self._ended: Exception | None = None
+        # High-water mark of the buffer, so tests and metrics can show the bound holds.
+        self.peak_buffered = 0
 
     def deliver(self, event: Event) -> None:
         if self._ended is not None or (self._matches is not None and not self._matches(event)):
             return
         if len(self._buffer) >= self._max_buffered:
             self.end(SubscriberTooSlow(f"more than {self._max_buffered} events not yet read"))
+            # Out of the fan-out at once: its stream may stay blocked on a client that does
+            # not read, but it holds no events and receives none from now on.
+            self._hub._remove(self)
             return
         self._buffer.append(event)
+        self.peak_buffered = max(self.peak_buffered, len(self._buffer))
         self._wakeup.set()
 
     def end(self, reason: Exception) -> None:
@@ -65,6 +71,11 @@ class Subscription:
             self._ended = reason
             self._buffer.clear()
             self._wakeup.set()
+
+    @property
+    def ended(self) -> Exception | None:
+        """Why the subscription ended, or None while it is live."""
+        return self._ended
 
     @property
     def buffered(self) -> int:

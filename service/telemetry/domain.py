@@ -497,3 +497,96 @@ def check_register_sequence(points: Sequence[RegisterPoint]) -> list[int]:
         else:
             highest = value
     return sorted(rejected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Meter fields
+# ---------------------------------------------------------------------------------------------
+
+MAX_METER_TEXT_LENGTH = 200
+# Partitions are created for every month a meter can have readings in; an earlier start is
+# almost certainly a typo (epoch 0 from an unset field) and would create decades of them.
+EARLIEST_METER_START = datetime(1990, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class MeterFields:
+    """A meter's writable fields; :func:`validate_meter` returns them normalized."""
+
+    identifier: str
+    serial: str
+    mpo: str
+    direction: MeterDirection | None
+    measuring: Measuring | None
+    start_date: datetime | None
+    end_date: datetime | None
+    transformer_factor: float | None
+
+
+def validate_meter(
+    meter: MeterFields, site_type: SiteType | None, prefix: str = ""
+) -> list[tuple[str, str]]:
+    """Every broken rule as (field, rule); empty when the meter is valid for its site."""
+    violations: list[tuple[str, str]] = []
+    identifier = meter.identifier.strip()
+    if not identifier:
+        violations.append((prefix + "identifier", "is required (unique per site)"))
+    for name, value in (
+        ("identifier", meter.identifier),
+        ("serial", meter.serial),
+        ("mpo", meter.mpo),
+    ):
+        if len(value.strip()) > MAX_METER_TEXT_LENGTH:
+            violations.append(
+                (prefix + name, f"must be at most {MAX_METER_TEXT_LENGTH} characters")
+            )
+    if meter.direction is None:
+        violations.append((prefix + "direction", "must be CONSUMER, PRODUCER or BIDIRECTIONAL"))
+    if meter.measuring is None:
+        violations.append(
+            (
+                prefix + "measuring",
+                "must be READINGS_ACCURATE, LOAD_PROFILE_ACCURATE or READINGS_INACCURATE",
+            )
+        )
+    elif site_type is not None and not measuring_allowed(site_type, meter.measuring):
+        violations.append((prefix + "measuring", measuring_rule(site_type)))
+    if meter.start_date is None:
+        violations.append((prefix + "start_date", "is required"))
+    elif meter.start_date < EARLIEST_METER_START:
+        violations.append((prefix + "start_date", "must not be before 1990-01-01"))
+    elif meter.end_date is not None and meter.end_date <= meter.start_date:
+        violations.append((prefix + "end_date", "must be after start_date"))
+    factor = meter.transformer_factor
+    if factor is not None and not (math.isfinite(factor) and factor > 0):
+        violations.append((prefix + "transformer_factor", "must be a finite number > 0"))
+    return violations
+
+
+def normalized_meter(meter: MeterFields) -> MeterFields:
+    """Trimmed text, transformer factor defaulted to 1."""
+    return MeterFields(
+        identifier=meter.identifier.strip(),
+        serial=meter.serial.strip(),
+        mpo=meter.mpo.strip(),
+        direction=meter.direction,
+        measuring=meter.measuring,
+        start_date=meter.start_date,
+        end_date=meter.end_date,
+        transformer_factor=1.0 if meter.transformer_factor is None else meter.transformer_factor,
+    )
+
+
+def affected_intervals(
+    ts: datetime, is_register: bool, resolution: Resolution, tz: ZoneInfo
+) -> tuple[datetime, ...]:
+    """Site balance intervals (starts, UTC) whose energy changes with a value at ``ts``.
+
+    An interval value changes its own interval. A register value is the end of the interval
+    before it and the start of the one after it, so both change.
+    """
+    start = resolution.floor(ts, tz)
+    if not is_register or start != ts.astimezone(UTC):
+        return (start,)
+    previous = resolution.floor(ts - _ONE_MICROSECOND, tz)
+    return (previous, start)

@@ -14,6 +14,7 @@ from openvpp.v1 import site_registry_pb2_grpc
 
 from service.app import Service
 from service.auth.principal import Role
+from service.events.hub import SubscriberTooSlow
 from service.registry.store import SITE_EVENTS_CHANNEL
 from tests.conftest import MakeOrg, Org
 from tests.conftest import test_settings as settings_for_tests
@@ -134,17 +135,20 @@ async def test_slow_reader_is_cut_off_with_a_bounded_buffer(
     async with grpc.aio.insecure_channel(address, options=options) as channel:
         slow = site_registry_pb2_grpc.SiteRegistryStub(channel)
         watch = await open_watch(slow, org)
-        created = 40
-        for i in range(created):
-            await registry.CreateSite(site_request(name=f"e{i}"), metadata=org.auth)
         hub = small_buffer_service.hub
         assert hub is not None
-        # The subscriber's buffer never holds more than watch_buffer_size events.
         subscriptions = [
             sub for subs in hub._subscriptions[SITE_EVENTS_CHANNEL].values() for sub in subs
         ]
-        assert subscriptions
-        assert all(sub.buffered <= 4 for sub in subscriptions)
+        assert len(subscriptions) == 1
+        created = 40
+        for i in range(created):
+            await registry.CreateSite(site_request(name=f"e{i}"), metadata=org.auth)
+        # The subscriber's buffer never held more than watch_buffer_size events, and the
+        # overflow ended it as too slow.
+        (subscription,) = subscriptions
+        assert subscription.peak_buffered <= 4
+        assert isinstance(subscription.ended, SubscriberTooSlow)
         received = 0
         ended: grpc.aio.AioRpcError | None = None
         while ended is None:

@@ -1,0 +1,112 @@
+"""gRPC transport of the meter registry."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import asyncpg
+import grpc
+from openvpp.v1 import meter_registry_pb2 as pb
+from openvpp.v1 import meter_registry_pb2_grpc as pb_grpc
+
+from service.auth.principal import Role, current_principal
+from service.common.pagination import (
+    Cursor,
+    decode_page_token,
+    encode_page_token,
+    filters_fingerprint,
+    page_size_or_default,
+)
+from service.common.protoconv import from_timestamp, parse_uuid
+from service.registry.convert import require_mask
+from service.telemetry import convert
+from service.telemetry.domain import MeterFields, normalized_meter
+from service.telemetry.meter_store import MeterStore
+
+SERVICE = "openvpp.v1.MeterRegistry"
+METHOD_ROLES: dict[str, frozenset[Role]] = {
+    f"/{SERVICE}/{method}": frozenset({Role.PARTNER})
+    for method in pb.DESCRIPTOR.services_by_name["MeterRegistry"].methods_by_name
+}
+
+METER_UPDATABLE = frozenset(
+    {"identifier", "serial", "mpo", "start_date", "end_date", "transformer_factor"}
+)
+
+
+class MeterRegistryServicer(pb_grpc.MeterRegistryServicer):
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    def _store(self) -> MeterStore:
+        return MeterStore(self._pool, current_principal().org_id)
+
+    async def CreateMeter(
+        self, request: pb.CreateMeterRequest, context: Any
+    ) -> pb.CreateMeterResponse:
+        site_id = parse_uuid(request.site_id, "site_id")
+        fields = normalized_meter(convert.meter_fields_from_create(request))
+        meter = await self._store().create(site_id, fields)
+        return pb.CreateMeterResponse(meter=convert.meter_to_proto(meter))
+
+    async def GetMeter(self, request: pb.GetMeterRequest, context: Any) -> pb.GetMeterResponse:
+        meter = await self._store().get(parse_uuid(request.meter_id, "meter_id"))
+        return pb.GetMeterResponse(meter=convert.meter_to_proto(meter))
+
+    async def ListMeters(
+        self, request: pb.ListMetersRequest, context: Any
+    ) -> pb.ListMetersResponse:
+        site_id = parse_uuid(request.site_id, "site_id")
+        limit = page_size_or_default(request.page_size)
+        fingerprint = filters_fingerprint(site_id)
+        after = decode_page_token(request.page_token, fingerprint)
+        meters, total = await self._store().list(site_id, after, limit + 1)
+        next_token = ""
+        if len(meters) > limit:
+            meters = meters[:limit]
+            last = meters[-1]
+            next_token = encode_page_token(Cursor(last.created_at, last.id), fingerprint)
+        return pb.ListMetersResponse(
+            meters=[convert.meter_to_proto(m) for m in meters],
+            next_page_token=next_token,
+            total_size=total,
+        )
+
+    async def UpdateMeter(
+        self, request: pb.UpdateMeterRequest, context: Any
+    ) -> pb.UpdateMeterResponse:
+        meter_id = parse_uuid(request.meter.id, "meter.id")
+        paths = require_mask(list(request.update_mask.paths), METER_UPDATABLE)
+        given = request.meter
+        start = from_timestamp(given.start_date) if given.HasField("start_date") else None
+        end = from_timestamp(given.end_date) if given.HasField("end_date") else None
+
+        def change(current: MeterFields) -> MeterFields:
+            return normalized_meter(
+                replace(
+                    current,
+                    identifier=given.identifier if "identifier" in paths else current.identifier,
+                    serial=given.serial if "serial" in paths else current.serial,
+                    mpo=given.mpo if "mpo" in paths else current.mpo,
+                    start_date=start if "start_date" in paths else current.start_date,
+                    end_date=end if "end_date" in paths else current.end_date,
+                    # proto3 cannot tell 0 from unset here: 0 is refused, like a negative.
+                    transformer_factor=given.transformer_factor
+                    if "transformer_factor" in paths
+                    else current.transformer_factor,
+                )
+            )
+
+        meter = await self._store().update(meter_id, change)
+        return pb.UpdateMeterResponse(meter=convert.meter_to_proto(meter))
+
+    async def DeleteMeter(
+        self, request: pb.DeleteMeterRequest, context: Any
+    ) -> pb.DeleteMeterResponse:
+        await self._store().delete(parse_uuid(request.meter_id, "meter_id"))
+        return pb.DeleteMeterResponse()
+
+
+def register(server: grpc.aio.Server, servicer: MeterRegistryServicer) -> None:
+    pb_grpc.add_MeterRegistryServicer_to_server(servicer, server)

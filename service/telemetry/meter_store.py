@@ -1,0 +1,237 @@
+"""Meters in PostgreSQL, scoped to one organization on every query.
+
+Every change notifies ``METER_CHANGED_CHANNEL`` with the org id inside its transaction, so
+each replica drops its cached meter contexts of that organization once the change commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+from zoneinfo import ZoneInfo
+
+import asyncpg
+
+from service.common.errors import AlreadyExistsError, NotFoundError, ValidationError
+from service.common.pagination import Cursor
+from service.telemetry.domain import (
+    Measuring,
+    MeterDirection,
+    MeterFields,
+    SiteType,
+    affected_intervals,
+    parse_resolution,
+    validate_meter,
+)
+
+METER_CHANGED_CHANNEL = "openvpp_meter_changed"
+
+
+@dataclass(frozen=True)
+class MeterRecord:
+    id: UUID
+    site_id: UUID
+    fields: MeterFields
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> MeterRecord:
+        return cls(
+            id=row["id"],
+            site_id=row["site_id"],
+            fields=MeterFields(
+                identifier=row["identifier"],
+                serial=row["serial"],
+                mpo=row["mpo"],
+                direction=MeterDirection(row["direction"]),
+                measuring=Measuring(row["measuring"]),
+                start_date=row["start_date"],
+                end_date=row["end_date"],
+                transformer_factor=row["transformer_factor"],
+            ),
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+        )
+
+
+def _duplicate(identifier: str) -> AlreadyExistsError:
+    return AlreadyExistsError(
+        "identifier", f"the site already has a meter with identifier {identifier!r}"
+    )
+
+
+async def notify_meter_change(conn: asyncpg.Connection, org_id: UUID) -> None:
+    await conn.execute("SELECT pg_notify($1, $2)", METER_CHANGED_CHANNEL, str(org_id))
+
+
+def _raise_violations(violations: list[tuple[str, str]]) -> None:
+    if violations:
+        from service.common.errors import FieldViolation
+
+        raise ValidationError([FieldViolation(f, r) for f, r in violations])
+
+
+class MeterStore:
+    def __init__(self, pool: asyncpg.Pool, org_id: UUID) -> None:
+        self._pool = pool
+        self._org_id = org_id
+
+    async def _site_type(self, conn: asyncpg.Connection, site_id: UUID) -> SiteType | None:
+        row = await conn.fetchrow(
+            "SELECT site_type FROM sites WHERE id = $1 AND org_id = $2 FOR SHARE",
+            site_id,
+            self._org_id,
+        )
+        if row is None:
+            raise NotFoundError("site", str(site_id))
+        return SiteType(row["site_type"]) if row["site_type"] else None
+
+    async def create(self, site_id: UUID, fields: MeterFields) -> MeterRecord:
+        """Validates against the site type under a share lock on the site, then inserts."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            site_type = await self._site_type(conn, site_id)
+            _raise_violations(validate_meter(fields, site_type))
+            assert fields.direction is not None
+            assert fields.measuring is not None
+            try:
+                row = await conn.fetchrow(
+                    """
+                    INSERT INTO meters (org_id, site_id, identifier, serial, mpo, direction,
+                        measuring, start_date, end_date, transformer_factor)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                    RETURNING *
+                    """,
+                    self._org_id,
+                    site_id,
+                    fields.identifier,
+                    fields.serial,
+                    fields.mpo,
+                    str(fields.direction),
+                    str(fields.measuring),
+                    fields.start_date,
+                    fields.end_date,
+                    fields.transformer_factor,
+                )
+            except asyncpg.UniqueViolationError:
+                raise _duplicate(fields.identifier) from None
+            await notify_meter_change(conn, self._org_id)
+        return MeterRecord.from_row(row)
+
+    async def get(self, meter_id: UUID) -> MeterRecord:
+        row = await self._pool.fetchrow(
+            "SELECT * FROM meters WHERE id = $1 AND org_id = $2", meter_id, self._org_id
+        )
+        if row is None:
+            raise NotFoundError("meter", str(meter_id))
+        return MeterRecord.from_row(row)
+
+    async def list(
+        self, site_id: UUID, after: Cursor | None, limit: int
+    ) -> tuple[list[MeterRecord], int]:
+        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            if not await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM sites WHERE id = $1 AND org_id = $2)",
+                site_id,
+                self._org_id,
+            ):
+                raise NotFoundError("site", str(site_id))
+            args: list[Any] = [site_id, self._org_id, limit]
+            page = ""
+            if after is not None:
+                args += [after.created_at, after.id]
+                page = "AND (created_at, id) > ($4, $5)"
+            rows = await conn.fetch(
+                f"SELECT * FROM meters WHERE site_id = $1 AND org_id = $2 {page} "
+                "ORDER BY created_at, id LIMIT $3",
+                *args,
+            )
+            total = await conn.fetchval(
+                "SELECT count(*) FROM meters WHERE site_id = $1 AND org_id = $2",
+                site_id,
+                self._org_id,
+            )
+        return [MeterRecord.from_row(row) for row in rows], total
+
+    async def update(
+        self, meter_id: UUID, change: Callable[[MeterFields], MeterFields]
+    ) -> MeterRecord:
+        async with self._pool.acquire() as conn, conn.transaction():
+            current = await conn.fetchrow(
+                "SELECT * FROM meters WHERE id = $1 AND org_id = $2 FOR UPDATE",
+                meter_id,
+                self._org_id,
+            )
+            if current is None:
+                raise NotFoundError("meter", str(meter_id))
+            record = MeterRecord.from_row(current)
+            fields = change(record.fields)
+            # Measuring is fixed, so the site type rule holds as at creation.
+            _raise_violations(validate_meter(fields, None, prefix="meter."))
+            try:
+                row = await conn.fetchrow(
+                    """
+                    UPDATE meters SET identifier = $3, serial = $4, mpo = $5, start_date = $6,
+                        end_date = $7, transformer_factor = $8, updated_at = clock_timestamp()
+                    WHERE id = $1 AND org_id = $2
+                    RETURNING *
+                    """,
+                    meter_id,
+                    self._org_id,
+                    fields.identifier,
+                    fields.serial,
+                    fields.mpo,
+                    fields.start_date,
+                    fields.end_date,
+                    fields.transformer_factor,
+                )
+            except asyncpg.UniqueViolationError:
+                raise _duplicate(fields.identifier) from None
+            await notify_meter_change(conn, self._org_id)
+        return MeterRecord.from_row(row)
+
+    async def delete(self, meter_id: UUID) -> None:
+        """Deletes the meter and its readings and queues the site intervals they touched."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            meter = await conn.fetchrow(
+                """
+                DELETE FROM meters m USING sites s
+                WHERE m.id = $1 AND m.org_id = $2 AND s.id = m.site_id
+                RETURNING m.site_id, m.measuring, s.timezone, s.balance_resolution
+                """,
+                meter_id,
+                self._org_id,
+            )
+            if meter is None:
+                raise NotFoundError("meter", str(meter_id))
+            stamps = await conn.fetch(
+                "DELETE FROM readings WHERE meter_id = $1 RETURNING ts", meter_id
+            )
+            await notify_meter_change(conn, self._org_id)
+            resolution = parse_resolution(meter["balance_resolution"])
+            tz = ZoneInfo(meter["timezone"])
+            is_register = meter["measuring"] != Measuring.LOAD_PROFILE_ACCURATE
+            starts: set[datetime] = set()
+            for row in stamps:
+                starts.update(affected_intervals(row["ts"], is_register, resolution, tz))
+            await enqueue_balancing(conn, [(meter["site_id"], start) for start in starts])
+
+
+async def enqueue_balancing(
+    conn: asyncpg.Connection, intervals: list[tuple[UUID, datetime]]
+) -> None:
+    """Marks site intervals as needing (re)balancing, in the caller's transaction."""
+    if not intervals:
+        return
+    intervals.sort()
+    await conn.execute(
+        """
+        INSERT INTO balancing_queue (site_id, interval_start)
+        SELECT * FROM unnest($1::uuid[], $2::timestamptz[])
+        """,
+        [site for site, _ in intervals],
+        [start for _, start in intervals],
+    )

@@ -1,0 +1,512 @@
+"""Readings in PostgreSQL: partitions, the bulk ingest path, reads for lists and watchers.
+
+Ingest of one batch is one transaction: stored neighbours of register values are read,
+the accepted rows are COPYed into a per-connection temporary staging table, ONE
+``INSERT ... SELECT ... ON CONFLICT DO UPDATE ... WHERE value IS DISTINCT FROM`` moves
+them into ``readings`` (new rows are accepted, changed rows corrected, identical rows left
+alone and counted as duplicates), the affected site intervals are upserted into
+``balancing_queue`` and one compact NOTIFY names the batch for watchers. The ack is built
+only after COMMIT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from typing import Any
+from uuid import UUID
+from zoneinfo import ZoneInfo
+
+import asyncpg
+
+from service.telemetry.domain import (
+    Measuring,
+    MeterDirection,
+    affected_intervals,
+    parse_resolution,
+)
+from service.telemetry.validate import MeterInfo, from_us, meter_info
+
+log = logging.getLogger(__name__)
+
+READINGS_CHANNEL = "openvpp_readings"
+# NOTIFY payloads must stay below 8000 bytes: above this many sites, watchers of any site
+# of the organization look at the batch.
+MAX_NOTIFIED_SITES = 100
+_US = 1_000_000
+
+_STAGING_DDL = """
+CREATE TEMP TABLE IF NOT EXISTS reading_staging (
+    meter_id uuid NOT NULL, flow smallint NOT NULL, ts_us bigint NOT NULL,
+    value_wh double precision NOT NULL
+) ON COMMIT DELETE ROWS
+"""
+
+# Rows are inserted in key order so concurrent batches touching the same rows lock them in
+# the same order. A fresh row carries the ingest id, a corrected one its negation, which
+# tells inserts from updates (xmax is not available on partitioned tables). Rows of the
+# (meter, flow) groups given as fresh ($1, $2: nothing stored in the batch's time range,
+# seen by the register check in this transaction) take a plain INSERT, half the cost of
+# ON CONFLICT; a concurrent writer of the same keys makes it fail with a unique violation
+# and the caller retries the batch with no fresh groups.
+_UPSERT = """
+WITH i AS MATERIALIZED (SELECT nextval('reading_ingest_seq') AS id),
+fresh AS MATERIALIZED (SELECT * FROM unnest($1::uuid[], $2::smallint[]) AS f(meter_id, flow)),
+plain AS (
+    INSERT INTO readings (meter_id, flow, ts, value_wh, ingest_id)
+    SELECT s.meter_id, s.flow, timestamptz 'epoch' + s.ts_us * interval '1 microsecond',
+           s.value_wh, i.id
+    FROM reading_staging s CROSS JOIN i
+    WHERE (s.meter_id, s.flow) IN (SELECT meter_id, flow FROM fresh)
+    ORDER BY s.meter_id, s.flow, s.ts_us
+    RETURNING 1
+),
+up AS (
+    INSERT INTO readings AS r (meter_id, flow, ts, value_wh, ingest_id)
+    SELECT s.meter_id, s.flow, timestamptz 'epoch' + s.ts_us * interval '1 microsecond',
+           s.value_wh, i.id
+    FROM reading_staging s CROSS JOIN i
+    WHERE (s.meter_id, s.flow) NOT IN (SELECT meter_id, flow FROM fresh)
+    ORDER BY s.meter_id, s.flow, s.ts_us
+    ON CONFLICT (meter_id, flow, ts) DO UPDATE
+        SET value_wh = EXCLUDED.value_wh, ingest_id = -EXCLUDED.ingest_id
+        WHERE r.value_wh IS DISTINCT FROM EXCLUDED.value_wh
+    RETURNING r.ingest_id > 0 AS inserted
+)
+SELECT (SELECT id FROM i) AS ingest_id,
+       ((SELECT count(*) FROM plain) + count(*) FILTER (WHERE inserted))::int AS inserted,
+       count(*) FILTER (WHERE NOT inserted)::int AS updated
+FROM up
+"""
+
+# Only when part of a batch changed: which (meter, timestamp) rows it changed.
+_CHANGED = """
+SELECT meter_id, (extract(epoch FROM ts) * 1000000)::bigint AS ts_us FROM readings
+WHERE meter_id = ANY($1::uuid[]) AND ingest_id IN ($2::bigint, -$2::bigint)
+  AND ts BETWEEN timestamptz 'epoch' + $3::bigint * interval '1 microsecond'
+             AND timestamptz 'epoch' + $4::bigint * interval '1 microsecond'
+"""
+
+_QUEUE_AND_NOTIFY = """
+WITH q AS (
+    INSERT INTO balancing_queue (site_id, interval_start)
+    SELECT * FROM unnest($1::uuid[], $2::timestamptz[])
+)
+SELECT pg_notify($3, $4)
+"""
+
+# Stored registers around each (meter, flow) group of a batch: the last one before, those
+# within, the first one after, each searched within a window so that only the partitions
+# near the batch are probed.
+_NEIGHBOURS = """
+SELECT g.n, (extract(epoch FROM x.ts) * 1000000)::bigint AS ts_us, x.value_wh
+FROM unnest($1::uuid[], $2::smallint[], $3::bigint[], $4::bigint[])
+     WITH ORDINALITY AS g(meter_id, flow, lo_us, hi_us, n)
+CROSS JOIN LATERAL (
+    SELECT y.ts, y.value_wh FROM (
+        (SELECT r.ts, r.value_wh FROM readings r
+         WHERE r.meter_id = g.meter_id AND r.flow = g.flow
+           AND r.ts < timestamptz 'epoch' + g.lo_us * interval '1 microsecond'
+           AND r.ts >= timestamptz 'epoch' + g.lo_us * interval '1 microsecond' - $5::interval
+         ORDER BY r.ts DESC LIMIT 1)
+        UNION ALL
+        (SELECT r.ts, r.value_wh FROM readings r
+         WHERE r.meter_id = g.meter_id AND r.flow = g.flow
+           AND r.ts >= timestamptz 'epoch' + g.lo_us * interval '1 microsecond'
+           AND r.ts <= timestamptz 'epoch' + g.hi_us * interval '1 microsecond')
+        UNION ALL
+        (SELECT r.ts, r.value_wh FROM readings r
+         WHERE r.meter_id = g.meter_id AND r.flow = g.flow
+           AND r.ts > timestamptz 'epoch' + g.hi_us * interval '1 microsecond'
+           AND r.ts <= timestamptz 'epoch' + g.hi_us * interval '1 microsecond' + $5::interval
+         ORDER BY r.ts LIMIT 1)
+    ) y
+) x
+"""
+
+# First pass for every group: the latest stored register from the window before the batch
+# on. When it lies before the batch (the usual append), it is the only neighbour there is.
+_LATEST = """
+SELECT g.n, (extract(epoch FROM x.ts) * 1000000)::bigint AS ts_us, x.value_wh
+FROM unnest($1::uuid[], $2::smallint[], $3::bigint[])
+     WITH ORDINALITY AS g(meter_id, flow, lo_us, n)
+CROSS JOIN LATERAL (
+    SELECT r.ts, r.value_wh FROM readings r
+    WHERE r.meter_id = g.meter_id AND r.flow = g.flow
+      AND r.ts >= timestamptz 'epoch' + g.lo_us * interval '1 microsecond' - $4::interval
+    ORDER BY r.ts DESC LIMIT 1
+) x
+"""
+
+# Which (meter, flow, first, last) groups already have a stored value in their range.
+_OCCUPIED = """
+SELECT g.meter_id, g.flow
+FROM unnest($1::uuid[], $2::smallint[], $3::bigint[], $4::bigint[])
+     AS g(meter_id, flow, lo_us, hi_us)
+WHERE EXISTS (
+    SELECT 1 FROM readings r
+    WHERE r.meter_id = g.meter_id AND r.flow = g.flow
+      AND r.ts >= timestamptz 'epoch' + g.lo_us * interval '1 microsecond'
+      AND r.ts <= timestamptz 'epoch' + g.hi_us * interval '1 microsecond'
+)
+"""
+
+# For groups with nothing stored in the window: the nearest values anywhere.
+_NEIGHBOURS_UNBOUNDED = """
+SELECT g.n, (extract(epoch FROM x.ts) * 1000000)::bigint AS ts_us, x.value_wh
+FROM unnest($1::uuid[], $2::smallint[], $3::bigint[], $4::bigint[])
+     WITH ORDINALITY AS g(meter_id, flow, lo_us, hi_us, n)
+CROSS JOIN LATERAL (
+    SELECT y.ts, y.value_wh FROM (
+        (SELECT r.ts, r.value_wh FROM readings r
+         WHERE r.meter_id = g.meter_id AND r.flow = g.flow
+           AND r.ts < timestamptz 'epoch' + g.lo_us * interval '1 microsecond'
+         ORDER BY r.ts DESC LIMIT 1)
+        UNION ALL
+        (SELECT r.ts, r.value_wh FROM readings r
+         WHERE r.meter_id = g.meter_id AND r.flow = g.flow
+           AND r.ts > timestamptz 'epoch' + g.hi_us * interval '1 microsecond'
+         ORDER BY r.ts LIMIT 1)
+    ) y
+) x
+"""
+
+_RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    ingest_id: int
+    inserted: int
+    updated: int
+
+
+def month_start(year: int, month: int) -> datetime:
+    year, month = year + (month - 1) // 12, (month - 1) % 12 + 1
+    return datetime(year, month, 1, tzinfo=UTC)
+
+
+def partition_name(year: int, month: int) -> str:
+    return f"readings_p{year:04d}{month:02d}"
+
+
+class Partitions:
+    """Monthly partitions of ``readings`` (UTC months), created on demand and ahead."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._known: set[tuple[int, int]] = set()
+        self._lock = asyncio.Lock()
+
+    async def load(self) -> None:
+        rows = await self._pool.fetch(
+            """
+            SELECT c.relname FROM pg_inherits i
+            JOIN pg_class c ON c.oid = i.inhrelid
+            WHERE i.inhparent = 'readings'::regclass
+            """
+        )
+        for row in rows:
+            name: str = row["relname"]
+            if name.startswith("readings_p") and len(name) == 16:
+                self._known.add((int(name[10:14]), int(name[14:16])))
+
+    async def ensure_ahead(self, now: datetime, months_ahead: int) -> None:
+        await self.ensure([(now.year, now.month + k) for k in range(-1, months_ahead + 1)])
+
+    async def ensure_range(self, first_us: int, last_us: int) -> None:
+        first, last = from_us(first_us), from_us(last_us)
+        months = (last.year - first.year) * 12 + last.month - first.month
+        await self.ensure([(first.year, first.month + k) for k in range(months + 1)])
+
+    async def ensure(self, months: Iterable[tuple[int, int]]) -> None:
+        wanted = set()
+        for year, month in months:
+            start = month_start(year, month)
+            wanted.add((start.year, start.month))
+        missing = wanted - self._known
+        if not missing:
+            return
+        async with self._lock, self._pool.acquire() as conn, conn.transaction():
+            # Replicas creating the same partition at once would collide.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('openvpp_partitions'))")
+            for year, month in sorted(missing):
+                start = month_start(year, month)
+                end = month_start(year, month + 1)
+                await conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {partition_name(year, month)} "
+                    f"PARTITION OF readings FOR VALUES FROM ('{start.isoformat()}') "
+                    f"TO ('{end.isoformat()}')"
+                )
+        self._known |= missing
+
+
+class MeterCache:
+    """Meter contexts per organization; cleared per org on any meter or site change."""
+
+    def __init__(self, pool: asyncpg.Pool, ttl_seconds: float) -> None:
+        self._pool = pool
+        self._ttl = ttl_seconds
+        self._orgs: dict[str, tuple[float, dict[str, MeterInfo | None]]] = {}
+
+    def forget_org(self, org_id: str) -> None:
+        self._orgs.pop(org_id, None)
+
+    def forget_all(self) -> None:
+        self._orgs.clear()
+
+    async def lookup(self, org_id: UUID, meter_ids: Iterable[str]) -> dict[str, MeterInfo | None]:
+        """Meter id text -> context (None: unknown or another org's), loading what is new."""
+        org_key = str(org_id)
+        now = time.monotonic()
+        entry = self._orgs.get(org_key)
+        if entry is None or entry[0] < now:
+            entry = (now + self._ttl, {})
+            self._orgs[org_key] = entry
+        known = entry[1]
+        if len(known) > 200_000:
+            known.clear()
+        wanted = set(meter_ids)
+        missing = {m for m in wanted if m not in known}
+        if missing:
+            parsed: dict[UUID, str] = {}
+            for text in missing:
+                try:
+                    parsed[UUID(text)] = text
+                except ValueError:
+                    known[text] = None
+            if parsed:
+                rows = await self._pool.fetch(
+                    """
+                    SELECT m.*, s.timezone, s.balance_resolution FROM meters m
+                    JOIN sites s ON s.id = m.site_id
+                    WHERE m.id = ANY($1::uuid[]) AND m.org_id = $2
+                    """,
+                    list(parsed),
+                    org_id,
+                )
+                for row in rows:
+                    info = info_from_row(row)
+                    known[parsed.pop(info.id)] = info
+        # Ids not found are not remembered: a meter created a moment ago on another replica
+        # must not stay unknown here until the cache expires.
+        return {m: known.get(m) for m in wanted}
+
+
+def info_from_row(row: Any) -> MeterInfo:
+    return meter_info(
+        id=row["id"],
+        org_id=row["org_id"],
+        site_id=row["site_id"],
+        direction=MeterDirection(row["direction"]),
+        measuring=Measuring(row["measuring"]),
+        start_date=row["start_date"],
+        end_date=row["end_date"],
+        transformer_factor=row["transformer_factor"],
+        timezone=ZoneInfo(row["timezone"]),
+        resolution=parse_resolution(row["balance_resolution"]),
+    )
+
+
+@lru_cache(maxsize=65536)
+def _queue_starts(tz_key: str, resolution: str, ts_us: int, is_register: bool) -> tuple[int, ...]:
+    starts = affected_intervals(
+        from_us(ts_us), is_register, parse_resolution(resolution), ZoneInfo(tz_key)
+    )
+    return tuple(int((s - _EPOCH).total_seconds()) * _US for s in starts)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+async def stored_neighbours(
+    conn: asyncpg.Connection,
+    groups: Sequence[tuple[UUID, int, int, int]],
+    window_days: int,
+) -> tuple[list[list[tuple[int, float]]], list[bool]]:
+    """For each (meter, flow, lo µs, hi µs): stored (µs, value) registers around it, and
+    whether nothing is stored from lo on (the batch only appends)."""
+    found: list[list[tuple[int, float]]] = [[] for _ in groups]
+    if not groups:
+        return found, []
+    window = timedelta(days=window_days)
+    latest = await conn.fetch(
+        _LATEST, [g[0] for g in groups], [g[1] for g in groups], [g[2] for g in groups], window
+    )
+    has_latest = [False] * len(groups)
+    full: list[int] = []
+    for n, ts_us, value in latest:
+        index = n - 1
+        has_latest[index] = True
+        if ts_us < groups[index][2]:
+            found[index].append((ts_us, value))
+        else:
+            full.append(index)
+    if full:
+        sub = [groups[i] for i in full]
+        rows = await conn.fetch(
+            _NEIGHBOURS,
+            [g[0] for g in sub],
+            [g[1] for g in sub],
+            [g[2] for g in sub],
+            [g[3] for g in sub],
+            window,
+        )
+        for row in rows:
+            found[full[row[0] - 1]].append((row[1], row[2]))
+    empty = [i for i, present in enumerate(has_latest) if not present]
+    if empty:
+        sub = [groups[i] for i in empty]
+        rows = await conn.fetch(
+            _NEIGHBOURS_UNBOUNDED,
+            [g[0] for g in sub],
+            [g[1] for g in sub],
+            [g[2] for g in sub],
+            [g[3] for g in sub],
+        )
+        for row in rows:
+            found[empty[row[0] - 1]].append((row[1], row[2]))
+    in_full = set(full)
+    return found, [i not in in_full for i in range(len(groups))]
+
+
+async def unoccupied(
+    conn: asyncpg.Connection, groups: Sequence[tuple[UUID, int, int, int]]
+) -> list[tuple[UUID, int]]:
+    """The (meter, flow) of ``groups`` with nothing stored between their first and last µs."""
+    if not groups:
+        return []
+    rows = await conn.fetch(
+        _OCCUPIED,
+        [g[0] for g in groups],
+        [g[1] for g in groups],
+        [g[2] for g in groups],
+        [g[3] for g in groups],
+    )
+    occupied = {(row[0], row[1]) for row in rows}
+    return [(g[0], g[1]) for g in groups if (g[0], g[1]) not in occupied]
+
+
+# Server pids of connections that have the temporary staging table. A reused pid whose
+# table is gone raises UndefinedTableError: the caller forgets it and retries the batch.
+_STAGED_BACKENDS: set[int] = set()
+
+
+async def write_rows(
+    conn: asyncpg.Connection,
+    org_id: UUID,
+    rows: list[tuple[UUID, int, int, float]],
+    meters: dict[UUID, MeterInfo],
+    fresh: Sequence[tuple[UUID, int]] = (),
+) -> WriteResult:
+    """COPY + one upsert + queue + notify, inside the caller's transaction."""
+    pid = conn.get_server_pid()
+    if pid not in _STAGED_BACKENDS:
+        await conn.execute(_STAGING_DDL)
+        _STAGED_BACKENDS.add(pid)
+    try:
+        await conn.copy_records_to_table(
+            "reading_staging", records=rows, columns=("meter_id", "flow", "ts_us", "value_wh")
+        )
+    except asyncpg.UndefinedTableError:
+        _STAGED_BACKENDS.discard(pid)
+        raise
+    result = await conn.fetchrow(_UPSERT, [g[0] for g in fresh], [g[1] for g in fresh])
+    ingest_id: int = result["ingest_id"]
+    changed_count = result["inserted"] + result["updated"]
+    if changed_count:
+        first_us = min(row[2] for row in rows)
+        last_us = max(row[2] for row in rows)
+        keys: Iterable[tuple[UUID, int]]
+        if changed_count == len(rows):
+            keys = ((row[0], row[2]) for row in rows)
+        else:
+            keys = [
+                (r[0], r[1])
+                for r in await conn.fetch(_CHANGED, list(meters), ingest_id, first_us, last_us)
+            ]
+        intervals: set[tuple[UUID, int]] = set()
+        sites: set[UUID] = set()
+        seen: set[tuple[UUID, int]] = set()
+        for meter_id, ts_us in keys:
+            info = meters[meter_id]
+            key = (info.site_id, ts_us)
+            if key in seen:
+                continue
+            seen.add(key)
+            sites.add(info.site_id)
+            for start in _queue_starts(
+                info.timezone.key, info.resolution.iso, ts_us, not info.load_profile
+            ):
+                intervals.add((info.site_id, start))
+        ordered = sorted(intervals)
+        payload = {
+            "key": str(org_id),
+            "ingest": ingest_id,
+            "sites": sorted(str(s) for s in sites) if len(sites) <= MAX_NOTIFIED_SITES else None,
+            "from": from_us(first_us).isoformat(),
+            "to": from_us(last_us).isoformat(),
+        }
+        await conn.execute(
+            _QUEUE_AND_NOTIFY,
+            [site for site, _ in ordered],
+            [from_us(start) for _, start in ordered],
+            READINGS_CHANNEL,
+            json.dumps(payload, separators=(",", ":")),
+        )
+    return WriteResult(ingest_id, result["inserted"], result["updated"])
+
+
+RETRYABLE = _RETRYABLE
+
+
+async def fetch_ingested(
+    pool: asyncpg.Pool,
+    org_id: UUID,
+    ingest_id: int,
+    first: datetime,
+    last: datetime,
+    site_id: UUID | None,
+    meter_id: UUID | None,
+) -> list[asyncpg.Record]:
+    """Rows a committed batch changed, of one site or one meter of ``org_id``."""
+    arg: UUID | None = site_id
+    where = "m.site_id = $5"
+    if meter_id is not None:
+        where, arg = "m.id = $5", meter_id
+    rows: list[asyncpg.Record] = await pool.fetch(
+        f"""
+        SELECT r.meter_id, r.flow, r.ts, r.value_wh, m.measuring FROM meters m
+        JOIN readings r ON r.meter_id = m.id
+        WHERE m.org_id = $1 AND {where} AND r.ingest_id IN ($2::bigint, -$2::bigint)
+          AND r.ts BETWEEN $3 AND $4
+        ORDER BY r.meter_id, r.flow, r.ts
+        """,
+        org_id,
+        ingest_id,
+        first,
+        last,
+        arg,
+    )
+    return rows
+
+
+async def fetch_range(
+    pool: asyncpg.Pool, meter_id: UUID, first: datetime, last_inclusive: datetime
+) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await pool.fetch(
+        """
+        SELECT flow, ts, value_wh FROM readings
+        WHERE meter_id = $1 AND ts >= $2 AND ts <= $3 ORDER BY flow, ts
+        """,
+        meter_id,
+        first,
+        last_inclusive,
+    )
+    return rows

@@ -1,0 +1,320 @@
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import grpc
+from openvpp.v1 import meter_registry_pb2 as mpb
+from openvpp.v1 import meter_registry_pb2_grpc, site_registry_pb2_grpc, telemetry_pb2_grpc
+from openvpp.v1 import telemetry_pb2 as tpb
+
+from service.app import Service
+from tests.conftest import Org
+from tests.helpers import expect_invalid
+from tests.telemetry.conftest import (
+    METER_START,
+    Setup,
+    interval,
+    make_setup,
+    quarter,
+    register,
+    stamp,
+)
+
+R = tpb.RejectReason
+
+
+async def read_ack(call: object) -> tpb.ReadingBatchAck:
+    response = await call.read()  # type: ignore[attr-defined]
+    assert isinstance(response, tpb.StreamReadingsResponse), response
+    return response.ack
+
+
+def reasons(ack: tpb.ReadingBatchAck) -> dict[int, int]:
+    return {r.index: r.reason for r in ack.rejected}
+
+
+async def stored_count(service: Service, meter_id: str) -> int:
+    assert service.pool is not None
+    count: int = await service.pool.fetchval(
+        "SELECT count(*) FROM readings WHERE meter_id = $1", uuid.UUID(meter_id)
+    )
+    return count
+
+
+async def test_every_reject_reason_and_the_rest_stored(
+    setup: Setup, other_partner: Org, service: Service
+) -> None:
+    consumer = await setup.meter(end_date=stamp(quarter(40)))
+    profile = await setup.meter(measuring=mpb.MEASURING_LOAD_PROFILE_ACCURATE)
+    both = await setup.meter(direction=mpb.METER_DIRECTION_BIDIRECTIONAL)
+    open_ended = await setup.meter()
+    foreign = await (
+        await make_setup(other_partner, setup.registry, setup.meters, setup.telemetry)
+    ).meter()
+    future = datetime.now(UTC).replace(second=0, microsecond=0) + timedelta(hours=3)
+    future -= timedelta(minutes=future.minute % 15)
+    batch = [
+        register(consumer, quarter(1), 100.0),  # 0 ok
+        tpb.Reading(meter_id=str(uuid.uuid4()), timestamp=stamp(quarter(1)), register_wh=1),
+        tpb.Reading(meter_id=foreign.id, timestamp=stamp(quarter(1)), register_wh=1),  # 2
+        register(consumer, quarter(2) + timedelta(minutes=7), 101.0),  # 3 off grid
+        register(consumer, METER_START - timedelta(minutes=15), 99.0),  # 4 before start
+        register(consumer, quarter(40), 300.0),  # 5 at end date (exclusive)
+        register(open_ended, future, 500.0),  # 6 future
+        register(consumer, quarter(3), math.nan),  # 7
+        register(consumer, quarter(4), math.inf),  # 8
+        register(consumer, quarter(5), -1.0),  # 9
+        register(consumer, quarter(6), 50.0),  # 10 below the 100 before it
+        tpb.Reading(meter_id=consumer.id, timestamp=stamp(quarter(7))),  # 11 no value
+        interval(consumer, quarter(8), 5.0),  # 12 wrong kind
+        register(profile, quarter(8), 5.0),  # 13 wrong kind
+        register(both, quarter(8), 5.0),  # 14 flow required
+        register(consumer, quarter(9), 120.0, flow=tpb.FLOW_EXPORT),  # 15 flow not allowed
+        interval(profile, quarter(9), 7.5),  # 16 ok
+        register(both, quarter(9), 8.0, flow=tpb.FLOW_EXPORT),  # 17 ok
+        tpb.Reading(meter_id="not-a-uuid", timestamp=stamp(quarter(1)), register_wh=1),  # 18
+    ]
+    ack = await setup.ingest(batch, batch_id="mixed")
+    assert ack.batch_id == "mixed"
+    assert reasons(ack) == {
+        1: R.REJECT_REASON_UNKNOWN_METER,
+        2: R.REJECT_REASON_UNKNOWN_METER,
+        3: R.REJECT_REASON_NOT_ON_GRID,
+        4: R.REJECT_REASON_OUTSIDE_METER_DATES,
+        5: R.REJECT_REASON_OUTSIDE_METER_DATES,
+        6: R.REJECT_REASON_TOO_FAR_IN_FUTURE,
+        7: R.REJECT_REASON_NON_FINITE_VALUE,
+        8: R.REJECT_REASON_NON_FINITE_VALUE,
+        9: R.REJECT_REASON_NEGATIVE_VALUE,
+        10: R.REJECT_REASON_REGISTER_DECREASED,
+        11: R.REJECT_REASON_MISSING_VALUE,
+        12: R.REJECT_REASON_WRONG_VALUE_KIND,
+        13: R.REJECT_REASON_WRONG_VALUE_KIND,
+        14: R.REJECT_REASON_FLOW_REQUIRED,
+        15: R.REJECT_REASON_FLOW_NOT_ALLOWED,
+        18: R.REJECT_REASON_UNKNOWN_METER,
+    }
+    assert all(r.description for r in ack.rejected)
+    assert (ack.accepted_count, ack.duplicate_count, ack.corrected_count) == (3, 0, 0)
+    assert ack.rejected_count == 16
+    assert await stored_count(service, consumer.id) == 1
+    assert await stored_count(service, profile.id) == 1
+    assert await stored_count(service, foreign.id) == 0
+
+
+async def test_register_decrease_against_stored_neighbours(setup: Setup) -> None:
+    meter = await setup.meter()
+    first = await setup.ingest(
+        [register(meter, quarter(0), 10.0), register(meter, quarter(8), 20.0)]
+    )
+    assert first.accepted_count == 2
+    ack = await setup.ingest(
+        [
+            register(meter, quarter(4), 9.0),  # below the stored 10 before it
+            register(meter, quarter(5), 21.0),  # above the stored 20 after it
+            register(meter, quarter(6), 15.0),  # fits
+            register(meter, quarter(9), 19.0),  # below the stored 20 before it
+            register(meter, quarter(7), 14.0),  # below 15 accepted just before it
+        ]
+    )
+    assert reasons(ack) == {
+        0: R.REJECT_REASON_REGISTER_DECREASED,
+        1: R.REJECT_REASON_REGISTER_DECREASED,
+        3: R.REJECT_REASON_REGISTER_DECREASED,
+        4: R.REJECT_REASON_REGISTER_DECREASED,
+    }
+    assert ack.accepted_count == 1
+
+
+async def test_duplicates_and_corrections(setup: Setup, service: Service) -> None:
+    meter = await setup.meter(measuring=mpb.MEASURING_LOAD_PROFILE_ACCURATE)
+    batch = [interval(meter, quarter(i), 10.0 + i) for i in range(4)]
+    first = await setup.ingest(batch)
+    assert (first.accepted_count, first.duplicate_count, first.corrected_count) == (4, 0, 0)
+    again = await setup.ingest(batch)
+    assert (again.accepted_count, again.duplicate_count, again.corrected_count) == (0, 4, 0)
+    changed = [*batch[:2], interval(meter, quarter(2), 99.0), interval(meter, quarter(4), 1.0)]
+    third = await setup.ingest(changed)
+    assert (third.accepted_count, third.duplicate_count, third.corrected_count) == (1, 2, 1)
+    # Repeated within one batch: the last value wins, counted as a correction.
+    fourth = await setup.ingest(
+        [interval(meter, quarter(5), 1.0), interval(meter, quarter(5), 2.0)]
+    )
+    assert (fourth.accepted_count, fourth.corrected_count) == (1, 1)
+    listed = await setup.list(meter.id, quarter(0), quarter(8))
+    assert [r.interval_wh for r in listed.readings] == [10.0, 11.0, 99.0, 13.0, 1.0, 2.0]
+    assert await stored_count(service, meter.id) == 6
+
+
+async def test_register_to_interval_across_dst(
+    partner: Org,
+    registry: site_registry_pb2_grpc.SiteRegistryAsyncStub,
+    meters: meter_registry_pb2_grpc.MeterRegistryAsyncStub,
+    telemetry: telemetry_pb2_grpc.TelemetryAsyncStub,
+) -> None:
+    berlin = ZoneInfo("Europe/Berlin")
+    site = await make_setup(partner, registry, meters, telemetry, timezone="Europe/Berlin")
+    meter = await site.meter(transformer_factor=2.0)
+    for day, expected in ((datetime(2025, 3, 30), 92), (datetime(2025, 10, 26), 100)):
+        start = day.replace(tzinfo=berlin).astimezone(UTC)
+        end = (day + timedelta(days=1)).replace(tzinfo=berlin).astimezone(UTC)
+        stamps = []
+        at = start
+        while at <= end:
+            stamps.append(at)
+            at += timedelta(minutes=15)
+        # Register grows 1 Wh per minute of real time; one register left out makes a gap.
+        missing = stamps[10]
+        batch = [
+            register(meter, at, (at - METER_START).total_seconds() / 60)
+            for at in stamps
+            if at != missing
+        ]
+        ack = await site.ingest(batch)
+        assert ack.accepted_count == len(stamps) - 1, ack.rejected
+        listed = await site.list(meter.id, start, end)
+        starts = [i.interval_start.ToDatetime(tzinfo=UTC) for i in listed.intervals]
+        assert len(starts) == expected - 2  # the gap removes the interval before and after
+        assert stamps[9] not in starts
+        assert missing not in starts
+        assert all(i.energy_wh == 30.0 for i in listed.intervals)  # 15 Wh x factor 2
+        assert len(listed.readings) == len(stamps) - 2  # end is exclusive
+
+
+async def test_batch_too_large(setup: Setup) -> None:
+    meter = await setup.meter()
+    batch = [register(meter, quarter(0), 1.0)] * 10001
+    await expect_invalid(setup.ingest(batch), "batch.readings")
+
+
+async def test_stream_pipelines_and_acks_in_order(setup: Setup) -> None:
+    meter = await setup.meter(measuring=mpb.MEASURING_LOAD_PROFILE_ACCURATE)
+    call = setup.telemetry.StreamReadings(metadata=setup.org.auth)
+    for n in range(5):
+        batch = tpb.ReadingBatch(
+            batch_id=f"s{n}",
+            readings=[interval(meter, quarter(n * 10 + i), 1.0) for i in range(10)],
+        )
+        await call.write(tpb.StreamReadingsRequest(batch=batch))
+    acks = [await read_ack(call) for _ in range(5)]
+    await call.done_writing()
+    assert [a.batch_id for a in acks] == [f"s{n}" for n in range(5)]
+    assert all(a.accepted_count == 10 for a in acks)
+
+
+async def wait_stored(service: Service, meter_id: str, count: int) -> None:
+    for _ in range(200):
+        if await stored_count(service, meter_id) == count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{count} readings never got stored")
+
+
+async def test_batch_resent_after_dropped_ack_is_stored_once(
+    setup: Setup, service: Service
+) -> None:
+    meter = await setup.meter()
+    readings = [register(meter, quarter(i), 100.0 + i) for i in range(20)]
+    batch = tpb.StreamReadingsRequest(batch=tpb.ReadingBatch(batch_id="once", readings=readings))
+    call = setup.telemetry.StreamReadings(metadata=setup.org.auth)
+    await call.write(batch)
+    # The server commits; the ack is lost: the client drops the stream without reading it.
+    await wait_stored(service, meter.id, 20)
+    call.cancel()
+    retry = setup.telemetry.StreamReadings(metadata=setup.org.auth)
+    await retry.write(batch)
+    ack = await read_ack(retry)
+    await retry.done_writing()
+    assert (ack.accepted_count, ack.duplicate_count, ack.corrected_count) == (0, 20, 0)
+    assert await stored_count(service, meter.id) == 20
+    listed = await setup.list(meter.id, quarter(0), quarter(20))
+    assert [r.register_wh for r in listed.readings] == [100.0 + i for i in range(20)]
+
+
+async def test_batch_resent_while_first_may_be_in_flight_is_stored_once(
+    setup: Setup, service: Service
+) -> None:
+    meter = await setup.meter()
+    readings = [register(meter, quarter(i), 100.0 + i) for i in range(50)]
+    batch = tpb.StreamReadingsRequest(batch=tpb.ReadingBatch(batch_id="race", readings=readings))
+    call = setup.telemetry.StreamReadings(metadata=setup.org.auth)
+    await call.write(batch)
+    call.cancel()  # at once: the first copy may or may not be processed
+    retry = setup.telemetry.StreamReadings(metadata=setup.org.auth)
+    await retry.write(batch)
+    ack = await read_ack(retry)
+    await retry.done_writing()
+    assert ack.accepted_count + ack.duplicate_count == 50
+    assert ack.corrected_count == ack.rejected_count == 0
+    await asyncio.sleep(0.2)  # let a possibly still running first copy finish
+    assert await stored_count(service, meter.id) == 50
+
+
+async def test_changes_mark_site_intervals_for_balancing(setup: Setup, service: Service) -> None:
+    assert service.pool is not None
+    meter = await setup.meter()
+    site_id = uuid.UUID(setup.site.id)
+    await setup.ingest([register(meter, quarter(4), 10.0)])
+    query = "SELECT interval_start FROM balancing_queue WHERE site_id = $1 ORDER BY 1"
+    queued = await service.pool.fetch(query, site_id)
+    # A register ends the interval before it and starts the one after it.
+    assert [row[0] for row in queued] == [quarter(3), quarter(4)]
+    duplicate = await setup.ingest([register(meter, quarter(4), 10.0)])
+    assert duplicate.duplicate_count == 1
+    assert len(await service.pool.fetch(query, site_id)) == 2  # nothing changed
+    correction = await setup.ingest([register(meter, quarter(4), 11.0)])
+    assert correction.corrected_count == 1
+    again = await service.pool.fetch(query, site_id)
+    assert [row[0] for row in again] == [quarter(3), quarter(3), quarter(4), quarter(4)]
+
+    # Partly changed batches queue only what changed.
+    await setup.ingest([register(meter, quarter(4), 11.0), register(meter, quarter(8), 20.0)])
+    latest = await service.pool.fetch(query, site_id)
+    assert sorted({row[0] for row in latest}) == [quarter(3), quarter(4), quarter(7), quarter(8)]
+    assert len(latest) == 6
+
+
+async def test_list_readings_rules(setup: Setup, other_partner: Org) -> None:
+    meter = await setup.meter()
+    await expect_invalid(setup.list(meter.id, quarter(4), quarter(0)), "end_time")
+    await expect_invalid(
+        setup.list(meter.id, quarter(0), quarter(0) + timedelta(days=40)), "end_time"
+    )
+    error = await setup.telemetry.ListReadings(
+        tpb.ListReadingsRequest(
+            meter_id=meter.id, start_time=stamp(quarter(0)), end_time=stamp(quarter(4))
+        ),
+        metadata=other_partner.auth,
+    ).code()
+    assert error == grpc.StatusCode.NOT_FOUND
+
+
+async def test_same_new_batch_sent_concurrently_is_stored_once(
+    setup: Setup, service: Service
+) -> None:
+    meter = await setup.meter()
+    batch = [register(meter, quarter(i), float(i)) for i in range(300)]
+    # Both copies may find nothing stored and take the plain-insert path; the loser of the
+    # race retries with the upsert and reports duplicates.
+    acks = await asyncio.gather(*(setup.ingest(batch, batch_id=f"c{n}") for n in range(3)))
+    assert sum(a.accepted_count for a in acks) == 300
+    assert sum(a.duplicate_count for a in acks) == 600
+    assert await stored_count(service, meter.id) == 300
+
+
+async def test_same_new_load_profile_sent_concurrently_is_stored_once(
+    setup: Setup, service: Service
+) -> None:
+    meter = await setup.meter(measuring=mpb.MEASURING_LOAD_PROFILE_ACCURATE)
+    batch = [interval(meter, quarter(i), 2.0) for i in range(300)]
+    acks = await asyncio.gather(*(setup.ingest(batch, batch_id=f"p{n}") for n in range(3)))
+    assert sum(a.accepted_count for a in acks) == 300
+    assert sum(a.duplicate_count for a in acks) == 600
+    assert await stored_count(service, meter.id) == 300
+    # A later batch overlapping stored values corrects them through the upsert.
+    changed = await setup.ingest([interval(meter, quarter(i), 3.0) for i in range(290, 310)])
+    assert (changed.accepted_count, changed.corrected_count) == (10, 10)
