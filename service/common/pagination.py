@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol, TypeVar
 from uuid import UUID
 
 from service.common.errors import ValidationError
@@ -60,3 +62,26 @@ def decode_page_token(token: str, fingerprint: str, field: str = "page_token") -
             field, "must be used with the same filters as the request that returned it"
         )
     return cursor
+
+
+class Pageable(Protocol):
+    """A row listed in (created_at, id) order."""
+
+    @property
+    def created_at(self) -> datetime: ...
+
+    @property
+    def id(self) -> UUID: ...
+
+
+RowT = TypeVar("RowT", bound=Pageable)
+
+
+def trim_page(rows: Sequence[RowT], limit: int, fingerprint: str) -> tuple[list[RowT], str]:
+    """The page and its next_page_token, from ``limit + 1`` rows fetched by a store: the extra
+    row only tells that another page exists, so the last page never has a token."""
+    if len(rows) <= limit:
+        return list(rows), ""
+    page = list(rows[:limit])
+    last = page[-1]
+    return page, encode_page_token(Cursor(last.created_at, last.id), fingerprint)

@@ -15,11 +15,10 @@ from openvpp.v1 import site_registry_pb2_grpc as pb_grpc
 from service.auth.principal import Role, current_principal
 from service.common.clock import SYSTEM_CLOCK, Clock
 from service.common.pagination import (
-    Cursor,
     decode_page_token,
-    encode_page_token,
     filters_fingerprint,
     page_size_or_default,
+    trim_page,
 )
 from service.common.protoconv import enum_from_proto, parse_uuid, to_timestamp
 from service.events.hub import EventHub
@@ -86,11 +85,7 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
         fingerprint = filters_fingerprint(site_filter)
         after = decode_page_token(request.page_token, fingerprint)
         sites, total = await self._store().list_sites(site_filter, after, limit + 1)
-        next_token = ""
-        if len(sites) > limit:
-            sites = sites[:limit]
-            last = sites[-1]
-            next_token = encode_page_token(Cursor(last.created_at, last.id), fingerprint)
+        sites, next_token = trim_page(sites, limit, fingerprint)
         return pb.ListSitesResponse(
             sites=[convert.site_to_proto(site) for site in sites],
             next_page_token=next_token,
@@ -193,11 +188,7 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
         fingerprint = filters_fingerprint(site_id)
         after = decode_page_token(request.page_token, fingerprint)
         resources, total = await self._store().list_resources(site_id, after, limit + 1)
-        next_token = ""
-        if len(resources) > limit:
-            resources = resources[:limit]
-            last = resources[-1]
-            next_token = encode_page_token(Cursor(last.created_at, last.id), fingerprint)
+        resources, next_token = trim_page(resources, limit, fingerprint)
         return pb.ListResourcesResponse(
             resources=[convert.resource_to_proto(r) for r in resources],
             next_page_token=next_token,

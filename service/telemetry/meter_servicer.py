@@ -12,11 +12,10 @@ from openvpp.v1 import meter_registry_pb2_grpc as pb_grpc
 
 from service.auth.principal import Role, current_principal
 from service.common.pagination import (
-    Cursor,
     decode_page_token,
-    encode_page_token,
     filters_fingerprint,
     page_size_or_default,
+    trim_page,
 )
 from service.common.protoconv import from_timestamp, parse_uuid
 from service.registry.convert import require_mask
@@ -62,11 +61,7 @@ class MeterRegistryServicer(pb_grpc.MeterRegistryServicer):
         fingerprint = filters_fingerprint(site_id)
         after = decode_page_token(request.page_token, fingerprint)
         meters, total = await self._store().list(site_id, after, limit + 1)
-        next_token = ""
-        if len(meters) > limit:
-            meters = meters[:limit]
-            last = meters[-1]
-            next_token = encode_page_token(Cursor(last.created_at, last.id), fingerprint)
+        meters, next_token = trim_page(meters, limit, fingerprint)
         return pb.ListMetersResponse(
             meters=[convert.meter_to_proto(m) for m in meters],
             next_page_token=next_token,

@@ -198,17 +198,23 @@ class MeterStore:
         async with self._pool.acquire() as conn, conn.transaction():
             meter = await conn.fetchrow(
                 """
-                DELETE FROM meters m USING sites s
-                WHERE m.id = $1 AND m.org_id = $2 AND s.id = m.site_id
-                RETURNING m.site_id, m.measuring, s.timezone, s.balance_resolution
+                SELECT m.site_id, m.measuring, s.timezone, s.balance_resolution
+                FROM meters m JOIN sites s ON s.id = m.site_id
+                WHERE m.id = $1 AND m.org_id = $2
+                FOR UPDATE OF m
                 """,
                 meter_id,
                 self._org_id,
             )
             if meter is None:
                 raise NotFoundError("meter", str(meter_id))
+            # Readings first, to know which intervals to rebalance; deleting the meter would
+            # remove them too (see migration 0005) but without telling which.
             stamps = await conn.fetch(
                 "DELETE FROM readings WHERE meter_id = $1 RETURNING ts", meter_id
+            )
+            await conn.execute(
+                "DELETE FROM meters WHERE id = $1 AND org_id = $2", meter_id, self._org_id
             )
             await notify_meter_change(conn, self._org_id)
             resolution = parse_resolution(meter["balance_resolution"])

@@ -13,11 +13,10 @@ from service.auth.principal import Role, current_principal
 from service.common.clock import Clock
 from service.common.errors import ViolationCollector
 from service.common.pagination import (
-    Cursor,
     decode_page_token,
-    encode_page_token,
     filters_fingerprint,
     page_size_or_default,
+    trim_page,
 )
 from service.common.protoconv import enum_from_proto, from_timestamp, parse_uuid
 from service.identifiers import normalize_grid_identifier
@@ -89,11 +88,7 @@ class UpstreamRegistryServicer(pb_grpc.UpstreamRegistryServicer):
         fingerprint = filters_fingerprint(site_filter)
         after = decode_page_token(request.page_token, fingerprint)
         sites, total = await self._reader().list_upstream_sites(site_filter, after, limit + 1)
-        next_token = ""
-        if len(sites) > limit:
-            sites = sites[:limit]
-            last = sites[-1]
-            next_token = encode_page_token(Cursor(last.created_at, last.id), fingerprint)
+        sites, next_token = trim_page(sites, limit, fingerprint)
         return pb.ListUpstreamSitesResponse(
             upstream_sites=[convert.upstream_site_to_proto(site) for site in sites],
             next_page_token=next_token,
@@ -160,11 +155,7 @@ class UpstreamRegistryServicer(pb_grpc.UpstreamRegistryServicer):
         fingerprint = filters_fingerprint(upstream_site_id)
         after = decode_page_token(request.page_token, fingerprint)
         contracts, total = await self._reader().list_contracts(upstream_site_id, after, limit + 1)
-        next_token = ""
-        if len(contracts) > limit:
-            contracts = contracts[:limit]
-            last = contracts[-1]
-            next_token = encode_page_token(Cursor(last.created_at, last.id), fingerprint)
+        contracts, next_token = trim_page(contracts, limit, fingerprint)
         return pb.ListContractsResponse(
             contracts=[convert.contract_to_proto(c) for c in contracts],
             next_page_token=next_token,

@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo
 import grpc
 from openvpp.v1 import meter_registry_pb2 as mpb
 from openvpp.v1 import meter_registry_pb2_grpc, site_registry_pb2_grpc, telemetry_pb2_grpc
+from openvpp.v1 import site_registry_pb2 as spb
 from openvpp.v1 import telemetry_pb2 as tpb
 
 from service.app import Service
@@ -318,3 +319,24 @@ async def test_same_new_load_profile_sent_concurrently_is_stored_once(
     # A later batch overlapping stored values corrects them through the upsert.
     changed = await setup.ingest([interval(meter, quarter(i), 3.0) for i in range(290, 310)])
     assert (changed.accepted_count, changed.corrected_count) == (10, 10)
+
+
+async def test_deleting_meter_or_site_removes_their_readings(
+    setup: Setup, service: Service
+) -> None:
+    kept = await setup.meter(measuring=mpb.MEASURING_LOAD_PROFILE_ACCURATE)
+    deleted = await setup.meter(measuring=mpb.MEASURING_LOAD_PROFILE_ACCURATE)
+    ack = await setup.ingest(
+        [interval(m, quarter(i), 5.0) for m in (kept, deleted) for i in range(3)]
+    )
+    assert ack.accepted_count == 6
+    await setup.meters.DeleteMeter(
+        mpb.DeleteMeterRequest(meter_id=deleted.id), metadata=setup.org.auth
+    )
+    assert await stored_count(service, deleted.id) == 0
+    assert await stored_count(service, kept.id) == 3
+    # A deleted site takes its meters along (foreign key) and they their readings.
+    await setup.registry.DeleteSite(
+        spb.DeleteSiteRequest(site_id=setup.site.id), metadata=setup.org.auth
+    )
+    assert await stored_count(service, kept.id) == 0
