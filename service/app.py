@@ -10,14 +10,15 @@ from dataclasses import dataclass, field
 
 import asyncpg
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.auth.authenticator import Authenticator
 from service.auth.principal import Role
 from service.auth.store import TOKEN_REVOKED_CHANNEL, IdentityStore, IssuedToken
+from service.common.call_guard import CallGuard
 from service.common.clock import SYSTEM_CLOCK, Clock
-from service.common.interceptors import RpcInterceptor
 from service.config import Settings
 from service.db.database import create_pool
 from service.db.migrate import migrate
@@ -45,11 +46,11 @@ GRPC_OPTIONS = [
 
 @dataclass
 class Capability:
-    """A service of ours: its full name, who may call each method, how to register it."""
+    """A service of ours: its definition, its implementation, who may call each method."""
 
-    name: str
+    descriptor: ServiceDescriptor
+    servicer: object
     method_roles: Mapping[str, frozenset[Role]]
-    register: Callable[[grpc.aio.Server], None]
     # Optional async set-up before serving and clean-up after the server stopped.
     start: Callable[[], Awaitable[None]] | None = None
     stop: Callable[[], Awaitable[None]] | None = None
@@ -110,13 +111,13 @@ class Service:
         method_roles: dict[str, frozenset[Role]] = {}
         for capability in capabilities:
             method_roles.update(capability.method_roles)
-        self.server = grpc.aio.server(
-            interceptors=[RpcInterceptor(authenticator, method_roles)],
-            options=GRPC_OPTIONS,
-        )
+        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        guard = CallGuard(authenticator)
         for capability in capabilities:
-            capability.register(self.server)
-        self._service_names = [c.name for c in capabilities]
+            guard.register(
+                self.server, capability.descriptor, capability.servicer, capability.method_roles
+            )
+        self._service_names = [c.descriptor.full_name for c in capabilities]
 
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
@@ -150,24 +151,24 @@ class Service:
         self.telemetry_servicer = telemetry_servicer
         return [
             Capability(
-                registry.SERVICE,
+                registry.DESCRIPTOR,
+                registry_servicer,
                 registry.METHOD_ROLES,
-                lambda server: registry.register(server, registry_servicer),
             ),
             Capability(
-                upstream.SERVICE,
+                upstream.DESCRIPTOR,
+                upstream_servicer,
                 upstream.METHOD_ROLES,
-                lambda server: upstream.register(server, upstream_servicer),
             ),
             Capability(
-                meters.SERVICE,
+                meters.DESCRIPTOR,
+                meter_servicer,
                 meters.METHOD_ROLES,
-                lambda server: meters.register(server, meter_servicer),
             ),
             Capability(
-                telemetry.SERVICE,
+                telemetry.DESCRIPTOR,
+                telemetry_servicer,
                 telemetry.METHOD_ROLES,
-                lambda server: telemetry.register(server, telemetry_servicer),
                 start=telemetry_servicer.start,
                 stop=telemetry_servicer.stop,
             ),

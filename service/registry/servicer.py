@@ -8,7 +8,6 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-import grpc
 from openvpp.v1 import site_registry_pb2 as pb
 from openvpp.v1 import site_registry_pb2_grpc as pb_grpc
 
@@ -28,10 +27,10 @@ from service.registry.domain import SiteFields, SiteStatus, validate_resource, v
 from service.registry.store import SITE_EVENTS_CHANNEL, RegistryStore, SiteFilter, SiteRecord
 from service.upstream.domain import UpstreamStatus
 
-SERVICE = "openvpp.v1.SiteRegistry"
+DESCRIPTOR = pb.DESCRIPTOR.services_by_name["SiteRegistry"]
+SERVICE = DESCRIPTOR.full_name
 METHOD_ROLES: dict[str, frozenset[Role]] = {
-    f"/{SERVICE}/{method}": frozenset({Role.PARTNER})
-    for method in pb.DESCRIPTOR.services_by_name["SiteRegistry"].methods_by_name
+    f"/{SERVICE}/{method}": frozenset({Role.PARTNER}) for method in DESCRIPTOR.methods_by_name
 }
 
 SITE_UPDATABLE = frozenset(
@@ -223,7 +222,3 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
     ) -> pb.DeleteResourceResponse:
         await self._store().delete_resource(parse_uuid(request.resource_id, "resource_id"))
         return pb.DeleteResourceResponse()
-
-
-def register(server: grpc.aio.Server, servicer: SiteRegistryServicer) -> None:
-    pb_grpc.add_SiteRegistryServicer_to_server(servicer, server)

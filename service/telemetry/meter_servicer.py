@@ -6,7 +6,6 @@ from dataclasses import replace
 from typing import Any
 
 import asyncpg
-import grpc
 from openvpp.v1 import meter_registry_pb2 as pb
 from openvpp.v1 import meter_registry_pb2_grpc as pb_grpc
 
@@ -23,10 +22,10 @@ from service.telemetry import convert
 from service.telemetry.domain import MeterFields, normalized_meter
 from service.telemetry.meter_store import MeterStore
 
-SERVICE = "openvpp.v1.MeterRegistry"
+DESCRIPTOR = pb.DESCRIPTOR.services_by_name["MeterRegistry"]
+SERVICE = DESCRIPTOR.full_name
 METHOD_ROLES: dict[str, frozenset[Role]] = {
-    f"/{SERVICE}/{method}": frozenset({Role.PARTNER})
-    for method in pb.DESCRIPTOR.services_by_name["MeterRegistry"].methods_by_name
+    f"/{SERVICE}/{method}": frozenset({Role.PARTNER}) for method in DESCRIPTOR.methods_by_name
 }
 
 METER_UPDATABLE = frozenset(
@@ -101,7 +100,3 @@ class MeterRegistryServicer(pb_grpc.MeterRegistryServicer):
     ) -> pb.DeleteMeterResponse:
         await self._store().delete(parse_uuid(request.meter_id, "meter_id"))
         return pb.DeleteMeterResponse()
-
-
-def register(server: grpc.aio.Server, servicer: MeterRegistryServicer) -> None:
-    pb_grpc.add_MeterRegistryServicer_to_server(servicer, server)

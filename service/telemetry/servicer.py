@@ -13,7 +13,6 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
-import grpc
 from openvpp.v1 import telemetry_pb2 as pb
 from openvpp.v1 import telemetry_pb2_grpc as pb_grpc
 
@@ -52,10 +51,10 @@ from service.telemetry.validate import (
 
 log = logging.getLogger(__name__)
 
-SERVICE = "openvpp.v1.Telemetry"
+DESCRIPTOR = pb.DESCRIPTOR.services_by_name["Telemetry"]
+SERVICE = DESCRIPTOR.full_name
 METHOD_ROLES: dict[str, frozenset[Role]] = {
-    f"/{SERVICE}/{method}": frozenset({Role.PARTNER})
-    for method in pb.DESCRIPTOR.services_by_name["Telemetry"].methods_by_name
+    f"/{SERVICE}/{method}": frozenset({Role.PARTNER}) for method in DESCRIPTOR.methods_by_name
 }
 
 MAX_LIST_RANGE = timedelta(days=31)
@@ -402,7 +401,3 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
         finally:
             subscription.close()
             self.watch_peak_buffered = max(self.watch_peak_buffered, subscription.peak_buffered)
-
-
-def register(server: grpc.aio.Server, servicer: TelemetryServicer) -> None:
-    pb_grpc.add_TelemetryServicer_to_server(servicer, server)

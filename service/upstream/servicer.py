@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import asyncpg
-import grpc
 from openvpp.v1 import upstream_registry_pb2 as pb
 from openvpp.v1 import upstream_registry_pb2_grpc as pb_grpc
 
@@ -25,13 +24,14 @@ from service.upstream.domain import ContractState, ContractTerms
 from service.upstream.sites import validate_upstream_site
 from service.upstream.store import SupplierStore, UpstreamReader, UpstreamSiteFilter
 
-SERVICE = "openvpp.v1.UpstreamRegistry"
+DESCRIPTOR = pb.DESCRIPTOR.services_by_name["UpstreamRegistry"]
+SERVICE = DESCRIPTOR.full_name
 _READS = frozenset({"GetUpstreamSite", "ListUpstreamSites", "ListContracts"})
 METHOD_ROLES: dict[str, frozenset[Role]] = {
     f"/{SERVICE}/{method}": frozenset({Role.SUPPLIER, Role.OPERATOR})
     if method in _READS
     else frozenset({Role.SUPPLIER})
-    for method in pb.DESCRIPTOR.services_by_name["UpstreamRegistry"].methods_by_name
+    for method in DESCRIPTOR.methods_by_name
 }
 
 
@@ -161,7 +161,3 @@ class UpstreamRegistryServicer(pb_grpc.UpstreamRegistryServicer):
             next_page_token=next_token,
             total_size=total,
         )
-
-
-def register(server: grpc.aio.Server, servicer: UpstreamRegistryServicer) -> None:
-    pb_grpc.add_UpstreamRegistryServicer_to_server(servicer, server)
