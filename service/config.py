@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +50,12 @@ class Settings:
     upstream_scheduler_interval_seconds: float = 60.0
     # Create a partner organization and print its token when the database is empty.
     bootstrap: bool = True
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for spec in fields(cls):
-            if spec.name == "extra":
-                continue
             raw = env.get(ENV_PREFIX + spec.name.upper())
             if raw is None or raw == "":
                 continue
