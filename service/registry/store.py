@@ -19,6 +19,7 @@ import asyncpg
 from service.common.clock import SYSTEM_CLOCK, Clock
 from service.common.errors import AlreadyExistsError, NotFoundError
 from service.common.pagination import Cursor
+from service.db.site_children import list_site_children
 from service.registry.domain import (
     Bounds,
     Location,
@@ -395,28 +396,9 @@ class RegistryStore:
     async def list_resources(
         self, site_id: UUID, after: Cursor | None, limit: int
     ) -> tuple[list[ResourceRecord], int]:
-        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-            if not await conn.fetchval(
-                "SELECT EXISTS (SELECT 1 FROM sites WHERE id = $1 AND org_id = $2)",
-                site_id,
-                self._org_id,
-            ):
-                raise NotFoundError("site", str(site_id))
-            args: list[Any] = [site_id, self._org_id, limit]
-            page = ""
-            if after is not None:
-                args += [after.created_at, after.id]
-                page = "AND (created_at, id) > ($4, $5)"
-            rows = await conn.fetch(
-                f"SELECT * FROM resources WHERE site_id = $1 AND org_id = $2 {page} "
-                "ORDER BY created_at, id LIMIT $3",
-                *args,
-            )
-            total = await conn.fetchval(
-                "SELECT count(*) FROM resources WHERE site_id = $1 AND org_id = $2",
-                site_id,
-                self._org_id,
-            )
+        rows, total = await list_site_children(
+            self._pool, "resources", self._org_id, site_id, after, limit
+        )
         return [ResourceRecord.from_row(row) for row in rows], total
 
     async def update_resource(

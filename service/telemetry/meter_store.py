@@ -17,6 +17,7 @@ import asyncpg
 
 from service.common.errors import AlreadyExistsError, NotFoundError, ValidationError
 from service.common.pagination import Cursor
+from service.db.site_children import list_site_children
 from service.telemetry.domain import (
     Measuring,
     MeterDirection,
@@ -132,28 +133,9 @@ class MeterStore:
     async def list(
         self, site_id: UUID, after: Cursor | None, limit: int
     ) -> tuple[list[MeterRecord], int]:
-        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-            if not await conn.fetchval(
-                "SELECT EXISTS (SELECT 1 FROM sites WHERE id = $1 AND org_id = $2)",
-                site_id,
-                self._org_id,
-            ):
-                raise NotFoundError("site", str(site_id))
-            args: list[Any] = [site_id, self._org_id, limit]
-            page = ""
-            if after is not None:
-                args += [after.created_at, after.id]
-                page = "AND (created_at, id) > ($4, $5)"
-            rows = await conn.fetch(
-                f"SELECT * FROM meters WHERE site_id = $1 AND org_id = $2 {page} "
-                "ORDER BY created_at, id LIMIT $3",
-                *args,
-            )
-            total = await conn.fetchval(
-                "SELECT count(*) FROM meters WHERE site_id = $1 AND org_id = $2",
-                site_id,
-                self._org_id,
-            )
+        rows, total = await list_site_children(
+            self._pool, "meters", self._org_id, site_id, after, limit
+        )
         return [MeterRecord.from_row(row) for row in rows], total
 
     async def update(
