@@ -1,7 +1,8 @@
 """Readings in PostgreSQL: partitions, the bulk ingest path, reads for lists and watchers.
 
 Ingest of one batch is one transaction: stored neighbours of register values are read,
-the accepted rows are COPYed into a per-connection temporary staging table, ONE
+rows of groups with nothing stored in their range are COPYed straight into ``readings``,
+the others are COPYed into a per-connection temporary staging table and ONE
 ``INSERT ... SELECT ... ON CONFLICT DO UPDATE ... WHERE value IS DISTINCT FROM`` moves
 them into ``readings`` (new rows are accepted, changed rows corrected, identical rows left
 alone and counted as duplicates), the affected site intervals are upserted into
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import struct
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -48,42 +50,29 @@ CREATE TEMP TABLE IF NOT EXISTS reading_staging (
 ) ON COMMIT DELETE ROWS
 """
 
-# Rows are inserted in key order so concurrent batches touching the same rows lock them in
-# the same order. A fresh row carries the ingest id, a corrected one its negation, which
-# tells inserts from updates (xmax is not available on partitioned tables). Rows of the
-# (meter, flow) groups given as fresh ($1, $2: nothing stored in the batch's time range,
-# seen by the register check in this transaction) take a plain INSERT, half the cost of
-# ON CONFLICT; a concurrent writer of the same keys makes it fail with a unique violation
-# and the caller retries the batch with no fresh groups.
+# Rows of (meter, flow) groups with something stored in the batch's time range, staged and
+# moved with ONE upsert under the batch's ingest id ($1). They are inserted in key order so
+# concurrent batches touching the same rows lock them in the same order. A fresh row
+# carries the ingest id, a corrected one its negation, which tells inserts from updates
+# (xmax is not available on partitioned tables).
 _UPSERT = """
-WITH i AS MATERIALIZED (SELECT nextval('reading_ingest_seq') AS id),
-fresh AS MATERIALIZED (SELECT * FROM unnest($1::uuid[], $2::smallint[]) AS f(meter_id, flow)),
-plain AS (
-    INSERT INTO readings (meter_id, flow, ts, value_wh, ingest_id)
-    SELECT s.meter_id, s.flow, timestamptz 'epoch' + s.ts_us * interval '1 microsecond',
-           s.value_wh, i.id
-    FROM reading_staging s CROSS JOIN i
-    WHERE (s.meter_id, s.flow) IN (SELECT meter_id, flow FROM fresh)
-    ORDER BY s.meter_id, s.flow, s.ts_us
-    RETURNING 1
-),
-up AS (
+WITH up AS (
     INSERT INTO readings AS r (meter_id, flow, ts, value_wh, ingest_id)
     SELECT s.meter_id, s.flow, timestamptz 'epoch' + s.ts_us * interval '1 microsecond',
-           s.value_wh, i.id
-    FROM reading_staging s CROSS JOIN i
-    WHERE (s.meter_id, s.flow) NOT IN (SELECT meter_id, flow FROM fresh)
+           s.value_wh, $1::bigint
+    FROM reading_staging s
     ORDER BY s.meter_id, s.flow, s.ts_us
     ON CONFLICT (meter_id, flow, ts) DO UPDATE
         SET value_wh = EXCLUDED.value_wh, ingest_id = -EXCLUDED.ingest_id
         WHERE r.value_wh IS DISTINCT FROM EXCLUDED.value_wh
     RETURNING r.ingest_id > 0 AS inserted
 )
-SELECT (SELECT id FROM i) AS ingest_id,
-       ((SELECT count(*) FROM plain) + count(*) FILTER (WHERE inserted))::int AS inserted,
+SELECT count(*) FILTER (WHERE inserted)::int AS inserted,
        count(*) FILTER (WHERE NOT inserted)::int AS updated
 FROM up
 """
+
+_NEXT_INGEST = "SELECT nextval('reading_ingest_seq')"
 
 # Only when part of a batch changed: which (meter, timestamp) rows it changed.
 _CHANGED = """
@@ -397,6 +386,34 @@ async def unoccupied(
 # table is gone raises UndefinedTableError: the caller forgets it and retries the batch.
 _STAGED_BACKENDS: set[int] = set()
 
+# Binary COPY of (meter_id uuid, flow smallint, ts timestamptz, value_wh float8,
+# ingest_id int8) rows: each field is preceded by its length; timestamptz is microseconds
+# since 2000-01-01 UTC.
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" * 2
+_COPY_TRAILER = b"\xff\xff"
+_COPY_ROW = struct.Struct(">hi16sihiqidiq")
+_PG_EPOCH_US = 946_684_800 * _US
+_READING_COLUMNS = ("meter_id", "flow", "ts", "value_wh", "ingest_id")
+
+
+def copy_payload(rows: Sequence[tuple[UUID, int, int, float]], ingest_id: int) -> bytes:
+    """The binary COPY stream of ``rows`` into ``readings`` under ``ingest_id``.
+
+    Built here rather than by asyncpg's record encoder, which needs a datetime per row.
+    """
+    pack = _COPY_ROW.pack
+    offset = _PG_EPOCH_US
+    uuid_bytes: dict[UUID, bytes] = {}
+    parts = [_COPY_HEADER]
+    append = parts.append
+    for meter_id, flow, ts_us, value in rows:
+        raw = uuid_bytes.get(meter_id)
+        if raw is None:
+            raw = uuid_bytes[meter_id] = meter_id.bytes
+        append(pack(5, 16, raw, 2, flow, 8, ts_us - offset, 8, value, 8, ingest_id))
+    append(_COPY_TRAILER)
+    return b"".join(parts)
+
 
 async def write_rows(
     conn: asyncpg.Connection,
@@ -405,21 +422,52 @@ async def write_rows(
     meters: dict[UUID, MeterInfo],
     fresh: Sequence[tuple[UUID, int]] = (),
 ) -> WriteResult:
-    """COPY + one upsert + queue + notify, inside the caller's transaction."""
-    pid = conn.get_server_pid()
-    if pid not in _STAGED_BACKENDS:
-        await conn.execute(_STAGING_DDL)
-        _STAGED_BACKENDS.add(pid)
-    try:
-        await conn.copy_records_to_table(
-            "reading_staging", records=rows, columns=("meter_id", "flow", "ts_us", "value_wh")
+    """COPY + upsert + queue + notify, inside the caller's transaction.
+
+    Rows of the (meter, flow) groups given as ``fresh`` (nothing stored in the batch's time
+    range, seen by the register check in this transaction) are COPYed straight into
+    ``readings``, the cheapest write there is; a concurrent writer of the same keys makes
+    it fail with a unique violation (or a deadlock) and the caller retries the batch with
+    no fresh groups. The other rows go through the staging table and one upsert.
+    """
+    plain: list[tuple[UUID, int, int, float]] = rows
+    staged: list[tuple[UUID, int, int, float]] = []
+    if len(fresh) == 0:
+        plain, staged = [], rows
+    else:
+        fresh_keys = set(fresh)
+        if any((row[0], row[1]) not in fresh_keys for row in rows):
+            plain = [row for row in rows if (row[0], row[1]) in fresh_keys]
+            staged = [row for row in rows if (row[0], row[1]) not in fresh_keys]
+    ingest_id: int = await conn.fetchval(_NEXT_INGEST)
+    inserted = updated = 0
+    if plain:
+        await conn.copy_to_table(
+            "readings",
+            # A memoryview: asyncpg would take bytes for a file path.
+            source=memoryview(copy_payload(plain, ingest_id)),
+            columns=_READING_COLUMNS,
+            format="binary",
         )
-    except asyncpg.UndefinedTableError:
-        _STAGED_BACKENDS.discard(pid)
-        raise
-    result = await conn.fetchrow(_UPSERT, [g[0] for g in fresh], [g[1] for g in fresh])
-    ingest_id: int = result["ingest_id"]
-    changed_count = result["inserted"] + result["updated"]
+        inserted = len(plain)
+    if staged:
+        pid = conn.get_server_pid()
+        if pid not in _STAGED_BACKENDS:
+            await conn.execute(_STAGING_DDL)
+            _STAGED_BACKENDS.add(pid)
+        try:
+            await conn.copy_records_to_table(
+                "reading_staging",
+                records=staged,
+                columns=("meter_id", "flow", "ts_us", "value_wh"),
+            )
+        except asyncpg.UndefinedTableError:
+            _STAGED_BACKENDS.discard(pid)
+            raise
+        result = await conn.fetchrow(_UPSERT, ingest_id)
+        inserted += result["inserted"]
+        updated = result["updated"]
+    changed_count = inserted + updated
     if changed_count:
         first_us = min(row[2] for row in rows)
         last_us = max(row[2] for row in rows)
@@ -460,7 +508,7 @@ async def write_rows(
             READINGS_CHANNEL,
             json.dumps(payload, separators=(",", ":")),
         )
-    return WriteResult(ingest_id, result["inserted"], result["updated"])
+    return WriteResult(ingest_id, inserted, updated)
 
 
 RETRYABLE = _RETRYABLE

@@ -340,3 +340,37 @@ async def test_deleting_meter_or_site_removes_their_readings(
         spb.DeleteSiteRequest(site_id=setup.site.id), metadata=setup.org.auth
     )
     assert await stored_count(service, kept.id) == 0
+
+
+async def test_batch_mixing_fresh_and_stored_groups(setup: Setup, service: Service) -> None:
+    # One meter only appends (COPYed straight into readings), the other has a stored value
+    # inside the batch's range (staged and upserted): both under the batch's ingest id.
+    assert service.pool is not None
+    appending = await setup.meter()
+    correcting = await setup.meter()
+    await setup.ingest([register(correcting, quarter(4), 10.0)])
+    ack = await setup.ingest(
+        [
+            register(appending, quarter(4), 5.0),
+            register(correcting, quarter(4), 11.0),
+            register(appending, quarter(5), 6.0),
+            register(correcting, quarter(5), 12.0),
+        ]
+    )
+    assert (ack.accepted_count, ack.corrected_count, ack.duplicate_count) == (3, 1, 0)
+    rows = await service.pool.fetch(
+        "SELECT meter_id, ts, value_wh, ingest_id FROM readings WHERE meter_id = ANY($1)",
+        [uuid.UUID(appending.id), uuid.UUID(correcting.id)],
+    )
+    by_key = {(str(r["meter_id"]), r["ts"]): (r["value_wh"], r["ingest_id"]) for r in rows}
+    assert len(by_key) == 4
+    batch_id = by_key[(appending.id, quarter(4))][1]
+    assert batch_id > 0
+    assert by_key == {
+        (appending.id, quarter(4)): (5.0, batch_id),
+        (appending.id, quarter(5)): (6.0, batch_id),
+        (correcting.id, quarter(4)): (11.0, -batch_id),
+        (correcting.id, quarter(5)): (12.0, batch_id),
+    }
+    again = await setup.ingest([register(appending, quarter(5), 6.0)])
+    assert (again.accepted_count, again.duplicate_count) == (0, 1)
