@@ -128,7 +128,9 @@ class CallGuard:
 
         @asynccontextmanager
         async def guard(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
-            with tracer.start_as_current_span(method, kind=trace.SpanKind.SERVER) as span:
+            # Not made the current span: a stream's guard may be closed from another context
+            # (the client went away), where detaching an attached context fails noisily.
+            with tracer.start_span(method, kind=trace.SpanKind.SERVER) as span:
                 try:
                     token = _authorization_token(context.invocation_metadata())
                     principal = await authenticator.authenticate(token) if token else None
