@@ -133,10 +133,6 @@ class Service:
         await self.server.start()
         await self._set_health(serving=True)
         self._tasks.append(asyncio.create_task(self._watch_database(), name="health-probe"))
-        self.upstream_scheduler = UpstreamScheduler(
-            self.pool, self.clock, settings.upstream_scheduler_interval_seconds
-        )
-        self.upstream_scheduler.start()
         return self.port
 
     def _capabilities(self) -> list[Capability]:
@@ -146,6 +142,9 @@ class Service:
             self.pool, self.hub, self.settings.watch_buffer_size, self.clock
         )
         upstream_servicer = upstream.UpstreamRegistryServicer(self.pool, self.clock)
+        self.upstream_scheduler = UpstreamScheduler(
+            self.pool, self.clock, self.settings.upstream_scheduler_interval_seconds
+        )
         meter_servicer = meters.MeterRegistryServicer(self.pool)
         telemetry_servicer = telemetry.TelemetryServicer(self.pool, self.hub, self.settings)
         self.telemetry_servicer = telemetry_servicer
@@ -159,6 +158,9 @@ class Service:
                 upstream.DESCRIPTOR,
                 upstream_servicer,
                 upstream.METHOD_ROLES,
+                # Date-driven status transitions, applied whether or not anyone calls.
+                start=self.upstream_scheduler.start,
+                stop=self.upstream_scheduler.stop,
             ),
             Capability(
                 meters.DESCRIPTOR,
@@ -210,8 +212,6 @@ class Service:
             await self._health.enter_graceful_shutdown()
         for task in self._tasks:
             task.cancel()
-        if self.upstream_scheduler is not None:
-            await self.upstream_scheduler.stop()
         stopping: asyncio.Task[None] | None = None
         if self.server is not None:
             stopping = asyncio.create_task(self.server.stop(grace))

@@ -70,7 +70,7 @@ class UpstreamScheduler:
                     if await try_lock_identifier(conn, after):
                         changed += await refresh_upstream_status(conn, [after], now)
 
-    def start(self) -> None:
+    async def start(self) -> None:
         """Ticks at once (catching up after downtime), then every interval; <= 0 disables."""
         if self._interval > 0 and self._task is None:
             self._task = asyncio.create_task(self._run(), name="upstream-scheduler")
