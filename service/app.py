@@ -13,6 +13,7 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
 
 from service.auth.authenticator import Authenticator
 from service.auth.principal import Role
@@ -22,6 +23,7 @@ from service.common.clock import SYSTEM_CLOCK, Clock
 from service.config import Settings
 from service.db.database import create_pool
 from service.db.migrate import migrate
+from service.db.reads import ReadLane
 from service.events.hub import EventHub
 from service.registry import servicer as registry
 from service.telemetry import meter_servicer as meters
@@ -61,6 +63,7 @@ class Service:
     settings: Settings
     dsn: str
     pool: asyncpg.Pool | None = None
+    reads: ReadLane | None = None
     hub: EventHub | None = None
     server: grpc.aio.Server | None = None
     port: int = 0
@@ -90,6 +93,9 @@ class Service:
         )
         async with self.pool.acquire() as conn:
             await migrate(conn)
+        read_connections = min(settings.db_read_connections, settings.db_pool_max_size // 2)
+        if read_connections > 0:
+            self.reads = ReadLane(self.pool, read_connections)
         identity = IdentityStore(self.pool)
         if settings.bootstrap:
             self.bootstrap_token = await identity.bootstrap_partner("default-partner")
@@ -112,7 +118,8 @@ class Service:
         for capability in capabilities:
             method_roles.update(capability.method_roles)
         self.server = grpc.aio.server(options=GRPC_OPTIONS)
-        guard = CallGuard(authenticator)
+        tracer = trace.get_tracer("openvpp") if settings.trace_exporter else None
+        guard = CallGuard(authenticator, tracer)
         for capability in capabilities:
             guard.register(
                 self.server, capability.descriptor, capability.servicer, capability.method_roles
@@ -139,7 +146,7 @@ class Service:
         assert self.pool is not None
         assert self.hub is not None
         registry_servicer = registry.SiteRegistryServicer(
-            self.pool, self.hub, self.settings.watch_buffer_size, self.clock
+            self.pool, self.hub, self.settings.watch_buffer_size, self.clock, self.reads
         )
         upstream_servicer = upstream.UpstreamRegistryServicer(self.pool, self.clock)
         self.upstream_scheduler = UpstreamScheduler(
@@ -231,6 +238,8 @@ class Service:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.reads is not None:
+            await self.reads.close()
         if self.pool is not None:
             # Every call has ended, so connections come back; a stuck one must not hang exit.
             try:

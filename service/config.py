@@ -20,6 +20,9 @@ class Settings:
     data_dir: Path = Path(".openvpp")
     db_pool_min_size: int = 2
     db_pool_max_size: int = 20
+    # Pool connections kept checked out for single-statement reads (GetSite, GetResource),
+    # at most half the pool; 0 sends those reads through the pool like everything else.
+    db_read_connections: int = 4
     # Seconds that in-flight calls get to finish after SIGTERM/SIGINT.
     shutdown_grace_seconds: float = 10.0
     # Seconds between database probes that drive the gRPC health status.

@@ -20,6 +20,7 @@ from service.common.pagination import (
     trim_page,
 )
 from service.common.protoconv import enum_from_proto, parse_uuid, to_timestamp
+from service.db.reads import Reads
 from service.events.hub import EventHub
 from service.identifiers import normalize_grid_identifier
 from service.registry import convert
@@ -46,14 +47,16 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
         hub: EventHub,
         watch_buffer_size: int,
         clock: Clock = SYSTEM_CLOCK,
+        reads: Reads | None = None,
     ) -> None:
         self._pool = pool
         self._hub = hub
         self._watch_buffer_size = watch_buffer_size
         self._clock = clock
+        self._reads = reads
 
     def _store(self) -> RegistryStore:
-        return RegistryStore(self._pool, current_principal().org_id, self._clock)
+        return RegistryStore(self._pool, current_principal().org_id, self._clock, self._reads)
 
     async def CreateSite(
         self, request: pb.CreateSiteRequest, context: Any

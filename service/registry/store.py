@@ -19,6 +19,7 @@ import asyncpg
 from service.common.clock import SYSTEM_CLOCK, Clock
 from service.common.errors import AlreadyExistsError, NotFoundError
 from service.common.pagination import Cursor
+from service.db.reads import Reads
 from service.db.site_children import list_site_children
 from service.registry.domain import (
     Bounds,
@@ -195,10 +196,19 @@ def _duplicate_identifier(identifier: str, prefix: str = "") -> AlreadyExistsErr
 
 
 class RegistryStore:
-    def __init__(self, pool: asyncpg.Pool, org_id: UUID, clock: Clock = SYSTEM_CLOCK) -> None:
+    """``reads`` serves the single-statement reads (a ``ReadLane``); the pool by default."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        org_id: UUID,
+        clock: Clock = SYSTEM_CLOCK,
+        reads: Reads | None = None,
+    ) -> None:
         self._pool = pool
         self._org_id = org_id
         self._clock = clock
+        self._reads: Reads = reads or pool
 
     # Sites
 
@@ -228,7 +238,7 @@ class RegistryStore:
         return SiteRecord.from_row(row)
 
     async def get_site(self, site_id: UUID) -> SiteRecord:
-        row = await self._pool.fetchrow(
+        row = await self._reads.fetchrow(
             "SELECT * FROM sites WHERE id = $1 AND org_id = $2", site_id, self._org_id
         )
         if row is None:
@@ -386,7 +396,7 @@ class RegistryStore:
         return ResourceRecord.from_row(row)
 
     async def get_resource(self, resource_id: UUID) -> ResourceRecord:
-        row = await self._pool.fetchrow(
+        row = await self._reads.fetchrow(
             "SELECT * FROM resources WHERE id = $1 AND org_id = $2", resource_id, self._org_id
         )
         if row is None:

@@ -1,0 +1,117 @@
+"""The read lane against a real PostgreSQL: bounded, shared, and recovering from trouble."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from service.db.database import create_pool
+from service.db.reads import ReadLane
+
+PID = "SELECT pg_backend_pid() AS pid"
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    own = await create_pool(database_url, 0, 6)
+    yield own
+    await own.close()
+
+
+async def test_concurrent_reads_share_at_most_size_connections(pool: asyncpg.Pool) -> None:
+    lane = ReadLane(pool, 2)
+    rows = await asyncio.gather(*(lane.fetchrow("SELECT $1::int AS n", n) for n in range(200)))
+    assert [row["n"] for row in rows if row] == list(range(200))
+    pids = await asyncio.gather(*(lane.fetchrow(PID) for _ in range(50)))
+    assert 1 <= len({row["pid"] for row in pids if row}) <= 2
+    assert pool.get_size() - pool.get_idle_size() == 2
+    await lane.close()
+    assert pool.get_idle_size() == pool.get_size()
+
+
+async def test_fetch_returns_every_row(pool: asyncpg.Pool) -> None:
+    lane = ReadLane(pool, 1)
+    rows = await lane.fetch("SELECT generate_series(1, $1::int) AS n", 5)
+    assert [row["n"] for row in rows] == [1, 2, 3, 4, 5]
+    await lane.close()
+
+
+async def test_a_failing_statement_keeps_the_connection(pool: asyncpg.Pool) -> None:
+    lane = ReadLane(pool, 1)
+    before = await lane.fetchrow(PID)
+    with pytest.raises(asyncpg.DivisionByZeroError):
+        await lane.fetchrow("SELECT 1 / $1::int", 0)
+    after = await lane.fetchrow(PID)
+    assert before
+    assert after
+    assert before["pid"] == after["pid"]
+    await lane.close()
+
+
+async def test_a_cancelled_read_gives_its_connection_back_and_the_lane_goes_on(
+    pool: asyncpg.Pool,
+) -> None:
+    lane = ReadLane(pool, 1)
+    slow = asyncio.ensure_future(lane.fetchrow("SELECT pg_sleep(5)"))
+    await asyncio.sleep(0.2)
+    waiting = asyncio.ensure_future(lane.fetchrow("SELECT 2 AS n"))
+    await asyncio.sleep(0.05)
+    slow.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await slow
+    # The waiter borrows a fresh connection instead of the one still being cancelled.
+    row = await asyncio.wait_for(waiting, 5)
+    assert row
+    assert row["n"] == 2
+    await lane.close()
+    assert pool.get_idle_size() == pool.get_size()
+
+
+async def test_a_cancelled_waiter_does_not_take_a_slot(pool: asyncpg.Pool) -> None:
+    lane = ReadLane(pool, 1)
+    slow = asyncio.ensure_future(lane.fetchrow("SELECT pg_sleep(0.3), 1 AS n"))
+    await asyncio.sleep(0.05)
+    impatient = asyncio.ensure_future(lane.fetchrow("SELECT 2 AS n"))
+    await asyncio.sleep(0.05)
+    impatient.cancel()
+    patient = asyncio.ensure_future(lane.fetchrow("SELECT 3 AS n"))
+    first, last = await asyncio.wait_for(asyncio.gather(slow, patient), 5)
+    assert first
+    assert first["n"] == 1
+    assert last
+    assert last["n"] == 3
+    assert impatient.cancelled()
+    await lane.close()
+
+
+async def test_a_dropped_connection_fails_one_read_then_is_replaced(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    lane = ReadLane(pool, 1)
+    row = await lane.fetchrow(PID)
+    assert row
+    admin = await asyncpg.connect(database_url)
+    try:
+        await admin.execute("SELECT pg_terminate_backend($1)", row["pid"])
+    finally:
+        await admin.close()
+    with pytest.raises((asyncpg.InterfaceError, asyncpg.PostgresConnectionError, OSError)):
+        await lane.fetchrow(PID)
+    replaced = await lane.fetchrow(PID)
+    assert replaced
+    assert replaced["pid"] != row["pid"]
+    await lane.close()
+
+
+async def test_reads_after_close_use_the_pool(pool: asyncpg.Pool) -> None:
+    lane = ReadLane(pool, 1)
+    await lane.fetchrow("SELECT 1")
+    await lane.close()
+    row = await lane.fetchrow("SELECT 4 AS n")
+    assert row
+    assert row["n"] == 4
+    await asyncio.sleep(0.05)
+    assert pool.get_idle_size() == pool.get_size()
