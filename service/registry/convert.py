@@ -23,6 +23,7 @@ from service.telemetry.domain import SiteType
 
 def site_to_proto(site: SiteRecord) -> pb.Site:
     fields = site.fields
+    primary = fields.primary
     location = pb.Location(address=fields.location.address, country=fields.location.country)
     if fields.location.latitude is not None and fields.location.longitude is not None:
         location.latitude = fields.location.latitude
@@ -39,13 +40,13 @@ def site_to_proto(site: SiteRecord) -> pb.Site:
                 direction=enum_to_proto(
                     pb.SupplyPointDirection, "SUPPLY_POINT_DIRECTION_", str(point.direction)
                 ),
-                primary=point is fields.primary,
+                primary=point is primary,
             )
             for point in fields.supply_points
         ],
         status=enum_to_proto(pb.SiteStatus, "SITE_STATUS_", site.status),
         upstream_status=enum_to_proto(pb.UpstreamStatus, "UPSTREAM_STATUS_", site.upstream_status),
-        grid_identifier=fields.primary.grid_identifier,
+        grid_identifier=primary.grid_identifier,
         type=enum_to_proto(pb.SiteType, "SITE_TYPE_", fields.site_type)
         if fields.site_type
         else pb.SITE_TYPE_UNSPECIFIED,

@@ -1,0 +1,116 @@
+"""The call guard on a real gRPC server: one span per call when tracing, and errors mapped."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+from openvpp.v1 import site_registry_pb2 as pb
+
+from service.app import Service
+from service.auth.authenticator import Authenticator
+from service.auth.principal import Role, current_principal
+from service.auth.store import IdentityStore
+from service.common.call_guard import CallGuard
+from service.common.errors import NotFoundError
+from tests.conftest import MakeOrg
+from tests.helpers import rpc_error
+
+SERVICE = "openvpp.test.Guarded"
+ROLES = {f"/{SERVICE}/{name}": frozenset({Role.PARTNER}) for name in ("Ok", "Missing", "Broken")}
+
+
+async def _ok(request: pb.GetSiteRequest, _context: Any) -> pb.GetSiteRequest:
+    return pb.GetSiteRequest(site_id=str(current_principal().org_id))
+
+
+async def _missing(request: pb.GetSiteRequest, _context: Any) -> pb.GetSiteRequest:
+    raise NotFoundError("site", request.site_id)
+
+
+async def _broken(request: pb.GetSiteRequest, _context: Any) -> pb.GetSiteRequest:
+    raise RuntimeError("secret detail")
+
+
+@pytest.fixture
+async def traced(service: Service) -> AsyncIterator[tuple[grpc.aio.Channel, InMemorySpanExporter]]:
+    assert service.pool is not None
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    guard = CallGuard(Authenticator(IdentityStore(service.pool), 30), provider.get_tracer("test"))
+    handlers = {
+        name: guard.guarded(
+            f"/{SERVICE}/{name}",
+            grpc.unary_unary_rpc_method_handler(
+                behaviour,
+                request_deserializer=pb.GetSiteRequest.FromString,
+                response_serializer=pb.GetSiteRequest.SerializeToString,
+            ),
+            ROLES,
+        )
+        for name, behaviour in (("Ok", _ok), ("Missing", _missing), ("Broken", _broken))
+    }
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield channel, exporter
+    await server.stop(0)
+
+
+def _method(channel: grpc.aio.Channel, name: str) -> Any:
+    return channel.unary_unary(
+        f"/{SERVICE}/{name}",
+        request_serializer=pb.GetSiteRequest.SerializeToString,
+        response_deserializer=pb.GetSiteRequest.FromString,
+    )
+
+
+async def test_each_call_is_one_server_span_and_the_handler_sees_the_caller(
+    traced: tuple[grpc.aio.Channel, InMemorySpanExporter], make_org: MakeOrg
+) -> None:
+    channel, exporter = traced
+    org = await make_org(Role.PARTNER)
+    response = await _method(channel, "Ok")(pb.GetSiteRequest(), metadata=org.auth)
+    assert response.site_id == str(org.id)
+    [span] = exporter.get_finished_spans()
+    assert span.name == f"/{SERVICE}/Ok"
+    assert span.kind is SpanKind.SERVER
+    assert span.status.status_code is StatusCode.UNSET
+
+
+async def test_domain_and_unexpected_errors_are_mapped_and_marked_on_the_span(
+    traced: tuple[grpc.aio.Channel, InMemorySpanExporter], make_org: MakeOrg
+) -> None:
+    channel, exporter = traced
+    org = await make_org(Role.PARTNER)
+    missing = await rpc_error(
+        _method(channel, "Missing")(pb.GetSiteRequest(site_id="x"), metadata=org.auth)
+    )
+    assert missing.code() is grpc.StatusCode.NOT_FOUND
+    broken = await rpc_error(_method(channel, "Broken")(pb.GetSiteRequest(), metadata=org.auth))
+    assert broken.code() is grpc.StatusCode.INTERNAL
+    assert broken.details() == "internal error"
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    assert spans[f"/{SERVICE}/Missing"].attributes == {"rpc.grpc.error": "NotFoundError"}
+    assert spans[f"/{SERVICE}/Broken"].status.status_code is StatusCode.ERROR
+
+
+async def test_refused_calls_are_spans_too(
+    traced: tuple[grpc.aio.Channel, InMemorySpanExporter], make_org: MakeOrg
+) -> None:
+    channel, exporter = traced
+    supplier = await make_org(Role.SUPPLIER)
+    denied = await rpc_error(_method(channel, "Ok")(pb.GetSiteRequest(), metadata=supplier.auth))
+    assert denied.code() is grpc.StatusCode.PERMISSION_DENIED
+    anonymous = await rpc_error(_method(channel, "Ok")(pb.GetSiteRequest()))
+    assert anonymous.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert [span.name for span in exporter.get_finished_spans()] == [f"/{SERVICE}/Ok"] * 2
