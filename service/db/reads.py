@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 
@@ -28,6 +29,8 @@ class Reads(Protocol):
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]: ...
 
+
+T = TypeVar("T")
 
 # Errors after which the connection is still fit for the next statement.
 _STATEMENT_ERRORS = (asyncpg.PostgresError,)
@@ -47,30 +50,10 @@ class ReadLane:
         self._closed = False
 
     async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
-        conn = await self._checkout()
-        try:
-            row = await conn.fetchrow(query, *args)
-        except _STATEMENT_ERRORS:
-            self._checkin(conn)
-            raise
-        except BaseException:
-            self._give_back(conn)
-            raise
-        self._checkin(conn)
-        return row
+        return await self._run(lambda conn: conn.fetchrow(query, *args))
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        conn = await self._checkout()
-        try:
-            rows: list[asyncpg.Record] = await conn.fetch(query, *args)
-        except _STATEMENT_ERRORS:
-            self._checkin(conn)
-            raise
-        except BaseException:
-            self._give_back(conn)
-            raise
-        self._checkin(conn)
-        return rows
+        return await self._run(lambda conn: conn.fetch(query, *args))
 
     async def close(self) -> None:
         """Returns every connection to the pool; reads after this go to the pool directly."""
@@ -82,6 +65,19 @@ class ReadLane:
             self._wake_one()
         if self._returning:
             await asyncio.gather(*self._returning, return_exceptions=True)
+
+    async def _run(self, statement: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        conn = await self._checkout()
+        try:
+            result = await statement(conn)
+        except _STATEMENT_ERRORS:
+            self._checkin(conn)
+            raise
+        except BaseException:
+            self._give_back(conn)
+            raise
+        self._checkin(conn)
+        return result
 
     async def _checkout(self) -> asyncpg.Connection:
         if self._idle:
