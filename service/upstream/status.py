@@ -122,15 +122,18 @@ async def refresh_upstream_status(
         all_terms = [terms for contracts in per_upstream_site for terms in contracts]
         check_at = next_check_at(next_transition_date(all_terms, today), site["timezone"], now)
         if status != UpstreamStatus(site["upstream_status"]):
+            # A site created in this transaction (silent) gets its first status as part of
+            # its creation: it stays "never updated".
             await conn.execute(
                 """
                 UPDATE sites SET upstream_status = $2, upstream_next_check_at = $3,
-                    updated_at = clock_timestamp()
+                    updated_at = CASE WHEN $4 THEN updated_at ELSE clock_timestamp() END
                 WHERE id = $1
                 """,
                 site["id"],
                 str(status),
                 check_at,
+                site["id"] in silent,
             )
             if site["id"] not in silent:
                 await registry_store.notify_site_event(

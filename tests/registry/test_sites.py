@@ -70,8 +70,7 @@ async def test_create_site_with_every_field(registry: Stub, partner: Org) -> Non
     assert site.type == pb.SITE_TYPE_BALANCED_ACCURATE
     assert site.balance_resolution == "PT1H"
     assert site.create_time.seconds > 0
-    # Both columns default to clock_timestamp(), evaluated one after the other.
-    assert site.update_time.ToDatetime() >= site.create_time.ToDatetime()
+    assert site.update_time == site.create_time  # never changed yet
     assert await get_site(registry, partner, site.id) == site
 
 
@@ -151,7 +150,10 @@ async def test_first_controllable_resource_onboards_last_removed_reverts(
     registry: Stub, partner: Org, site: pb.Site, kind: int
 ) -> None:
     created = await registry.CreateResource(resource_request(site.id, kind), metadata=partner.auth)
-    assert (await get_site(registry, partner, site.id)).status == pb.SITE_STATUS_ONBOARDED
+    assert created.resource.update_time == created.resource.create_time
+    onboarded = await get_site(registry, partner, site.id)
+    assert onboarded.status == pb.SITE_STATUS_ONBOARDED
+    assert onboarded.update_time.ToDatetime() > onboarded.create_time.ToDatetime()
     await registry.DeleteResource(
         pb.DeleteResourceRequest(resource_id=created.resource.id), metadata=partner.auth
     )

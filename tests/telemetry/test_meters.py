@@ -19,6 +19,7 @@ async def test_seed_meter_round_trip(setup: Setup) -> None:
     assert meter.start_date.ToDatetime().isoformat() == "2024-12-31T23:00:00"
     assert meter.transformer_factor == 1
     assert not meter.HasField("end_date")
+    assert meter.update_time == meter.create_time
     fetched = await setup.meters.GetMeter(
         mpb.GetMeterRequest(meter_id=meter.id), metadata=setup.org.auth
     )

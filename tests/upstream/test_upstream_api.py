@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import grpc
 from google.protobuf import timestamp_pb2
 from google.type import date_pb2
+from openvpp.v1 import site_registry_pb2 as site_pb
 from openvpp.v1 import upstream_registry_pb2 as pb
 
 from tests.conftest import Org
@@ -27,6 +28,20 @@ async def test_create_upstream_site_normalizes_like_partner_sites(api: Api, supp
     assert not site.matched_partner_site
     assert site.contract_state == pb.CONTRACT_STATE_UNSPECIFIED
     assert await api.get_upstream_site(supplier, site.id) == site
+
+
+async def test_new_rows_carry_one_time_as_created_and_updated(
+    api: Api, supplier: Org, partner: Org
+) -> None:
+    identifier = random_ean18()
+    upstream_site = await api.upstream_site(supplier, identifier)
+    contract = await api.contract(supplier, upstream_site.id, days(-1))
+    assert upstream_site.update_time == upstream_site.create_time
+    assert contract.update_time == contract.create_time
+    # Its upstream status is set in the transaction that creates it: part of its creation.
+    site = await api.partner_site(partner, identifier)
+    assert site.upstream_status == site_pb.UPSTREAM_STATUS_CONTRACT_ACTIVE
+    assert site.update_time == site.create_time
 
 
 async def test_create_upstream_site_rejects_bad_fields(api: Api, supplier: Org) -> None:
