@@ -38,6 +38,7 @@ from service.telemetry.store import (
     Partitions,
     fetch_ingested,
     fetch_range,
+    lock_register_meters,
     stored_neighbours,
     unoccupied,
     write_rows,
@@ -213,6 +214,7 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
         if not checked.registers:
             return rows, [], []
         groups = list(checked.registers.items())
+        await lock_register_meters(conn, sorted({meter_id for (meter_id, _), _ in groups}))
         bounds = []
         for (meter_id, flow), positions in groups:
             stamps = [rows[p][2] for p in positions]

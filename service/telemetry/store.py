@@ -314,6 +314,21 @@ def _queue_starts(tz_key: str, resolution: str, ts_us: int, is_register: bool) -
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+async def lock_register_meters(conn: asyncpg.Connection, meter_ids: list[UUID]) -> None:
+    """Serializes register checks per meter until this transaction ends.
+
+    Each batch checks its register values against what is stored; two batches of one meter
+    in flight at once (two streams, two replicas) would each miss the other's values. The
+    second now waits for the first to commit, and its check then sees those values. Row
+    locks on the meters rather than advisory locks: a batch may name thousands of meters,
+    and advisory locks live in a shared table of bounded size. Taken in id order, so two
+    batches cannot deadlock on each other.
+    """
+    await conn.execute(
+        "SELECT FROM meters WHERE id = ANY($1::uuid[]) ORDER BY id FOR NO KEY UPDATE", meter_ids
+    )
+
+
 async def stored_neighbours(
     conn: asyncpg.Connection,
     groups: Sequence[tuple[UUID, int, int, int]],

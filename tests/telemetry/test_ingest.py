@@ -131,6 +131,33 @@ async def test_register_decrease_against_stored_neighbours(setup: Setup) -> None
     assert ack.accepted_count == 1
 
 
+async def test_concurrent_batches_of_one_meter_are_checked_against_each_other(
+    setup: Setup, service: Service
+) -> None:
+    meter = await setup.meter()
+    assert service.pool is not None
+    async with service.pool.acquire() as conn:
+        # Hold the meter so both batches are in flight together, as from two streams.
+        holding = conn.transaction()
+        await holding.start()
+        await conn.execute("SELECT FROM meters WHERE id = $1 FOR UPDATE", uuid.UUID(meter.id))
+        earlier_higher = asyncio.ensure_future(
+            setup.ingest([register(meter, quarter(1), 100.0)], "a")
+        )
+        later_lower = asyncio.ensure_future(setup.ingest([register(meter, quarter(2), 50.0)], "b"))
+        await asyncio.sleep(0.3)
+        assert not earlier_higher.done()
+        assert not later_lower.done()
+        await holding.rollback()
+    acks = await asyncio.wait_for(asyncio.gather(earlier_higher, later_lower), 10)
+    # Whichever committed first, the other saw it: one decrease, rejected.
+    assert sorted(ack.accepted_count for ack in acks) == [0, 1]
+    assert [reasons(ack) for ack in acks if ack.rejected_count] == [
+        {0: R.REJECT_REASON_REGISTER_DECREASED}
+    ]
+    assert await stored_count(service, meter.id) == 1
+
+
 async def test_duplicates_and_corrections(setup: Setup, service: Service) -> None:
     meter = await setup.meter(measuring=mpb.MEASURING_LOAD_PROFILE_ACCURATE)
     batch = [interval(meter, quarter(i), 10.0 + i) for i in range(4)]
