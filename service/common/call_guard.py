@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.trace import Span
 
 from service.auth.authenticator import Authenticator
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 Admit = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[Principal]]
 Fail = Callable[[grpc.aio.ServicerContext[Any, Any], Exception, Span | None], Awaitable[None]]
-SpanFactory = Callable[[], Span | None]
+SpanFactory = Callable[[grpc.aio.ServicerContext[Any, Any]], Span | None]
 
 
 class _Steps:
@@ -66,7 +66,7 @@ class _Guarded:
         self._bound: contextvars.Token[Principal] | None = None
 
     async def __aenter__(self) -> None:
-        self._span = self._steps.span_for()
+        self._span = self._steps.span_for(self._context)
         try:
             principal = await self._steps.admit(self._context)
         except BaseException as error:
@@ -181,12 +181,14 @@ class CallGuard:
         authenticator = self._authenticator
         tracer = self._tracer
 
-        def span_for() -> Span | None:
+        def span_for(context: grpc.aio.ServicerContext[Any, Any]) -> Span | None:
+            # A child of the caller's span when it sends W3C trace context (traceparent).
             # Not made the current span: a stream's guard may be closed from another context
             # (the client went away), where detaching an attached context fails noisily.
             if tracer is None:
                 return None
-            return tracer.start_span(method, kind=trace.SpanKind.SERVER)
+            caller = propagate.extract(_text_metadata(context.invocation_metadata()))
+            return tracer.start_span(method, context=caller, kind=trace.SpanKind.SERVER)
 
         async def admit(context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
             token = _authorization_token(context.invocation_metadata())
@@ -267,6 +269,10 @@ def _method_handler(method: MethodDescriptor, behavior: Any) -> Any:
         request_deserializer=request.FromString,
         response_serializer=response.SerializeToString,
     )
+
+
+def _text_metadata(metadata: Any) -> dict[str, str]:
+    return {key: value for key, value in metadata or () if isinstance(value, str)}
 
 
 def _authorization_token(metadata: Any) -> str | None:

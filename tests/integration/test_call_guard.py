@@ -84,7 +84,24 @@ async def test_each_call_is_one_server_span_and_the_handler_sees_the_caller(
     [span] = exporter.get_finished_spans()
     assert span.name == f"/{SERVICE}/Ok"
     assert span.kind is SpanKind.SERVER
+    assert span.parent is None  # the caller sent no trace context
     assert span.status.status_code is StatusCode.UNSET
+
+
+async def test_the_span_continues_the_callers_trace(
+    traced: tuple[grpc.aio.Channel, InMemorySpanExporter], make_org: MakeOrg
+) -> None:
+    channel, exporter = traced
+    org = await make_org(Role.PARTNER)
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    traceparent = ("traceparent", f"00-{trace_id}-{parent_id}-01")
+    await _method(channel, "Ok")(pb.GetSiteRequest(), metadata=(*org.auth, traceparent))
+    [span] = exporter.get_finished_spans()
+    assert span.context is not None
+    assert span.parent is not None
+    assert format(span.context.trace_id, "032x") == trace_id
+    assert format(span.parent.span_id, "016x") == parent_id
+    assert span.parent.is_remote
 
 
 async def test_domain_and_unexpected_errors_are_mapped_and_marked_on_the_span(
