@@ -9,6 +9,8 @@ grpc.aio server that echoes a GetSiteRequest back. Then, from separate client pr
 using the generated stubs, runs each phase for a bounded time and prints throughput and
 p50/p95/p99 latency for echo, GetSite and ListSites, and each one's ratio to echo.
 The goal of the foundation issue: GetSite >= 0.5 x echo throughput, p99 < 50 ms.
+Also prints each server process's CPU per call (over whole phases, warm-up included),
+which says where a ratio comes from better than the throughput alone.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 from openvpp.v1 import site_registry_pb2 as pb
 from openvpp.v1 import site_registry_pb2_grpc
 
@@ -108,9 +111,13 @@ def _make_call(phase: Phase, channel: grpc.aio.Channel) -> Callable[[], Awaitabl
     return lambda: registry.ListSites(list_request, metadata=metadata)
 
 
-async def _load(phase: Phase, concurrency: int, seconds: float, warmup: float) -> list[float]:
-    """Latencies (s) of calls that completed in the measured window, after a warm-up."""
+async def _load(
+    phase: Phase, concurrency: int, seconds: float, warmup: float
+) -> tuple[list[float], int]:
+    """Latencies (s) of calls that began in the measured window, after a warm-up, and the
+    number of calls made in all (warm-up included)."""
     latencies: list[float] = []
+    completed = 0
     errors = 0
     async with grpc.aio.insecure_channel(f"127.0.0.1:{phase.port}") as channel:
         call = _make_call(phase, channel)
@@ -119,7 +126,7 @@ async def _load(phase: Phase, concurrency: int, seconds: float, warmup: float) -
         end = measure_from + seconds
 
         async def worker() -> None:
-            nonlocal errors
+            nonlocal errors, completed
             while True:
                 began = time.perf_counter()
                 if began >= end:
@@ -129,13 +136,14 @@ async def _load(phase: Phase, concurrency: int, seconds: float, warmup: float) -
                 except grpc.aio.AioRpcError:
                     errors += 1
                     continue
+                completed += 1
                 if began >= measure_from:
                     latencies.append(time.perf_counter() - began)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     if errors:
         raise SystemExit(f"{phase.name}: {errors} calls failed")
-    return latencies
+    return latencies, completed
 
 
 def _client(phase: Phase, concurrency: int, seconds: float, warmup: float, out: Any) -> None:
@@ -144,7 +152,7 @@ def _client(phase: Phase, concurrency: int, seconds: float, warmup: float, out: 
 
 def run_phase(
     phase: Phase, concurrency: int, clients: int, seconds: float, warmup: float
-) -> list[float]:
+) -> tuple[list[float], int]:
     """Latencies of ``seconds`` of ``concurrency`` calls in flight over ``clients`` processes."""
     context = multiprocessing.get_context("spawn")
     pipes = []
@@ -159,11 +167,14 @@ def run_phase(
         pipes.append(receiver)
         processes.append(process)
     latencies: list[float] = []
+    completed = 0
     for receiver in pipes:
-        latencies += receiver.recv()
+        measured, made = receiver.recv()
+        latencies += measured
+        completed += made
     for process in processes:
         process.join()
-    return latencies
+    return latencies, completed
 
 
 def summary(latencies: list[float], seconds: float) -> dict[str, float]:
@@ -232,6 +243,12 @@ async def _seed(port: int, token: str, count: int) -> list[str]:
         return ids
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU of one server process (its database, if any, runs elsewhere)."""
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
 def _ean18(index: int) -> str:
     body = f"54144882{index:09d}"
     total = sum(int(d) * (3 if i % 2 == 0 else 1) for i, d in enumerate(reversed(body)))
@@ -279,16 +296,25 @@ def main() -> None:
 
         # Phases alternate over several rounds, so a machine whose speed drifts (shared
         # CPUs) slows every phase alike instead of skewing the ratios.
-        targets = {"echo": echo_port, "GetSite": port, "ListSites": port}
+        targets = {"echo": (echo_port, echo), "GetSite": (port, serve), "ListSites": (port, serve)}
         latencies: dict[str, list[float]] = {name: [] for name in targets}
+        # CPU of the server process over whole phases, per call made (warm-up included).
+        server_cpu: dict[str, float] = dict.fromkeys(targets, 0.0)
+        all_calls: dict[str, int] = dict.fromkeys(targets, 0)
         share = args.seconds / args.rounds
         for _ in range(args.rounds):
-            for name, target in targets.items():
+            for name, (target, server) in targets.items():
                 phase = Phase(name, target, token, site_ids)
-                latencies[name] += run_phase(
+                before = _cpu_seconds(server.pid)
+                measured, made = run_phase(
                     phase, args.concurrency, args.clients, share, args.warmup
                 )
+                server_cpu[name] += _cpu_seconds(server.pid) - before
+                all_calls[name] += made
+                latencies[name] += measured
         results = {name: summary(values, args.seconds) for name, values in latencies.items()}
+        for name, figures in results.items():
+            figures["server_cpu_us_per_call"] = server_cpu[name] / all_calls[name] * 1e6
     finally:
         for server in servers:
             _stop(server)
@@ -302,12 +328,16 @@ def main() -> None:
         f"{os.cpu_count()} CPUs shared by clients, servers and PostgreSQL; "
         f"ListSites pages of {LIST_PAGE_SIZE} of {SITES} sites\n"
     )
-    print(f"{'phase':<10} {'calls/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'x echo':>7}")
+    print(
+        f"{'phase':<10} {'calls/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'x echo':>7} "
+        f"{'server CPU us/call':>19}"
+    )
     for name, figures in results.items():
         print(
             f"{name:<10} {figures['throughput']:>9.0f} {figures['p50_ms']:>8.2f} "
             f"{figures['p95_ms']:>8.2f} {figures['p99_ms']:>8.2f} "
-            f"{figures['throughput'] / echo_rate:>7.2f}"
+            f"{figures['throughput'] / echo_rate:>7.2f} "
+            f"{figures['server_cpu_us_per_call']:>19.0f}"
         )
     get_site = results["GetSite"]
     ratio = get_site["throughput"] / echo_rate
