@@ -80,8 +80,11 @@ class ReadLane:
         return result
 
     async def _checkout(self) -> asyncpg.Connection:
-        if self._idle:
-            return self._idle.pop()
+        while self._idle:
+            conn = self._idle.pop()
+            if _usable(conn):
+                return conn
+            self._give_back(conn)
         if self._borrowed >= self._size and not self._closed:
             waiter: asyncio.Future[asyncpg.Connection | None] = (
                 asyncio.get_running_loop().create_future()
@@ -132,3 +135,12 @@ class ReadLane:
             if not waiter.done():
                 waiter.set_result(None)
                 return
+
+
+def _usable(conn: asyncpg.Connection) -> bool:
+    """False once the connection closed while idle (the server ended it, say): the pool
+    then takes it back on its own, and any call on it raises InterfaceError."""
+    try:
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:
+        return False

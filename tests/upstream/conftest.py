@@ -190,7 +190,19 @@ class Watcher:
 
     async def __aenter__(self) -> Watcher:
         await self._call.initial_metadata()  # subscribed from here on
-        return self
+        # Events committed just before subscribing may still be on their way through the
+        # replica's listener. They come in commit order, so a site created now marks their
+        # end: what follows its CREATED event is what the test itself caused.
+        marker = await self._sites.CreateSite(
+            site_request(random_identifier(), name="watch start"), metadata=self._org.auth
+        )
+        async for event in self._call:
+            if (
+                event.event_type == site_pb.SITE_EVENT_TYPE_CREATED
+                and event.site.id == marker.site.id
+            ):
+                return self
+        raise AssertionError("watch stream ended before it started")
 
     async def __aexit__(self, *exc: object) -> None:
         self._call.cancel()
