@@ -37,6 +37,9 @@ _STATEMENT_ERRORS = (asyncpg.PostgresError,)
 
 
 class ReadLane:
+    """At most ``size`` connections, each counted from the moment a caller is given the right
+    to borrow it until it goes back to the pool."""
+
     def __init__(self, pool: asyncpg.Pool, size: int) -> None:
         if size < 1:
             raise ValueError("a read lane needs at least one connection")
@@ -44,7 +47,8 @@ class ReadLane:
         self._size = size
         self._borrowed = 0
         self._idle: list[asyncpg.Connection] = []
-        # Callers waiting for a connection; each gets one, or None to borrow its own.
+        # Callers waiting for a connection: each is handed one, or None with a slot to
+        # borrow its own from the pool.
         self._waiters: deque[asyncio.Future[asyncpg.Connection | None]] = deque()
         self._returning: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -62,7 +66,7 @@ class ReadLane:
         for conn in idle:
             self._give_back(conn)
         while self._waiters:
-            self._wake_one()
+            self._pass_slot()
         if self._returning:
             await asyncio.gather(*self._returning, return_exceptions=True)
 
@@ -81,34 +85,41 @@ class ReadLane:
 
     async def _checkout(self) -> asyncpg.Connection:
         while self._idle:
-            conn = self._idle.pop()
-            if _usable(conn):
-                return conn
-            self._give_back(conn)
-        if self._borrowed >= self._size and not self._closed:
-            waiter: asyncio.Future[asyncpg.Connection | None] = (
-                asyncio.get_running_loop().create_future()
-            )
-            self._waiters.append(waiter)
-            try:
-                conn = await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
-                    # Handed a connection in the same instant: pass it on.
-                    self._checkin(waiter.result())
-                elif waiter.done() and not waiter.cancelled():
-                    self._wake_one()
-                raise
-            if conn is not None:
-                return conn
-        self._borrowed += 1
+            idle = self._idle.pop()
+            if _usable(idle):
+                return idle
+            self._give_back(idle)
+        if self._borrowed < self._size or self._closed:
+            self._borrowed += 1
+        else:
+            handed = await self._wait()
+            if handed is not None:
+                if _usable(handed):
+                    return handed
+                self._return_to_pool(handed)  # its slot is ours now
         try:
-            conn = await self._pool.acquire()
+            fresh: asyncpg.Connection = await self._pool.acquire()
         except BaseException:
-            self._borrowed -= 1
-            self._wake_one()
+            self._free_slot()
             raise
-        return conn
+        return fresh
+
+    async def _wait(self) -> asyncpg.Connection | None:
+        waiter: asyncio.Future[asyncpg.Connection | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                # Handed a connection or a slot in the same instant: pass it on.
+                handed = waiter.result()
+                if handed is not None:
+                    self._checkin(handed)
+                else:
+                    self._free_slot()
+            raise
 
     def _checkin(self, conn: asyncpg.Connection) -> None:
         if self._closed:
@@ -122,17 +133,25 @@ class ReadLane:
         self._idle.append(conn)
 
     def _give_back(self, conn: asyncpg.Connection) -> None:
-        """To the pool, which resets or replaces it; a waiter may then borrow afresh."""
-        self._borrowed -= 1
+        """To the pool, which resets or replaces it; its slot goes to a waiter, if any."""
+        self._return_to_pool(conn)
+        self._free_slot()
+
+    def _return_to_pool(self, conn: asyncpg.Connection) -> None:
         task = asyncio.get_running_loop().create_task(self._pool.release(conn))
         self._returning.add(task)
         task.add_done_callback(self._returning.discard)
-        self._wake_one()
 
-    def _wake_one(self) -> None:
+    def _free_slot(self) -> None:
+        self._borrowed -= 1
+        self._pass_slot()
+
+    def _pass_slot(self) -> None:
+        """Lets the longest waiting caller borrow a connection of its own, if any waits."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
+                self._borrowed += 1
                 waiter.set_result(None)
                 return
 

@@ -93,6 +93,24 @@ async def test_a_cancelled_waiter_does_not_take_a_slot(pool: asyncpg.Pool) -> No
     await lane.close()
 
 
+async def test_a_freed_slot_goes_to_the_waiter_not_to_a_newcomer(pool: asyncpg.Pool) -> None:
+    lane = ReadLane(pool, 1)
+    timed = "SELECT clock_timestamp() AS began, pg_sleep(0.2), clock_timestamp() AS ended"
+    holder = asyncio.ensure_future(lane.fetchrow("SELECT pg_sleep(5)"))
+    await asyncio.sleep(0.2)
+    waiter = asyncio.ensure_future(lane.fetchrow(timed))
+    await asyncio.sleep(0.05)
+    holder.cancel()  # its connection goes back to the pool; its slot to the waiter
+    newcomer = asyncio.ensure_future(lane.fetchrow(timed))  # asks right after
+    with pytest.raises(asyncio.CancelledError):
+        await holder
+    rows = await asyncio.wait_for(asyncio.gather(waiter, newcomer), 5)
+    spans = sorted((row["began"], row["ended"]) for row in rows if row)
+    assert len(spans) == 2
+    assert spans[0][1] <= spans[1][0]  # one after the other: never two connections at once
+    await lane.close()
+
+
 async def _end_backend(database_url: str, pid: int) -> None:
     admin = await asyncpg.connect(database_url)
     try:
