@@ -57,14 +57,23 @@ async def test_a_failing_statement_keeps_the_connection(pool: asyncpg.Pool) -> N
     await lane.close()
 
 
+Read = asyncio.Future[asyncpg.Record | None]
+
+
+async def _busy_lane(pool: asyncpg.Pool, holding: str, waiting: str) -> tuple[ReadLane, Read, Read]:
+    """A lane of one connection, busy with ``holding``, and ``waiting`` queued behind it."""
+    lane = ReadLane(pool, 1)
+    holder = asyncio.ensure_future(lane.fetchrow(holding))
+    await asyncio.sleep(0.1)
+    waiter = asyncio.ensure_future(lane.fetchrow(waiting))
+    await asyncio.sleep(0.05)
+    return lane, holder, waiter
+
+
 async def test_a_cancelled_read_gives_its_connection_back_and_the_lane_goes_on(
     pool: asyncpg.Pool,
 ) -> None:
-    lane = ReadLane(pool, 1)
-    slow = asyncio.ensure_future(lane.fetchrow("SELECT pg_sleep(5)"))
-    await asyncio.sleep(0.2)
-    waiting = asyncio.ensure_future(lane.fetchrow("SELECT 2 AS n"))
-    await asyncio.sleep(0.05)
+    lane, slow, waiting = await _busy_lane(pool, "SELECT pg_sleep(5)", "SELECT 2 AS n")
     slow.cancel()
     with pytest.raises(asyncio.CancelledError):
         await slow
@@ -77,11 +86,7 @@ async def test_a_cancelled_read_gives_its_connection_back_and_the_lane_goes_on(
 
 
 async def test_a_cancelled_waiter_does_not_take_a_slot(pool: asyncpg.Pool) -> None:
-    lane = ReadLane(pool, 1)
-    slow = asyncio.ensure_future(lane.fetchrow("SELECT pg_sleep(0.3), 1 AS n"))
-    await asyncio.sleep(0.05)
-    impatient = asyncio.ensure_future(lane.fetchrow("SELECT 2 AS n"))
-    await asyncio.sleep(0.05)
+    lane, slow, impatient = await _busy_lane(pool, "SELECT pg_sleep(0.3), 1 AS n", "SELECT 2 AS n")
     impatient.cancel()
     patient = asyncio.ensure_future(lane.fetchrow("SELECT 3 AS n"))
     first, last = await asyncio.wait_for(asyncio.gather(slow, patient), 5)
@@ -94,12 +99,8 @@ async def test_a_cancelled_waiter_does_not_take_a_slot(pool: asyncpg.Pool) -> No
 
 
 async def test_a_freed_slot_goes_to_the_waiter_not_to_a_newcomer(pool: asyncpg.Pool) -> None:
-    lane = ReadLane(pool, 1)
     timed = "SELECT clock_timestamp() AS began, pg_sleep(0.2), clock_timestamp() AS ended"
-    holder = asyncio.ensure_future(lane.fetchrow("SELECT pg_sleep(5)"))
-    await asyncio.sleep(0.2)
-    waiter = asyncio.ensure_future(lane.fetchrow(timed))
-    await asyncio.sleep(0.05)
+    lane, holder, waiter = await _busy_lane(pool, "SELECT pg_sleep(5)", timed)
     holder.cancel()  # its connection goes back to the pool; its slot to the waiter
     newcomer = asyncio.ensure_future(lane.fetchrow(timed))  # asks right after
     with pytest.raises(asyncio.CancelledError):
@@ -111,45 +112,46 @@ async def test_a_freed_slot_goes_to_the_waiter_not_to_a_newcomer(pool: asyncpg.P
     await lane.close()
 
 
-async def _end_backend(database_url: str, pid: int) -> None:
+async def _lane_whose_connection_was_ended(
+    pool: asyncpg.Pool, database_url: str
+) -> tuple[ReadLane, int]:
+    """A lane of one connection, and the backend pid the server just ended under it."""
+    lane = ReadLane(pool, 1)
+    row = await lane.fetchrow(PID)
+    assert row
     admin = await asyncpg.connect(database_url)
     try:
-        await admin.execute("SELECT pg_terminate_backend($1)", pid)
+        await admin.execute("SELECT pg_terminate_backend($1)", row["pid"])
     finally:
         await admin.close()
+    return lane, row["pid"]
 
 
 async def test_a_connection_ended_while_idle_is_replaced_without_a_failed_read(
     pool: asyncpg.Pool, database_url: str
 ) -> None:
-    lane = ReadLane(pool, 1)
-    row = await lane.fetchrow(PID)
-    assert row
-    await _end_backend(database_url, row["pid"])
+    lane, ended = await _lane_whose_connection_was_ended(pool, database_url)
     await asyncio.sleep(0.3)  # the client sees the connection close meanwhile
     replaced = await asyncio.wait_for(lane.fetchrow(PID), 5)
     assert replaced
-    assert replaced["pid"] != row["pid"]
+    assert replaced["pid"] != ended
     await lane.close()
 
 
 async def test_a_connection_ended_just_before_a_read_costs_at_most_that_read(
     pool: asyncpg.Pool, database_url: str
 ) -> None:
-    lane = ReadLane(pool, 1)
-    row = await lane.fetchrow(PID)
-    assert row
-    await _end_backend(database_url, row["pid"])
+    lane, ended = await _lane_whose_connection_was_ended(pool, database_url)
     # Whether the client noticed the end before the next read decides if that read fails.
     try:
         first = await asyncio.wait_for(lane.fetchrow(PID), 5)
     except CONNECTION_LOST:
         first = None
     if first is not None:
-        assert first["pid"] != row["pid"]
+        assert first["pid"] != ended
     replaced = await asyncio.wait_for(lane.fetchrow(PID), 5)
     assert replaced
-    assert replaced["pid"] != row["pid"]
+    assert replaced["pid"] != ended
     await lane.close()
 
 
