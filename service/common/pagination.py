@@ -5,10 +5,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 from uuid import UUID
 
 from service.common.errors import ValidationError
@@ -85,3 +85,25 @@ def trim_page(rows: Sequence[RowT], limit: int, fingerprint: str) -> tuple[list[
     page = list(rows[:limit])
     last = page[-1]
     return page, encode_page_token(Cursor(last.created_at, last.id), fingerprint)
+
+
+@dataclass(frozen=True)
+class Page(Generic[RowT]):
+    rows: list[RowT]
+    next_page_token: str
+    total_size: int
+
+
+async def fetch_page(
+    list_rows: Callable[[Cursor | None, int], Awaitable[tuple[Sequence[RowT], int]]],
+    limit: int,
+    page_token: str,
+    *filters: object,
+) -> Page[RowT]:
+    """One page of a list RPC: the token is checked against ``filters``, then
+    ``list_rows(after, limit + 1)`` gives the rows after its cursor and the total count."""
+    fingerprint = filters_fingerprint(*filters)
+    after = decode_page_token(page_token, fingerprint)
+    rows, total = await list_rows(after, limit + 1)
+    page, next_token = trim_page(rows, limit, fingerprint)
+    return Page(page, next_token, total)

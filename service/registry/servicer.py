@@ -13,12 +13,7 @@ from openvpp.v1 import site_registry_pb2_grpc as pb_grpc
 
 from service.auth.principal import Role, current_principal
 from service.common.clock import SYSTEM_CLOCK, Clock
-from service.common.pagination import (
-    decode_page_token,
-    filters_fingerprint,
-    page_size_or_default,
-    trim_page,
-)
+from service.common.pagination import fetch_page, page_size_or_default
 from service.common.protoconv import enum_from_proto, parse_uuid, to_timestamp
 from service.db.reads import Reads
 from service.events.hub import EventHub
@@ -84,14 +79,17 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
             ),
             grid_identifier=normalize_grid_identifier(request.grid_identifier) or None,
         )
-        fingerprint = filters_fingerprint(site_filter)
-        after = decode_page_token(request.page_token, fingerprint)
-        sites, total = await self._store().list_sites(site_filter, after, limit + 1)
-        sites, next_token = trim_page(sites, limit, fingerprint)
+        store = self._store()
+        page = await fetch_page(
+            lambda after, n: store.list_sites(site_filter, after, n),
+            limit,
+            request.page_token,
+            site_filter,
+        )
         return pb.ListSitesResponse(
-            sites=[convert.site_to_proto(site) for site in sites],
-            next_page_token=next_token,
-            total_size=total,
+            sites=[convert.site_to_proto(site) for site in page.rows],
+            next_page_token=page.next_page_token,
+            total_size=page.total_size,
         )
 
     async def UpdateSite(
@@ -187,14 +185,17 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
     ) -> pb.ListResourcesResponse:
         site_id = parse_uuid(request.site_id, "site_id")
         limit = page_size_or_default(request.page_size)
-        fingerprint = filters_fingerprint(site_id)
-        after = decode_page_token(request.page_token, fingerprint)
-        resources, total = await self._store().list_resources(site_id, after, limit + 1)
-        resources, next_token = trim_page(resources, limit, fingerprint)
+        store = self._store()
+        page = await fetch_page(
+            lambda after, n: store.list_resources(site_id, after, n),
+            limit,
+            request.page_token,
+            site_id,
+        )
         return pb.ListResourcesResponse(
-            resources=[convert.resource_to_proto(r) for r in resources],
-            next_page_token=next_token,
-            total_size=total,
+            resources=[convert.resource_to_proto(r) for r in page.rows],
+            next_page_token=page.next_page_token,
+            total_size=page.total_size,
         )
 
     async def UpdateResource(

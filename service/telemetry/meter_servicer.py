@@ -10,12 +10,7 @@ from openvpp.v1 import meter_registry_pb2 as pb
 from openvpp.v1 import meter_registry_pb2_grpc as pb_grpc
 
 from service.auth.principal import Role, current_principal
-from service.common.pagination import (
-    decode_page_token,
-    filters_fingerprint,
-    page_size_or_default,
-    trim_page,
-)
+from service.common.pagination import fetch_page, page_size_or_default
 from service.common.protoconv import from_timestamp, parse_uuid
 from service.registry.convert import require_mask
 from service.telemetry import convert
@@ -57,14 +52,14 @@ class MeterRegistryServicer(pb_grpc.MeterRegistryServicer):
     ) -> pb.ListMetersResponse:
         site_id = parse_uuid(request.site_id, "site_id")
         limit = page_size_or_default(request.page_size)
-        fingerprint = filters_fingerprint(site_id)
-        after = decode_page_token(request.page_token, fingerprint)
-        meters, total = await self._store().list(site_id, after, limit + 1)
-        meters, next_token = trim_page(meters, limit, fingerprint)
+        store = self._store()
+        page = await fetch_page(
+            lambda after, n: store.list(site_id, after, n), limit, request.page_token, site_id
+        )
         return pb.ListMetersResponse(
-            meters=[convert.meter_to_proto(m) for m in meters],
-            next_page_token=next_token,
-            total_size=total,
+            meters=[convert.meter_to_proto(m) for m in page.rows],
+            next_page_token=page.next_page_token,
+            total_size=page.total_size,
         )
 
     async def UpdateMeter(

@@ -11,12 +11,7 @@ from openvpp.v1 import upstream_registry_pb2_grpc as pb_grpc
 from service.auth.principal import Role, current_principal
 from service.common.clock import Clock
 from service.common.errors import ViolationCollector
-from service.common.pagination import (
-    decode_page_token,
-    filters_fingerprint,
-    page_size_or_default,
-    trim_page,
-)
+from service.common.pagination import fetch_page, page_size_or_default
 from service.common.protoconv import enum_from_proto, from_timestamp, parse_uuid
 from service.identifiers import normalize_grid_identifier
 from service.upstream import convert
@@ -85,14 +80,17 @@ class UpstreamRegistryServicer(pb_grpc.UpstreamRegistryServicer):
                 "contract_state",
             ),
         )
-        fingerprint = filters_fingerprint(site_filter)
-        after = decode_page_token(request.page_token, fingerprint)
-        sites, total = await self._reader().list_upstream_sites(site_filter, after, limit + 1)
-        sites, next_token = trim_page(sites, limit, fingerprint)
+        reader = self._reader()
+        page = await fetch_page(
+            lambda after, n: reader.list_upstream_sites(site_filter, after, n),
+            limit,
+            request.page_token,
+            site_filter,
+        )
         return pb.ListUpstreamSitesResponse(
-            upstream_sites=[convert.upstream_site_to_proto(site) for site in sites],
-            next_page_token=next_token,
-            total_size=total,
+            upstream_sites=[convert.upstream_site_to_proto(site) for site in page.rows],
+            next_page_token=page.next_page_token,
+            total_size=page.total_size,
         )
 
     async def DeleteUpstreamSite(
@@ -152,12 +150,15 @@ class UpstreamRegistryServicer(pb_grpc.UpstreamRegistryServicer):
     ) -> pb.ListContractsResponse:
         upstream_site_id = parse_uuid(request.upstream_site_id, "upstream_site_id")
         limit = page_size_or_default(request.page_size)
-        fingerprint = filters_fingerprint(upstream_site_id)
-        after = decode_page_token(request.page_token, fingerprint)
-        contracts, total = await self._reader().list_contracts(upstream_site_id, after, limit + 1)
-        contracts, next_token = trim_page(contracts, limit, fingerprint)
+        reader = self._reader()
+        page = await fetch_page(
+            lambda after, n: reader.list_contracts(upstream_site_id, after, n),
+            limit,
+            request.page_token,
+            upstream_site_id,
+        )
         return pb.ListContractsResponse(
-            contracts=[convert.contract_to_proto(c) for c in contracts],
-            next_page_token=next_token,
-            total_size=total,
+            contracts=[convert.contract_to_proto(c) for c in page.rows],
+            next_page_token=page.next_page_token,
+            total_size=page.total_size,
         )
