@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 from uuid import UUID
 
 import asyncpg
 
 from service.common.errors import NotFoundError
 from service.common.pagination import Cursor
+from service.db.keyset import keyset_page
 
 ChildTable = Literal["resources", "meters"]
 
@@ -28,17 +29,10 @@ async def list_site_children(
             "SELECT EXISTS (SELECT 1 FROM sites WHERE id = $1 AND org_id = $2)", site_id, org_id
         ):
             raise NotFoundError("site", str(site_id))
-        args: list[Any] = [site_id, org_id, limit]
-        page = ""
-        if after is not None:
-            args += [after.created_at, after.id]
-            page = "AND (created_at, id) > ($4, $5)"
-        rows = await conn.fetch(
-            f"SELECT * FROM {table} WHERE site_id = $1 AND org_id = $2 {page} "
-            "ORDER BY created_at, id LIMIT $3",
-            *args,
+        return await keyset_page(
+            conn,
+            f"SELECT * FROM {table} WHERE site_id = $1 AND org_id = $2",
+            [site_id, org_id],
+            after,
+            limit,
         )
-        total: int = await conn.fetchval(
-            f"SELECT count(*) FROM {table} WHERE site_id = $1 AND org_id = $2", site_id, org_id
-        )
-    return list(rows), total

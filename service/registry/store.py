@@ -19,6 +19,7 @@ import asyncpg
 from service.common.clock import SYSTEM_CLOCK, Clock
 from service.common.errors import AlreadyExistsError, NotFoundError
 from service.common.pagination import Cursor
+from service.db.keyset import keyset_page
 from service.db.reads import Reads
 from service.db.site_children import list_site_children
 from service.registry.domain import (
@@ -263,20 +264,10 @@ class RegistryStore:
                 f"(grid_identifier = ${len(args)} OR injection_grid_identifier = ${len(args)})"
             )
         where = " AND ".join(conditions)
-        page_conditions = where
-        page_args = list(args)
-        if after is not None:
-            page_args += [after.created_at, after.id]
-            n = len(page_args)
-            page_conditions += f" AND (created_at, id) > (${n - 1}, ${n})"
-        page_args.append(limit)
         async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-            rows = await conn.fetch(
-                f"SELECT * FROM sites WHERE {page_conditions} "
-                f"ORDER BY created_at, id LIMIT ${len(page_args)}",
-                *page_args,
+            rows, total = await keyset_page(
+                conn, f"SELECT * FROM sites WHERE {where}", args, after, limit
             )
-            total = await conn.fetchval(f"SELECT count(*) FROM sites WHERE {where}", *args)
         return [SiteRecord.from_row(row) for row in rows], total
 
     async def update_site(

@@ -24,6 +24,7 @@ import asyncpg
 from service.common.clock import Clock
 from service.common.errors import AlreadyExistsError, NotFoundError
 from service.common.pagination import Cursor
+from service.db.keyset import keyset_page
 from service.upstream.domain import (
     ContractState,
     ContractTerms,
@@ -156,19 +157,8 @@ class UpstreamReader:
             f"SELECT * FROM ({_SITE_VIEW} WHERE {' AND '.join(conditions)}) v "
             f"WHERE {' AND '.join(outer)}"
         )
-        page_args = list(args)
-        page = ""
-        if after is not None:
-            page_args += [after.created_at, after.id]
-            page = f"AND (m.created_at, m.id) > (${len(page_args) - 1}, ${len(page_args)})"
-        page_args.append(limit)
         async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-            rows = await conn.fetch(
-                f"SELECT * FROM ({matching}) m WHERE TRUE {page} "
-                f"ORDER BY m.created_at, m.id LIMIT ${len(page_args)}",
-                *page_args,
-            )
-            total = await conn.fetchval(f"SELECT count(*) FROM ({matching}) m", *args)
+            rows, total = await keyset_page(conn, matching, args, after, limit)
         return [UpstreamSiteRecord.from_row(row) for row in rows], total
 
     async def list_contracts(
@@ -183,19 +173,13 @@ class UpstreamReader:
             if timezone is None:
                 raise NotFoundError("upstream site", str(upstream_site_id))
             today = local_date(self._clock.now(), timezone)
-            page_args: list[Any] = [upstream_site_id, limit]
-            page = ""
-            if after is not None:
-                page_args += [after.created_at, after.id]
-                page = "AND (created_at, id) > ($3, $4)"
             # The upstream site is in scope, and so are its contracts (same organization).
-            rows = await conn.fetch(
-                f"SELECT * FROM contracts WHERE upstream_site_id = $1 {page} "
-                "ORDER BY created_at, id LIMIT $2",
-                *page_args,
-            )
-            total = await conn.fetchval(
-                "SELECT count(*) FROM contracts WHERE upstream_site_id = $1", upstream_site_id
+            rows, total = await keyset_page(
+                conn,
+                "SELECT * FROM contracts WHERE upstream_site_id = $1",
+                [upstream_site_id],
+                after,
+                limit,
             )
         return [ContractRecord.from_row(row, today) for row in rows], total
 
