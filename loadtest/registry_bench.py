@@ -39,18 +39,11 @@ import psutil
 from openvpp.v1 import site_registry_pb2 as pb
 from openvpp.v1 import site_registry_pb2_grpc
 
+from service.cli import run_event_loop
+
 ECHO_METHOD = "/openvpp.bench.Echo/Echo"
 SITES = 500
 LIST_PAGE_SIZE = 50
-
-
-def _run(coro: Awaitable[Any]) -> Any:
-    try:
-        import uvloop
-
-        return uvloop.run(coro)  # type: ignore[arg-type]
-    except ImportError:
-        return asyncio.run(coro)  # type: ignore[arg-type]
 
 
 # --- the bare echo server ----------------------------------------------------------------
@@ -147,7 +140,7 @@ async def _load(
 
 
 def _client(phase: Phase, concurrency: int, seconds: float, warmup: float, out: Any) -> None:
-    out.send(_run(_load(phase, concurrency, seconds, warmup)))
+    out.send(run_event_loop(_load(phase, concurrency, seconds, warmup)))
 
 
 def run_phase(
@@ -268,7 +261,7 @@ def main() -> None:
     parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_server:
-        _run(_serve_echo())
+        run_event_loop(_serve_echo())
         return
 
     home = Path(tempfile.mkdtemp(prefix="openvpp-bench-"))
@@ -292,7 +285,7 @@ def main() -> None:
         )
         servers.append(echo)
         echo_port = int(echo_lines[-1].rsplit(" ", 1)[1])
-        site_ids = _run(_seed(port, token, SITES))
+        site_ids = run_event_loop(_seed(port, token, SITES))
 
         # Phases alternate over several rounds, so a machine whose speed drifts (shared
         # CPUs) slows every phase alike instead of skewing the ratios.

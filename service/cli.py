@@ -27,7 +27,8 @@ T = TypeVar("T")
 MAX_ORG_NAME_LENGTH = 200
 
 
-def _run(coro: Awaitable[T]) -> T:
+def run_event_loop(coro: Awaitable[T]) -> T:
+    """Runs ``coro`` on uvloop where it is installed (the serving loop; the benchmarks' too)."""
     try:
         import uvloop
 
@@ -193,19 +194,21 @@ def main(argv: list[str] | None = None) -> int:
     with database(settings) as dsn:
         if args.command == "serve":
             setup_tracing(settings.trace_exporter)
-            _run(_serve(settings, dsn))
+            run_event_loop(_serve(settings, dsn))
         elif args.command == "migrate":
-            applied = _run(_migrate(dsn))
+            applied = run_event_loop(_migrate(dsn))
             print(
                 f"applied {len(applied)} migration(s)"
                 + (f": {', '.join(applied)}" if applied else "")
             )
         elif args.command == "orgs" and args.action == "create":
             role = Role(args.role)
-            org = _run(_with_identity(dsn, lambda store: store.create_org(args.name, role)))
+            org = run_event_loop(
+                _with_identity(dsn, lambda store: store.create_org(args.name, role))
+            )
             print(f"{org.id}\t{org.name}\t{org.role}")
         elif args.command == "orgs" and args.action == "list":
-            for org in _run(_with_identity(dsn, lambda store: store.list_orgs())):
+            for org in run_event_loop(_with_identity(dsn, lambda store: store.list_orgs())):
                 print(f"{org.id}\t{org.name}\t{org.role}")
         elif args.command == "tokens" and args.action == "create":
 
@@ -214,11 +217,13 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"no organization {args.org}")
                 return await store.create_token(args.org)
 
-            issued = _run(_with_identity(dsn, issue))
+            issued = run_event_loop(_with_identity(dsn, issue))
             print(f"token id: {issued.id}", file=sys.stderr)
             print(issued.token)
         elif args.command == "tokens" and args.action == "revoke":
-            revoked = _run(_with_identity(dsn, lambda store: store.revoke_token(args.token_id)))
+            revoked = run_event_loop(
+                _with_identity(dsn, lambda store: store.revoke_token(args.token_id))
+            )
             if not revoked:
                 print(f"no active token {args.token_id}", file=sys.stderr)
                 return 1
