@@ -90,47 +90,26 @@ class _Guarded:
 
 def _wrap(handler: Any, steps: _Steps) -> Any:
     """The same handler, its behaviour run inside the guard."""
-    if handler.request_streaming and handler.response_streaming:
-        inner_ss = handler.stream_stream
-
-        async def stream_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
-            async with _Guarded(steps, context):
-                async for response in inner_ss(requests, context):
-                    yield response
-
-        return grpc.stream_stream_rpc_method_handler(
-            stream_stream, handler.request_deserializer, handler.response_serializer
-        )
+    kind = (handler.request_streaming, handler.response_streaming)
+    inner = getattr(handler, _BEHAVIOURS[kind])
+    guarded: Any
     if handler.response_streaming:
-        inner_us = handler.unary_stream
 
-        async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+        async def guarded_stream(request: Any, context: Any) -> AsyncIterator[Any]:
             async with _Guarded(steps, context):
-                async for response in inner_us(request, context):
+                async for response in inner(request, context):
                     yield response
 
-        return grpc.unary_stream_rpc_method_handler(
-            unary_stream, handler.request_deserializer, handler.response_serializer
-        )
-    if handler.request_streaming:
-        inner_su = handler.stream_unary
+        guarded = guarded_stream
+    else:
 
-        async def stream_unary(requests: Any, context: Any) -> Any:
+        async def guarded_unary(request: Any, context: Any) -> Any:
             async with _Guarded(steps, context):
-                return await inner_su(requests, context)
+                return await inner(request, context)
 
-        return grpc.stream_unary_rpc_method_handler(
-            stream_unary, handler.request_deserializer, handler.response_serializer
-        )
-    inner_uu = handler.unary_unary
-
-    async def unary_unary(request: Any, context: Any) -> Any:
-        async with _Guarded(steps, context):
-            return await inner_uu(request, context)
-
-    return grpc.unary_unary_rpc_method_handler(
-        unary_unary, handler.request_deserializer, handler.response_serializer
-    )
+        guarded = guarded_unary
+    factory: Any = _HANDLER_FACTORIES[kind]
+    return factory(guarded, handler.request_deserializer, handler.response_serializer)
 
 
 class CallGuard:
@@ -251,6 +230,14 @@ class CallGuard:
         return _wrap(handler, _Steps(admit, fail, span_for))
 
 
+# (request streaming, response streaming) -> the RpcMethodHandler attribute holding the
+# behaviour, and the factory that builds such a handler.
+_BEHAVIOURS = {
+    (False, False): "unary_unary",
+    (False, True): "unary_stream",
+    (True, False): "stream_unary",
+    (True, True): "stream_stream",
+}
 _HANDLER_FACTORIES = {
     (False, False): grpc.unary_unary_rpc_method_handler,
     (False, True): grpc.unary_stream_rpc_method_handler,
