@@ -18,13 +18,12 @@ import asyncpg
 from service.common.errors import AlreadyExistsError, NotFoundError, ValidationError
 from service.common.pagination import Cursor
 from service.db.site_children import list_site_children
+from service.grid import SiteType, parse_resolution
 from service.telemetry.domain import (
     Measuring,
     MeterDirection,
     MeterFields,
-    SiteType,
     affected_intervals,
-    parse_resolution,
     validate_meter,
 )
 

@@ -27,12 +27,8 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
-from service.telemetry.domain import (
-    Measuring,
-    MeterDirection,
-    affected_intervals,
-    parse_resolution,
-)
+from service.grid import parse_resolution
+from service.telemetry.domain import Measuring, MeterDirection, affected_intervals
 from service.telemetry.validate import MeterInfo, from_us, meter_info
 
 log = logging.getLogger(__name__)
