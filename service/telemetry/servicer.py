@@ -20,8 +20,12 @@ from service.auth.principal import Role, current_principal
 from service.common.errors import NotFoundError, ValidationError
 from service.common.protoconv import from_timestamp, parse_uuid, to_timestamp
 from service.config import Settings
+from service.events.channels import (
+    METER_CHANGED_CHANNEL,
+    READINGS_CHANNEL,
+    SITE_EVENTS_CHANNEL,
+)
 from service.events.hub import EventHub
-from service.registry.store import SITE_EVENTS_CHANNEL
 from service.telemetry.convert import PROTO_FLOW_BY_CODE, REASON_TO_PROTO
 from service.telemetry.domain import (
     Measuring,
@@ -30,9 +34,7 @@ from service.telemetry.domain import (
     reason_text,
     registers_to_intervals,
 )
-from service.telemetry.meter_store import METER_CHANGED_CHANNEL
 from service.telemetry.store import (
-    READINGS_CHANNEL,
     RETRYABLE,
     MeterCache,
     Partitions,
