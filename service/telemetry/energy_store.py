@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 from zoneinfo import ZoneInfo
@@ -35,15 +36,20 @@ import numpy as np
 
 from service.common.errors import NotFoundError
 from service.grid import parse_resolution
-from service.grid.arrays import grid_bounds_us, to_epoch_us
+from service.grid.arrays import from_epoch_us, grid_bounds_us, to_epoch_us
 from service.identifiers.ids import MeterId, OrgId, SiteId
 from service.telemetry.domain import Measuring, MeterDirection
 from service.telemetry.energy import (
+    FLOW_EXPORT,
+    FLOW_IMPORT,
     IntervalEnergyAccumulator,
     MeterColumns,
     SiteIntervalEnergy,
+    interval_energy,
     meter_column,
 )
+from service.telemetry.store import fetch_range
+from service.telemetry.validate import MeterInfo
 
 _PG_EPOCH_US = 946_684_800 * 1_000_000
 _COPY_HEADER_SIZE = 19  # signature (11), flags (4), header extension length (4)
@@ -197,3 +203,49 @@ async def site_interval_energy(
             )
             decoder.finish()
         return accumulator.site_energy()
+
+
+@dataclass(frozen=True)
+class MeterReadings:
+    """``ListReadings`` of one meter: stored rows in ``[start, end)`` (records with ``flow``,
+    ``ts``, ``value_wh``, by flow and time) and its known intervals as (start, flow code,
+    energy Wh), import first, each flow in time order."""
+
+    readings: list[asyncpg.Record]
+    intervals: list[tuple[datetime, int, float]]
+
+
+async def meter_readings(
+    pool: asyncpg.Pool, meter: MeterInfo, start: datetime, end: datetime
+) -> MeterReadings:
+    """One meter's stored values and interval energy (the same derivation as the site's)."""
+    bounds = grid_bounds_us(meter.resolution, meter.timezone, start, end)
+    # A register at the end of the last interval is needed to difference it.
+    upper = from_epoch_us(int(bounds[-1])) if len(bounds) else end
+    rows = await fetch_range(pool, meter.id, start, upper)
+    columns = MeterColumns.of(
+        [
+            meter_column(
+                MeterId(meter.id),
+                meter.direction,
+                meter.measuring,
+                meter.transformer_factor,
+                meter.start_us,
+                meter.end_us,
+            )
+        ]
+    )
+    energies = interval_energy(
+        bounds,
+        columns,
+        np.zeros(len(rows), dtype=np.intp),
+        np.array([row["flow"] for row in rows], dtype=np.int16),
+        np.array([to_epoch_us(row["ts"]) for row in rows], dtype=np.int64),
+        np.array([row["value_wh"] for row in rows], dtype=np.float64),
+    )
+    intervals = []
+    for flow, energy in zip((FLOW_IMPORT, FLOW_EXPORT), energies, strict=True):
+        column = energy[:, 0]
+        for index in np.flatnonzero(~np.isnan(column)):
+            intervals.append((from_epoch_us(int(bounds[index])), flow, float(column[index])))
+    return MeterReadings([row for row in rows if row["ts"] < end], intervals)
