@@ -38,16 +38,17 @@ from service.common.errors import NotFoundError
 from service.grid import parse_resolution
 from service.grid.arrays import from_epoch_us, grid_bounds_us, to_epoch_us
 from service.identifiers.ids import MeterId, OrgId, SiteId
-from service.telemetry.domain import Measuring, MeterDirection
 from service.telemetry.energy import (
     FLOW_EXPORT,
     FLOW_IMPORT,
     IntervalEnergyAccumulator,
+    MeterColumn,
     MeterColumns,
     SiteIntervalEnergy,
     interval_energy,
     meter_column,
 )
+from service.telemetry.meter_store import MeterRecord
 from service.telemetry.store import fetch_range
 from service.telemetry.validate import MeterInfo
 
@@ -114,6 +115,21 @@ class _RowDecoder:
         )
 
 
+def _column(meter: MeterRecord) -> MeterColumn:
+    fields = meter.fields
+    assert fields.direction is not None
+    assert fields.measuring is not None
+    assert fields.start_date is not None
+    return meter_column(
+        MeterId(meter.id),
+        fields.direction,
+        fields.measuring,
+        fields.transformer_factor or 1.0,
+        to_epoch_us(fields.start_date),
+        None if fields.end_date is None else to_epoch_us(fields.end_date),
+    )
+
+
 @contextlib.asynccontextmanager
 async def _snapshot(db: asyncpg.Pool | asyncpg.Connection) -> AsyncIterator[asyncpg.Connection]:
     if isinstance(db, asyncpg.Pool):
@@ -153,8 +169,7 @@ async def site_interval_energy(
             raise NotFoundError("site", str(site_id))
         rows = await conn.fetch(
             """
-            SELECT id, direction, measuring, transformer_factor, start_date, end_date
-            FROM meters
+            SELECT * FROM meters
             WHERE site_id = $1 AND org_id = $2 AND ($3::uuid[] IS NULL OR id = ANY($3::uuid[]))
             """,
             site_id,
@@ -166,20 +181,8 @@ async def site_interval_energy(
             for wanted in meter_ids:
                 if wanted not in found:
                     raise NotFoundError("meter", str(wanted))
-        rows = sorted(rows, key=lambda row: row["id"])
-        meters = MeterColumns.of(
-            [
-                meter_column(
-                    MeterId(row["id"]),
-                    MeterDirection(row["direction"]),
-                    Measuring(row["measuring"]),
-                    row["transformer_factor"],
-                    to_epoch_us(row["start_date"]),
-                    None if row["end_date"] is None else to_epoch_us(row["end_date"]),
-                )
-                for row in rows
-            ]
-        )
+        records = sorted((MeterRecord.from_row(row) for row in rows), key=lambda m: m.id)
+        meters = MeterColumns.of([_column(record) for record in records])
         bounds = grid_bounds_us(
             parse_resolution(site["balance_resolution"]), ZoneInfo(site["timezone"]), start, end
         )

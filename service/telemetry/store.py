@@ -30,7 +30,8 @@ from service.db.balancing_queue import BalancingRange, enqueue_balancing
 from service.events.channels import READINGS_CHANNEL
 from service.events.payloads import readings_batch_payload
 from service.grid import parse_resolution
-from service.telemetry.domain import Measuring, MeterDirection, affected_intervals
+from service.telemetry.domain import affected_intervals
+from service.telemetry.meter_store import MeterRecord
 from service.telemetry.validate import MeterInfo, from_us, meter_info
 
 log = logging.getLogger(__name__)
@@ -277,15 +278,22 @@ class MeterCache:
 
 
 def info_from_row(row: Any) -> MeterInfo:
+    """From a ``meters`` row joined with its site's ``timezone`` and ``balance_resolution``."""
+    meter = MeterRecord.from_row(row)
+    fields = meter.fields
+    assert fields.direction is not None
+    assert fields.measuring is not None
+    assert fields.start_date is not None
+    assert fields.transformer_factor is not None
     return meter_info(
-        id=row["id"],
-        org_id=row["org_id"],
-        site_id=row["site_id"],
-        direction=MeterDirection(row["direction"]),
-        measuring=Measuring(row["measuring"]),
-        start_date=row["start_date"],
-        end_date=row["end_date"],
-        transformer_factor=row["transformer_factor"],
+        id=meter.id,
+        org_id=meter.org_id,
+        site_id=meter.site_id,
+        direction=fields.direction,
+        measuring=fields.measuring,
+        start_date=fields.start_date,
+        end_date=fields.end_date,
+        transformer_factor=fields.transformer_factor,
         timezone=ZoneInfo(row["timezone"]),
         resolution=parse_resolution(row["balance_resolution"]),
     )
