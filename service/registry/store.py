@@ -13,17 +13,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
+from zoneinfo import ZoneInfo
 
 import asyncpg
 
 from service.common.clock import SYSTEM_CLOCK, Clock
 from service.common.errors import AlreadyExistsError, NotFoundError
 from service.common.pagination import Cursor
+from service.db.balancing_queue import enqueue_balancing, readings_spans, span_range
 from service.db.keyset import keyset_page
 from service.db.reads import Reads
 from service.db.site_children import list_site_children
 from service.events.payloads import SiteEventType, notify_site_event
-from service.grid import SiteType
+from service.grid import Resolution, SiteType, parse_resolution
 from service.registry.domain import (
     Bounds,
     Location,
@@ -164,6 +166,29 @@ def _resource_columns(fields: ResourceFields) -> list[Any]:
     ]
 
 
+def _grid(fields: SiteFields) -> tuple[Resolution, ZoneInfo]:
+    return parse_resolution(fields.balance_resolution), ZoneInfo(fields.timezone)
+
+
+async def _queue_moved_grid(
+    conn: asyncpg.Connection, org_id: UUID, site_id: UUID, before: SiteFields, after: SiteFields
+) -> None:
+    """A new timezone or resolution moves the site's grid, a new type what is balanced: the
+    range of the site's readings is queued for rebalancing (on the new grid, covering the
+    intervals of the old one too)."""
+    if (before.timezone, before.balance_resolution, before.site_type) == (
+        after.timezone,
+        after.balance_resolution,
+        after.site_type,
+    ):
+        return
+    span, _ = await readings_spans(conn, org_id, site_id)
+    if span is None:
+        return
+    start, end = span_range(span[0], span[1], [_grid(after), _grid(before)])
+    await enqueue_balancing(conn, org_id, [(site_id, start, end)])
+
+
 def _duplicate_identifier(identifier: str, prefix: str = "") -> AlreadyExistsError:
     return AlreadyExistsError(
         prefix + "supply_points[0].grid_identifier",
@@ -283,6 +308,7 @@ class RegistryStore:
             except asyncpg.UniqueViolationError:
                 raise _duplicate_identifier(fields.primary.grid_identifier, "site.") from None
             await notify_site_event(conn, site_id, SiteEventType.UPDATED)
+            await _queue_moved_grid(conn, self._org_id, site_id, current.fields, fields)
             # A new identifier or time zone can change upstream_status (published after UPDATED).
             if await upstream_sync.refresh_upstream_status(
                 conn, [fields.primary.grid_identifier], self._clock.now()
