@@ -11,7 +11,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from uuid import UUID
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -22,6 +21,7 @@ from service.db.balancing_queue import enqueue_balancing, readings_spans, span_r
 from service.db.site_children import list_site_children
 from service.events.payloads import notify_meter_changed
 from service.grid import SiteType, parse_resolution
+from service.identifiers.ids import MeterId, OrgId, SiteId
 from service.telemetry.domain import (
     Measuring,
     MeterDirection,
@@ -34,9 +34,9 @@ from service.telemetry.domain import (
 class MeterRecord:
     """A ``meters`` row; :meth:`from_row` is the one mapping of that table."""
 
-    id: UUID
-    org_id: UUID
-    site_id: UUID
+    id: MeterId
+    org_id: OrgId
+    site_id: SiteId
     fields: MeterFields
     created_at: datetime
     updated_at: datetime
@@ -76,11 +76,11 @@ def _raise_violations(violations: list[tuple[str, str]]) -> None:
 
 
 class MeterStore:
-    def __init__(self, pool: asyncpg.Pool, org_id: UUID) -> None:
+    def __init__(self, pool: asyncpg.Pool, org_id: OrgId) -> None:
         self._pool = pool
         self._org_id = org_id
 
-    async def _site_type(self, conn: asyncpg.Connection, site_id: UUID) -> SiteType | None:
+    async def _site_type(self, conn: asyncpg.Connection, site_id: SiteId) -> SiteType | None:
         row = await conn.fetchrow(
             "SELECT site_type FROM sites WHERE id = $1 AND org_id = $2 FOR SHARE",
             site_id,
@@ -90,7 +90,7 @@ class MeterStore:
             raise NotFoundError("site", str(site_id))
         return SiteType(row["site_type"]) if row["site_type"] else None
 
-    async def create(self, site_id: UUID, fields: MeterFields) -> MeterRecord:
+    async def create(self, site_id: SiteId, fields: MeterFields) -> MeterRecord:
         """Validates against the site type under a share lock on the site, then inserts."""
         async with self._pool.acquire() as conn, conn.transaction():
             site_type = await self._site_type(conn, site_id)
@@ -121,7 +121,7 @@ class MeterStore:
             await notify_meter_changed(conn, self._org_id)
         return MeterRecord.from_row(row)
 
-    async def get(self, meter_id: UUID) -> MeterRecord:
+    async def get(self, meter_id: MeterId) -> MeterRecord:
         row = await self._pool.fetchrow(
             "SELECT * FROM meters WHERE id = $1 AND org_id = $2", meter_id, self._org_id
         )
@@ -130,7 +130,7 @@ class MeterStore:
         return MeterRecord.from_row(row)
 
     async def list(
-        self, site_id: UUID, after: Cursor | None, limit: int
+        self, site_id: SiteId, after: Cursor | None, limit: int
     ) -> tuple[list[MeterRecord], int]:
         rows, total = await list_site_children(
             self._pool, "meters", self._org_id, site_id, after, limit
@@ -138,7 +138,7 @@ class MeterStore:
         return [MeterRecord.from_row(row) for row in rows], total
 
     async def update(
-        self, meter_id: UUID, change: Callable[[MeterFields], MeterFields]
+        self, meter_id: MeterId, change: Callable[[MeterFields], MeterFields]
     ) -> MeterRecord:
         async with self._pool.acquire() as conn, conn.transaction():
             current = await conn.fetchrow(
@@ -176,7 +176,7 @@ class MeterStore:
             await self._queue_changed_energy(conn, record, updated)
         return updated
 
-    async def delete(self, meter_id: UUID) -> None:
+    async def delete(self, meter_id: MeterId) -> None:
         """Deletes the meter and its readings and queues the site intervals they touched."""
         async with self._pool.acquire() as conn, conn.transaction():
             meter = await conn.fetchrow(
