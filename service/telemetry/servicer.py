@@ -60,6 +60,11 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
         await self.ingest.start()
 
     async def stop(self) -> None:
+        await self.wait_in_flight()
+
+    async def wait_in_flight(self) -> None:
+        """Until every batch taken so far has committed or failed (also those whose stream
+        went away before its ack)."""
         if self._orphans:
             await asyncio.gather(*self._orphans, return_exceptions=True)
 
