@@ -93,7 +93,7 @@ def battery_request(site_id: str, **fields: Any) -> pb.CreateResourceRequest:
 
 
 async def wait_until_blocked(
-    holder: asyncpg.Connection, count: int, *calls: asyncio.Future[Any], within: float = 10
+    holder: asyncpg.Connection, count: int, *calls: asyncio.Future[Any], within: float = 30
 ) -> None:
     """Until ``count`` backends wait, directly or in line, for a lock ``holder`` holds.
 
