@@ -146,7 +146,12 @@ class Service:
         assert self.pool is not None
         assert self.hub is not None
         registry_servicer = registry.SiteRegistryServicer(
-            self.pool, self.hub, self.settings.watch_buffer_size, self.clock, self.reads
+            self.pool,
+            self.hub,
+            self.settings.watch_buffer_size,
+            self.clock,
+            self.reads,
+            webhook_allow_private_networks=self.settings.webhook_allow_private_networks,
         )
         upstream_servicer = upstream.UpstreamRegistryServicer(self.pool, self.clock)
         self.upstream_scheduler = UpstreamScheduler(
