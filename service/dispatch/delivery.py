@@ -202,6 +202,25 @@ def endpoint_key(url: str) -> str:
 
 
 @lru_cache(maxsize=4096)
+def _judge_url(url: str, allow_private_networks: bool) -> tuple[str, str | None]:
+    """(endpoint key, why the URL is refused before any lookup or None); one parse per URL."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        _ = parts.port
+    except ValueError:
+        host = None
+    if not host or parts.scheme not in ("http", "https"):
+        return "", "not an http(s) URL with a host"
+    literal = literal_address(host)
+    if literal is not None:
+        reason = refusal_reason(literal, allow_private_networks=allow_private_networks)
+        if reason is not None:
+            return "", f"{reason} address {literal}"
+    return endpoint_key(url), None
+
+
+@lru_cache(maxsize=4096)
 def _signer(secret: str) -> Webhook:
     return Webhook(secret)
 
@@ -343,22 +362,9 @@ class WebhookSender:
         session = self._session
         if session is None:
             raise RuntimeError("WebhookSender.start() was not called")
-        try:
-            parts = urlsplit(delivery.url)
-            host = parts.hostname
-            _ = parts.port
-        except ValueError:
-            host = None
-        if not host or parts.scheme not in ("http", "https"):
-            return _outcome(OutcomeKind.REFUSED, error="not an http(s) URL with a host")
-        literal = literal_address(host)
-        if literal is not None:
-            reason = refusal_reason(
-                literal, allow_private_networks=self._settings.allow_private_networks
-            )
-            if reason is not None:
-                return _outcome(OutcomeKind.REFUSED, error=f"{reason} address {literal}")
-        key = endpoint_key(delivery.url)
+        key, refused = _judge_url(delivery.url, self._settings.allow_private_networks)
+        if refused is not None:
+            return _outcome(OutcomeKind.REFUSED, error=refused)
         if self.breakers.reject_now(key):
             return _outcome(OutcomeKind.CIRCUIT_OPEN, error="circuit open for " + key)
         # The endpoint's slot first: sends queued for one busy endpoint must not hold
