@@ -128,6 +128,28 @@ class DeliverySettings:
     backoff_max_seconds: float = 300.0
     allow_private_networks: bool = False
 
+    def __post_init__(self) -> None:
+        # Checked at start-up, not at the first delivery: a zero limit would block every send.
+        problems = [
+            f"OPENVPP_DISPATCH_{name.upper()} must be {rule}"
+            for name, broken, rule in (
+                ("timeout_seconds", not self.timeout_seconds > 0, "> 0"),
+                ("max_concurrency", self.max_concurrency < 1, ">= 1"),
+                ("max_concurrency_per_host", self.max_concurrency_per_host < 1, ">= 1"),
+                ("breaker_failure_threshold", self.breaker_failure_threshold < 1, ">= 1"),
+                ("breaker_reset_seconds", not self.breaker_reset_seconds >= 0, ">= 0"),
+                ("backoff_initial_seconds", not self.backoff_initial_seconds >= 0, ">= 0"),
+                (
+                    "backoff_max_seconds",
+                    not self.backoff_max_seconds >= self.backoff_initial_seconds,
+                    ">= OPENVPP_DISPATCH_BACKOFF_INITIAL_SECONDS",
+                ),
+            )
+            if broken
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+
     @classmethod
     def from_settings(cls, settings: Settings) -> DeliverySettings:
         return cls(
