@@ -12,7 +12,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
@@ -78,20 +77,3 @@ async def running_receiver() -> AsyncIterator[Receiver]:
     finally:
         receiver.gate.set()
         await runner.cleanup()
-
-
-class MovableClock:
-    """Near the real time (receivers check the signed timestamp is fresh); moves when told."""
-
-    def __init__(self) -> None:
-        self.at = datetime.now(UTC)
-
-    def now(self) -> datetime:
-        return self.at
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(0)
-        self.advance(seconds)
-
-    def advance(self, seconds: float) -> None:
-        self.at += timedelta(seconds=seconds)

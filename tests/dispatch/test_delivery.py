@@ -10,7 +10,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
@@ -19,6 +19,7 @@ from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from service.auth.signing import new_signing_secret
+from service.common.clock import ManualClock
 from service.dispatch.delivery import (
     AddressRefusedError,
     AttemptOutcome,
@@ -28,7 +29,7 @@ from service.dispatch.delivery import (
     PolicyResolver,
     WebhookSender,
 )
-from tests.dispatch.receiver import MovableClock, Receiver, running_receiver
+from tests.dispatch.receiver import Receiver, running_receiver
 
 LOCAL = DeliverySettings(allow_private_networks=True, timeout_seconds=2.0)
 BODY = json.dumps({"setpoint_id": "s-1", "power_kw": "-3.5"}).encode()
@@ -41,12 +42,13 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 @pytest.fixture
-def clock() -> MovableClock:
-    return MovableClock()
+def clock() -> ManualClock:
+    # Near the real time: receivers check that the signed timestamp is fresh.
+    return ManualClock(datetime.now(UTC))
 
 
 @pytest.fixture
-async def sender(clock: MovableClock) -> AsyncIterator[WebhookSender]:
+async def sender(clock: ManualClock) -> AsyncIterator[WebhookSender]:
     async with WebhookSender(LOCAL, clock) as started:
         yield started
 
@@ -115,7 +117,7 @@ async def test_redirect_is_not_followed(sender: WebhookSender, receiver: Receive
 
 @pytest.mark.parametrize("status", [429, 503])
 async def test_retry_after_in_seconds_and_as_http_date(
-    sender: WebhookSender, receiver: Receiver, clock: MovableClock, status: int
+    sender: WebhookSender, receiver: Receiver, clock: ManualClock, status: int
 ) -> None:
     in_seconds = await sender.send(delivery(receiver.url(f"/status/{status}?retry_after=7")))
     assert in_seconds.kind is OutcomeKind.RETRYABLE
@@ -142,7 +144,7 @@ async def test_retry_after_of_other_statuses_is_ignored(
     assert outcome.retry_after_seconds is None
 
 
-async def test_timeout(clock: MovableClock, receiver: Receiver) -> None:
+async def test_timeout(clock: ManualClock, receiver: Receiver) -> None:
     async with WebhookSender(replace(LOCAL, timeout_seconds=0.2), clock) as sender:
         started = time.monotonic()
         outcome = await sender.send(delivery(receiver.url("/slow")))
@@ -185,11 +187,11 @@ async def test_receiver_verifies_every_secret_of_a_rotation(
 
 
 async def test_id_stays_while_timestamp_and_signature_change_per_attempt(
-    sender: WebhookSender, receiver: Receiver, clock: MovableClock
+    sender: WebhookSender, receiver: Receiver, clock: ManualClock
 ) -> None:
     secret = new_signing_secret()
     first = await sender.send(delivery(receiver.url("/status/503"), (secret,), delivery_id="d1"))
-    clock.advance(3)
+    clock.advance(timedelta(seconds=3))
     second = await sender.send(delivery(receiver.url("/status/200"), (secret,), delivery_id="d1"))
     assert (first.kind, second.kind) == (OutcomeKind.RETRYABLE, OutcomeKind.ACCEPTED)
     one, two = receiver.requests
@@ -218,7 +220,7 @@ async def test_secrets_are_not_in_the_repr() -> None:
 
 
 async def test_loopback_is_refused_unless_private_networks_are_allowed(
-    receiver: Receiver, clock: MovableClock
+    receiver: Receiver, clock: ManualClock
 ) -> None:
     strict = replace(LOCAL, allow_private_networks=False)
     async with WebhookSender(strict, clock) as sender:
@@ -268,7 +270,7 @@ class FixedAnswers(AbstractResolver):
 
 
 async def test_a_public_looking_name_resolving_to_a_private_address_is_refused(
-    receiver: Receiver, clock: MovableClock
+    receiver: Receiver, clock: ManualClock
 ) -> None:
     dns = FixedAnswers("127.0.0.1")
     url = f"http://partner.example:{receiver.port}/hook"
@@ -305,7 +307,7 @@ async def test_not_an_http_url_is_refused(sender: WebhookSender) -> None:
 
 
 async def test_breaker_opens_after_consecutive_failures_and_closes_after_a_probe(
-    receiver: Receiver, clock: MovableClock
+    receiver: Receiver, clock: ManualClock
 ) -> None:
     settings = replace(LOCAL, breaker_failure_threshold=3, breaker_reset_seconds=30)
     async with WebhookSender(settings, clock) as sender:
@@ -328,13 +330,13 @@ async def test_breaker_opens_after_consecutive_failures_and_closes_after_a_probe
         async with running_receiver() as other:
             assert (await sender.send(delivery(other.url()))).kind is OutcomeKind.ACCEPTED
 
-        clock.advance(29)
+        clock.advance(timedelta(seconds=29))
         assert (await send("/status/200")).kind is OutcomeKind.CIRCUIT_OPEN
-        clock.advance(2)
+        clock.advance(timedelta(seconds=2))
         # Half-open: one probe; it fails, so the circuit opens again for the full time.
         assert (await send("/status/502")).kind is OutcomeKind.RETRYABLE
         assert (await send("/status/200")).kind is OutcomeKind.CIRCUIT_OPEN
-        clock.advance(31)
+        clock.advance(timedelta(seconds=31))
         # The probe succeeds: closed, and requests flow again.
         assert (await send("/status/200")).kind is OutcomeKind.ACCEPTED
         assert (await send("/status/500")).kind is OutcomeKind.RETRYABLE
@@ -343,12 +345,12 @@ async def test_breaker_opens_after_consecutive_failures_and_closes_after_a_probe
 
 
 async def test_half_open_lets_one_probe_through_at_a_time(
-    receiver: Receiver, clock: MovableClock
+    receiver: Receiver, clock: ManualClock
 ) -> None:
     settings = replace(LOCAL, breaker_failure_threshold=1, breaker_reset_seconds=10)
     async with WebhookSender(settings, clock) as sender:
         await sender.send(delivery(receiver.url("/status/500")))
-        clock.advance(11)
+        clock.advance(timedelta(seconds=11))
         probe = asyncio.create_task(sender.send(delivery(receiver.url("/hold"))))
         await eventually(lambda: receiver.in_flight == 1)
         assert (await sender.send(delivery(receiver.url()))).kind is OutcomeKind.CIRCUIT_OPEN
@@ -358,7 +360,7 @@ async def test_half_open_lets_one_probe_through_at_a_time(
 
 
 async def test_rejections_count_as_an_answering_endpoint(
-    receiver: Receiver, clock: MovableClock
+    receiver: Receiver, clock: ManualClock
 ) -> None:
     settings = replace(LOCAL, breaker_failure_threshold=2)
     async with WebhookSender(settings, clock) as sender:
@@ -378,7 +380,7 @@ async def test_rejections_count_as_an_answering_endpoint(
 # --- concurrency ----------------------------------------------------------------------
 
 
-async def test_per_host_and_global_concurrency_limits(clock: MovableClock) -> None:
+async def test_per_host_and_global_concurrency_limits(clock: ManualClock) -> None:
     settings = replace(LOCAL, max_concurrency=5, max_concurrency_per_host=3, timeout_seconds=10)
     async with (
         running_receiver() as first,

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
 from service.auth.signing import new_signing_secret
+from service.common.clock import ManualClock
 from service.dispatch.delivery import Delivery, DeliverySettings, OutcomeKind, WebhookSender
 from tests.conftest import REPO_ROOT
-from tests.dispatch.receiver import MovableClock
 
 
 def readme_receiver(secret: str) -> Callable[[web.Request], Any]:
@@ -38,7 +39,7 @@ async def test_the_readme_receiver_verifies_our_signatures() -> None:
     url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
     try:
         async with WebhookSender(
-            DeliverySettings(allow_private_networks=True), MovableClock()
+            DeliverySettings(allow_private_networks=True), ManualClock(datetime.now(UTC))
         ) as sender:
             signed = Delivery("msg_1", url, b'{"power_kw": "1.5"}', (secret,))
             assert (await sender.send(signed)).kind is OutcomeKind.ACCEPTED
