@@ -48,7 +48,6 @@ import asyncio
 import contextlib
 import enum
 import ipaddress
-import logging
 import random
 import socket
 import time
@@ -69,8 +68,6 @@ from service.common.clock import Clock
 from service.common.network_policy import literal_address, refusal_reason
 from service.config import Settings
 from service.dispatch.breaker import CircuitBreakers, Permit
-
-log = logging.getLogger(__name__)
 
 USER_AGENT = "openvpp-dispatch"
 # Bodies of responses are read (so the connection can be reused) up to this much, then
