@@ -2,7 +2,8 @@
 
 Paths choose the answer: ``/status/<code>`` (optional ``?retry_after=<value>``), ``/slow``
 (never answers before the client gives up), ``/hold`` (waits until the test opens the gate),
-``/big`` (a 1 MiB body), anything else 200. Every request is recorded with its headers and
+``/big`` (a 1 MiB body), ``/drop`` (closes the connection without answering), anything
+else 200. Every request is recorded with its headers and
 body, and the number of requests in flight (and its peak) is counted.
 """
 
@@ -57,6 +58,10 @@ class Receiver:
             await asyncio.sleep(30)
         if parts[0] == "hold":
             await self.gate.wait()
+        if parts[0] == "drop":
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response()
         if parts[0] == "big":
             return web.Response(body=b"x" * (1 << 20))
         return web.Response(status=200, text="ok")

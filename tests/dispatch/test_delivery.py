@@ -163,6 +163,31 @@ async def test_connection_refused(sender: WebhookSender) -> None:
     assert "cannot connect to 127.0.0.1" in outcome.error
 
 
+async def test_connection_closed_without_an_answer(
+    sender: WebhookSender, receiver: Receiver
+) -> None:
+    outcome = await sender.send(delivery(receiver.url("/drop")))
+    assert outcome.kind is OutcomeKind.RETRYABLE
+    assert outcome.http_status is None
+    assert outcome.error is not None
+    assert "Disconnected" in outcome.error
+
+
+async def test_time_waiting_for_a_slot_is_not_part_of_the_timeout(
+    receiver: Receiver, clock: ManualClock
+) -> None:
+    settings = replace(LOCAL, timeout_seconds=0.5, max_concurrency_per_host=1)
+    async with WebhookSender(settings, clock) as sender:
+        stuck = asyncio.create_task(sender.send(delivery(receiver.url("/slow"))))
+        queued = asyncio.create_task(sender.send(delivery(receiver.url("/hold"))))
+        # The queued send reaches the receiver only once the stuck one timed out (0.5 s);
+        # had its own timeout started when it was called, it would have expired with it.
+        await eventually(lambda: [r.path for r in receiver.requests] == ["/slow", "/hold"])
+        receiver.gate.set()
+        assert (await queued).kind is OutcomeKind.ACCEPTED
+        assert (await stuck).error == "timed out after 0.5 s"
+
+
 async def test_receiver_verifies_every_secret_of_a_rotation(
     sender: WebhookSender, receiver: Receiver
 ) -> None:
