@@ -82,6 +82,7 @@ MAX_ERROR_LENGTH = 200
 class Delivery:
     delivery_id: str
     url: str
+    # UTF-8 JSON; signed as it is, byte for byte.
     body: bytes
     # "whsec_<base64>", current first; every one signs. Never shown in a repr or a log.
     signing_secrets: Sequence[str] = field(repr=False)
@@ -273,7 +274,7 @@ class AddressRefusedError(OSError):
     """A webhook host resolved to an address the network policy refuses."""
 
     def __init__(self, host: str, address: str, reason: str) -> None:
-        super().__init__(f"{host} resolves to a {reason} address ({address})")
+        super().__init__(f"{host} resolves to {address} ({reason})")
         self.host = host
         self.address = address
         self.reason = reason
