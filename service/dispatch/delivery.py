@@ -38,7 +38,9 @@ REJECTED count as successes (the endpoint answers); REFUSED counts as nothing.
 per endpoint; a send waits for a slot before its timeout starts.
 
 **Fields added to the brief's interface**: ``AttemptOutcome.attempted_at`` (the clock time of
-the attempt, also the signed ``webhook-timestamp``), ``DeliverySettings.from_settings`` and
+the attempt, also the signed ``webhook-timestamp``); a CIRCUIT_OPEN outcome's
+``retry_after_seconds`` is the time until the breaker lets a probe through (or, while another
+send is the probe, ``timeout_seconds``); ``DeliverySettings.from_settings`` and
 ``WebhookSender.breakers`` (for inspection in tests and metrics).
 """
 
@@ -386,14 +388,14 @@ class WebhookSender:
         if refused is not None:
             return _outcome(OutcomeKind.REFUSED, error=refused)
         if self.breakers.reject_now(key):
-            return _outcome(OutcomeKind.CIRCUIT_OPEN, error="circuit open for " + key)
+            return self._circuit_open(key)
         # The endpoint's slot first: sends queued for one busy endpoint must not hold
         # global slots that other endpoints' sends could use.
         async with self._per_host.hold(key), self._all:
             # The breaker may have opened while this send waited for a slot.
             permit = self.breakers.try_acquire(key)
             if permit is None:
-                return _outcome(OutcomeKind.CIRCUIT_OPEN, error="circuit open for " + key)
+                return self._circuit_open(key)
             try:
                 outcome = await self._post(session, delivery)
             except BaseException:
@@ -401,6 +403,19 @@ class WebhookSender:
                 raise
             _report(permit, outcome)
             return outcome
+
+    def _circuit_open(self, key: str) -> AttemptOutcome:
+        # When to try again: once the breaker lets a probe through, or, while another
+        # send is the probe, once that probe has had its time.
+        wait = self.breakers.seconds_until_probe(key)
+        return AttemptOutcome(
+            kind=OutcomeKind.CIRCUIT_OPEN,
+            http_status=None,
+            error="circuit open for " + key,
+            latency_ms=0.0,
+            retry_after_seconds=wait if wait is not None else self._settings.timeout_seconds,
+            attempted_at=self._clock.now(),
+        )
 
     async def _post(self, session: aiohttp.ClientSession, delivery: Delivery) -> AttemptOutcome:
         at = self._clock.now()

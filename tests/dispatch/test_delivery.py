@@ -351,13 +351,16 @@ async def test_breaker_opens_after_consecutive_failures_and_closes_after_a_probe
         blocked = await send("/status/200")
         assert blocked.kind is OutcomeKind.CIRCUIT_OPEN
         assert blocked.http_status is None
+        assert blocked.retry_after_seconds == 30.0  # when a probe may go
         assert len(receiver.requests) == sent
         # Another endpoint is not affected.
         async with running_receiver() as other:
             assert (await sender.send(delivery(other.url()))).kind is OutcomeKind.ACCEPTED
 
         clock.advance(timedelta(seconds=29))
-        assert (await send("/status/200")).kind is OutcomeKind.CIRCUIT_OPEN
+        still = await send("/status/200")
+        assert still.kind is OutcomeKind.CIRCUIT_OPEN
+        assert still.retry_after_seconds == 1.0
         clock.advance(timedelta(seconds=2))
         # Half-open: one probe; it fails, so the circuit opens again for the full time.
         assert (await send("/status/502")).kind is OutcomeKind.RETRYABLE
@@ -379,7 +382,9 @@ async def test_half_open_lets_one_probe_through_at_a_time(
         clock.advance(timedelta(seconds=11))
         probe = asyncio.create_task(sender.send(delivery(receiver.url("/hold"))))
         await eventually(lambda: receiver.in_flight == 1)
-        assert (await sender.send(delivery(receiver.url()))).kind is OutcomeKind.CIRCUIT_OPEN
+        during_probe = await sender.send(delivery(receiver.url()))
+        assert during_probe.kind is OutcomeKind.CIRCUIT_OPEN
+        assert during_probe.retry_after_seconds == LOCAL.timeout_seconds
         receiver.gate.set()
         assert (await probe).kind is OutcomeKind.ACCEPTED
         assert (await sender.send(delivery(receiver.url()))).kind is OutcomeKind.ACCEPTED
