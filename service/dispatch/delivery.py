@@ -67,7 +67,7 @@ from aiohttp.resolver import DefaultResolver
 from standardwebhooks import Webhook
 
 from service.common.clock import Clock
-from service.common.network_policy import literal_address, refusal_reason
+from service.common.network_policy import legacy_ipv4, literal_address, refusal_reason
 from service.config import Settings
 from service.dispatch.breaker import CircuitBreakers, Permit
 
@@ -234,6 +234,9 @@ def _judge_url(url: str, allow_private_networks: bool) -> tuple[str, str | None]
         host = None
     if not host or parts.scheme not in ("http", "https"):
         return "", "not an http(s) URL with a host"
+    legacy = legacy_ipv4(host)
+    if legacy is not None:
+        return "", f"legacy numeric IPv4 form {host} (of {legacy})"
     literal = literal_address(host)
     if literal is not None:
         reason = refusal_reason(literal, allow_private_networks=allow_private_networks)

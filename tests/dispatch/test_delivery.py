@@ -324,6 +324,21 @@ async def test_one_refused_address_among_the_answers_refuses_the_name() -> None:
     assert [r["host"] for r in await fine.resolve("partner.example", 443)] == ["93.184.216.34"]
 
 
+async def test_legacy_numeric_forms_and_trailing_dots_are_refused(
+    receiver: Receiver, clock: ManualClock
+) -> None:
+    async with WebhookSender(replace(LOCAL, allow_private_networks=False), clock) as strict:
+        dotted = await strict.send(delivery(receiver.url(host="127.0.0.1.")))
+        legacy = await strict.send(delivery(receiver.url(host="2130706433")))
+    assert dotted.kind is legacy.kind is OutcomeKind.REFUSED
+    assert legacy.error == "legacy numeric IPv4 form 2130706433 (of 127.0.0.1)"
+    async with WebhookSender(LOCAL, clock) as lenient:
+        assert (await lenient.send(delivery(receiver.url(host="127.1")))).kind is (
+            OutcomeKind.REFUSED
+        )
+    assert receiver.requests == []
+
+
 async def test_not_an_http_url_is_refused(sender: WebhookSender) -> None:
     for url in ("ftp://h.example/x", "http:///x", "not a url", "http://h.example:99999/"):
         assert (await sender.send(delivery(url))).kind is OutcomeKind.REFUSED
