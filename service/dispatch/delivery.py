@@ -51,6 +51,7 @@ import contextlib
 import enum
 import ipaddress
 import random
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -78,6 +79,9 @@ MAX_RESPONSE_BODY_BYTES = 64 * 1024
 # A Retry-After longer than this is taken as this: no dispatch window is longer.
 MAX_RETRY_AFTER_SECONDS = 86400.0
 MAX_ERROR_LENGTH = 200
+# Printable ASCII without spaces: it is a header value and part of the signed content.
+_DELIVERY_ID = re.compile(r"[\x21-\x7e]{1,128}")
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,15 @@ class Delivery:
     body: bytes
     # "whsec_<base64>", current first; every one signs. Never shown in a repr or a log.
     signing_secrets: Sequence[str] = field(repr=False)
+    # W3C trace context; one that is not well-formed is left out rather than sent.
     traceparent: str | None = None
+
+    def __post_init__(self) -> None:
+        # Our own mistakes, not a receiver's: an unsigned webhook is never sent.
+        if not self.signing_secrets:
+            raise ValueError("a delivery needs at least one signing secret")
+        if not _DELIVERY_ID.fullmatch(self.delivery_id):
+            raise ValueError("delivery_id must be 1-128 printable ASCII characters, no spaces")
 
 
 class OutcomeKind(enum.Enum):
@@ -270,7 +282,8 @@ def signed_headers(delivery: Delivery, at: datetime) -> dict[str, str]:
         "content-type": "application/json",
         "user-agent": USER_AGENT,
     }
-    if delivery.traceparent:
+    # It comes from a caller's request metadata: only a well-formed one goes into a header.
+    if delivery.traceparent and _TRACEPARENT.fullmatch(delivery.traceparent):
         headers["traceparent"] = delivery.traceparent
     return headers
 

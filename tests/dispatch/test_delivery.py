@@ -236,6 +236,24 @@ async def test_traceparent_is_passed(sender: WebhookSender, receiver: Receiver) 
     assert receiver.requests[0].headers["traceparent"] == traceparent
 
 
+async def test_a_malformed_traceparent_is_left_out(
+    sender: WebhookSender, receiver: Receiver
+) -> None:
+    for bad in ("00-abc\r\nX-Injected: 1", "not-a-trace", "00-" + "0" * 31 + "-x-01"):
+        outcome = await sender.send(delivery(receiver.url(), traceparent=bad))
+        assert outcome.kind is OutcomeKind.ACCEPTED
+    assert all("traceparent" not in r.headers for r in receiver.requests)
+    assert all("X-Injected" not in r.headers for r in receiver.requests)
+
+
+def test_a_delivery_is_always_signed_and_has_a_plain_id() -> None:
+    with pytest.raises(ValueError, match="signing secret"):
+        Delivery("msg_1", "https://h.example/", b"{}", ())
+    for bad_id in ("", "a b", "x\r\ny", "é", "x" * 129):
+        with pytest.raises(ValueError, match="delivery_id"):
+            Delivery(bad_id, "https://h.example/", b"{}", (new_signing_secret(),))
+
+
 async def test_secrets_are_not_in_the_repr() -> None:
     secret = new_signing_secret()
     assert secret not in repr(delivery("http://h.example/", (secret,)))
