@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -252,6 +253,18 @@ def test_a_delivery_is_always_signed_and_has_a_plain_id() -> None:
     for bad_id in ("", "a b", "x\r\ny", "é", "x" * 129):
         with pytest.raises(ValueError, match="delivery_id"):
             Delivery(bad_id, "https://h.example/", b"{}", (new_signing_secret(),))
+
+
+async def test_secrets_are_not_logged(
+    sender: WebhookSender, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = new_signing_secret()
+    with caplog.at_level(logging.DEBUG):
+        for path in ("/hook", "/status/500", "/drop"):
+            await sender.send(delivery(receiver.url(path), (secret,)))
+    assert caplog.records, "debug logging was captured"
+    assert secret not in caplog.text
+    assert secret.removeprefix("whsec_") not in caplog.text
 
 
 async def test_secrets_are_not_in_the_repr() -> None:
