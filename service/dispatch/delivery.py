@@ -53,6 +53,7 @@ import ipaddress
 import random
 import re
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -349,12 +350,21 @@ class WebhookSender:
     """Sends ``Delivery``s over one aiohttp session; ``start`` before, ``close`` after."""
 
     def __init__(
-        self, settings: DeliverySettings, clock: Clock, *, resolver: AbstractResolver | None = None
+        self,
+        settings: DeliverySettings,
+        clock: Clock,
+        *,
+        resolver: AbstractResolver | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         # ``resolver``: where names are looked up (default: the system's); every answer is
-        # checked by the address policy whatever it is.
+        # checked by the address policy whatever it is. ``ssl_context``: which certificate
+        # authorities HTTPS receivers are verified against (default: the system's trust
+        # store as aiohttp loads it at import, which honours SSL_CERT_FILE). Certificates
+        # are always verified.
         self._settings = settings
         self._resolver = resolver
+        self._ssl_context = ssl_context
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
         self._all = asyncio.Semaphore(settings.max_concurrency)
@@ -374,6 +384,7 @@ class WebhookSender:
             # Our semaphores admit requests; these are the same bounds as a backstop.
             limit=self._settings.max_concurrency,
             limit_per_host=self._settings.max_concurrency_per_host,
+            ssl=self._ssl_context if self._ssl_context is not None else True,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,

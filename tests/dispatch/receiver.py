@@ -10,6 +10,7 @@ body, and the number of requests in flight (and its peak) is counted.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -27,13 +28,14 @@ class Received:
 @dataclass
 class Receiver:
     port: int = 0
+    scheme: str = "http"
     requests: list[Received] = field(default_factory=list)
     in_flight: int = 0
     peak_in_flight: int = 0
     gate: asyncio.Event = field(default_factory=asyncio.Event)
 
     def url(self, path: str = "/hook", host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
+        return f"{self.scheme}://{host}:{self.port}{path}"
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -68,13 +70,13 @@ class Receiver:
 
 
 @asynccontextmanager
-async def running_receiver() -> AsyncIterator[Receiver]:
-    receiver = Receiver()
+async def running_receiver(ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[Receiver]:
+    receiver = Receiver(scheme="https" if ssl_context else "http")
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", receiver.handle)
     runner = web.AppRunner(app, shutdown_timeout=0.1)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
     await site.start()
     receiver.port = runner.addresses[0][1]
     try:

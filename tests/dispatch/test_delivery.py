@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -15,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
+import trustme
 from aiohttp.abc import AbstractResolver, ResolveResult
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
@@ -187,6 +189,26 @@ async def test_time_waiting_for_a_slot_is_not_part_of_the_timeout(
         receiver.gate.set()
         assert (await queued).kind is OutcomeKind.ACCEPTED
         assert (await stuck).error == "timed out after 0.5 s"
+
+
+async def test_https_certificates_are_verified(clock: ManualClock) -> None:
+    authority = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1", "localhost").configure_cert(server_context)
+    async with running_receiver(server_context) as secure:
+        async with WebhookSender(LOCAL, clock) as sender:
+            untrusted = await sender.send(delivery(secure.url()))
+        assert untrusted.kind is OutcomeKind.RETRYABLE
+        assert untrusted.error is not None
+        assert "certificate" in untrusted.error.lower()
+        assert secure.requests == []
+        # With the authority trusted, the same receiver gets it.
+        client_context = ssl.create_default_context()
+        authority.configure_trust(client_context)
+        async with WebhookSender(LOCAL, clock, ssl_context=client_context) as sender:
+            trusted = await sender.send(delivery(secure.url()))
+        assert trusted.kind is OutcomeKind.ACCEPTED
+        assert len(secure.requests) == 1
 
 
 async def test_receiver_verifies_every_secret_of_a_rotation(
