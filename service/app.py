@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import asyncpg
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from opentelemetry import trace
 
 from service.auth.authenticator import Authenticator
@@ -20,6 +20,7 @@ from service.auth.principal import Role
 from service.auth.store import TOKEN_REVOKED_CHANNEL, IdentityStore, IssuedToken
 from service.common.call_guard import CallGuard
 from service.common.clock import SYSTEM_CLOCK, Clock
+from service.common.loglimit import OutageLog
 from service.config import Settings
 from service.db.database import create_pool
 from service.db.migrate import migrate
@@ -44,6 +45,10 @@ GRPC_OPTIONS = [
     # data directory, would silently receive part of the calls. A taken port is an error.
     ("grpc.so_reuseport", 0),
 ]
+
+
+HEALTH_DESCRIPTOR = health_pb2.DESCRIPTOR.services_by_name["Health"]
+REFLECTION_DESCRIPTOR = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
 
 
 @dataclass
@@ -73,6 +78,8 @@ class Service:
     upstream_scheduler: UpstreamScheduler | None = None
     telemetry_servicer: telemetry.TelemetryServicer | None = None
     _health: health.aio.HealthServicer | None = None
+    # One record of a database outage, shared by the health probe and every refused call.
+    database_outage: OutageLog = field(default_factory=lambda: OutageLog("database", log))
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _service_names: list[str] = field(default_factory=list)
     _capability_list: list[Capability] = field(default_factory=list)
@@ -119,17 +126,25 @@ class Service:
             method_roles.update(capability.method_roles)
         self.server = grpc.aio.server(options=GRPC_OPTIONS)
         tracer = trace.get_tracer("openvpp") if settings.trace_exporter else None
-        guard = CallGuard(authenticator, tracer)
+        guard = CallGuard(authenticator, tracer, self.database_outage)
         for capability in capabilities:
             guard.register(
                 self.server, capability.descriptor, capability.servicer, capability.method_roles
             )
         self._service_names = [c.descriptor.full_name for c in capabilities]
 
+        # Health and reflection take no token (load balancers and grpcurl call them bare) but
+        # go through the same guard, so a request they cannot decode is INVALID_ARGUMENT too.
         self._health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
-        reflection.enable_server_reflection(
-            [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        guard.register(self.server, HEALTH_DESCRIPTOR, self._health, {}, public=True)
+        guard.register(
+            self.server,
+            REFLECTION_DESCRIPTOR,
+            reflection.aio.ReflectionServicer(
+                [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+            ),
+            {},
+            public=True,
         )
         try:
             self.port = self.server.add_insecure_port(settings.grpc_address)
@@ -200,14 +215,19 @@ class Service:
         interval = self.settings.health_interval_seconds
         while True:
             await asyncio.sleep(interval)
+            cause = "the event listener is not connected"
             try:
                 async with asyncio.timeout(interval):
                     await self.pool.fetchval("SELECT 1")
                 healthy = self.hub is not None and self.hub.connected
-            except Exception:
+            except Exception as error:
                 healthy = False
+                cause = f"health probe: {type(error).__name__}"
+            if healthy:
+                self.database_outage.up()
+            else:
+                self.database_outage.down(cause)
             if healthy != serving:
-                log.warning("database %s", "reachable again" if healthy else "unreachable")
                 serving = healthy
                 await self._set_health(serving)
 

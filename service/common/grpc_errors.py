@@ -15,6 +15,7 @@ from service.common.errors import (
     AlreadyExistsError,
     DomainError,
     FailedPreconditionError,
+    MalformedRequestError,
     NotFoundError,
     ValidationError,
 )
@@ -100,6 +101,11 @@ def status_for(error: DomainError) -> grpc.Status:
                     ]
                 )
             )
+        )
+    elif isinstance(error, MalformedRequestError):
+        code = code_pb2.INVALID_ARGUMENT
+        details.append(
+            _packed(error_details_pb2.ErrorInfo(reason="MALFORMED_REQUEST", domain=ERROR_DOMAIN))
         )
     else:
         code = code_pb2.INVALID_ARGUMENT

@@ -20,6 +20,8 @@ from typing import Any
 
 import asyncpg
 
+from service.common.loglimit import OutageLog
+
 log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
@@ -110,6 +112,8 @@ class EventHub:
         self._supervisor: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._closing = False
+        # A lost listening connection is retried every probe: logged as one outage.
+        self._outage = OutageLog("event listener", log)
 
     @property
     def connected(self) -> bool:
@@ -234,8 +238,9 @@ class EventHub:
                 if self._conn is not None:
                     self._conn.terminate()
                 self._conn = None
+                self._outage.down("lost its database connection; reconnecting")
                 try:
                     await self._connect()
-                    log.info("event listener reconnected")
+                    self._outage.up()
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-                    log.warning("event listener reconnect failed; retrying")
+                    self._outage.tick()

@@ -1,0 +1,79 @@
+"""The server's edge: requests are decoded after authentication, for every service."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2
+from grpc_status import rpc_status
+
+from tests.conftest import Org
+from tests.helpers import rpc_error
+
+GARBAGE = b"\xff\xff\xff\xff\x0f"  # a field tag with an invalid wire type
+
+
+def _raw(channel: grpc.aio.Channel, method: str) -> grpc.aio.UnaryUnaryMultiCallable:
+    return channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+
+
+def _reason(error: grpc.aio.AioRpcError) -> str:
+    status = rpc_status.from_call(error)
+    assert status is not None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return str(info.reason)
+    return ""
+
+
+async def test_an_undecodable_request_without_a_token_is_unauthenticated(
+    channel: grpc.aio.Channel,
+) -> None:
+    error = await rpc_error(_raw(channel, "/openvpp.v1.SiteRegistry/CreateSite")(GARBAGE))
+    assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_an_undecodable_request_with_a_token_names_the_message(
+    channel: grpc.aio.Channel, partner: Org
+) -> None:
+    error = await rpc_error(
+        _raw(channel, "/openvpp.v1.SiteRegistry/CreateSite")(GARBAGE, metadata=partner.auth)
+    )
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == "request is not a valid `openvpp.v1.CreateSiteRequest`"
+    assert _reason(error) == "MALFORMED_REQUEST"
+
+
+@pytest.mark.parametrize("method", ["Check", "Watch"])
+async def test_health_answers_an_undecodable_request_invalid_argument(
+    channel: grpc.aio.Channel, method: str
+) -> None:
+    path = f"/grpc.health.v1.Health/{method}"
+    if method == "Check":
+        error = await rpc_error(_raw(channel, path)(GARBAGE))
+    else:
+        call = channel.unary_stream(path, request_serializer=None, response_deserializer=None)
+        error = await rpc_error(call(GARBAGE).read())
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == "request is not a valid `grpc.health.v1.HealthCheckRequest`"
+    # Health needs no token and still answers a good request.
+    good = _raw(channel, "/grpc.health.v1.Health/Check")
+    answer = health_pb2.HealthCheckResponse.FromString(
+        await good(health_pb2.HealthCheckRequest().SerializeToString())
+    )
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_reflection_ends_its_stream_on_an_undecodable_request(
+    channel: grpc.aio.Channel,
+) -> None:
+    call = channel.stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        request_serializer=None,
+        response_deserializer=None,
+    )(iter([GARBAGE]))
+    error = await rpc_error(call.read())
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
