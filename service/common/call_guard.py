@@ -122,6 +122,7 @@ def _wrap(handler: Any, steps: _Steps) -> Any:
         # Each message is decoded when the handler reads it, inside the guard.
         def arguments(raw: Any) -> Any:
             return _decoded(raw, decode)
+
     if handler.response_streaming:
 
         async def guarded_stream(raw: Any, context: Any) -> AsyncIterator[Any]:

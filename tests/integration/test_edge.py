@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2
@@ -9,13 +11,15 @@ from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
 from tests.conftest import Org
-from tests.helpers import rpc_error
+from tests.helpers import raw_method, rpc_error
 
 GARBAGE = b"\xff\xff\xff\xff\x0f"  # a field tag with an invalid wire type
 
+REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 
-def _raw(channel: grpc.aio.Channel, method: str) -> grpc.aio.UnaryUnaryMultiCallable:
-    return channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+
+def _raw(channel: grpc.aio.Channel, method: str) -> Any:
+    return raw_method(channel, method, "unary_unary")
 
 
 def _reason(error: grpc.aio.AioRpcError) -> str:
@@ -55,7 +59,7 @@ async def test_health_answers_an_undecodable_request_invalid_argument(
     if method == "Check":
         error = await rpc_error(_raw(channel, path)(GARBAGE))
     else:
-        call = channel.unary_stream(path, request_serializer=None, response_deserializer=None)
+        call = raw_method(channel, path, "unary_stream")
         error = await rpc_error(call(GARBAGE).read())
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert error.details() == "request is not a valid `grpc.health.v1.HealthCheckRequest`"
@@ -70,10 +74,8 @@ async def test_health_answers_an_undecodable_request_invalid_argument(
 async def test_reflection_ends_its_stream_on_an_undecodable_request(
     channel: grpc.aio.Channel,
 ) -> None:
-    call = channel.stream_stream(
-        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-        request_serializer=None,
-        response_deserializer=None,
+    call = raw_method(
+        channel, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "stream_stream"
     )(iter([GARBAGE]))
     error = await rpc_error(call.read())
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT

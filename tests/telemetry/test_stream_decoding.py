@@ -6,9 +6,11 @@ import grpc
 from openvpp.v1 import telemetry_pb2 as tpb
 
 from tests.conftest import Org
-from tests.helpers import rpc_error
+from tests.helpers import raw_method, rpc_error
 from tests.integration.test_edge import GARBAGE
 from tests.telemetry.conftest import Setup, quarter, register
+
+STREAM = "/openvpp.v1.Telemetry/StreamReadings"
 
 
 async def test_a_bad_message_on_a_stream_ends_it_after_the_acks_already_sent(
@@ -18,14 +20,9 @@ async def test_a_bad_message_on_a_stream_ends_it_after_the_acks_already_sent(
     good = tpb.StreamReadingsRequest(
         batch=tpb.ReadingBatch(batch_id="first", readings=[register(meter, quarter(1), 10.0)])
     ).SerializeToString()
-    call = channel.stream_stream(
-        "/openvpp.v1.Telemetry/StreamReadings",
-        request_serializer=None,
-        response_deserializer=tpb.StreamReadingsResponse.FromString,
-    )(metadata=setup.org.auth)
+    call = raw_method(channel, STREAM, "stream_stream")(metadata=setup.org.auth)
     await call.write(good)
-    first = await call.read()
-    assert isinstance(first, tpb.StreamReadingsResponse)
+    first = tpb.StreamReadingsResponse.FromString(await call.read())
     assert first.ack.batch_id == "first"
     assert first.ack.accepted_count == 1
     await call.write(GARBAGE)
@@ -37,13 +34,9 @@ async def test_a_bad_message_on_a_stream_ends_it_after_the_acks_already_sent(
 async def test_garbage_as_the_first_stream_message_is_invalid_argument(
     channel: grpc.aio.Channel, partner: Org
 ) -> None:
-    call = channel.stream_stream(
-        "/openvpp.v1.Telemetry/StreamReadings", request_serializer=None, response_deserializer=None
-    )(iter([GARBAGE]), metadata=partner.auth)
+    call = raw_method(channel, STREAM, "stream_stream")(iter([GARBAGE]), metadata=partner.auth)
     error = await rpc_error(call.read())
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     # Without a token the same stream is refused before anything is read.
-    anonymous = channel.stream_stream(
-        "/openvpp.v1.Telemetry/StreamReadings", request_serializer=None, response_deserializer=None
-    )(iter([GARBAGE]))
+    anonymous = raw_method(channel, STREAM, "stream_stream")(iter([GARBAGE]))
     assert (await rpc_error(anonymous.read())).code() is grpc.StatusCode.UNAUTHENTICATED
