@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import Message
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span
 
@@ -35,10 +36,12 @@ from service.common.errors import DomainError, MalformedRequestError
 from service.common.grpc_errors import (
     CONCURRENT_CONFLICT,
     DATABASE_UNAVAILABLE,
+    plain_status,
     status_for,
     status_with_reason,
 )
 from service.common.loglimit import LogLimiter, OutageLog, held_back
+from service.common.request_limits import check_request
 from service.events.hub import EventsInterrupted, SubscriberTooSlow
 
 log = logging.getLogger(__name__)
@@ -52,7 +55,7 @@ _LOGGED_TEXT = 200
 
 Admit = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[Principal | None]]
 Decode = Callable[[Any], Any]
-Fail = Callable[[grpc.aio.ServicerContext[Any, Any], Exception, Span | None], Awaitable[None]]
+Fail = Callable[[Exception, Span | None], grpc.Status]
 SpanFactory = Callable[[grpc.aio.ServicerContext[Any, Any]], Span | None]
 
 
@@ -98,12 +101,24 @@ class _Guarded:
         await self._leave(error)
 
     async def _leave(self, error: BaseException | None) -> None:
+        status: grpc.Status | None = None
         try:
             if isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
-                await self._steps.fail(self._context, error, self._span)
+                status = self._steps.fail(error, self._span)
         finally:
+            # Ended before the status goes out: whoever sees the status sees the span.
             if self._span is not None:
                 self._span.end()
+        if status is not None:
+            await self._context.abort_with_status(status)
+
+
+class _Refused(Exception):
+    """The caller may not make this call; ``status`` says why."""
+
+    def __init__(self, status: grpc.Status) -> None:
+        super().__init__(status.details)
+        self.status = status
 
 
 async def _decoded(raw_requests: AsyncIterator[bytes], decode: Decode) -> AsyncIterator[Any]:
@@ -149,10 +164,13 @@ def _decoder(deserializer: Callable[[bytes], Any] | None, type_name: str) -> Dec
 
     def decode(raw: bytes) -> Any:
         try:
-            return deserializer(raw)
+            request = deserializer(raw)
         except Exception:
             # DecodeError, but also a deserializer's own failure (e.g. recursion limit).
             raise MalformedRequestError(type_name) from None
+        if isinstance(request, Message):
+            check_request(request)
+        return request
 
     return decode
 
@@ -258,18 +276,17 @@ class CallGuard:
             principal = await authenticator.authenticate(token) if token else None
             if principal is None:
                 rejected(grpc.StatusCode.UNAUTHENTICATED, "no valid token")
-                await context.abort_with_status(
+                raise _Refused(
                     status_with_reason(
                         grpc.StatusCode.UNAUTHENTICATED,
                         "missing, unknown or revoked token; send 'authorization: Bearer <token>'",
                         "INVALID_TOKEN",
                     )
                 )
-            assert principal is not None
             if principal.role not in allowed:
                 roles = ", ".join(sorted(allowed)) or "none"
                 rejected(grpc.StatusCode.PERMISSION_DENIED, f"role {principal.role}")
-                await context.abort_with_status(
+                raise _Refused(
                     status_with_reason(
                         grpc.StatusCode.PERMISSION_DENIED,
                         f"role {principal.role} may not call {method} (allowed: {roles})",
@@ -284,23 +301,23 @@ class CallGuard:
             if dropped is not None:
                 log.info("rejected %s: %s %s%s", method, code.name, why, held_back(dropped))
 
-        async def fail(
-            context: grpc.aio.ServicerContext[Any, Any], error: Exception, span: Span | None
-        ) -> None:
-            """Aborts the call with the status ``error`` stands for."""
+        def fail(error: Exception, span: Span | None) -> grpc.Status:
+            """The status the call ends with for ``error``."""
+            if isinstance(error, _Refused):
+                return error.status
             if isinstance(error, DomainError):
                 if span is not None:
                     span.set_attribute("rpc.grpc.error", type(error).__name__)
                 status = status_for(error)
                 rejected(status.code, _loggable(error.message))
-                await context.abort_with_status(status)
+                return status
             if isinstance(error, SubscriberTooSlow):
-                await context.abort(
+                return plain_status(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"stream ended: the client read too slowly ({error}); reconnect",
                 )
             if isinstance(error, EventsInterrupted):
-                await context.abort(
+                return plain_status(
                     grpc.StatusCode.UNAVAILABLE, f"stream ended: {error}; reconnect"
                 )
             if isinstance(error, CONCURRENT_CONFLICT):
@@ -314,13 +331,13 @@ class CallGuard:
                         type(error).__name__,
                         held_back(dropped),
                     )
-                await context.abort(
+                return plain_status(
                     grpc.StatusCode.ABORTED, "conflicting concurrent change; retry the call"
                 )
             if isinstance(error, DATABASE_UNAVAILABLE):
                 # Also a token lookup that cannot reach the database: retryable.
                 outage.refused(error)
-                await context.abort(
+                return plain_status(
                     grpc.StatusCode.UNAVAILABLE, "database unavailable; retry later"
                 )
             dropped = internal_traces.admit(_error_key(error))
@@ -328,7 +345,7 @@ class CallGuard:
                 log.error("unexpected error in %s%s", method, held_back(dropped), exc_info=error)
             if span is not None:
                 span.set_status(trace.StatusCode.ERROR)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            return plain_status(grpc.StatusCode.INTERNAL, "internal error")
 
         return _wrap(handler, _Steps(admit, decode, fail, span_for))
 

@@ -125,3 +125,11 @@ def status_with_reason(code: grpc.StatusCode, message: str, reason: str) -> grpc
         )
     )
     return status
+
+
+def plain_status(code: grpc.StatusCode, message: str) -> grpc.Status:
+    """A status without details."""
+    status: grpc.Status = rpc_status.to_status(
+        status_pb2.Status(code=code.value[0], message=message)
+    )
+    return status

@@ -12,12 +12,13 @@ from urllib.parse import urlsplit
 import pytz
 
 from service.common.errors import ViolationCollector
+from service.common.text import ADDRESS_LENGTH, NAME_LENGTH, URL_LENGTH, check_text
 from service.identifiers import InvalidGridIdentifier, parse_grid_identifier
 from service.telemetry.domain import SUPPORTED_RESOLUTIONS, SiteType, parse_resolution
 
-MAX_NAME_LENGTH = 200
-MAX_ADDRESS_LENGTH = 1000
-MAX_URL_LENGTH = 2048
+MAX_NAME_LENGTH = NAME_LENGTH
+MAX_ADDRESS_LENGTH = ADDRESS_LENGTH
+MAX_URL_LENGTH = URL_LENGTH
 DEFAULT_BALANCE_RESOLUTION = "PT15M"
 
 
@@ -271,8 +272,7 @@ def validate_resource(resource: ResourceFields, prefix: str = "") -> ResourceFie
 
 
 def _check_length(errors: ViolationCollector, field: str, value: str, limit: int) -> None:
-    if len(value) > limit:
-        errors.add(field, f"must be at most {limit} characters")
+    check_text(errors, field, value, limit)
 
 
 def _check_bounds(errors: ViolationCollector, field: str, bounds: Bounds) -> bool:
@@ -288,8 +288,7 @@ def _check_bounds(errors: ViolationCollector, field: str, bounds: Bounds) -> boo
 
 
 def _check_url(errors: ViolationCollector, field: str, url: str) -> None:
-    if len(url) > MAX_URL_LENGTH:
-        errors.add(field, f"must be at most {MAX_URL_LENGTH} characters")
+    if not check_text(errors, field, url, MAX_URL_LENGTH):
         return
     try:
         parts = urlsplit(url)
