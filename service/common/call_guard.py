@@ -18,6 +18,7 @@ it, so a bad one ends the stream after the responses already sent.
 from __future__ import annotations
 
 import contextvars
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -142,7 +143,12 @@ def _wrap(handler: Any, steps: _Steps) -> Any:
 
         async def guarded_stream(raw: Any, context: Any) -> AsyncIterator[Any]:
             async with _Guarded(steps, context):
-                async for response in inner(arguments(raw), context):
+                produced = inner(arguments(raw), context)
+                if inspect.isawaitable(produced):
+                    # A handler that sends with context.write (grpc's Health/Watch).
+                    await produced
+                    return
+                async for response in produced:
                     yield response
 
         guarded = guarded_stream
@@ -311,6 +317,9 @@ class CallGuard:
                 status = status_for(error)
                 rejected(status.code, _loggable(error.message))
                 return status
+            if isinstance(error, NotImplementedError):
+                # A generated servicer base method nobody overrode (e.g. Health/List).
+                return plain_status(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
             if isinstance(error, SubscriberTooSlow):
                 return plain_status(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
