@@ -20,7 +20,7 @@ from service.auth.principal import Role
 from service.auth.store import TOKEN_REVOKED_CHANNEL, IdentityStore, IssuedToken
 from service.common.call_guard import CallGuard
 from service.common.clock import SYSTEM_CLOCK, Clock
-from service.common.loglimit import OutageLog
+from service.common.loglimit import OutageLog, quiet_library_retries
 from service.config import Settings
 from service.db.database import create_pool
 from service.db.migrate import migrate
@@ -95,6 +95,8 @@ class Service:
 
     async def _start(self) -> int:
         settings = self.settings
+        # asyncpg logs every reconnect attempt of the pool with a stack trace.
+        quiet_library_retries("asyncpg.pool")
         self.pool = await create_pool(
             self.dsn, settings.db_pool_min_size, settings.db_pool_max_size
         )

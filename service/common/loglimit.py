@@ -124,3 +124,35 @@ class OutageLog:
 def _describe(error: BaseException) -> str:
     text = str(error).splitlines()[0][:200] if str(error) else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+class OneLinePerPeriod(logging.Filter):
+    """For a library logger that logs each retry with a stack trace (asyncpg's pool while
+    the database is down): one line per message and period, the exception reduced to its
+    type and text."""
+
+    def __init__(self, period_seconds: float = 60.0) -> None:
+        super().__init__()
+        self._limiter = LogLimiter(period_seconds)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        dropped = self._limiter.admit((record.name, record.msg))
+        if dropped is None:
+            return False
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg = f"{record.getMessage()} ({_describe(record.exc_info[1])})"
+            record.args = None
+        record.exc_info = None
+        record.exc_text = None
+        if dropped:
+            record.msg = f"{record.getMessage()}{held_back(dropped)}"
+            record.args = None
+        return True
+
+
+def quiet_library_retries(*logger_names: str) -> None:
+    """Installs :class:`OneLinePerPeriod` on each named logger, once."""
+    for name in logger_names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, OneLinePerPeriod) for f in logger.filters):
+            logger.addFilter(OneLinePerPeriod())

@@ -121,8 +121,8 @@ def message_class(descriptor: Descriptor) -> Any:
     return message_factory.GetMessageClass(descriptor)
 
 
-def _text(data: st.DataObject, name: str, world: World) -> str:
-    choice = data.draw(st.integers(0, 9))
+def _text(data: st.DataObject, name: str, world: World, hostile: bool) -> str:
+    choice = data.draw(st.integers(0, 9 if hostile else 4))
     if choice <= 2 and (name == "id" or name.endswith("_id")):
         options = [*world.ids, str(uuid.uuid4()), "not-a-uuid", str(uuid.uuid4()).upper()]
         return data.draw(st.sampled_from(options))
@@ -131,34 +131,50 @@ def _text(data: st.DataObject, name: str, world: World) -> str:
         return data.draw(st.sampled_from(options))
     if choice <= 4 and name in PLAUSIBLE_TEXT:
         return data.draw(st.sampled_from(PLAUSIBLE_TEXT[name]))
+    if not hostile:
+        return data.draw(st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-", max_size=20))
     if choice <= 6:
         return data.draw(st.sampled_from(HOSTILE_TEXT))
     return data.draw(st.text(max_size=40))
 
 
-def _scalar(data: st.DataObject, fd: FieldDescriptor, world: World) -> Any:
+def _scalar(data: st.DataObject, fd: FieldDescriptor, world: World, hostile: bool) -> Any:
     kind = fd.type
     if kind == F.TYPE_STRING:
-        return _text(data, fd.name, world)
+        return _text(data, fd.name, world, hostile)
     if kind == F.TYPE_BYTES:
         return data.draw(st.binary(max_size=64))
     if kind == F.TYPE_BOOL:
         return data.draw(st.booleans())
+    if kind in (F.TYPE_DOUBLE, F.TYPE_FLOAT) and not hostile:
+        return data.draw(st.sampled_from([-5.0, 0.0, 1.0, 5.0, 10.0, 100.5]))
     if kind in (F.TYPE_DOUBLE, F.TYPE_FLOAT):
         floats = st.floats() if kind == F.TYPE_DOUBLE else st.floats(width=32)
         return data.draw(st.sampled_from(SPECIAL_FLOATS) | floats)
     if kind == F.TYPE_ENUM:
         assert fd.enum_type is not None
         known = [value.number for value in fd.enum_type.values]
+        if not hostile:
+            return data.draw(st.sampled_from(known))
         return data.draw(st.sampled_from(known) | st.integers(-(2**31), 2**31 - 1))
     low, high = _INT_RANGES[kind]
+    if not hostile:
+        return data.draw(st.integers(max(low, 0), 100))
     edges = [v for v in (low, high, 0, -1, 1, 1000, 1001, 10_000) if low <= v <= high]
     return data.draw(st.sampled_from(edges) | st.integers(low, high))
 
 
-def _well_known(data: st.DataObject, descriptor: Descriptor) -> Message | None:
+def _well_known(data: st.DataObject, descriptor: Descriptor, hostile: bool) -> Message | None:
     name = descriptor.full_name
     cls = message_class(descriptor)
+    if name == "google.protobuf.Timestamp" and not hostile:
+        quarter = data.draw(st.integers(0, 96 * 40))
+        plausible: Message = cls(seconds=1_735_693_200 + 900 * quarter)
+        return plausible
+    if name == "google.type.Date" and not hostile:
+        year, month, day = data.draw(st.integers(2024, 2035)), data.draw(st.integers(1, 12)), 1
+        plausible = cls(year=year, month=month, day=day)
+        return plausible
     if name == "google.protobuf.Timestamp":
         seconds = data.draw(st.sampled_from(TIMESTAMP_SECONDS) | st.integers(-(2**63), 2**63 - 1))
         nanos = data.draw(
@@ -192,10 +208,14 @@ def _well_known(data: st.DataObject, descriptor: Descriptor) -> Message | None:
 
 
 def draw_message(
-    data: st.DataObject, descriptor: Descriptor, world: World, depth: int = 0
+    data: st.DataObject,
+    descriptor: Descriptor,
+    world: World,
+    depth: int = 0,
+    hostile: bool = True,
 ) -> Message:
-    """A message of ``descriptor``'s type with hostile and plausible field values."""
-    special = _well_known(data, descriptor)
+    """A message of ``descriptor``'s type with hostile (or only plausible) field values."""
+    special = _well_known(data, descriptor, hostile)
     if special is not None:
         return special
     message: Message = message_class(descriptor)()
@@ -207,29 +227,34 @@ def draw_message(
         if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
             continue  # none of our requests has a map; their checks are unit-sized
         if fd.is_repeated:
-            _fill_repeated(data, message, fd, world, depth)
+            _fill_repeated(data, message, fd, world, depth, hostile)
         elif fd.message_type is not None:
             getattr(message, fd.name).CopyFrom(
-                draw_message(data, fd.message_type, world, depth + 1)
+                draw_message(data, fd.message_type, world, depth + 1, hostile)
             )
         else:
-            setattr(message, fd.name, _scalar(data, fd, world))
+            setattr(message, fd.name, _scalar(data, fd, world, hostile))
     return message
 
 
 def _fill_repeated(
-    data: st.DataObject, message: Message, fd: FieldDescriptor, world: World, depth: int
+    data: st.DataObject,
+    message: Message,
+    fd: FieldDescriptor,
+    world: World,
+    depth: int,
+    hostile: bool,
 ) -> None:
     target = getattr(message, fd.name)
     count = data.draw(st.integers(0, 3))
     items: list[Any] = []
     for _ in range(count):
         if fd.message_type is not None:
-            items.append(draw_message(data, fd.message_type, world, depth + 1))
+            items.append(draw_message(data, fd.message_type, world, depth + 1, hostile))
         else:
-            items.append(_scalar(data, fd, world))
+            items.append(_scalar(data, fd, world, hostile))
     # Now and then a large repeated field: the first item many times over.
-    if items and data.draw(st.integers(0, 19)) == 0:
+    if hostile and items and data.draw(st.integers(0, 19)) == 0:
         items = items[:1] * data.draw(st.sampled_from([1000, 10_001]))
     target.extend(items)
 
@@ -239,7 +264,10 @@ def draw_request_bytes(data: st.DataObject, descriptor: Descriptor, world: World
     how = data.draw(st.sampled_from(["message"] * 6 + ["truncated", "corrupted", "random"]))
     if how == "random":
         return data.draw(st.binary(max_size=256))
-    encoded = draw_message(data, descriptor, world).SerializeToString()
+    # Half the messages are plausible throughout, so calls get past the first check; their
+    # truncated and corrupted encodings are those of (nearly) valid requests.
+    hostile = data.draw(st.booleans())
+    encoded = draw_message(data, descriptor, world, hostile=hostile).SerializeToString()
     if how == "truncated" and encoded:
         return encoded[: data.draw(st.integers(0, len(encoded) - 1))]
     if how == "corrupted" and encoded:
