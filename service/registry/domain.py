@@ -13,8 +13,8 @@ import pytz
 
 from service.common.errors import ViolationCollector
 from service.common.text import ADDRESS_LENGTH, NAME_LENGTH, URL_LENGTH, check_text
+from service.grid import SUPPORTED_RESOLUTIONS, SiteType, parse_resolution
 from service.identifiers import InvalidGridIdentifier, parse_grid_identifier
-from service.telemetry.domain import SUPPORTED_RESOLUTIONS, SiteType, parse_resolution
 
 MAX_NAME_LENGTH = NAME_LENGTH
 MAX_ADDRESS_LENGTH = ADDRESS_LENGTH

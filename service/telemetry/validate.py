@@ -18,12 +18,8 @@ from uuid import UUID
 from zoneinfo import ZoneInfo
 
 from service.common.protoconv import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS
-from service.telemetry.domain import (
-    Measuring,
-    MeterDirection,
-    RejectReason,
-    Resolution,
-)
+from service.grid import Resolution
+from service.telemetry.domain import Measuring, MeterDirection, RejectReason
 
 MIN_SECONDS = MIN_TIMESTAMP_SECONDS
 MAX_SECONDS = MAX_TIMESTAMP_SECONDS
