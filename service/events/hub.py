@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncpg
 
-from service.common.loglimit import OutageLog
+from service.common.loglimit import LogLimiter, OutageLog, held_back
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class EventHub:
         self._closing = False
         # A lost listening connection is retried every probe: logged as one outage.
         self._outage = OutageLog("event listener", log)
+        self._listener_failures = LogLimiter(60.0)
 
     @property
     def connected(self) -> bool:
@@ -200,14 +201,18 @@ class EventHub:
             try:
                 callback(payload)
             except Exception:
-                log.exception("listener for %s failed", channel)
+                # A bug; once a minute per channel, as it would fail on every notification.
+                dropped = self._listener_failures.admit(channel)
+                if dropped is not None:
+                    log.exception("listener for %s failed%s", channel, held_back(dropped))
         per_key = self._subscriptions.get(channel)
         if not per_key:
             return
         try:
             event = json.loads(payload)
         except ValueError:
-            log.warning("dropping malformed notification on %s", channel)
+            if self._listener_failures.admit(("malformed", channel)) is not None:
+                log.warning("dropping malformed notification on %s", channel)
             return
         for subscription in list(per_key.get(str(event.get("key", "")), ())):
             subscription.deliver(event)
