@@ -1,4 +1,5 @@
-"""Authentication, role checks and error mapping around every RPC of ours.
+"""Authentication, role checks, decoding and error mapping around every RPC the server
+offers (ours, health and reflection).
 
 Handlers stay free of this plumbing: they read ``current_principal()`` and raise domain
 errors; what the client sees is decided here, once.
