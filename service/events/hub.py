@@ -233,9 +233,13 @@ class EventHub:
         while not self._closing:
             await asyncio.sleep(self._probe_interval)
             try:
-                if self._conn is None or self._conn.is_closed():
-                    raise ConnectionError("not connected")
-                await asyncio.wait_for(self._conn.execute("SELECT 1"), self._probe_interval)
+                # Under the lock: a LISTEN for a new channel (_ensure_listening) uses the same
+                # connection, and asyncpg refuses a second operation while one is running.
+                async with self._lock:
+                    conn = self._conn
+                    if conn is None or conn.is_closed():
+                        raise ConnectionError("not connected")
+                    await asyncio.wait_for(conn.execute("SELECT 1"), self._probe_interval)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
                 if self._closing:
                     return
