@@ -166,6 +166,10 @@ async def test_an_outage_logs_start_summaries_and_end(relayed: tuple[Service, Re
     assert summaries, outage
     assert outage[-1].startswith("database available again after"), outage
     assert "call(s) were refused" in outage[-1]
+    listener = [m for m in messages if m.startswith("event listener ")]
+    assert listener[0].startswith("event listener unavailable"), listener
+    assert listener[-1].startswith("event listener available again"), listener
+    assert len(listener) <= 2 + OUTAGE_SECONDS / 10, listener
     # Start, about one summary a second, end; the event listener's own start and end; the
     # rest (e.g. the listener's reconnect) is a few lines more, whatever the call count.
     assert len(messages) <= OUTAGE_SECONDS + 20, messages
