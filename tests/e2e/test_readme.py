@@ -8,13 +8,18 @@ that fails fails the test, and every ``# → text`` line must appear in its bloc
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from service.app import Service
+from service.auth.principal import Role
 from service.identifiers.grid import InvalidGridIdentifier, parse_grid_identifier
+from tests.conftest import MakeOrg
 from tests.e2e.conftest import Serve, environment
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,3 +101,24 @@ def test_each_sample_identifier_is_valid(country: str, sample: str) -> None:
         )
         with pytest.raises(InvalidGridIdentifier):
             parse_grid_identifier(broken, scheme_country)
+
+
+async def test_the_client_helper_example_runs(service: Service, make_org: MakeOrg) -> None:
+    start = README.index("## Client helper")
+    section = README[start : README.index("\n## ", start)]
+    (example,) = re.findall(r"^```python\n(.*?)^```$", section, re.MULTILINE | re.DOTALL)
+    org = await make_org(Role.PARTNER)
+    program = f"token = {org.token!r}\n" + example.replace(
+        README_ADDRESS, f"127.0.0.1:{service.port}"
+    )
+    # A separate process: the blocking client must not stall this loop, which serves it.
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        program,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 0, output.decode()
+    assert output.decode() == "0\n"  # a new partner has no sites
