@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -20,6 +19,7 @@ from service.auth.store import TOKEN_REVOKED_CHANNEL, IdentityStore, IssuedToken
 from service.common.call_guard import CallGuard
 from service.common.clock import SYSTEM_CLOCK, Clock
 from service.common.reflection import enable_server_reflection
+from service.common.worker import Worker
 from service.config import Settings
 from service.db.database import create_pool
 from service.db.migrate import migrate
@@ -48,14 +48,17 @@ GRPC_OPTIONS = [
 
 @dataclass
 class Capability:
-    """A service of ours: its definition, its implementation, who may call each method."""
+    """A part of the service: its gRPC definition, implementation and who may call each
+    method (all None/empty for a headless capability), and its background workers."""
 
-    descriptor: ServiceDescriptor
-    servicer: object
+    descriptor: ServiceDescriptor | None
+    servicer: object | None
     method_roles: Mapping[str, frozenset[Role]]
     # Optional async set-up before serving and clean-up after the server stopped.
     start: Callable[[], Awaitable[None]] | None = None
     stop: Callable[[], Awaitable[None]] | None = None
+    # Started after migrations and every capability's start hook, stopped after the server.
+    workers: Sequence[Worker] = ()
 
 
 @dataclass
@@ -73,7 +76,9 @@ class Service:
     upstream_scheduler: UpstreamScheduler | None = None
     telemetry_servicer: telemetry.TelemetryServicer | None = None
     _health: health.aio.HealthServicer | None = None
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _serving: bool = False
+    _probe: Worker | None = None
+    _workers: list[Worker] = field(default_factory=list)
     _service_names: list[str] = field(default_factory=list)
     _capability_list: list[Capability] = field(default_factory=list)
 
@@ -114,17 +119,22 @@ class Service:
         for capability in capabilities:
             if capability.start is not None:
                 await capability.start()
+        self._workers = [worker for capability in capabilities for worker in capability.workers]
+        for worker in self._workers:
+            await worker.start(self.hub)
         method_roles: dict[str, frozenset[Role]] = {}
         for capability in capabilities:
             method_roles.update(capability.method_roles)
         self.server = grpc.aio.server(options=GRPC_OPTIONS)
         tracer = trace.get_tracer("openvpp") if settings.trace_exporter else None
         guard = CallGuard(authenticator, tracer)
-        for capability in capabilities:
+        served = [c for c in capabilities if c.descriptor is not None]
+        for capability in served:
+            assert capability.descriptor is not None
             guard.register(
                 self.server, capability.descriptor, capability.servicer, capability.method_roles
             )
-        self._service_names = [c.descriptor.full_name for c in capabilities]
+        self._service_names = [c.descriptor.full_name for c in served if c.descriptor is not None]
 
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
@@ -137,7 +147,15 @@ class Service:
             raise RuntimeError(f"cannot bind {settings.grpc_address} (in use?)")
         await self.server.start()
         await self._set_health(serving=True)
-        self._tasks.append(asyncio.create_task(self._watch_database(), name="health-probe"))
+        self._serving = True
+        # The probe runs on real time even under a test clock: it watches a real database.
+        self._probe = Worker(
+            "health-probe",
+            self._probe_database,
+            interval_seconds=settings.health_interval_seconds,
+            clock=SYSTEM_CLOCK,
+        )
+        await self._probe.start()
         return self.port
 
     def _capabilities(self) -> list[Capability]:
@@ -147,9 +165,7 @@ class Service:
             self.pool, self.hub, self.settings.watch_buffer_size, self.clock, self.reads
         )
         upstream_servicer = upstream.UpstreamRegistryServicer(self.pool, self.clock)
-        self.upstream_scheduler = UpstreamScheduler(
-            self.pool, self.clock, self.settings.upstream_scheduler_interval_seconds
-        )
+        self.upstream_scheduler = UpstreamScheduler(self.pool, self.clock)
         meter_servicer = meters.MeterRegistryServicer(self.pool)
         telemetry_servicer = telemetry.TelemetryServicer(self.pool, self.hub, self.settings)
         self.telemetry_servicer = telemetry_servicer
@@ -164,8 +180,14 @@ class Service:
                 upstream_servicer,
                 upstream.METHOD_ROLES,
                 # Date-driven status transitions, applied whether or not anyone calls.
-                start=self.upstream_scheduler.start,
-                stop=self.upstream_scheduler.stop,
+                workers=[
+                    Worker(
+                        "upstream-scheduler",
+                        self.upstream_scheduler.tick,
+                        interval_seconds=self.settings.upstream_scheduler_interval_seconds,
+                        clock=self.clock,
+                    )
+                ],
             ),
             Capability(
                 meters.DESCRIPTOR,
@@ -178,6 +200,14 @@ class Service:
                 telemetry.METHOD_ROLES,
                 start=telemetry_servicer.start,
                 stop=telemetry_servicer.stop,
+                workers=[
+                    Worker(
+                        "readings-partitions",
+                        telemetry_servicer.maintain_partitions,
+                        interval_seconds=telemetry.PARTITION_CHECK_SECONDS,
+                        clock=SYSTEM_CLOCK,
+                    )
+                ],
             ),
         ]
 
@@ -191,32 +221,30 @@ class Service:
         for name in ["", *self._service_names]:
             await self._health.set(name, status)
 
-    async def _watch_database(self) -> None:
+    async def _probe_database(self) -> bool:
         """SERVING only while the database answers."""
         assert self.pool is not None
-        serving = True
         interval = self.settings.health_interval_seconds
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                async with asyncio.timeout(interval):
-                    await self.pool.fetchval("SELECT 1")
-                healthy = self.hub is not None and self.hub.connected
-            except Exception:
-                healthy = False
-            if healthy != serving:
-                log.warning("database %s", "reachable again" if healthy else "unreachable")
-                serving = healthy
-                await self._set_health(serving)
+        try:
+            async with asyncio.timeout(interval):
+                await self.pool.fetchval("SELECT 1")
+            healthy = self.hub is not None and self.hub.connected
+        except Exception:
+            healthy = False
+        if healthy != self._serving:
+            log.warning("database %s", "reachable again" if healthy else "unreachable")
+            self._serving = healthy
+            await self._set_health(healthy)
+        return False
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops accepting calls, lets in-flight ones finish within the grace period, then
         closes the event hub and the pool. Safe to call more than once."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        if self._probe is not None:
+            await self._probe.stop()
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
-        for task in self._tasks:
-            task.cancel()
         stopping: asyncio.Task[None] | None = None
         if self.server is not None:
             stopping = asyncio.create_task(self.server.stop(grace))
@@ -229,13 +257,12 @@ class Service:
             await self.hub.close()
         if stopping is not None:
             await stopping
+        for worker in reversed(self._workers):
+            await worker.stop()
+        self._workers.clear()
         for capability in self._capability_list:
             if capability.stop is not None:
                 await capability.stop()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
         if self.reads is not None:
             await self.reads.close()
         if self.pool is not None:

@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 import pytz
 
 from service.common.errors import ViolationCollector
+from service.grid import SUPPORTED_RESOLUTIONS, SiteType, parse_resolution
 from service.identifiers import InvalidGridIdentifier, parse_grid_identifier
-from service.telemetry.domain import SUPPORTED_RESOLUTIONS, SiteType, parse_resolution
 
 MAX_NAME_LENGTH = 200
 MAX_ADDRESS_LENGTH = 1000

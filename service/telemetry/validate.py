@@ -17,12 +17,8 @@ from typing import Any
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
-from service.telemetry.domain import (
-    Measuring,
-    MeterDirection,
-    RejectReason,
-    Resolution,
-)
+from service.grid import Resolution
+from service.telemetry.domain import Measuring, MeterDirection, RejectReason
 
 FLOW_IMPORT = 1
 FLOW_EXPORT = 2
