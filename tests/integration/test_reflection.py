@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -10,6 +14,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_reflection.v1alpha import reflection_pb2 as v1alpha_pb2
 from grpc_reflection.v1alpha import reflection_pb2_grpc as v1alpha_grpc
 
+from service.app import Service
 from service.common.reflection import V1_SERVICE_NAME, v1_file_descriptor
 
 V1_METHOD = f"/{V1_SERVICE_NAME}/ServerReflectionInfo"
@@ -106,3 +111,67 @@ async def test_v1alpha_still_answers(channel: grpc.aio.Channel) -> None:
         names = {service.name for service in response.list_services_response.service}
         assert {"openvpp.v1.SiteRegistry", "grpc.reflection.v1.ServerReflection"} <= names
         break
+
+
+# grpc/reflection/v1/reflection.proto as published by gRPC (field numbers of every message),
+# written out here so the derived descriptor is checked against the real v1, not itself.
+OFFICIAL_V1_FIELDS = {
+    "ServerReflectionRequest": {
+        "host": 1,
+        "file_by_filename": 3,
+        "file_containing_symbol": 4,
+        "file_containing_extension": 5,
+        "all_extension_numbers_of_type": 6,
+        "list_services": 7,
+    },
+    "ExtensionRequest": {"containing_type": 1, "extension_number": 2},
+    "ServerReflectionResponse": {
+        "valid_host": 1,
+        "original_request": 2,
+        "file_descriptor_response": 4,
+        "all_extension_numbers_response": 5,
+        "list_services_response": 6,
+        "error_response": 7,
+    },
+    "FileDescriptorResponse": {"file_descriptor_proto": 1},
+    "ExtensionNumberResponse": {"base_type_name": 1, "extension_number": 2},
+    "ListServiceResponse": {"service": 1},
+    "ServiceResponse": {"name": 1},
+    "ErrorResponse": {"error_code": 1, "error_message": 2},
+}
+
+
+def test_the_v1_descriptor_is_grpcs_v1() -> None:
+    proto = v1_file_descriptor()
+    assert (proto.name, proto.package) == (
+        "grpc/reflection/v1/reflection.proto",
+        "grpc.reflection.v1",
+    )
+    fields = {m.name: {f.name: f.number for f in m.field} for m in proto.message_type}
+    assert fields == OFFICIAL_V1_FIELDS
+    referenced = {f.type_name for m in proto.message_type for f in m.field if f.type_name}
+    assert all(name.startswith(".grpc.reflection.v1.") for name in referenced)
+    (service,) = proto.service
+    (method,) = service.method
+    assert (service.name, method.name) == ("ServerReflection", "ServerReflectionInfo")
+    assert method.client_streaming
+    assert method.server_streaming
+
+
+async def test_grpcurl_calls_v1_reflection(service: Service) -> None:
+    """A third-party client (grpcurl) builds and sends a v1 request from what it reflected."""
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "grpcurl"),
+        "-plaintext",
+        "-d",
+        '{"list_services": ""}',
+        f"127.0.0.1:{service.port}",
+        f"{V1_SERVICE_NAME}/ServerReflectionInfo",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 0, output.decode()
+    answer = json.loads(output)
+    names = {entry["name"] for entry in answer["list_services_response"]["service"]}
+    assert {"openvpp.v1.Telemetry", "grpc.reflection.v1.ServerReflection"} <= names
