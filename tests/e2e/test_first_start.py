@@ -72,6 +72,26 @@ def test_first_start_prints_only_our_lines_and_ends_on_the_token(data_dir: Path)
     ]
     # After the banner, shutting down is all that was printed: no warnings, no gRPC core.
     assert server.lines[len(lines) :] == ["shutting down"]
+    # The README's Quick start shows this very output.
+    assert [_general(line) for line in lines] == [_general(line) for line in _readme_sample()]
+
+
+def _general(line: str) -> str:
+    """A line of serve's output without what differs between runs."""
+    line = re.sub(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", "<time> ", line)
+    line = re.sub(r"applied \d+ migration\(s\): .*", "applied <n> migration(s): <versions>", line)
+    line = re.sub(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "<uuid>", line)
+    line = re.sub(r"ovpp_\S+", "<token>", line)
+    return re.sub(r"127\.0\.0\.1:\d+ \(port \d+\)|127\.0\.0\.1:\d+", "<address>", line)
+
+
+def _readme_sample() -> list[str]:
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("## Quick start")
+    (sample,) = re.findall(
+        r"^```text\n(.*?)^```$", readme[start : readme.index("\n## ", start)], re.M | re.S
+    )
+    return str(sample).splitlines()
 
 
 def _drain(stream: object) -> None:
