@@ -1,15 +1,22 @@
-"""Server reflection as ``grpc.reflection.v1`` and ``grpc.reflection.v1alpha``.
+"""Server reflection as ``grpc.reflection.v1`` and ``grpc.reflection.v1alpha``, with comments.
 
 grpcio-reflection ships only v1alpha, while current clients (grpcurl 1.9+, Postman, grpcui)
 ask for v1 first. The two protos are the same messages under another package name, field
 for field, so they are the same bytes on the wire: v1 is served by the library's own
 servicer, under the v1 method name, with the v1 file descriptor (derived from v1alpha's)
 in the descriptor pool so a client can also describe the v1 service itself.
+
+Our own files are answered with their comments: the generated modules' descriptors carry
+none, so ``scripts/gen_protos.py`` writes each file's full descriptor beside its module
+(``gen/openvpp/v1/*.descriptor.binpb``) and those bytes replace the bare ones, for a file
+whose definitions are exactly the compiled ones (a stale copy is ignored, never served).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import AsyncIterator, Iterable
+from importlib import resources
 from typing import Any
 
 import grpc
@@ -20,6 +27,10 @@ V1_PACKAGE = "grpc.reflection.v1"
 V1_FILE = "grpc/reflection/v1/reflection.proto"
 V1_SERVICE_NAME = f"{V1_PACKAGE}.ServerReflection"
 V1ALPHA_SERVICE_NAME: str = reflection.SERVICE_NAME
+DOCUMENTED_PACKAGE = "openvpp.v1"
+DOCUMENTED_SUFFIX = ".descriptor.binpb"
+
+log = logging.getLogger(__name__)
 
 
 def v1_file_descriptor() -> descriptor_pb2.FileDescriptorProto:
@@ -53,12 +64,60 @@ def _register_v1_descriptor(pool: descriptor_pool.DescriptorPool) -> None:
         pool.Add(v1_file_descriptor())
 
 
+def _definitions(proto: descriptor_pb2.FileDescriptorProto) -> bytes:
+    """What a file defines: all of it but the comments."""
+    bare = descriptor_pb2.FileDescriptorProto()
+    bare.CopyFrom(proto)
+    bare.ClearField("source_code_info")
+    return bare.SerializeToString(deterministic=True)
+
+
+def documented_files(pool: descriptor_pool.DescriptorPool) -> dict[str, bytes]:
+    """Serialized descriptors with comments of our files, by file name, as far as current."""
+    found: dict[str, bytes] = {}
+    for entry in resources.files(DOCUMENTED_PACKAGE).iterdir():
+        if not entry.name.endswith(DOCUMENTED_SUFFIX):
+            continue
+        documented = descriptor_pb2.FileDescriptorProto.FromString(entry.read_bytes())
+        compiled = descriptor_pb2.FileDescriptorProto()
+        try:
+            pool.FindFileByName(documented.name).CopyToProto(compiled)
+        except KeyError:
+            continue  # not imported by the service: nothing to describe
+        if _definitions(documented) != _definitions(compiled):
+            log.warning("%s is stale (run scripts/gen_protos.py); served without comments", entry)
+            continue
+        found[documented.name] = documented.SerializeToString()
+    return found
+
+
+class _DocumentedReflection(reflection.aio.ReflectionServicer):  # type: ignore[misc]
+    """The library's servicer; file answers carry our files' comments."""
+
+    def __init__(
+        self, names: list[str], pool: descriptor_pool.DescriptorPool, documented: dict[str, bytes]
+    ) -> None:
+        super().__init__(names, pool=pool)
+        self._documented = documented
+
+    async def ServerReflectionInfo(
+        self, request_iterator: AsyncIterator[Any], context: Any
+    ) -> AsyncIterator[Any]:
+        async for response in super().ServerReflectionInfo(request_iterator, context):
+            if response.HasField("file_descriptor_response"):
+                files = response.file_descriptor_response.file_descriptor_proto
+                for index, raw in enumerate(files):
+                    name = descriptor_pb2.FileDescriptorProto.FromString(raw).name
+                    files[index] = self._documented.get(name, raw)
+            yield response
+
+
 def enable_server_reflection(service_names: Iterable[str], server: grpc.aio.Server) -> None:
     """Serves reflection of ``service_names`` (plus both reflection services) on ``server``."""
     pool = descriptor_pool.Default()
     _register_v1_descriptor(pool)
     names = [*service_names, V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME]
-    servicer: Any = reflection.aio.ReflectionServicer(names, pool=pool)
+    servicer = _DocumentedReflection(names, pool, documented_files(pool))
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
     v1_method = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,

@@ -15,7 +15,12 @@ from grpc_reflection.v1alpha import reflection_pb2 as v1alpha_pb2
 from grpc_reflection.v1alpha import reflection_pb2_grpc as v1alpha_grpc
 
 from service.app import Service
-from service.common.reflection import V1_SERVICE_NAME, v1_file_descriptor
+from service.common.reflection import (
+    V1_SERVICE_NAME,
+    _definitions,
+    documented_files,
+    v1_file_descriptor,
+)
 
 V1_METHOD = f"/{V1_SERVICE_NAME}/ServerReflectionInfo"
 
@@ -175,3 +180,49 @@ async def test_grpcurl_calls_v1_reflection(service: Service) -> None:
     answer = json.loads(output)
     names = {entry["name"] for entry in answer["list_services_response"]["service"]}
     assert {"openvpp.v1.Telemetry", "grpc.reflection.v1.ServerReflection"} <= names
+
+
+async def test_our_files_are_described_with_their_comments(channel: grpc.aio.Channel) -> None:
+    files = files_of(await ask_v1(channel, file_containing_symbol="openvpp.v1.SiteRegistry"))
+    site_registry = files["openvpp/v1/site_registry.proto"]
+    comments = {
+        location.leading_comments.strip() for location in site_registry.source_code_info.location
+    }
+    assert "IANA time zone; defaults to the country's main zone, else UTC." in comments
+    # Files that are not ours come as compiled (their comments are not in our tree).
+    assert not files["google/protobuf/timestamp.proto"].HasField("source_code_info")
+
+    stub = v1alpha_grpc.ServerReflectionStub(channel)
+
+    async def requests() -> AsyncIterator[v1alpha_pb2.ServerReflectionRequest]:
+        yield v1alpha_pb2.ServerReflectionRequest(file_by_filename="openvpp/v1/telemetry.proto")
+
+    async for response in stub.ServerReflectionInfo(requests()):
+        (raw,) = response.file_descriptor_response.file_descriptor_proto[:1]
+        telemetry = descriptor_pb2.FileDescriptorProto.FromString(raw)
+        assert telemetry.name == "openvpp/v1/telemetry.proto"
+        assert telemetry.source_code_info.location
+        break
+
+
+def test_every_proto_has_a_current_documented_descriptor() -> None:
+    pool = descriptor_pool.Default()
+    documented = documented_files(pool)
+    protos = {
+        f"openvpp/v1/{path.name}"
+        for path in (Path(__file__).resolve().parents[2] / "protos/openvpp/v1").glob("*.proto")
+    }
+    assert set(documented) == protos
+
+
+def test_a_stale_documented_descriptor_would_be_told_apart() -> None:
+    from openvpp.v1 import site_registry_pb2
+
+    compiled = descriptor_pb2.FileDescriptorProto()
+    site_registry_pb2.DESCRIPTOR.CopyToProto(compiled)
+    documented = descriptor_pb2.FileDescriptorProto.FromString(
+        documented_files(descriptor_pool.Default())["openvpp/v1/site_registry.proto"]
+    )
+    assert _definitions(documented) == _definitions(compiled)
+    documented.message_type[0].field[0].name = "renamed"
+    assert _definitions(documented) != _definitions(compiled)
