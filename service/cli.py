@@ -248,6 +248,23 @@ def _parser() -> argparse.ArgumentParser:
         help="list organizations",
         description="Print every organization: <org id> <name> <role> (tab-separated).",
     )
+    show_secret = orgs.add_parser(
+        "signing-secret",
+        help="print the organization's webhook signing secret",
+        description="Print the secret (whsec_...) that signs the organization's webhook "
+        "deliveries. Exit code 1 if there is no such organization.",
+    )
+    show_secret.add_argument("org", type=UUID, metavar="ORG_ID", help="organization id")
+    rotate_secret = orgs.add_parser(
+        "rotate-signing-secret",
+        help="make a new webhook signing secret and print it (the old one keeps signing "
+        "for OPENVPP_DISPATCH_SIGNING_SECRET_GRACE_SECONDS)",
+        description="Make a new webhook signing secret and print it. The previous one "
+        "keeps signing beside it for OPENVPP_DISPATCH_SIGNING_SECRET_GRACE_SECONDS, so "
+        "receivers can switch without rejecting a delivery. Exit code 1 if there is no "
+        "such organization.",
+    )
+    rotate_secret.add_argument("org", type=UUID, metavar="ORG_ID", help="organization id")
 
     tokens = commands.add_parser(
         "tokens",
@@ -312,6 +329,22 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "orgs" and args.action == "list":
             for org in run_event_loop(_with_identity(dsn, lambda store: store.list_orgs())):
                 print(f"{org.id}\t{org.name}\t{org.role}")
+        elif args.command == "orgs" and args.action in ("signing-secret", "rotate-signing-secret"):
+            rotate = args.action == "rotate-signing-secret"
+            secret = run_event_loop(
+                _with_identity(
+                    dsn,
+                    lambda store: (
+                        store.rotate_signing_secret(args.org)
+                        if rotate
+                        else store.signing_secret(args.org)
+                    ),
+                )
+            )
+            if secret is None:
+                print(f"no organization {args.org}", file=sys.stderr)
+                return 1
+            print(secret)
         elif args.command == "tokens" and args.action == "create":
 
             async def issue(store: IdentityStore) -> Any:
