@@ -2,8 +2,9 @@
 
 Blocks fenced as ```` ```sh walkthrough ```` run in one bash session (shared variables, as a
 reader's terminal), from the root of the clone, with ``TOKEN`` taken from serve's first-start
-banner; the only change is the server's address (a free port instead of 50051). A command
-that fails fails the test, and every ``# → text`` line must appear in its block's output.
+banner; the only changes are the server's address (a free port instead of 50051) and the
+path of the venv. A command that fails fails the test, and every ``# → text`` line must
+appear in its block's output.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ README = (REPO / "README.md").read_text()
 WALKTHROUGH_BLOCK = re.compile(r"^```sh walkthrough\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 EXPECTED = re.compile(r"^# → (.*)$", re.MULTILINE)
 README_ADDRESS = "127.0.0.1:50051"
+VENV_BIN = f"{Path(sys.executable).parent}/"
 
 
 def walkthrough_blocks() -> list[str]:
@@ -56,7 +58,10 @@ def test_the_walkthrough_runs_as_written(data_dir: Path) -> None:
         address = f"127.0.0.1:{server.port}"
         script = ["set -euo pipefail", "exec 2>&1"]
         for index, block in enumerate(blocks):
-            script += [f"echo '@@ block {index}'", block.replace(README_ADDRESS, address)]
+            # The venv running the tests stands in for the clone's .venv (the same one under
+            # ./scripts/test).
+            pasted = block.replace(README_ADDRESS, address).replace(".venv/bin/", VENV_BIN)
+            script += [f"echo '@@ block {index}'", pasted]
         env = environment(data_dir, TOKEN=token)
         result = subprocess.run(
             ["bash", "-c", "\n".join(script)],
