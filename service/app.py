@@ -12,7 +12,6 @@ import asyncpg
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2
-from grpc_reflection.v1alpha import reflection, reflection_pb2
 from opentelemetry import trace
 
 from service.auth.authenticator import Authenticator
@@ -21,6 +20,7 @@ from service.auth.store import TOKEN_REVOKED_CHANNEL, IdentityStore, IssuedToken
 from service.common.call_guard import CallGuard
 from service.common.clock import SYSTEM_CLOCK, Clock
 from service.common.loglimit import OutageLog, quiet_library_retries
+from service.common.reflection import enable_server_reflection
 from service.common.worker import Worker
 from service.config import Settings
 from service.db.database import create_pool
@@ -49,7 +49,6 @@ GRPC_OPTIONS = [
 
 
 HEALTH_DESCRIPTOR = health_pb2.DESCRIPTOR.services_by_name["Health"]
-REFLECTION_DESCRIPTOR = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
 
 
 @dataclass
@@ -156,15 +155,7 @@ class Service:
         # go through the same guard, so a request they cannot decode is INVALID_ARGUMENT too.
         self._health = health.aio.HealthServicer()
         guard.register(self.server, HEALTH_DESCRIPTOR, self._health, {}, public=True)
-        guard.register(
-            self.server,
-            REFLECTION_DESCRIPTOR,
-            reflection.aio.ReflectionServicer(
-                [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
-            ),
-            {},
-            public=True,
-        )
+        enable_server_reflection([*self._service_names, health.SERVICE_NAME], self.server, guard)
         try:
             self.port = self.server.add_insecure_port(settings.grpc_address)
         except RuntimeError:

@@ -39,6 +39,7 @@ from openvpp.v1 import upstream_registry_pb2 as upb
 
 from service.app import Service
 from service.auth.principal import Role
+from service.common.reflection import V1_SERVICE_NAME
 from tests.conftest import MakeOrg, Org
 from tests.fuzz.messages import World, draw_request_bytes, draw_stream
 from tests.helpers import battery_request, random_ean18, site_request
@@ -46,7 +47,7 @@ from tests.telemetry.conftest import METER_START, stamp
 
 CASES = int(os.environ.get("OPENVPP_FUZZ_CASES", "3000"))
 SEED = os.environ.get("OPENVPP_FUZZ_SEED")
-PUBLIC_SERVICES = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME})
+PUBLIC_SERVICES = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME, V1_SERVICE_NAME})
 # A Watch stream is ended after its first response or this long.
 STREAM_SECONDS = 0.25
 CLIENT_STREAM_SECONDS = 5.0

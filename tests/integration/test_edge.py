@@ -15,8 +15,6 @@ from tests.helpers import raw_method, rpc_error
 
 GARBAGE = b"\xff\xff\xff\xff\x0f"  # a field tag with an invalid wire type
 
-REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
-
 
 def _raw(channel: grpc.aio.Channel, method: str) -> Any:
     return raw_method(channel, method, "unary_unary")
@@ -71,11 +69,11 @@ async def test_health_answers_an_undecodable_request_invalid_argument(
     assert answer.status == health_pb2.HealthCheckResponse.SERVING
 
 
+@pytest.mark.parametrize("version", ["v1alpha", "v1"])
 async def test_reflection_ends_its_stream_on_an_undecodable_request(
-    channel: grpc.aio.Channel,
+    channel: grpc.aio.Channel, version: str
 ) -> None:
-    call = raw_method(
-        channel, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "stream_stream"
-    )(iter([GARBAGE]))
+    path = f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
+    call = raw_method(channel, path, "stream_stream")(iter([GARBAGE]))
     error = await rpc_error(call.read())
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
