@@ -237,6 +237,8 @@ class OutboxDeliverer:
         self._finished_ready = asyncio.Event()
         self._recorder: asyncio.Task[None] | None = None
         self._started = False
+        # Attempts this replica made (tests and operators see each replica's share).
+        self.attempts_sent = 0
 
     @property
     def in_flight(self) -> int:
@@ -390,6 +392,7 @@ class OutboxDeliverer:
                 latency_ms=0.0,
                 retry_after_seconds=None,
             )
+        self.attempts_sent += 1
         self._finished.append(Finished(item, attempt_time, outcome))
         self._finished_ready.set()
 
