@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -171,7 +172,12 @@ class Service:
         assert self.pool is not None
         assert self.hub is not None
         registry_servicer = registry.SiteRegistryServicer(
-            self.pool, self.hub, self.settings.watch_buffer_size, self.clock, self.reads
+            self.pool,
+            self.hub,
+            self.settings.watch_buffer_size,
+            self.clock,
+            self.reads,
+            webhook_allow_private_networks=self.settings.webhook_allow_private_networks,
         )
         upstream_servicer = upstream.UpstreamRegistryServicer(self.pool, self.clock)
         self.upstream_scheduler = UpstreamScheduler(self.pool, self.clock)
@@ -232,7 +238,12 @@ class Service:
             return Capability(dispatch.DESCRIPTOR, servicer, dispatch.METHOD_ROLES)
         deliverer = OutboxDeliverer(
             self.pool,
-            IdentityStore(self.pool),
+            IdentityStore(
+                self.pool,
+                signing_secret_grace=timedelta(
+                    seconds=settings.dispatch_signing_secret_grace_seconds
+                ),
+            ),
             self.clock,
             OutboxSettings(
                 lease_seconds=settings.dispatch_lease_seconds,
