@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+from uuid import UUID
+
 from openvpp.v1 import dispatch_pb2 as pb
 from openvpp.v1 import site_registry_pb2 as site_pb
 
-from service.common.errors import ViolationCollector
-from service.common.protoconv import enum_from_proto, enum_to_proto, from_timestamp, to_timestamp
+from service.common.errors import ValidationError, ViolationCollector
+from service.common.protoconv import (
+    enum_from_proto,
+    enum_to_proto,
+    from_timestamp,
+    parse_uuid,
+    to_timestamp,
+)
 from service.dispatch.domain import DispatchRequest, DispatchType, Selection, SetpointState
-from service.dispatch.store import AttemptRecord, DispatchRecord, SetpointRecord
+from service.dispatch.store import UNSTORED_ID, AttemptRecord, DispatchRecord, SetpointRecord
 from service.registry.domain import ResourceType
-from service.common.protoconv import parse_uuid
-from service.common.errors import ValidationError
 
 DISPATCH_TYPE_PREFIX = "DISPATCH_TYPE_"
 SETPOINT_STATE_PREFIX = "SETPOINT_STATE_"
+
+
+def _id(value: UUID) -> str:
+    return "" if value == UNSTORED_ID else str(value)
 
 
 def request_from_proto(request: pb.DispatchFlexibilityRequest) -> DispatchRequest:
@@ -82,7 +92,7 @@ def dispatch_to_proto(record: DispatchRecord) -> pb.FlexibilityDispatch:
     request = record.request
     counts = record.counts
     message = pb.FlexibilityDispatch(
-        id=str(record.id) if record.id else "",
+        id=_id(record.id),
         request_id=request.request_id,
         power_kw=request.power_kw,
         start_time=to_timestamp(request.start_time),
@@ -127,8 +137,8 @@ def attempt_to_proto(attempt: AttemptRecord) -> pb.DeliveryAttempt:
 
 def setpoint_to_proto(record: SetpointRecord) -> pb.Setpoint:
     return pb.Setpoint(
-        id=str(record.id) if record.id else "",
-        dispatch_id=str(record.dispatch_id) if record.dispatch_id else "",
+        id=_id(record.id),
+        dispatch_id=_id(record.dispatch_id),
         site_id=str(record.site_id),
         resource_id=str(record.resource_id),
         power_kw=record.power_kw,

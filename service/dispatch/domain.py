@@ -347,9 +347,7 @@ def before_attempt(row: OutboxRow, not_eligible: str | None, now: datetime) -> S
     if row.cancel_requested:
         return _keep(row, state=SetpointState.CANCELLED, reason="cancelled before delivery")
     if row.end_time <= now:
-        return _keep(
-            row, state=SetpointState.EXPIRED, reason=_expired_reason(row.reason)
-        )
+        return _keep(row, state=SetpointState.EXPIRED, reason=_expired_reason(row.reason))
     if not_eligible is not None:
         return _keep(row, state=SetpointState.NOT_ELIGIBLE, reason=not_eligible)
     return None
@@ -403,8 +401,7 @@ def after_attempt(
         if retry_at >= row.end_time:
             return _keep(
                 row,
-                reason="window ended before the cancellation was delivered "
-                f"(last: {failure})",
+                reason=f"window ended before the cancellation was delivered (last: {failure})",
                 cancellation_state=CancellationState.FAILED,
                 cancellation_attempt_count=attempts,
             )
@@ -453,7 +450,9 @@ def after_attempt(
         )
     if retry_at >= row.end_time:
         return _keep(
-            row, state=SetpointState.EXPIRED, reason=_expired_reason(failure),
+            row,
+            state=SetpointState.EXPIRED,
+            reason=_expired_reason(failure),
             attempt_count=attempts,
         )
     return _keep(

@@ -50,11 +50,11 @@ from service.dispatch.delivery import (
 )
 from service.dispatch.domain import (
     CancellationState,
-    Outcome,
     OutboxRow,
+    Outcome,
     SetpointState,
-    SiteEligibility,
     Settled,
+    SiteEligibility,
     after_attempt,
     before_attempt,
     format_power,
@@ -473,4 +473,3 @@ class OutboxDeliverer:
         if lost:
             # The lease expired during the attempt and another worker owns the row now.
             log.warning("%d delivery results arrived after their lease expired", lost)
-

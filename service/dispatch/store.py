@@ -54,6 +54,10 @@ CHANGES_PER_NOTIFICATION = 25
 NOTIFIED_REASON_CHARS = 100
 
 
+# The id of what a dry run computed but did not store (shown as an empty id).
+UNSTORED_ID = UUID(int=0)
+
+
 @dataclass(frozen=True)
 class AttemptRecord:
     attempt_time: datetime
@@ -75,8 +79,8 @@ class AttemptRecord:
 
 @dataclass(frozen=True)
 class SetpointRecord:
-    id: UUID | None  # None in a dry run
-    dispatch_id: UUID | None
+    id: UUID  # UNSTORED_ID in a dry run
+    dispatch_id: UUID
     site_id: UUID
     resource_id: UUID
     power_kw: float
@@ -110,7 +114,7 @@ class SetpointRecord:
 
 @dataclass(frozen=True)
 class DispatchRecord:
-    id: UUID | None  # None in a dry run
+    id: UUID  # UNSTORED_ID in a dry run
     request: DispatchRequest
     allocated_power_kw: float
     shortfall_power_kw: float
@@ -260,9 +264,7 @@ class DispatchStore:
         self._org_id = org_id
         self._role = role
         self._clock = clock
-        self._scope_column = (
-            "operator_org_id" if role is Role.OPERATOR else "partner_org_id"
-        )
+        self._scope_column = "operator_org_id" if role is Role.OPERATOR else "partner_org_id"
 
     def _require_operator(self) -> None:
         # METHOD_ROLES refuses partners first; this keeps a wrong wiring from leaking.
@@ -371,8 +373,8 @@ class DispatchStore:
         allocation = planned.allocation
         setpoints = [
             SetpointRecord(
-                id=None,
-                dispatch_id=None,
+                id=UNSTORED_ID,
+                dispatch_id=UNSTORED_ID,
                 site_id=candidate.site_id,
                 resource_id=candidate.resource_id,
                 power_kw=power,
@@ -386,7 +388,7 @@ class DispatchStore:
             for candidate, power in allocation.setpoints
         ]
         record = DispatchRecord(
-            id=None,
+            id=UNSTORED_ID,
             request=request,
             allocated_power_kw=allocation.allocated_power_kw,
             shortfall_power_kw=allocation.shortfall_power_kw,

@@ -174,11 +174,13 @@ class Flow:
         partner: Org,
         supplier: Org,
         webhook_url: str,
-        resources: Sequence[tuple[int, float, float]] = ((site_pb.RESOURCE_TYPE_STATIC_BATTERY, -5, 5),),
+        resources: Sequence[tuple[int, float, float]] = (
+            (site_pb.RESOURCE_TYPE_STATIC_BATTERY, -5, 5),
+        ),
         upstream: str = "contract_active",
         paused: bool = False,
     ) -> tuple[site_pb.Site, list[site_pb.Resource]]:
-        registry, up = self.replica.registry, self.replica.upstream
+        registry = self.replica.registry
         identifier = random_identifier()
         site = (
             await registry.CreateSite(
@@ -208,7 +210,9 @@ class Flow:
             )
         await self.set_upstream(supplier, identifier, upstream)
         if paused:
-            await registry.PauseSite(site_pb.PauseSiteRequest(site_id=site.id), metadata=partner.auth)
+            await registry.PauseSite(
+                site_pb.PauseSiteRequest(site_id=site.id), metadata=partner.auth
+            )
         got = await registry.GetSite(site_pb.GetSiteRequest(site_id=site.id), metadata=partner.auth)
         return got.site, made
 
@@ -223,7 +227,7 @@ class Flow:
             )
         ).upstream_site
         today = self.clock.now().date()
-        terms: dict[str, Any] = {
+        cases: dict[str, dict[str, Any]] = {
             "contract_needs_agreement": {"start": today - timedelta(days=1), "agree": True},
             "contract_pending": {"start": today + timedelta(days=5)},
             "contract_active": {"start": today - timedelta(days=1)},
@@ -231,8 +235,9 @@ class Flow:
                 "start": today - timedelta(days=10),
                 "end": today - timedelta(days=2),
             },
-        }.get(upstream, {})
-        if not terms:
+        }
+        terms = cases.get(upstream)
+        if terms is None:
             return
         await up.CreateContract(
             up_pb.CreateContractRequest(
@@ -295,10 +300,10 @@ class Flow:
                 pb.SETPOINT_STATE_NOT_ELIGIBLE,
             }
         ),
-        timeout: float = 15.0,
+        within: float = 15.0,
     ) -> list[pb.Setpoint]:
         """The dispatch's setpoints once every one is in one of ``states``."""
-        deadline = asyncio.get_running_loop().time() + timeout
+        deadline = asyncio.get_running_loop().time() + within
         while True:
             found = await self.setpoints(operator, dispatch_id)
             if all(s.state in states for s in found):

@@ -88,8 +88,8 @@ class SetpointReceiver:
     def for_setpoint(self, setpoint_id: str) -> list[Received]:
         return [r for r in self.received if r.body["setpoint_id"] == setpoint_id]
 
-    async def wait_for(self, count: int, timeout: float = 10.0) -> None:
-        async with asyncio.timeout(timeout):
+    async def wait_for(self, count: int, within: float = 10.0) -> None:
+        async with asyncio.timeout(within):
             while len(self.received) < count:
                 self._arrived.clear()
                 await self._arrived.wait()

@@ -114,7 +114,7 @@ async def test_kill_9_mid_delivery_then_restart_settles_every_setpoint(
             assert before_restart < 30
             server = ServeProcess(cluster.url)
             await server.serving()
-            settled = await flow.settle(operator, dispatch.id, timeout=60)
+            settled = await flow.settle(operator, dispatch.id, within=60)
         finally:
             server.stop()
         assert {s.state for s in settled} == {pb.SETPOINT_STATE_ACCEPTED}

@@ -213,9 +213,7 @@ async def test_bad_requests_are_field_violations_and_store_nothing(cluster: Clus
         flow.dispatch(operator, selection=pb.DispatchSelection(resource_types=[METER])),
         "selection.resource_types[0]",
     )
-    request = pb.DispatchFlexibilityRequest(
-        request_id="x", power_kw=1, type=pb.DISPATCH_TYPE_EXACT
-    )
+    request = pb.DispatchFlexibilityRequest(request_id="x", power_kw=1, type=pb.DISPATCH_TYPE_EXACT)
     await expect_invalid(
         replica.dispatch.DispatchFlexibility(request, metadata=operator.auth), "start_time"
     )

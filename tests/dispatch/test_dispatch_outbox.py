@@ -9,6 +9,7 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from google.protobuf import field_mask_pb2
 from openvpp.v1 import dispatch_pb2 as pb
 from openvpp.v1 import site_registry_pb2 as site_pb
 
@@ -106,7 +107,7 @@ async def test_retries_until_accepted_and_rejections_are_final(cluster: Cluster)
         await replica.registry.UpdateResource(
             site_pb.UpdateResourceRequest(
                 resource=site_pb.Resource(id=resources[0].id, external_id="plain"),
-                update_mask={"paths": ["external_id"]},
+                update_mask=field_mask_pb2.FieldMask(paths=["external_id"]),
             ),
             metadata=partner.auth,
         )
@@ -117,7 +118,7 @@ async def test_retries_until_accepted_and_rejections_are_final(cluster: Cluster)
         await replica.registry.UpdateResource(
             site_pb.UpdateResourceRequest(
                 resource=site_pb.Resource(id=rejecting.resources[0].id, external_id="reject-me"),
-                update_mask={"paths": ["external_id"]},
+                update_mask=field_mask_pb2.FieldMask(paths=["external_id"]),
             ),
             metadata=partner.auth,
         )
@@ -304,7 +305,7 @@ async def test_two_replicas_share_one_outbox_and_never_send_one_setpoint_twice(
             await flow.site(partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)] * 5)
         dispatch = (await flow.dispatch(operator)).dispatch
         assert dispatch.pending_count == 40
-        settled = await flow.settle(operator, dispatch.id, frozenset({ACCEPTED}), timeout=60)
+        settled = await flow.settle(operator, dispatch.id, frozenset({ACCEPTED}), within=60)
         assert len(settled) == 40
         assert receiver.overlaps == 0
         assert sorted(receiver.answered.values()) == [1] * 40

@@ -16,8 +16,8 @@ from service.dispatch.domain import (
     DispatchRequest,
     DispatchType,
     InvalidTransition,
-    Outcome,
     OutboxRow,
+    Outcome,
     Selection,
     SetpointState,
     SiteEligibility,
@@ -334,9 +334,11 @@ class TestSettling:
         assert not_eligible.state is SetpointState.NOT_ELIGIBLE
         assert not_eligible.reason == "site status paused"
         expired = before_attempt(pending, None, END)
-        assert expired is not None and expired.state is SetpointState.EXPIRED
+        assert expired is not None
+        assert expired.state is SetpointState.EXPIRED
         cancelled = before_attempt(row(cancel_requested=True), None, NOW)
-        assert cancelled is not None and cancelled.state is SetpointState.CANCELLED
+        assert cancelled is not None
+        assert cancelled.state is SetpointState.CANCELLED
         # A cancellation goes out whatever the site's status.
         withdrawing = row(
             state=SetpointState.ACCEPTED,
