@@ -23,6 +23,7 @@ import asyncio
 import json
 import secrets
 import sys
+from collections.abc import Collection
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -86,8 +87,9 @@ def auth(token: str) -> tuple[tuple[str, str], ...]:
 
 
 async def wait_for(
-    dispatch: dispatch_grpc.DispatchStub, token: str, dispatch_id: str, states: set[int]
+    dispatch: Any, token: str, dispatch_id: str, states: Collection[int]
 ) -> list[dispatch_pb.Setpoint]:
+    """The dispatch's setpoints once all are in ``states`` (``dispatch``: the async stub)."""
     async with asyncio.timeout(30):
         while True:
             listed = await dispatch.ListSetpoints(
@@ -211,9 +213,8 @@ async def flow(channel: grpc.aio.Channel, receiver: Receiver, args: argparse.Nam
     (setpoint,) = await wait_for(
         dispatch, args.operator_token, made.id, {dispatch_pb.SETPOINT_STATE_CANCELLED}
     )
-    print(
-        f"setpoint {setpoint.id}: {dispatch_pb.SetpointState.Name(setpoint.state)}: {setpoint.reason}"
-    )
+    state = dispatch_pb.SetpointState.Name(setpoint.state)
+    print(f"setpoint {setpoint.id}: {state}: {setpoint.reason}")
     kinds = [payload["type"] for payload in receiver.verified]
     if kinds != ["setpoint", "setpoint.cancelled"] or receiver.refused:
         print(f"unexpected deliveries: {kinds}, {receiver.refused} refused", file=sys.stderr)
