@@ -232,6 +232,11 @@ class OutboxDeliverer:
         self._sender = WebhookSender(delivery_settings, clock)
         self.owner = uuid.uuid4()
         self._in_flight: set[asyncio.Task[None]] = set()
+        # Setpoints claimed here whose attempt has not been recorded yet: their leases are
+        # renewed while this worker lives (an attempt may wait for a slot towards a busy
+        # endpoint longer than one lease), and expire soon after it dies.
+        self._held: set[UUID] = set()
+        self._renewer: asyncio.Task[None] | None = None
         self._slot_freed = asyncio.Event()
         self._finished: list[Finished] = []
         self._finished_ready = asyncio.Event()
@@ -250,6 +255,7 @@ class OutboxDeliverer:
         self._started = True
         await self._sender.start()
         self._recorder = asyncio.create_task(self._record_loop(), name="dispatch-recorder")
+        self._renewer = asyncio.create_task(self._renew_loop(), name="dispatch-lease-renewal")
 
     async def stop(self) -> None:
         """Stops sending: attempts in flight are cancelled (their leases expire and another
@@ -263,11 +269,12 @@ class OutboxDeliverer:
         for task in list(self._in_flight):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._recorder is not None:
-            self._recorder.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._recorder
-            self._recorder = None
+        for background in (self._recorder, self._renewer):
+            if background is not None:
+                background.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await background
+        self._recorder = self._renewer = None
         if self._finished:
             with contextlib.suppress(Exception):
                 await self._record(self._take_finished())
@@ -278,14 +285,18 @@ class OutboxDeliverer:
         there may be more due right now."""
         if not self._started:
             await self.start()
-        capacity = self._settings.max_in_flight - len(self._in_flight)
-        if capacity <= 0:
+        batch = min(self._settings.claim_batch_size, self._settings.max_in_flight)
+        # Claim in batches: with the pipeline nearly full, wait for a quarter of it to free
+        # up rather than claiming a row or two per transaction.
+        low_water = max(1, batch // 4)
+        while self._settings.max_in_flight - len(self._in_flight) < low_water:
             self._slot_freed.clear()
             await self._slot_freed.wait()
-            return True
-        limit = min(capacity, self._settings.claim_batch_size)
+        capacity = self._settings.max_in_flight - len(self._in_flight)
+        limit = min(capacity, batch)
         claimed, claimed_count = await self._claim(limit)
         for item in claimed:
+            self._held.add(item.setpoint_id)
             task = asyncio.create_task(self._send(item), name=f"deliver-{item.setpoint_id}")
             self._in_flight.add(task)
             task.add_done_callback(self._sent)
@@ -396,6 +407,25 @@ class OutboxDeliverer:
         self._finished.append(Finished(item, attempt_time, outcome))
         self._finished_ready.set()
 
+    async def _renew_loop(self) -> None:
+        interval = max(self._settings.lease_seconds / 3, 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            held = list(self._held)
+            if not held:
+                continue
+            now = self._clock.now()
+            try:
+                await self._pool.execute(
+                    "UPDATE setpoints SET lease_expires_at = $3"
+                    " WHERE id = ANY($1::uuid[]) AND lease_owner = $2",
+                    held,
+                    self.owner,
+                    now + timedelta(seconds=self._settings.lease_seconds),
+                )
+            except Exception as error:  # the next round tries again; leases may lapse
+                log.warning("renewing %d dispatch leases failed: %s", len(held), error)
+
     def _take_finished(self) -> list[Finished]:
         batch, self._finished = self._finished, []
         return batch
@@ -469,6 +499,7 @@ class OutboxDeliverer:
                     [a.outcome.latency_ms for a in attempts],
                 )
             await notify_setpoint_changes(conn, changed)
+        self._held.difference_update(by_id)
         lost = len(batch) - len(rows)
         if lost:
             # The lease expired during the attempt and another worker owns the row now.
