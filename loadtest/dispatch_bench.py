@@ -21,6 +21,7 @@ resources each (rows written directly: set-up is not what is measured), then:
 
 Goals (issue 12): >= 2,000 setpoints/s end to end, >= 0.5 of the raw client's rate, first
 attempt <= 100 ms after commit (p50). The machine is shared: run it under the bench lock.
+``BENCH_PROFILE=file`` runs the server under cProfile.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from openvpp.v1 import dispatch_pb2 as pb
 from openvpp.v1 import dispatch_pb2_grpc
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from loadtest.telemetry_bench import database, free_port, wait_serving
+from loadtest.telemetry_bench import backend_pids, cpu_seconds, database, free_port, wait_serving
 from service.auth.principal import Role
 from service.auth.store import IdentityStore
 
@@ -366,7 +367,12 @@ def main() -> int:
             "OPENVPP_WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
             "OPENVPP_DISPATCH_MAX_CONCURRENCY_PER_HOST": str(PER_HOST_CONCURRENCY),
         }
-        server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env)
+        profile = (
+            ["-m", "cProfile", "-o", os.environ["BENCH_PROFILE"]]
+            if os.environ.get("BENCH_PROFILE")
+            else []
+        )
+        server = subprocess.Popen([sys.executable, *profile, "-m", "service.cli", "serve"], env=env)
         receiver: Any = None
         try:
             wait_serving(port, server, 60)
@@ -384,9 +390,16 @@ def main() -> int:
                 flush=True,
             )
             for round_number in range(1, args.rounds + 1):
+                db_pids = asyncio.run(backend_pids(dsn))
+                watched = {"server": [server.pid], "receiver": [receiver.pid], "db": db_pids}
+                before = {name: cpu_seconds(pids) for name, pids in watched.items()}
                 measured = asyncio.run(
                     dispatch_round(dsn, port, receiver_port, setup["token"], expected)
                 )
+                measured["cpu_ms"] = {
+                    name: (cpu_seconds(pids) - before[name]) * 1000 / expected
+                    for name, pids in watched.items()
+                }
                 results = context.Queue()
                 raw = context.Process(
                     target=raw_main,
@@ -431,6 +444,8 @@ def report(
         f"p99 {measured['first_p99']:.0f} ms\n"
         f"  raw aiohttp: {expected:,} signed POSTs in {raw['seconds']:.2f} s = "
         f"{raw_rate:,.0f}/s (p50 {raw['p50']:.1f} ms, p99 {raw['p99']:.1f} ms)\n"
+        f"  CPU per setpoint: server {measured['cpu_ms']['server']:.2f} ms, database "
+        f"{measured['cpu_ms']['db']:.2f} ms, receiver {measured['cpu_ms']['receiver']:.2f} ms\n"
         f"  ratio end-to-end / raw: {rate / raw_rate:.2f}",
         flush=True,
     )

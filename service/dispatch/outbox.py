@@ -120,6 +120,10 @@ SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::bool[], $4::int[], $5::t
 """
 
 
+# Rows of the first claim after idling (see OutboxDeliverer.step).
+FIRST_CLAIM = 32
+
+
 @dataclass(frozen=True)
 class OutboxSettings:
     lease_seconds: float = 30.0
@@ -293,7 +297,9 @@ class OutboxDeliverer:
             self._slot_freed.clear()
             await self._slot_freed.wait()
         capacity = self._settings.max_in_flight - len(self._in_flight)
-        limit = min(capacity, batch)
+        # From idle, a small first claim: its sends start while the next, larger claims
+        # (doubling with what is in flight) are made.
+        limit = min(capacity, batch, max(FIRST_CLAIM, 2 * len(self._in_flight)))
         claimed, claimed_count = await self._claim(limit)
         for item in claimed:
             self._held.add(item.setpoint_id)

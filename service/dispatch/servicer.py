@@ -139,12 +139,14 @@ class DispatchServicer(pb_grpc.DispatchServicer):
         wanted_site = str(site_id) if site_id else None
 
         def wanted(change: list[Any]) -> bool:
-            # A change is [setpoint id, dispatch id, site id, state, reason].
+            # A change is [setpoint id, dispatch id, site id, state].
             return (wanted_dispatch is None or change[1] == wanted_dispatch) and (
                 wanted_site is None or change[2] == wanted_site
             )
 
         def matches(event: Event) -> bool:
+            if "created" in event:
+                return wanted_dispatch is None or event["created"] == wanted_dispatch
             return any(wanted(change) for change in event.get("changes", ()))
 
         store = self._store()
@@ -158,8 +160,17 @@ class DispatchServicer(pb_grpc.DispatchServicer):
             # Headers out first, so a client knows it is subscribed before any event exists.
             await context.send_initial_metadata(())
             async for event in subscription:
-                changes = [change for change in event["changes"] if wanted(change)]
                 event_time = to_timestamp(datetime.fromisoformat(event["at"]))
+                if "created" in event:
+                    # A new dispatch: its setpoints (the caller's, of the site if filtered).
+                    for created in await store.setpoints_of_dispatch(
+                        UUID(event["created"]), site_id
+                    ):
+                        message = convert.setpoint_to_proto(created)
+                        message.state = convert.state_to_proto(SetpointState.PENDING)
+                        yield pb.WatchSetpointsResponse(setpoint=message, event_time=event_time)
+                    continue
+                changes = [change for change in event["changes"] if wanted(change)]
                 records = {
                     str(r.id): r
                     for r in await store.setpoints_by_id([UUID(change[0]) for change in changes])
@@ -171,7 +182,6 @@ class DispatchServicer(pb_grpc.DispatchServicer):
                     message = convert.setpoint_to_proto(record)
                     # The state of this change, which may be older than the row read now.
                     message.state = convert.state_to_proto(SetpointState(change[3]))
-                    message.reason = change[4]
                     yield pb.WatchSetpointsResponse(setpoint=message, event_time=event_time)
         finally:
             subscription.close()

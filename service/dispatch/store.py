@@ -48,10 +48,8 @@ from service.upstream.domain import UpstreamStatus
 OUTBOX_CHANNEL = "openvpp_dispatch_outbox"
 # Setpoint state changes, for WatchSetpoints (key: operator org and partner org).
 SETPOINT_EVENTS_CHANNEL = "openvpp_setpoint_events"
-# Changes per notification: well below PostgreSQL's 8000-byte payload limit.
-CHANGES_PER_NOTIFICATION = 25
-# Reasons are cut in notifications (the full text is in the row).
-NOTIFIED_REASON_CHARS = 100
+# Changes per notification (about 140 bytes each): below PostgreSQL's 8000-byte payload limit.
+CHANGES_PER_NOTIFICATION = 50
 
 
 # The id of what a dry run computed but did not store (shown as an empty id).
@@ -191,12 +189,12 @@ WHERE (cardinality($1::uuid[]) = 0 OR s.id = ANY($1::uuid[]))
 ORDER BY s.created_at, s.id, r.created_at, r.id
 """
 
+# A change is [setpoint id, dispatch id, site id, state]; watchers read the rest from the row.
 _NOTIFY_SQL = f"""
 SELECT pg_notify($2, json_build_object('key', k, 'at', clock_timestamp(),
-    'changes', json_agg(json_build_array(id, dispatch_id, site_id, state, reason)))::text)
+    'changes', json_agg(json_build_array(id, dispatch_id, site_id, state)))::text)
 FROM (
     SELECT keys.k, s.id, s.dispatch_id, s.site_id, s.state,
-           left(s.reason, {NOTIFIED_REASON_CHARS}) AS reason,
            (row_number() OVER (PARTITION BY keys.k ORDER BY s.id) - 1)
                / {CHANGES_PER_NOTIFICATION} AS chunk
     FROM setpoints s
@@ -214,6 +212,23 @@ async def notify_setpoint_changes(conn: asyncpg.Connection, setpoint_ids: Sequen
         await conn.execute(_NOTIFY_SQL, list(setpoint_ids), SETPOINT_EVENTS_CHANNEL)
 
 
+async def notify_dispatch_created(
+    conn: asyncpg.Connection, dispatch_id: UUID, keys: Sequence[UUID]
+) -> None:
+    """One event per scope for all of a new dispatch's (PENDING) setpoints: watchers read
+    the ones they want, rather than the database sending one change per setpoint."""
+    await conn.execute(
+        """
+        SELECT pg_notify($3, json_build_object('key', k, 'at', clock_timestamp(),
+            'created', $1::uuid)::text)
+        FROM unnest($2::uuid[]) AS k
+        """,
+        dispatch_id,
+        list(keys),
+        SETPOINT_EVENTS_CHANNEL,
+    )
+
+
 async def wake_outbox(conn: asyncpg.Connection) -> None:
     await conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
 
@@ -224,17 +239,26 @@ def plan(request: DispatchRequest, rows: Sequence[Mapping[str, Any]]) -> Planned
     partner_of_site: dict[UUID, UUID] = {}
     eligible_sites: set[UUID] = set()
     ineligible_sites: set[UUID] = set()
+    # Rows come site by site: judge each site once.
+    judged: UUID | None = None
+    eligible = False
     for row in rows:
         site_id = row["site_id"]
-        reason = ineligibility(
-            SiteEligibility(
-                SiteStatus(row["status"]), row["paused"], UpstreamStatus(row["upstream_status"])
+        if site_id != judged:
+            judged = site_id
+            eligible = (
+                ineligibility(
+                    SiteEligibility(
+                        SiteStatus(row["status"]),
+                        row["paused"],
+                        UpstreamStatus(row["upstream_status"]),
+                    )
+                )
+                is None
             )
-        )
-        if reason is not None:
-            ineligible_sites.add(site_id)
-            continue
-        if row["resource_id"] is None:
+            if not eligible:
+                ineligible_sites.add(site_id)
+        if not eligible or row["resource_id"] is None:
             continue
         partner_of_site[site_id] = row["partner_org_id"]
         eligible_sites.add(site_id)
@@ -328,43 +352,31 @@ class DispatchStore:
                 existing = await self._existing(conn, request)
                 assert existing is not None
                 return DispatchResult(existing)
-            setpoint_ids = [uuid.uuid4() for _ in allocation.setpoints]
-            await conn.copy_records_to_table(
-                "setpoints",
-                columns=[
-                    "id",
-                    "dispatch_id",
-                    "operator_org_id",
-                    "partner_org_id",
-                    "site_id",
-                    "resource_id",
-                    "power_kw",
-                    "start_time",
-                    "end_time",
-                    "next_attempt_at",
-                ],
-                records=[
-                    (
-                        setpoint_id,
-                        dispatch_id,
-                        self._org_id,
-                        planned.partner_of_site[candidate.site_id],
-                        candidate.site_id,
-                        candidate.resource_id,
-                        power,
-                        request.start_time,
-                        request.end_time,
-                        now,
-                    )
-                    for setpoint_id, (candidate, power) in zip(
-                        setpoint_ids, allocation.setpoints, strict=True
-                    )
-                ],
-            )
-            if setpoint_ids:
-                await notify_setpoint_changes(conn, setpoint_ids)
+            setpoints = allocation.setpoints
+            if setpoints:
+                # One statement for the whole outbox batch; ids are made by the database.
+                await conn.execute(
+                    """
+                    INSERT INTO setpoints (id, dispatch_id, operator_org_id, partner_org_id,
+                        site_id, resource_id, power_kw, start_time, end_time, next_attempt_at)
+                    SELECT gen_random_uuid(), $1, $2, p, s, r, w, $3, $4, $5
+                    FROM unnest($6::uuid[], $7::uuid[], $8::uuid[], $9::float8[])
+                        AS c (p, s, r, w)
+                    """,
+                    dispatch_id,
+                    self._org_id,
+                    request.start_time,
+                    request.end_time,
+                    now,
+                    [planned.partner_of_site[c.site_id] for c, _ in setpoints],
+                    [c.site_id for c, _ in setpoints],
+                    [c.resource_id for c, _ in setpoints],
+                    [power for _, power in setpoints],
+                )
+                partners = set(planned.partner_of_site.values())
+                await notify_dispatch_created(conn, dispatch_id, [self._org_id, *partners])
                 await wake_outbox(conn)
-            counts = {SetpointState.PENDING: len(setpoint_ids)} if setpoint_ids else {}
+            counts = {SetpointState.PENDING: len(setpoints)} if setpoints else {}
             return DispatchResult(DispatchRecord.from_row(inserted, counts))
 
     def _dry_run_result(
@@ -555,6 +567,24 @@ class DispatchStore:
                 f"SELECT * FROM setpoints WHERE id = ANY($1::uuid[]) AND {self._scope_column} = $2",
                 list(setpoint_ids),
                 self._org_id,
+            )
+            return await self._with_attempts(conn, rows)
+
+    async def setpoints_of_dispatch(
+        self, dispatch_id: UUID, site_id: UUID | None
+    ) -> list[SetpointRecord]:
+        """The caller's setpoints of one dispatch (of one site if given), in creation order."""
+        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            rows = await conn.fetch(
+                f"""
+                SELECT * FROM setpoints
+                WHERE dispatch_id = $1 AND {self._scope_column} = $2
+                  AND ($3::uuid IS NULL OR site_id = $3::uuid)
+                ORDER BY created_at, id
+                """,
+                dispatch_id,
+                self._org_id,
+                site_id,
             )
             return await self._with_attempts(conn, rows)
 
