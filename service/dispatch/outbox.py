@@ -262,9 +262,8 @@ class OutboxDeliverer:
         self._renewer = asyncio.create_task(self._renew_loop(), name="dispatch-lease-renewal")
 
     async def stop(self) -> None:
-        """Stops sending: attempts in flight are cancelled (their leases expire and another
-        worker, here after a restart or on a replica, takes them again); finished attempts
-        are recorded first."""
+        """Stops sending: attempts in flight are cancelled, finished ones recorded, and the
+        rest of what this worker claimed is released for any worker to take at once."""
         if not self._started:
             return
         self._started = False
@@ -282,6 +281,17 @@ class OutboxDeliverer:
         if self._finished:
             with contextlib.suppress(Exception):
                 await self._record(self._take_finished())
+        # What was claimed here and not recorded goes back to the outbox now, rather than
+        # when its lease expires (its attempt, if it was under way, was cut off above).
+        if self._held:
+            with contextlib.suppress(Exception):
+                await self._pool.execute(
+                    "UPDATE setpoints SET lease_owner = NULL, lease_expires_at = NULL"
+                    " WHERE id = ANY($1::uuid[]) AND lease_owner = $2",
+                    list(self._held),
+                    self.owner,
+                )
+            self._held.clear()
         await self._sender.close()
 
     async def step(self) -> bool:

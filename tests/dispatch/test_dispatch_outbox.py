@@ -316,3 +316,51 @@ async def test_two_replicas_share_one_outbox_and_never_send_one_setpoint_twice(
         assert min(shares) > 0, shares
         assert await first.pool.fetchval("SELECT count(lease_owner) FROM setpoints") == 0
         assert all(len(s.attempts) == 1 for s in settled)
+
+
+async def test_retry_after_is_honoured_through_the_outbox(cluster: Cluster) -> None:
+    replica = await cluster.replica(dispatch_breaker_failure_threshold=100)
+    flow = Flow(replica)
+    operator, partner, supplier = (
+        await flow.org(Role.OPERATOR),
+        await flow.org(Role.PARTNER),
+        await flow.org(Role.SUPPLIER),
+    )
+    calls: list[float] = []
+
+    async def busy_once(_received: Received) -> int | tuple[int, dict[str, str]]:
+        calls.append(asyncio.get_running_loop().time())
+        return (429, {"Retry-After": "1"}) if len(calls) == 1 else 200
+
+    async with running_receiver(busy_once) as receiver:
+        receiver.trust(await flow.secret(partner))
+        await flow.site(partner, supplier, receiver.url())
+        dispatch = (await flow.dispatch(operator)).dispatch
+        (setpoint,) = await flow.settle(operator, dispatch.id)
+        assert setpoint.state == ACCEPTED
+        assert [a.http_status for a in setpoint.attempts] == [429, 200]
+        # The back-off here is at most 0.2 s: only Retry-After explains the wait.
+        assert calls[1] - calls[0] >= 0.9
+
+
+async def test_a_rotated_secret_signs_beside_the_previous_one(cluster: Cluster) -> None:
+    replica = await cluster.replica()
+    flow = Flow(replica)
+    operator, partner, supplier = (
+        await flow.org(Role.OPERATOR),
+        await flow.org(Role.PARTNER),
+        await flow.org(Role.SUPPLIER),
+    )
+    async with running_receiver() as old_only, running_receiver() as new_only:
+        old_only.trust(await flow.secret(partner))
+        await flow.site(partner, supplier, old_only.url())
+        await flow.site(partner, supplier, new_only.url())
+        new_secret = await flow.identity.rotate_signing_secret(partner.id)
+        assert new_secret is not None
+        new_only.trust(new_secret)
+        dispatch = (await flow.dispatch(operator)).dispatch
+        settled = await flow.settle(operator, dispatch.id)
+        # A receiver still on the old secret and one already on the new both verify.
+        assert {s.state for s in settled} == {ACCEPTED}
+        assert (old_only.bad_signatures, new_only.bad_signatures) == (0, 0)
+        assert len(old_only.received) == len(new_only.received) == 1
