@@ -148,11 +148,14 @@ async def _raw(port: int, secret: str, count: int, concurrency: int) -> dict[str
                 latencies.append((time.perf_counter() - started) * 1000)
 
         started = time.perf_counter()
+        cpu_started = time.process_time()
         await asyncio.gather(*(post(n) for n in range(count)))
         seconds = time.perf_counter() - started
+        cpu_ms = (time.process_time() - cpu_started) * 1000 / count
     latencies.sort()
     return {
         "seconds": seconds,
+        "cpu_ms": cpu_ms,
         "p50": latencies[len(latencies) // 2],
         "p99": latencies[int(len(latencies) * 0.99)],
     }
@@ -443,7 +446,8 @@ def report(
         f"first {measured['first_min']:.0f} ms, p50 {measured['first_p50']:.0f} ms, "
         f"p99 {measured['first_p99']:.0f} ms\n"
         f"  raw aiohttp: {expected:,} signed POSTs in {raw['seconds']:.2f} s = "
-        f"{raw_rate:,.0f}/s (p50 {raw['p50']:.1f} ms, p99 {raw['p99']:.1f} ms)\n"
+        f"{raw_rate:,.0f}/s (p50 {raw['p50']:.1f} ms, p99 {raw['p99']:.1f} ms), "
+        f"client CPU {raw['cpu_ms']:.2f} ms per POST\n"
         f"  CPU per setpoint: server {measured['cpu_ms']['server']:.2f} ms, database "
         f"{measured['cpu_ms']['db']:.2f} ms, receiver {measured['cpu_ms']['receiver']:.2f} ms\n"
         f"  ratio end-to-end / raw: {rate / raw_rate:.2f}",

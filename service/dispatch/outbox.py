@@ -122,6 +122,9 @@ SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::bool[], $4::int[], $5::t
 
 # Rows of the first claim after idling (see OutboxDeliverer.step).
 FIRST_CLAIM = 32
+# Finished attempts are recorded together: up to this long is waited for this many.
+RECORD_LINGER_SECONDS = 0.01
+RECORD_BATCH = 200
 
 
 @dataclass(frozen=True)
@@ -449,6 +452,10 @@ class OutboxDeliverer:
     async def _record_loop(self) -> None:
         while True:
             await self._finished_ready.wait()
+            if len(self._finished) < RECORD_BATCH:
+                # Let a few more attempts finish: one transaction for many rows costs the
+                # database (and this process) far less than one per row.
+                await asyncio.sleep(RECORD_LINGER_SECONDS)
             self._finished_ready.clear()
             batch = self._take_finished()
             if not batch:

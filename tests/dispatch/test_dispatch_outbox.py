@@ -70,17 +70,23 @@ async def test_a_site_paused_after_the_dispatch_is_not_delivered_to(cluster: Clu
     async with running_receiver() as receiver:
         receiver.trust(await flow.secret(partner))
         paused_site, _ = await flow.site(partner, supplier, receiver.url())
+        deleted_site, _ = await flow.site(partner, supplier, receiver.url())
         kept_site, _ = await flow.site(partner, supplier, receiver.url())
         dispatch = (await flow.dispatch(operator)).dispatch
-        assert dispatch.pending_count == 2
+        assert dispatch.pending_count == 3
         await api.registry.PauseSite(
             site_pb.PauseSiteRequest(site_id=paused_site.id), metadata=partner.auth
+        )
+        await api.registry.DeleteSite(
+            site_pb.DeleteSiteRequest(site_id=deleted_site.id), metadata=partner.auth
         )
         await cluster.replica()  # a delivering replica starts only now
         settled = {s.site_id: s for s in await flow.settle(operator, dispatch.id)}
         assert settled[paused_site.id].state == pb.SETPOINT_STATE_NOT_ELIGIBLE
         assert settled[paused_site.id].reason == "site status paused"
         assert settled[paused_site.id].attempts == []
+        assert settled[deleted_site.id].state == pb.SETPOINT_STATE_NOT_ELIGIBLE
+        assert settled[deleted_site.id].reason == "site deleted"
         assert settled[kept_site.id].state == ACCEPTED
         assert [r.body["site_id"] for r in receiver.received] == [kept_site.id]
 
