@@ -76,6 +76,8 @@ class Service:
     server: grpc.aio.Server | None = None
     port: int = 0
     bootstrap_token: IssuedToken | None = None
+    # Organizations, tokens and webhook signing secrets (with the configured grace period).
+    identity: IdentityStore | None = None
     # Injectable so tests move time instead of sleeping.
     clock: Clock = SYSTEM_CLOCK
     upstream_scheduler: UpstreamScheduler | None = None
@@ -109,7 +111,11 @@ class Service:
         read_connections = min(settings.db_read_connections, settings.db_pool_max_size // 2)
         if read_connections > 0:
             self.reads = ReadLane(self.pool, read_connections)
-        identity = IdentityStore(self.pool)
+        identity = IdentityStore(
+            self.pool,
+            signing_secret_grace=timedelta(seconds=settings.dispatch_signing_secret_grace_seconds),
+        )
+        self.identity = identity
         if settings.bootstrap:
             self.bootstrap_token = await identity.bootstrap_partner("default-partner")
 

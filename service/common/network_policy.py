@@ -16,6 +16,8 @@ and make the service call the cloud metadata endpoint or an internal host. So:
   lives there, and a demo that allows 127.0.0.1 must not thereby expose instance credentials.
 - Host names ``localhost`` and ``*.localhost`` (RFC 6761: always loopback) are refused at
   registration like 127.0.0.1.
+- Legacy numeric IPv4 forms (``127.1``, ``0x7f000001``, ``2130706433``, octal parts) are
+  refused always: resolvers read them as addresses, and they exist to slip past checks.
 
 Registration (``webhook_url_violation``) can only judge literal addresses: a name may resolve
 anywhere and change later. Delivery therefore resolves every name itself and checks every
@@ -25,11 +27,14 @@ resolved address with ``address_refused`` before connecting (see ``service/dispa
 from __future__ import annotations
 
 import ipaddress
+import re
+import socket
 from urllib.parse import urlsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 ALLOW_SETTING = "OPENVPP_WEBHOOK_ALLOW_PRIVATE_NETWORKS"
+LEGACY_IPV4_RULE = "must write an IPv4 address as four decimal numbers (a.b.c.d)"
 
 CLOUD_METADATA_ADDRESSES: frozenset[IPAddress] = frozenset(
     ipaddress.ip_address(text)
@@ -109,9 +114,25 @@ def address_refused(ip: IPAddress, *, allow_private_networks: bool) -> bool:
 
 def literal_address(host: str) -> IPAddress | None:
     """The address a URL host names literally (``[::1]`` without brackets), else None."""
+    text = host.strip("[]")
     try:
-        return ipaddress.ip_address(host.strip("[]"))
+        return ipaddress.ip_address(text.removesuffix(".") if "." in text else text)
     except ValueError:
+        return None
+
+
+_NUMERIC_HOST = re.compile(r"[0-9a-fA-FxX.]+")
+
+
+def legacy_ipv4(host: str) -> ipaddress.IPv4Address | None:
+    """The address a legacy numeric IPv4 form (``127.1``, ``0x7f.0.0.1``, ``2130706433``,
+    octal ``0177.0.0.1``) stands for, or None. The C resolver accepts these; we refuse them
+    outright, since they exist to slip past checks that only know a.b.c.d."""
+    if literal_address(host) is not None or not _NUMERIC_HOST.fullmatch(host):
+        return None
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host.removesuffix(".")))
+    except OSError:
         return None
 
 
@@ -129,6 +150,8 @@ def webhook_url_violation(url: str, *, allow_private_networks: bool) -> str | No
         host = None
     if host is None or parts.scheme not in {"http", "https"}:
         return "must be an absolute http:// or https:// URL with a host"
+    if legacy_ipv4(host) is not None:
+        return LEGACY_IPV4_RULE
     ip = literal_address(host)
     if ip is None:
         name = host.rstrip(".").lower()

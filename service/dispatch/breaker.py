@@ -57,6 +57,14 @@ class CircuitBreakers:
             return BreakerState.HALF_OPEN
         return BreakerState.OPEN
 
+    def seconds_until_probe(self, key: str) -> float | None:
+        """While OPEN: the seconds until a probe may go; None when not OPEN."""
+        endpoint = self._endpoints.get(key)
+        if endpoint is None or endpoint.opened_at is None or endpoint.probing:
+            return None
+        left = (endpoint.opened_at + self._reset - self._clock.now()).total_seconds()
+        return left if left > 0 else None
+
     def reject_now(self, key: str) -> bool:
         """Whether a request to ``key`` would be refused right now (no state change)."""
         state = self.state(key)

@@ -38,7 +38,9 @@ REJECTED count as successes (the endpoint answers); REFUSED counts as nothing.
 per endpoint; a send waits for a slot before its timeout starts.
 
 **Fields added to the brief's interface**: ``AttemptOutcome.attempted_at`` (the clock time of
-the attempt, also the signed ``webhook-timestamp``), ``DeliverySettings.from_settings`` and
+the attempt, also the signed ``webhook-timestamp``); a CIRCUIT_OPEN outcome's
+``retry_after_seconds`` is the time until the breaker lets a probe through (or, while another
+send is the probe, ``timeout_seconds``); ``DeliverySettings.from_settings`` and
 ``WebhookSender.breakers`` (for inspection in tests and metrics).
 """
 
@@ -48,9 +50,10 @@ import asyncio
 import contextlib
 import enum
 import ipaddress
-import logging
 import random
+import re
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -66,11 +69,9 @@ from aiohttp.resolver import DefaultResolver
 from standardwebhooks import Webhook
 
 from service.common.clock import Clock
-from service.common.network_policy import literal_address, refusal_reason
+from service.common.network_policy import legacy_ipv4, literal_address, refusal_reason
 from service.config import Settings
 from service.dispatch.breaker import CircuitBreakers, Permit
-
-log = logging.getLogger(__name__)
 
 USER_AGENT = "openvpp-dispatch"
 # Bodies of responses are read (so the connection can be reused) up to this much, then
@@ -79,16 +80,28 @@ MAX_RESPONSE_BODY_BYTES = 64 * 1024
 # A Retry-After longer than this is taken as this: no dispatch window is longer.
 MAX_RETRY_AFTER_SECONDS = 86400.0
 MAX_ERROR_LENGTH = 200
+# Printable ASCII without spaces: it is a header value and part of the signed content.
+_DELIVERY_ID = re.compile(r"[\x21-\x7e]{1,128}")
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 @dataclass(frozen=True)
 class Delivery:
     delivery_id: str
     url: str
+    # UTF-8 JSON; signed as it is, byte for byte.
     body: bytes
     # "whsec_<base64>", current first; every one signs. Never shown in a repr or a log.
     signing_secrets: Sequence[str] = field(repr=False)
+    # W3C trace context; one that is not well-formed is left out rather than sent.
     traceparent: str | None = None
+
+    def __post_init__(self) -> None:
+        # Our own mistakes, not a receiver's: an unsigned webhook is never sent.
+        if not self.signing_secrets:
+            raise ValueError("a delivery needs at least one signing secret")
+        if not _DELIVERY_ID.fullmatch(self.delivery_id):
+            raise ValueError("delivery_id must be 1-128 printable ASCII characters, no spaces")
 
 
 class OutcomeKind(enum.Enum):
@@ -127,6 +140,28 @@ class DeliverySettings:
     backoff_initial_seconds: float = 1.0
     backoff_max_seconds: float = 300.0
     allow_private_networks: bool = False
+
+    def __post_init__(self) -> None:
+        # Checked at start-up, not at the first delivery: a zero limit would block every send.
+        problems = [
+            f"OPENVPP_DISPATCH_{name.upper()} must be {rule}"
+            for name, broken, rule in (
+                ("timeout_seconds", not self.timeout_seconds > 0, "> 0"),
+                ("max_concurrency", self.max_concurrency < 1, ">= 1"),
+                ("max_concurrency_per_host", self.max_concurrency_per_host < 1, ">= 1"),
+                ("breaker_failure_threshold", self.breaker_failure_threshold < 1, ">= 1"),
+                ("breaker_reset_seconds", not self.breaker_reset_seconds >= 0, ">= 0"),
+                ("backoff_initial_seconds", not self.backoff_initial_seconds >= 0, ">= 0"),
+                (
+                    "backoff_max_seconds",
+                    not self.backoff_max_seconds >= self.backoff_initial_seconds,
+                    ">= OPENVPP_DISPATCH_BACKOFF_INITIAL_SECONDS",
+                ),
+            )
+            if broken
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DeliverySettings:
@@ -212,6 +247,9 @@ def _judge_url(url: str, allow_private_networks: bool) -> tuple[str, str | None]
         host = None
     if not host or parts.scheme not in ("http", "https"):
         return "", "not an http(s) URL with a host"
+    legacy = legacy_ipv4(host)
+    if legacy is not None:
+        return "", f"legacy numeric IPv4 form {host} (of {legacy})"
     literal = literal_address(host)
     if literal is not None:
         reason = refusal_reason(literal, allow_private_networks=allow_private_networks)
@@ -245,7 +283,8 @@ def signed_headers(delivery: Delivery, at: datetime) -> dict[str, str]:
         "content-type": "application/json",
         "user-agent": USER_AGENT,
     }
-    if delivery.traceparent:
+    # It comes from a caller's request metadata: only a well-formed one goes into a header.
+    if delivery.traceparent and _TRACEPARENT.fullmatch(delivery.traceparent):
         headers["traceparent"] = delivery.traceparent
     return headers
 
@@ -254,7 +293,7 @@ class AddressRefusedError(OSError):
     """A webhook host resolved to an address the network policy refuses."""
 
     def __init__(self, host: str, address: str, reason: str) -> None:
-        super().__init__(f"{host} resolves to a {reason} address ({address})")
+        super().__init__(f"{host} resolves to {address} ({reason})")
         self.host = host
         self.address = address
         self.reason = reason
@@ -311,12 +350,21 @@ class WebhookSender:
     """Sends ``Delivery``s over one aiohttp session; ``start`` before, ``close`` after."""
 
     def __init__(
-        self, settings: DeliverySettings, clock: Clock, *, resolver: AbstractResolver | None = None
+        self,
+        settings: DeliverySettings,
+        clock: Clock,
+        *,
+        resolver: AbstractResolver | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         # ``resolver``: where names are looked up (default: the system's); every answer is
-        # checked by the address policy whatever it is.
+        # checked by the address policy whatever it is. ``ssl_context``: which certificate
+        # authorities HTTPS receivers are verified against (default: the system's trust
+        # store as aiohttp loads it at import, which honours SSL_CERT_FILE). Certificates
+        # are always verified.
         self._settings = settings
         self._resolver = resolver
+        self._ssl_context = ssl_context
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
         self._all = asyncio.Semaphore(settings.max_concurrency)
@@ -336,6 +384,7 @@ class WebhookSender:
             # Our semaphores admit requests; these are the same bounds as a backstop.
             limit=self._settings.max_concurrency,
             limit_per_host=self._settings.max_concurrency_per_host,
+            ssl=self._ssl_context if self._ssl_context is not None else True,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -366,14 +415,14 @@ class WebhookSender:
         if refused is not None:
             return _outcome(OutcomeKind.REFUSED, error=refused)
         if self.breakers.reject_now(key):
-            return _outcome(OutcomeKind.CIRCUIT_OPEN, error="circuit open for " + key)
+            return self._circuit_open(key)
         # The endpoint's slot first: sends queued for one busy endpoint must not hold
         # global slots that other endpoints' sends could use.
         async with self._per_host.hold(key), self._all:
             # The breaker may have opened while this send waited for a slot.
             permit = self.breakers.try_acquire(key)
             if permit is None:
-                return _outcome(OutcomeKind.CIRCUIT_OPEN, error="circuit open for " + key)
+                return self._circuit_open(key)
             try:
                 outcome = await self._post(session, delivery)
             except BaseException:
@@ -381,6 +430,19 @@ class WebhookSender:
                 raise
             _report(permit, outcome)
             return outcome
+
+    def _circuit_open(self, key: str) -> AttemptOutcome:
+        # When to try again: once the breaker lets a probe through, or, while another
+        # send is the probe, once that probe has had its time.
+        wait = self.breakers.seconds_until_probe(key)
+        return AttemptOutcome(
+            kind=OutcomeKind.CIRCUIT_OPEN,
+            http_status=None,
+            error="circuit open for " + key,
+            latency_ms=0.0,
+            retry_after_seconds=wait if wait is not None else self._settings.timeout_seconds,
+            attempted_at=self._clock.now(),
+        )
 
     async def _post(self, session: aiohttp.ClientSession, delivery: Delivery) -> AttemptOutcome:
         at = self._clock.now()

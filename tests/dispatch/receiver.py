@@ -2,17 +2,18 @@
 
 Paths choose the answer: ``/status/<code>`` (optional ``?retry_after=<value>``), ``/slow``
 (never answers before the client gives up), ``/hold`` (waits until the test opens the gate),
-``/big`` (a 1 MiB body), anything else 200. Every request is recorded with its headers and
+``/big`` (a 1 MiB body), ``/drop`` (closes the connection without answering), anything
+else 200. Every request is recorded with its headers and
 body, and the number of requests in flight (and its peak) is counted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
@@ -27,13 +28,14 @@ class Received:
 @dataclass
 class Receiver:
     port: int = 0
+    scheme: str = "http"
     requests: list[Received] = field(default_factory=list)
     in_flight: int = 0
     peak_in_flight: int = 0
     gate: asyncio.Event = field(default_factory=asyncio.Event)
 
     def url(self, path: str = "/hook", host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
+        return f"{self.scheme}://{host}:{self.port}{path}"
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -58,19 +60,23 @@ class Receiver:
             await asyncio.sleep(30)
         if parts[0] == "hold":
             await self.gate.wait()
+        if parts[0] == "drop":
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response()
         if parts[0] == "big":
             return web.Response(body=b"x" * (1 << 20))
         return web.Response(status=200, text="ok")
 
 
 @asynccontextmanager
-async def running_receiver() -> AsyncIterator[Receiver]:
-    receiver = Receiver()
+async def running_receiver(ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[Receiver]:
+    receiver = Receiver(scheme="https" if ssl_context else "http")
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", receiver.handle)
     runner = web.AppRunner(app, shutdown_timeout=0.1)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
     await site.start()
     receiver.port = runner.addresses[0][1]
     try:
@@ -78,20 +84,3 @@ async def running_receiver() -> AsyncIterator[Receiver]:
     finally:
         receiver.gate.set()
         await runner.cleanup()
-
-
-class MovableClock:
-    """Near the real time (receivers check the signed timestamp is fresh); moves when told."""
-
-    def __init__(self) -> None:
-        self.at = datetime.now(UTC)
-
-    def now(self) -> datetime:
-        return self.at
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(0)
-        self.advance(seconds)
-
-    def advance(self, seconds: float) -> None:
-        self.at += timedelta(seconds=seconds)

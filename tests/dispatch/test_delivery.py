@@ -6,19 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
+import trustme
 from aiohttp.abc import AbstractResolver, ResolveResult
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from service.auth.signing import new_signing_secret
+from service.common.clock import ManualClock
 from service.dispatch.delivery import (
     AddressRefusedError,
     AttemptOutcome,
@@ -28,7 +32,7 @@ from service.dispatch.delivery import (
     PolicyResolver,
     WebhookSender,
 )
-from tests.dispatch.receiver import MovableClock, Receiver, running_receiver
+from tests.dispatch.receiver import Receiver, running_receiver
 
 LOCAL = DeliverySettings(allow_private_networks=True, timeout_seconds=2.0)
 BODY = json.dumps({"setpoint_id": "s-1", "power_kw": "-3.5"}).encode()
@@ -41,12 +45,13 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 @pytest.fixture
-def clock() -> MovableClock:
-    return MovableClock()
+def clock() -> ManualClock:
+    # Near the real time: receivers check that the signed timestamp is fresh.
+    return ManualClock(datetime.now(UTC))
 
 
 @pytest.fixture
-async def sender(clock: MovableClock) -> AsyncIterator[WebhookSender]:
+async def sender(clock: ManualClock) -> AsyncIterator[WebhookSender]:
     async with WebhookSender(LOCAL, clock) as started:
         yield started
 
@@ -115,7 +120,7 @@ async def test_redirect_is_not_followed(sender: WebhookSender, receiver: Receive
 
 @pytest.mark.parametrize("status", [429, 503])
 async def test_retry_after_in_seconds_and_as_http_date(
-    sender: WebhookSender, receiver: Receiver, clock: MovableClock, status: int
+    sender: WebhookSender, receiver: Receiver, clock: ManualClock, status: int
 ) -> None:
     in_seconds = await sender.send(delivery(receiver.url(f"/status/{status}?retry_after=7")))
     assert in_seconds.kind is OutcomeKind.RETRYABLE
@@ -142,7 +147,7 @@ async def test_retry_after_of_other_statuses_is_ignored(
     assert outcome.retry_after_seconds is None
 
 
-async def test_timeout(clock: MovableClock, receiver: Receiver) -> None:
+async def test_timeout(clock: ManualClock, receiver: Receiver) -> None:
     async with WebhookSender(replace(LOCAL, timeout_seconds=0.2), clock) as sender:
         started = time.monotonic()
         outcome = await sender.send(delivery(receiver.url("/slow")))
@@ -159,6 +164,51 @@ async def test_connection_refused(sender: WebhookSender) -> None:
     assert outcome.http_status is None
     assert outcome.error is not None
     assert "cannot connect to 127.0.0.1" in outcome.error
+
+
+async def test_connection_closed_without_an_answer(
+    sender: WebhookSender, receiver: Receiver
+) -> None:
+    outcome = await sender.send(delivery(receiver.url("/drop")))
+    assert outcome.kind is OutcomeKind.RETRYABLE
+    assert outcome.http_status is None
+    assert outcome.error is not None
+    assert "Disconnected" in outcome.error
+
+
+async def test_time_waiting_for_a_slot_is_not_part_of_the_timeout(
+    receiver: Receiver, clock: ManualClock
+) -> None:
+    settings = replace(LOCAL, timeout_seconds=0.5, max_concurrency_per_host=1)
+    async with WebhookSender(settings, clock) as sender:
+        stuck = asyncio.create_task(sender.send(delivery(receiver.url("/slow"))))
+        queued = asyncio.create_task(sender.send(delivery(receiver.url("/hold"))))
+        # The queued send reaches the receiver only once the stuck one timed out (0.5 s);
+        # had its own timeout started when it was called, it would have expired with it.
+        await eventually(lambda: [r.path for r in receiver.requests] == ["/slow", "/hold"])
+        receiver.gate.set()
+        assert (await queued).kind is OutcomeKind.ACCEPTED
+        assert (await stuck).error == "timed out after 0.5 s"
+
+
+async def test_https_certificates_are_verified(clock: ManualClock) -> None:
+    authority = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1", "localhost").configure_cert(server_context)
+    async with running_receiver(server_context) as secure:
+        async with WebhookSender(LOCAL, clock) as sender:
+            untrusted = await sender.send(delivery(secure.url()))
+        assert untrusted.kind is OutcomeKind.RETRYABLE
+        assert untrusted.error is not None
+        assert "certificate" in untrusted.error.lower()
+        assert secure.requests == []
+        # With the authority trusted, the same receiver gets it.
+        client_context = ssl.create_default_context()
+        authority.configure_trust(client_context)
+        async with WebhookSender(LOCAL, clock, ssl_context=client_context) as sender:
+            trusted = await sender.send(delivery(secure.url()))
+        assert trusted.kind is OutcomeKind.ACCEPTED
+        assert len(secure.requests) == 1
 
 
 async def test_receiver_verifies_every_secret_of_a_rotation(
@@ -185,11 +235,11 @@ async def test_receiver_verifies_every_secret_of_a_rotation(
 
 
 async def test_id_stays_while_timestamp_and_signature_change_per_attempt(
-    sender: WebhookSender, receiver: Receiver, clock: MovableClock
+    sender: WebhookSender, receiver: Receiver, clock: ManualClock
 ) -> None:
     secret = new_signing_secret()
     first = await sender.send(delivery(receiver.url("/status/503"), (secret,), delivery_id="d1"))
-    clock.advance(3)
+    clock.advance(timedelta(seconds=3))
     second = await sender.send(delivery(receiver.url("/status/200"), (secret,), delivery_id="d1"))
     assert (first.kind, second.kind) == (OutcomeKind.RETRYABLE, OutcomeKind.ACCEPTED)
     one, two = receiver.requests
@@ -209,6 +259,36 @@ async def test_traceparent_is_passed(sender: WebhookSender, receiver: Receiver) 
     assert receiver.requests[0].headers["traceparent"] == traceparent
 
 
+async def test_a_malformed_traceparent_is_left_out(
+    sender: WebhookSender, receiver: Receiver
+) -> None:
+    for bad in ("00-abc\r\nX-Injected: 1", "not-a-trace", "00-" + "0" * 31 + "-x-01"):
+        outcome = await sender.send(delivery(receiver.url(), traceparent=bad))
+        assert outcome.kind is OutcomeKind.ACCEPTED
+    assert all("traceparent" not in r.headers for r in receiver.requests)
+    assert all("X-Injected" not in r.headers for r in receiver.requests)
+
+
+def test_a_delivery_is_always_signed_and_has_a_plain_id() -> None:
+    with pytest.raises(ValueError, match="signing secret"):
+        Delivery("msg_1", "https://h.example/", b"{}", ())
+    for bad_id in ("", "a b", "x\r\ny", "é", "x" * 129):
+        with pytest.raises(ValueError, match="delivery_id"):
+            Delivery(bad_id, "https://h.example/", b"{}", (new_signing_secret(),))
+
+
+async def test_secrets_are_not_logged(
+    sender: WebhookSender, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = new_signing_secret()
+    with caplog.at_level(logging.DEBUG):
+        for path in ("/hook", "/status/500", "/drop"):
+            await sender.send(delivery(receiver.url(path), (secret,)))
+    assert caplog.records, "debug logging was captured"
+    assert secret not in caplog.text
+    assert secret.removeprefix("whsec_") not in caplog.text
+
+
 async def test_secrets_are_not_in_the_repr() -> None:
     secret = new_signing_secret()
     assert secret not in repr(delivery("http://h.example/", (secret,)))
@@ -218,7 +298,7 @@ async def test_secrets_are_not_in_the_repr() -> None:
 
 
 async def test_loopback_is_refused_unless_private_networks_are_allowed(
-    receiver: Receiver, clock: MovableClock
+    receiver: Receiver, clock: ManualClock
 ) -> None:
     strict = replace(LOCAL, allow_private_networks=False)
     async with WebhookSender(strict, clock) as sender:
@@ -229,7 +309,8 @@ async def test_loopback_is_refused_unless_private_networks_are_allowed(
     assert literal.kind is by_name.kind is mapped.kind is OutcomeKind.REFUSED
     assert literal.error == "loopback address 127.0.0.1"
     assert by_name.error is not None
-    assert "resolves to a loopback address" in by_name.error
+    assert "localhost resolves to" in by_name.error
+    assert by_name.error.endswith("(loopback)")
     assert receiver.requests == []
 
     async with WebhookSender(LOCAL, clock) as sender:
@@ -268,7 +349,7 @@ class FixedAnswers(AbstractResolver):
 
 
 async def test_a_public_looking_name_resolving_to_a_private_address_is_refused(
-    receiver: Receiver, clock: MovableClock
+    receiver: Receiver, clock: ManualClock
 ) -> None:
     dns = FixedAnswers("127.0.0.1")
     url = f"http://partner.example:{receiver.port}/hook"
@@ -277,7 +358,7 @@ async def test_a_public_looking_name_resolving_to_a_private_address_is_refused(
     ) as s:
         outcome = await s.send(delivery(url))
     assert outcome.kind is OutcomeKind.REFUSED
-    assert outcome.error == "partner.example resolves to a loopback address (127.0.0.1)"
+    assert outcome.error == "partner.example resolves to 127.0.0.1 (loopback)"
     assert dns.questions == 1
     assert receiver.requests == []
     # The connection goes to the address that was checked: allowed, it reaches the receiver.
@@ -290,10 +371,25 @@ async def test_one_refused_address_among_the_answers_refuses_the_name() -> None:
     resolver = PolicyResolver(
         allow_private_networks=False, inner=FixedAnswers("93.184.216.34", "10.1.2.3")
     )
-    with pytest.raises(AddressRefusedError, match="private address"):
+    with pytest.raises(AddressRefusedError, match=r"resolves to 10.1.2.3 \(private\)"):
         await resolver.resolve("partner.example", 443)
     fine = PolicyResolver(allow_private_networks=False, inner=FixedAnswers("93.184.216.34"))
     assert [r["host"] for r in await fine.resolve("partner.example", 443)] == ["93.184.216.34"]
+
+
+async def test_legacy_numeric_forms_and_trailing_dots_are_refused(
+    receiver: Receiver, clock: ManualClock
+) -> None:
+    async with WebhookSender(replace(LOCAL, allow_private_networks=False), clock) as strict:
+        dotted = await strict.send(delivery(receiver.url(host="127.0.0.1.")))
+        legacy = await strict.send(delivery(receiver.url(host="2130706433")))
+    assert dotted.kind is legacy.kind is OutcomeKind.REFUSED
+    assert legacy.error == "legacy numeric IPv4 form 2130706433 (of 127.0.0.1)"
+    async with WebhookSender(LOCAL, clock) as lenient:
+        assert (await lenient.send(delivery(receiver.url(host="127.1")))).kind is (
+            OutcomeKind.REFUSED
+        )
+    assert receiver.requests == []
 
 
 async def test_not_an_http_url_is_refused(sender: WebhookSender) -> None:
@@ -305,7 +401,7 @@ async def test_not_an_http_url_is_refused(sender: WebhookSender) -> None:
 
 
 async def test_breaker_opens_after_consecutive_failures_and_closes_after_a_probe(
-    receiver: Receiver, clock: MovableClock
+    receiver: Receiver, clock: ManualClock
 ) -> None:
     settings = replace(LOCAL, breaker_failure_threshold=3, breaker_reset_seconds=30)
     async with WebhookSender(settings, clock) as sender:
@@ -323,18 +419,21 @@ async def test_breaker_opens_after_consecutive_failures_and_closes_after_a_probe
         blocked = await send("/status/200")
         assert blocked.kind is OutcomeKind.CIRCUIT_OPEN
         assert blocked.http_status is None
+        assert blocked.retry_after_seconds == 30.0  # when a probe may go
         assert len(receiver.requests) == sent
         # Another endpoint is not affected.
         async with running_receiver() as other:
             assert (await sender.send(delivery(other.url()))).kind is OutcomeKind.ACCEPTED
 
-        clock.advance(29)
-        assert (await send("/status/200")).kind is OutcomeKind.CIRCUIT_OPEN
-        clock.advance(2)
+        clock.advance(timedelta(seconds=29))
+        still = await send("/status/200")
+        assert still.kind is OutcomeKind.CIRCUIT_OPEN
+        assert still.retry_after_seconds == 1.0
+        clock.advance(timedelta(seconds=2))
         # Half-open: one probe; it fails, so the circuit opens again for the full time.
         assert (await send("/status/502")).kind is OutcomeKind.RETRYABLE
         assert (await send("/status/200")).kind is OutcomeKind.CIRCUIT_OPEN
-        clock.advance(31)
+        clock.advance(timedelta(seconds=31))
         # The probe succeeds: closed, and requests flow again.
         assert (await send("/status/200")).kind is OutcomeKind.ACCEPTED
         assert (await send("/status/500")).kind is OutcomeKind.RETRYABLE
@@ -343,22 +442,24 @@ async def test_breaker_opens_after_consecutive_failures_and_closes_after_a_probe
 
 
 async def test_half_open_lets_one_probe_through_at_a_time(
-    receiver: Receiver, clock: MovableClock
+    receiver: Receiver, clock: ManualClock
 ) -> None:
     settings = replace(LOCAL, breaker_failure_threshold=1, breaker_reset_seconds=10)
     async with WebhookSender(settings, clock) as sender:
         await sender.send(delivery(receiver.url("/status/500")))
-        clock.advance(11)
+        clock.advance(timedelta(seconds=11))
         probe = asyncio.create_task(sender.send(delivery(receiver.url("/hold"))))
         await eventually(lambda: receiver.in_flight == 1)
-        assert (await sender.send(delivery(receiver.url()))).kind is OutcomeKind.CIRCUIT_OPEN
+        during_probe = await sender.send(delivery(receiver.url()))
+        assert during_probe.kind is OutcomeKind.CIRCUIT_OPEN
+        assert during_probe.retry_after_seconds == LOCAL.timeout_seconds
         receiver.gate.set()
         assert (await probe).kind is OutcomeKind.ACCEPTED
         assert (await sender.send(delivery(receiver.url()))).kind is OutcomeKind.ACCEPTED
 
 
 async def test_rejections_count_as_an_answering_endpoint(
-    receiver: Receiver, clock: MovableClock
+    receiver: Receiver, clock: ManualClock
 ) -> None:
     settings = replace(LOCAL, breaker_failure_threshold=2)
     async with WebhookSender(settings, clock) as sender:
@@ -378,7 +479,7 @@ async def test_rejections_count_as_an_answering_endpoint(
 # --- concurrency ----------------------------------------------------------------------
 
 
-async def test_per_host_and_global_concurrency_limits(clock: MovableClock) -> None:
+async def test_per_host_and_global_concurrency_limits(clock: ManualClock) -> None:
     settings = replace(LOCAL, max_concurrency=5, max_concurrency_per_host=3, timeout_seconds=10)
     async with (
         running_receiver() as first,

@@ -132,3 +132,16 @@ async def test_migration_gives_existing_organizations_distinct_secrets(database_
     finally:
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
         await admin.close()
+
+
+async def test_the_service_store_uses_the_configured_grace(
+    service: Service, make_org: MakeOrg
+) -> None:
+    assert service.identity is not None
+    grace = timedelta(seconds=service.settings.dispatch_signing_secret_grace_seconds)
+    assert grace == timedelta(hours=24)  # the default
+    org = (await make_org(Role.PARTNER)).id
+    now = datetime.now(UTC)
+    await service.identity.rotate_signing_secret(org, now)
+    assert len(await service.identity.signing_secrets(org, now + grace - timedelta(seconds=1))) == 2
+    assert len(await service.identity.signing_secrets(org, now + grace)) == 1

@@ -93,3 +93,24 @@ def test_names_are_left_to_delivery() -> None:
     assert (
         webhook_url_violation("https://partner.example/hook", allow_private_networks=False) is None
     )
+
+
+@pytest.mark.parametrize(
+    "host", ["127.1", "0x7f.0.0.1", "0x7f000001", "2130706433", "0177.0.0.1", "10.1", "1"]
+)
+def test_legacy_numeric_ipv4_forms_are_refused_always(host: str) -> None:
+    for allow in (False, True):
+        assert webhook_url_violation(f"http://{host}:80/", allow_private_networks=allow) == (
+            "must write an IPv4 address as four decimal numbers (a.b.c.d)"
+        )
+
+
+@pytest.mark.parametrize("host", ["cafe.example", "deadbeef.be", "0x.example", "a1.b2"])
+def test_hex_looking_names_are_names(host: str) -> None:
+    assert webhook_url_violation(f"http://{host}/", allow_private_networks=False) is None
+
+
+def test_a_trailing_dot_does_not_hide_an_address() -> None:
+    assert webhook_url_violation("http://127.0.0.1./", allow_private_networks=False) == (
+        "must not be a loopback address unless OPENVPP_WEBHOOK_ALLOW_PRIVATE_NETWORKS=true"
+    )
