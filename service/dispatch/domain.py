@@ -353,6 +353,17 @@ def before_attempt(row: OutboxRow, not_eligible: str | None, now: datetime) -> S
     return None
 
 
+def unsendable(row: OutboxRow, reason: str) -> Settled:
+    """Settles a claimed setpoint (or cancellation) that cannot be sent at all."""
+    if row.delivers_cancellation:
+        return _keep(
+            row,
+            cancellation_state=CancellationState.FAILED,
+            reason=f"cancellation not delivered: {reason}",
+        )
+    return _keep(row, state=SetpointState.FAILED, reason=reason)
+
+
 def _expired_reason(last: str) -> str:
     return "window ended before delivery" + (f" (last: {last})" if last else "")
 

@@ -59,6 +59,7 @@ from service.dispatch.domain import (
     before_attempt,
     format_power,
     ineligibility,
+    unsendable,
 )
 from service.dispatch.store import notify_setpoint_changes
 from service.registry.domain import SiteStatus
@@ -335,10 +336,14 @@ class OutboxDeliverer:
             settled: list[tuple[UUID, Settled, bool]] = []
             sendable: list[asyncpg.Record] = []
             changed: list[UUID] = []
+            secrets_of = await self._signing_secrets({row["partner_org_id"] for row in rows})
             for row in rows:
                 outbox_row = _outbox_row(row)
                 # Eligibility counts for the setpoint itself, never for its cancellation.
                 verdict = before_attempt(outbox_row, _not_eligible(row), now)
+                if verdict is None and not secrets_of[row["partner_org_id"]]:
+                    # Never sent unsigned (the organization is gone, or has no secret).
+                    verdict = unsendable(outbox_row, "partner organization has no signing secret")
                 if verdict is not None:
                     settled.append((row["id"], verdict, True))
                     if verdict.state is not outbox_row.state:
@@ -363,7 +368,6 @@ class OutboxDeliverer:
                     changed.append(row["id"])
             await self._apply(conn, settled)
             await notify_setpoint_changes(conn, changed)
-            secrets_of = await self._signing_secrets({row["partner_org_id"] for row in sendable})
         claimed = []
         for row in sendable:
             outbox_row = _outbox_row(row)
