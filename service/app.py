@@ -28,7 +28,7 @@ from service.db.reads import ReadLane
 from service.dispatch import servicer as dispatch
 from service.dispatch.delivery import DeliverySettings
 from service.dispatch.outbox import OutboxDeliverer, OutboxSettings
-from service.dispatch.store import OUTBOX_CHANNEL
+from service.events.channels import DISPATCH_OUTBOX_CHANNEL
 from service.events.hub import EventHub
 from service.registry import servicer as registry
 from service.telemetry import meter_servicer as meters
@@ -266,7 +266,7 @@ class Service:
             deliverer.step,
             interval_seconds=settings.dispatch_poll_interval_seconds,
             clock=self.clock,
-            wake_channels=[OUTBOX_CHANNEL],
+            wake_channels=[DISPATCH_OUTBOX_CHANNEL],
         )
         self.dispatch_deliverer = deliverer
         self.dispatch_worker = worker

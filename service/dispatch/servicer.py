@@ -19,7 +19,8 @@ from service.common.pagination import fetch_page, page_size_or_default
 from service.common.protoconv import enum_from_proto, parse_uuid, to_timestamp
 from service.dispatch import convert
 from service.dispatch.domain import SetpointState, validate_request
-from service.dispatch.store import SETPOINT_EVENTS_CHANNEL, DispatchStore, SetpointFilter
+from service.dispatch.store import DispatchStore, SetpointFilter
+from service.events.channels import SETPOINT_EVENTS_CHANNEL
 from service.events.hub import Event, EventHub
 
 DESCRIPTOR = pb.DESCRIPTOR.services_by_name["Dispatch"]

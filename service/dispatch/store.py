@@ -11,7 +11,7 @@ An id outside the caller's scope answers NOT_FOUND exactly like one that does no
 
 The setpoints table is also the delivery outbox (see :mod:`service.dispatch.outbox`): a
 dispatch's setpoints are committed in the DispatchFlexibility transaction, with a NOTIFY on
-``OUTBOX_CHANNEL`` that wakes the delivery workers of every replica at commit.
+``DISPATCH_OUTBOX_CHANNEL`` (service/events/channels.py) that wakes the delivery workers of every replica at commit.
 """
 
 from __future__ import annotations
@@ -41,13 +41,10 @@ from service.dispatch.domain import (
     allocate,
     ineligibility,
 )
+from service.events.channels import DISPATCH_OUTBOX_CHANNEL, SETPOINT_EVENTS_CHANNEL
 from service.registry.domain import ResourceType, SiteStatus
 from service.upstream.domain import UpstreamStatus
 
-# Wakes the delivery workers: a dispatch (or a cancellation) committed something to deliver.
-OUTBOX_CHANNEL = "openvpp_dispatch_outbox"
-# Setpoint state changes, for WatchSetpoints (key: operator org and partner org).
-SETPOINT_EVENTS_CHANNEL = "openvpp_setpoint_events"
 # Changes per notification (about 140 bytes each): below PostgreSQL's 8000-byte payload limit.
 CHANGES_PER_NOTIFICATION = 50
 
@@ -230,7 +227,7 @@ async def notify_dispatch_created(
 
 
 async def wake_outbox(conn: asyncpg.Connection) -> None:
-    await conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
+    await conn.execute("SELECT pg_notify($1, '')", DISPATCH_OUTBOX_CHANNEL)
 
 
 def plan(request: DispatchRequest, rows: Sequence[Mapping[str, Any]]) -> Planned:

@@ -370,3 +370,94 @@ async def test_a_rotated_secret_signs_beside_the_previous_one(cluster: Cluster) 
         assert {s.state for s in settled} == {ACCEPTED}
         assert (old_only.bad_signatures, new_only.bad_signatures) == (0, 0)
         assert len(old_only.received) == len(new_only.received) == 1
+
+
+async def test_an_open_breaker_reschedules_without_counting_an_attempt(cluster: Cluster) -> None:
+    replica = await cluster.replica(
+        dispatch_breaker_failure_threshold=1,
+        dispatch_breaker_reset_seconds=0.6,
+        dispatch_max_attempts=2,
+    )
+    flow = Flow(replica)
+    operator, partner, supplier = (
+        await flow.org(Role.OPERATOR),
+        await flow.org(Role.PARTNER),
+        await flow.org(Role.SUPPLIER),
+    )
+    calls: list[float] = []
+
+    async def down_once(_received: Received) -> int:
+        calls.append(asyncio.get_running_loop().time())
+        return 503 if len(calls) == 1 else 200
+
+    async with running_receiver(down_once) as receiver:
+        receiver.trust(await flow.secret(partner))
+        await flow.site(partner, supplier, receiver.url())
+        dispatch = (await flow.dispatch(operator)).dispatch
+        (setpoint,) = await flow.settle(operator, dispatch.id)
+        # Two attempts of at most two allowed: the passes that met the open breaker (the
+        # back-off is at most 0.2 s, the breaker stays open 0.6 s) sent and counted nothing.
+        assert setpoint.state == ACCEPTED
+        assert [a.http_status for a in setpoint.attempts] == [503, 200]
+        assert calls[1] - calls[0] >= 0.5
+
+
+async def test_list_setpoints_pages_and_filters(cluster: Cluster) -> None:
+    replica = await cluster.replica(dispatch_delivery_enabled=False)
+    flow = Flow(replica)
+    operator, partner, supplier = (
+        await flow.org(Role.OPERATOR),
+        await flow.org(Role.PARTNER),
+        await flow.org(Role.SUPPLIER),
+    )
+    site, _ = await flow.site(
+        partner, supplier, "http://127.0.0.1:9/x", resources=[(BATTERY, -5, 5)] * 3
+    )
+    other, _ = await flow.site(
+        partner, supplier, "http://127.0.0.1:9/x", resources=[(BATTERY, -5, 5)] * 2
+    )
+    first = (await flow.dispatch(operator)).dispatch
+    second = (await flow.dispatch(operator)).dispatch
+    await replica.dispatch.CancelDispatch(
+        pb.CancelDispatchRequest(dispatch_id=second.id), metadata=operator.auth
+    )
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await replica.dispatch.ListSetpoints(
+            pb.ListSetpointsRequest(dispatch_id=first.id, page_size=2, page_token=token),
+            metadata=operator.auth,
+        )
+        assert page.total_size == 5
+        seen.extend(s.id for s in page.setpoints)
+        token = page.next_page_token
+        if not token:
+            break
+    assert len(seen) == len(set(seen)) == 5
+    by_site = await flow.setpoints(partner, site_id=site.id)
+    assert len(by_site) == 6  # three resources, two dispatches
+    cancelled = await flow.setpoints(partner, state=pb.SETPOINT_STATE_CANCELLED)
+    assert {s.dispatch_id for s in cancelled} == {second.id}
+    assert len(cancelled) == 5
+    assert {s.site_id for s in cancelled} == {site.id, other.id}
+    from tests.helpers import expect_invalid
+
+    await expect_invalid(
+        replica.dispatch.ListSetpoints(
+            pb.ListSetpointsRequest(dispatch_id=second.id, page_token=page.next_page_token or "x"),
+            metadata=operator.auth,
+        ),
+        "page_token",
+    )
+    await expect_invalid(
+        replica.dispatch.ListSetpoints(
+            pb.ListSetpointsRequest(site_id="not-a-uuid"), metadata=operator.auth
+        ),
+        "site_id",
+    )
+    listed = await replica.dispatch.ListDispatches(
+        pb.ListDispatchesRequest(page_size=1), metadata=operator.auth
+    )
+    assert listed.total_size == 2
+    assert [d.id for d in listed.dispatches] == [first.id]
+    assert listed.dispatches[0].pending_count == 5
