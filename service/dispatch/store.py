@@ -11,7 +11,8 @@ An id outside the caller's scope answers NOT_FOUND exactly like one that does no
 
 The setpoints table is also the delivery outbox (see :mod:`service.dispatch.outbox`): a
 dispatch's setpoints are committed in the DispatchFlexibility transaction, with a NOTIFY on
-``DISPATCH_OUTBOX_CHANNEL`` (service/events/channels.py) that wakes the delivery workers of every replica at commit.
+``DISPATCH_OUTBOX_CHANNEL`` (service/events/channels.py) that wakes the delivery workers of
+every replica at commit.
 """
 
 from __future__ import annotations
@@ -301,7 +302,8 @@ class DispatchStore:
         now = self._clock.now()
         selection = request.selection
         async with self._pool.acquire() as conn, conn.transaction():
-            existing = await self._existing(conn, request)
+            # A dry run neither takes nor answers from a request_id: it stores nothing.
+            existing = None if request.dry_run else await self._existing(conn, request)
             if existing is not None:
                 return DispatchResult(existing)
             await self._check_selection(conn, selection)

@@ -142,9 +142,12 @@ async def test_dry_run_stores_and_sends_nothing(cluster: Cluster) -> None:
         assert receiver.received == []
         assert await replica.pool.fetchval("SELECT count(*) FROM dispatches") == 0
         assert await replica.pool.fetchval("SELECT count(*) FROM setpoints") == 0
-        # The request_id was not taken by the dry run.
+        # The request_id was not taken by the dry run, and a dry run never answers from one.
         real = await flow.dispatch(operator, power_kw=5.0, request_id="dry")
         assert real.dispatch.id
+        again = await flow.dispatch(operator, power_kw=5.0, request_id="dry", dry_run=True)
+        assert again.dispatch.id == ""
+        assert [s.power_kw for s in again.setpoints] == [5.0]
 
 
 async def test_allocation_with_bounds_and_shortfall_per_type(cluster: Cluster) -> None:
