@@ -96,6 +96,7 @@ _RELOCK_SQL = """
 SELECT id, state, reason, attempt_count, end_time, cancel_requested_at, cancellation_state,
     cancellation_attempt_count
 FROM setpoints WHERE id = ANY($1::uuid[]) AND lease_owner = $2
+ORDER BY id
 FOR UPDATE
 """
 
@@ -439,9 +440,15 @@ class OutboxDeliverer:
                 continue
             now = self._clock.now()
             try:
+                # Rows being recorded right now are skipped: they are let go of anyway.
                 await self._pool.execute(
-                    "UPDATE setpoints SET lease_expires_at = $3"
-                    " WHERE id = ANY($1::uuid[]) AND lease_owner = $2",
+                    """
+                    UPDATE setpoints s SET lease_expires_at = $3
+                    FROM (SELECT id FROM setpoints
+                          WHERE id = ANY($1::uuid[]) AND lease_owner = $2
+                          ORDER BY id FOR UPDATE SKIP LOCKED) held
+                    WHERE s.id = held.id
+                    """,
                     held,
                     self.owner,
                     now + timedelta(seconds=self._settings.lease_seconds),

@@ -509,6 +509,12 @@ class DispatchStore:
             )
             if row is None:
                 raise NotFoundError("dispatch", str(dispatch_id))
+            # Row locks in id order, the order the delivery workers' records take them too,
+            # so a cancellation and a worker wait for each other rather than deadlock.
+            await conn.execute(
+                "SELECT 1 FROM setpoints WHERE dispatch_id = $1 ORDER BY id FOR UPDATE",
+                dispatch_id,
+            )
             cancelled = await conn.fetch(
                 """
                 UPDATE setpoints SET state = 'cancelled', reason = 'cancelled before delivery',
