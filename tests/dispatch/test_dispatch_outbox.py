@@ -461,3 +461,31 @@ async def test_list_setpoints_pages_and_filters(cluster: Cluster) -> None:
     assert listed.total_size == 2
     assert [d.id for d in listed.dispatches] == [first.id]
     assert listed.dispatches[0].pending_count == 5
+
+
+async def test_a_live_worker_keeps_a_slow_attempt_beyond_one_lease(cluster: Cluster) -> None:
+    """The lease is renewed while its worker lives: another replica does not take over an
+    attempt that takes longer than one lease."""
+    settings = {"dispatch_lease_seconds": 0.6, "dispatch_timeout_seconds": 5.0}
+    first = await cluster.replica(**settings)
+    await cluster.replica(**settings)
+    flow = Flow(first)
+    operator, partner, supplier = (
+        await flow.org(Role.OPERATOR),
+        await flow.org(Role.PARTNER),
+        await flow.org(Role.SUPPLIER),
+    )
+
+    async def slow(_received: Received) -> int:
+        await asyncio.sleep(2.0)
+        return 200
+
+    async with running_receiver(slow) as receiver:
+        receiver.trust(await flow.secret(partner))
+        await flow.site(partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)] * 3)
+        dispatch = (await flow.dispatch(operator)).dispatch
+        settled = await flow.settle(operator, dispatch.id, frozenset({ACCEPTED}), within=20)
+        assert len(settled) == 3
+        assert len(receiver.received) == 3
+        assert receiver.overlaps == 0
+        assert all(len(s.attempts) == 1 for s in settled)
