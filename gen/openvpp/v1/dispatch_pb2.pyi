@@ -681,7 +681,9 @@ class WatchSetpointsResponse(_message.Message):
     EVENT_TIME_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def setpoint(self) -> Global___Setpoint:
-        """The setpoint as read when the event is sent, with `state` and `reason` of the change."""
+        """The setpoint as read when the event is sent, with the `state` of the change (a new
+        dispatch: each of its setpoints the caller may see, PENDING).
+        """
 
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp: ...
