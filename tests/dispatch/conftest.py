@@ -216,9 +216,10 @@ class Flow:
         got = await registry.GetSite(site_pb.GetSiteRequest(site_id=site.id), metadata=partner.auth)
         return got.site, made
 
-    async def set_upstream(self, supplier: Org, identifier: str, upstream: str) -> None:
+    async def set_upstream(self, supplier: Org, identifier: str, upstream: str) -> str:
+        """Makes the identifier's upstream side so; the contract's id ("" if none)."""
         if upstream == "no_upstream_registered":
-            return
+            return ""
         up = self.replica.upstream
         upstream_site = (
             await up.CreateUpstreamSite(
@@ -238,8 +239,8 @@ class Flow:
         }
         terms = cases.get(upstream)
         if terms is None:
-            return
-        await up.CreateContract(
+            return ""
+        made = await up.CreateContract(
             up_pb.CreateContractRequest(
                 upstream_site_id=upstream_site.id,
                 start_date=day(terms["start"]),
@@ -248,6 +249,8 @@ class Flow:
             ),
             metadata=supplier.auth,
         )
+        contract_id: str = made.contract.id
+        return contract_id
 
     async def dispatch(
         self,

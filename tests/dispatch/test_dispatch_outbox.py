@@ -7,16 +7,19 @@ import asyncio
 import itertools
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from google.protobuf import field_mask_pb2
 from openvpp.v1 import dispatch_pb2 as pb
 from openvpp.v1 import site_registry_pb2 as site_pb
+from openvpp.v1 import upstream_registry_pb2 as up_pb
 
 from service.auth.principal import Role
 from service.common.clock import ManualClock
 from tests.dispatch.conftest import UPSTREAM_CASES, Cluster, Flow
 from tests.dispatch.setpoint_receiver import Received, running_receiver
+from tests.upstream.conftest import day
 
 BATTERY = site_pb.RESOURCE_TYPE_STATIC_BATTERY
 METER = site_pb.RESOURCE_TYPE_METER
@@ -72,8 +75,20 @@ async def test_a_site_paused_after_the_dispatch_is_not_delivered_to(cluster: Clu
         paused_site, _ = await flow.site(partner, supplier, receiver.url())
         deleted_site, _ = await flow.site(partner, supplier, receiver.url())
         kept_site, _ = await flow.site(partner, supplier, receiver.url())
+        ended_site, _ = await flow.site(
+            partner, supplier, receiver.url(), upstream="no_upstream_registered"
+        )
+        contract_id = await flow.set_upstream(
+            supplier, ended_site.grid_identifier, "contract_active"
+        )
         dispatch = (await flow.dispatch(operator)).dispatch
-        assert dispatch.pending_count == 3
+        assert dispatch.pending_count == 4
+        await api.upstream.TerminateContract(
+            up_pb.TerminateContractRequest(
+                contract_id=contract_id, effective_date=day(datetime.now(UTC).date())
+            ),
+            metadata=supplier.auth,
+        )
         await api.registry.PauseSite(
             site_pb.PauseSiteRequest(site_id=paused_site.id), metadata=partner.auth
         )
@@ -87,6 +102,8 @@ async def test_a_site_paused_after_the_dispatch_is_not_delivered_to(cluster: Clu
         assert settled[paused_site.id].attempts == []
         assert settled[deleted_site.id].state == pb.SETPOINT_STATE_NOT_ELIGIBLE
         assert settled[deleted_site.id].reason == "site deleted"
+        assert settled[ended_site.id].state == pb.SETPOINT_STATE_NOT_ELIGIBLE
+        assert settled[ended_site.id].reason == "upstream_status contract_inactive"
         assert settled[kept_site.id].state == ACCEPTED
         assert [r.body["site_id"] for r in receiver.received] == [kept_site.id]
 
@@ -466,7 +483,7 @@ async def test_list_setpoints_pages_and_filters(cluster: Cluster) -> None:
 async def test_a_live_worker_keeps_a_slow_attempt_beyond_one_lease(cluster: Cluster) -> None:
     """The lease is renewed while its worker lives: another replica does not take over an
     attempt that takes longer than one lease."""
-    settings = {"dispatch_lease_seconds": 0.6, "dispatch_timeout_seconds": 5.0}
+    settings: dict[str, Any] = {"dispatch_lease_seconds": 0.6, "dispatch_timeout_seconds": 5.0}
     first = await cluster.replica(**settings)
     await cluster.replica(**settings)
     flow = Flow(first)
