@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import secrets
@@ -77,14 +78,18 @@ WITH due AS (
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 )
-UPDATE setpoints s SET lease_owner = $3, lease_expires_at = $4
+UPDATE setpoints s SET lease_owner = $3, lease_expires_at = $4,
+    -- A claimed PENDING row is being delivered; the few that must not be sent are settled
+    -- otherwise in the same transaction.
+    state = CASE WHEN s.state = 'pending' THEN 'delivering' ELSE s.state END
 FROM due
 LEFT JOIN sites si ON si.id = due.site_id
 LEFT JOIN resources r ON r.id = due.resource_id AND r.site_id = due.site_id
 LEFT JOIN dispatches d ON d.id = due.dispatch_id
 WHERE s.id = due.id
 RETURNING s.id, s.dispatch_id, s.partner_org_id, s.site_id, s.resource_id, s.power_kw,
-    s.start_time, s.end_time, s.state, s.reason, s.attempt_count, s.cancel_requested_at,
+    s.start_time, s.end_time, due.claimed_state AS state, s.reason, s.attempt_count,
+    s.cancel_requested_at,
     s.cancellation_state, s.cancellation_attempt_count,
     si.id IS NOT NULL AS site_exists, si.status AS site_status, si.paused AS site_paused,
     si.upstream_status, si.external_id AS site_external_id,
@@ -180,7 +185,9 @@ def _not_eligible(row: asyncpg.Record) -> str | None:
     )
 
 
+@functools.lru_cache(maxsize=256)
 def _iso(value: datetime) -> str:
+    # Cached: the setpoints of one dispatch share their start and end.
     return value.isoformat().replace("+00:00", "Z")
 
 
@@ -352,21 +359,7 @@ class OutboxDeliverer:
                     continue
                 sendable.append(row)
                 if outbox_row.state is SetpointState.PENDING:
-                    settled.append(
-                        (
-                            row["id"],
-                            Settled(
-                                SetpointState.DELIVERING,
-                                outbox_row.reason,
-                                outbox_row.attempt_count,
-                                now,  # stays due, so an expired lease is taken again
-                                outbox_row.cancellation_state,
-                                outbox_row.cancellation_attempt_count,
-                            ),
-                            False,
-                        )
-                    )
-                    changed.append(row["id"])
+                    changed.append(row["id"])  # now DELIVERING (the claim set it)
             await self._apply(conn, settled)
             await notify_setpoint_changes(conn, changed)
         claimed = []
