@@ -11,9 +11,12 @@
 
 The server must allow webhooks to 127.0.0.1 (``OPENVPP_WEBHOOK_ALLOW_PRIVATE_NETWORKS=true``).
 
-    .venv/bin/python examples/dispatch_flow.py --address 127.0.0.1:50051 \
-        --operator-token "$OPERATOR" --partner-token "$PARTNER" \
-        --supplier-token "$SUPPLIER" --signing-secret "$(openvpp orgs signing-secret $PARTNER_ORG)"
+    .venv/bin/python examples/dispatch_flow.py [--address 127.0.0.1:50051] \
+        --token "$OPERATOR_TOKEN" --partner-token "$PARTNER_TOKEN" \
+        --supplier-token "$SUPPLIER_TOKEN" \
+        --signing-secret "$(openvpp orgs signing-secret "$PARTNER_ORG_ID")"
+
+``--token`` (or ``OPENVPP_TOKEN``) is the operator's: it makes and cancels the dispatch.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from openvpp.v1 import site_registry_pb2_grpc as sites_grpc
 from openvpp.v1 import upstream_registry_pb2 as upstream_pb
 from openvpp.v1 import upstream_registry_pb2_grpc as upstream_grpc
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+import openvpp_client
 
 QUARTER_HOUR = 900
 SETTLED = {
@@ -109,7 +114,8 @@ async def run(args: argparse.Namespace) -> int:
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     receiver.port = runner.addresses[0][1]
     try:
-        async with grpc.aio.insecure_channel(args.address) as channel:
+        # Tokens go per call: three organizations take part.
+        async with openvpp_client.aio_channel(args.address) as channel:
             return await flow(channel, receiver, args)
     finally:
         await runner.cleanup()
@@ -190,14 +196,14 @@ async def flow(channel: grpc.aio.Channel, receiver: Receiver, args: argparse.Nam
                 type=dispatch_pb.DISPATCH_TYPE_EXACT,
                 selection=dispatch_pb.DispatchSelection(site_ids=[site.id]),
             ),
-            metadata=auth(args.operator_token),
+            metadata=auth(args.token),
         )
     ).dispatch
     print(
         f"operator: dispatch {made.id}: allocated {made.allocated_power_kw} kW, "
         f"shortfall {made.shortfall_power_kw} kW"
     )
-    (setpoint,) = await wait_for(dispatch, args.operator_token, made.id, SETTLED)
+    (setpoint,) = await wait_for(dispatch, args.token, made.id, SETTLED)
     print(
         f"setpoint {setpoint.id}: {dispatch_pb.SetpointState.Name(setpoint.state)}, "
         f"{setpoint.power_kw} kW, {len(setpoint.attempts)} attempt(s)"
@@ -208,10 +214,10 @@ async def flow(channel: grpc.aio.Channel, receiver: Receiver, args: argparse.Nam
 
     # 4. Cancelling: the partner is told to go back to normal operation.
     await dispatch.CancelDispatch(
-        dispatch_pb.CancelDispatchRequest(dispatch_id=made.id), metadata=auth(args.operator_token)
+        dispatch_pb.CancelDispatchRequest(dispatch_id=made.id), metadata=auth(args.token)
     )
     (setpoint,) = await wait_for(
-        dispatch, args.operator_token, made.id, {dispatch_pb.SETPOINT_STATE_CANCELLED}
+        dispatch, args.token, made.id, {dispatch_pb.SETPOINT_STATE_CANCELLED}
     )
     state = dispatch_pb.SetpointState.Name(setpoint.state)
     print(f"setpoint {setpoint.id}: {state}: {setpoint.reason}")
@@ -223,15 +229,20 @@ async def flow(channel: grpc.aio.Channel, receiver: Receiver, args: argparse.Nam
     return 0
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--address", default="127.0.0.1:50051")
-    parser.add_argument("--operator-token", required=True)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    openvpp_client.add_connection_arguments(parser)
     parser.add_argument("--partner-token", required=True)
     parser.add_argument("--supplier-token", required=True)
     parser.add_argument("--signing-secret", required=True, help="the partner's whsec_ secret")
-    return asyncio.run(run(parser.parse_args()))
+    args = parser.parse_args(argv)
+    if not args.token:
+        parser.error("an operator token is needed: --token or OPENVPP_TOKEN")
+    return asyncio.run(run(args))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except grpc.RpcError as error:
+        sys.exit(f"{error.code().name}: {error.details()}")

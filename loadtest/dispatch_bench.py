@@ -14,10 +14,10 @@ resources each (rows written directly: set-up is not what is measured), then:
    sender's own measure per attempt, from ``setpoint_attempts``); and the first attempt's
    arrival at the receiver after the dispatch's commit (the RPC's answer comes after it),
    p50/p99.
-2. Before and after it, a raw aiohttp client in its own process POSTs the same number of bodies of the same
-   shape, each signed afresh with the same secret, with the same concurrency the service
-   uses towards one host (``OPENVPP_DISPATCH_MAX_CONCURRENCY_PER_HOST``): the mean of the
-   two rates is the baseline, and the ratio end-to-end / raw is printed.
+2. Before and after it, a raw aiohttp client in its own process POSTs the same number of
+   bodies of the same shape, each signed afresh with the same secret, with the concurrency
+   the service uses towards one host (``OPENVPP_DISPATCH_MAX_CONCURRENCY_PER_HOST``): the
+   mean of the two rates is the baseline, and the ratio end-to-end / raw is printed.
 
 Goals (issue 12): >= 2,000 setpoints/s end to end, >= 0.5 of the raw client's rate, first
 attempt <= 100 ms after commit (p50). The machine is shared: run it under the bench lock.
