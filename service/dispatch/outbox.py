@@ -58,6 +58,7 @@ from service.dispatch.domain import (
     SiteEligibility,
     after_attempt,
     before_attempt,
+    check_transition,
     format_power,
     ineligibility,
     unsendable,
@@ -355,6 +356,8 @@ class OutboxDeliverer:
                 if verdict is not None:
                     settled.append((row["id"], verdict, True))
                     if verdict.state is not outbox_row.state:
+                        # A bug, never input: the transaction rolls back, the row stays due.
+                        check_transition(outbox_row.state, verdict.state)
                         changed.append(row["id"])
                     continue
                 sendable.append(row)
@@ -507,6 +510,8 @@ class OutboxDeliverer:
                     retry_in,
                 )
                 settled.append((row["id"], verdict, True))
+                if verdict.state is not current.state:
+                    check_transition(current.state, verdict.state)
                 if verdict.state is not current.state or (
                     verdict.cancellation_state is not current.cancellation_state
                 ):
