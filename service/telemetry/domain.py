@@ -21,6 +21,8 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from zoneinfo import ZoneInfo
 
+from service.common.protoconv import EARLIEST_INSTANT, LATEST_INSTANT
+from service.common.text import NAME_LENGTH, text_rule
 from service.grid import Resolution, SiteType, site_type_is_accurate
 
 _ONE_MICROSECOND = timedelta(microseconds=1)
@@ -144,6 +146,7 @@ class RejectReason(StrEnum):
     WRONG_VALUE_KIND = "wrong_value_kind"
     FLOW_REQUIRED = "flow_required"
     FLOW_NOT_ALLOWED = "flow_not_allowed"
+    TIMESTAMP_OUT_OF_RANGE = "timestamp_out_of_range"
 
 
 _REASON_TEXTS: dict[RejectReason, str] = {
@@ -172,6 +175,10 @@ _REASON_TEXTS: dict[RejectReason, str] = {
     RejectReason.FLOW_NOT_ALLOWED: (
         "the flow contradicts the meter direction (consumer meters import only, producer "
         "meters export only)"
+    ),
+    RejectReason.TIMESTAMP_OUT_OF_RANGE: (
+        "the timestamp is not an instant from 1900-01-01T00:00:00Z up to (not including) "
+        "2200-01-01T00:00:00Z with nanos in 0..999999999"
     ),
 }
 
@@ -225,8 +232,9 @@ def check_reading(
     """The first rule ``reading`` breaks, or ``None`` when it is acceptable.
 
     Order: unknown meter, missing value, wrong value kind, non-finite, negative, flow,
-    not on grid, outside meter dates, too far in future. Register monotonicity needs the
-    stored neighbours and is checked separately (:func:`find_register_decreases`).
+    timestamp out of range, not on grid, outside meter dates, too far in future. Register
+    monotonicity needs the stored neighbours and is checked separately
+    (:func:`find_register_decreases`).
     Raises ``ValueError`` for a naive timestamp.
     """
     if meter is None:
@@ -248,6 +256,10 @@ def check_reading(
     if flow_reason is not None:
         return flow_reason
     ts = reading.timestamp
+    if ts.tzinfo is None:
+        raise ValueError("the reading timestamp must be timezone-aware")
+    if not EARLIEST_INSTANT <= ts < LATEST_INSTANT:
+        return RejectReason.TIMESTAMP_OUT_OF_RANGE
     if not meter.resolution.is_on_grid(ts, meter.timezone):
         return RejectReason.NOT_ON_GRID
     if ts < meter.start_date:
@@ -300,7 +312,7 @@ def check_register_sequence(points: Sequence[RegisterPoint]) -> list[int]:
 # Meter fields
 # ---------------------------------------------------------------------------------------------
 
-MAX_METER_TEXT_LENGTH = 200
+MAX_METER_TEXT_LENGTH = NAME_LENGTH
 # Partitions are created for every month a meter can have readings in; an earlier start is
 # almost certainly a typo (epoch 0 from an unset field) and would create decades of them.
 EARLIEST_METER_START = datetime(1990, 1, 1, tzinfo=UTC)
@@ -333,10 +345,9 @@ def validate_meter(
         ("serial", meter.serial),
         ("mpo", meter.mpo),
     ):
-        if len(value.strip()) > MAX_METER_TEXT_LENGTH:
-            violations.append(
-                (prefix + name, f"must be at most {MAX_METER_TEXT_LENGTH} characters")
-            )
+        rule = text_rule(value.strip(), MAX_METER_TEXT_LENGTH)
+        if rule is not None:
+            violations.append((prefix + name, rule))
     if meter.direction is None:
         violations.append((prefix + "direction", "must be CONSUMER, PRODUCER or BIDIRECTIONAL"))
     if meter.measuring is None:

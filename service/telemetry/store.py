@@ -13,6 +13,7 @@ only after COMMIT.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import struct
@@ -255,10 +256,10 @@ class MeterCache:
         if missing:
             parsed: dict[UUID, str] = {}
             for text in missing:
-                try:
+                # Not a UUID: unknown, and not remembered (a client sending distinct garbage
+                # ids must not fill the cache; parsing again is cheap).
+                with contextlib.suppress(ValueError):
                     parsed[UUID(text)] = text
-                except ValueError:
-                    known[text] = None
             if parsed:
                 rows = await self._pool.fetch(
                     """
