@@ -71,6 +71,7 @@ async def fresh_database(database_url: str, dispatch_template: str) -> AsyncIter
 def dispatch_settings(**overrides: Any) -> Any:
     values: dict[str, Any] = {
         "webhook_allow_private_networks": True,
+        "dispatch_delivery_enabled": True,
         "dispatch_poll_interval_seconds": 0.1,
         "dispatch_backoff_initial_seconds": 0.05,
         "dispatch_backoff_max_seconds": 0.2,
