@@ -26,7 +26,10 @@ from service.config import Settings
 from service.db.database import create_pool
 from service.db.migrate import migrate
 from service.db.reads import ReadLane
-from service.events.channels import TOKEN_REVOKED_CHANNEL
+from service.dispatch import servicer as dispatch
+from service.dispatch.delivery import DeliverySettings
+from service.dispatch.outbox import OutboxDeliverer, OutboxSettings
+from service.events.channels import DISPATCH_OUTBOX_CHANNEL, TOKEN_REVOKED_CHANNEL
 from service.events.hub import EventHub
 from service.registry import servicer as registry
 from service.telemetry import meter_servicer as meters
@@ -83,6 +86,9 @@ class Service:
     clock: Clock = SYSTEM_CLOCK
     upstream_scheduler: UpstreamScheduler | None = None
     telemetry_servicer: telemetry.TelemetryServicer | None = None
+    # This replica's dispatch delivery worker (None when dispatch_delivery_enabled is off).
+    dispatch_deliverer: OutboxDeliverer | None = None
+    dispatch_worker: Worker | None = None
     _health: health.aio.HealthServicer | None = None
     # One record of a database outage, shared by the health probe and every refused call.
     database_outage: OutageLog = field(default_factory=lambda: OutageLog("database", log))
@@ -232,7 +238,54 @@ class Service:
                     )
                 ],
             ),
+            self._dispatch_capability(),
         ]
+
+    def _dispatch_capability(self) -> Capability:
+        assert self.pool is not None
+        assert self.hub is not None
+        settings = self.settings
+        servicer = dispatch.DispatchServicer(
+            self.pool, self.hub, self.clock, settings.watch_buffer_size
+        )
+        if not settings.dispatch_delivery_enabled:
+            return Capability(dispatch.DESCRIPTOR, servicer, dispatch.METHOD_ROLES)
+        deliverer = OutboxDeliverer(
+            self.pool,
+            IdentityStore(
+                self.pool,
+                signing_secret_grace=timedelta(
+                    seconds=settings.dispatch_signing_secret_grace_seconds
+                ),
+            ),
+            self.clock,
+            OutboxSettings(
+                lease_seconds=settings.dispatch_lease_seconds,
+                max_attempts=settings.dispatch_max_attempts,
+                claim_batch_size=settings.dispatch_claim_batch_size,
+                max_in_flight=settings.dispatch_max_in_flight,
+            ),
+            DeliverySettings.from_settings(settings),
+        )
+        # Woken at the commit of every dispatch (NOTIFY), so setpoints go out at once; the
+        # timer brings due retries and claims whose lease expired.
+        worker = Worker(
+            "dispatch-delivery",
+            deliverer.step,
+            interval_seconds=settings.dispatch_poll_interval_seconds,
+            clock=self.clock,
+            wake_channels=[DISPATCH_OUTBOX_CHANNEL],
+        )
+        self.dispatch_deliverer = deliverer
+        self.dispatch_worker = worker
+        return Capability(
+            dispatch.DESCRIPTOR,
+            servicer,
+            dispatch.METHOD_ROLES,
+            start=deliverer.start,
+            stop=deliverer.stop,
+            workers=[worker],
+        )
 
     async def _set_health(self, serving: bool) -> None:
         assert self._health is not None

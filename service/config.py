@@ -45,6 +45,19 @@ class Settings:
     meter_cache_seconds: float = 60.0
     # Telemetry: days around a batch searched for stored neighbours of a register value.
     register_check_window_days: int = 92
+    # Dispatch outbox: seconds a delivery worker's claim on a setpoint lasts; after a crash
+    # any worker takes an expired claim again. Keep it well above dispatch_timeout_seconds.
+    dispatch_lease_seconds: float = 30.0
+    # Dispatch outbox: attempts per setpoint (and per cancellation) before it is FAILED.
+    dispatch_max_attempts: int = 10
+    # Dispatch outbox: seconds between polls for due retries and expired claims (new
+    # setpoints wake the workers at once by NOTIFY); 0 = only when woken.
+    dispatch_poll_interval_seconds: float = 1.0
+    # Dispatch outbox: setpoints claimed per transaction, and in flight per replica.
+    dispatch_claim_batch_size: int = 500
+    dispatch_max_in_flight: int = 512
+    # Dispatch outbox: whether this replica runs a delivery worker at all.
+    dispatch_delivery_enabled: bool = True
     log_level: str = "INFO"
     # "console" prints OpenTelemetry spans to stderr; empty disables tracing export.
     trace_exporter: str = ""

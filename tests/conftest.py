@@ -71,6 +71,10 @@ def test_settings(**overrides: object) -> Settings:
         upstream_scheduler_interval_seconds=0,
         # Webhook receivers in tests listen on 127.0.0.1; tests of the address rule turn it off.
         webhook_allow_private_networks=True,
+        # No delivery worker on the shared database: its sites have made-up webhook URLs
+        # (partner.example) that nothing may try to reach. The dispatch tests run their own
+        # replicas, with workers, on databases of their own (tests/dispatch/conftest.py).
+        dispatch_delivery_enabled=False,
     )
     from dataclasses import replace
 

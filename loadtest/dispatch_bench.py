@@ -1,0 +1,472 @@
+"""Dispatch end to end: 10,000 setpoints to a local receiver, next to a raw aiohttp client.
+
+Usage: flock /tmp/openvpp-bench.lock python -m loadtest.dispatch_bench [--sites 1000]
+       [--resources 10] [--rounds 1]
+
+Starts, each in its own process: ``openvpp serve`` on a fresh embedded PostgreSQL in a
+temporary directory (or ``OPENVPP_DATABASE_URL``), and an aiohttp receiver on 127.0.0.1
+that verifies every request's signature with the ``standardwebhooks`` package. Sets up
+``--sites`` eligible sites (ONBOARDED, CONTRACT_ACTIVE) of one partner with ``--resources``
+resources each (rows written directly: set-up is not what is measured), then:
+
+1. ``DispatchFlexibility`` (EXACT) and the time until every setpoint is ACCEPTED (polled in
+   the database every 20 ms): setpoints/s end to end; the delivery latency p50/p99 (the
+   sender's own measure per attempt, from ``setpoint_attempts``); and the first attempt's
+   arrival at the receiver after the dispatch's commit (the RPC's answer comes after it),
+   p50/p99.
+2. Before and after it, a raw aiohttp client in its own process POSTs the same number of
+   bodies of the same shape, each signed afresh with the same secret, with the concurrency
+   the service uses towards one host (``OPENVPP_DISPATCH_MAX_CONCURRENCY_PER_HOST``): the
+   mean of the two rates is the baseline, and the ratio end-to-end / raw is printed.
+
+Goals (issue 12): >= 2,000 setpoints/s end to end, >= 0.5 of the raw client's rate, first
+attempt <= 100 ms after commit (p50). The machine is shared: run it under the bench lock.
+``BENCH_PROFILE=file`` runs the server under cProfile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import asyncpg
+import grpc
+from aiohttp import web
+from google.protobuf import timestamp_pb2
+from openvpp.v1 import dispatch_pb2 as pb
+from openvpp.v1 import dispatch_pb2_grpc
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from loadtest.telemetry_bench import backend_pids, cpu_seconds, database, free_port, wait_serving
+from service.auth.principal import Role
+from service.auth.store import IdentityStore
+
+PER_HOST_CONCURRENCY = 32
+
+
+# --- the receiver (its own process) -------------------------------------------------------
+
+
+def receiver_main(port: int, secret: str, ready: Any) -> None:
+    asyncio.run(_receive(port, secret, ready))
+
+
+async def _receive(port: int, secret: str, ready: Any) -> None:
+    webhook = Webhook(secret)
+    first_arrival: dict[str, float] = {}
+    counts = {"verified": 0, "refused": 0}
+
+    async def setpoint(request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            webhook.verify(body, dict(request.headers))
+        except WebhookVerificationError:
+            counts["refused"] += 1
+            return web.Response(status=401)
+        counts["verified"] += 1
+        first_arrival.setdefault(request.headers["webhook-id"], time.time())
+        return web.Response(status=204)
+
+    async def stats(_request: web.Request) -> web.Response:
+        return web.json_response({**counts, "first_arrival": first_arrival})
+
+    async def reset(_request: web.Request) -> web.Response:
+        first_arrival.clear()
+        counts.update(verified=0, refused=0)
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/setpoints", setpoint)
+    app.router.add_get("/stats", stats)
+    app.router.add_post("/reset", reset)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
+    ready.set()
+    await asyncio.Event().wait()
+
+
+# --- the raw client (its own process) -----------------------------------------------------
+
+
+def raw_main(port: int, secret: str, count: int, concurrency: int, results: Any) -> None:
+    results.put(asyncio.run(_raw(port, secret, count, concurrency)))
+
+
+async def _raw(port: int, secret: str, count: int, concurrency: int) -> dict[str, float]:
+    webhook = Webhook(secret)
+    url = f"http://127.0.0.1:{port}/setpoints"
+    end = datetime.now(UTC) + timedelta(hours=1)
+    bodies = [
+        json.dumps(
+            {
+                "type": "setpoint",
+                "setpoint_id": str(uuid.uuid4()),
+                "dispatch_id": str(uuid.uuid4()),
+                "site_id": str(uuid.uuid4()),
+                "site_external_id": f"site-{n // 10}",
+                "resource_id": str(uuid.uuid4()),
+                "resource_external_id": f"res-{n}",
+                "start": end.isoformat(),
+                "end": end.isoformat(),
+                "power_kw": "1.000",
+                "valid_until": end.isoformat(),
+            },
+            separators=(",", ":"),
+        ).encode()
+        for n in range(count)
+    ]
+    ids = [f"raw-{n}" for n in range(count)]
+    latencies: list[float] = []
+    limit = asyncio.Semaphore(concurrency)
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def post(n: int) -> None:
+            async with limit:
+                now = datetime.now(UTC)
+                headers = {
+                    "content-type": "application/json",
+                    "webhook-id": ids[n],
+                    "webhook-timestamp": str(int(now.timestamp())),
+                    "webhook-signature": webhook.sign(ids[n], now, bodies[n].decode()),
+                }
+                started = time.perf_counter()
+                async with session.post(url, data=bodies[n], headers=headers) as response:
+                    await response.read()
+                    assert response.status == 204, response.status
+                latencies.append((time.perf_counter() - started) * 1000)
+
+        started = time.perf_counter()
+        cpu_started = time.process_time()
+        await asyncio.gather(*(post(n) for n in range(count)))
+        seconds = time.perf_counter() - started
+        cpu_ms = (time.process_time() - cpu_started) * 1000 / count
+    latencies.sort()
+    return {
+        "seconds": seconds,
+        "cpu_ms": cpu_ms,
+        "p50": latencies[len(latencies) // 2],
+        "p99": latencies[int(len(latencies) * 0.99)],
+    }
+
+
+# --- set-up and the dispatch ---------------------------------------------------------------
+
+
+async def set_up(dsn: str, receiver_port: int, sites: int, resources: int) -> dict[str, Any]:
+    """One operator, one partner with eligible sites and their resources; written directly
+    (the registry's own rules are not what this measures)."""
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    assert pool is not None
+    identity = IdentityStore(pool)
+    operator = await identity.create_org("bench operator", Role.OPERATOR)
+    partner = await identity.create_org("bench partner", Role.PARTNER)
+    token = (await identity.create_token(operator.id)).token
+    secret = await identity.signing_secret(partner.id)
+    site_ids = [uuid.uuid4() for _ in range(sites)]
+    async with pool.acquire() as conn:
+        await conn.copy_records_to_table(
+            "sites",
+            columns=[
+                "id",
+                "org_id",
+                "timezone",
+                "grid_identifier",
+                "primary_direction",
+                "status",
+                "upstream_status",
+                "external_id",
+            ],
+            records=[
+                (
+                    site_id,
+                    partner.id,
+                    "UTC",
+                    f"BENCH{n:08d}",
+                    "bidirectional",
+                    "onboarded",
+                    "contract_active",
+                    f"site-{n}",
+                )
+                for n, site_id in enumerate(site_ids)
+            ],
+        )
+        await conn.copy_records_to_table(
+            "resources",
+            columns=[
+                "org_id",
+                "site_id",
+                "resource_type",
+                "external_id",
+                "power_min_kw",
+                "power_max_kw",
+                "capacity_min_kwh",
+                "capacity_max_kwh",
+                "webhook_url",
+            ],
+            records=[
+                (
+                    partner.id,
+                    site_id,
+                    "static_battery",
+                    f"res-{n}-{r}",
+                    -5.0,
+                    5.0,
+                    0.0,
+                    10.0,
+                    f"http://127.0.0.1:{receiver_port}/setpoints",
+                )
+                for n, site_id in enumerate(site_ids)
+                for r in range(resources)
+            ],
+        )
+    await pool.close()
+    return {"token": token, "secret": secret, "site_ids": [str(s) for s in site_ids]}
+
+
+def timestamp(at: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(at)
+    return stamp
+
+
+async def dispatch_round(
+    dsn: str, port: int, receiver_port: int, token: str, expected: int
+) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http:
+        await http.post(f"http://127.0.0.1:{receiver_port}/reset")
+    now = int(time.time())
+    start = datetime.fromtimestamp(now - now % 900, UTC)
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = dispatch_pb2_grpc.DispatchStub(channel)
+            called = time.time()
+            response = await stub.DispatchFlexibility(
+                pb.DispatchFlexibilityRequest(
+                    request_id=uuid.uuid4().hex,
+                    power_kw=expected * 2.5,
+                    start_time=timestamp(start),
+                    end_time=timestamp(start + timedelta(hours=1)),
+                    type=pb.DISPATCH_TYPE_EXACT,
+                ),
+                metadata=(("authorization", f"Bearer {token}"),),
+                timeout=120,
+            )
+            committed = time.time()  # the answer follows the commit
+        dispatch_id = uuid.UUID(response.dispatch.id)
+        assert response.dispatch.pending_count == expected, response.dispatch
+        deadline = time.monotonic() + 300
+        while True:
+            accepted = await conn.fetchval(
+                "SELECT count(*) FROM setpoints WHERE dispatch_id = $1 AND state = 'accepted'",
+                dispatch_id,
+            )
+            if accepted >= expected:
+                done = time.time()
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"only {accepted} of {expected} accepted in time")
+            await asyncio.sleep(0.02)
+        latencies = sorted(
+            row["latency_ms"]
+            for row in await conn.fetch(
+                "SELECT a.latency_ms FROM setpoint_attempts a JOIN setpoints s"
+                " ON s.id = a.setpoint_id WHERE s.dispatch_id = $1",
+                dispatch_id,
+            )
+        )
+        attempts = len(latencies)
+    finally:
+        await conn.close()
+    stats = await receiver_stats(receiver_port)
+    first = sorted((t - committed) * 1000 for t in stats["first_arrival"].values())
+    return {
+        "rpc_seconds": committed - called,
+        "seconds": done - called,
+        "delivery_p50": latencies[len(latencies) // 2],
+        "delivery_p99": latencies[int(len(latencies) * 0.99)],
+        "first_min": first[0],
+        "first_p50": first[len(first) // 2],
+        "first_p99": first[int(len(first) * 0.99)],
+        "attempts": attempts,
+        "verified": stats["verified"],
+        "refused": stats["refused"],
+    }
+
+
+async def receiver_stats(receiver_port: int) -> dict[str, Any]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{receiver_port}/stats") as answer,
+    ):
+        stats: dict[str, Any] = await answer.json()
+        return stats
+
+
+async def first_attempt_latencies(
+    port: int, receiver_port: int, token: str, site_ids: list[str], count: int
+) -> list[float]:
+    """Milliseconds from each of ``count`` one-site dispatches' commit to its first setpoint's
+    arrival at the receiver: the outbox's wake-up, claim and send, without a queue ahead."""
+    now = int(time.time())
+    start = datetime.fromtimestamp(now - now % 900, UTC)
+    found = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = dispatch_pb2_grpc.DispatchStub(channel)
+        for n in range(count):
+            async with aiohttp.ClientSession() as http:
+                await http.post(f"http://127.0.0.1:{receiver_port}/reset")
+            await stub.DispatchFlexibility(
+                pb.DispatchFlexibilityRequest(
+                    request_id=uuid.uuid4().hex,
+                    power_kw=1.0,
+                    start_time=timestamp(start),
+                    end_time=timestamp(start + timedelta(hours=1)),
+                    type=pb.DISPATCH_TYPE_EXACT,
+                    selection=pb.DispatchSelection(site_ids=[site_ids[n % len(site_ids)]]),
+                ),
+                metadata=(("authorization", f"Bearer {token}"),),
+            )
+            committed = time.time()
+            for _ in range(500):
+                arrivals = (await receiver_stats(receiver_port))["first_arrival"]
+                if arrivals:
+                    found.append((min(arrivals.values()) - committed) * 1000)
+                    break
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.2)  # let the site's other setpoints settle
+    return sorted(found)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sites", type=int, default=1000)
+    parser.add_argument("--resources", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=1, help="dispatch + raw pairs")
+    args = parser.parse_args()
+    expected = args.sites * args.resources
+    context = multiprocessing.get_context("spawn")
+
+    with database(True) as dsn:
+        port, receiver_port = free_port(), free_port()
+        env = {
+            **os.environ,
+            "OPENVPP_DATABASE_URL": dsn,
+            "OPENVPP_BOOTSTRAP": "false",
+            "OPENVPP_GRPC_ADDRESS": f"127.0.0.1:{port}",
+            "OPENVPP_LOG_LEVEL": "WARNING",
+            "OPENVPP_WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
+            "OPENVPP_DISPATCH_MAX_CONCURRENCY_PER_HOST": str(PER_HOST_CONCURRENCY),
+        }
+        profile = (
+            ["-m", "cProfile", "-o", os.environ["BENCH_PROFILE"]]
+            if os.environ.get("BENCH_PROFILE")
+            else []
+        )
+        server = subprocess.Popen([sys.executable, *profile, "-m", "service.cli", "serve"], env=env)
+        receiver: Any = None
+        try:
+            wait_serving(port, server, 60)
+            setup = asyncio.run(set_up(dsn, receiver_port, args.sites, args.resources))
+            ready = context.Event()
+            receiver = context.Process(
+                target=receiver_main, args=(receiver_port, setup["secret"], ready), daemon=True
+            )
+            receiver.start()
+            if not ready.wait(30):
+                raise SystemExit("receiver did not start")
+            print(
+                f"server up (pid {server.pid}); {args.sites} eligible sites x "
+                f"{args.resources} resources; per-host concurrency {PER_HOST_CONCURRENCY}",
+                flush=True,
+            )
+
+            def raw_run() -> dict[str, float]:
+                results = context.Queue()
+                raw = context.Process(
+                    target=raw_main,
+                    args=(receiver_port, setup["secret"], expected, PER_HOST_CONCURRENCY, results),
+                )
+                raw.start()
+                found: dict[str, float] = results.get(timeout=600)
+                raw.join()
+                return found
+
+            for round_number in range(1, args.rounds + 1):
+                # The raw client runs before and after the dispatch: other load on the
+                # machine changes within seconds, and the mean of the two is the baseline.
+                raw_before = raw_run()
+                db_pids = asyncio.run(backend_pids(dsn))
+                watched = {"server": [server.pid], "receiver": [receiver.pid], "db": db_pids}
+                before = {name: cpu_seconds(pids) for name, pids in watched.items()}
+                measured = asyncio.run(
+                    dispatch_round(dsn, port, receiver_port, setup["token"], expected)
+                )
+                measured["cpu_ms"] = {
+                    name: (cpu_seconds(pids) - before[name]) * 1000 / expected
+                    for name, pids in watched.items()
+                }
+                report(round_number, expected, measured, [raw_before, raw_run()])
+            singles = asyncio.run(
+                first_attempt_latencies(port, receiver_port, setup["token"], setup["site_ids"], 20)
+            )
+            print(
+                f"first attempt after commit, {len(singles)} one-site dispatches of "
+                f"{args.resources} setpoints: p50 {singles[len(singles) // 2]:.1f} ms, "
+                f"max {singles[-1]:.1f} ms",
+                flush=True,
+            )
+        finally:
+            server.terminate()
+            server.wait(30)
+            if receiver is not None:
+                receiver.terminate()
+    return 0
+
+
+def report(
+    round_number: int, expected: int, measured: dict[str, Any], raws: list[dict[str, float]]
+) -> None:
+    rate = expected / measured["seconds"]
+    raw_rates = [expected / raw["seconds"] for raw in raws]
+    raw_rate = sum(raw_rates) / len(raw_rates)
+    raw_lines = "".join(
+        f"  raw aiohttp {when}: {expected:,} signed POSTs in {raw['seconds']:.2f} s = "
+        f"{expected / raw['seconds']:,.0f}/s (p50 {raw['p50']:.1f} ms, p99 {raw['p99']:.1f} ms), "
+        f"client CPU {raw['cpu_ms']:.2f} ms per POST\n"
+        for when, raw in zip(("before", "after"), raws, strict=True)
+    )
+    print(
+        f"round {round_number}:\n"
+        f"  dispatch:  {expected:,} setpoints ACCEPTED in {measured['seconds']:.2f} s "
+        f"(DispatchFlexibility answered in {measured['rpc_seconds'] * 1000:.0f} ms) = "
+        f"{rate:,.0f} setpoints/s; {measured['attempts']:,} attempts, "
+        f"{measured['verified']:,} verified, {measured['refused']} refused\n"
+        f"  delivery latency (sender, per attempt): p50 {measured['delivery_p50']:.1f} ms, "
+        f"p99 {measured['delivery_p99']:.1f} ms\n"
+        f"  first attempt after commit, per setpoint (queue included): "
+        f"first {measured['first_min']:.0f} ms, p50 {measured['first_p50']:.0f} ms, "
+        f"p99 {measured['first_p99']:.0f} ms\n"
+        f"{raw_lines}"
+        f"  CPU per setpoint: server {measured['cpu_ms']['server']:.2f} ms, database "
+        f"{measured['cpu_ms']['db']:.2f} ms, receiver {measured['cpu_ms']['receiver']:.2f} ms\n"
+        f"  ratio end-to-end / raw (mean of before and after, {raw_rate:,.0f}/s): "
+        f"{rate / raw_rate:.2f}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,475 @@
+"""Flexibility dispatch rules: pure functions, no I/O.
+
+A dispatch request asks for an aggregate power change over a window. It becomes one setpoint
+per controllable resource of the eligible sites; how much each resource gets is decided here
+(:func:`allocate`), as is who is eligible (:func:`ineligibility`), what a valid request is
+(:func:`validate_request`) and which setpoint state may follow which (:func:`check_transition`).
+
+Power follows the registry's sign: positive = consumption, negative = production.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from uuid import UUID
+
+from service.common.errors import ViolationCollector
+from service.registry.domain import ResourceType, SiteStatus
+from service.upstream.domain import UpstreamStatus
+
+QUARTER_HOUR_SECONDS = 900
+MAX_WINDOW = timedelta(hours=24)
+MAX_REQUEST_ID_LENGTH = 128
+# Setpoints are sent with watt resolution: a decimal string with three decimals of kW.
+POWER_DECIMALS = 3
+
+
+class DispatchType(StrEnum):
+    EXACT = "exact"
+    MAXIMISE_UPWARDS = "maximise_upwards"
+    MAXIMISE_DOWNWARDS = "maximise_downwards"
+
+
+class SetpointState(StrEnum):
+    PENDING = "pending"
+    DELIVERING = "delivering"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    NOT_ELIGIBLE = "not_eligible"
+
+
+# Which state may follow which. ACCEPTED -> CANCELLED only once a cancellation is delivered.
+TRANSITIONS: dict[SetpointState, frozenset[SetpointState]] = {
+    SetpointState.PENDING: frozenset(
+        {
+            SetpointState.DELIVERING,
+            SetpointState.CANCELLED,
+            SetpointState.EXPIRED,
+            SetpointState.NOT_ELIGIBLE,
+        }
+    ),
+    SetpointState.DELIVERING: frozenset(
+        {
+            SetpointState.ACCEPTED,
+            SetpointState.REJECTED,
+            SetpointState.FAILED,
+            SetpointState.CANCELLED,
+            SetpointState.EXPIRED,
+            SetpointState.NOT_ELIGIBLE,
+        }
+    ),
+    SetpointState.ACCEPTED: frozenset({SetpointState.CANCELLED}),
+    SetpointState.REJECTED: frozenset(),
+    SetpointState.FAILED: frozenset(),
+    SetpointState.CANCELLED: frozenset(),
+    SetpointState.EXPIRED: frozenset(),
+    SetpointState.NOT_ELIGIBLE: frozenset(),
+}
+
+# States in which a setpoint still waits for (more) delivery attempts.
+OPEN_STATES = frozenset({SetpointState.PENDING, SetpointState.DELIVERING})
+
+
+class InvalidTransition(Exception):
+    """A state change the state machine does not allow (a bug, never the caller's input)."""
+
+
+def can_transition(current: SetpointState, new: SetpointState) -> bool:
+    return new in TRANSITIONS[current]
+
+
+def check_transition(current: SetpointState, new: SetpointState) -> SetpointState:
+    if not can_transition(current, new):
+        raise InvalidTransition(f"setpoint cannot go from {current} to {new}")
+    return new
+
+
+def is_terminal(state: SetpointState) -> bool:
+    """No further change, not even a cancellation (ACCEPTED may still become CANCELLED)."""
+    return not TRANSITIONS[state]
+
+
+@dataclass(frozen=True)
+class Selection:
+    site_ids: tuple[UUID, ...] = ()
+    organization_id: UUID | None = None
+    resource_types: tuple[ResourceType, ...] = ()
+
+
+@dataclass(frozen=True)
+class DispatchRequest:
+    request_id: str
+    power_kw: float
+    start_time: datetime
+    end_time: datetime
+    dispatch_type: DispatchType | None
+    selection: Selection = field(default_factory=Selection)
+    dry_run: bool = False
+
+    def digest(self) -> str:
+        """Identifies the request (not dry_run) so a retry with other terms is told apart."""
+        canonical = {
+            "power_kw": repr(float(self.power_kw)),
+            "start": self.start_time.timestamp(),
+            "end": self.end_time.timestamp(),
+            "type": str(self.dispatch_type),
+            "sites": sorted(str(s) for s in self.selection.site_ids),
+            "org": str(self.selection.organization_id or ""),
+            "types": sorted(str(t) for t in self.selection.resource_types),
+        }
+        return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+
+
+def _on_quarter_hour(value: datetime) -> bool:
+    return value.microsecond == 0 and int(value.timestamp()) % QUARTER_HOUR_SECONDS == 0
+
+
+def validate_request(request: DispatchRequest, now: datetime) -> DispatchRequest:
+    """Every broken rule at once (a ValidationError naming each field)."""
+    errors = ViolationCollector()
+    request_id = request.request_id
+    if not request_id:
+        errors.add("request_id", "is required")
+    elif len(request_id) > MAX_REQUEST_ID_LENGTH:
+        errors.add("request_id", f"must be at most {MAX_REQUEST_ID_LENGTH} characters")
+    elif not request_id.isprintable() or request_id != request_id.strip():
+        errors.add("request_id", "must be printable, without leading or trailing white space")
+    if not math.isfinite(request.power_kw):
+        errors.add("power_kw", "must be a finite number")
+    elif request.dispatch_type is DispatchType.MAXIMISE_UPWARDS and request.power_kw < 0:
+        errors.add("power_kw", "must be >= 0 (an optional goal) for DISPATCH_TYPE_MAXIMISE_UPWARDS")
+    elif request.dispatch_type is DispatchType.MAXIMISE_DOWNWARDS and request.power_kw > 0:
+        errors.add(
+            "power_kw", "must be <= 0 (an optional goal) for DISPATCH_TYPE_MAXIMISE_DOWNWARDS"
+        )
+    if request.dispatch_type is None:
+        errors.add("type", "is required")
+    start, end = request.start_time, request.end_time
+    if not _on_quarter_hour(start):
+        errors.add("start_time", "must be on a quarter-hour (hh:00, :15, :30 or :45, 0 s)")
+    if not _on_quarter_hour(end):
+        errors.add("end_time", "must be on a quarter-hour (hh:00, :15, :30 or :45, 0 s)")
+    if end <= start:
+        errors.add("end_time", "must be after start_time")
+    elif end - start > MAX_WINDOW:
+        errors.add("end_time", "must be at most 24 h after start_time")
+    if end <= now:
+        errors.add("end_time", "must be in the future")
+    if len(set(request.selection.site_ids)) != len(request.selection.site_ids):
+        errors.add("selection.site_ids", "must not repeat a site")
+    for index, kind in enumerate(request.selection.resource_types):
+        if kind is ResourceType.METER:
+            errors.add(
+                f"selection.resource_types[{index}]",
+                "RESOURCE_TYPE_METER is not controllable",
+            )
+    errors.raise_if_any()
+    return request
+
+
+@dataclass(frozen=True)
+class SiteEligibility:
+    status: SiteStatus
+    paused: bool
+    upstream_status: UpstreamStatus
+
+
+def ineligibility(site: SiteEligibility | None) -> str | None:
+    """None when the site may be dispatched; else the status that forbids it, as a reason."""
+    if site is None:
+        return "site deleted"
+    if site.paused or site.status is SiteStatus.PAUSED:
+        return "site status paused"
+    if site.status is not SiteStatus.ONBOARDED:
+        return f"site status {site.status}"
+    if site.upstream_status is not UpstreamStatus.CONTRACT_ACTIVE:
+        return f"upstream_status {site.upstream_status}"
+    return None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A controllable resource of an eligible site, with its power bounds."""
+
+    resource_id: UUID
+    site_id: UUID
+    power_min_kw: float
+    power_max_kw: float
+
+
+@dataclass(frozen=True)
+class Allocation:
+    # (candidate, setpoint power_kw), in the candidates' order.
+    setpoints: list[tuple[Candidate, float]]
+    allocated_power_kw: float
+    shortfall_power_kw: float
+
+
+def _round(value: float) -> float:
+    return round(value, POWER_DECIMALS) + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+def _clamp(value: float, candidate: Candidate) -> float:
+    return min(max(value, candidate.power_min_kw), candidate.power_max_kw)
+
+
+def _headroom(candidate: Candidate, upwards: bool) -> float:
+    """The bound on the requested side of zero: how far the resource can go that way."""
+    return max(candidate.power_max_kw, 0.0) if upwards else min(candidate.power_min_kw, 0.0)
+
+
+def allocate(
+    dispatch_type: DispatchType, power_kw: float, candidates: Sequence[Candidate]
+) -> Allocation:
+    """Each candidate's setpoint, within its bounds, and what of the target is left unmet.
+
+    EXACT: the target is split in proportion to the candidates' headroom in its direction;
+    a target beyond the total headroom takes every candidate to that bound and the rest is
+    shortfall. MAXIMISE_*: every candidate at its bound; ``power_kw`` is then only a goal
+    against which shortfall is measured (0 = no goal). A setpoint is rounded to watts and
+    kept within the resource's bounds, so a resource whose range excludes zero (e.g. a
+    minimum consumption) keeps at least that.
+    """
+    upwards = (
+        power_kw >= 0
+        if dispatch_type is DispatchType.EXACT
+        else dispatch_type is DispatchType.MAXIMISE_UPWARDS
+    )
+    setpoints: list[tuple[Candidate, float]] = []
+    if dispatch_type is DispatchType.EXACT:
+        total = sum(_headroom(c, upwards) for c in candidates)
+        share = 0.0 if total == 0 else min(1.0, power_kw / total)
+        for candidate in candidates:
+            wanted = _headroom(candidate, upwards) * share
+            setpoints.append((candidate, _clamp(_round(wanted), candidate)))
+    else:
+        for candidate in candidates:
+            bound = candidate.power_max_kw if upwards else candidate.power_min_kw
+            setpoints.append((candidate, _round(bound)))
+    allocated = _round(math.fsum(value for _, value in setpoints))
+    missing = power_kw - allocated
+    shortfall = max(missing, 0.0) if upwards else min(missing, 0.0)
+    return Allocation(setpoints, allocated, _round(shortfall))
+
+
+def format_power(value_kw: float) -> str:
+    """The decimal string sent to partners: watt resolution, no exponent."""
+    return f"{_round(value_kw):.{POWER_DECIMALS}f}"
+
+
+# Delivery outcomes, as the HTTP transport classifies an attempt (its OutcomeKind by name).
+class Outcome(StrEnum):
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    RETRYABLE = "retryable"
+    REFUSED = "refused"
+    CIRCUIT_OPEN = "circuit_open"
+
+
+class CancellationState(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """What settling a claimed setpoint needs to know of it."""
+
+    state: SetpointState
+    reason: str
+    attempt_count: int
+    end_time: datetime
+    cancel_requested: bool
+    cancellation_state: CancellationState | None
+    cancellation_attempt_count: int
+
+    @property
+    def delivers_cancellation(self) -> bool:
+        """The pending delivery is the withdrawal of an ACCEPTED setpoint."""
+        return (
+            self.state is SetpointState.ACCEPTED
+            and self.cancellation_state is CancellationState.PENDING
+        )
+
+
+@dataclass(frozen=True)
+class Settled:
+    """A claimed setpoint's next values; ``next_attempt_at`` None = nothing left to send."""
+
+    state: SetpointState
+    reason: str
+    attempt_count: int
+    next_attempt_at: datetime | None
+    cancellation_state: CancellationState | None
+    cancellation_attempt_count: int
+
+
+def _keep(row: OutboxRow, **changes: object) -> Settled:
+    values: dict[str, object] = {
+        "state": row.state,
+        "reason": row.reason,
+        "attempt_count": row.attempt_count,
+        "next_attempt_at": None,
+        "cancellation_state": row.cancellation_state,
+        "cancellation_attempt_count": row.cancellation_attempt_count,
+    }
+    values.update(changes)
+    return Settled(**values)  # type: ignore[arg-type]
+
+
+def before_attempt(row: OutboxRow, not_eligible: str | None, now: datetime) -> Settled | None:
+    """Settles a just-claimed setpoint that must not be sent; None = send it now.
+
+    ``not_eligible`` is the site's ineligibility reason as of the claim (None = eligible). A
+    cancellation is sent whatever the site's status: withdrawing a setpoint is always safe.
+    """
+    if row.delivers_cancellation:
+        if row.end_time <= now:
+            return _keep(
+                row,
+                cancellation_state=CancellationState.FAILED,
+                reason="window ended before the cancellation was delivered "
+                "(the setpoint is no longer valid anyway)",
+            )
+        return None
+    if row.state not in OPEN_STATES:
+        return _keep(row)  # nothing to deliver (a stale outbox entry)
+    if row.cancel_requested:
+        return _keep(row, state=SetpointState.CANCELLED, reason="cancelled before delivery")
+    if row.end_time <= now:
+        return _keep(row, state=SetpointState.EXPIRED, reason=_expired_reason(row.reason))
+    if not_eligible is not None:
+        return _keep(row, state=SetpointState.NOT_ELIGIBLE, reason=not_eligible)
+    return None
+
+
+def unsendable(row: OutboxRow, reason: str) -> Settled:
+    """Settles a claimed setpoint (or cancellation) that cannot be sent at all."""
+    if row.delivers_cancellation:
+        return _keep(
+            row,
+            cancellation_state=CancellationState.FAILED,
+            reason=f"cancellation not delivered: {reason}",
+        )
+    return _keep(row, state=SetpointState.FAILED, reason=reason)
+
+
+def _expired_reason(last: str) -> str:
+    return "window ended before delivery" + (f" (last: {last})" if last else "")
+
+
+def describe_failure(http_status: int | None, error: str | None) -> str:
+    if http_status:
+        return f"HTTP {http_status}"
+    return error or "no answer"
+
+
+def after_attempt(
+    row: OutboxRow,
+    outcome: Outcome,
+    http_status: int | None,
+    error: str | None,
+    now: datetime,
+    max_attempts: int,
+    retry_in_seconds: float,
+) -> Settled:
+    """The setpoint's next values after one attempt (of the setpoint or its cancellation).
+
+    ``retry_in_seconds`` is when to try again should the outcome allow it (the transport's
+    backoff for this attempt number, Retry-After honoured). CIRCUIT_OPEN sent nothing, so it
+    is rescheduled without counting an attempt. ``row.cancel_requested`` is read after the
+    attempt, so a CancelDispatch that came while it was in flight is taken into account.
+    """
+    failure = describe_failure(http_status, error)
+    retry_at = now + timedelta(seconds=max(retry_in_seconds, 0.0))
+    if row.delivers_cancellation:
+        attempts = row.cancellation_attempt_count + (outcome is not Outcome.CIRCUIT_OPEN)
+        if outcome is Outcome.ACCEPTED:
+            return _keep(
+                row,
+                state=SetpointState.CANCELLED,
+                reason="cancelled after acceptance; cancellation delivered",
+                cancellation_state=CancellationState.DELIVERED,
+                cancellation_attempt_count=attempts,
+            )
+        if outcome in (Outcome.REJECTED, Outcome.REFUSED) or attempts >= max_attempts:
+            return _keep(
+                row,
+                reason=f"cancellation not delivered: {failure}",
+                cancellation_state=CancellationState.FAILED,
+                cancellation_attempt_count=attempts,
+            )
+        if retry_at >= row.end_time:
+            return _keep(
+                row,
+                reason=f"window ended before the cancellation was delivered (last: {failure})",
+                cancellation_state=CancellationState.FAILED,
+                cancellation_attempt_count=attempts,
+            )
+        return _keep(
+            row,
+            reason=f"cancellation pending (last: {failure})",
+            next_attempt_at=retry_at,
+            cancellation_attempt_count=attempts,
+        )
+
+    attempts = row.attempt_count + (outcome is not Outcome.CIRCUIT_OPEN)
+    if outcome is Outcome.ACCEPTED:
+        if row.cancel_requested and row.end_time > now:
+            # Cancelled while this attempt was in flight: the partner has it, so withdraw it.
+            return _keep(
+                row,
+                state=SetpointState.ACCEPTED,
+                reason="cancellation pending",
+                attempt_count=attempts,
+                next_attempt_at=now,
+                cancellation_state=CancellationState.PENDING,
+            )
+        return _keep(row, state=SetpointState.ACCEPTED, reason="", attempt_count=attempts)
+    if outcome is Outcome.REJECTED:
+        return _keep(row, state=SetpointState.REJECTED, reason=failure, attempt_count=attempts)
+    if outcome is Outcome.REFUSED:
+        return _keep(
+            row,
+            state=SetpointState.FAILED,
+            reason=f"endpoint refused: {failure}",
+            attempt_count=attempts,
+        )
+    if row.cancel_requested:
+        return _keep(
+            row,
+            state=SetpointState.CANCELLED,
+            reason="cancelled before delivery",
+            attempt_count=attempts,
+        )
+    if attempts >= max_attempts:
+        return _keep(
+            row,
+            state=SetpointState.FAILED,
+            reason=f"no success after {attempts} attempts (last: {failure})",
+            attempt_count=attempts,
+        )
+    if retry_at >= row.end_time:
+        return _keep(
+            row,
+            state=SetpointState.EXPIRED,
+            reason=_expired_reason(failure),
+            attempt_count=attempts,
+        )
+    return _keep(
+        row,
+        state=SetpointState.DELIVERING,
+        reason=f"retrying (last: {failure})",
+        attempt_count=attempts,
+        next_attempt_at=retry_at,
+    )

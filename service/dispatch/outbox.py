@@ -1,0 +1,538 @@
+"""The delivery worker: claims due setpoints from the outbox and sends them.
+
+The outbox is the ``setpoints`` table itself: a row with ``next_attempt_at`` set has
+something to deliver (the setpoint, or the cancellation of an ACCEPTED one). A worker pass:
+
+1. **claims** due rows in one short transaction: ``FOR UPDATE SKIP LOCKED`` (two replicas
+   never take the same row) and a lease (``lease_owner``, ``lease_expires_at`` =
+   now + ``OPENVPP_DISPATCH_LEASE_SECONDS``), committed before anything is sent. While the
+   lease lasts no other worker claims the row; once it expired (the holder crashed, was
+   killed, lost its database) any worker takes it again, so every setpoint reaches a terminal
+   state. The site's eligibility is re-checked in the same statement (NOT_ELIGIBLE with the
+   status that made it so), as are cancellation and the window's end;
+2. **sends** each remaining row concurrently through the
+   :class:`~service.dispatch.delivery.WebhookSender` (its global and per-host limits and
+   circuit breakers), at most ``OPENVPP_DISPATCH_MAX_IN_FLIGHT`` at a time per replica;
+3. **records** finished attempts in batches, one transaction per batch: each row is
+   re-read under lock (a CancelDispatch during the attempt is seen), its attempt stored, its
+   next state set by :func:`service.dispatch.domain.after_attempt`, and only while this
+   worker still holds its lease.
+
+A delivery is thus at least once: a worker killed after the partner's 2xx but before its
+record commits is retried by another one with the same ``webhook-id`` (the setpoint's id),
+which Standard Webhooks receivers use to drop duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import secrets
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from uuid import UUID
+
+import asyncpg
+
+from service.auth.store import IdentityStore
+from service.common.clock import Clock
+from service.dispatch.delivery import (
+    AttemptOutcome,
+    Delivery,
+    DeliverySettings,
+    OutcomeKind,
+    WebhookSender,
+    retry_delay_seconds,
+)
+from service.dispatch.domain import (
+    CancellationState,
+    OutboxRow,
+    Outcome,
+    SetpointState,
+    Settled,
+    SiteEligibility,
+    after_attempt,
+    before_attempt,
+    check_transition,
+    format_power,
+    ineligibility,
+    unsendable,
+)
+from service.dispatch.store import notify_setpoint_changes
+from service.registry.domain import SiteStatus
+from service.upstream.domain import UpstreamStatus
+
+log = logging.getLogger(__name__)
+
+_CLAIM_SQL = """
+WITH due AS (
+    SELECT id, state AS claimed_state, site_id, resource_id, dispatch_id
+    FROM setpoints
+    WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= $1
+      AND (lease_expires_at IS NULL OR lease_expires_at <= $1)
+    ORDER BY next_attempt_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE setpoints s SET lease_owner = $3, lease_expires_at = $4,
+    -- A claimed PENDING row is being delivered; the few that must not be sent are settled
+    -- otherwise in the same transaction.
+    state = CASE WHEN s.state = 'pending' THEN 'delivering' ELSE s.state END
+FROM due
+LEFT JOIN sites si ON si.id = due.site_id
+LEFT JOIN resources r ON r.id = due.resource_id AND r.site_id = due.site_id
+LEFT JOIN dispatches d ON d.id = due.dispatch_id
+WHERE s.id = due.id
+RETURNING s.id, s.dispatch_id, s.partner_org_id, s.site_id, s.resource_id, s.power_kw,
+    s.start_time, s.end_time, due.claimed_state AS state, s.reason, s.attempt_count,
+    s.cancel_requested_at,
+    s.cancellation_state, s.cancellation_attempt_count,
+    si.id IS NOT NULL AS site_exists, si.status AS site_status, si.paused AS site_paused,
+    si.upstream_status, si.external_id AS site_external_id,
+    r.id IS NOT NULL AS resource_exists, r.external_id AS resource_external_id,
+    r.webhook_url, d.traceparent
+"""
+
+_RELOCK_SQL = """
+SELECT id, state, reason, attempt_count, end_time, cancel_requested_at, cancellation_state,
+    cancellation_attempt_count
+FROM setpoints WHERE id = ANY($1::uuid[]) AND lease_owner = $2
+ORDER BY id
+FOR UPDATE
+"""
+
+_APPLY_SQL = """
+UPDATE setpoints s SET state = c.state, reason = c.reason, attempt_count = c.attempt_count,
+    next_attempt_at = c.next_attempt_at, cancellation_state = c.cancellation_state,
+    cancellation_attempt_count = c.cancellation_attempt_count,
+    lease_owner = CASE WHEN c.release THEN NULL ELSE s.lease_owner END,
+    lease_expires_at = CASE WHEN c.release THEN NULL ELSE s.lease_expires_at END,
+    updated_at = clock_timestamp()
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6::text[],
+            $7::int[], $8::bool[])
+    AS c (id, state, reason, attempt_count, next_attempt_at, cancellation_state,
+          cancellation_attempt_count, release)
+WHERE s.id = c.id AND s.lease_owner = $9
+"""
+
+_ATTEMPTS_SQL = """
+INSERT INTO setpoint_attempts (setpoint_id, attempt_time, cancellation, http_status, error,
+    latency_ms)
+SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::bool[], $4::int[], $5::text[],
+                     $6::float8[])
+"""
+
+
+# Rows of the first claim after idling (see OutboxDeliverer.step).
+FIRST_CLAIM = 32
+# Finished attempts are recorded together: up to this long is waited for this many.
+RECORD_LINGER_SECONDS = 0.01
+RECORD_BATCH = 200
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    lease_seconds: float = 30.0
+    max_attempts: int = 10
+    claim_batch_size: int = 500
+    max_in_flight: int = 256
+
+
+@dataclass(frozen=True)
+class Claimed:
+    setpoint_id: UUID
+    row: OutboxRow
+    delivery: Delivery
+
+
+@dataclass(frozen=True)
+class Finished:
+    claimed: Claimed
+    attempt_time: datetime
+    outcome: AttemptOutcome
+
+
+def _outbox_row(row: asyncpg.Record) -> OutboxRow:
+    cancellation = row["cancellation_state"]
+    return OutboxRow(
+        state=SetpointState(row["state"]),
+        reason=row["reason"],
+        attempt_count=row["attempt_count"],
+        end_time=row["end_time"],
+        cancel_requested=row["cancel_requested_at"] is not None,
+        cancellation_state=CancellationState(cancellation) if cancellation else None,
+        cancellation_attempt_count=row["cancellation_attempt_count"],
+    )
+
+
+def _not_eligible(row: asyncpg.Record) -> str | None:
+    if not row["site_exists"]:
+        return "site deleted"
+    if not row["resource_exists"]:
+        return "resource deleted"
+    if not row["webhook_url"]:
+        return "resource has no webhook_url"
+    return ineligibility(
+        SiteEligibility(
+            SiteStatus(row["site_status"]),
+            row["site_paused"],
+            UpstreamStatus(row["upstream_status"]),
+        )
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _iso(value: datetime) -> str:
+    # Cached: the setpoints of one dispatch share their start and end.
+    return value.isoformat().replace("+00:00", "Z")
+
+
+def setpoint_body(row: asyncpg.Record, cancellation: bool) -> bytes:
+    """The JSON a partner receives. ``power_kw`` is a decimal string, or null in a
+    cancellation (back to normal operation); either way the value holds until
+    ``valid_until``, the window's end, after which the partner returns to normal operation
+    without any further message."""
+    body = {
+        "type": "setpoint.cancelled" if cancellation else "setpoint",
+        "setpoint_id": str(row["id"]),
+        "dispatch_id": str(row["dispatch_id"]),
+        "site_id": str(row["site_id"]),
+        "site_external_id": row["site_external_id"] or "",
+        "resource_id": str(row["resource_id"]),
+        "resource_external_id": row["resource_external_id"] or "",
+        "start": _iso(row["start_time"]),
+        "end": _iso(row["end_time"]),
+        "power_kw": None if cancellation else format_power(row["power_kw"]),
+        "valid_until": _iso(row["end_time"]),
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def delivery_id(setpoint_id: UUID, cancellation: bool) -> str:
+    """Stable across retries (receivers drop duplicates by it); a cancellation is another
+    message than its setpoint, so it has its own."""
+    return f"{setpoint_id}.cancel" if cancellation else str(setpoint_id)
+
+
+def _traceparent(dispatch_traceparent: str | None) -> str:
+    """A fresh span id per attempt, in the dispatch's trace."""
+    trace_id = (
+        dispatch_traceparent.split("-")[1]
+        if dispatch_traceparent and dispatch_traceparent.count("-") == 3
+        else secrets.token_hex(16)
+    )
+    return f"00-{trace_id}-{secrets.token_hex(8)}-01"
+
+
+class OutboxDeliverer:
+    """One replica's delivery worker; ``step`` is run by a :class:`~service.common.worker.Worker`
+    (woken by the outbox NOTIFY, and by a timer for retries and expired leases)."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        identity: IdentityStore,
+        clock: Clock,
+        settings: OutboxSettings,
+        delivery_settings: DeliverySettings,
+    ) -> None:
+        self._pool = pool
+        self._identity = identity
+        self._clock = clock
+        self._settings = settings
+        self._delivery_settings = delivery_settings
+        self._sender = WebhookSender(delivery_settings, clock)
+        self.owner = uuid.uuid4()
+        self._in_flight: set[asyncio.Task[None]] = set()
+        # Setpoints claimed here whose attempt has not been recorded yet: their leases are
+        # renewed while this worker lives (an attempt may wait for a slot towards a busy
+        # endpoint longer than one lease), and expire soon after it dies.
+        self._held: set[UUID] = set()
+        self._renewer: asyncio.Task[None] | None = None
+        self._slot_freed = asyncio.Event()
+        self._finished: list[Finished] = []
+        self._finished_ready = asyncio.Event()
+        self._recorder: asyncio.Task[None] | None = None
+        self._started = False
+        # Attempts this replica made (tests and operators see each replica's share).
+        self.attempts_sent = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        await self._sender.start()
+        self._recorder = asyncio.create_task(self._record_loop(), name="dispatch-recorder")
+        self._renewer = asyncio.create_task(self._renew_loop(), name="dispatch-lease-renewal")
+
+    async def stop(self) -> None:
+        """Stops sending: attempts in flight are cancelled, finished ones recorded, and the
+        rest of what this worker claimed is released for any worker to take at once."""
+        if not self._started:
+            return
+        self._started = False
+        for task in list(self._in_flight):
+            task.cancel()
+        for task in list(self._in_flight):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for background in (self._recorder, self._renewer):
+            if background is not None:
+                background.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await background
+        self._recorder = self._renewer = None
+        if self._finished:
+            with contextlib.suppress(Exception):
+                await self._record(self._take_finished())
+        # What was claimed here and not recorded goes back to the outbox now, rather than
+        # when its lease expires (its attempt, if it was under way, was cut off above).
+        if self._held:
+            with contextlib.suppress(Exception):
+                await self._pool.execute(
+                    "UPDATE setpoints SET lease_owner = NULL, lease_expires_at = NULL"
+                    " WHERE id = ANY($1::uuid[]) AND lease_owner = $2",
+                    list(self._held),
+                    self.owner,
+                )
+            self._held.clear()
+        await self._sender.close()
+
+    async def step(self) -> bool:
+        """Claims what is due (up to the free capacity) and starts sending it; True when
+        there may be more due right now."""
+        if not self._started:
+            await self.start()
+        batch = min(self._settings.claim_batch_size, self._settings.max_in_flight)
+        # Claim in batches: with the pipeline nearly full, wait for a quarter of it to free
+        # up rather than claiming a row or two per transaction.
+        low_water = max(1, batch // 4)
+        while self._settings.max_in_flight - len(self._in_flight) < low_water:
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+        capacity = self._settings.max_in_flight - len(self._in_flight)
+        # From idle, a small first claim: its sends start while the next, larger claims
+        # (doubling with what is in flight) are made.
+        limit = min(capacity, batch, max(FIRST_CLAIM, 2 * len(self._in_flight)))
+        claimed, claimed_count = await self._claim(limit)
+        for item in claimed:
+            self._held.add(item.setpoint_id)
+            task = asyncio.create_task(self._send(item), name=f"deliver-{item.setpoint_id}")
+            self._in_flight.add(task)
+            task.add_done_callback(self._sent)
+        return claimed_count >= limit
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._slot_freed.set()
+
+    async def _claim(self, limit: int) -> tuple[list[Claimed], int]:
+        now = self._clock.now()
+        lease_until = now + timedelta(seconds=self._settings.lease_seconds)
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(_CLAIM_SQL, now, limit, self.owner, lease_until)
+            if not rows:
+                return [], 0
+            settled: list[tuple[UUID, Settled, bool]] = []
+            sendable: list[asyncpg.Record] = []
+            changed: list[UUID] = []
+            secrets_of = await self._signing_secrets({row["partner_org_id"] for row in rows})
+            for row in rows:
+                outbox_row = _outbox_row(row)
+                # Eligibility counts for the setpoint itself, never for its cancellation.
+                verdict = before_attempt(outbox_row, _not_eligible(row), now)
+                if verdict is None and not secrets_of[row["partner_org_id"]]:
+                    # Never sent unsigned (the organization is gone, or has no secret).
+                    verdict = unsendable(outbox_row, "partner organization has no signing secret")
+                if verdict is not None:
+                    settled.append((row["id"], verdict, True))
+                    if verdict.state is not outbox_row.state:
+                        # A bug, never input: the transaction rolls back, the row stays due.
+                        check_transition(outbox_row.state, verdict.state)
+                        changed.append(row["id"])
+                    continue
+                sendable.append(row)
+                if outbox_row.state is SetpointState.PENDING:
+                    changed.append(row["id"])  # now DELIVERING (the claim set it)
+            await self._apply(conn, settled)
+            await notify_setpoint_changes(conn, changed)
+        claimed = []
+        for row in sendable:
+            outbox_row = _outbox_row(row)
+            cancellation = outbox_row.delivers_cancellation
+            claimed.append(
+                Claimed(
+                    row["id"],
+                    outbox_row,
+                    Delivery(
+                        delivery_id=delivery_id(row["id"], cancellation),
+                        url=row["webhook_url"],
+                        body=setpoint_body(row, cancellation),
+                        signing_secrets=secrets_of[row["partner_org_id"]],
+                        traceparent=_traceparent(row["traceparent"]),
+                    ),
+                )
+            )
+        return claimed, len(rows)
+
+    async def _signing_secrets(self, org_ids: set[UUID]) -> dict[UUID, list[str]]:
+        if not org_ids:
+            return {}
+        found = await self._identity.signing_secrets_for(org_ids, self._clock.now())
+        return {org_id: found.get(org_id, []) for org_id in org_ids}
+
+    async def _apply(
+        self, conn: asyncpg.Connection, settled: Sequence[tuple[UUID, Settled, bool]]
+    ) -> None:
+        if not settled:
+            return
+        await conn.execute(
+            _APPLY_SQL,
+            [setpoint_id for setpoint_id, _, _ in settled],
+            [str(s.state) for _, s, _ in settled],
+            [s.reason for _, s, _ in settled],
+            [s.attempt_count for _, s, _ in settled],
+            [s.next_attempt_at for _, s, _ in settled],
+            [str(s.cancellation_state) if s.cancellation_state else None for _, s, _ in settled],
+            [s.cancellation_attempt_count for _, s, _ in settled],
+            [release for _, _, release in settled],
+            self.owner,
+        )
+
+    async def _send(self, item: Claimed) -> None:
+        attempt_time = self._clock.now()
+        try:
+            outcome = await self._sender.send(item.delivery)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # a transport bug must not lose the setpoint
+            log.exception("delivery of setpoint %s failed unexpectedly", item.setpoint_id)
+            outcome = AttemptOutcome(
+                kind=OutcomeKind.RETRYABLE,
+                http_status=None,
+                error=f"internal error: {type(error).__name__}",
+                latency_ms=0.0,
+                retry_after_seconds=None,
+            )
+        self.attempts_sent += 1
+        self._finished.append(Finished(item, attempt_time, outcome))
+        self._finished_ready.set()
+
+    async def _renew_loop(self) -> None:
+        interval = max(self._settings.lease_seconds / 3, 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            held = list(self._held)
+            if not held:
+                continue
+            now = self._clock.now()
+            try:
+                # Rows being recorded right now are skipped: they are let go of anyway.
+                await self._pool.execute(
+                    """
+                    UPDATE setpoints s SET lease_expires_at = $3
+                    FROM (SELECT id FROM setpoints
+                          WHERE id = ANY($1::uuid[]) AND lease_owner = $2
+                          ORDER BY id FOR UPDATE SKIP LOCKED) held
+                    WHERE s.id = held.id
+                    """,
+                    held,
+                    self.owner,
+                    now + timedelta(seconds=self._settings.lease_seconds),
+                )
+            except Exception as error:  # the next round tries again; leases may lapse
+                log.warning("renewing %d dispatch leases failed: %s", len(held), error)
+
+    def _take_finished(self) -> list[Finished]:
+        batch, self._finished = self._finished, []
+        return batch
+
+    async def _record_loop(self) -> None:
+        while True:
+            await self._finished_ready.wait()
+            if len(self._finished) < RECORD_BATCH:
+                # Let a few more attempts finish: one transaction for many rows costs the
+                # database (and this process) far less than one per row.
+                await asyncio.sleep(RECORD_LINGER_SECONDS)
+            self._finished_ready.clear()
+            batch = self._take_finished()
+            if not batch:
+                continue
+            try:
+                await self._record(batch)
+            except asyncio.CancelledError:
+                self._finished[:0] = batch  # stop() records them
+                raise
+            except Exception:
+                log.warning("recording %d delivery attempts failed; retrying", len(batch))
+                self._finished[:0] = batch
+                await asyncio.sleep(1.0)
+                self._finished_ready.set()
+
+    async def _record(self, batch: Sequence[Finished]) -> None:
+        now = self._clock.now()
+        by_id = {item.claimed.setpoint_id: item for item in batch}
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(_RELOCK_SQL, list(by_id), self.owner)
+            settled: list[tuple[UUID, Settled, bool]] = []
+            changed: list[UUID] = []
+            for row in rows:
+                item = by_id[row["id"]]
+                current = _outbox_row(row)
+                outcome = item.outcome
+                kind = Outcome(outcome.kind.name.lower())
+                counted = (
+                    current.cancellation_attempt_count
+                    if current.delivers_cancellation
+                    else current.attempt_count
+                ) + 1
+                retry_in = retry_delay_seconds(
+                    counted, self._delivery_settings, outcome.retry_after_seconds
+                )
+                if kind is Outcome.CIRCUIT_OPEN and outcome.retry_after_seconds is not None:
+                    retry_in = outcome.retry_after_seconds
+                verdict = after_attempt(
+                    current,
+                    kind,
+                    outcome.http_status,
+                    outcome.error,
+                    now,
+                    self._settings.max_attempts,
+                    retry_in,
+                )
+                settled.append((row["id"], verdict, True))
+                if verdict.state is not current.state:
+                    check_transition(current.state, verdict.state)
+                if verdict.state is not current.state or (
+                    verdict.cancellation_state is not current.cancellation_state
+                ):
+                    changed.append(row["id"])
+            await self._apply(conn, settled)
+            # Every attempt that sent something is history, even one whose lease expired
+            # meanwhile (another worker then owns the row's state).
+            attempts = [a for a in batch if a.outcome.kind.name != "CIRCUIT_OPEN"]
+            if attempts:
+                await conn.execute(
+                    _ATTEMPTS_SQL,
+                    [a.claimed.setpoint_id for a in attempts],
+                    [a.attempt_time for a in attempts],
+                    [a.claimed.row.delivers_cancellation for a in attempts],
+                    [a.outcome.http_status for a in attempts],
+                    [a.outcome.error or "" for a in attempts],
+                    [a.outcome.latency_ms for a in attempts],
+                )
+            await notify_setpoint_changes(conn, changed)
+        self._held.difference_update(by_id)
+        lost = len(batch) - len(rows)
+        if lost:
+            # The lease expired during the attempt and another worker owns the row now.
+            log.warning("%d delivery results arrived after their lease expired", lost)

@@ -1,0 +1,508 @@
+"""The outbox: eligibility at creation and before each attempt, retries, cancellation, expiry,
+watching, and replicas sharing one outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from google.protobuf import field_mask_pb2
+from openvpp.v1 import dispatch_pb2 as pb
+from openvpp.v1 import site_registry_pb2 as site_pb
+from openvpp.v1 import upstream_registry_pb2 as up_pb
+
+from service.auth.principal import Role
+from service.common.clock import ManualClock
+from tests.dispatch.conftest import UPSTREAM_CASES, Cluster, Flow
+from tests.dispatch.setpoint_receiver import Received, running_receiver
+from tests.upstream.conftest import day
+
+BATTERY = site_pb.RESOURCE_TYPE_STATIC_BATTERY
+METER = site_pb.RESOURCE_TYPE_METER
+ACCEPTED = pb.SETPOINT_STATE_ACCEPTED
+
+
+async def test_only_onboarded_contract_active_sites_get_setpoints(cluster: Cluster) -> None:
+    replica = await cluster.replica(dispatch_delivery_enabled=False)
+    flow = Flow(replica)
+    operator, partner, supplier = (
+        await flow.org(Role.OPERATOR),
+        await flow.org(Role.PARTNER),
+        await flow.org(Role.SUPPLIER),
+    )
+    url = "http://127.0.0.1:9/x"
+    kinds = {
+        "onboarded": {"resources": [(BATTERY, -5, 5)]},
+        "paused": {"resources": [(BATTERY, -5, 5)], "paused": True},
+        "no_resources": {"resources": [(METER, 0, 0)]},
+    }
+    sites: dict[tuple[str, str], str] = {}
+    for (status, extra), upstream in itertools.product(kinds.items(), UPSTREAM_CASES):
+        site, _ = await flow.site(partner, supplier, url, upstream=upstream, **extra)  # type: ignore[arg-type]
+        assert site_pb.SiteStatus.Name(site.status) == "SITE_STATUS_" + status.upper()
+        assert site_pb.UpstreamStatus.Name(site.upstream_status) == (
+            "UPSTREAM_STATUS_" + upstream.upper()
+        )
+        sites[(status, upstream)] = site.id
+    response = await flow.dispatch(
+        operator, selection=pb.DispatchSelection(site_ids=list(sites.values()))
+    )
+    setpoints = await flow.setpoints(operator, response.dispatch.id)
+    assert {s.site_id for s in setpoints} == {sites[("onboarded", "contract_active")]}
+    assert response.dispatch.eligible_site_count == 1
+    assert response.dispatch.ineligible_site_count == len(sites) - 1
+    # A partner's organization as the selection.
+    by_org = await flow.dispatch(
+        operator, selection=pb.DispatchSelection(organization_id=str(partner.id)), dry_run=True
+    )
+    assert {s.site_id for s in by_org.setpoints} == {sites[("onboarded", "contract_active")]}
+
+
+async def test_a_site_paused_after_the_dispatch_is_not_delivered_to(cluster: Cluster) -> None:
+    api = await cluster.replica(dispatch_delivery_enabled=False)
+    flow = Flow(api)
+    operator, partner, supplier = (
+        await flow.org(Role.OPERATOR),
+        await flow.org(Role.PARTNER),
+        await flow.org(Role.SUPPLIER),
+    )
+    async with running_receiver() as receiver:
+        receiver.trust(await flow.secret(partner))
+        paused_site, _ = await flow.site(partner, supplier, receiver.url())
+        deleted_site, _ = await flow.site(partner, supplier, receiver.url())
+        kept_site, _ = await flow.site(partner, supplier, receiver.url())
+        ended_site, _ = await flow.site(
+            partner, supplier, receiver.url(), upstream="no_upstream_registered"
+        )
+        contract_id = await flow.set_upstream(
+            supplier, ended_site.grid_identifier, "contract_active"
+        )
+        dispatch = (await flow.dispatch(operator)).dispatch
+        assert dispatch.pending_count == 4
+        await api.upstream.TerminateContract(
+            up_pb.TerminateContractRequest(
+                contract_id=contract_id, effective_date=day(datetime.now(UTC).date())
+            ),
+            metadata=supplier.auth,
+        )
+        await api.registry.PauseSite(
+            site_pb.PauseSiteRequest(site_id=paused_site.id), metadata=partner.auth
+        )
+        await api.registry.DeleteSite(
+            site_pb.DeleteSiteRequest(site_id=deleted_site.id), metadata=partner.auth
+        )
+        await cluster.replica()  # a delivering replica starts only now
+        settled = {s.site_id: s for s in await flow.settle(operator, dispatch.id)}
+        assert settled[paused_site.id].state == pb.SETPOINT_STATE_NOT_ELIGIBLE
+        assert settled[paused_site.id].reason == "site status paused"
+        assert settled[paused_site.id].attempts == []
+        assert settled[deleted_site.id].state == pb.SETPOINT_STATE_NOT_ELIGIBLE
+        assert settled[deleted_site.id].reason == "site deleted"
+        assert settled[ended_site.id].state == pb.SETPOINT_STATE_NOT_ELIGIBLE
+        assert settled[ended_site.id].reason == "upstream_status contract_inactive"
+        assert settled[kept_site.id].state == ACCEPTED
+        assert [r.body["site_id"] for r in receiver.received] == [kept_site.id]
+
+
+async def test_retries_until_accepted_and_rejections_are_final(cluster: Cluster) -> None:
+    replica = await cluster.replica()
+    flow = Flow(replica)
+    operator, partner, supplier = (
+        await flow.org(Role.OPERATOR),
+        await flow.org(Role.PARTNER),
+        await flow.org(Role.SUPPLIER),
+    )
+    answers: Counter[str] = Counter()
+
+    async def flaky(received: Received) -> int:
+        answers[received.webhook_id] += 1
+        if received.body["resource_external_id"].startswith("reject"):
+            return 422
+        return 503 if answers[received.webhook_id] <= 2 else 200
+
+    async with running_receiver(flaky) as receiver:
+        receiver.trust(await flow.secret(partner))
+        site, resources = await flow.site(partner, supplier, receiver.url("/flaky"))
+        await replica.registry.UpdateResource(
+            site_pb.UpdateResourceRequest(
+                resource=site_pb.Resource(id=resources[0].id, external_id="plain"),
+                update_mask=field_mask_pb2.FieldMask(paths=["external_id"]),
+            ),
+            metadata=partner.auth,
+        )
+        other, _ = await flow.site(partner, supplier, receiver.url("/other"))
+        rejecting = await replica.registry.ListResources(
+            site_pb.ListResourcesRequest(site_id=other.id), metadata=partner.auth
+        )
+        await replica.registry.UpdateResource(
+            site_pb.UpdateResourceRequest(
+                resource=site_pb.Resource(id=rejecting.resources[0].id, external_id="reject-me"),
+                update_mask=field_mask_pb2.FieldMask(paths=["external_id"]),
+            ),
+            metadata=partner.auth,
+        )
+        dispatch = (await flow.dispatch(operator)).dispatch
+        settled = {s.site_id: s for s in await flow.settle(operator, dispatch.id)}
+        retried = settled[site.id]
+        assert retried.state == ACCEPTED
+        assert [a.http_status for a in retried.attempts] == [503, 503, 200]
+        assert len(receiver.for_setpoint(retried.id)) == 3
+        # The webhook-id stays on every retry; each attempt was signed (and verified).
+        deliveries = receiver.for_setpoint(retried.id)
+        assert {d.webhook_id for d in deliveries} == {retried.id}
+        assert receiver.bad_signatures == 0
+        rejected = settled[other.id]
+        assert rejected.state == pb.SETPOINT_STATE_REJECTED
+        assert rejected.reason == "HTTP 422"
+        assert [a.http_status for a in rejected.attempts] == [422]
+
+
+async def test_the_attempt_limit_fails_a_setpoint(cluster: Cluster) -> None:
+    replica = await cluster.replica(dispatch_max_attempts=3, dispatch_breaker_failure_threshold=100)
+    flow = Flow(replica)
+    operator, partner, supplier = (
+        await flow.org(Role.OPERATOR),
+        await flow.org(Role.PARTNER),
+        await flow.org(Role.SUPPLIER),
+    )
+
+    async def down(_received: Received) -> int:
+        return 500
+
+    async with running_receiver(down) as receiver:
+        receiver.trust(await flow.secret(partner))
+        await flow.site(partner, supplier, receiver.url())
+        dispatch = (await flow.dispatch(operator)).dispatch
+        (setpoint,) = await flow.settle(operator, dispatch.id)
+        assert setpoint.state == pb.SETPOINT_STATE_FAILED
+        assert [a.http_status for a in setpoint.attempts] == [500, 500, 500]
+        assert "3 attempts" in setpoint.reason
+
+
+async def test_cancel_before_delivery_sends_nothing(cluster: Cluster) -> None:
+    api = await cluster.replica(dispatch_delivery_enabled=False)
+    flow = Flow(api)
+    operator, partner, supplier = (
+        await flow.org(Role.OPERATOR),
+        await flow.org(Role.PARTNER),
+        await flow.org(Role.SUPPLIER),
+    )
+    async with running_receiver() as receiver:
+        await flow.site(partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)] * 2)
+        dispatch = (await flow.dispatch(operator)).dispatch
+        cancelled = await api.dispatch.CancelDispatch(
+            pb.CancelDispatchRequest(dispatch_id=dispatch.id), metadata=operator.auth
+        )
+        assert cancelled.dispatch.cancelled_count == 2
+        assert cancelled.dispatch.HasField("cancel_time")
+        again = await api.dispatch.CancelDispatch(
+            pb.CancelDispatchRequest(dispatch_id=dispatch.id), metadata=operator.auth
+        )
+        assert again.dispatch.cancel_time == cancelled.dispatch.cancel_time
+        await cluster.replica()
+        await asyncio.sleep(0.5)
+        settled = await flow.settle(operator, dispatch.id)
+        assert {s.state for s in settled} == {pb.SETPOINT_STATE_CANCELLED}
+        assert {s.reason for s in settled} == {"cancelled before delivery"}
+        assert receiver.received == []
+
+
+async def test_cancel_after_acceptance_delivers_a_cancellation(cluster: Cluster) -> None:
+    replica = await cluster.replica()
+    flow = Flow(replica)
+    operator, partner, supplier = (
+        await flow.org(Role.OPERATOR),
+        await flow.org(Role.PARTNER),
+        await flow.org(Role.SUPPLIER),
+    )
+    async with running_receiver() as receiver:
+        receiver.trust(await flow.secret(partner))
+        await flow.site(partner, supplier, receiver.url())
+        dispatch = (await flow.dispatch(operator)).dispatch
+        (accepted,) = await flow.settle(operator, dispatch.id, frozenset({ACCEPTED}))
+        await replica.dispatch.CancelDispatch(
+            pb.CancelDispatchRequest(dispatch_id=dispatch.id), metadata=operator.auth
+        )
+        (cancelled,) = await flow.settle(
+            operator, dispatch.id, frozenset({pb.SETPOINT_STATE_CANCELLED})
+        )
+        assert cancelled.reason == "cancelled after acceptance; cancellation delivered"
+        assert [a.cancellation for a in cancelled.attempts] == [False, True]
+        first, withdrawal = receiver.for_setpoint(accepted.id)
+        assert first.body["power_kw"] == "4.000"
+        assert withdrawal.body["type"] == "setpoint.cancelled"
+        assert withdrawal.body["power_kw"] is None
+        assert withdrawal.body["valid_until"] == first.body["valid_until"]
+        assert withdrawal.webhook_id != first.webhook_id
+        assert receiver.bad_signatures == 0
+
+
+async def test_a_setpoint_never_delivered_in_its_window_expires(cluster: Cluster) -> None:
+    clock = ManualClock(datetime.now(UTC))
+    replica = await cluster.replica(clock=clock, dispatch_breaker_failure_threshold=1000)
+    flow = Flow(replica, clock)
+    operator, partner, supplier = (
+        await flow.org(Role.OPERATOR),
+        await flow.org(Role.PARTNER),
+        await flow.org(Role.SUPPLIER),
+    )
+
+    async def unavailable(_received: Received) -> int:
+        return 503
+
+    async with running_receiver(unavailable) as receiver:
+        receiver.trust(await flow.secret(partner))
+        await flow.site(partner, supplier, receiver.url())
+        dispatch = (await flow.dispatch(operator, minutes=30)).dispatch
+        await receiver.wait_for(1)
+        async with asyncio.timeout(10):
+            # The first attempt is recorded and the worker waits for its next tick.
+            while True:
+                (setpoint,) = await flow.setpoints(operator, dispatch.id)
+                if setpoint.reason.startswith("retrying") and clock.sleeping:
+                    break
+                await asyncio.sleep(0.02)
+        assert setpoint.state == pb.SETPOINT_STATE_DELIVERING
+        # Past the window's end: the next pass finds it due and expires it, sending nothing.
+        clock.advance(timedelta(minutes=31))
+        (setpoint,) = await flow.settle(operator, dispatch.id)
+        assert setpoint.state == pb.SETPOINT_STATE_EXPIRED
+        assert setpoint.reason.startswith("window ended before delivery")
+        assert all(a.http_status == 503 for a in setpoint.attempts)
+        assert len(setpoint.attempts) == len(receiver.received)
+
+
+async def test_watch_setpoints_streams_state_changes(cluster: Cluster) -> None:
+    replica = await cluster.replica()
+    flow = Flow(replica)
+    operator, partner, other_partner, supplier = (
+        await flow.org(Role.OPERATOR),
+        await flow.org(Role.PARTNER),
+        await flow.org(Role.PARTNER),
+        await flow.org(Role.SUPPLIER),
+    )
+    async with running_receiver() as receiver:
+        receiver.trust(await flow.secret(partner))
+        receiver.trust(await flow.secret(other_partner))
+        site, _ = await flow.site(partner, supplier, receiver.url())
+        await flow.site(other_partner, supplier, receiver.url())
+        watch = replica.dispatch.WatchSetpoints(pb.WatchSetpointsRequest(), metadata=partner.auth)
+        await watch.initial_metadata()
+        dispatch = (await flow.dispatch(operator)).dispatch
+        seen: list[int] = []
+        async with asyncio.timeout(10):
+            async for event in watch:
+                assert event.setpoint.site_id == site.id  # never the other partner's
+                assert event.setpoint.dispatch_id == dispatch.id
+                seen.append(event.setpoint.state)
+                if event.setpoint.state == ACCEPTED:
+                    break
+        watch.cancel()
+        assert seen == [pb.SETPOINT_STATE_PENDING, pb.SETPOINT_STATE_DELIVERING, ACCEPTED]
+
+
+@pytest.mark.timeout(120)
+async def test_two_replicas_share_one_outbox_and_never_send_one_setpoint_twice(
+    cluster: Cluster,
+) -> None:
+    first = await cluster.replica(dispatch_claim_batch_size=7)
+    second = await cluster.replica(dispatch_claim_batch_size=7)
+    flow = Flow(first)
+    operator, partner, supplier = (
+        await flow.org(Role.OPERATOR),
+        await flow.org(Role.PARTNER),
+        await flow.org(Role.SUPPLIER),
+    )
+
+    async def slow(_received: Received) -> int:
+        await asyncio.sleep(0.02)
+        return 200
+
+    async with running_receiver(slow) as receiver:
+        receiver.trust(await flow.secret(partner))
+        for _ in range(8):
+            await flow.site(partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)] * 5)
+        dispatch = (await flow.dispatch(operator)).dispatch
+        assert dispatch.pending_count == 40
+        settled = await flow.settle(operator, dispatch.id, frozenset({ACCEPTED}), within=60)
+        assert len(settled) == 40
+        assert receiver.overlaps == 0
+        assert sorted(receiver.answered.values()) == [1] * 40
+        assert len(receiver.received) == 40
+        # Both replicas took part (each claims at most 7 at a time), and let go of every row.
+        shares = [r.service.dispatch_deliverer.attempts_sent for r in (first, second)]  # type: ignore[union-attr]
+        assert sum(shares) == 40
+        assert min(shares) > 0, shares
+        assert await first.pool.fetchval("SELECT count(lease_owner) FROM setpoints") == 0
+        assert all(len(s.attempts) == 1 for s in settled)
+
+
+async def test_retry_after_is_honoured_through_the_outbox(cluster: Cluster) -> None:
+    replica = await cluster.replica(dispatch_breaker_failure_threshold=100)
+    flow = Flow(replica)
+    operator, partner, supplier = (
+        await flow.org(Role.OPERATOR),
+        await flow.org(Role.PARTNER),
+        await flow.org(Role.SUPPLIER),
+    )
+    calls: list[float] = []
+
+    async def busy_once(_received: Received) -> int | tuple[int, dict[str, str]]:
+        calls.append(asyncio.get_running_loop().time())
+        return (429, {"Retry-After": "1"}) if len(calls) == 1 else 200
+
+    async with running_receiver(busy_once) as receiver:
+        receiver.trust(await flow.secret(partner))
+        await flow.site(partner, supplier, receiver.url())
+        dispatch = (await flow.dispatch(operator)).dispatch
+        (setpoint,) = await flow.settle(operator, dispatch.id)
+        assert setpoint.state == ACCEPTED
+        assert [a.http_status for a in setpoint.attempts] == [429, 200]
+        # The back-off here is at most 0.2 s: only Retry-After explains the wait.
+        assert calls[1] - calls[0] >= 0.9
+
+
+async def test_a_rotated_secret_signs_beside_the_previous_one(cluster: Cluster) -> None:
+    replica = await cluster.replica()
+    flow = Flow(replica)
+    operator, partner, supplier = (
+        await flow.org(Role.OPERATOR),
+        await flow.org(Role.PARTNER),
+        await flow.org(Role.SUPPLIER),
+    )
+    async with running_receiver() as old_only, running_receiver() as new_only:
+        old_only.trust(await flow.secret(partner))
+        await flow.site(partner, supplier, old_only.url())
+        await flow.site(partner, supplier, new_only.url())
+        new_secret = await flow.identity.rotate_signing_secret(partner.id)
+        assert new_secret is not None
+        new_only.trust(new_secret)
+        dispatch = (await flow.dispatch(operator)).dispatch
+        settled = await flow.settle(operator, dispatch.id)
+        # A receiver still on the old secret and one already on the new both verify.
+        assert {s.state for s in settled} == {ACCEPTED}
+        assert (old_only.bad_signatures, new_only.bad_signatures) == (0, 0)
+        assert len(old_only.received) == len(new_only.received) == 1
+
+
+async def test_an_open_breaker_reschedules_without_counting_an_attempt(cluster: Cluster) -> None:
+    replica = await cluster.replica(
+        dispatch_breaker_failure_threshold=1,
+        dispatch_breaker_reset_seconds=0.6,
+        dispatch_max_attempts=2,
+    )
+    flow = Flow(replica)
+    operator, partner, supplier = (
+        await flow.org(Role.OPERATOR),
+        await flow.org(Role.PARTNER),
+        await flow.org(Role.SUPPLIER),
+    )
+    calls: list[float] = []
+
+    async def down_once(_received: Received) -> int:
+        calls.append(asyncio.get_running_loop().time())
+        return 503 if len(calls) == 1 else 200
+
+    async with running_receiver(down_once) as receiver:
+        receiver.trust(await flow.secret(partner))
+        await flow.site(partner, supplier, receiver.url())
+        dispatch = (await flow.dispatch(operator)).dispatch
+        (setpoint,) = await flow.settle(operator, dispatch.id)
+        # Two attempts of at most two allowed: the passes that met the open breaker (the
+        # back-off is at most 0.2 s, the breaker stays open 0.6 s) sent and counted nothing.
+        assert setpoint.state == ACCEPTED
+        assert [a.http_status for a in setpoint.attempts] == [503, 200]
+        assert calls[1] - calls[0] >= 0.5
+
+
+async def test_list_setpoints_pages_and_filters(cluster: Cluster) -> None:
+    replica = await cluster.replica(dispatch_delivery_enabled=False)
+    flow = Flow(replica)
+    operator, partner, supplier = (
+        await flow.org(Role.OPERATOR),
+        await flow.org(Role.PARTNER),
+        await flow.org(Role.SUPPLIER),
+    )
+    site, _ = await flow.site(
+        partner, supplier, "http://127.0.0.1:9/x", resources=[(BATTERY, -5, 5)] * 3
+    )
+    other, _ = await flow.site(
+        partner, supplier, "http://127.0.0.1:9/x", resources=[(BATTERY, -5, 5)] * 2
+    )
+    first = (await flow.dispatch(operator)).dispatch
+    second = (await flow.dispatch(operator)).dispatch
+    await replica.dispatch.CancelDispatch(
+        pb.CancelDispatchRequest(dispatch_id=second.id), metadata=operator.auth
+    )
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await replica.dispatch.ListSetpoints(
+            pb.ListSetpointsRequest(dispatch_id=first.id, page_size=2, page_token=token),
+            metadata=operator.auth,
+        )
+        assert page.total_size == 5
+        seen.extend(s.id for s in page.setpoints)
+        token = page.next_page_token
+        if not token:
+            break
+    assert len(seen) == len(set(seen)) == 5
+    by_site = await flow.setpoints(partner, site_id=site.id)
+    assert len(by_site) == 6  # three resources, two dispatches
+    cancelled = await flow.setpoints(partner, state=pb.SETPOINT_STATE_CANCELLED)
+    assert {s.dispatch_id for s in cancelled} == {second.id}
+    assert len(cancelled) == 5
+    assert {s.site_id for s in cancelled} == {site.id, other.id}
+    from tests.helpers import expect_invalid
+
+    await expect_invalid(
+        replica.dispatch.ListSetpoints(
+            pb.ListSetpointsRequest(dispatch_id=second.id, page_token=page.next_page_token or "x"),
+            metadata=operator.auth,
+        ),
+        "page_token",
+    )
+    await expect_invalid(
+        replica.dispatch.ListSetpoints(
+            pb.ListSetpointsRequest(site_id="not-a-uuid"), metadata=operator.auth
+        ),
+        "site_id",
+    )
+    listed = await replica.dispatch.ListDispatches(
+        pb.ListDispatchesRequest(page_size=1), metadata=operator.auth
+    )
+    assert listed.total_size == 2
+    assert [d.id for d in listed.dispatches] == [first.id]
+    assert listed.dispatches[0].pending_count == 5
+
+
+async def test_a_live_worker_keeps_a_slow_attempt_beyond_one_lease(cluster: Cluster) -> None:
+    """The lease is renewed while its worker lives: another replica does not take over an
+    attempt that takes longer than one lease."""
+    settings: dict[str, Any] = {"dispatch_lease_seconds": 0.6, "dispatch_timeout_seconds": 5.0}
+    first = await cluster.replica(**settings)
+    await cluster.replica(**settings)
+    flow = Flow(first)
+    operator, partner, supplier = (
+        await flow.org(Role.OPERATOR),
+        await flow.org(Role.PARTNER),
+        await flow.org(Role.SUPPLIER),
+    )
+
+    async def slow(_received: Received) -> int:
+        await asyncio.sleep(2.0)
+        return 200
+
+    async with running_receiver(slow) as receiver:
+        receiver.trust(await flow.secret(partner))
+        await flow.site(partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)] * 3)
+        dispatch = (await flow.dispatch(operator)).dispatch
+        settled = await flow.settle(operator, dispatch.id, frozenset({ACCEPTED}), within=20)
+        assert len(settled) == 3
+        assert len(receiver.received) == 3
+        assert receiver.overlaps == 0
+        assert all(len(s.attempts) == 1 for s in settled)

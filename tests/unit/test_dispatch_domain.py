@@ -1,0 +1,348 @@
+"""Dispatch rules without a server: validation, eligibility, allocation, states, settling."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from service.common.errors import ValidationError
+from service.dispatch.domain import (
+    TRANSITIONS,
+    CancellationState,
+    Candidate,
+    DispatchRequest,
+    DispatchType,
+    InvalidTransition,
+    OutboxRow,
+    Outcome,
+    Selection,
+    SetpointState,
+    SiteEligibility,
+    after_attempt,
+    allocate,
+    before_attempt,
+    check_transition,
+    format_power,
+    ineligibility,
+    is_terminal,
+    validate_request,
+)
+from service.registry.domain import ResourceType, SiteStatus
+from service.upstream.domain import UpstreamStatus
+
+NOW = datetime(2031, 5, 4, 10, 7, 30, tzinfo=UTC)
+START = datetime(2031, 5, 4, 10, 15, tzinfo=UTC)
+END = datetime(2031, 5, 4, 11, 0, tzinfo=UTC)
+
+
+def request(**changes: object) -> DispatchRequest:
+    values: dict[str, object] = {
+        "request_id": "r-1",
+        "power_kw": 10.0,
+        "start_time": START,
+        "end_time": END,
+        "dispatch_type": DispatchType.EXACT,
+    }
+    values.update(changes)
+    return DispatchRequest(**values)  # type: ignore[arg-type]
+
+
+def violations(bad: DispatchRequest) -> dict[str, str]:
+    with pytest.raises(ValidationError) as caught:
+        validate_request(bad, NOW)
+    return {v.field: v.rule for v in caught.value.violations}
+
+
+class TestValidation:
+    def test_a_valid_request_passes(self) -> None:
+        assert validate_request(request(), NOW) == request()
+
+    def test_an_ongoing_window_is_allowed(self) -> None:
+        validate_request(request(start_time=START - timedelta(minutes=15)), NOW)
+
+    @pytest.mark.parametrize(
+        ("changes", "field"),
+        [
+            ({"request_id": ""}, "request_id"),
+            ({"request_id": "x" * 129}, "request_id"),
+            ({"request_id": " padded"}, "request_id"),
+            ({"request_id": "tab\there"}, "request_id"),
+            ({"power_kw": math.nan}, "power_kw"),
+            ({"power_kw": math.inf}, "power_kw"),
+            ({"dispatch_type": None}, "type"),
+            ({"start_time": START + timedelta(minutes=1)}, "start_time"),
+            ({"start_time": START + timedelta(seconds=0.5)}, "start_time"),
+            ({"end_time": END + timedelta(minutes=7)}, "end_time"),
+            ({"end_time": START}, "end_time"),
+            ({"end_time": START + timedelta(hours=24, minutes=15)}, "end_time"),
+            (
+                {
+                    "start_time": START - timedelta(hours=1),
+                    "end_time": START - timedelta(minutes=15),
+                },
+                "end_time",
+            ),
+            ({"dispatch_type": DispatchType.MAXIMISE_UPWARDS, "power_kw": -1.0}, "power_kw"),
+            ({"dispatch_type": DispatchType.MAXIMISE_DOWNWARDS, "power_kw": 1.0}, "power_kw"),
+            (
+                {"selection": Selection(resource_types=(ResourceType.METER,))},
+                "selection.resource_types[0]",
+            ),
+            (
+                {"selection": Selection(site_ids=(uuid.UUID(int=1), uuid.UUID(int=1)))},
+                "selection.site_ids",
+            ),
+        ],
+    )
+    def test_each_rule_names_its_field(self, changes: dict[str, object], field: str) -> None:
+        found = violations(request(**changes))
+        assert field in found, found
+        assert found[field]
+
+    def test_exactly_24_hours_is_allowed(self) -> None:
+        validate_request(request(end_time=START + timedelta(hours=24)), NOW)
+
+    def test_every_violation_is_reported_at_once(self) -> None:
+        found = violations(request(request_id="", power_kw=math.nan, dispatch_type=None))
+        assert {"request_id", "power_kw", "type"} <= set(found)
+
+    def test_the_digest_ignores_dry_run_and_site_order(self) -> None:
+        a, b = uuid.uuid4(), uuid.uuid4()
+        one = request(selection=Selection(site_ids=(a, b)))
+        two = request(selection=Selection(site_ids=(b, a)), dry_run=True)
+        assert one.digest() == two.digest()
+        assert one.digest() != request(power_kw=10.5).digest()
+        assert one.digest() != request().digest()
+
+
+class TestEligibility:
+    @pytest.mark.parametrize("status", list(SiteStatus))
+    @pytest.mark.parametrize("upstream", list(UpstreamStatus))
+    def test_only_onboarded_and_contract_active_is_eligible(
+        self, status: SiteStatus, upstream: UpstreamStatus
+    ) -> None:
+        reason = ineligibility(SiteEligibility(status, status is SiteStatus.PAUSED, upstream))
+        if status is SiteStatus.ONBOARDED and upstream is UpstreamStatus.CONTRACT_ACTIVE:
+            assert reason is None
+        elif status is not SiteStatus.ONBOARDED:
+            assert reason == f"site status {status}"
+        else:
+            assert reason == f"upstream_status {upstream}"
+
+    def test_a_paused_flag_wins_over_a_stale_status(self) -> None:
+        site = SiteEligibility(SiteStatus.ONBOARDED, True, UpstreamStatus.CONTRACT_ACTIVE)
+        assert ineligibility(site) == "site status paused"
+
+    def test_a_deleted_site_is_not_eligible(self) -> None:
+        assert ineligibility(None) == "site deleted"
+
+
+def candidate(low: float, high: float) -> Candidate:
+    return Candidate(uuid.uuid4(), uuid.uuid4(), low, high)
+
+
+def powers(dispatch_type: DispatchType, target: float, *bounds: tuple[float, float]) -> list[float]:
+    allocation = allocate(dispatch_type, target, [candidate(lo, hi) for lo, hi in bounds])
+    return [value for _, value in allocation.setpoints]
+
+
+class TestAllocation:
+    def test_exact_upwards_splits_by_upper_bound(self) -> None:
+        allocation = allocate(
+            DispatchType.EXACT, 6.0, [candidate(-5, 5), candidate(0, 10), candidate(-8, 0)]
+        )
+        assert [v for _, v in allocation.setpoints] == [2.0, 4.0, 0.0]
+        assert allocation.allocated_power_kw == 6.0
+        assert allocation.shortfall_power_kw == 0.0
+
+    def test_exact_downwards_splits_by_lower_bound(self) -> None:
+        allocation = allocate(
+            DispatchType.EXACT, -6.5, [candidate(-5, 5), candidate(0, 11), candidate(-8, 0)]
+        )
+        assert [v for _, v in allocation.setpoints] == [-2.5, 0.0, -4.0]
+        assert allocation.allocated_power_kw == -6.5
+        assert allocation.shortfall_power_kw == 0.0
+
+    def test_exact_beyond_the_headroom_is_shortfall(self) -> None:
+        allocation = allocate(DispatchType.EXACT, 40.0, [candidate(-5, 5), candidate(0, 11)])
+        assert [v for _, v in allocation.setpoints] == [5.0, 11.0]
+        assert allocation.allocated_power_kw == 16.0
+        assert allocation.shortfall_power_kw == 24.0
+
+    def test_exact_downwards_shortfall_keeps_the_sign(self) -> None:
+        allocation = allocate(DispatchType.EXACT, -20.0, [candidate(-5, 5), candidate(0, 11)])
+        assert allocation.allocated_power_kw == -5.0
+        assert allocation.shortfall_power_kw == -15.0
+
+    def test_exact_without_resources_is_all_shortfall(self) -> None:
+        allocation = allocate(DispatchType.EXACT, 3.0, [])
+        assert allocation.setpoints == []
+        assert allocation.allocated_power_kw == 0.0
+        assert allocation.shortfall_power_kw == 3.0
+
+    def test_a_setpoint_stays_within_bounds_that_exclude_zero(self) -> None:
+        # A resource that must consume at least 2 kW keeps 2 kW even when asked for less.
+        assert powers(DispatchType.EXACT, 1.0, (2, 10), (0, 10)) == [2.0, 0.5]
+        assert powers(DispatchType.EXACT, -3.0, (2, 10), (-6, 0)) == [2.0, -3.0]
+
+    def test_shares_are_rounded_to_watts_and_within_bounds(self) -> None:
+        values = powers(DispatchType.EXACT, 10.0, (0, 3), (0, 3), (0, 3))
+        assert values == [3.0, 3.0, 3.0]
+        values = powers(DispatchType.EXACT, 1.0, (0, 3), (0, 3), (0, 3))
+        assert values == [0.333, 0.333, 0.333]
+        for value, (low, high) in zip(values, [(0, 3)] * 3, strict=True):
+            assert low <= value <= high
+
+    def test_maximise_upwards_takes_every_upper_bound(self) -> None:
+        allocation = allocate(
+            DispatchType.MAXIMISE_UPWARDS, 0.0, [candidate(-5, 5), candidate(-8, 0)]
+        )
+        assert [v for _, v in allocation.setpoints] == [5.0, 0.0]
+        assert allocation.allocated_power_kw == 5.0
+        assert allocation.shortfall_power_kw == 0.0
+
+    def test_maximise_with_a_goal_reports_shortfall(self) -> None:
+        allocation = allocate(DispatchType.MAXIMISE_UPWARDS, 12.0, [candidate(-5, 5)])
+        assert allocation.shortfall_power_kw == 7.0
+        allocation = allocate(
+            DispatchType.MAXIMISE_DOWNWARDS, -20.0, [candidate(-5, 5), candidate(-8, 0)]
+        )
+        assert [v for _, v in allocation.setpoints] == [-5.0, -8.0]
+        assert allocation.allocated_power_kw == -13.0
+        assert allocation.shortfall_power_kw == -7.0
+
+    def test_a_goal_exceeded_is_no_shortfall(self) -> None:
+        allocation = allocate(DispatchType.MAXIMISE_DOWNWARDS, -1.0, [candidate(-5, 5)])
+        assert allocation.shortfall_power_kw == 0.0
+
+    def test_decimal_strings(self) -> None:
+        assert format_power(2.5) == "2.500"
+        assert format_power(-0.0004) == "0.000"
+        assert format_power(-1234.5678) == "-1234.568"
+
+
+class TestStates:
+    def test_terminal_states_have_no_way_out(self) -> None:
+        for state in (
+            SetpointState.REJECTED,
+            SetpointState.FAILED,
+            SetpointState.CANCELLED,
+            SetpointState.EXPIRED,
+            SetpointState.NOT_ELIGIBLE,
+        ):
+            assert is_terminal(state)
+        assert not is_terminal(SetpointState.ACCEPTED)
+
+    def test_allowed_and_refused_transitions(self) -> None:
+        assert check_transition(SetpointState.PENDING, SetpointState.DELIVERING)
+        with pytest.raises(InvalidTransition):
+            check_transition(SetpointState.ACCEPTED, SetpointState.DELIVERING)
+        with pytest.raises(InvalidTransition):
+            check_transition(SetpointState.PENDING, SetpointState.ACCEPTED)
+        assert set(TRANSITIONS) == set(SetpointState)
+
+
+def row(**changes: object) -> OutboxRow:
+    values: dict[str, object] = {
+        "state": SetpointState.DELIVERING,
+        "reason": "",
+        "attempt_count": 0,
+        "end_time": END,
+        "cancel_requested": False,
+        "cancellation_state": None,
+        "cancellation_attempt_count": 0,
+    }
+    values.update(changes)
+    return OutboxRow(**values)  # type: ignore[arg-type]
+
+
+def settle(current: OutboxRow, outcome: Outcome, status: int | None = None, retry: float = 5.0):  # type: ignore[no-untyped-def]
+    settled = after_attempt(current, outcome, status, None, NOW, 3, retry)
+    # Every result must be one the state machine allows.
+    if settled.state is not current.state:
+        check_transition(current.state, settled.state)
+    return settled
+
+
+class TestSettling:
+    def test_accepted(self) -> None:
+        settled = settle(row(), Outcome.ACCEPTED, 200)
+        assert settled.state is SetpointState.ACCEPTED
+        assert settled.attempt_count == 1
+        assert settled.next_attempt_at is None
+
+    def test_rejected_is_not_retried(self) -> None:
+        settled = settle(row(), Outcome.REJECTED, 422)
+        assert (settled.state, settled.reason, settled.next_attempt_at) == (
+            SetpointState.REJECTED,
+            "HTTP 422",
+            None,
+        )
+
+    def test_retryable_is_rescheduled_then_fails_at_the_limit(self) -> None:
+        settled = settle(row(attempt_count=1), Outcome.RETRYABLE, 503)
+        assert settled.state is SetpointState.DELIVERING
+        assert settled.next_attempt_at == NOW + timedelta(seconds=5)
+        assert settled.attempt_count == 2
+        failed = settle(row(attempt_count=2), Outcome.RETRYABLE, 503)
+        assert failed.state is SetpointState.FAILED
+        assert "3 attempts" in failed.reason
+
+    def test_a_retry_after_the_window_is_expiry(self) -> None:
+        settled = settle(row(), Outcome.RETRYABLE, 503, retry=3600)
+        assert settled.state is SetpointState.EXPIRED
+
+    def test_circuit_open_counts_no_attempt(self) -> None:
+        settled = settle(row(attempt_count=2), Outcome.CIRCUIT_OPEN)
+        assert settled.state is SetpointState.DELIVERING
+        assert settled.attempt_count == 2
+        assert settled.next_attempt_at is not None
+
+    def test_refused_endpoint_fails(self) -> None:
+        assert settle(row(), Outcome.REFUSED).state is SetpointState.FAILED
+
+    def test_cancel_during_an_attempt(self) -> None:
+        accepted = settle(row(cancel_requested=True), Outcome.ACCEPTED, 200)
+        assert accepted.state is SetpointState.ACCEPTED
+        assert accepted.cancellation_state is CancellationState.PENDING
+        assert accepted.next_attempt_at == NOW
+        unanswered = settle(row(cancel_requested=True), Outcome.RETRYABLE, 503)
+        assert unanswered.state is SetpointState.CANCELLED
+
+    def test_cancellation_delivery(self) -> None:
+        withdrawing = row(
+            state=SetpointState.ACCEPTED,
+            cancel_requested=True,
+            cancellation_state=CancellationState.PENDING,
+        )
+        done = settle(withdrawing, Outcome.ACCEPTED, 204)
+        assert done.state is SetpointState.CANCELLED
+        assert done.cancellation_state is CancellationState.DELIVERED
+        assert done.cancellation_attempt_count == 1
+        refused = settle(withdrawing, Outcome.REJECTED, 422)
+        assert refused.state is SetpointState.ACCEPTED
+        assert refused.cancellation_state is CancellationState.FAILED
+
+    def test_before_attempt(self) -> None:
+        pending = row(state=SetpointState.PENDING)
+        assert before_attempt(pending, None, NOW) is None
+        not_eligible = before_attempt(pending, "site status paused", NOW)
+        assert not_eligible is not None
+        assert not_eligible.state is SetpointState.NOT_ELIGIBLE
+        assert not_eligible.reason == "site status paused"
+        expired = before_attempt(pending, None, END)
+        assert expired is not None
+        assert expired.state is SetpointState.EXPIRED
+        cancelled = before_attempt(row(cancel_requested=True), None, NOW)
+        assert cancelled is not None
+        assert cancelled.state is SetpointState.CANCELLED
+        # A cancellation goes out whatever the site's status.
+        withdrawing = row(
+            state=SetpointState.ACCEPTED,
+            cancel_requested=True,
+            cancellation_state=CancellationState.PENDING,
+        )
+        assert before_attempt(withdrawing, "site status paused", NOW) is None
