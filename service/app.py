@@ -17,6 +17,8 @@ from opentelemetry import trace
 from service.auth.authenticator import Authenticator
 from service.auth.principal import Role
 from service.auth.store import TOKEN_REVOKED_CHANNEL, IdentityStore, IssuedToken
+from service.balancing import servicer as balancing
+from service.balancing.worker import BalancingQueueConsumer
 from service.common.call_guard import CallGuard
 from service.common.clock import SYSTEM_CLOCK, Clock
 from service.common.worker import Worker
@@ -24,6 +26,7 @@ from service.config import Settings
 from service.db.database import create_pool
 from service.db.migrate import migrate
 from service.db.reads import ReadLane
+from service.events.channels import BALANCING_QUEUE_CHANNEL
 from service.events.hub import EventHub
 from service.registry import servicer as registry
 from service.telemetry import meter_servicer as meters
@@ -75,6 +78,7 @@ class Service:
     clock: Clock = SYSTEM_CLOCK
     upstream_scheduler: UpstreamScheduler | None = None
     telemetry_servicer: telemetry.TelemetryServicer | None = None
+    balancing_consumer: BalancingQueueConsumer | None = None
     _health: health.aio.HealthServicer | None = None
     _serving: bool = False
     _probe: Worker | None = None
@@ -171,6 +175,21 @@ class Service:
         meter_servicer = meters.MeterRegistryServicer(self.pool)
         telemetry_servicer = telemetry.TelemetryServicer(self.pool, self.hub, self.settings)
         self.telemetry_servicer = telemetry_servicer
+        self.balancing_consumer = BalancingQueueConsumer(self.pool)
+        poll = self.settings.balancing_poll_seconds
+        balancing_workers = (
+            []
+            if poll < 0
+            else [
+                Worker(
+                    "balancing",
+                    self.balancing_consumer.step,
+                    interval_seconds=poll,
+                    clock=self.clock,
+                    wake_channels=[BALANCING_QUEUE_CHANNEL],
+                )
+            ]
+        )
         return [
             Capability(
                 registry.DESCRIPTOR,
@@ -210,6 +229,13 @@ class Service:
                         clock=SYSTEM_CLOCK,
                     )
                 ],
+            ),
+            Capability(
+                balancing.DESCRIPTOR,
+                balancing.BalancingServicer(self.pool, self.hub, self.settings.watch_buffer_size),
+                balancing.METHOD_ROLES,
+                # Keeps results current: wakes at every commit that queues intervals.
+                workers=balancing_workers,
             ),
         ]
 

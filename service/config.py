@@ -51,6 +51,10 @@ class Settings:
     # Seconds between ticks of the scheduler that applies date-driven upstream_status changes
     # (contracts starting or ending at local midnight); 0 disables it.
     upstream_scheduler_interval_seconds: float = 60.0
+    # Balancing: seconds between polls of balancing_queue, a fallback for the NOTIFY that
+    # wakes the worker at every commit; 0 = only on NOTIFY; negative = no balancing worker
+    # in this process (another replica balances).
+    balancing_poll_seconds: float = 10.0
     # Create a partner organization and print its token when the database is empty.
     bootstrap: bool = True
 

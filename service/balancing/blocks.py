@@ -1,0 +1,237 @@
+"""One block of results (a site's local day, or month for P1M sites): how it is computed
+from interval energy, and how it is packed into its ``balance_blocks`` row. No I/O.
+
+Per balance interval: an interval where any participant in service lacks its energy (a
+missing reading or register) is *incomplete*: not balanced, its cells stay 0, and it is
+balanced once the reading arrives. A meter out of service (before its start or from its
+end) takes part with zero energy, which the engine treats as absence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from uuid import UUID
+
+import numpy as np
+from numpy.typing import NDArray
+
+from service.balancing.engine import AllocationMethod, BalancingInput, allocate, round_energy_wh
+
+_INT = np.dtype("<i8")
+
+
+class Direction(StrEnum):
+    CONSUMER = "consumer"
+    PRODUCER = "producer"
+    BIDIRECTIONAL = "bidirectional"
+
+
+@dataclass(frozen=True)
+class Participant:
+    """A meter with a PARTICIPANT setting on the block's day."""
+
+    meter_id: UUID
+    direction: Direction
+    # The meter's service period, UTC microseconds (end None: open).
+    start_us: int
+    end_us: int | None
+    tier: int
+    share: float | None
+
+    @property
+    def produces(self) -> bool:
+        return self.direction is not Direction.CONSUMER
+
+    @property
+    def consumes(self) -> bool:
+        return self.direction is not Direction.PRODUCER
+
+
+@dataclass
+class Block:
+    start: datetime
+    end: datetime
+    interval_starts: NDArray[np.int64]  # [T]
+    complete: NDArray[np.bool_]  # [T]
+    producer_ids: tuple[UUID, ...]
+    consumer_ids: tuple[UUID, ...]
+    shared_wh: NDArray[np.int64]  # [T, P, C]
+    feed_in_wh: NDArray[np.int64]  # [T, P]
+    grid_supply_wh: NDArray[np.int64]  # [T, C]
+
+    @property
+    def production_wh(self) -> NDArray[np.int64]:
+        """[T, P]: what each producer exported (0 in incomplete intervals)."""
+        result: NDArray[np.int64] = self.shared_wh.sum(axis=2) + self.feed_in_wh
+        return result
+
+    @property
+    def demand_wh(self) -> NDArray[np.int64]:
+        result: NDArray[np.int64] = self.shared_wh.sum(axis=1) + self.grid_supply_wh
+        return result
+
+    def same_layout(self, other: Block) -> bool:
+        return (
+            self.producer_ids == other.producer_ids
+            and self.consumer_ids == other.consumer_ids
+            and np.array_equal(self.interval_starts, other.interval_starts)
+        )
+
+
+def empty_block(
+    start: datetime,
+    end: datetime,
+    interval_starts: NDArray[np.int64],
+    producer_ids: tuple[UUID, ...],
+    consumer_ids: tuple[UUID, ...],
+) -> Block:
+    t, p, c = len(interval_starts), len(producer_ids), len(consumer_ids)
+    return Block(
+        start,
+        end,
+        interval_starts,
+        np.zeros(t, dtype=np.bool_),
+        producer_ids,
+        consumer_ids,
+        np.zeros((t, p, c), dtype=np.int64),
+        np.zeros((t, p), dtype=np.int64),
+        np.zeros((t, c), dtype=np.int64),
+    )
+
+
+def layout(participants: Sequence[Participant]) -> tuple[tuple[UUID, ...], tuple[UUID, ...]]:
+    """Producer and consumer meter ids, each in meter-id order (the engine's columns)."""
+    ordered = sorted(participants, key=lambda p: p.meter_id)
+    return (
+        tuple(p.meter_id for p in ordered if p.produces),
+        tuple(p.meter_id for p in ordered if p.consumes),
+    )
+
+
+def balance_intervals(
+    block: Block,
+    rows: NDArray[np.intp],
+    interval_ends: NDArray[np.int64],
+    method: AllocationMethod,
+    participants: Sequence[Participant],
+    meter_column: Mapping[UUID, int],
+    import_wh: NDArray[np.float64],
+    export_wh: NDArray[np.float64],
+) -> tuple[int, int]:
+    """Re-balances the intervals ``rows`` of ``block`` in place from their energy
+    (``import_wh`` / ``export_wh``: [len(rows), M], NaN unknown, columns by
+    ``meter_column``); returns (balanced, incomplete) counts of those rows."""
+    by_id = {p.meter_id: p for p in participants}
+    producers = [by_id[m] for m in block.producer_ids]
+    consumers = [by_id[m] for m in block.consumer_ids]
+    starts = block.interval_starts[rows]
+    ends = interval_ends[rows]
+
+    def in_service(group: Sequence[Participant]) -> NDArray[np.bool_]:
+        begin = np.array([p.start_us for p in group], dtype=np.int64)
+        finish = np.array(
+            [p.end_us if p.end_us is not None else np.iinfo(np.int64).max for p in group],
+            dtype=np.int64,
+        )
+        result: NDArray[np.bool_] = (starts[:, None] >= begin[None, :]) & (
+            ends[:, None] <= finish[None, :]
+        )
+        return result
+
+    def energy(source: NDArray[np.float64], group: Sequence[Participant]) -> NDArray[np.float64]:
+        if not group:
+            return np.zeros((len(rows), 0), dtype=np.float64)
+        missing_column = np.full(len(rows), np.nan)
+        columns = [
+            source[:, meter_column[p.meter_id]] if p.meter_id in meter_column else missing_column
+            for p in group
+        ]
+        return np.stack(columns, axis=1)
+
+    production = energy(export_wh, producers)
+    demand = energy(import_wh, consumers)
+    producing = in_service(producers)
+    consuming = in_service(consumers)
+    production = np.where(producing, production, 0.0)
+    demand = np.where(consuming, demand, 0.0)
+    complete = ~(np.isnan(production).any(axis=1) | np.isnan(demand).any(axis=1))
+
+    done = rows[complete]
+    block.complete[rows] = complete
+    block.shared_wh[rows] = 0
+    block.feed_in_wh[rows] = 0
+    block.grid_supply_wh[rows] = 0
+    if len(done):
+        production_wh = round_energy_wh(production[complete])
+        demand_wh = round_energy_wh(demand[complete])
+        if producers and consumers:
+            consumer_index = {m: i for i, m in enumerate(block.consumer_ids)}
+            result = allocate(
+                BalancingInput(
+                    method=method,
+                    production_wh=production_wh,
+                    demand_wh=demand_wh,
+                    producer_as_consumer=np.array(
+                        [consumer_index.get(p.meter_id, -1) for p in producers], dtype=np.int64
+                    ),
+                    consumer_tier=np.array([c.tier for c in consumers], dtype=np.int64),
+                    consumer_share=np.array(
+                        [c.share if c.share is not None else np.nan for c in consumers],
+                        dtype=np.float64,
+                    ),
+                )
+            )
+            block.shared_wh[done] = result.shared_wh
+            block.feed_in_wh[done] = result.feed_in_wh
+            block.grid_supply_wh[done] = result.grid_supply_wh
+        else:
+            block.feed_in_wh[done] = production_wh
+            block.grid_supply_wh[done] = demand_wh
+    balanced = int(complete.sum())
+    return balanced, len(rows) - balanced
+
+
+# -- packing into a balance_blocks row -------------------------------------------------------
+
+
+def pack(block: Block) -> tuple[bytes, bytes, list[UUID], list[UUID], bytes, bytes, bytes]:
+    """interval_starts, complete, producer_ids, consumer_ids, shared_wh, feed_in_wh,
+    grid_supply_wh as stored (little-endian int64 / uint8, C order)."""
+    return (
+        block.interval_starts.astype(_INT).tobytes(),
+        block.complete.astype(np.uint8).tobytes(),
+        list(block.producer_ids),
+        list(block.consumer_ids),
+        np.ascontiguousarray(block.shared_wh, dtype=_INT).tobytes(),
+        np.ascontiguousarray(block.feed_in_wh, dtype=_INT).tobytes(),
+        np.ascontiguousarray(block.grid_supply_wh, dtype=_INT).tobytes(),
+    )
+
+
+def unpack(
+    start: datetime,
+    end: datetime,
+    interval_starts: bytes,
+    complete: bytes,
+    producer_ids: Sequence[UUID],
+    consumer_ids: Sequence[UUID],
+    shared_wh: bytes,
+    feed_in_wh: bytes,
+    grid_supply_wh: bytes,
+) -> Block:
+    starts = np.frombuffer(interval_starts, dtype=_INT).astype(np.int64)
+    t, p, c = len(starts), len(producer_ids), len(consumer_ids)
+    return Block(
+        start,
+        end,
+        starts,
+        np.frombuffer(complete, dtype=np.uint8).astype(np.bool_),
+        tuple(producer_ids),
+        tuple(consumer_ids),
+        np.frombuffer(shared_wh, dtype=_INT).astype(np.int64).reshape(t, p, c),
+        np.frombuffer(feed_in_wh, dtype=_INT).astype(np.int64).reshape(t, p),
+        np.frombuffer(grid_supply_wh, dtype=_INT).astype(np.int64).reshape(t, c),
+    )

@@ -1,0 +1,213 @@
+"""Reading results: pages of aggregated balances and summaries over stored blocks.
+
+A page covers at most ``page_size`` output intervals from its cursor on, so its work is
+bounded by the page whatever the requested range: only the blocks of that window are read
+and summed (numpy over the decoded arrays).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+import asyncpg
+import numpy as np
+
+from service.balancing.aggregate import GRID, Aggregation, aggregate, pair_columns, totals
+from service.balancing.calendar import from_us, grid_starts, output_starts, to_us
+from service.balancing.store import SiteInfo, load_blocks
+from service.common.errors import ValidationError
+from service.common.pagination import filters_fingerprint
+
+DEFAULT_PAGE_SIZE = 1000
+MAX_PAGE_SIZE = 10_000
+
+
+def balances_page_size(page_size: int) -> int:
+    if page_size < 0:
+        raise ValidationError.single("page_size", "must not be negative")
+    if page_size == 0:
+        return DEFAULT_PAGE_SIZE
+    return min(page_size, MAX_PAGE_SIZE)
+
+
+def _encode(body: dict[str, object]) -> str:
+    text = json.dumps(body, separators=(",", ":"))
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _decode(token: str, fingerprint: str) -> dict[str, object] | None:
+    if not token:
+        return None
+    try:
+        body = json.loads(base64.urlsafe_b64decode((token + "=" * (-len(token) % 4)).encode()))
+        if not isinstance(body, dict) or not isinstance(body.get("s"), int):
+            raise ValueError("malformed")
+    except (ValueError, TypeError) as exc:
+        raise ValidationError.single(
+            "page_token", "must be a next_page_token this API returned"
+        ) from exc
+    if body.get("f") != fingerprint:
+        raise ValidationError.single(
+            "page_token", "must be used with the same filters as the request that returned it"
+        )
+    return body
+
+
+@dataclass(frozen=True)
+class BalanceRow:
+    interval_start: datetime
+    interval_end: datetime
+    creditor: str
+    debitor: str
+    energy_wh: int
+    complete: bool
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    interval_start: datetime
+    interval_end: datetime
+    production_wh: int
+    demand_wh: int
+    shared_wh: int
+    feed_in_wh: int
+    grid_supply_wh: int
+    balance_intervals: int
+    complete_intervals: int
+
+
+async def _window(
+    pool: asyncpg.Pool,
+    site: SiteInfo,
+    bounds_all: np.ndarray,
+    first: int,
+    count: int,
+    producers: set[UUID] | None,
+    consumers: set[UUID] | None,
+) -> Aggregation:
+    bounds = bounds_all[first : first + count + 1]
+    start, end = from_us(int(bounds[0])), from_us(int(bounds[-1]))
+    blocks = await load_blocks(pool, site.org_id, site.id, start, end)
+    grid = grid_starts(start, end, site.timezone, site.resolution)
+    return aggregate(blocks, bounds, grid, producers, consumers)
+
+
+async def _next_data(pool: asyncpg.Pool, site: SiteInfo, after_us: int) -> int | None:
+    value: datetime | None = await pool.fetchval(
+        "SELECT min(block_start) FROM balance_blocks "
+        "WHERE site_id = $1 AND org_id = $2 AND block_end > $3",
+        site.id,
+        site.org_id,
+        from_us(after_us),
+    )
+    return to_us(value) if value is not None else None
+
+
+async def balances_page(
+    pool: asyncpg.Pool,
+    site: SiteInfo,
+    start: datetime,
+    end: datetime,
+    interval: str,
+    creditor: str | None,
+    debitor: str | None,
+    limit: int,
+    page_token: str,
+) -> tuple[list[BalanceRow], str]:
+    fingerprint = filters_fingerprint("balances", site.id, start, end, interval, creditor, debitor)
+    cursor = _decode(page_token, fingerprint)
+    bounds_all = output_starts(start, end, site.timezone, interval)
+    n_all = len(bounds_all) - 1
+    position = 0
+    after: tuple[str, str] | None = None
+    if cursor is not None:
+        position = int(np.searchsorted(bounds_all, int(cursor["s"])))  # type: ignore[call-overload]
+        after = (str(cursor.get("c", "")), str(cursor.get("d", "")))
+    producers = {UUID(creditor)} if creditor not in (None, GRID) else None
+    consumers = {UUID(debitor)} if debitor not in (None, GRID) else None
+    if creditor == GRID:
+        producers = set()
+    if debitor == GRID:
+        consumers = set()
+    rows: list[BalanceRow] = []
+    while position < n_all and len(rows) <= limit:
+        before = len(rows)
+        agg = await _window(pool, site, bounds_all, position, limit, producers, consumers)
+        n = len(agg.bounds) - 1
+        pairs = pair_columns(agg, creditor, debitor)
+        intervals, columns = np.nonzero(pairs.present)
+        complete = agg.complete
+        for i, k in zip(intervals.tolist(), columns.tolist(), strict=True):
+            if after is not None and i == 0 and (pairs.creditors[k], pairs.debitors[k]) <= after:
+                continue
+            rows.append(
+                BalanceRow(
+                    from_us(int(agg.bounds[i])),
+                    from_us(int(agg.bounds[i + 1])),
+                    pairs.creditors[k],
+                    pairs.debitors[k],
+                    int(pairs.values[i, k]),
+                    bool(complete[i]),
+                )
+            )
+            if len(rows) > limit:
+                break
+        after = None
+        position += n
+        if len(rows) == before and position < n_all:
+            # Nothing stored in this window: jump to the next stored block.
+            upcoming = await _next_data(pool, site, int(bounds_all[position]))
+            if upcoming is None:
+                break
+            position = max(position, int(np.searchsorted(bounds_all, upcoming, side="right")) - 1)
+    if len(rows) <= limit:
+        return rows, ""
+    page = rows[:limit]
+    last = page[-1]
+    token = _encode(
+        {"s": to_us(last.interval_start), "c": last.creditor, "d": last.debitor, "f": fingerprint}
+    )
+    return page, token
+
+
+async def summaries_page(
+    pool: asyncpg.Pool,
+    site: SiteInfo,
+    start: datetime,
+    end: datetime,
+    interval: str,
+    limit: int,
+    page_token: str,
+) -> tuple[list[SummaryRow], str]:
+    fingerprint = filters_fingerprint("summaries", site.id, start, end, interval)
+    cursor = _decode(page_token, fingerprint)
+    bounds_all = output_starts(start, end, site.timezone, interval)
+    n_all = len(bounds_all) - 1
+    position = 0
+    if cursor is not None:
+        position = int(np.searchsorted(bounds_all, int(cursor["s"]), side="right"))  # type: ignore[call-overload]
+    if position >= n_all:
+        return [], ""
+    agg = await _window(pool, site, bounds_all, position, limit, None, None)
+    sums = totals(agg)
+    rows = [
+        SummaryRow(
+            from_us(int(agg.bounds[i])),
+            from_us(int(agg.bounds[i + 1])),
+            int(sums.production_wh[i]),
+            int(sums.demand_wh[i]),
+            int(sums.shared_wh[i]),
+            int(sums.feed_in_wh[i]),
+            int(sums.grid_supply_wh[i]),
+            int(agg.balance_intervals[i]),
+            int(agg.complete_intervals[i]),
+        )
+        for i in range(len(agg.bounds) - 1)
+    ]
+    if position + len(rows) >= n_all:
+        return rows, ""
+    return rows, _encode({"s": to_us(rows[-1].interval_start), "f": fingerprint})
