@@ -58,6 +58,13 @@ async def lock_site_results(conn: asyncpg.Connection, site_id: UUID) -> None:
     await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(_LOCK_RESULTS, site_id))
 
 
+async def try_lock_site_results(conn: asyncpg.Connection, site_id: UUID) -> bool:
+    locked: bool = await conn.fetchval(
+        "SELECT pg_try_advisory_xact_lock($1)", _lock_key(_LOCK_RESULTS, site_id)
+    )
+    return locked
+
+
 @dataclass(frozen=True)
 class SiteInfo:
     id: UUID

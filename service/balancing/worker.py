@@ -24,7 +24,12 @@ from uuid import UUID
 import asyncpg
 
 from service.balancing.rebalance import RebalanceResult, TimeRange, rebalance
-from service.balancing.store import SiteInfo, lock_site_results, site_info
+from service.balancing.store import (
+    SiteInfo,
+    lock_site_results,
+    site_info,
+    try_lock_site_results,
+)
 from service.common.errors import NotFoundError
 
 log = logging.getLogger(__name__)
@@ -35,7 +40,8 @@ BALANCES_CHANNEL = "openvpp_balances"
 MAX_CLAIM_ROWS = 5000
 
 _CLAIM_HEAD = """
-SELECT org_id, site_id FROM balancing_queue ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED
+SELECT org_id, site_id FROM balancing_queue WHERE NOT (site_id = ANY($1::uuid[]))
+ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED
 """
 _CLAIM_SITE = """
 SELECT id, interval_start, interval_end FROM balancing_queue
@@ -85,14 +91,31 @@ class BalancingQueueConsumer:
         # Tests only: awaited after the results are written, before COMMIT.
         self.before_commit: Callable[[], Awaitable[None]] | None = None
 
+    async def _claim_site(self, conn: asyncpg.Connection) -> tuple[UUID, UUID] | None:
+        """The oldest queued site no other pass is balancing, locked for this transaction;
+        when every queued site is busy, the first of them after its current pass."""
+        busy: list[UUID] = []
+        busy_org: dict[UUID, UUID] = {}
+        while True:
+            head = await conn.fetchrow(_CLAIM_HEAD, busy)
+            if head is None:
+                if not busy:
+                    return None
+                await lock_site_results(conn, busy[0])
+                return busy_org[busy[0]], busy[0]
+            org_id, site_id = head["org_id"], head["site_id"]
+            if await try_lock_site_results(conn, site_id):
+                return org_id, site_id
+            busy.append(site_id)
+            busy_org[site_id] = org_id
+
     async def step(self) -> bool:
         """One pass: one site's queued ranges. True when it claimed rows."""
         async with self._pool.acquire() as conn, conn.transaction():
-            head = await conn.fetchrow(_CLAIM_HEAD)
-            if head is None:
+            claimed = await self._claim_site(conn)
+            if claimed is None:
                 return False
-            org_id, site_id = head["org_id"], head["site_id"]
-            await lock_site_results(conn, site_id)
+            org_id, site_id = claimed
             rows = await conn.fetch(_CLAIM_SITE, site_id, self._max_rows)
             ranges = [(row["interval_start"], row["interval_end"]) for row in rows]
             try:
