@@ -12,7 +12,6 @@ from uuid import UUID
 from zoneinfo import ZoneInfo
 
 import asyncpg
-import grpc
 import pytest
 from openvpp.v1 import balancing_pb2 as bpb
 from openvpp.v1 import meter_registry_pb2 as mpb
@@ -150,7 +149,7 @@ async def test_many_sites_drained_by_two_consumers_all_balanced(
 async def test_a_pass_killed_mid_transaction_leaves_rows_queued_and_results_unchanged(
     community: Community, consumer: BalancingQueueConsumer, pool: asyncpg.Pool, how: str
 ) -> None:
-    home, pv = await small_site(community)
+    _home, pv = await small_site(community)
     await drain(consumer)
     before = await stored(pool, community.site.id)
     assert len(before) == 1
@@ -211,7 +210,7 @@ async def test_the_worker_wakes_on_ingest_and_watch_balances_streams_the_commit(
     async with asyncio.timeout(20):
         while seen < 4:
             event = await stream.read()
-            assert event is not grpc.aio.EOF
+            assert isinstance(event, bpb.WatchBalancesResponse)
             assert event.site_id == community.site.id
             seen += event.balanced_intervals
     stream.cancel()
