@@ -31,7 +31,9 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dt_time
+from zoneinfo import ZoneInfo
 from typing import Any
 
 import asyncpg
@@ -136,7 +138,10 @@ async def setup(dsn: str, port: int, consumers: int, producers: int, days: int) 
         producer_ids = [
             await meter(consumers + n, mpb.METER_DIRECTION_PRODUCER) for n in range(producers)
         ]
-    steps = days * 96 - 4  # a local year: DST loses an hour in spring and gives it back
+    # Local days in Berlin: DST takes an hour in spring and gives it back in autumn.
+    berlin = ZoneInfo("Europe/Berlin")
+    local_end = datetime.combine(date(2025, 1, 1) + timedelta(days=days), dt_time(0), berlin)
+    steps = int((local_end.astimezone(UTC) - YEAR_START) / STEP)
     partitions = Partitions(pool)
     await partitions.load()
     months = {(m.year, m.month) for m in (YEAR_START + timedelta(days=d) for d in range(days + 2))}
