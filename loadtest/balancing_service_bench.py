@@ -33,8 +33,8 @@ import time
 import uuid
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dt_time
-from zoneinfo import ZoneInfo
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import grpc
