@@ -10,8 +10,7 @@ import asyncpg
 
 from service.auth.principal import Principal, Role
 from service.auth.tokens import new_token, token_hash
-
-TOKEN_REVOKED_CHANNEL = "openvpp_token_revoked"
+from service.events.channels import TOKEN_REVOKED_CHANNEL
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from service.balancing.store import (
     site_policies,
     site_settings,
 )
-from service.telemetry.energy import site_interval_energy
+from service.telemetry.energy_store import site_interval_energy
 
 TimeRange = tuple[datetime, datetime]
 # Blocks whose energy is read with one query: bounds memory (a month of 100 meters is
@@ -171,7 +171,7 @@ async def _rebalance_chunk(
         energy = await site_interval_energy(
             conn, site.org_id, site.id, from_us(span_start), from_us(span_end), meter_ids
         )
-        column = {meter_id: i for i, meter_id in enumerate(energy.meter_ids)}
+        column: dict[UUID, int] = {meter_id: i for i, meter_id in enumerate(energy.meter_ids)}
         known = energy.interval_starts
         for plan in plans:
             starts = plan.block.interval_starts[plan.rows]

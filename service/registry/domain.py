@@ -9,11 +9,19 @@ from enum import StrEnum
 from functools import cache
 from urllib.parse import urlsplit
 
-import pytz
-
 from service.common.errors import ViolationCollector
-from service.grid import SUPPORTED_RESOLUTIONS, SiteType, parse_resolution, site_type_is_balanced
-from service.identifiers import InvalidGridIdentifier, parse_grid_identifier
+from service.grid import (
+    SUPPORTED_RESOLUTIONS,
+    SiteType,
+    parse_resolution,
+    site_type_is_balanced,
+)
+from service.identifiers import (
+    InvalidGridIdentifier,
+    default_timezone,
+    is_country_code,
+    parse_grid_identifier,
+)
 
 MAX_NAME_LENGTH = 200
 MAX_ADDRESS_LENGTH = 1000
@@ -128,16 +136,6 @@ class ResourceFields:
 @cache
 def _known_timezones() -> frozenset[str]:
     return frozenset(zoneinfo.available_timezones())
-
-
-def default_timezone(country: str) -> str:
-    """The country's first-listed (main) IANA zone, else UTC."""
-    zones = pytz.country_timezones.get(country) if country else None
-    return zones[0] if zones else "UTC"
-
-
-def is_country_code(country: str) -> bool:
-    return len(country) == 2 and country.isalpha() and country in pytz.country_names
 
 
 def validate_site(site: SiteFields, prefix: str = "") -> SiteFields:

@@ -13,14 +13,16 @@ from openvpp.v1 import site_registry_pb2_grpc as pb_grpc
 
 from service.auth.principal import Role, current_principal
 from service.common.clock import SYSTEM_CLOCK, Clock
+from service.common.field_mask import require_mask
 from service.common.pagination import fetch_page, page_size_or_default
 from service.common.protoconv import enum_from_proto, parse_uuid, to_timestamp
 from service.db.reads import Reads
+from service.events.channels import SITE_EVENTS_CHANNEL
 from service.events.hub import EventHub
 from service.identifiers import normalize_grid_identifier
 from service.registry import convert
 from service.registry.domain import SiteFields, SiteStatus, validate_resource, validate_site
-from service.registry.store import SITE_EVENTS_CHANNEL, RegistryStore, SiteFilter, SiteRecord
+from service.registry.store import RegistryStore, SiteFilter, SiteRecord
 from service.upstream.domain import UpstreamStatus
 
 DESCRIPTOR = pb.DESCRIPTOR.services_by_name["SiteRegistry"]
@@ -96,7 +98,7 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
         self, request: pb.UpdateSiteRequest, context: Any
     ) -> pb.UpdateSiteResponse:
         site_id = parse_uuid(request.site.id, "site.id")
-        paths = convert.require_mask(list(request.update_mask.paths), SITE_UPDATABLE)
+        paths = require_mask(list(request.update_mask.paths), SITE_UPDATABLE)
         given = request.site
         # Parse the request before taking the row lock, so bad enums fail fast; only the
         # masked fields, since the others are ignored.
@@ -202,7 +204,7 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
         self, request: pb.UpdateResourceRequest, context: Any
     ) -> pb.UpdateResourceResponse:
         resource_id = parse_uuid(request.resource.id, "resource.id")
-        paths = convert.require_mask(list(request.update_mask.paths), RESOURCE_UPDATABLE)
+        paths = require_mask(list(request.update_mask.paths), RESOURCE_UPDATABLE)
         given = request.resource
         power = convert.bounds_from_proto(given.power_kw, given.HasField("power_kw"))
         capacity = convert.bounds_from_proto(given.capacity_kwh, given.HasField("capacity_kwh"))

@@ -2,8 +2,8 @@
 
 A ``RegistryStore`` is built for one tenant and cannot be asked about another's rows: an
 id of another organization behaves exactly like an id that does not exist. Every change
-notifies ``SITE_EVENTS_CHANNEL`` in its own transaction, so watchers on every replica see
-exactly what was committed.
+publishes a site event (:mod:`service.events.payloads`) in its own transaction, so watchers
+on every replica see exactly what was committed.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from service.common.pagination import Cursor
 from service.db.keyset import keyset_page
 from service.db.reads import Reads
 from service.db.site_children import list_site_children
+from service.events.payloads import SiteEventType, notify_site_event
 from service.grid import SiteType
 from service.registry.domain import (
     Bounds,
@@ -36,16 +37,6 @@ from service.registry.domain import (
 )
 from service.upstream import status as upstream_sync
 from service.upstream.domain import UpstreamStatus
-
-SITE_EVENTS_CHANNEL = "openvpp_site_events"
-
-
-class SiteEventType:
-    CREATED = "created"
-    UPDATED = "updated"
-    STATUS_CHANGED = "status_changed"
-    UPSTREAM_STATUS_CHANGED = "upstream_status_changed"
-    DELETED = "deleted"
 
 
 @dataclass(frozen=True)
@@ -174,21 +165,6 @@ def _resource_columns(fields: ResourceFields) -> list[Any]:
         capacity.max if capacity else None,
         fields.webhook_url,
     ]
-
-
-async def notify_site_event(conn: asyncpg.Connection, site_id: UUID, event_type: str) -> None:
-    """Publishes the site as it is in this transaction; delivered only if it commits."""
-    await conn.execute(
-        """
-        SELECT pg_notify($3, json_build_object(
-            'key', s.org_id, 'event_type', $2::text, 'at', clock_timestamp(),
-            'site', to_jsonb(s))::text)
-        FROM sites s WHERE s.id = $1
-        """,
-        site_id,
-        event_type,
-        SITE_EVENTS_CHANNEL,
-    )
 
 
 def _duplicate_identifier(identifier: str | None, prefix: str = "") -> AlreadyExistsError:

@@ -10,9 +10,9 @@ from openvpp.v1 import meter_registry_pb2 as pb
 from openvpp.v1 import meter_registry_pb2_grpc as pb_grpc
 
 from service.auth.principal import Role, current_principal
+from service.common.field_mask import require_mask
 from service.common.pagination import fetch_page, page_size_or_default
 from service.common.protoconv import from_timestamp, parse_uuid
-from service.registry.convert import require_mask
 from service.telemetry import convert
 from service.telemetry.domain import MeterFields, normalized_meter
 from service.telemetry.meter_store import MeterStore

@@ -1,7 +1,8 @@
 """Meters in PostgreSQL, scoped to one organization on every query.
 
-Every change notifies ``METER_CHANGED_CHANNEL`` with the org id inside its transaction, so
-each replica drops its cached meter contexts of that organization once the change commits.
+Every change notifies ``METER_CHANGED_CHANNEL`` (:mod:`service.events.channels`) with the
+org id inside its transaction, so each replica drops its cached meter contexts of that
+organization once the change commits.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from service.common.errors import AlreadyExistsError, NotFoundError, ValidationE
 from service.common.pagination import Cursor
 from service.db.balancing_queue import enqueue_balancing
 from service.db.site_children import list_site_children
+from service.events.payloads import notify_meter_changed
 from service.grid import SiteType, parse_resolution
 from service.telemetry.domain import (
     Measuring,
@@ -27,8 +29,6 @@ from service.telemetry.domain import (
     affected_intervals,
     validate_meter,
 )
-
-METER_CHANGED_CHANNEL = "openvpp_meter_changed"
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,6 @@ def _duplicate(identifier: str) -> AlreadyExistsError:
     return AlreadyExistsError(
         "identifier", f"the site already has a meter with identifier {identifier!r}"
     )
-
-
-async def notify_meter_change(conn: asyncpg.Connection, org_id: UUID) -> None:
-    await conn.execute("SELECT pg_notify($1, $2)", METER_CHANGED_CHANNEL, str(org_id))
 
 
 def _raise_violations(violations: list[tuple[str, str]]) -> None:
@@ -119,7 +115,7 @@ class MeterStore:
                 )
             except asyncpg.UniqueViolationError:
                 raise _duplicate(fields.identifier) from None
-            await notify_meter_change(conn, self._org_id)
+            await notify_meter_changed(conn, self._org_id)
         return MeterRecord.from_row(row)
 
     async def get(self, meter_id: UUID) -> MeterRecord:
@@ -172,7 +168,7 @@ class MeterStore:
                 )
             except asyncpg.UniqueViolationError:
                 raise _duplicate(fields.identifier) from None
-            await notify_meter_change(conn, self._org_id)
+            await notify_meter_changed(conn, self._org_id)
         return MeterRecord.from_row(row)
 
     async def delete(self, meter_id: UUID) -> None:
@@ -198,7 +194,7 @@ class MeterStore:
             await conn.execute(
                 "DELETE FROM meters WHERE id = $1 AND org_id = $2", meter_id, self._org_id
             )
-            await notify_meter_change(conn, self._org_id)
+            await notify_meter_changed(conn, self._org_id)
             if not stamps:
                 return
             resolution = parse_resolution(meter["balance_resolution"])

@@ -13,6 +13,7 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+import numpy as np
 from openvpp.v1 import telemetry_pb2 as pb
 from openvpp.v1 import telemetry_pb2_grpc as pb_grpc
 
@@ -20,19 +21,24 @@ from service.auth.principal import Role, current_principal
 from service.common.errors import NotFoundError, ValidationError
 from service.common.protoconv import from_timestamp, parse_uuid, to_timestamp
 from service.config import Settings
-from service.events.hub import EventHub
-from service.registry.store import SITE_EVENTS_CHANNEL
-from service.telemetry.convert import PROTO_FLOW_BY_CODE, REASON_TO_PROTO
-from service.telemetry.domain import (
-    Measuring,
-    RegisterPoint,
-    RejectReason,
-    reason_text,
-    registers_to_intervals,
-)
-from service.telemetry.meter_store import METER_CHANGED_CHANNEL
-from service.telemetry.store import (
+from service.events.channels import (
+    METER_CHANGED_CHANNEL,
     READINGS_CHANNEL,
+    SITE_EVENTS_CHANNEL,
+)
+from service.events.hub import EventHub
+from service.grid.arrays import from_epoch_us, grid_bounds_us, to_epoch_us
+from service.identifiers.ids import MeterId
+from service.telemetry.convert import PROTO_FLOW_BY_CODE, REASON_TO_PROTO
+from service.telemetry.domain import Measuring, RejectReason, reason_text
+from service.telemetry.energy import (
+    FLOW_EXPORT,
+    FLOW_IMPORT,
+    MeterColumns,
+    interval_energy,
+    meter_column,
+)
+from service.telemetry.store import (
     RETRYABLE,
     MeterCache,
     Partitions,
@@ -293,9 +299,9 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
         if end - start > MAX_LIST_RANGE:
             raise ValidationError.single("end_time", "must be at most 31 days after start_time")
         info = await self._meter(current_principal().org_id, meter_id)
-        tz, resolution = info.timezone, info.resolution
+        bounds = grid_bounds_us(info.resolution, info.timezone, start, end)
         # A register at the end of the last interval is needed to difference it.
-        upper = resolution.ceil(end, tz)
+        upper = from_epoch_us(int(bounds[-1])) if len(bounds) else end
         rows = await fetch_range(self._pool, meter_id, start, upper)
         response = pb.ListReadingsResponse()
         field = "interval_wh" if info.load_profile else "register_wh"
@@ -307,29 +313,32 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
                     flow=PROTO_FLOW_BY_CODE[row["flow"]],
                 )
                 setattr(reading, field, row["value_wh"])
-        for flow in (1, 2):
-            points = [row for row in rows if row["flow"] == flow]
-            if info.load_profile:
-                intervals = [
-                    (row["ts"], row["value_wh"] * info.transformer_factor)
-                    for row in points
-                    if row["ts"] < end
-                ]
-            else:
-                intervals = [
-                    (i.interval_start, i.energy_wh)
-                    for i in registers_to_intervals(
-                        [RegisterPoint(row["ts"], row["value_wh"]) for row in points],
-                        resolution,
-                        tz,
-                        info.transformer_factor,
-                    )
-                    if start <= i.interval_start < end
-                ]
-            for interval_start, energy in intervals:
+        columns = MeterColumns.of(
+            [
+                meter_column(
+                    MeterId(meter_id),
+                    info.direction,
+                    info.measuring,
+                    info.transformer_factor,
+                    info.start_us,
+                    info.end_us,
+                )
+            ]
+        )
+        energies = interval_energy(
+            bounds,
+            columns,
+            np.zeros(len(rows), dtype=np.intp),
+            np.array([row["flow"] for row in rows], dtype=np.int16),
+            np.array([to_epoch_us(row["ts"]) for row in rows], dtype=np.int64),
+            np.array([row["value_wh"] for row in rows], dtype=np.float64),
+        )
+        for flow, energy in zip((FLOW_IMPORT, FLOW_EXPORT), energies, strict=True):
+            known = energy[:, 0]
+            for index in np.flatnonzero(~np.isnan(known)):
                 response.intervals.add(
-                    interval_start=to_timestamp(interval_start),
-                    energy_wh=energy,
+                    interval_start=to_timestamp(from_epoch_us(int(bounds[index]))),
+                    energy_wh=float(known[index]),
                     flow=PROTO_FLOW_BY_CODE[flow],
                 )
         return response

@@ -13,7 +13,6 @@ only after COMMIT.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import struct
 import time
@@ -28,16 +27,14 @@ from zoneinfo import ZoneInfo
 import asyncpg
 
 from service.db.balancing_queue import BalancingRange, enqueue_balancing
+from service.events.channels import READINGS_CHANNEL
+from service.events.payloads import readings_batch_payload
 from service.grid import parse_resolution
 from service.telemetry.domain import Measuring, MeterDirection, affected_intervals
 from service.telemetry.validate import MeterInfo, from_us, meter_info
 
 log = logging.getLogger(__name__)
 
-READINGS_CHANNEL = "openvpp_readings"
-# NOTIFY payloads must stay below 8000 bytes: above this many sites, watchers of any site
-# of the organization look at the batch.
-MAX_NOTIFIED_SITES = 100
 _US = 1_000_000
 
 _STAGING_DDL = """
@@ -497,19 +494,10 @@ async def write_rows(
                 info.timezone.key, info.resolution.iso, ts_us, not info.load_profile
             ):
                 ranges.add((info.site_id, start, end))
-        payload = {
-            "key": str(org_id),
-            "ingest": ingest_id,
-            "sites": sorted(str(s) for s in sites) if len(sites) <= MAX_NOTIFIED_SITES else None,
-            "from": from_us(first_us).isoformat(),
-            "to": from_us(last_us).isoformat(),
-        }
-        await enqueue_balancing(
-            conn,
-            org_id,
-            ranges,
-            also_notify=(READINGS_CHANNEL, json.dumps(payload, separators=(",", ":"))),
+        payload = readings_batch_payload(
+            org_id, ingest_id, sites, from_us(first_us), from_us(last_us)
         )
+        await enqueue_balancing(conn, org_id, ranges, also_notify=(READINGS_CHANNEL, payload))
     return WriteResult(ingest_id, inserted, updated)
 
 

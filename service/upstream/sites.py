@@ -13,9 +13,15 @@ from functools import cache
 from zoneinfo import ZoneInfo
 
 from service.common.errors import ViolationCollector
-from service.identifiers import InvalidGridIdentifier, parse_grid_identifier
-from service.registry.domain import MAX_NAME_LENGTH, default_timezone, is_country_code
+from service.identifiers import (
+    InvalidGridIdentifier,
+    default_timezone,
+    is_country_code,
+    parse_grid_identifier,
+)
 
+# A supplier's own reference for an upstream site (as long as a partner site's names).
+MAX_EXTERNAL_ID_LENGTH = 200
 # Who agreed: a name or a reference, not a document.
 MAX_AGREED_BY_LENGTH = 200
 # If local midnight of the next transition is not after "now" (a clock going back over
@@ -50,8 +56,8 @@ def validate_upstream_site(
     except InvalidGridIdentifier as invalid:
         errors.add("grid_identifier", invalid.rule)
     reference = external_id.strip()
-    if len(reference) > MAX_NAME_LENGTH:
-        errors.add("external_id", f"must be at most {MAX_NAME_LENGTH} characters")
+    if len(reference) > MAX_EXTERNAL_ID_LENGTH:
+        errors.add("external_id", f"must be at most {MAX_EXTERNAL_ID_LENGTH} characters")
     errors.raise_if_any()
     return UpstreamSiteFields(identifier, code, reference, default_timezone(code))
 
