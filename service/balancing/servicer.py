@@ -18,15 +18,17 @@ from service.balancing.calendar import OUTPUT_INTERVALS, parse_output_interval
 from service.balancing.domain import validate_policy_period, validate_setting
 from service.balancing.reads import balances_page, balances_page_size, summaries_page
 from service.balancing.store import BalancingStore, SiteInfo, site_info
-from service.balancing.worker import BALANCES_CHANNEL, rebalance_now
+from service.balancing.worker import rebalance_now
 from service.common.errors import (
     FailedPreconditionError,
     NotFoundError,
     ValidationError,
     ViolationCollector,
 )
+from service.common.field_mask import require_mask
 from service.common.pagination import fetch_page, page_size_or_default
 from service.common.protoconv import from_timestamp, parse_uuid, to_timestamp
+from service.events.channels import BALANCES_CHANNEL
 from service.events.hub import EventHub
 
 DESCRIPTOR = pb.DESCRIPTOR.services_by_name["Balancing"]
@@ -115,17 +117,7 @@ class BalancingServicer(pb_grpc.BalancingServicer):
         self, request: pb.UpdateMeterBalancingSettingRequest, context: Any
     ) -> pb.UpdateMeterBalancingSettingResponse:
         setting_id = parse_uuid(request.setting.id, "setting.id")
-        paths = frozenset(request.update_mask.paths)
-        allowed = ", ".join(sorted(SETTING_UPDATABLE))
-        if not paths:
-            raise ValidationError.single(
-                "update_mask", f"must name the fields to change: {allowed}"
-            )
-        unknown = sorted(paths - SETTING_UPDATABLE)
-        if unknown:
-            raise ValidationError.single(
-                "update_mask", f"cannot update {', '.join(unknown)}; updatable: {allowed}"
-            )
+        paths = frozenset(require_mask(list(request.update_mask.paths), SETTING_UPDATABLE))
         given = request.setting
         errors = ViolationCollector()
         end = convert.date_from_proto(

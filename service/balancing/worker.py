@@ -31,11 +31,10 @@ from service.balancing.store import (
     try_lock_site_results,
 )
 from service.common.errors import NotFoundError
+from service.events.channels import BALANCES_CHANNEL
 
 log = logging.getLogger(__name__)
 
-# Committed re-balancing of a site range: what WatchBalances streams, on every replica.
-BALANCES_CHANNEL = "openvpp_balances"
 # Queue rows of one site handled by one pass (a site's ingest of a day is ~100 rows).
 MAX_CLAIM_ROWS = 5000
 

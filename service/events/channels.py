@@ -23,3 +23,6 @@ TOKEN_REVOKED_CHANNEL = "openvpp_token_revoked"
 
 # A commit appended rows to balancing_queue: wakes the balancing workers of every replica.
 BALANCING_QUEUE_CHANNEL = "openvpp_balancing_queue"
+
+# A re-balancing committed: org, site, time range and interval counts (Balancing.WatchBalances).
+BALANCES_CHANNEL = "openvpp_balances"

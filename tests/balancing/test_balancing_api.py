@@ -97,7 +97,7 @@ async def test_settings_form_a_history_by_date(community: Community) -> None:
             ),
             metadata=auth,
         ),
-        "update_mask",
+        "update_mask.paths",
     )
     await api.DeleteMeterBalancingSetting(
         bpb.DeleteMeterBalancingSettingRequest(setting_id=first.id), metadata=auth
