@@ -38,6 +38,7 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 import grpc
+import numpy as np
 import psutil
 from google.protobuf import timestamp_pb2
 from google.type import date_pb2
@@ -66,25 +67,6 @@ def stamp(value: datetime) -> timestamp_pb2.Timestamp:
     result = timestamp_pb2.Timestamp()
     result.FromDatetime(value)
     return result
-
-
-def consumer_wh(meter: int, step: int, rng: random.Random) -> float:
-    hour = (step % 96) / 4
-    base = 40 + 20 * (meter % 5)
-    evening = 80 * math.exp(-((hour - 19) ** 2) / 4)
-    return base + evening + rng.uniform(0, 30)
-
-
-def pv_wh(producer: int, step: int, rng: random.Random) -> float:
-    day, quarter = divmod(step, 96)
-    hour = quarter / 4
-    season = 0.55 + 0.45 * math.cos(2 * math.pi * (day - 172) / 365)
-    daylight = 8 + 8 * season
-    noon = 13.0
-    x = (hour - (noon - daylight / 2)) / daylight
-    if not 0 <= x <= 1:
-        return 0.0
-    return (3000 + 1000 * producer) * season * math.sin(math.pi * x) * rng.uniform(0.6, 1.0)
 
 
 async def setup(dsn: str, port: int, consumers: int, producers: int, days: int) -> dict[str, Any]:
@@ -146,27 +128,32 @@ async def setup(dsn: str, port: int, consumers: int, producers: int, days: int) 
     await partitions.load()
     months = {(m.year, m.month) for m in (YEAR_START + timedelta(days=d) for d in range(days + 2))}
     await partitions.ensure(sorted(months))
-    rng = random.Random(2025)
+    rng = np.random.default_rng(2025)
     load_started = time.perf_counter()
+    stamps = [YEAR_START + step * STEP for step in range(steps)]
+    quarter = np.arange(steps)
+    hour = (quarter % 96) / 4
+    day = quarter // 96
+    season = 0.55 + 0.45 * np.cos(2 * np.pi * (day - 172) / 365)
+    daylight = 8 + 8 * season
+    sun = np.clip((hour - (13.0 - daylight / 2)) / daylight, 0, 1)
     async with pool.acquire() as conn:
         for index, meter_id in enumerate([*consumer_ids, *producer_ids]):
             is_producer = index >= consumers
+            if is_producer:
+                peak = 3000 + 1000 * (index - consumers)
+                values = peak * season * np.sin(np.pi * sun) * rng.uniform(0.6, 1.0, steps)
+            else:
+                evening = 80 * np.exp(-((hour - 19) ** 2) / 4)
+                values = 40 + 20 * (index % 5) + evening + rng.uniform(0, 30, steps)
+            meter_uuid = uuid.UUID(meter_id)
             flow = 2 if is_producer else 1
-            rows = [
-                (
-                    uuid.UUID(meter_id),
-                    flow,
-                    YEAR_START + step * STEP,
-                    pv_wh(index - consumers, step, rng)
-                    if is_producer
-                    else consumer_wh(index, step, rng),
-                    1,
-                )
-                for step in range(steps)
-            ]
             await conn.copy_records_to_table(
                 "readings",
-                records=rows,
+                records=[
+                    (meter_uuid, flow, at, value, 1)
+                    for at, value in zip(stamps, values.tolist(), strict=True)
+                ],
                 columns=["meter_id", "flow", "ts", "value_wh", "ingest_id"],
             )
     load_seconds = time.perf_counter() - load_started
@@ -288,7 +275,13 @@ def main() -> int:
             "OPENVPP_LOG_LEVEL": "WARNING",
             "OPENVPP_BALANCING_POLL_SECONDS": "5",
         }
-        server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env)
+        # BENCH_PROFILE=file runs the server under cProfile (written when it exits).
+        prefix = (
+            ["-m", "cProfile", "-o", os.environ["BENCH_PROFILE"]]
+            if os.environ.get("BENCH_PROFILE")
+            else []
+        )
+        server = subprocess.Popen([sys.executable, *prefix, "-m", "service.cli", "serve"], env=env)
         sampler = RssSampler(server.pid)
         sampler.start()
         try:

@@ -7,15 +7,19 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from google.protobuf import field_mask_pb2
 from openvpp.v1 import balancing_pb2 as bpb
 from openvpp.v1 import meter_registry_pb2 as mpb
+from openvpp.v1 import site_registry_pb2 as spb
 from openvpp.v1 import telemetry_pb2 as tpb
 
 from service.balancing.worker import BalancingQueueConsumer
-from tests.balancing.conftest import Community, by_pair, day, drain, stamp
+from tests.balancing.conftest import Community, by_pair, day, drain, make_community, stamp
+from tests.conftest import Org
+from tests.helpers import expect_invalid
 
 BERLIN = ZoneInfo("Europe/Berlin")
 Q = timedelta(minutes=15)
@@ -25,7 +29,7 @@ def local(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> da
     return datetime(year, month, day, hour, minute, tzinfo=BERLIN).astimezone(UTC)
 
 
-def window(start: datetime, end: datetime) -> dict[str, object]:
+def window(start: datetime, end: datetime) -> dict[str, Any]:
     return {"start_time": stamp(start), "end_time": stamp(end)}
 
 
@@ -280,3 +284,52 @@ async def test_aggregating_quarter_hours_gives_exactly_the_coarser_results(
     for summary in quarter:
         assert summary.shared_wh + summary.feed_in_wh == summary.production_wh
         assert summary.shared_wh + summary.grid_supply_wh == summary.demand_wh
+
+
+async def test_a_monthly_site_is_balanced_on_monthly_totals(
+    partner: Org,
+    community: Community,
+    consumer: BalancingQueueConsumer,
+) -> None:
+    monthly = await make_community(
+        partner,
+        community.registry,
+        community.meters,
+        community.telemetry,
+        community.balancing,
+        balance_resolution="P1M",
+        type=spb.SITE_TYPE_BALANCED_INACCURATE,
+    )
+    home = await monthly.meter(measuring=mpb.MEASURING_READINGS_INACCURATE)
+    pv = await monthly.meter(
+        direction=mpb.METER_DIRECTION_PRODUCER, measuring=mpb.MEASURING_READINGS_INACCURATE
+    )
+    await monthly.participate(home)
+    await monthly.participate(pv)
+    months = [local(2025, m, 1) for m in (1, 2, 3, 4)]
+    await monthly.ingest(
+        [
+            tpb.Reading(meter_id=home.id, timestamp=stamp(at), register_wh=1000.0 * n)
+            for n, at in enumerate(months)
+        ]
+        + [
+            tpb.Reading(meter_id=pv.id, timestamp=stamp(at), register_wh=400.0 * n * n)
+            for n, at in enumerate(months)
+        ]
+    )
+    await drain(consumer)
+    rows = await monthly.balances(site_id=monthly.site.id, **window(months[0], months[3]))
+    cells = by_pair(rows)
+    # Production 400, 1200, 2000 against a demand of 1000 a month.
+    assert [cells[(m, pv.id, home.id)] for m in months[:3]] == [400, 1000, 1000]
+    assert [cells[(m, pv.id, "GRID")] for m in months[:3]] == [0, 200, 1000]
+    assert all(r.complete for r in rows)
+    await expect_invalid(
+        monthly.balancing.ListBalanceSummaries(
+            bpb.ListBalanceSummariesRequest(
+                site_id=monthly.site.id, interval="P1D", **window(months[0], months[1])
+            ),
+            metadata=monthly.org.auth,
+        ),
+        "interval",
+    )
