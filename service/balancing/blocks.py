@@ -199,15 +199,18 @@ def balance_intervals(
 
 def pack(block: Block) -> tuple[bytes, bytes, list[UUID], list[UUID], bytes, bytes, bytes]:
     """interval_starts, complete, producer_ids, consumer_ids, shared_wh, feed_in_wh,
-    grid_supply_wh as stored (little-endian int64 / uint8, C order)."""
+    grid_supply_wh as stored: little-endian int64 (uint8 for complete), time innermost:
+    shared_wh [C, P, T], feed_in_wh [P, T], grid_supply_wh [C, T]. So one consumer's cells
+    are one contiguous byte range, which a debitor's read takes with ``substring`` without
+    fetching the rest of the (uncompressed) value."""
     return (
         block.interval_starts.astype(_INT).tobytes(),
         block.complete.astype(np.uint8).tobytes(),
         list(block.producer_ids),
         list(block.consumer_ids),
-        np.ascontiguousarray(block.shared_wh, dtype=_INT).tobytes(),
-        np.ascontiguousarray(block.feed_in_wh, dtype=_INT).tobytes(),
-        np.ascontiguousarray(block.grid_supply_wh, dtype=_INT).tobytes(),
+        np.ascontiguousarray(block.shared_wh.transpose(2, 1, 0), dtype=_INT).tobytes(),
+        np.ascontiguousarray(block.feed_in_wh.T, dtype=_INT).tobytes(),
+        np.ascontiguousarray(block.grid_supply_wh.T, dtype=_INT).tobytes(),
     )
 
 
@@ -219,11 +222,21 @@ def unpack(
     producer_ids: Sequence[UUID],
     consumer_ids: Sequence[UUID],
     shared_wh: bytes,
-    feed_in_wh: bytes,
+    feed_in_wh: bytes | None,
     grid_supply_wh: bytes,
 ) -> Block:
+    """The block of a stored row (``feed_in_wh`` None: not read, zeros). ``consumer_ids``
+    may name a slice of the stored consumers when ``shared_wh`` and ``grid_supply_wh`` are
+    that slice's bytes."""
     starts = np.frombuffer(interval_starts, dtype=_INT).astype(np.int64)
     t, p, c = len(starts), len(producer_ids), len(consumer_ids)
+    shared = np.frombuffer(shared_wh, dtype=_INT).reshape(c, p, t).transpose(2, 1, 0)
+    feed_in = (
+        np.zeros((t, p), dtype=np.int64)
+        if feed_in_wh is None
+        else np.frombuffer(feed_in_wh, dtype=_INT).reshape(p, t).T
+    )
+    grid_supply = np.frombuffer(grid_supply_wh, dtype=_INT).reshape(c, t).T
     return Block(
         start,
         end,
@@ -231,7 +244,9 @@ def unpack(
         np.frombuffer(complete, dtype=np.uint8).astype(np.bool_),
         tuple(producer_ids),
         tuple(consumer_ids),
-        np.frombuffer(shared_wh, dtype=_INT).astype(np.int64).reshape(t, p, c),
-        np.frombuffer(feed_in_wh, dtype=_INT).astype(np.int64).reshape(t, p),
-        np.frombuffer(grid_supply_wh, dtype=_INT).astype(np.int64).reshape(t, c),
+        # Copies (C order): buffers from the database are read-only, and re-balancing
+        # writes into a stored block's arrays.
+        np.array(shared, dtype=np.int64, order="C"),
+        np.array(feed_in, dtype=np.int64, order="C"),
+        np.array(grid_supply, dtype=np.int64, order="C"),
     )

@@ -18,7 +18,7 @@ import numpy as np
 
 from service.balancing.aggregate import GRID, Aggregation, aggregate, pair_columns, totals
 from service.balancing.calendar import from_us, grid_starts, output_starts, to_us
-from service.balancing.store import SiteInfo, load_blocks
+from service.balancing.store import SiteInfo, load_blocks, load_consumer_blocks
 from service.common.errors import ValidationError
 from service.common.pagination import filters_fingerprint
 
@@ -59,8 +59,8 @@ def _decode(token: str, fingerprint: str) -> dict[str, object] | None:
 
 @dataclass(frozen=True)
 class BalanceRow:
-    interval_start: datetime
-    interval_end: datetime
+    interval_start_us: int
+    interval_end_us: int
     creditor: str
     debitor: str
     energy_wh: int
@@ -91,7 +91,11 @@ async def _window(
 ) -> Aggregation:
     bounds = bounds_all[first : first + count + 1]
     start, end = from_us(int(bounds[0])), from_us(int(bounds[-1]))
-    blocks = await load_blocks(pool, site.org_id, site.id, start, end)
+    if consumers is not None and len(consumers) == 1 and producers is None:
+        (consumer_id,) = consumers
+        blocks = await load_consumer_blocks(pool, site.org_id, site.id, start, end, consumer_id)
+    else:
+        blocks = await load_blocks(pool, site.org_id, site.id, start, end)
     grid = grid_starts(start, end, site.timezone, site.resolution)
     return aggregate(blocks, bounds, grid, producers, consumers)
 
@@ -133,29 +137,37 @@ async def balances_page(
         producers = set()
     if debitor == GRID:
         consumers = set()
+    per_interval = await _pairs_per_interval(pool, site, bounds_all[position], creditor, debitor)
+    # Enough output intervals for a page, with one to spare; more windows if they fall short.
+    span = max(1, -(-(limit + 1) // per_interval) + 1)
     rows: list[BalanceRow] = []
     while position < n_all and len(rows) <= limit:
         before = len(rows)
-        agg = await _window(pool, site, bounds_all, position, limit, producers, consumers)
+        agg = await _window(pool, site, bounds_all, position, span, producers, consumers)
         n = len(agg.bounds) - 1
         pairs = pair_columns(agg, creditor, debitor)
         intervals, columns = np.nonzero(pairs.present)
-        complete = agg.complete
-        for i, k in zip(intervals.tolist(), columns.tolist(), strict=True):
-            if after is not None and i == 0 and (pairs.creditors[k], pairs.debitors[k]) <= after:
-                continue
-            rows.append(
-                BalanceRow(
-                    from_us(int(agg.bounds[i])),
-                    from_us(int(agg.bounds[i + 1])),
-                    pairs.creditors[k],
-                    pairs.debitors[k],
-                    int(pairs.values[i, k]),
-                    bool(complete[i]),
-                )
+        if after is not None and len(intervals):
+            # The cursor's own interval: only the pairs after the cursor's pair.
+            later = np.array(
+                [(c, d) > after for c, d in zip(pairs.creditors, pairs.debitors, strict=True)],
+                dtype=np.bool_,
             )
-            if len(rows) > limit:
-                break
+            keep = (intervals > 0) | later[columns]
+            intervals, columns = intervals[keep], columns[keep]
+        take = limit + 1 - len(rows)
+        intervals, columns = intervals[:take], columns[:take]
+        starts = agg.bounds[intervals].tolist()
+        ends = agg.bounds[intervals + 1].tolist()
+        energies = pairs.values[intervals, columns].tolist()
+        complete = agg.complete[intervals].tolist()
+        creditors, debitors = pairs.creditors, pairs.debitors
+        rows.extend(
+            BalanceRow(s_us, e_us, creditors[k], debitors[k], wh, done)
+            for s_us, e_us, k, wh, done in zip(
+                starts, ends, columns.tolist(), energies, complete, strict=True
+            )
+        )
         after = None
         position += n
         if len(rows) == before and position < n_all:
@@ -169,9 +181,38 @@ async def balances_page(
     page = rows[:limit]
     last = page[-1]
     token = _encode(
-        {"s": to_us(last.interval_start), "c": last.creditor, "d": last.debitor, "f": fingerprint}
+        {"s": last.interval_start_us, "c": last.creditor, "d": last.debitor, "f": fingerprint}
     )
     return page, token
+
+
+async def _pairs_per_interval(
+    pool: asyncpg.Pool,
+    site: SiteInfo,
+    from_us_value: int,
+    creditor: str | None,
+    debitor: str | None,
+) -> int:
+    """Rows one output interval is likely to hold under the filters, from the meters of the
+    first stored block at or after ``from_us_value`` (sizes a page's window)."""
+    row = await pool.fetchrow(
+        "SELECT cardinality(producer_ids) AS p, cardinality(consumer_ids) AS c "
+        "FROM balance_blocks WHERE site_id = $1 AND org_id = $2 AND block_end > $3 "
+        "ORDER BY block_start LIMIT 1",
+        site.id,
+        site.org_id,
+        from_us(int(from_us_value)),
+    )
+    if row is None:
+        return 1
+    p, c = int(row["p"] or 0), int(row["c"] or 0)
+    if creditor is not None and debitor is not None:
+        return 1
+    if debitor is not None:
+        return p if debitor == GRID else p + 1
+    if creditor is not None:
+        return c if creditor == GRID else c + 1
+    return max(1, p * c + p + c)
 
 
 async def summaries_page(

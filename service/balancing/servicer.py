@@ -8,6 +8,7 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+from google.protobuf import timestamp_pb2
 from openvpp.v1 import balancing_pb2 as pb
 from openvpp.v1 import balancing_pb2_grpc as pb_grpc
 
@@ -245,10 +246,19 @@ class BalancingServicer(pb_grpc.BalancingServicer):
         )
         response = pb.ListAggregatedBalancesResponse(next_page_token=token)
         add = response.balances.add
+        stamps: dict[int, timestamp_pb2.Timestamp] = {}
+
+        def stamp_of(us: int) -> timestamp_pb2.Timestamp:
+            cached = stamps.get(us)
+            if cached is None:
+                seconds, micros = divmod(us, 1_000_000)
+                cached = stamps[us] = timestamp_pb2.Timestamp(seconds=seconds, nanos=micros * 1000)
+            return cached
+
         for row in rows:
             add(
-                interval_start=to_timestamp(row.interval_start),
-                interval_end=to_timestamp(row.interval_end),
+                interval_start=stamp_of(row.interval_start_us),
+                interval_end=stamp_of(row.interval_end_us),
                 creditor_meter_id=row.creditor,
                 debitor_meter_id=row.debitor,
                 energy_wh=row.energy_wh,

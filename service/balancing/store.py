@@ -469,6 +469,49 @@ async def load_blocks(
     return [_block_from_row(row) for row in rows]
 
 
+# One consumer's slice of each block: its contiguous [P, T] cells and [T] grid supply.
+_CONSUMER_SLICE = """
+SELECT block_start, block_end, interval_starts, complete, producer_ids,
+       substring(shared_wh FROM (c - 1) * n_p * n_t * 8 + 1 FOR n_p * n_t * 8) AS shared_wh,
+       substring(grid_supply_wh FROM (c - 1) * n_t * 8 + 1 FOR n_t * 8) AS grid_supply_wh
+FROM (
+    SELECT *, array_position(consumer_ids, $5::uuid) AS c,
+           cardinality(producer_ids) AS n_p, octet_length(interval_starts) / 8 AS n_t
+    FROM balance_blocks
+    WHERE site_id = $1 AND org_id = $2 AND block_start < $4 AND block_end > $3
+) b
+WHERE c IS NOT NULL
+ORDER BY block_start
+"""
+
+
+async def load_consumer_blocks(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    org_id: UUID,
+    site_id: UUID,
+    start: datetime,
+    end: datetime,
+    consumer_id: UUID,
+) -> list[Block]:
+    """The stored blocks overlapping ``[start, end)`` that have ``consumer_id``, reduced to
+    that consumer (feed-in not read): the few KB of a debitor instead of whole blocks."""
+    rows = await conn.fetch(_CONSUMER_SLICE, site_id, org_id, start, end, consumer_id)
+    return [
+        unpack(
+            row["block_start"],
+            row["block_end"],
+            row["interval_starts"],
+            row["complete"],
+            row["producer_ids"],
+            [consumer_id],
+            row["shared_wh"],
+            None,
+            row["grid_supply_wh"],
+        )
+        for row in rows
+    ]
+
+
 async def replace_blocks(
     conn: asyncpg.Connection,
     org_id: UUID,

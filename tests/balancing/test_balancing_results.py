@@ -264,6 +264,29 @@ async def test_aggregating_quarter_hours_gives_exactly_the_coarser_results(
     assert all(r.complete for r in fine)
     # The prosumer never receives its own production.
     assert not [r for r in fine if r.creditor_meter_id == r.debitor_meter_id]
+    # Small pages, each resuming after the last row of the one before, give the same rows.
+    paged = await community.balances(
+        site_id=community.site.id, interval="PT15M", page_size=7, **span
+    )
+    assert [(r.interval_start, r.creditor_meter_id, r.debitor_meter_id) for r in paged] == [
+        (r.interval_start, r.creditor_meter_id, r.debitor_meter_id) for r in fine
+    ]
+    assert len(await community.summaries(interval="PT1H", page_size=5, **span)) == count // 4
+    # A debitor's or creditor's rows (read as a slice of each block) are the site's rows.
+    for meter in [*consumers, prosumer]:
+        mine = await community.balances(debitor_meter_id=meter.id, interval="PT15M", **span)
+        assert by_pair(mine) == {k: v for k, v in by_pair(fine).items() if k[2] == meter.id}
+    for meter in [*producers, prosumer]:
+        mine = await community.balances(creditor_meter_id=meter.id, interval="PT1H", **span)
+        hourly = by_pair(
+            await community.balances(site_id=community.site.id, interval="PT1H", **span)
+        )
+        assert by_pair(mine) == {k: v for k, v in hourly.items() if k[1] == meter.id}
+    grid_rows = await community.balances(
+        site_id=community.site.id, creditor_meter_id="GRID", interval="P1D", **span
+    )
+    assert {r.creditor_meter_id for r in grid_rows} == {"GRID"}
+    assert {r.debitor_meter_id for r in grid_rows} == {m.id for m in [*consumers, prosumer]}
     for interval in ("PT1H", "P1D", "P1M"):
         coarse = await community.balances(site_id=community.site.id, interval=interval, **span)
         expected: dict[tuple[datetime, str, str], int] = defaultdict(int)

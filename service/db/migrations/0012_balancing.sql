@@ -51,14 +51,15 @@ CREATE INDEX site_balancing_policies_site_page_idx
 -- One row per site and block: a local day for PT15M/PT1H sites, a local month for P1M ones.
 -- A site-year of 100 consumers and 2 producers is ~10 million creditor -> debitor cells; a
 -- row each would be ~1 GB of tuples and minutes to write or read. Here a block holds its
--- arrays packed (little-endian int64, C order):
+-- arrays packed (little-endian int64, C order, time innermost):
 --   interval_starts [T] UTC microseconds of the balance grid points of the block
 --   complete        [T] uint8, 1 = balanced, 0 = a participant's energy was missing
---   shared_wh       [T, P, C] producer -> consumer energy
---   feed_in_wh      [T, P], grid_supply_wh [T, C]
+--   shared_wh       [C, P, T] producer -> consumer energy
+--   feed_in_wh      [P, T], grid_supply_wh [C, T]
 -- with producer_ids / consumer_ids the meter ids of the P and C axes (sorted). A site-year
 -- is then 365 rows and ~60 MB, written with one COPY and read back with one query.
--- Stored uncompressed (EXTERNAL): pglz would cost more CPU than the bytes it saves here.
+-- Stored uncompressed (EXTERNAL): pglz would cost more CPU than the bytes it saves here,
+-- and an uncompressed value lets substring() fetch only the TOAST chunks of one consumer.
 CREATE TABLE balance_blocks (
     site_id          uuid NOT NULL REFERENCES sites (id) ON DELETE CASCADE,
     org_id           uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
