@@ -111,7 +111,38 @@ def layout(participants: Sequence[Participant]) -> tuple[tuple[UUID, ...], tuple
     )
 
 
-def balance_intervals(
+@dataclass
+class PreparedIntervals:
+    """The complete intervals of one block's re-balanced rows, ready for the engine.
+
+    ``key`` is what the engine call depends on besides the energy (method, meters, tiers,
+    keys): blocks with equal keys are allocated in one engine call, which amortises the
+    engine's per-call cost over a month of days instead of paying it per day."""
+
+    block: Block
+    done: NDArray[np.intp]
+    production_wh: NDArray[np.int64]  # [len(done), P]
+    demand_wh: NDArray[np.int64]  # [len(done), C]
+    method: AllocationMethod
+    producer_as_consumer: NDArray[np.int64]
+    consumer_tier: NDArray[np.int64]
+    consumer_share: NDArray[np.float64]
+    balanced: int
+    incomplete: int
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        return (
+            self.method,
+            self.block.producer_ids,
+            self.block.consumer_ids,
+            tuple(self.producer_as_consumer.tolist()),
+            tuple(self.consumer_tier.tolist()),
+            tuple(np.nan_to_num(self.consumer_share, nan=-1.0).tolist()),
+        )
+
+
+def prepare_intervals(
     block: Block,
     rows: NDArray[np.intp],
     interval_ends: NDArray[np.int64],
@@ -120,10 +151,11 @@ def balance_intervals(
     meter_column: Mapping[UUID, int],
     import_wh: NDArray[np.float64],
     export_wh: NDArray[np.float64],
-) -> tuple[int, int]:
-    """Re-balances the intervals ``rows`` of ``block`` in place from their energy
+) -> PreparedIntervals:
+    """Marks the intervals ``rows`` of ``block`` complete or not from their energy
     (``import_wh`` / ``export_wh``: [len(rows), M], NaN unknown, columns by
-    ``meter_column``); returns (balanced, incomplete) counts of those rows."""
+    ``meter_column``), clears their cells, and returns the complete ones' whole-Wh energy
+    for :func:`allocate_prepared`."""
     by_id = {p.meter_id: p for p in participants}
     producers = [by_id[m] for m in block.producer_ids]
     consumers = [by_id[m] for m in block.consumer_ids]
@@ -151,47 +183,65 @@ def balance_intervals(
         ]
         return np.stack(columns, axis=1)
 
-    production = energy(export_wh, producers)
-    demand = energy(import_wh, consumers)
-    producing = in_service(producers)
-    consuming = in_service(consumers)
-    production = np.where(producing, production, 0.0)
-    demand = np.where(consuming, demand, 0.0)
+    production = np.where(in_service(producers), energy(export_wh, producers), 0.0)
+    demand = np.where(in_service(consumers), energy(import_wh, consumers), 0.0)
     complete = ~(np.isnan(production).any(axis=1) | np.isnan(demand).any(axis=1))
 
-    done = rows[complete]
     block.complete[rows] = complete
     block.shared_wh[rows] = 0
     block.feed_in_wh[rows] = 0
     block.grid_supply_wh[rows] = 0
-    if len(done):
-        production_wh = round_energy_wh(production[complete])
-        demand_wh = round_energy_wh(demand[complete])
-        if producers and consumers:
-            consumer_index = {m: i for i, m in enumerate(block.consumer_ids)}
-            result = allocate(
-                BalancingInput(
-                    method=method,
-                    production_wh=production_wh,
-                    demand_wh=demand_wh,
-                    producer_as_consumer=np.array(
-                        [consumer_index.get(p.meter_id, -1) for p in producers], dtype=np.int64
-                    ),
-                    consumer_tier=np.array([c.tier for c in consumers], dtype=np.int64),
-                    consumer_share=np.array(
-                        [c.share if c.share is not None else np.nan for c in consumers],
-                        dtype=np.float64,
-                    ),
-                )
-            )
-            block.shared_wh[done] = result.shared_wh
-            block.feed_in_wh[done] = result.feed_in_wh
-            block.grid_supply_wh[done] = result.grid_supply_wh
-        else:
-            block.feed_in_wh[done] = production_wh
-            block.grid_supply_wh[done] = demand_wh
+    consumer_index = {m: i for i, m in enumerate(block.consumer_ids)}
     balanced = int(complete.sum())
-    return balanced, len(rows) - balanced
+    return PreparedIntervals(
+        block=block,
+        done=rows[complete],
+        production_wh=round_energy_wh(production[complete]),
+        demand_wh=round_energy_wh(demand[complete]),
+        method=method,
+        producer_as_consumer=np.array(
+            [consumer_index.get(p.meter_id, -1) for p in producers], dtype=np.int64
+        ),
+        consumer_tier=np.array([c.tier for c in consumers], dtype=np.int64),
+        consumer_share=np.array(
+            [c.share if c.share is not None else np.nan for c in consumers], dtype=np.float64
+        ),
+        balanced=balanced,
+        incomplete=len(rows) - balanced,
+    )
+
+
+def allocate_prepared(group: Sequence[PreparedIntervals]) -> None:
+    """Allocates the complete intervals of blocks with one ``key`` in one engine call and
+    writes the cells into their blocks (intervals are independent in the engine)."""
+    group = [g for g in group if len(g.done)]
+    if not group:
+        return
+    first = group[0]
+    production = np.concatenate([g.production_wh for g in group])
+    demand = np.concatenate([g.demand_wh for g in group])
+    if production.shape[1] and demand.shape[1]:
+        result = allocate(
+            BalancingInput(
+                method=first.method,
+                production_wh=production,
+                demand_wh=demand,
+                producer_as_consumer=first.producer_as_consumer,
+                consumer_tier=first.consumer_tier,
+                consumer_share=first.consumer_share,
+            )
+        )
+        shared, feed_in, grid_supply = result.shared_wh, result.feed_in_wh, result.grid_supply_wh
+    else:
+        shared = np.zeros((len(production), production.shape[1], demand.shape[1]), np.int64)
+        feed_in, grid_supply = production, demand
+    offset = 0
+    for g in group:
+        size = len(g.done)
+        g.block.shared_wh[g.done] = shared[offset : offset + size]
+        g.block.feed_in_wh[g.done] = feed_in[offset : offset + size]
+        g.block.grid_supply_wh[g.done] = grid_supply[offset : offset + size]
+        offset += size
 
 
 # -- packing into a balance_blocks row -------------------------------------------------------

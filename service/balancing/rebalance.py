@@ -21,9 +21,11 @@ from service.balancing.blocks import (
     Block,
     Direction,
     Participant,
-    balance_intervals,
+    PreparedIntervals,
+    allocate_prepared,
     empty_block,
     layout,
+    prepare_intervals,
 )
 from service.balancing.calendar import block_day, from_us, grid_starts, iter_blocks, to_us
 from service.balancing.domain import Policy, Setting, method_on, participants_on
@@ -173,6 +175,7 @@ async def _rebalance_chunk(
         )
         column: dict[UUID, int] = {meter_id: i for i, meter_id in enumerate(energy.meter_ids)}
         known = energy.interval_starts
+        groups: dict[tuple[object, ...], list[PreparedIntervals]] = {}
         for plan in plans:
             starts = plan.block.interval_starts[plan.rows]
             index = np.searchsorted(known, starts)
@@ -183,7 +186,7 @@ async def _rebalance_chunk(
             exports = np.full((len(starts), width), np.nan)
             imports[found] = energy.import_wh[index[found]]
             exports[found] = energy.export_wh[index[found]]
-            balanced, incomplete = balance_intervals(
+            ready = prepare_intervals(
                 plan.block,
                 plan.rows,
                 plan.ends,
@@ -193,6 +196,9 @@ async def _rebalance_chunk(
                 imports,
                 exports,
             )
-            result.balanced += balanced
-            result.incomplete += incomplete
+            groups.setdefault(ready.key, []).append(ready)
+            result.balanced += ready.balanced
+            result.incomplete += ready.incomplete
+        for group in groups.values():
+            allocate_prepared(group)
     await replace_blocks(conn, site.org_id, site.id, [p.block for p in plans], removed)
