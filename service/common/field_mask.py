@@ -7,7 +7,16 @@ ones, and exactly the named fields change.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, TypeVar
+
 from service.common.errors import ValidationError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_Fields = TypeVar("_Fields", bound="DataclassInstance")
 
 
 def require_mask(paths: list[str], allowed: frozenset[str], field: str = "update_mask") -> set[str]:
@@ -23,3 +32,19 @@ def require_mask(paths: list[str], allowed: frozenset[str], field: str = "update
             f"cannot update {', '.join(unknown)}; updatable: {', '.join(sorted(allowed))}",
         )
     return set(paths)
+
+
+def merge_masked(
+    current: _Fields,
+    paths: Collection[str],
+    given: Mapping[str, object],
+    attributes: Mapping[str, str] | None = None,
+) -> _Fields:
+    """``current`` (a dataclass) with exactly the fields named by ``paths`` from ``given``.
+
+    ``given`` maps every updatable path to its new value from the request; ``attributes``
+    names the dataclass field of a path spelled differently in the API (``type`` ->
+    ``site_type``). A path without a value in ``given`` is a bug in the caller (KeyError).
+    """
+    renamed = attributes or {}
+    return replace(current, **{renamed.get(path, path): given[path] for path in paths})

@@ -69,3 +69,11 @@ def readings_batch_payload(
         "to": last.isoformat(),
     }
     return json.dumps(payload, separators=(",", ":"))
+
+
+def event_org(payload: str) -> str | None:
+    """The organization (``key``) of a JSON event payload; None when it cannot be read."""
+    try:
+        return str(json.loads(payload)["key"])
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -13,7 +12,7 @@ from openvpp.v1 import site_registry_pb2_grpc as pb_grpc
 
 from service.auth.principal import Role, current_principal
 from service.common.clock import SYSTEM_CLOCK, Clock
-from service.common.field_mask import require_mask
+from service.common.field_mask import merge_masked, require_mask
 from service.common.pagination import fetch_page, page_size_or_default
 from service.common.protoconv import enum_from_proto, parse_uuid, to_timestamp
 from service.db.reads import Reads
@@ -21,7 +20,13 @@ from service.events.channels import SITE_EVENTS_CHANNEL
 from service.events.hub import EventHub
 from service.identifiers import normalize_grid_identifier
 from service.registry import convert
-from service.registry.domain import SiteFields, SiteStatus, validate_resource, validate_site
+from service.registry.domain import (
+    ResourceFields,
+    SiteFields,
+    SiteStatus,
+    validate_resource,
+    validate_site,
+)
 from service.registry.store import RegistryStore, SiteFilter, SiteRecord
 from service.upstream.domain import UpstreamStatus
 
@@ -112,19 +117,18 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
         )
         new_location = convert.location_from_proto(given.location)
 
+        given_fields = {
+            "name": given.name,
+            "external_id": given.external_id,
+            "location": new_location,
+            "timezone": given.timezone,
+            "supply_points": new_points,
+            "type": new_type,
+            "balance_resolution": given.balance_resolution,
+        }
+
         def change(current: SiteFields) -> SiteFields:
-            updated = replace(
-                current,
-                name=given.name if "name" in paths else current.name,
-                external_id=given.external_id if "external_id" in paths else current.external_id,
-                location=new_location if "location" in paths else current.location,
-                timezone=given.timezone if "timezone" in paths else current.timezone,
-                supply_points=new_points if "supply_points" in paths else current.supply_points,
-                site_type=new_type if "type" in paths else current.site_type,
-                balance_resolution=given.balance_resolution
-                if "balance_resolution" in paths
-                else current.balance_resolution,
-            )
+            updated = merge_masked(current, paths, given_fields, {"type": "site_type"})
             return validate_site(updated, prefix="site.")
 
         site = await self._store().update_site(site_id, change)
@@ -209,16 +213,16 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
         power = convert.bounds_from_proto(given.power_kw, given.HasField("power_kw"))
         capacity = convert.bounds_from_proto(given.capacity_kwh, given.HasField("capacity_kwh"))
 
-        def change(current: Any) -> Any:
-            updated = replace(
-                current,
-                name=given.name if "name" in paths else current.name,
-                external_id=given.external_id if "external_id" in paths else current.external_id,
-                power_kw=power if "power_kw" in paths else current.power_kw,
-                capacity_kwh=capacity if "capacity_kwh" in paths else current.capacity_kwh,
-                webhook_url=given.webhook_url if "webhook_url" in paths else current.webhook_url,
-            )
-            return validate_resource(updated, prefix="resource.")
+        given_fields = {
+            "name": given.name,
+            "external_id": given.external_id,
+            "power_kw": power,
+            "capacity_kwh": capacity,
+            "webhook_url": given.webhook_url,
+        }
+
+        def change(current: ResourceFields) -> ResourceFields:
+            return validate_resource(merge_masked(current, paths, given_fields), prefix="resource.")
 
         resource = await self._store().update_resource(resource_id, change)
         return pb.UpdateResourceResponse(resource=convert.resource_to_proto(resource))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 from zoneinfo import ZoneInfo
@@ -35,15 +36,21 @@ import numpy as np
 
 from service.common.errors import NotFoundError
 from service.grid import parse_resolution
-from service.grid.arrays import grid_bounds_us, to_epoch_us
+from service.grid.arrays import from_epoch_us, grid_bounds_us, to_epoch_us
 from service.identifiers.ids import MeterId, OrgId, SiteId
-from service.telemetry.domain import Measuring, MeterDirection
 from service.telemetry.energy import (
+    FLOW_EXPORT,
+    FLOW_IMPORT,
     IntervalEnergyAccumulator,
+    MeterColumn,
     MeterColumns,
     SiteIntervalEnergy,
+    interval_energy,
     meter_column,
 )
+from service.telemetry.meter_store import MeterRecord
+from service.telemetry.store import fetch_range
+from service.telemetry.validate import MeterInfo
 
 _PG_EPOCH_US = 946_684_800 * 1_000_000
 _COPY_HEADER_SIZE = 19  # signature (11), flags (4), header extension length (4)
@@ -108,6 +115,21 @@ class _RowDecoder:
         )
 
 
+def _column(meter: MeterRecord) -> MeterColumn:
+    fields = meter.fields
+    assert fields.direction is not None
+    assert fields.measuring is not None
+    assert fields.start_date is not None
+    return meter_column(
+        MeterId(meter.id),
+        fields.direction,
+        fields.measuring,
+        fields.transformer_factor or 1.0,
+        to_epoch_us(fields.start_date),
+        None if fields.end_date is None else to_epoch_us(fields.end_date),
+    )
+
+
 @contextlib.asynccontextmanager
 async def _snapshot(db: asyncpg.Pool | asyncpg.Connection) -> AsyncIterator[asyncpg.Connection]:
     if isinstance(db, asyncpg.Pool):
@@ -147,8 +169,7 @@ async def site_interval_energy(
             raise NotFoundError("site", str(site_id))
         rows = await conn.fetch(
             """
-            SELECT id, direction, measuring, transformer_factor, start_date, end_date
-            FROM meters
+            SELECT * FROM meters
             WHERE site_id = $1 AND org_id = $2 AND ($3::uuid[] IS NULL OR id = ANY($3::uuid[]))
             """,
             site_id,
@@ -160,20 +181,8 @@ async def site_interval_energy(
             for wanted in meter_ids:
                 if wanted not in found:
                     raise NotFoundError("meter", str(wanted))
-        rows = sorted(rows, key=lambda row: row["id"])
-        meters = MeterColumns.of(
-            [
-                meter_column(
-                    MeterId(row["id"]),
-                    MeterDirection(row["direction"]),
-                    Measuring(row["measuring"]),
-                    row["transformer_factor"],
-                    to_epoch_us(row["start_date"]),
-                    None if row["end_date"] is None else to_epoch_us(row["end_date"]),
-                )
-                for row in rows
-            ]
-        )
+        records = sorted((MeterRecord.from_row(row) for row in rows), key=lambda m: m.id)
+        meters = MeterColumns.of([_column(record) for record in records])
         bounds = grid_bounds_us(
             parse_resolution(site["balance_resolution"]), ZoneInfo(site["timezone"]), start, end
         )
@@ -197,3 +206,49 @@ async def site_interval_energy(
             )
             decoder.finish()
         return accumulator.site_energy()
+
+
+@dataclass(frozen=True)
+class MeterReadings:
+    """``ListReadings`` of one meter: stored rows in ``[start, end)`` (records with ``flow``,
+    ``ts``, ``value_wh``, by flow and time) and its known intervals as (start, flow code,
+    energy Wh), import first, each flow in time order."""
+
+    readings: list[asyncpg.Record]
+    intervals: list[tuple[datetime, int, float]]
+
+
+async def meter_readings(
+    pool: asyncpg.Pool, meter: MeterInfo, start: datetime, end: datetime
+) -> MeterReadings:
+    """One meter's stored values and interval energy (the same derivation as the site's)."""
+    bounds = grid_bounds_us(meter.resolution, meter.timezone, start, end)
+    # A register at the end of the last interval is needed to difference it.
+    upper = from_epoch_us(int(bounds[-1])) if len(bounds) else end
+    rows = await fetch_range(pool, meter.id, start, upper)
+    columns = MeterColumns.of(
+        [
+            meter_column(
+                MeterId(meter.id),
+                meter.direction,
+                meter.measuring,
+                meter.transformer_factor,
+                meter.start_us,
+                meter.end_us,
+            )
+        ]
+    )
+    energies = interval_energy(
+        bounds,
+        columns,
+        np.zeros(len(rows), dtype=np.intp),
+        np.array([row["flow"] for row in rows], dtype=np.int16),
+        np.array([to_epoch_us(row["ts"]) for row in rows], dtype=np.int64),
+        np.array([row["value_wh"] for row in rows], dtype=np.float64),
+    )
+    intervals = []
+    for flow, energy in zip((FLOW_IMPORT, FLOW_EXPORT), energies, strict=True):
+        column = energy[:, 0]
+        for index in np.flatnonzero(~np.isnan(column)):
+            intervals.append((from_epoch_us(int(bounds[index])), flow, float(column[index])))
+    return MeterReadings([row for row in rows if row["ts"] < end], intervals)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import asyncpg
@@ -10,7 +9,7 @@ from openvpp.v1 import meter_registry_pb2 as pb
 from openvpp.v1 import meter_registry_pb2_grpc as pb_grpc
 
 from service.auth.principal import Role, current_principal
-from service.common.field_mask import require_mask
+from service.common.field_mask import merge_masked, require_mask
 from service.common.pagination import fetch_page, page_size_or_default
 from service.common.protoconv import from_timestamp, parse_uuid
 from service.telemetry import convert
@@ -71,21 +70,18 @@ class MeterRegistryServicer(pb_grpc.MeterRegistryServicer):
         start = from_timestamp(given.start_date) if given.HasField("start_date") else None
         end = from_timestamp(given.end_date) if given.HasField("end_date") else None
 
+        given_fields = {
+            "identifier": given.identifier,
+            "serial": given.serial,
+            "mpo": given.mpo,
+            "start_date": start,
+            "end_date": end,
+            # proto3 cannot tell 0 from unset here: 0 is refused, like a negative.
+            "transformer_factor": given.transformer_factor,
+        }
+
         def change(current: MeterFields) -> MeterFields:
-            return normalized_meter(
-                replace(
-                    current,
-                    identifier=given.identifier if "identifier" in paths else current.identifier,
-                    serial=given.serial if "serial" in paths else current.serial,
-                    mpo=given.mpo if "mpo" in paths else current.mpo,
-                    start_date=start if "start_date" in paths else current.start_date,
-                    end_date=end if "end_date" in paths else current.end_date,
-                    # proto3 cannot tell 0 from unset here: 0 is refused, like a negative.
-                    transformer_factor=given.transformer_factor
-                    if "transformer_factor" in paths
-                    else current.transformer_factor,
-                )
-            )
+            return normalized_meter(merge_masked(current, paths, given_fields))
 
         meter = await self._store().update(meter_id, change)
         return pb.UpdateMeterResponse(meter=convert.meter_to_proto(meter))

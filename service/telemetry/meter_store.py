@@ -33,7 +33,10 @@ from service.telemetry.domain import (
 
 @dataclass(frozen=True)
 class MeterRecord:
+    """A ``meters`` row; :meth:`from_row` is the one mapping of that table."""
+
     id: UUID
+    org_id: UUID
     site_id: UUID
     fields: MeterFields
     created_at: datetime
@@ -43,6 +46,7 @@ class MeterRecord:
     def from_row(cls, row: Mapping[str, Any]) -> MeterRecord:
         return cls(
             id=row["id"],
+            org_id=row["org_id"],
             site_id=row["site_id"],
             fields=MeterFields(
                 identifier=row["identifier"],
