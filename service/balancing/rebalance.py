@@ -8,6 +8,7 @@ and grid keeps its other intervals, so a late correction re-balances just what i
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -40,6 +41,7 @@ from service.balancing.store import (
     site_policies,
     site_settings,
 )
+from service.telemetry.energy import SiteIntervalEnergy
 from service.telemetry.energy_store import site_interval_energy
 
 TimeRange = tuple[datetime, datetime]
@@ -98,18 +100,46 @@ async def rebalance(
     for start, end in merged:
         for block_start, block_end in iter_blocks(start, end, site.timezone, site.resolution):
             touched.setdefault(block_start, (block_end, []))[1].append((start, end))
-    chunk: list[datetime] = []
+    chunks: list[list[datetime]] = []
     for block_start in sorted(touched):
-        if chunk and block_start - chunk[0] >= CHUNK_SPAN:
-            await _rebalance_chunk(conn, site, chunk, touched, settings, policies, meters, result)
-            chunk = []
-        chunk.append(block_start)
-    if chunk:
-        await _rebalance_chunk(conn, site, chunk, touched, settings, policies, meters, result)
+        if not chunks or block_start - chunks[-1][0] >= CHUNK_SPAN:
+            chunks.append([])
+        chunks[-1].append(block_start)
+    # A pipeline: while the engine allocates one chunk in a worker thread (numpy releases
+    # the GIL), the next chunk's stored blocks and energy are read from PostgreSQL, and the
+    # finished chunk's blocks are written once its allocation is done.
+    computing: tuple[asyncio.Future[tuple[int, int]], _Chunk] | None = None
+    for chunk in chunks:
+        planned = await _plan_chunk(conn, site, chunk, touched, settings, policies, meters)
+        if computing is not None:
+            await _finish(conn, site, computing, result)
+        computing = (asyncio.ensure_future(asyncio.to_thread(_compute, planned)), planned)
+    if computing is not None:
+        await _finish(conn, site, computing, result)
     return result
 
 
-async def _rebalance_chunk(
+@dataclass
+class _Chunk:
+    plans: list[_Plan]
+    removed: list[datetime]
+    energy: SiteIntervalEnergy | None
+
+
+async def _finish(
+    conn: asyncpg.Connection,
+    site: SiteInfo,
+    computing: tuple[asyncio.Future[tuple[int, int]], _Chunk],
+    result: RebalanceResult,
+) -> None:
+    future, chunk = computing
+    balanced, incomplete = await future
+    result.balanced += balanced
+    result.incomplete += incomplete
+    await replace_blocks(conn, site.org_id, site.id, [p.block for p in chunk.plans], chunk.removed)
+
+
+async def _plan_chunk(
     conn: asyncpg.Connection,
     site: SiteInfo,
     chunk: Sequence[datetime],
@@ -117,8 +147,9 @@ async def _rebalance_chunk(
     settings: Sequence[Setting],
     policies: Sequence[Policy],
     meters: dict[UUID, MeterRow],
-    result: RebalanceResult,
-) -> None:
+) -> _Chunk:
+    """The blocks of ``chunk`` to re-balance (stored ones reused when their layout holds),
+    the stored blocks to remove, and the energy of their intervals: the database part."""
     chunk_end = touched[chunk[-1]][0]
     stored = {
         b.start: b for b in await load_blocks(conn, site.org_id, site.id, chunk[0], chunk_end)
@@ -166,39 +197,50 @@ async def _rebalance_chunk(
             rows = np.arange(len(grid))
         method = method_on(policies, day)
         plans.append(_Plan(block, rows, ends, method, participants))
-    if plans:
-        span_start = min(int(p.block.interval_starts[p.rows[0]]) for p in plans)
-        span_end = max(int(p.ends[p.rows[-1]]) for p in plans)
-        meter_ids = sorted({m.meter_id for p in plans for m in p.participants})
-        energy = await site_interval_energy(
-            conn, site.org_id, site.id, from_us(span_start), from_us(span_end), meter_ids
+    if not plans:
+        return _Chunk(plans, removed, None)
+    span_start = min(int(p.block.interval_starts[p.rows[0]]) for p in plans)
+    span_end = max(int(p.ends[p.rows[-1]]) for p in plans)
+    meter_ids = sorted({m.meter_id for p in plans for m in p.participants})
+    energy = await site_interval_energy(
+        conn, site.org_id, site.id, from_us(span_start), from_us(span_end), meter_ids
+    )
+    return _Chunk(plans, removed, energy)
+
+
+def _compute(chunk: _Chunk) -> tuple[int, int]:
+    """Balances the planned intervals of a chunk in place (CPU only, no I/O, so it may run
+    in a worker thread); (balanced, incomplete) counts."""
+    energy = chunk.energy
+    if energy is None:
+        return 0, 0
+    column: dict[UUID, int] = {meter_id: i for i, meter_id in enumerate(energy.meter_ids)}
+    known = energy.interval_starts
+    groups: dict[tuple[object, ...], list[PreparedIntervals]] = {}
+    balanced = incomplete = 0
+    for plan in chunk.plans:
+        starts = plan.block.interval_starts[plan.rows]
+        index = np.searchsorted(known, starts)
+        found = index < len(known)
+        found[found] = known[index[found]] == starts[found]
+        width = len(energy.meter_ids)
+        imports = np.full((len(starts), width), np.nan)
+        exports = np.full((len(starts), width), np.nan)
+        imports[found] = energy.import_wh[index[found]]
+        exports[found] = energy.export_wh[index[found]]
+        ready = prepare_intervals(
+            plan.block,
+            plan.rows,
+            plan.ends,
+            plan.method,
+            plan.participants,
+            column,
+            imports,
+            exports,
         )
-        column: dict[UUID, int] = {meter_id: i for i, meter_id in enumerate(energy.meter_ids)}
-        known = energy.interval_starts
-        groups: dict[tuple[object, ...], list[PreparedIntervals]] = {}
-        for plan in plans:
-            starts = plan.block.interval_starts[plan.rows]
-            index = np.searchsorted(known, starts)
-            found = index < len(known)
-            found[found] = known[index[found]] == starts[found]
-            width = len(energy.meter_ids)
-            imports = np.full((len(starts), width), np.nan)
-            exports = np.full((len(starts), width), np.nan)
-            imports[found] = energy.import_wh[index[found]]
-            exports[found] = energy.export_wh[index[found]]
-            ready = prepare_intervals(
-                plan.block,
-                plan.rows,
-                plan.ends,
-                plan.method,
-                plan.participants,
-                column,
-                imports,
-                exports,
-            )
-            groups.setdefault(ready.key, []).append(ready)
-            result.balanced += ready.balanced
-            result.incomplete += ready.incomplete
-        for group in groups.values():
-            allocate_prepared(group)
-    await replace_blocks(conn, site.org_id, site.id, [p.block for p in plans], removed)
+        groups.setdefault(ready.key, []).append(ready)
+        balanced += ready.balanced
+        incomplete += ready.incomplete
+    for group in groups.values():
+        allocate_prepared(group)
+    return balanced, incomplete
