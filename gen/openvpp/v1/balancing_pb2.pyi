@@ -799,6 +799,9 @@ class WatchBalancesResponse(_message.Message):
     COMMIT_TIME_FIELD_NUMBER: _builtins.int
     site_id: _builtins.str
     balanced_intervals: _builtins.int
+    """Counts of the whole re-balancing that committed this range (one commit may carry
+    several ranges of the site, each its own message).
+    """
     incomplete_intervals: _builtins.int
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
@@ -807,7 +810,9 @@ class WatchBalancesResponse(_message.Message):
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
-    def commit_time(self) -> _timestamp_pb2.Timestamp: ...
+    def commit_time(self) -> _timestamp_pb2.Timestamp:
+        """When the re-balancing was made (inside its transaction)."""
+
     def __init__(
         self,
         *,
