@@ -58,13 +58,33 @@ def _decode(token: str, fingerprint: str) -> dict[str, object] | None:
 
 
 @dataclass(frozen=True)
-class BalanceRow:
-    interval_start_us: int
-    interval_end_us: int
-    creditor: str
-    debitor: str
-    energy_wh: int
-    complete: bool
+class BalanceRows:
+    """Rows of one window, columnar (a page has one or more): row ``r`` is the interval
+    ``[bounds_us[intervals[r]], bounds_us[intervals[r] + 1])``, the pair ``pairs[r]`` of
+    ``creditors`` / ``debitors``, ``energy_wh[r]`` and ``complete[r]``. Columns are plain
+    lists: a page of 10,000 rows is then one pass of the servicer, no object per row."""
+
+    bounds_us: list[int]
+    creditors: list[str]
+    debitors: list[str]
+    intervals: list[int]
+    pairs: list[int]
+    energy_wh: list[int]
+    complete: list[bool]
+
+    def __len__(self) -> int:
+        return len(self.intervals)
+
+    def truncated(self, size: int) -> BalanceRows:
+        return BalanceRows(
+            self.bounds_us,
+            self.creditors,
+            self.debitors,
+            self.intervals[:size],
+            self.pairs[:size],
+            self.energy_wh[:size],
+            self.complete[:size],
+        )
 
 
 @dataclass(frozen=True)
@@ -121,7 +141,7 @@ async def balances_page(
     debitor: str | None,
     limit: int,
     page_token: str,
-) -> tuple[list[BalanceRow], str]:
+) -> tuple[list[BalanceRows], str]:
     fingerprint = filters_fingerprint("balances", site.id, start, end, interval, creditor, debitor)
     cursor = _decode(page_token, fingerprint)
     bounds_all = output_starts(start, end, site.timezone, interval)
@@ -140,9 +160,9 @@ async def balances_page(
     per_interval = await _pairs_per_interval(pool, site, bounds_all[position], creditor, debitor)
     # Enough output intervals for a page, with one to spare; more windows if they fall short.
     span = max(1, -(-(limit + 1) // per_interval) + 1)
-    rows: list[BalanceRow] = []
-    while position < n_all and len(rows) <= limit:
-        before = len(rows)
+    windows: list[BalanceRows] = []
+    count = 0
+    while position < n_all and count <= limit:
         agg = await _window(pool, site, bounds_all, position, span, producers, consumers)
         n = len(agg.bounds) - 1
         pairs = pair_columns(agg, creditor, debitor)
@@ -155,35 +175,44 @@ async def balances_page(
             )
             keep = (intervals > 0) | later[columns]
             intervals, columns = intervals[keep], columns[keep]
-        take = limit + 1 - len(rows)
+        take = limit + 1 - count
         intervals, columns = intervals[:take], columns[:take]
-        starts = agg.bounds[intervals].tolist()
-        ends = agg.bounds[intervals + 1].tolist()
-        energies = pairs.values[intervals, columns].tolist()
-        complete = agg.complete[intervals].tolist()
-        creditors, debitors = pairs.creditors, pairs.debitors
-        rows.extend(
-            BalanceRow(s_us, e_us, creditors[k], debitors[k], wh, done)
-            for s_us, e_us, k, wh, done in zip(
-                starts, ends, columns.tolist(), energies, complete, strict=True
+        if len(intervals):
+            windows.append(
+                BalanceRows(
+                    agg.bounds.tolist(),
+                    pairs.creditors,
+                    pairs.debitors,
+                    intervals.tolist(),
+                    columns.tolist(),
+                    pairs.values[intervals, columns].tolist(),
+                    agg.complete[intervals].tolist(),
+                )
             )
-        )
-        after = None
-        position += n
-        if len(rows) == before and position < n_all:
+            count += len(intervals)
+        elif position + n < n_all:
             # Nothing stored in this window: jump to the next stored block.
-            upcoming = await _next_data(pool, site, int(bounds_all[position]))
+            upcoming = await _next_data(pool, site, int(bounds_all[position + n]))
             if upcoming is None:
                 break
-            position = max(position, int(np.searchsorted(bounds_all, upcoming, side="right")) - 1)
-    if len(rows) <= limit:
-        return rows, ""
-    page = rows[:limit]
-    last = page[-1]
+            n = max(n, int(np.searchsorted(bounds_all, upcoming, side="right")) - 1 - position)
+        after = None
+        position += n
+    if count <= limit:
+        return windows, ""
+    last = windows[-1]
+    kept = len(last) - (count - limit)
+    windows[-1] = last = last.truncated(kept)
+    row = kept - 1
     token = _encode(
-        {"s": last.interval_start_us, "c": last.creditor, "d": last.debitor, "f": fingerprint}
+        {
+            "s": last.bounds_us[last.intervals[row]],
+            "c": last.creditors[last.pairs[row]],
+            "d": last.debitors[last.pairs[row]],
+            "f": fingerprint,
+        }
     )
-    return page, token
+    return windows, token
 
 
 async def _pairs_per_interval(

@@ -246,24 +246,23 @@ class BalancingServicer(pb_grpc.BalancingServicer):
         )
         response = pb.ListAggregatedBalancesResponse(next_page_token=token)
         add = response.balances.add
-        stamps: dict[int, timestamp_pb2.Timestamp] = {}
-
-        def stamp_of(us: int) -> timestamp_pb2.Timestamp:
-            cached = stamps.get(us)
-            if cached is None:
-                seconds, micros = divmod(us, 1_000_000)
-                cached = stamps[us] = timestamp_pb2.Timestamp(seconds=seconds, nanos=micros * 1000)
-            return cached
-
-        for row in rows:
-            add(
-                interval_start=stamp_of(row.interval_start_us),
-                interval_end=stamp_of(row.interval_end_us),
-                creditor_meter_id=row.creditor,
-                debitor_meter_id=row.debitor,
-                energy_wh=row.energy_wh,
-                complete=row.complete,
-            )
+        for window in rows:
+            stamps = [
+                timestamp_pb2.Timestamp(seconds=us // 1_000_000, nanos=us % 1_000_000 * 1000)
+                for us in window.bounds_us
+            ]
+            creditors, debitors = window.creditors, window.debitors
+            for i, k, energy, complete in zip(
+                window.intervals, window.pairs, window.energy_wh, window.complete, strict=True
+            ):
+                add(
+                    interval_start=stamps[i],
+                    interval_end=stamps[i + 1],
+                    creditor_meter_id=creditors[k],
+                    debitor_meter_id=debitors[k],
+                    energy_wh=energy,
+                    complete=complete,
+                )
         return response
 
     async def ListBalanceSummaries(
