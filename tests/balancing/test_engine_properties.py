@@ -18,7 +18,7 @@ from service.balancing.engine import (
     AllocationMethod,
     BalancingInput,
     BalancingResult,
-    _round_table_by_cycles,
+    _round_table,
     allocate,
 )
 from tests.balancing.oracle import allocate_interval
@@ -212,8 +212,8 @@ def fractional_tables(draw: st.DrawFn) -> np.ndarray:
 
 @settings(max_examples=300, deadline=None)
 @given(fractional_tables())
-def test_cycle_rounding_keeps_margins_and_floor_or_ceiling(table: np.ndarray) -> None:
-    rounded = _round_table_by_cycles(table)
+def test_table_rounding_keeps_margins_and_floor_or_ceiling(table: np.ndarray) -> None:
+    rounded = _round_table(table)
     rows, columns = table.shape
     assert np.all(
         np.abs(rounded[:, : columns - 1][: rows - 1] - table[: rows - 1, : columns - 1]) < 1
