@@ -384,8 +384,9 @@ def _allocate_tier(
         sub_demand = demand[:, iterated]
         sub_cells = np.zeros((production.shape[0], num_consumers, iterated.size))
         first_keys = _first_pass_keys(method, shares, sub_demand)
-        _first_pass(first_keys, not_own, sub_production, sub_demand, sub_cells)
+        # PRO_RATA keeps the demand of the interval as its weights, not what is left.
         weights = _redistribution_weights(method, shares, sub_demand)
+        _first_pass(first_keys, not_own, sub_production, sub_demand, sub_cells)
         _redistribute(weights, not_own, sub_production, sub_demand, sub_cells)
         production[:, iterated] = sub_production
         demand[:, iterated] = sub_demand
