@@ -91,17 +91,16 @@ Whole Wh (controlled rounding)
     those margins exact, so the sums hold in integers, ``0 <= shared_ji <= d_i`` and
     aggregating PT15M results over time gives the coarser sums exactly. Such a rounding
     always exists for a 2-D table (Bacharach 1966; Cox & Ernst 1982, "Controlled rounding",
-    INFOR 20). The engine finds one deterministically, vectorised over intervals: producer
-    rows are rounded one after another, each consumer and the GRID column carrying the
-    residual ``rounded - exact`` of its running sum, which must stay in ``(-1, 1)``; a row
-    rounds up the cells that its integer total needs, first those that must go up, then the
-    free cells with the largest ``fraction - residual`` (ties by meter index, lower first);
-    the GRID row is then ``d_i - sum_j shared_ji``, the floor or ceiling of the exact grid
-    supply because the residual stays inside ``(-1, 1)``. In the rare interval where this
-    greedy sweep runs into a row it cannot satisfy, that interval is rounded by cancelling
-    cycles of fractional cells (the constructive proof of the theorem, deterministic, lowest
-    index first). Values within ``1e-6 Wh`` of an integer count as that integer, which
-    absorbs floating-point noise and is still the floor or ceiling of the exact value.
+    INFOR 20). The engine finds one deterministically, vectorised over intervals, as a
+    b-matching: each fractional cell goes up or down; producer row ``j`` needs exactly
+    ``x_j - sum(floors)`` ups (one may be its feed-in cell) and consumer column ``i``
+    exactly ``d_i - sum(floors)`` (one may be its grid-supply cell). Producer rows are
+    decided one after another by a greedy that keeps the later rows satisfiable (see
+    :func:`_controlled_rounding`; exact for up to two producers), ties by meter index,
+    lower first. An interval where the greedy runs into a row it cannot satisfy (possible
+    with three or more producers) is repaired exactly by augmenting paths
+    (:func:`_round_table`). Values within ``1e-6 Wh`` of an integer count as that integer,
+    which absorbs floating-point noise and is still the floor or ceiling of the exact value.
 
 Zero is absence
     A consumer with zero demand is never in demand, gets key 0 under EQUAL and PRO_RATA and
@@ -323,6 +322,11 @@ def _exact_allocation(
                 hits = np.flatnonzero(columns == column)
                 if hits.size:
                     own_in_tier[producer] = hits[0]
+        if columns.size == num_consumers:  # one tier: work in place, no copies
+            _allocate_tier(
+                method, shares, own_in_tier, remaining_production, remaining_demand, cells
+            )
+            continue
         tier_demand = remaining_demand[columns]
         tier_cells = np.zeros((num_producers, columns.size, num_intervals))
         _allocate_tier(
@@ -362,13 +366,15 @@ def _allocate_tier(
     for producer, position in enumerate(own_in_tier):
         if position >= 0:
             needs_passes |= (production[producer] > 0) & (demand[position] > 0)
-    weights = _redistribution_weights(method, shares, demand)
+    if not needs_passes.any():
+        _closed_form(method, shares, production, demand, cells)
+        return
     closed = np.flatnonzero(~needs_passes)
     if closed.size:
         sub_production = production[:, closed]
         sub_demand = demand[:, closed]
         sub_cells = np.zeros((production.shape[0], num_consumers, closed.size))
-        _water_fill(weights[:, closed], sub_production, sub_demand, sub_cells)
+        _closed_form(method, shares, sub_production, sub_demand, sub_cells)
         production[:, closed] = sub_production
         demand[:, closed] = sub_demand
         cells[:, :, closed] = sub_cells
@@ -378,8 +384,10 @@ def _allocate_tier(
         sub_demand = demand[:, iterated]
         sub_cells = np.zeros((production.shape[0], num_consumers, iterated.size))
         first_keys = _first_pass_keys(method, shares, sub_demand)
+        # PRO_RATA keeps the demand of the interval as its weights, not what is left.
+        weights = _redistribution_weights(method, shares, sub_demand)
         _first_pass(first_keys, not_own, sub_production, sub_demand, sub_cells)
-        _redistribute(weights[:, iterated], not_own, sub_production, sub_demand, sub_cells)
+        _redistribute(weights, not_own, sub_production, sub_demand, sub_cells)
         production[:, iterated] = sub_production
         demand[:, iterated] = sub_demand
         cells[:, :, iterated] = sub_cells
@@ -484,58 +492,98 @@ def _redistribute(
     raise RuntimeError("redistribution did not end within its proven bound of passes")
 
 
-def _water_fill(
-    weights: FloatArray, production: FloatArray, demand: FloatArray, cells: FloatArray
+def _closed_form(
+    method: AllocationMethod,
+    shares: FloatArray,
+    production: FloatArray,
+    demand: FloatArray,
+    cells: FloatArray,
 ) -> None:
-    """Weighted water-filling ``a_i = min(e_i, mu * w_i)``, split over producers by ``r_j / R``.
+    """A redistributed tier without prosumer exclusions, in place (module docstring).
 
-    Exact equivalent of the first pass plus redistribution when no prosumer exclusion
-    matters (module docstring). Arrays are updated in place.
+    Weighted water-filling ``a_i = min(e_i, mu * w_i)`` over the consumers with ``w_i > 0``
+    and ``e_i > 0``, ``mu`` such that ``sum_i a_i = min(R, sum_i e_i)``, split over the
+    producers by ``r_j / R``. ``cells`` of the tier must be zero on entry.
     """
-    num_consumers, num_intervals = demand.shape
     total = production.sum(axis=0)
-    valid = (demand > 0) & (weights > 0)
-    level_at = np.full(demand.shape, np.inf)
-    np.divide(demand, weights, out=level_at, where=valid)
-    order = np.argsort(level_at, axis=0, kind="stable")
-    sorted_levels = np.take_along_axis(level_at, order, axis=0)
-    sorted_demand = np.take_along_axis(np.where(valid, demand, 0.0), order, axis=0)
-    sorted_weights = np.take_along_axis(np.where(valid, weights, 0.0), order, axis=0)
-    demand_before = np.zeros((num_consumers + 1, num_intervals))
-    np.cumsum(sorted_demand, axis=0, out=demand_before[1:])
-    weight_from = np.zeros((num_consumers + 1, num_intervals))
-    weight_from[:num_consumers] = np.cumsum(sorted_weights[::-1], axis=0)[::-1]
-    # Total allocated when the level reaches consumer k's saturation level.
-    filled_at = np.full((num_consumers + 1, num_intervals), np.inf)
-    sorted_valid = np.isfinite(sorted_levels)
-    filled_at[:num_consumers] = np.where(
-        sorted_valid,
-        demand_before[:num_consumers]
-        + np.where(sorted_valid, sorted_levels, 0.0) * weight_from[:num_consumers],
-        np.inf,
-    )
-    first_unsaturated = np.argmax(filled_at >= total[None, :], axis=0)
-    valid_count = valid.sum(axis=0)
-    all_saturated = first_unsaturated >= valid_count
-    index = first_unsaturated[None, :]
-    base = np.take_along_axis(demand_before, index, axis=0)[0]
-    spread = np.take_along_axis(weight_from, index, axis=0)[0]
-    level = np.zeros(num_intervals)
-    np.divide(total - base, spread, out=level, where=~all_saturated & (spread > 0))
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.arange(num_consumers)[:, None], axis=0)
-    saturated = valid & ((rank < first_unsaturated[None, :]) | all_saturated[None, :])
-    allocation = np.where(
-        saturated, demand, np.where(valid, np.minimum(demand, level[None, :] * weights), 0.0)
-    )
+    if method is AllocationMethod.PRO_RATA:
+        wanted = demand.sum(axis=0)
+        factor = np.ones_like(total)
+        np.divide(total, wanted, out=factor, where=total < wanted)
+        allocation = demand * factor[None, :]
+        all_saturated = total >= wanted
+        saturated_total = wanted
+    elif method is AllocationMethod.EQUAL:
+        level, all_saturated, saturated_total = _water_level(
+            demand, np.ones(demand.shape[0]), total
+        )
+        allocation = np.minimum(demand, level[None, :])
+    else:
+        level, all_saturated, saturated_total = _water_level(demand, shares, total)
+        with np.errstate(invalid="ignore"):  # inf * 0 where all are saturated
+            allocation = np.where(
+                shares[:, None] > 0, np.minimum(demand, level[None, :] * shares[:, None]), 0.0
+            )
     split = np.zeros_like(production)
     np.divide(production, total[None, :], out=split, where=total[None, :] > 0)
-    cells += split[:, None, :] * allocation[None, :, :]
-    taken_all = np.where(all_saturated, demand_before[num_consumers], total)
-    left_fraction = np.zeros(num_intervals)
-    np.divide(total - taken_all, total, out=left_fraction, where=all_saturated & (total > 0))
+    for producer in range(production.shape[0]):
+        np.multiply(allocation, split[producer][None, :], out=cells[producer])
+    left_fraction = np.zeros_like(total)
+    np.divide(total - saturated_total, total, out=left_fraction, where=all_saturated & (total > 0))
     production *= left_fraction[None, :]
     demand -= allocation
+
+
+def _water_level(
+    demand: FloatArray, weights: FloatArray, total: FloatArray
+) -> tuple[FloatArray, BoolArray, FloatArray]:
+    """Level ``mu`` per interval with ``sum_i min(e_i, mu * w_i) = min(total, sum_i e_i)``.
+
+    Over the consumers with ``e_i > 0`` and ``w_i > 0`` (``weights [n]`` fixed per column).
+    Returns the level (inf where all are saturated), that mask and the total demand. The
+    saturation levels ``e_i / w_i`` are sorted per interval (stable, so ties keep column
+    order); at the k-th smallest the allocation is ``sum_{m<k} e_m + level_k * sum_{m>=k}
+    w_m``, and the first k at which that reaches ``total`` brackets ``mu``.
+    """
+    num_consumers, num_intervals = demand.shape
+    valid = (demand > 0) & (weights[:, None] > 0)
+    equal_weights = bool(np.all(weights == 1.0))
+    by_interval = np.where(valid, demand, 0.0).T  # [T, n]
+    levels = np.full((num_intervals, num_consumers), np.inf)
+    if equal_weights:
+        np.copyto(levels, by_interval, where=valid.T)
+        levels.sort(axis=1)
+        sorted_demand = np.where(np.isfinite(levels), levels, 0.0)
+        weight_from = (valid.sum(axis=0)[:, None] - np.arange(num_consumers)[None, :]).astype(
+            np.float64
+        )
+        np.maximum(weight_from, 0.0, out=weight_from)
+    else:
+        np.divide(by_interval, weights[None, :], out=levels, where=valid.T)
+        order = np.argsort(levels, axis=1, kind="stable")
+        levels = np.take_along_axis(levels, order, axis=1)
+        sorted_demand = np.take_along_axis(by_interval, order, axis=1)
+        sorted_weights = np.where(valid.T, weights[None, :], 0.0)
+        sorted_weights = np.take_along_axis(sorted_weights, order, axis=1)
+        weight_from = np.cumsum(sorted_weights[:, ::-1], axis=1)[:, ::-1]
+    demand_before = np.zeros((num_intervals, num_consumers + 1))
+    np.cumsum(sorted_demand, axis=1, out=demand_before[:, 1:])
+    filled_at = np.full((num_intervals, num_consumers + 1), np.inf)
+    finite = np.isfinite(levels)
+    filled_at[:, :num_consumers] = np.where(
+        finite,
+        demand_before[:, :num_consumers] + np.where(finite, levels, 0.0) * weight_from,
+        np.inf,
+    )
+    first = np.argmax(filled_at >= total[:, None], axis=1)
+    all_saturated = first >= valid.sum(axis=0)
+    base = np.take_along_axis(demand_before, first[:, None], axis=1)[:, 0]
+    spread_padded = np.zeros((num_intervals, num_consumers + 1))
+    spread_padded[:, :num_consumers] = weight_from
+    spread = np.take_along_axis(spread_padded, first[:, None], axis=1)[:, 0]
+    level = np.full(num_intervals, np.inf)
+    np.divide(total - base, spread, out=level, where=~all_saturated & (spread > 0))
+    return level, all_saturated, demand_before[:, num_consumers]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,6 +596,96 @@ def _is_integral(values: FloatArray, nearest: FloatArray) -> BoolArray:
     return result
 
 
+def _split(values: FloatArray) -> tuple[FloatArray, FloatArray, BoolArray]:
+    """Integer base, fraction in (0, 1) and the mask of cells that are not integral.
+
+    A value within ``_SNAP_ABS_WH`` of an integer is that integer (fraction 0).
+    """
+    base = np.floor(values)
+    fraction = values - base
+    near_ceiling = fraction > 1 - _SNAP_ABS_WH
+    base += near_ceiling
+    fractional = (fraction >= _SNAP_ABS_WH) & ~near_ceiling
+    fraction *= fractional
+    return base, fraction, fractional
+
+
+def _first_of(mask: BoolArray, count: Int64Array) -> BoolArray:
+    """The first ``count[t]`` true cells of each interval's column of ``mask`` (lowest index)."""
+    result: BoolArray = mask & (np.cumsum(mask, axis=0, dtype=np.int16) <= count[None, :])
+    return result
+
+
+def _greedy_row(
+    free: BoolArray,
+    forced_up: BoolArray,
+    missing: NDArray[np.int16],
+    room: NDArray[np.int16],
+    rows_after: NDArray[np.int16],
+    ups_to_place: Int64Array,
+    feed_options: tuple[BoolArray, BoolArray],
+    need_low: Int64Array,
+    need_high: Int64Array,
+) -> tuple[Int64Array, BoolArray, BoolArray]:
+    """One producer row that has rows after it: (feed-in up, cell ups, failed) per interval.
+
+    ``ups_to_place`` is the row's ups besides its forced ones; the rows after it need
+    between ``need_low`` and ``need_high`` ups in all, and can take between ``low`` (the
+    columns' missing ups) and ``high`` (their room, at most one per fractional row left).
+    """
+    low = np.maximum(missing, 0).sum(axis=0)
+    high = np.minimum(room, rows_after).sum(axis=0)
+    lowers_low = free & (missing > 0)
+    lowers_high = free & (room <= rows_after)
+    class_a = lowers_low & ~lowers_high
+    class_b = free & ~lowers_low & ~lowers_high
+    class_c = lowers_low & lowers_high
+    class_d = free & ~lowers_low & lowers_high
+    count_a, count_b, count_c, count_d = (
+        m.sum(axis=0) for m in (class_a, class_b, class_c, class_d)
+    )
+    chosen: tuple[Int64Array, ...] | None = None
+    feasible = np.zeros(free.shape[1], dtype=np.bool_)
+    for feed_up in feed_options:
+        wanted = ups_to_place - feed_up
+        take_a = np.clip(wanted, 0, count_a)
+        rest = wanted - take_a
+        # Lowering the low end never hurts, lowering the high end may: class c only as far
+        # as the low end must come down, then b, then c, then d.
+        first_c = np.clip(low - take_a - need_high, 0, np.minimum(rest, count_c))
+        take_b = np.minimum(rest - first_c, count_b)
+        take_c = first_c + np.minimum(rest - first_c - take_b, count_c - first_c)
+        take_d = rest - take_b - take_c
+        window_low = low - take_a - take_c
+        window_high = high - take_c - take_d
+        ok = (
+            (wanted >= 0)
+            & (take_d <= count_d)
+            & (np.maximum(window_low, need_low) <= np.minimum(window_high, need_high))
+        )
+        option = (feed_up.astype(np.int64), take_a, take_b, take_c, take_d)
+        if chosen is None:
+            chosen, feasible = option, ok
+        else:
+            switch = ~feasible & ok
+            chosen = tuple(
+                np.where(switch, new, old) for new, old in zip(option, chosen, strict=True)
+            )
+            feasible = feasible | ok
+    assert chosen is not None
+    feed_up_count, take_a, take_b, take_c, take_d = chosen
+    up = forced_up.copy()
+    for members, count in (
+        (class_a, take_a),
+        (class_b, take_b),
+        (class_c, take_c),
+        (class_d, take_d),
+    ):
+        if (count > 0).any():
+            up |= _first_of(members, np.maximum(count, 0))
+    return feed_up_count, up, ~feasible
+
+
 def _controlled_rounding(
     cells: FloatArray,
     feed_in: FloatArray,
@@ -555,46 +693,101 @@ def _controlled_rounding(
     production: Int64Array,
     demand: Int64Array,
 ) -> tuple[Int64Array, Int64Array, Int64Array]:
-    """Whole-Wh ``shared [P, C, T]``, ``feed_in [P, T]``, ``grid_supply [C, T]``."""
+    """Whole-Wh ``shared [P, C, T]``, ``feed_in [P, T]``, ``grid_supply [C, T]``.
+
+    Each fractional cell is rounded up or down. Producer row ``j`` needs
+    ``U_j = x_j - sum(its bases)`` ups, one of which may be its feed-in cell; consumer
+    column ``i`` needs between ``lo_i`` and ``hi_i`` ups from the producer rows (``hi_i =
+    d_i - sum(bases)``, ``lo_i = hi_i - 1`` when its grid-supply cell is fractional and can
+    take the last one). Rows are decided in order, vectorised over intervals. In row ``j`` a
+    column is forced up when every fractional row left must go up to reach ``lo_i``, and
+    closed when it has ``hi_i`` ups. The row then takes its free cells by what they do to the
+    rows after it (whose total need is known): first cells that lower the rows' minimum
+    without lowering their maximum (a), then cells that lower both (c) as far as the
+    minimum must come down, then cells that change neither (b), then more of c, and cells
+    that only lower the maximum (d) last; inside a class the lowest meter index first.
+    Whether the feed-in cell goes up is chosen likewise (nearest first). With two producers
+    the choice is exact (the last row's window is all that matters and the class order
+    keeps it whenever it can be kept); an interval the greedy still cannot satisfy is
+    repaired by :func:`_round_table`.
+    """
     num_producers, num_consumers, num_intervals = cells.shape
-    residual = np.zeros((num_consumers + 1, num_intervals))
-    shared_int = np.empty((num_producers, num_consumers, num_intervals), dtype=np.int64)
-    feed_int = np.empty((num_producers, num_intervals), dtype=np.int64)
-    failed = np.zeros(num_intervals, dtype=np.bool_)
-    positions = np.arange(num_consumers + 1)[:, None]
+    base, fraction, fractional = _split(cells)
+    del fraction
+    feed_base, feed_fraction, feed_fractional = _split(feed_in)
+    grid_base, _, grid_fractional = _split(grid_supply)
+    row_ups = production - base.sum(axis=1).astype(np.int64) - feed_base.astype(np.int64)
+    column_most = demand - base.sum(axis=0).astype(np.int64) - grid_base.astype(np.int64)
+    column_least = column_most - grid_fractional
+    feed_flex = feed_fractional.astype(np.int64)
+    # Needs of the rows after j: [sum(U - feed_flex), sum(U)].
+    later_most = np.cumsum(row_ups[::-1], axis=0)[::-1] - row_ups
+    later_least = later_most - (np.cumsum(feed_flex[::-1], axis=0)[::-1] - feed_flex)
+    # Per-cell counters stay below P + 2: small integers keep the passes over [C, T] cheap.
+    column_most = column_most.astype(np.int16)
+    column_least = column_least.astype(np.int16)
+    rows_left = np.zeros((num_consumers, num_intervals), dtype=np.int16)
     for producer in range(num_producers):
-        values = np.concatenate([cells[producer], feed_in[producer][None, :]], axis=0)
-        nearest = np.rint(values)
-        integral = _is_integral(values, nearest)
-        base = np.where(integral, nearest, np.floor(values))
-        fraction = values - base
-        fractional = ~integral
-        down_ok = residual - fraction > -1 + _RESIDUAL_MARGIN
-        up_ok = residual + 1 - fraction < 1 - _RESIDUAL_MARGIN
-        forced_up = fractional & ~down_ok
-        free = fractional & down_ok & up_ok
-        ups = production[producer] - base.sum(axis=0).astype(np.int64)
-        needed = ups - forced_up.sum(axis=0)
-        failed |= (needed < 0) | (needed > free.sum(axis=0))
-        priority = np.where(free, np.rint((fraction - residual) * _PRIORITY_GRID), -np.inf)
-        order = np.argsort(-priority, axis=0, kind="stable")
-        rank = np.empty_like(order)
-        np.put_along_axis(rank, order, np.broadcast_to(positions, order.shape), axis=0)
-        rounded = base + (forced_up | (free & (rank < needed[None, :])))
-        residual += rounded - values
-        shared_int[producer] = rounded[:num_consumers].astype(np.int64)
-        feed_int[producer] = rounded[num_consumers].astype(np.int64)
-    grid_int = demand - shared_int.sum(axis=0)
-    # Defensive: every cell floor or ceiling of its value, whatever float noise did.
-    failed |= _outside_floor_ceiling(shared_int, cells).any(axis=(0, 1))
-    failed |= _outside_floor_ceiling(feed_int, feed_in).any(axis=0)
-    failed |= _outside_floor_ceiling(grid_int, grid_supply).any(axis=0)
+        rows_left += fractional[producer]
+    taken = np.zeros((num_consumers, num_intervals), dtype=np.int16)
+    ups = np.zeros(cells.shape, dtype=np.bool_)
+    feed_ups = np.zeros((num_producers, num_intervals), dtype=np.int64)
+    failed = np.zeros(num_intervals, dtype=np.bool_)
+    for producer in range(num_producers):
+        candidates = fractional[producer]
+        rows_after = rows_left - candidates
+        missing = column_least - taken
+        forced_up = candidates & (missing >= rows_left)
+        missing -= forced_up
+        room = column_most - taken
+        room -= forced_up
+        free = candidates & ~forced_up & (room > 0)
+        forced_count = forced_up.sum(axis=0)
+        nearest_up = feed_fractional[producer] & (feed_fraction[producer] >= 0.5)
+        other_up = feed_fractional[producer] & ~nearest_up
+        if producer == num_producers - 1:
+            # The last row: the columns' bounds are all that is left (forced and free).
+            free_count = free.sum(axis=0)
+            wanted = row_ups[producer] - nearest_up - forced_count
+            use_other = ((wanted < 0) | (wanted > free_count)) & feed_fractional[producer]
+            feed_up_count = np.where(use_other, other_up, nearest_up).astype(np.int64)
+            wanted = row_ups[producer] - feed_up_count - forced_count
+            failed |= (wanted < 0) | (wanted > free_count)
+            up = forced_up | _first_of(free, np.maximum(wanted, 0))
+        else:
+            feed_up_count, up, row_failed = _greedy_row(
+                free,
+                forced_up,
+                missing,
+                room,
+                rows_after,
+                row_ups[producer] - forced_count,
+                (nearest_up, other_up),
+                later_least[producer],
+                later_most[producer],
+            )
+            failed |= row_failed
+        ups[producer] = up
+        taken += up
+        rows_left = rows_after
+        feed_ups[producer] = feed_up_count
+    grid_ups = column_most - taken
+    failed |= ((grid_ups < 0) | (grid_ups > grid_fractional)).any(axis=0)
+    failed |= ((feed_ups < 0) | (feed_ups > feed_fractional)).any(axis=0)
+    failed |= (ups.sum(axis=1) + feed_ups != row_ups).any(axis=0)
+    shared_int = base.astype(np.int64) + ups
+    feed_int = feed_base.astype(np.int64) + feed_ups
+    grid_int = grid_base.astype(np.int64) + grid_ups
     for interval in np.flatnonzero(failed):
         table = np.zeros((num_producers + 1, num_consumers + 1))
         table[:num_producers, :num_consumers] = cells[:, :, interval]
         table[:num_producers, num_consumers] = feed_in[:, interval]
         table[num_producers, :num_consumers] = grid_supply[:, interval]
-        rounded_table = _round_table_by_cycles(table)
+        initial = np.zeros(table.shape, dtype=np.bool_)
+        initial[:num_producers, :num_consumers] = ups[:, :, interval]
+        initial[:num_producers, num_consumers] = feed_ups[:, interval] > 0
+        initial[num_producers, :num_consumers] = grid_ups[:, interval] > 0
+        rounded_table = _round_table(table, initial)
         shared_int[:, :, interval] = rounded_table[:num_producers, :num_consumers]
         feed_int[:, interval] = rounded_table[:num_producers, num_consumers]
         grid_int[:, interval] = rounded_table[num_producers, :num_consumers]
@@ -610,68 +803,98 @@ def _outside_floor_ceiling(rounded: Int64Array, values: FloatArray) -> BoolArray
     return bad
 
 
-def _round_table_by_cycles(table: FloatArray) -> Int64Array:
-    """Controlled rounding of one interval's table with integer producer/consumer margins.
+def _round_table(table: FloatArray, initial_ups: BoolArray | None = None) -> Int64Array:
+    """Controlled rounding of one interval's table by augmenting paths (exact, deterministic).
 
     ``table`` is ``(P + 1) x (C + 1)``: producers then GRID by consumers then GRID, with the
-    GRID x GRID corner unused. The corner is set to make the GRID row and column sums
-    integral too; then, while fractional cells remain, a cycle of them (it exists, since
-    every line with a fractional cell has at least two when its sum is integral) is found
-    from the lowest row index and shifted by the largest step that keeps the cells in
-    [0, 1], which makes at least one integral. Deterministic; lowest indices first.
+    GRID x GRID corner unused. The corner is set so that every row and column of fractions
+    adds up to an integer; rounding is then a bipartite b-matching: each row ``r`` needs
+    ``R_r`` of its fractional cells up, each column ``K_c``. It exists because the
+    fractions themselves are a fractional solution of that transportation polytope, whose
+    vertices are integral (Bacharach 1966). Starting from ``initial_ups`` (the greedy
+    sweep's choice) where given, excess ups are dropped (highest index first) and every row
+    short of ups is served by a breadth-first augmenting path (lowest index first), which
+    exists as long as a full solution does. Returns the rounded table.
     """
-    nearest = np.rint(table)
-    integral = _is_integral(table, nearest)
-    base = np.where(integral, nearest, np.floor(table))
-    fraction = np.where(integral, 0.0, table - base)
+    base, fraction, fractional = _split(table)
     rows, columns = table.shape
     corner = (-float(fraction[rows - 1, : columns - 1].sum())) % 1.0
-    fraction[rows - 1, columns - 1] = 0.0 if min(corner, 1 - corner) < 1e-7 else corner
-    for _ in range(rows * columns + 1):
-        fraction[fraction < 1e-9] = 0.0
-        fraction[fraction > 1 - 1e-9] = 1.0
-        open_cells = (fraction > 0) & (fraction < 1)
-        if not open_cells.any():
-            break
-        cycle = _fractional_cycle(open_cells)
-        plus = cycle[0::2]
-        minus = cycle[1::2]
-        step = min(min(1 - fraction[cell] for cell in plus), min(fraction[cell] for cell in minus))
-        for cell in plus:
-            fraction[cell] += step
-        for cell in minus:
-            fraction[cell] -= step
+    if 1e-7 < corner < 1 - 1e-7:
+        fractional[rows - 1, columns - 1] = True
+        fraction[rows - 1, columns - 1] = corner
     else:
-        raise RuntimeError("controlled rounding did not converge")
-    result: Int64Array = (base + np.rint(fraction)).astype(np.int64)
+        fractional[rows - 1, columns - 1] = False
+        fraction[rows - 1, columns - 1] = 0.0
+    row_need = [round(float(v)) for v in fraction.sum(axis=1)]
+    column_need = [round(float(v)) for v in fraction.sum(axis=0)]
+    row_cells = [[int(c) for c in np.flatnonzero(fractional[r])] for r in range(rows)]
+    column_cells = [[int(r) for r in np.flatnonzero(fractional[:, c])] for c in range(columns)]
+    up = np.zeros((rows, columns), dtype=np.bool_)
+    if initial_ups is not None:
+        up[:] = initial_ups & fractional
+    row_degree = [int(v) for v in up.sum(axis=1)]
+    column_degree = [int(v) for v in up.sum(axis=0)]
+    for r in range(rows):
+        for c in reversed(row_cells[r]):
+            if row_degree[r] <= row_need[r]:
+                break
+            if up[r, c]:
+                up[r, c] = False
+                row_degree[r] -= 1
+                column_degree[c] -= 1
+    for c in range(columns):
+        for r in reversed(column_cells[c]):
+            if column_degree[c] <= column_need[c]:
+                break
+            if up[r, c]:
+                up[r, c] = False
+                row_degree[r] -= 1
+                column_degree[c] -= 1
+    for r in range(rows):
+        while row_degree[r] < row_need[r]:
+            _augment(r, up, row_cells, column_cells, column_degree, column_need)
+            row_degree[r] += 1
+    if column_degree != column_need:
+        raise RuntimeError("controlled rounding left a column short: margins are not integral")
+    result: Int64Array = (base + up).astype(np.int64)
     return result
 
 
-def _fractional_cycle(open_cells: BoolArray) -> list[tuple[int, int]]:
-    """Cells of one cycle in the bipartite graph rows x columns of fractional cells."""
-    start_row = int(np.flatnonzero(open_cells.any(axis=1))[0])
-    # Vertices: ("r", index) or ("c", index); path of vertices and the cells between them.
-    path: list[tuple[str, int]] = [("r", start_row)]
-    seen: dict[tuple[str, int], int] = {("r", start_row): 0}
-    cells: list[tuple[int, int]] = []
-    previous: tuple[int, int] | None = None
-    while True:
-        kind, index = path[-1]
-        if kind == "r":
-            candidates = [(index, int(c)) for c in np.flatnonzero(open_cells[index])]
-        else:
-            candidates = [(int(r), index) for r in np.flatnonzero(open_cells[:, index])]
-        choices = [cell for cell in candidates if cell != previous]
-        if not choices:
-            raise RuntimeError("a line with one fractional cell: margins are not integral")
-        cell = choices[0]
-        following = ("c", cell[1]) if kind == "r" else ("r", cell[0])
-        cells.append(cell)
-        previous = cell
-        if following in seen:
-            return cells[seen[following] :]
-        seen[following] = len(path)
-        path.append(following)
+def _augment(
+    start: int,
+    up: BoolArray,
+    row_cells: list[list[int]],
+    column_cells: list[list[int]],
+    column_degree: list[int],
+    column_need: list[int],
+) -> None:
+    """One more up in row ``start``: a shortest alternating path to a column short of ups."""
+    came_from_column: dict[int, int] = {}  # column -> row it was reached from
+    came_from_row: dict[int, int] = {start: -1}  # row -> column it was reached through
+    frontier = [start]
+    while frontier:
+        following: list[int] = []
+        for r in frontier:
+            for c in row_cells[r]:
+                if up[r, c] or c in came_from_column:
+                    continue
+                came_from_column[c] = r
+                if column_degree[c] < column_need[c]:
+                    column_degree[c] += 1
+                    while True:  # flip the path back to the start
+                        row = came_from_column[c]
+                        up[row, c] = True
+                        previous = came_from_row[row]
+                        if previous < 0:
+                            return
+                        up[row, previous] = False
+                        c = previous
+                for r2 in column_cells[c]:
+                    if up[r2, c] and r2 not in came_from_row:
+                        came_from_row[r2] = c
+                        following.append(r2)
+        frontier = following
+    raise RuntimeError("no augmenting path: the table has no controlled rounding")
 
 
 def _check_margins(
