@@ -3,6 +3,7 @@
 Usage::
 
     flock /tmp/openvpp-bench.lock .venv/bin/python -m loadtest.balancing_bench engine
+    flock /tmp/openvpp-bench.lock .venv/bin/python -m loadtest.balancing_bench service
     ... engine --repeat 5 --peer-fraction 0.1      # peer on 10% of the year, scaled
     ... engine --peer-fraction 1                   # peer on the full year (OPTIMAL ~1 min)
     ... engine --no-peer                           # engine only
@@ -27,8 +28,11 @@ injection, floats); it returns the unshared part to the producers in proportion 
 gross injection, while we cut each offer in proportion, so per-producer feed-in may differ
 between the two when both producers are capped; only the totals are compared.
 
-Sections are subcommands; service sections (``run``, ``read``, ``correction``) are added
-next to ``engine``. Prints figures and asserts nothing; bounded in count and time.
+Sections are subcommands: ``engine`` above, and ``service``
+(:mod:`loadtest.balancing_service_bench`): the same shape of site-year loaded into a
+running server, ``RunBalancing`` of the year, the year's
+reads and the latency of corrections (see that module). Prints figures and asserts
+nothing; bounded in count and time.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from loadtest import balancing_service_bench
 from service.balancing.engine import (
     AllocationMethod,
     BalancingInput,
@@ -290,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     engine.add_argument("--peer-repeat", type=int, default=3, help="timed runs of peer FIXED")
     engine.add_argument("--no-peer", action="store_true", help="skip openenergyid")
     engine.set_defaults(run=section_engine)
+    service = sections.add_parser(
+        "service",
+        help="RunBalancing of the site-year, year reads, correction latency, server RSS",
+    )
+    balancing_service_bench.add_arguments(service)
+    service.set_defaults(run=balancing_service_bench.run_sections)
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
     return run(args)

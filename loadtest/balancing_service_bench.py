@@ -258,13 +258,20 @@ async def measure(port: int, plan: dict[str, Any], corrections: int) -> dict[str
     return figures
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--consumers", type=int, default=100)
     parser.add_argument("--producers", type=int, default=2)
     parser.add_argument("--days", type=int, default=365)
     parser.add_argument("--corrections", type=int, default=100)
-    args = parser.parse_args()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(parser)
+    return run_sections(parser.parse_args(argv))
+
+
+def run_sections(args: argparse.Namespace) -> int:
     with database(tune=True) as dsn:
         port = free_port()
         env = {
