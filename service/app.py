@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import asyncpg
 import grpc
@@ -74,6 +75,8 @@ class Service:
     server: grpc.aio.Server | None = None
     port: int = 0
     bootstrap_token: IssuedToken | None = None
+    # Organizations, tokens and webhook signing secrets (with the configured grace period).
+    identity: IdentityStore | None = None
     # Injectable so tests move time instead of sleeping.
     clock: Clock = SYSTEM_CLOCK
     upstream_scheduler: UpstreamScheduler | None = None
@@ -105,7 +108,11 @@ class Service:
         read_connections = min(settings.db_read_connections, settings.db_pool_max_size // 2)
         if read_connections > 0:
             self.reads = ReadLane(self.pool, read_connections)
-        identity = IdentityStore(self.pool)
+        identity = IdentityStore(
+            self.pool,
+            signing_secret_grace=timedelta(seconds=settings.dispatch_signing_secret_grace_seconds),
+        )
+        self.identity = identity
         if settings.bootstrap:
             self.bootstrap_token = await identity.bootstrap_partner("default-partner")
 
@@ -168,7 +175,12 @@ class Service:
         assert self.pool is not None
         assert self.hub is not None
         registry_servicer = registry.SiteRegistryServicer(
-            self.pool, self.hub, self.settings.watch_buffer_size, self.clock, self.reads
+            self.pool,
+            self.hub,
+            self.settings.watch_buffer_size,
+            self.clock,
+            self.reads,
+            webhook_allow_private_networks=self.settings.webhook_allow_private_networks,
         )
         upstream_servicer = upstream.UpstreamRegistryServicer(self.pool, self.clock)
         self.upstream_scheduler = UpstreamScheduler(self.pool, self.clock)

@@ -161,6 +161,16 @@ def _parser() -> argparse.ArgumentParser:
     create_org.add_argument("name")
     create_org.add_argument("--role", required=True, choices=[r.value for r in Role])
     orgs.add_parser("list", help="list organizations")
+    show_secret = orgs.add_parser(
+        "signing-secret", help="print the organization's webhook signing secret"
+    )
+    show_secret.add_argument("org", type=UUID, help="organization id")
+    rotate_secret = orgs.add_parser(
+        "rotate-signing-secret",
+        help="make a new webhook signing secret and print it (the old one keeps signing "
+        "for OPENVPP_DISPATCH_SIGNING_SECRET_GRACE_SECONDS)",
+    )
+    rotate_secret.add_argument("org", type=UUID, help="organization id")
 
     tokens = commands.add_parser("tokens", help="manage API tokens").add_subparsers(
         dest="action", required=True
@@ -210,6 +220,22 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "orgs" and args.action == "list":
             for org in run_event_loop(_with_identity(dsn, lambda store: store.list_orgs())):
                 print(f"{org.id}\t{org.name}\t{org.role}")
+        elif args.command == "orgs" and args.action in ("signing-secret", "rotate-signing-secret"):
+            rotate = args.action == "rotate-signing-secret"
+            secret = run_event_loop(
+                _with_identity(
+                    dsn,
+                    lambda store: (
+                        store.rotate_signing_secret(args.org)
+                        if rotate
+                        else store.signing_secret(args.org)
+                    ),
+                )
+            )
+            if secret is None:
+                print(f"no organization {args.org}", file=sys.stderr)
+                return 1
+            print(secret)
         elif args.command == "tokens" and args.action == "create":
 
             async def issue(store: IdentityStore) -> Any:

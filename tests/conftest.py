@@ -71,6 +71,8 @@ def test_settings(**overrides: object) -> Settings:
         upstream_scheduler_interval_seconds=0,
         # Balancing tests drive the queue consumer themselves, or start a worker of their own.
         balancing_poll_seconds=-1,
+        # Webhook receivers in tests listen on 127.0.0.1; tests of the address rule turn it off.
+        webhook_allow_private_networks=True,
     )
     from dataclasses import replace
 

@@ -7,9 +7,9 @@ import zoneinfo
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
-from urllib.parse import urlsplit
 
 from service.common.errors import ViolationCollector
+from service.common.network_policy import webhook_url_violation
 from service.grid import (
     SUPPORTED_RESOLUTIONS,
     SiteType,
@@ -243,7 +243,11 @@ def _validate_supply_points(
     return tuple(normalized)
 
 
-def validate_resource(resource: ResourceFields, prefix: str = "") -> ResourceFields:
+def validate_resource(
+    resource: ResourceFields, prefix: str = "", *, allow_private_networks: bool = False
+) -> ResourceFields:
+    """Checks and normalizes a resource; ``allow_private_networks`` lets ``webhook_url`` name
+    a loopback, private or link-local address (see ``service/common/network_policy.py``)."""
     errors = ViolationCollector()
     kind = resource.resource_type
     if kind is None:
@@ -279,7 +283,7 @@ def validate_resource(resource: ResourceFields, prefix: str = "") -> ResourceFie
 
     url = resource.webhook_url.strip()
     if url:
-        _check_url(errors, prefix + "webhook_url", url)
+        _check_url(errors, prefix + "webhook_url", url, allow_private_networks)
 
     errors.raise_if_any()
     return ResourceFields(
@@ -309,15 +313,12 @@ def _check_bounds(errors: ViolationCollector, field: str, bounds: Bounds) -> boo
     return finite
 
 
-def _check_url(errors: ViolationCollector, field: str, url: str) -> None:
+def _check_url(
+    errors: ViolationCollector, field: str, url: str, allow_private_networks: bool
+) -> None:
     if len(url) > MAX_URL_LENGTH:
         errors.add(field, f"must be at most {MAX_URL_LENGTH} characters")
         return
-    try:
-        parts = urlsplit(url)
-        valid = parts.scheme in {"http", "https"} and bool(parts.hostname)
-        _ = parts.port  # raises on a malformed port
-    except ValueError:
-        valid = False
-    if not valid:
-        errors.add(field, "must be an absolute http:// or https:// URL with a host")
+    violation = webhook_url_violation(url, allow_private_networks=allow_private_networks)
+    if violation is not None:
+        errors.add(field, violation)
