@@ -86,9 +86,10 @@ def aggregate(
         index = index[rows]
         # Balance intervals are sorted, so each output interval is one run of rows.
         outputs, first = np.unique(index, return_index=True)
-        complete += np.bincount(index, weights=block.complete[rows], minlength=n).astype(np.int64)[
-            :n
-        ]
+        counts = (
+            block.complete[rows] if block.complete_counts is None else block.complete_counts[rows]
+        )
+        complete += np.bincount(index, weights=counts, minlength=n).astype(np.int64)[:n]
         p_cols = np.array(
             [i for i, m in enumerate(block.producer_ids) if m in p_index], dtype=np.intp
         )

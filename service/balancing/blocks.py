@@ -18,6 +18,7 @@ from uuid import UUID
 import numpy as np
 from numpy.typing import NDArray
 
+from service.balancing.calendar import to_us
 from service.balancing.engine import AllocationMethod, BalancingInput, allocate, round_energy_wh
 
 _INT = np.dtype("<i8")
@@ -61,6 +62,9 @@ class Block:
     shared_wh: NDArray[np.int64]  # [T, P, C]
     feed_in_wh: NDArray[np.int64]  # [T, P]
     grid_supply_wh: NDArray[np.int64]  # [T, C]
+    # Set on a block read as its totals only (T = 1, the block's start): the number of its
+    # intervals that were complete. None: ``complete`` counts one interval per row.
+    complete_counts: NDArray[np.int64] | None = None
 
     @property
     def production_wh(self) -> NDArray[np.int64]:
@@ -247,12 +251,13 @@ def allocate_prepared(group: Sequence[PreparedIntervals]) -> None:
 # -- packing into a balance_blocks row -------------------------------------------------------
 
 
-def pack(block: Block) -> tuple[bytes, bytes, list[UUID], list[UUID], bytes, bytes, bytes]:
-    """interval_starts, complete, producer_ids, consumer_ids, shared_wh, feed_in_wh,
-    grid_supply_wh as stored: little-endian int64 (uint8 for complete), time innermost:
-    shared_wh [C, P, T], feed_in_wh [P, T], grid_supply_wh [C, T]. So one consumer's cells
-    are one contiguous byte range, which a debitor's read takes with ``substring`` without
-    fetching the rest of the (uncompressed) value."""
+def pack(block: Block) -> tuple[object, ...]:
+    """The stored columns after the block's times: interval_starts, complete, producer_ids,
+    consumer_ids, shared_wh, feed_in_wh, grid_supply_wh, then the totals (shared, feed-in,
+    grid supply, complete intervals). Little-endian int64 (uint8 for complete), time
+    innermost: shared_wh [C, P, T], feed_in_wh [P, T], grid_supply_wh [C, T], so one
+    consumer's cells are one contiguous byte range, which a debitor's read takes with
+    ``substring`` without fetching the rest of the (uncompressed) value."""
     return (
         block.interval_starts.astype(_INT).tobytes(),
         block.complete.astype(np.uint8).tobytes(),
@@ -261,6 +266,43 @@ def pack(block: Block) -> tuple[bytes, bytes, list[UUID], list[UUID], bytes, byt
         np.ascontiguousarray(block.shared_wh.transpose(2, 1, 0), dtype=_INT).tobytes(),
         np.ascontiguousarray(block.feed_in_wh.T, dtype=_INT).tobytes(),
         np.ascontiguousarray(block.grid_supply_wh.T, dtype=_INT).tobytes(),
+        np.ascontiguousarray(block.shared_wh.sum(axis=0).T, dtype=_INT).tobytes(),
+        block.feed_in_wh.sum(axis=0).astype(_INT).tobytes(),
+        block.grid_supply_wh.sum(axis=0).astype(_INT).tobytes(),
+        int(block.complete.sum()),
+    )
+
+
+def unpack_totals(
+    start: datetime,
+    end: datetime,
+    producer_ids: Sequence[UUID],
+    consumer_ids: Sequence[UUID],
+    shared_total: bytes,
+    feed_in_total: bytes | None,
+    grid_supply_total: bytes,
+    complete_intervals: int,
+) -> Block:
+    """A block read as its totals: one row at the block's start (for day and month
+    outputs, which hold whole blocks)."""
+    p, c = len(producer_ids), len(consumer_ids)
+    shared = np.frombuffer(shared_total, dtype=_INT).reshape(c, p).T[None, :, :]
+    feed_in = (
+        np.zeros((1, p), dtype=np.int64)
+        if feed_in_total is None
+        else np.frombuffer(feed_in_total, dtype=_INT).reshape(1, p)
+    )
+    return Block(
+        start,
+        end,
+        np.array([to_us(start)], dtype=np.int64),
+        np.ones(1, dtype=np.bool_),
+        tuple(producer_ids),
+        tuple(consumer_ids),
+        np.array(shared, dtype=np.int64, order="C"),
+        np.array(feed_in, dtype=np.int64, order="C"),
+        np.frombuffer(grid_supply_total, dtype=_INT).astype(np.int64).reshape(1, c),
+        complete_counts=np.array([complete_intervals], dtype=np.int64),
     )
 
 

@@ -18,10 +18,17 @@ import numpy as np
 
 from service.balancing.aggregate import GRID, Aggregation, aggregate, pair_columns, totals
 from service.balancing.calendar import from_us, grid_starts, output_starts, to_us
-from service.balancing.store import SiteInfo, load_blocks, load_consumer_blocks
+from service.balancing.store import (
+    SiteInfo,
+    load_block_totals,
+    load_blocks,
+    load_consumer_blocks,
+)
 from service.common.errors import ValidationError
 from service.common.pagination import filters_fingerprint
 
+# Output intervals that are unions of whole blocks (local days or months).
+WHOLE_BLOCKS = frozenset({"P1D", "P1M"})
 DEFAULT_PAGE_SIZE = 1000
 MAX_PAGE_SIZE = 10_000
 
@@ -108,12 +115,18 @@ async def _window(
     count: int,
     producers: set[UUID] | None,
     consumers: set[UUID] | None,
+    whole_blocks: bool,
 ) -> Aggregation:
     bounds = bounds_all[first : first + count + 1]
     start, end = from_us(int(bounds[0])), from_us(int(bounds[-1]))
+    one_consumer = None
     if consumers is not None and len(consumers) == 1 and producers is None:
-        (consumer_id,) = consumers
-        blocks = await load_consumer_blocks(pool, site.org_id, site.id, start, end, consumer_id)
+        (one_consumer,) = consumers
+    if whole_blocks:
+        # Days and months hold whole blocks: their totals are all that is needed.
+        blocks = await load_block_totals(pool, site.org_id, site.id, start, end, one_consumer)
+    elif one_consumer is not None:
+        blocks = await load_consumer_blocks(pool, site.org_id, site.id, start, end, one_consumer)
     else:
         blocks = await load_blocks(pool, site.org_id, site.id, start, end)
     grid = grid_starts(start, end, site.timezone, site.resolution)
@@ -163,7 +176,9 @@ async def balances_page(
     windows: list[BalanceRows] = []
     count = 0
     while position < n_all and count <= limit:
-        agg = await _window(pool, site, bounds_all, position, span, producers, consumers)
+        agg = await _window(
+            pool, site, bounds_all, position, span, producers, consumers, interval in WHOLE_BLOCKS
+        )
         n = len(agg.bounds) - 1
         pairs = pair_columns(agg, creditor, debitor)
         intervals, columns = np.nonzero(pairs.present)
@@ -262,7 +277,9 @@ async def summaries_page(
         position = int(np.searchsorted(bounds_all, int(cursor["s"]), side="right"))  # type: ignore[call-overload]
     if position >= n_all:
         return [], ""
-    agg = await _window(pool, site, bounds_all, position, limit, None, None)
+    agg = await _window(
+        pool, site, bounds_all, position, limit, None, None, interval in WHOLE_BLOCKS
+    )
     sums = totals(agg)
     rows = [
         SummaryRow(

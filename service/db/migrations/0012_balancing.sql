@@ -72,6 +72,13 @@ CREATE TABLE balance_blocks (
     shared_wh        bytea NOT NULL,
     feed_in_wh       bytea NOT NULL,
     grid_supply_wh   bytea NOT NULL,
+    -- The block's totals, so day and month reads need not fetch the intervals:
+    -- shared_total_wh [C, P], feed_in_total_wh [P], grid_supply_total_wh [C], and how many
+    -- of its intervals are complete.
+    shared_total_wh       bytea NOT NULL,
+    feed_in_total_wh      bytea NOT NULL,
+    grid_supply_total_wh  bytea NOT NULL,
+    complete_intervals    integer NOT NULL,
     balanced_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (site_id, block_start)
 );
