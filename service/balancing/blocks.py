@@ -66,17 +66,6 @@ class Block:
     # intervals that were complete. None: ``complete`` counts one interval per row.
     complete_counts: NDArray[np.int64] | None = None
 
-    @property
-    def production_wh(self) -> NDArray[np.int64]:
-        """[T, P]: what each producer exported (0 in incomplete intervals)."""
-        result: NDArray[np.int64] = self.shared_wh.sum(axis=2) + self.feed_in_wh
-        return result
-
-    @property
-    def demand_wh(self) -> NDArray[np.int64]:
-        result: NDArray[np.int64] = self.shared_wh.sum(axis=1) + self.grid_supply_wh
-        return result
-
     def same_layout(self, other: Block) -> bool:
         return (
             self.producer_ids == other.producer_ids

@@ -192,7 +192,7 @@ class BalancingStore:
 
     # -- settings -----------------------------------------------------------------------
 
-    async def _meter_site(self, conn: asyncpg.Connection, meter_id: UUID, field: str) -> UUID:
+    async def _meter_site(self, conn: asyncpg.Connection, meter_id: UUID) -> UUID:
         site_id: UUID | None = await conn.fetchval(
             "SELECT site_id FROM meters WHERE id = $1 AND org_id = $2", meter_id, self._org_id
         )
@@ -230,7 +230,7 @@ class BalancingStore:
         self, site_id: UUID | None, meter_id: UUID, fields: SettingFields, period: Period
     ) -> Setting:
         async with self._pool.acquire() as conn, conn.transaction():
-            meter_site = await self._meter_site(conn, meter_id, "meter_id")
+            meter_site = await self._meter_site(conn, meter_id)
             if site_id is not None and site_id != meter_site:
                 await site_info(conn, self._org_id, site_id)  # NOT_FOUND for a foreign site
                 errors = ViolationCollector()
