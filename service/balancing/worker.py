@@ -15,6 +15,7 @@ deletes the rows in the one transaction that also replaces the results.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,9 @@ from service.events.channels import BALANCES_CHANNEL
 
 log = logging.getLogger(__name__)
 
+# A failing site is held back this long, doubling per failure up to the maximum.
+FIRST_HOLD_BACK_SECONDS = 1.0
+MAX_HOLD_BACK_SECONDS = 300.0
 # Queue rows of one site handled by one pass (a site's ingest of a day is ~100 rows).
 MAX_CLAIM_ROWS = 5000
 
@@ -81,22 +85,36 @@ async def rebalance_now(
 
 
 class BalancingQueueConsumer:
+    """Passes over ``balancing_queue`` (see the module docstring).
+
+    A site whose pass fails (a bug, data the engine refuses) keeps its rows queued and is
+    held back for a while, doubling up to ``MAX_HOLD_BACK_SECONDS`` while it keeps failing,
+    so one failing site never stops the balancing of the others.
+    """
+
     def __init__(self, pool: asyncpg.Pool, max_rows: int = MAX_CLAIM_ROWS) -> None:
         self._pool = pool
         self._max_rows = max_rows
+        # Site -> (consecutive failures, loop time before which it is not claimed).
+        self._held_back: dict[UUID, tuple[int, float]] = {}
         # What the last committed pass re-balanced (tests and diagnostics).
         self.last_result: RebalanceResult | None = None
         self.last_site: UUID | None = None
-        # Tests only: awaited after the results are written, before COMMIT.
-        self.before_commit: Callable[[], Awaitable[None]] | None = None
+        # Tests only: awaited with the site after its results are written, before COMMIT.
+        self.before_commit: Callable[[UUID], Awaitable[None]] | None = None
+
+    def held_back(self) -> list[UUID]:
+        now = asyncio.get_running_loop().time()
+        return [site for site, (_, until) in self._held_back.items() if until > now]
 
     async def _claim_site(self, conn: asyncpg.Connection) -> tuple[UUID, UUID] | None:
-        """The oldest queued site no other pass is balancing, locked for this transaction;
-        when every queued site is busy, the first of them after its current pass."""
+        """The oldest queued site no other pass is balancing and not held back, locked for
+        this transaction; when every such site is busy, the first of them after its pass."""
+        skipped = self.held_back()
         busy: list[UUID] = []
         busy_org: dict[UUID, UUID] = {}
         while True:
-            head = await conn.fetchrow(_CLAIM_HEAD, busy)
+            head = await conn.fetchrow(_CLAIM_HEAD, [*skipped, *busy])
             if head is None:
                 if not busy:
                     return None
@@ -110,26 +128,51 @@ class BalancingQueueConsumer:
 
     async def step(self) -> bool:
         """One pass: one site's queued ranges. True when it claimed rows."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            claimed = await self._claim_site(conn)
-            if claimed is None:
-                return False
-            org_id, site_id = claimed
-            rows = await conn.fetch(_CLAIM_SITE, site_id, self._max_rows)
-            ranges = [(row["interval_start"], row["interval_end"]) for row in rows]
-            try:
-                site = await site_info(conn, org_id, site_id)
-            except NotFoundError:
-                site = None
-            result = RebalanceResult()
-            if site is not None:
-                result = await rebalance(conn, site, ranges)
-                await publish(conn, site, result)
-            await conn.execute(
-                "DELETE FROM balancing_queue WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
-            )
-            if self.before_commit is not None:
-                await self.before_commit()
+        site_id: UUID | None = None
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                claimed = await self._claim_site(conn)
+                if claimed is None:
+                    return False
+                org_id, site_id = claimed
+                result = await self._balance_site(conn, org_id, site_id)
+        except Exception:
+            if site_id is not None:
+                self._hold_back(site_id)
+            raise
+        self._held_back.pop(site_id, None)
         self.last_result = result
         self.last_site = site_id
         return True
+
+    async def _balance_site(
+        self, conn: asyncpg.Connection, org_id: UUID, site_id: UUID
+    ) -> RebalanceResult:
+        rows = await conn.fetch(_CLAIM_SITE, site_id, self._max_rows)
+        ranges = [(row["interval_start"], row["interval_end"]) for row in rows]
+        try:
+            site = await site_info(conn, org_id, site_id)
+        except NotFoundError:
+            site = None
+        result = RebalanceResult()
+        if site is not None:
+            result = await rebalance(conn, site, ranges)
+            await publish(conn, site, result)
+        await conn.execute(
+            "DELETE FROM balancing_queue WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
+        )
+        if self.before_commit is not None:
+            await self.before_commit(site_id)
+        return result
+
+    def _hold_back(self, site_id: UUID) -> None:
+        failures = self._held_back.get(site_id, (0, 0.0))[0] + 1
+        delay = min(MAX_HOLD_BACK_SECONDS, FIRST_HOLD_BACK_SECONDS * 2 ** (failures - 1))
+        self._held_back[site_id] = (failures, asyncio.get_running_loop().time() + delay)
+        log.warning(
+            "balancing site %s failed (%d time(s) in a row); its queue rows stay, it is "
+            "retried in %.0f s",
+            site_id,
+            failures,
+            delay,
+        )

@@ -58,7 +58,7 @@ class Held:
         self.reached = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def __call__(self) -> None:
+    async def __call__(self, site_id: UUID) -> None:
         self.reached.set()
         await self.release.wait()
 
@@ -187,6 +187,49 @@ async def test_a_pass_killed_mid_transaction_leaves_rows_queued_and_results_unch
     await drain(consumer)
     assert await queued(pool, community.site.id) == 0
     assert await stored(pool, community.site.id) != before
+
+
+async def test_a_failing_site_is_held_back_and_the_others_still_balanced(
+    community: Community, consumer: BalancingQueueConsumer, pool: asyncpg.Pool
+) -> None:
+    await small_site(community)
+    other = Community(
+        community.org,
+        (
+            await community.registry.CreateSite(
+                community_site_request(), metadata=community.org.auth
+            )
+        ).site,
+        community.registry,
+        community.meters,
+        community.telemetry,
+        community.balancing,
+    )
+    await small_site(other)
+    failing = UUID(community.site.id)
+    worker = BalancingQueueConsumer(pool)
+
+    async def fail_for_one_site(site_id: UUID) -> None:
+        if site_id == failing:
+            raise RuntimeError("simulated failure while balancing this site")
+
+    worker.before_commit = fail_for_one_site
+    with pytest.raises(RuntimeError):
+        await worker.step()
+    assert worker.held_back() == [failing]
+    waiting = await queued(pool, community.site.id)
+    assert waiting > 0
+    # The failed site's rows are older, yet the next pass balances the other site.
+    assert await worker.step() is True
+    assert worker.last_site == UUID(other.site.id)
+    assert await queued(pool, other.site.id) == 0
+    assert await queued(pool, community.site.id) == waiting
+    # Nothing else queued (of this test): the held-back site waits for its turn.
+    while await worker.step():
+        assert worker.last_site != failing
+    worker.before_commit = None
+    await drain(consumer)
+    assert await queued(pool, community.site.id) == 0
 
 
 @pytest.fixture
