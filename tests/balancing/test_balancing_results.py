@@ -276,6 +276,11 @@ async def test_aggregating_quarter_hours_gives_exactly_the_coarser_results(
     for meter in [*consumers, prosumer]:
         mine = await community.balances(debitor_meter_id=meter.id, interval="PT15M", **span)
         assert by_pair(mine) == {k: v for k, v in by_pair(fine).items() if k[2] == meter.id}
+    daily = by_pair(await community.balances(site_id=community.site.id, interval="P1D", **span))
+    for meter in [*consumers, prosumer]:
+        # Day outputs read the blocks' stored totals, sliced to the debitor.
+        mine = await community.balances(debitor_meter_id=meter.id, interval="P1D", **span)
+        assert by_pair(mine) == {k: v for k, v in daily.items() if k[2] == meter.id}
     for meter in [*producers, prosumer]:
         mine = await community.balances(creditor_meter_id=meter.id, interval="PT1H", **span)
         hourly = by_pair(
