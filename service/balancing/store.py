@@ -33,7 +33,7 @@ from service.balancing.domain import (
 from service.balancing.engine import AllocationMethod
 from service.common.errors import NotFoundError, ViolationCollector
 from service.common.pagination import Cursor
-from service.db.balancing_queue import enqueue_balancing
+from service.db.balancing_queue import enqueue_balancing, readings_spans
 from service.db.keyset import keyset_page
 from service.grid import Resolution, SiteType, parse_resolution, site_type_is_balanced
 
@@ -139,39 +139,31 @@ async def site_policies(conn: asyncpg.Connection, org_id: UUID, site_id: UUID) -
     return [policy_from_row(row) for row in rows]
 
 
-# The instants a site has data for: its meters' readings and its stored results.
-_DATA_EXTENT = """
-SELECT least(r.first_ts, b.first_ts) AS first_ts, greatest(r.last_ts, b.last_ts) AS last_ts
-FROM (
-    SELECT min(least(x.first_import, x.first_export)) AS first_ts,
-           max(greatest(x.last_import, x.last_export)) AS last_ts
-    FROM meters m, LATERAL (
-        SELECT (SELECT min(ts) FROM readings WHERE meter_id = m.id AND flow = 1) AS first_import,
-               (SELECT min(ts) FROM readings WHERE meter_id = m.id AND flow = 2) AS first_export,
-               (SELECT max(ts) FROM readings WHERE meter_id = m.id AND flow = 1) AS last_import,
-               (SELECT max(ts) FROM readings WHERE meter_id = m.id AND flow = 2) AS last_export
-    ) x
-    WHERE m.site_id = $1 AND m.org_id = $2
-) r, (
-    SELECT min(block_start) AS first_ts, max(block_end) AS last_ts
-    FROM balance_blocks WHERE site_id = $1 AND org_id = $2
-) b
-"""
-
-
 async def queue_periods(
     conn: asyncpg.Connection, org_id: UUID, site: SiteInfo, periods: Sequence[Period]
 ) -> None:
-    """Queues the days of ``periods`` on which the site has data (readings or results).
+    """Queues the days of ``periods`` on which the site has data: readings, or results
+    (which must follow when readings are gone).
 
     A register's energy also needs the register before it, so a day of margin around the
-    readings is kept; re-balancing a day without data only writes incomplete intervals.
+    data is kept; re-balancing a day without data only writes incomplete intervals.
     """
-    extent = await conn.fetchrow(_DATA_EXTENT, site.id, org_id)
-    if extent is None or extent["first_ts"] is None:
+    readings, _ = await readings_spans(conn, org_id, site.id)
+    stored = await conn.fetchrow(
+        "SELECT min(block_start) AS first_ts, max(block_end) AS last_ts "
+        "FROM balance_blocks WHERE site_id = $1 AND org_id = $2",
+        site.id,
+        org_id,
+    )
+    spans: list[tuple[datetime, datetime]] = []
+    if readings is not None:
+        spans.append(readings)
+    if stored is not None and stored["first_ts"] is not None:
+        spans.append((stored["first_ts"], stored["last_ts"]))
+    if not spans:
         return
-    data_start: datetime = extent["first_ts"] - timedelta(days=1)
-    data_end: datetime = extent["last_ts"] + timedelta(days=1)
+    data_start: datetime = min(first for first, _ in spans) - timedelta(days=1)
+    data_end: datetime = max(last for _, last in spans) + timedelta(days=1)
     ranges = []
     for period in periods:
         start = max(local_midnight(period.start, site.timezone), data_start)

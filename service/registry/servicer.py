@@ -19,6 +19,7 @@ from service.db.reads import Reads
 from service.events.channels import SITE_EVENTS_CHANNEL
 from service.events.hub import EventHub
 from service.identifiers import normalize_grid_identifier
+from service.identifiers.ids import ResourceId, SiteId
 from service.registry import convert
 from service.registry.domain import (
     ResourceFields,
@@ -71,7 +72,7 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
         return pb.CreateSiteResponse(site=convert.site_to_proto(site))
 
     async def GetSite(self, request: pb.GetSiteRequest, context: Any) -> pb.GetSiteResponse:
-        site = await self._store().get_site(parse_uuid(request.site_id, "site_id"))
+        site = await self._store().get_site(SiteId(parse_uuid(request.site_id, "site_id")))
         return pb.GetSiteResponse(site=convert.site_to_proto(site))
 
     async def ListSites(self, request: pb.ListSitesRequest, context: Any) -> pb.ListSitesResponse:
@@ -105,7 +106,7 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
     async def UpdateSite(
         self, request: pb.UpdateSiteRequest, context: Any
     ) -> pb.UpdateSiteResponse:
-        site_id = parse_uuid(request.site.id, "site.id")
+        site_id = SiteId(parse_uuid(request.site.id, "site.id"))
         paths = require_mask(list(request.update_mask.paths), SITE_UPDATABLE)
         given = request.site
         # Parse the request before taking the row lock, so bad enums fail fast; only the
@@ -140,17 +141,17 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
     async def DeleteSite(
         self, request: pb.DeleteSiteRequest, context: Any
     ) -> pb.DeleteSiteResponse:
-        await self._store().delete_site(parse_uuid(request.site_id, "site_id"))
+        await self._store().delete_site(SiteId(parse_uuid(request.site_id, "site_id")))
         return pb.DeleteSiteResponse()
 
     async def PauseSite(self, request: pb.PauseSiteRequest, context: Any) -> pb.PauseSiteResponse:
-        site = await self._store().set_paused(parse_uuid(request.site_id, "site_id"), True)
+        site = await self._store().set_paused(SiteId(parse_uuid(request.site_id, "site_id")), True)
         return pb.PauseSiteResponse(site=convert.site_to_proto(site))
 
     async def ResumeSite(
         self, request: pb.ResumeSiteRequest, context: Any
     ) -> pb.ResumeSiteResponse:
-        site = await self._store().set_paused(parse_uuid(request.site_id, "site_id"), False)
+        site = await self._store().set_paused(SiteId(parse_uuid(request.site_id, "site_id")), False)
         return pb.ResumeSiteResponse(site=convert.site_to_proto(site))
 
     async def WatchSites(
@@ -178,7 +179,7 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
     async def CreateResource(
         self, request: pb.CreateResourceRequest, context: Any
     ) -> pb.CreateResourceResponse:
-        site_id = parse_uuid(request.site_id, "site_id")
+        site_id = SiteId(parse_uuid(request.site_id, "site_id"))
         fields = validate_resource(
             convert.resource_fields_from_create(request),
             allow_private_networks=self._webhook_allow_private_networks,
@@ -189,13 +190,15 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
     async def GetResource(
         self, request: pb.GetResourceRequest, context: Any
     ) -> pb.GetResourceResponse:
-        resource = await self._store().get_resource(parse_uuid(request.resource_id, "resource_id"))
+        resource = await self._store().get_resource(
+            ResourceId(parse_uuid(request.resource_id, "resource_id"))
+        )
         return pb.GetResourceResponse(resource=convert.resource_to_proto(resource))
 
     async def ListResources(
         self, request: pb.ListResourcesRequest, context: Any
     ) -> pb.ListResourcesResponse:
-        site_id = parse_uuid(request.site_id, "site_id")
+        site_id = SiteId(parse_uuid(request.site_id, "site_id"))
         limit = page_size_or_default(request.page_size)
         store = self._store()
         page = await fetch_page(
@@ -213,7 +216,7 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
     async def UpdateResource(
         self, request: pb.UpdateResourceRequest, context: Any
     ) -> pb.UpdateResourceResponse:
-        resource_id = parse_uuid(request.resource.id, "resource.id")
+        resource_id = ResourceId(parse_uuid(request.resource.id, "resource.id"))
         paths = require_mask(list(request.update_mask.paths), RESOURCE_UPDATABLE)
         given = request.resource
         power = convert.bounds_from_proto(given.power_kw, given.HasField("power_kw"))
@@ -243,5 +246,7 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
     async def DeleteResource(
         self, request: pb.DeleteResourceRequest, context: Any
     ) -> pb.DeleteResourceResponse:
-        await self._store().delete_resource(parse_uuid(request.resource_id, "resource_id"))
+        await self._store().delete_resource(
+            ResourceId(parse_uuid(request.resource_id, "resource_id"))
+        )
         return pb.DeleteResourceResponse()

@@ -33,6 +33,7 @@ from service.config import Settings
 from service.events.channels import METER_CHANGED_CHANNEL, SITE_EVENTS_CHANNEL
 from service.events.hub import EventHub
 from service.events.payloads import event_org
+from service.identifiers.ids import MeterId, OrgId
 from service.telemetry.domain import RejectReason
 from service.telemetry.store import (
     RETRYABLE,
@@ -110,14 +111,14 @@ class Ingest:
                 f"must hold at most {limit} readings (got {count}); split the batch",
             )
 
-    async def meter(self, org_id: UUID, meter_id: UUID) -> MeterInfo:
+    async def meter(self, org_id: OrgId, meter_id: MeterId) -> MeterInfo:
         """The cached context of one of ``org_id``'s meters; NotFoundError otherwise."""
         info = (await self.meters.lookup(org_id, [str(meter_id)])).get(str(meter_id))
         if info is None:
             raise NotFoundError("meter", str(meter_id))
         return info
 
-    async def ingest(self, org_id: UUID, readings: Sequence[Any]) -> IngestResult:
+    async def ingest(self, org_id: OrgId, readings: Sequence[Any]) -> IngestResult:
         """Validates, stores and commits one batch; returns only after COMMIT."""
         meters = await self.meters.lookup(org_id, {r.meter_id for r in readings})
         checked = validate_batch(readings, meters, int(time.time() * _US), self._max_future_us)
@@ -139,7 +140,7 @@ class Ingest:
         )
 
     async def _write_with_retries(
-        self, org_id: UUID, checked: ValidatedBatch
+        self, org_id: OrgId, checked: ValidatedBatch
     ) -> tuple[int, int, int, list[tuple[int, RejectReason]]]:
         """(rows written, inserted, updated, register rejections) of the committed attempt."""
         optimistic = True
@@ -166,7 +167,7 @@ class Ingest:
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _write_once(
-        self, org_id: UUID, checked: ValidatedBatch, optimistic: bool
+        self, org_id: OrgId, checked: ValidatedBatch, optimistic: bool
     ) -> tuple[int, int, int, list[tuple[int, RejectReason]]]:
         async with self._pool.acquire() as conn, conn.transaction():
             rows, register_rejects, fresh = await self._register_check(conn, checked)

@@ -12,6 +12,7 @@ from service.auth.principal import Role, current_principal
 from service.common.field_mask import merge_masked, require_mask
 from service.common.pagination import fetch_page, page_size_or_default
 from service.common.protoconv import from_timestamp, parse_uuid
+from service.identifiers.ids import MeterId, SiteId
 from service.telemetry import convert
 from service.telemetry.domain import MeterFields, normalized_meter
 from service.telemetry.meter_store import MeterStore
@@ -37,19 +38,19 @@ class MeterRegistryServicer(pb_grpc.MeterRegistryServicer):
     async def CreateMeter(
         self, request: pb.CreateMeterRequest, context: Any
     ) -> pb.CreateMeterResponse:
-        site_id = parse_uuid(request.site_id, "site_id")
+        site_id = SiteId(parse_uuid(request.site_id, "site_id"))
         fields = normalized_meter(convert.meter_fields_from_create(request))
         meter = await self._store().create(site_id, fields)
         return pb.CreateMeterResponse(meter=convert.meter_to_proto(meter))
 
     async def GetMeter(self, request: pb.GetMeterRequest, context: Any) -> pb.GetMeterResponse:
-        meter = await self._store().get(parse_uuid(request.meter_id, "meter_id"))
+        meter = await self._store().get(MeterId(parse_uuid(request.meter_id, "meter_id")))
         return pb.GetMeterResponse(meter=convert.meter_to_proto(meter))
 
     async def ListMeters(
         self, request: pb.ListMetersRequest, context: Any
     ) -> pb.ListMetersResponse:
-        site_id = parse_uuid(request.site_id, "site_id")
+        site_id = SiteId(parse_uuid(request.site_id, "site_id"))
         limit = page_size_or_default(request.page_size)
         store = self._store()
         page = await fetch_page(
@@ -64,7 +65,7 @@ class MeterRegistryServicer(pb_grpc.MeterRegistryServicer):
     async def UpdateMeter(
         self, request: pb.UpdateMeterRequest, context: Any
     ) -> pb.UpdateMeterResponse:
-        meter_id = parse_uuid(request.meter.id, "meter.id")
+        meter_id = MeterId(parse_uuid(request.meter.id, "meter.id"))
         paths = require_mask(list(request.update_mask.paths), METER_UPDATABLE)
         given = request.meter
         start = from_timestamp(given.start_date) if given.HasField("start_date") else None
@@ -89,5 +90,5 @@ class MeterRegistryServicer(pb_grpc.MeterRegistryServicer):
     async def DeleteMeter(
         self, request: pb.DeleteMeterRequest, context: Any
     ) -> pb.DeleteMeterResponse:
-        await self._store().delete(parse_uuid(request.meter_id, "meter_id"))
+        await self._store().delete(MeterId(parse_uuid(request.meter_id, "meter_id")))
         return pb.DeleteMeterResponse()

@@ -8,7 +8,6 @@ import logging
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any
-from uuid import UUID
 
 import asyncpg
 from openvpp.v1 import telemetry_pb2 as pb
@@ -22,6 +21,7 @@ from service.events.channels import (
     READINGS_CHANNEL,
 )
 from service.events.hub import EventHub
+from service.identifiers.ids import MeterId, OrgId, SiteId
 from service.telemetry.convert import PROTO_FLOW_BY_CODE, ack_to_proto
 from service.telemetry.domain import Measuring
 from service.telemetry.energy_store import meter_readings
@@ -60,6 +60,11 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
         await self.ingest.start()
 
     async def stop(self) -> None:
+        await self.wait_in_flight()
+
+    async def wait_in_flight(self) -> None:
+        """Until every batch taken so far has committed or failed (also those whose stream
+        went away before its ack)."""
         if self._orphans:
             await asyncio.gather(*self._orphans, return_exceptions=True)
 
@@ -69,7 +74,7 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
 
     # -- ingest ---------------------------------------------------------------------------
 
-    async def _ack(self, org_id: UUID, batch: pb.ReadingBatch) -> pb.ReadingBatchAck:
+    async def _ack(self, org_id: OrgId, batch: pb.ReadingBatch) -> pb.ReadingBatchAck:
         result = await self.ingest.ingest(org_id, batch.readings)
         return ack_to_proto(batch.batch_id, result)
 
@@ -124,7 +129,7 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
     async def ListReadings(
         self, request: pb.ListReadingsRequest, context: Any
     ) -> pb.ListReadingsResponse:
-        meter_id = parse_uuid(request.meter_id, "meter_id")
+        meter_id = MeterId(parse_uuid(request.meter_id, "meter_id"))
         if not request.HasField("start_time"):
             raise ValidationError.single("start_time", "is required")
         if not request.HasField("end_time"):
@@ -158,13 +163,13 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
     ) -> AsyncIterator[pb.WatchReadingsResponse]:
         org_id = current_principal().org_id
         which = request.WhichOneof("filter")
-        site_id: UUID | None = None
-        meter_id: UUID | None = None
+        site_id: SiteId | None = None
+        meter_id: MeterId | None = None
         if which == "meter_id":
-            meter_id = parse_uuid(request.meter_id, "meter_id")
-            site_id = (await self.ingest.meter(org_id, meter_id)).site_id
+            meter_id = MeterId(parse_uuid(request.meter_id, "meter_id"))
+            site_id = SiteId((await self.ingest.meter(org_id, meter_id)).site_id)
         elif which == "site_id":
-            site_id = parse_uuid(request.site_id, "site_id")
+            site_id = SiteId(parse_uuid(request.site_id, "site_id"))
             if not await site_exists(self._pool, org_id, site_id):
                 raise NotFoundError("site", str(site_id))
         else:

@@ -30,6 +30,7 @@ from service.db.balancing_queue import BalancingRange, enqueue_balancing
 from service.events.channels import READINGS_CHANNEL
 from service.events.payloads import readings_batch_payload
 from service.grid import parse_resolution
+from service.identifiers.ids import MeterId, OrgId, SiteId
 from service.telemetry.domain import affected_intervals
 from service.telemetry.meter_store import MeterRecord
 from service.telemetry.validate import MeterInfo, from_us, meter_info
@@ -239,7 +240,7 @@ class MeterCache:
     def forget_all(self) -> None:
         self._orgs.clear()
 
-    async def lookup(self, org_id: UUID, meter_ids: Iterable[str]) -> dict[str, MeterInfo | None]:
+    async def lookup(self, org_id: OrgId, meter_ids: Iterable[str]) -> dict[str, MeterInfo | None]:
         """Meter id text -> context (None: unknown or another org's), loading what is new."""
         org_key = str(org_id)
         now = time.monotonic()
@@ -553,12 +554,12 @@ RETRYABLE = _RETRYABLE
 
 async def fetch_ingested(
     pool: asyncpg.Pool,
-    org_id: UUID,
+    org_id: OrgId,
     ingest_id: int,
     first: datetime,
     last: datetime,
-    site_id: UUID | None,
-    meter_id: UUID | None,
+    site_id: SiteId | None,
+    meter_id: MeterId | None,
 ) -> list[asyncpg.Record]:
     """Rows a committed batch changed, of one site or one meter of ``org_id``."""
     arg: UUID | None = site_id
@@ -583,7 +584,7 @@ async def fetch_ingested(
 
 
 async def fetch_range(
-    pool: asyncpg.Pool, meter_id: UUID, first: datetime, last_inclusive: datetime
+    pool: asyncpg.Pool, meter_id: MeterId, first: datetime, last_inclusive: datetime
 ) -> list[asyncpg.Record]:
     rows: list[asyncpg.Record] = await pool.fetch(
         """
@@ -597,7 +598,7 @@ async def fetch_range(
     return rows
 
 
-async def site_exists(pool: asyncpg.Pool, org_id: UUID, site_id: UUID) -> bool:
+async def site_exists(pool: asyncpg.Pool, org_id: OrgId, site_id: SiteId) -> bool:
     found: bool = await pool.fetchval(
         "SELECT EXISTS (SELECT 1 FROM sites WHERE id = $1 AND org_id = $2)", site_id, org_id
     )
