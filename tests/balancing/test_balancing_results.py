@@ -8,6 +8,7 @@ import random
 from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
+from uuid import UUID
 from zoneinfo import ZoneInfo
 
 from google.protobuf import field_mask_pb2
@@ -16,6 +17,7 @@ from openvpp.v1 import meter_registry_pb2 as mpb
 from openvpp.v1 import site_registry_pb2 as spb
 from openvpp.v1 import telemetry_pb2 as tpb
 
+from service.app import Service
 from service.balancing.worker import BalancingQueueConsumer
 from tests.balancing.conftest import Community, by_pair, day, drain, make_community, stamp
 from tests.conftest import Org
@@ -361,3 +363,40 @@ async def test_a_monthly_site_is_balanced_on_monthly_totals(
         ),
         "interval",
     )
+
+
+async def test_a_site_no_longer_balanced_loses_its_balances(
+    partner: Org, community: Community, consumer: BalancingQueueConsumer, service: Service
+) -> None:
+    site = await make_community(
+        partner,
+        community.registry,
+        community.meters,
+        community.telemetry,
+        community.balancing,
+        supply_points=[
+            spb.SupplyPoint(
+                grid_identifier="51234567895", direction=spb.SUPPLY_POINT_DIRECTION_OFFTAKE
+            )
+        ],
+    )
+    home = await site.meter()
+    await site.participate(home)
+    start = local(2025, 6, 2, 12)
+    await site.profile(home, start, [10, 10])
+    await drain(consumer)
+    assert service.pool is not None
+    blocks = "SELECT count(*) FROM balance_blocks WHERE site_id = $1"
+    assert await service.pool.fetchval(blocks, UUID(site.site.id)) == 1
+
+    await site.registry.UpdateSite(
+        spb.UpdateSiteRequest(
+            site=spb.Site(id=site.site.id, type=spb.SITE_TYPE_UNBALANCED_ACCURATE),
+            update_mask=field_mask_pb2.FieldMask(paths=["type"]),
+        ),
+        metadata=site.org.auth,
+    )
+    await drain(consumer)
+    assert await service.pool.fetchval(blocks, UUID(site.site.id)) == 0
+    rows = await site.balances(site_id=site.site.id, **window(start, start + Q))
+    assert rows == []
