@@ -12,7 +12,6 @@ import asyncpg
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
 from service.auth.authenticator import Authenticator
@@ -22,6 +21,7 @@ from service.balancing import servicer as balancing
 from service.balancing.worker import BalancingQueueConsumer
 from service.common.call_guard import CallGuard
 from service.common.clock import SYSTEM_CLOCK, Clock
+from service.common.reflection import enable_server_reflection
 from service.common.worker import Worker
 from service.config import Settings
 from service.db.database import create_pool
@@ -149,9 +149,7 @@ class Service:
 
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
-        reflection.enable_server_reflection(
-            [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
-        )
+        enable_server_reflection([*self._service_names, health.SERVICE_NAME], self.server)
         try:
             self.port = self.server.add_insecure_port(settings.grpc_address)
         except RuntimeError:
