@@ -120,8 +120,8 @@ class PreparedIntervals:
     producer_as_consumer: NDArray[np.int64]
     consumer_tier: NDArray[np.int64]
     consumer_share: NDArray[np.float64]
-    balanced: int
-    incomplete: int
+    # Per re-balanced row: whether every participant had its energy.
+    complete_rows: NDArray[np.bool_]
 
     @property
     def key(self) -> tuple[object, ...]:
@@ -178,14 +178,14 @@ def prepare_intervals(
 
     production = np.where(in_service(producers), energy(export_wh, producers), 0.0)
     demand = np.where(in_service(consumers), energy(import_wh, consumers), 0.0)
-    complete = ~(np.isnan(production).any(axis=1) | np.isnan(demand).any(axis=1))
+    missing = np.isnan(production).any(axis=1) | np.isnan(demand).any(axis=1)
+    complete: NDArray[np.bool_] = np.logical_not(missing)
 
     block.complete[rows] = complete
     block.shared_wh[rows] = 0
     block.feed_in_wh[rows] = 0
     block.grid_supply_wh[rows] = 0
     consumer_index = {m: i for i, m in enumerate(block.consumer_ids)}
-    balanced = int(complete.sum())
     return PreparedIntervals(
         block=block,
         done=rows[complete],
@@ -199,8 +199,7 @@ def prepare_intervals(
         consumer_share=np.array(
             [c.share if c.share is not None else np.nan for c in consumers], dtype=np.float64
         ),
-        balanced=balanced,
-        incomplete=len(rows) - balanced,
+        complete_rows=complete,
     )
 
 

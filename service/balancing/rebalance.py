@@ -77,6 +77,9 @@ class _Plan:
     ends: NDArray[np.int64]
     method: AllocationMethod
     participants: list[Participant]
+    # The block's intervals inside the requested ranges: what the counts report (a block
+    # whose layout changed is recomputed whole, but only these were asked for).
+    wanted: NDArray[np.bool_]
 
 
 async def rebalance(
@@ -196,7 +199,7 @@ async def _plan_chunk(
             block = fresh
             rows = np.arange(len(grid))
         method = method_on(policies, day)
-        plans.append(_Plan(block, rows, ends, method, participants))
+        plans.append(_Plan(block, rows, ends, method, participants, wanted))
     if not plans:
         return _Chunk(plans, removed, None)
     span_start = min(int(p.block.interval_starts[p.rows[0]]) for p in plans)
@@ -239,8 +242,9 @@ def _compute(chunk: _Chunk) -> tuple[int, int]:
             exports,
         )
         groups.setdefault(ready.key, []).append(ready)
-        balanced += ready.balanced
-        incomplete += ready.incomplete
+        asked = plan.wanted[plan.rows]
+        balanced += int(ready.complete_rows[asked].sum())
+        incomplete += int((~ready.complete_rows[asked]).sum())
     for group in groups.values():
         allocate_prepared(group)
     return balanced, incomplete
