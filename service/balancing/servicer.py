@@ -225,6 +225,9 @@ class BalancingServicer(pb_grpc.BalancingServicer):
             )
         start, end = _time_range(request)
         limit = balances_page_size(request.page_size)
+        if site_id is not None:
+            # Another organization's site is NOT_FOUND before any meter is compared with it.
+            await site_info(self._pool, org_id, site_id)
         for meter, field in ((debitor, "debitor_meter_id"), (creditor, "creditor_meter_id")):
             if meter is None or meter == GRID:
                 continue

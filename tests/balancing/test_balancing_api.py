@@ -383,6 +383,13 @@ async def test_another_organizations_ids_are_not_found_on_every_rpc(
         api.ListAggregatedBalances(
             bpb.ListAggregatedBalancesRequest(debitor_meter_id=meter.id, **window), metadata=theirs
         ),
+        # Our site with their own meter: the site is not theirs to name.
+        api.ListAggregatedBalances(
+            bpb.ListAggregatedBalancesRequest(
+                site_id=site_id, debitor_meter_id=their_meter.id, **window
+            ),
+            metadata=theirs,
+        ),
         api.ListBalanceSummaries(
             bpb.ListBalanceSummariesRequest(site_id=site_id, **window), metadata=theirs
         ),
