@@ -96,11 +96,13 @@ Whole Wh (controlled rounding)
     ``x_j - sum(floors)`` ups (one may be its feed-in cell) and consumer column ``i``
     exactly ``d_i - sum(floors)`` (one may be its grid-supply cell). Producer rows are
     decided one after another by a greedy that keeps the later rows satisfiable (see
-    :func:`_controlled_rounding`; exact for up to two producers), ties by meter index,
-    lower first. An interval where the greedy runs into a row it cannot satisfy (possible
-    with three or more producers) is repaired exactly by augmenting paths
-    (:func:`_round_table`). Values within ``1e-6 Wh`` of an integer count as that integer,
-    which absorbs floating-point noise and is still the floor or ceiling of the exact value.
+    :func:`_controlled_rounding`; exact for up to two producers); among equally good cells
+    it prefers those of consumers whose exact total is nearer its ceiling (so that no meter
+    id is favoured over a year), then the lower meter index. An interval where the greedy
+    runs into a row it cannot satisfy (possible with three or more producers) is repaired
+    exactly by augmenting paths (:func:`_round_table`). Values within ``1e-6 Wh`` of an
+    integer count as that integer, which absorbs floating-point noise and is still the
+    floor or ceiling of the exact value.
 
 Zero is absence
     A consumer with zero demand is never in demand, gets key 0 under EQUAL and PRO_RATA and
@@ -651,6 +653,21 @@ def _first_of(mask: BoolArray, count: Int64Array) -> BoolArray:
     return result
 
 
+def _pick(mask: BoolArray, count: Int64Array, preferred: BoolArray) -> BoolArray:
+    """``count[t]`` cells of ``mask``: the preferred ones first, each group lowest index first.
+
+    Picking by index alone would round the lower meter ids up more often, a bias that adds
+    up over a year; preferring the consumers whose exact total is nearer its ceiling keeps
+    each consumer's rounding close to nearest and the index only breaks the rest.
+    """
+    first = mask & preferred
+    from_first = np.minimum(count, np.count_nonzero(first, axis=0))
+    result = _first_of(first, from_first)
+    if (count > from_first).any():
+        result |= _first_of(mask & ~preferred, count - from_first)
+    return result
+
+
 def _greedy_row(
     free: BoolArray,
     forced_up: BoolArray,
@@ -661,6 +678,7 @@ def _greedy_row(
     feed_options: tuple[BoolArray, BoolArray],
     need_low: Int64Array,
     need_high: Int64Array,
+    preferred: BoolArray,
 ) -> tuple[Int64Array, BoolArray, BoolArray]:
     """One producer row that has rows after it: (feed-in up, cell ups, failed) per interval.
 
@@ -717,7 +735,7 @@ def _greedy_row(
         (class_d, take_d),
     ):
         if (count > 0).any():
-            up |= _first_of(members, np.maximum(count, 0))
+            up |= _pick(members, np.maximum(count, 0), preferred)
     return feed_up_count, up, ~feasible
 
 
@@ -740,7 +758,8 @@ def _controlled_rounding(
     rows after it (whose total need is known): first cells that lower the rows' minimum
     without lowering their maximum (a), then cells that lower both (c) as far as the
     minimum must come down, then cells that change neither (b), then more of c, and cells
-    that only lower the maximum (d) last; inside a class the lowest meter index first.
+    that only lower the maximum (d) last; inside a class the cells of consumers whose exact
+    grid supply is nearer its floor first, then the lowest meter index.
     Whether the feed-in cell goes up is chosen likewise (nearest first). With two producers
     the choice is exact (the last row's window is all that matters and the class order
     keeps it whenever it can be kept); an interval the greedy still cannot satisfy is
@@ -749,7 +768,10 @@ def _controlled_rounding(
     num_producers, num_consumers, num_intervals = cells.shape
     base, fractional = _split_cells(cells)
     feed_base, feed_fraction, feed_fractional = _split(feed_in)
-    grid_base, _, grid_fractional = _split(grid_supply)
+    grid_base, grid_fraction, grid_fractional = _split(grid_supply)
+    # Up in a consumer column lowers its grid supply: prefer the columns whose exact grid
+    # supply is nearer its floor, so that each consumer's total rounds to nearest if it can.
+    preferred = grid_fraction < 0.5
     row_ups = production - base.sum(axis=1) - feed_base.astype(np.int64)
     column_most = demand - base.sum(axis=0) - grid_base.astype(np.int64)
     column_least = column_most - grid_fractional
@@ -787,7 +809,7 @@ def _controlled_rounding(
             feed_up_count = np.where(use_other, other_up, nearest_up).astype(np.int64)
             wanted = row_ups[producer] - feed_up_count - forced_count
             failed |= (wanted < 0) | (wanted > free_count)
-            up = forced_up | _first_of(free, np.maximum(wanted, 0))
+            up = forced_up | _pick(free, np.maximum(wanted, 0), preferred)
         else:
             feed_up_count, up, row_failed = _greedy_row(
                 free,
@@ -799,6 +821,7 @@ def _controlled_rounding(
                 (nearest_up, other_up),
                 later_least[producer],
                 later_most[producer],
+                preferred,
             )
             failed |= row_failed
         ups[producer] = up
