@@ -91,9 +91,20 @@ async def test_site_energy_equals_the_per_meter_derivation(
     elsewhere = await other.meter()
     assert (await other.ingest([register(elsewhere, at, 1.0) for at in stamps[:50]])).rejected == []
 
-    # Decode in tiny chunks too, so rows arrive split across COPY messages.
-    for decode_bytes in (4 << 20, 333):
+    copies: list[str] = []
+    real_copy = energy_store._copy_into
+
+    async def counted(conn: Any, query: str, accumulator: Any) -> None:
+        copies.append(query)
+        await real_copy(conn, query, accumulator)
+
+    monkeypatch.setattr(energy_store, "_copy_into", counted)
+    # Decode in tiny chunks too, so rows arrive split across COPY messages; and read as two
+    # COPYs on two connections of one snapshot.
+    for decode_bytes, parallel_from in ((4 << 20, 10**9), (333, 10**9), (4 << 20, 0)):
         monkeypatch.setattr(energy_store, "_DECODE_BYTES", decode_bytes)
+        monkeypatch.setattr(energy_store, "PARALLEL_MIN_CELLS", parallel_from)
+        copies.clear()
         energy = await site_interval_energy(
             service.pool, partner.id, _uuid(site.site.id), START, END
         )
@@ -110,6 +121,7 @@ async def test_site_energy_equals_the_per_meter_derivation(
             ):
                 expected = _expected(meter, kind, flow, sent.get((meter.id, flow)), grid)
                 np.testing.assert_array_equal(matrix[:, column], expected, err_msg=meter.identifier)
+        assert len(copies) == (2 if parallel_from == 0 else 1)
         assert np.isnan(energy.import_wh).any()
         assert (energy.export_wh[:, [order.index(created[0])]] == 0).all()
 
