@@ -11,7 +11,7 @@ from datetime import timedelta
 import asyncpg
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from opentelemetry import trace
 
 from service.auth.authenticator import Authenticator
@@ -21,6 +21,7 @@ from service.balancing import servicer as balancing
 from service.balancing.worker import BalancingQueueConsumer
 from service.common.call_guard import CallGuard
 from service.common.clock import SYSTEM_CLOCK, Clock
+from service.common.loglimit import OutageLog, quiet_library_retries
 from service.common.reflection import enable_server_reflection
 from service.common.worker import Worker
 from service.config import Settings
@@ -48,6 +49,9 @@ GRPC_OPTIONS = [
     # data directory, would silently receive part of the calls. A taken port is an error.
     ("grpc.so_reuseport", 0),
 ]
+
+
+HEALTH_DESCRIPTOR = health_pb2.DESCRIPTOR.services_by_name["Health"]
 
 
 @dataclass
@@ -83,6 +87,8 @@ class Service:
     telemetry_servicer: telemetry.TelemetryServicer | None = None
     balancing_consumer: BalancingQueueConsumer | None = None
     _health: health.aio.HealthServicer | None = None
+    # One record of a database outage, shared by the health probe and every refused call.
+    database_outage: OutageLog = field(default_factory=lambda: OutageLog("database", log))
     _serving: bool = False
     _probe: Worker | None = None
     _workers: list[Worker] = field(default_factory=list)
@@ -100,6 +106,8 @@ class Service:
 
     async def _start(self) -> int:
         settings = self.settings
+        # asyncpg logs every reconnect attempt of the pool with a stack trace.
+        quiet_library_retries("asyncpg.pool")
         self.pool = await create_pool(
             self.dsn, settings.db_pool_min_size, settings.db_pool_max_size
         )
@@ -138,7 +146,7 @@ class Service:
             method_roles.update(capability.method_roles)
         self.server = grpc.aio.server(options=GRPC_OPTIONS)
         tracer = trace.get_tracer("openvpp") if settings.trace_exporter else None
-        guard = CallGuard(authenticator, tracer)
+        guard = CallGuard(authenticator, tracer, self.database_outage)
         served = [c for c in capabilities if c.descriptor is not None]
         for capability in served:
             assert capability.descriptor is not None
@@ -147,9 +155,11 @@ class Service:
             )
         self._service_names = [c.descriptor.full_name for c in served if c.descriptor is not None]
 
+        # Health and reflection take no token (load balancers and grpcurl call them bare) but
+        # go through the same guard, so a request they cannot decode is INVALID_ARGUMENT too.
         self._health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
-        enable_server_reflection([*self._service_names, health.SERVICE_NAME], self.server)
+        guard.register(self.server, HEALTH_DESCRIPTOR, self._health, {}, public=True)
+        enable_server_reflection([*self._service_names, health.SERVICE_NAME], self.server, guard)
         try:
             self.port = self.server.add_insecure_port(settings.grpc_address)
         except RuntimeError:
@@ -263,14 +273,20 @@ class Service:
         """SERVING only while the database answers."""
         assert self.pool is not None
         interval = self.settings.health_interval_seconds
+        cause = "the event listener is not connected"
         try:
             async with asyncio.timeout(interval):
                 await self.pool.fetchval("SELECT 1")
             healthy = self.hub is not None and self.hub.connected
-        except Exception:
+        except Exception as error:
             healthy = False
+            cause = f"health probe: {type(error).__name__}"
+        # Logged as one outage (start, summaries, end) with the calls it refused.
+        if healthy:
+            self.database_outage.up()
+        else:
+            self.database_outage.down(cause)
         if healthy != self._serving:
-            log.warning("database %s", "reachable again" if healthy else "unreachable")
             self._serving = healthy
             await self._set_health(healthy)
         return False

@@ -18,6 +18,7 @@ import asyncpg
 from service.app import Service
 from service.auth.principal import Role
 from service.auth.store import IdentityStore, IssuedToken
+from service.common.text import NAME_LENGTH, text_rule
 from service.config import Settings
 from service.db.database import EmbeddedPostgres
 from service.db.migrate import migrate
@@ -322,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif args.command == "orgs" and args.action == "create":
             role = Role(args.role)
+            rule = "is required" if not args.name.strip() else text_rule(args.name, NAME_LENGTH)
+            if rule is not None:
+                raise SystemExit(f"organization name {rule}")
             org = run_event_loop(
                 _with_identity(dsn, lambda store: store.create_org(args.name, role))
             )

@@ -141,3 +141,10 @@ async def eventually(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"never happened: {what}")
         await asyncio.sleep(0.01)
+
+
+def raw_method(channel: grpc.aio.Channel, path: str, kind: str) -> Any:
+    """A callable of ``path`` sending and receiving bytes as they are; ``kind`` is
+    unary_unary, unary_stream, stream_unary or stream_stream."""
+    factory = getattr(channel, kind)
+    return factory(path, request_serializer=None, response_deserializer=None)

@@ -50,7 +50,8 @@ def _time_range(request: Any) -> tuple[datetime, datetime]:
     if not request.HasField("end_time"):
         errors.add("end_time", "is required")
     errors.raise_if_any()
-    start, end = from_timestamp(request.start_time), from_timestamp(request.end_time)
+    start = from_timestamp(request.start_time, "start_time")
+    end = from_timestamp(request.end_time, "end_time")
     if end <= start:
         raise ValidationError.single("end_time", "must be after start_time")
     return start, end

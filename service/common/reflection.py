@@ -21,12 +21,15 @@ from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
-from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from service.common.call_guard import CallGuard
 
 V1_PACKAGE = "grpc.reflection.v1"
 V1_FILE = "grpc/reflection/v1/reflection.proto"
 V1_SERVICE_NAME = f"{V1_PACKAGE}.ServerReflection"
 V1ALPHA_SERVICE_NAME: str = reflection.SERVICE_NAME
+V1ALPHA_DESCRIPTOR = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
 DOCUMENTED_PACKAGE = "openvpp.v1"
 DOCUMENTED_SUFFIX = ".descriptor.binpb"
 
@@ -112,17 +115,27 @@ class _DocumentedReflection(reflection.aio.ReflectionServicer):  # type: ignore[
             yield response
 
 
-def enable_server_reflection(service_names: Iterable[str], server: grpc.aio.Server) -> None:
-    """Serves reflection of ``service_names`` (plus both reflection services) on ``server``."""
+def enable_server_reflection(
+    service_names: Iterable[str], server: grpc.aio.Server, guard: CallGuard
+) -> None:
+    """Serves reflection of ``service_names`` (plus both reflection services) on ``server``,
+    through ``guard`` as a public (tokenless) service, so its requests are decoded and its
+    errors mapped like every other call's."""
     pool = descriptor_pool.Default()
     _register_v1_descriptor(pool)
     names = [*service_names, V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME]
     servicer = _DocumentedReflection(names, pool, documented_files(pool))
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
-    v1_method = grpc.stream_stream_rpc_method_handler(
-        servicer.ServerReflectionInfo,
-        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    guard.register(server, V1ALPHA_DESCRIPTOR, servicer, {}, public=True)
+    # The v1 method is the v1alpha servicer under v1's name (same bytes on the wire).
+    v1_method = guard.guarded(
+        f"/{V1_SERVICE_NAME}/ServerReflectionInfo",
+        grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        ),
+        {},
+        public=True,
     )
     v1_handler = grpc.method_handlers_generic_handler(
         V1_SERVICE_NAME, {"ServerReflectionInfo": v1_method}

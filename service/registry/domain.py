@@ -10,6 +10,7 @@ from functools import cache
 
 from service.common.errors import ViolationCollector
 from service.common.network_policy import webhook_url_violation
+from service.common.text import ADDRESS_LENGTH, NAME_LENGTH, URL_LENGTH, check_text
 from service.grid import (
     SUPPORTED_RESOLUTIONS,
     SiteType,
@@ -23,9 +24,9 @@ from service.identifiers import (
     parse_grid_identifier,
 )
 
-MAX_NAME_LENGTH = 200
-MAX_ADDRESS_LENGTH = 1000
-MAX_URL_LENGTH = 2048
+MAX_NAME_LENGTH = NAME_LENGTH
+MAX_ADDRESS_LENGTH = ADDRESS_LENGTH
+MAX_URL_LENGTH = URL_LENGTH
 DEFAULT_BALANCE_RESOLUTION = "PT15M"
 
 
@@ -297,8 +298,7 @@ def validate_resource(
 
 
 def _check_length(errors: ViolationCollector, field: str, value: str, limit: int) -> None:
-    if len(value) > limit:
-        errors.add(field, f"must be at most {limit} characters")
+    check_text(errors, field, value, limit)
 
 
 def _check_bounds(errors: ViolationCollector, field: str, bounds: Bounds) -> bool:
@@ -316,8 +316,7 @@ def _check_bounds(errors: ViolationCollector, field: str, bounds: Bounds) -> boo
 def _check_url(
     errors: ViolationCollector, field: str, url: str, allow_private_networks: bool
 ) -> None:
-    if len(url) > MAX_URL_LENGTH:
-        errors.add(field, f"must be at most {MAX_URL_LENGTH} characters")
+    if not check_text(errors, field, url, MAX_URL_LENGTH):
         return
     violation = webhook_url_violation(url, allow_private_networks=allow_private_networks)
     if violation is not None:

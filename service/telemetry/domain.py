@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from zoneinfo import ZoneInfo
 
+from service.common.text import NAME_LENGTH, text_rule
 from service.grid import Resolution, SiteType, site_type_is_accurate
 
 _ONE_MICROSECOND = timedelta(microseconds=1)
@@ -79,6 +80,7 @@ class RejectReason(StrEnum):
     WRONG_VALUE_KIND = "wrong_value_kind"
     FLOW_REQUIRED = "flow_required"
     FLOW_NOT_ALLOWED = "flow_not_allowed"
+    TIMESTAMP_OUT_OF_RANGE = "timestamp_out_of_range"
 
 
 _REASON_TEXTS: dict[RejectReason, str] = {
@@ -108,6 +110,10 @@ _REASON_TEXTS: dict[RejectReason, str] = {
         "the flow contradicts the meter direction (consumer meters import only, producer "
         "meters export only)"
     ),
+    RejectReason.TIMESTAMP_OUT_OF_RANGE: (
+        "the timestamp is not an instant from 1900-01-01T00:00:00Z up to (not including) "
+        "2200-01-01T00:00:00Z with nanos in 0..999999999"
+    ),
 }
 
 
@@ -120,7 +126,7 @@ def reason_text(reason: RejectReason) -> str:
 # Meter fields
 # ---------------------------------------------------------------------------------------------
 
-MAX_METER_TEXT_LENGTH = 200
+MAX_METER_TEXT_LENGTH = NAME_LENGTH
 # Partitions are created for every month a meter can have readings in; an earlier start is
 # almost certainly a typo (epoch 0 from an unset field) and would create decades of them.
 EARLIEST_METER_START = datetime(1990, 1, 1, tzinfo=UTC)
@@ -153,10 +159,9 @@ def validate_meter(
         ("serial", meter.serial),
         ("mpo", meter.mpo),
     ):
-        if len(value.strip()) > MAX_METER_TEXT_LENGTH:
-            violations.append(
-                (prefix + name, f"must be at most {MAX_METER_TEXT_LENGTH} characters")
-            )
+        rule = text_rule(value.strip(), MAX_METER_TEXT_LENGTH)
+        if rule is not None:
+            violations.append((prefix + name, rule))
     if meter.direction is None:
         violations.append((prefix + "direction", "must be CONSUMER, PRODUCER or BIDIRECTIONAL"))
     if meter.measuring is None:

@@ -134,7 +134,8 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
             raise ValidationError.single("start_time", "is required")
         if not request.HasField("end_time"):
             raise ValidationError.single("end_time", "is required")
-        start, end = from_timestamp(request.start_time), from_timestamp(request.end_time)
+        start = from_timestamp(request.start_time, "start_time")
+        end = from_timestamp(request.end_time, "end_time")
         if end <= start:
             raise ValidationError.single("end_time", "must be after start_time")
         if end - start > MAX_LIST_RANGE:

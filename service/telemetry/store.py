@@ -13,6 +13,7 @@ watchers (:func:`write_rows`, one function per step). The ack is built only afte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 import time
@@ -256,10 +257,10 @@ class MeterCache:
         if missing:
             parsed: dict[UUID, str] = {}
             for text in missing:
-                try:
+                # Not a UUID: unknown, and not remembered (a client sending distinct garbage
+                # ids must not fill the cache; parsing again is cheap).
+                with contextlib.suppress(ValueError):
                     parsed[UUID(text)] = text
-                except ValueError:
-                    known[text] = None
             if parsed:
                 rows = await self._pool.fetch(
                     """
