@@ -39,6 +39,7 @@ import psutil
 from openvpp.v1 import site_registry_pb2 as pb
 from openvpp.v1 import site_registry_pb2_grpc
 
+import openvpp_client
 from service.cli import run_event_loop
 
 ECHO_METHOD = "/openvpp.bench.Echo/Echo"
@@ -112,7 +113,9 @@ async def _load(
     latencies: list[float] = []
     completed = 0
     errors = 0
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{phase.port}") as channel:
+    # The token as per-call metadata and no retry policy: a plain insecure channel, so the
+    # measured calls pay for no interceptor and a failure is counted, not retried.
+    async with openvpp_client.aio_channel(f"127.0.0.1:{phase.port}", retry=None) as channel:
         call = _make_call(phase, channel)
         start = time.perf_counter()
         measure_from = start + warmup
@@ -214,9 +217,9 @@ def _stop(process: subprocess.Popen[str]) -> None:
 
 
 async def _seed(port: int, token: str, count: int) -> list[str]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    # Seeding is not measured: the client helper adds the token and retries what may be.
+    async with openvpp_client.aio_channel(f"127.0.0.1:{port}", token) as channel:
         registry = site_registry_pb2_grpc.SiteRegistryStub(channel)
-        metadata = (("authorization", f"Bearer {token}"),)
         ids = []
         for index in range(count):
             response = await registry.CreateSite(
@@ -230,7 +233,6 @@ async def _seed(port: int, token: str, count: int) -> list[str]:
                         )
                     ],
                 ),
-                metadata=metadata,
             )
             ids.append(response.site.id)
         return ids
@@ -274,9 +276,10 @@ def main() -> None:
     openvpp = str(Path(sys.executable).parent / "openvpp")
     servers: list[subprocess.Popen[str]] = []
     try:
-        serve, lines = _start([openvpp, "serve"], r"\(port \d+\)", env)
+        # A fresh data dir: serve's first start prints its token after the serving line.
+        serve, lines = _start([openvpp, "serve"], r"API token", env)
         servers.append(serve)
-        port = int(re.findall(r"\(port (\d+)\)", lines[-1])[0])
+        port = int(re.findall(r"\(port (\d+)\)", "\n".join(lines))[0])
         token = next(line.rsplit(" ", 1)[1] for line in lines if "API token" in line)
         echo, echo_lines = _start(
             [sys.executable, "-m", "loadtest.registry_bench", "--echo-server"],

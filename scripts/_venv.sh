@@ -1,4 +1,4 @@
-# Sourced by scripts/serve and scripts/test: a .venv with the project installed.
+# Sourced by scripts/serve, scripts/openvpp and scripts/test: a .venv (install_project below).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -18,3 +18,25 @@ find_python() {
 if [ ! -x .venv/bin/python ]; then
   "$(find_python)" -m venv .venv
 fi
+
+# What decides whether the installed project is current: pyproject.toml and the top-level
+# packages (an editable install maps packages when it is made).
+INSTALL_STAMP=.venv/.openvpp-install
+install_key() {
+  .venv/bin/python -c 'import hashlib, pathlib
+parts = [pathlib.Path("pyproject.toml").read_bytes()]
+parts += sorted(p.parent.name.encode() for p in pathlib.Path(".").glob("*/__init__.py"))
+print(hashlib.sha256(b"\0".join(parts)).hexdigest())'
+}
+
+# Installs the project (editable) into .venv unless the install is current, so a normal
+# start runs no pip at all; when pip runs, it shows errors only (a pip configuration may
+# warn about every index location it cannot read).
+install_project() {
+  local key
+  key="$(install_key)"
+  if [ "$(cat "$INSTALL_STAMP" 2>/dev/null)" != "$key" ] || [ ! -x .venv/bin/openvpp ]; then
+    .venv/bin/python -m pip install --quiet --quiet --disable-pip-version-check -e .
+    echo "$key" >"$INSTALL_STAMP"
+  fi
+}

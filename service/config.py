@@ -51,6 +51,25 @@ class Settings:
     # Seconds between ticks of the scheduler that applies date-driven upstream_status changes
     # (contracts starting or ending at local midnight); 0 disables it.
     upstream_scheduler_interval_seconds: float = 60.0
+    # Webhooks (dispatch): allow loopback, private, link-local and other non-public target
+    # addresses, at registration and at delivery; for tests and local demos only. Cloud
+    # metadata addresses stay refused. See service/common/network_policy.py.
+    webhook_allow_private_networks: bool = False
+    # Dispatch delivery: seconds one webhook attempt may take (connect, send, response).
+    dispatch_timeout_seconds: float = 5.0
+    # Dispatch delivery: webhook requests in flight at once, in all and per endpoint
+    # (scheme, host, port).
+    dispatch_max_concurrency: int = 256
+    dispatch_max_concurrency_per_host: int = 32
+    # Dispatch delivery: consecutive failed attempts that open an endpoint's circuit breaker,
+    # and seconds it stays open before one probe is let through.
+    dispatch_breaker_failure_threshold: int = 5
+    dispatch_breaker_reset_seconds: float = 30.0
+    # Dispatch delivery: retry back-off, capped exponential with full jitter.
+    dispatch_backoff_initial_seconds: float = 1.0
+    dispatch_backoff_max_seconds: float = 300.0
+    # Dispatch: seconds a rotated-out signing secret keeps signing beside the new one.
+    dispatch_signing_secret_grace_seconds: float = 86400.0
     # Create a partner organization and print its token when the database is empty.
     bootstrap: bool = True
 

@@ -88,3 +88,10 @@ def battery_request(site_id: str, **fields: Any) -> pb.CreateResourceRequest:
     }
     values.update(fields)
     return pb.CreateResourceRequest(**values)
+
+
+def raw_method(channel: grpc.aio.Channel, path: str, kind: str) -> Any:
+    """A callable of ``path`` sending and receiving bytes as they are; ``kind`` is
+    unary_unary, unary_stream, stream_unary or stream_stream."""
+    factory = getattr(channel, kind)
+    return factory(path, request_serializer=None, response_deserializer=None)

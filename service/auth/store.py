@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from uuid import UUID
 
 import asyncpg
 
 from service.auth.principal import Principal, Role
+from service.auth.signing import new_signing_secret
 from service.auth.tokens import new_token, token_hash
 
 TOKEN_REVOKED_CHANNEL = "openvpp_token_revoked"
+DEFAULT_SIGNING_SECRET_GRACE = timedelta(hours=24)
+# Never SELECT * from organizations: the signing secrets stay where they are asked for.
+_ORG_COLUMNS = "id, name, role, created_at"
 
 
 @dataclass(frozen=True)
@@ -30,22 +35,85 @@ class IssuedToken:
 
 
 class IdentityStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, *, signing_secret_grace: timedelta = DEFAULT_SIGNING_SECRET_GRACE
+    ) -> None:
+        # signing_secret_grace: how long a rotated-out secret still signs
+        # (OPENVPP_DISPATCH_SIGNING_SECRET_GRACE_SECONDS).
         self._pool = pool
+        self._grace = signing_secret_grace
 
     async def create_org(self, name: str, role: Role) -> Organization:
+        # Its signing secret comes from the column default (migration 0015).
         row = await self._pool.fetchrow(
-            "INSERT INTO organizations (name, role) VALUES ($1, $2) RETURNING *", name, role.value
+            f"INSERT INTO organizations (name, role) VALUES ($1, $2) RETURNING {_ORG_COLUMNS}",
+            name,
+            role.value,
         )
         return _org(row)
 
     async def list_orgs(self) -> list[Organization]:
-        rows = await self._pool.fetch("SELECT * FROM organizations ORDER BY created_at, id")
+        rows = await self._pool.fetch(
+            f"SELECT {_ORG_COLUMNS} FROM organizations ORDER BY created_at, id"
+        )
         return [_org(row) for row in rows]
 
     async def get_org(self, org_id: UUID) -> Organization | None:
-        row = await self._pool.fetchrow("SELECT * FROM organizations WHERE id = $1", org_id)
+        row = await self._pool.fetchrow(
+            f"SELECT {_ORG_COLUMNS} FROM organizations WHERE id = $1", org_id
+        )
         return _org(row) if row else None
+
+    async def signing_secret(self, org_id: UUID) -> str | None:
+        """The organization's current webhook signing secret; None if there is no such org."""
+        secret: str | None = await self._pool.fetchval(
+            "SELECT signing_secret FROM organizations WHERE id = $1", org_id
+        )
+        return secret
+
+    async def rotate_signing_secret(self, org_id: UUID, now: datetime | None = None) -> str | None:
+        """Makes a new current secret; the old one keeps signing for the grace period.
+
+        Only one previous secret is kept: rotating again within the grace period drops the
+        one before. ``now`` (default: the database's) starts the grace period. None if there
+        is no such organization.
+        """
+        secret: str | None = await self._pool.fetchval(
+            "UPDATE organizations SET previous_signing_secret = signing_secret, "
+            "signing_secret = $2, signing_secret_rotated_at = COALESCE($3, now()) "
+            "WHERE id = $1 RETURNING signing_secret",
+            org_id,
+            new_signing_secret(),
+            now,
+        )
+        return secret
+
+    async def signing_secrets(self, org_id: UUID, now: datetime) -> list[str]:
+        """Every secret that signs at ``now``: the current one, then the previous one while
+        within the grace period after its rotation. Empty if there is no such org."""
+        return (await self.signing_secrets_for([org_id], now)).get(org_id, [])
+
+    async def signing_secrets_for(
+        self, org_ids: Iterable[UUID], now: datetime
+    ) -> dict[UUID, list[str]]:
+        """``signing_secrets`` of many organizations in one query (a delivery batch's)."""
+        rows = await self._pool.fetch(
+            "SELECT id, signing_secret, previous_signing_secret, signing_secret_rotated_at "
+            "FROM organizations WHERE id = ANY($1::uuid[])",
+            list(set(org_ids)),
+        )
+        found: dict[UUID, list[str]] = {}
+        for row in rows:
+            secrets = [row["signing_secret"]]
+            rotated_at = row["signing_secret_rotated_at"]
+            if (
+                row["previous_signing_secret"]
+                and rotated_at is not None
+                and now < rotated_at + self._grace
+            ):
+                secrets.append(row["previous_signing_secret"])
+            found[row["id"]] = secrets
+        return found
 
     async def create_token(self, org_id: UUID) -> IssuedToken:
         token = new_token()

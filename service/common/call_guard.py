@@ -1,4 +1,5 @@
-"""Authentication, role checks and error mapping around every RPC of ours.
+"""Authentication, role checks, decoding and error mapping around every RPC the server
+offers (ours, health and reflection).
 
 Handlers stay free of this plumbing: they read ``current_principal()`` and raise domain
 errors; what the client sees is decided here, once.
@@ -6,11 +7,19 @@ errors; what the client sees is decided here, once.
 This is applied when a service is registered, by wrapping each method's handler, rather
 than as a ``grpc.aio.ServerInterceptor``: an interceptor runs an extra coroutine and
 handler lookup on every call, which measured at about a fifth of GetSite's throughput.
+
+Requests are decoded here too, after the caller is admitted: handlers are registered with
+gRPC without a request deserializer (gRPC hands over the raw bytes) and the guard parses
+them, so an undecodable request from a caller without a token is UNAUTHENTICATED, and from
+one with a token INVALID_ARGUMENT, never the UNKNOWN (and the logged stack trace) gRPC makes
+of a failing deserializer. On a client stream each message is parsed as the handler reads
+it, so a bad one ends the stream after the responses already sent.
 """
 
 from __future__ import annotations
 
 import contextvars
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -18,35 +27,48 @@ from typing import Any
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import Message
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span
 
 from service.auth.authenticator import Authenticator
 from service.auth.principal import Principal, Role, bind_principal, unbind_principal
 from service.auth.tokens import bearer_token
-from service.common.errors import DomainError
+from service.common.errors import DomainError, MalformedRequestError
 from service.common.grpc_errors import (
     CONCURRENT_CONFLICT,
     DATABASE_UNAVAILABLE,
+    plain_status,
     status_for,
     status_with_reason,
 )
+from service.common.loglimit import LogLimiter, OutageLog, held_back
+from service.common.request_limits import check_request
 from service.events.hub import EventsInterrupted, SubscriberTooSlow
 
 log = logging.getLogger(__name__)
 
-Admit = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[Principal]]
-Fail = Callable[[grpc.aio.ServicerContext[Any, Any], Exception, Span | None], Awaitable[None]]
+# One line per (method, status) of rejected calls, and one stack trace per distinct bug, per
+# this many seconds.
+REJECTION_LOG_SECONDS = 60.0
+INTERNAL_TRACE_SECONDS = 60.0
+# Longest client-supplied text quoted in a log line.
+_LOGGED_TEXT = 200
+
+Admit = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[Principal | None]]
+Decode = Callable[[Any], Any]
+Fail = Callable[[Exception, Span | None], grpc.Status]
 SpanFactory = Callable[[grpc.aio.ServicerContext[Any, Any]], Span | None]
 
 
 class _Steps:
     """What the guard does around every call of one method."""
 
-    __slots__ = ("admit", "fail", "span_for")
+    __slots__ = ("admit", "decode", "fail", "span_for")
 
-    def __init__(self, admit: Admit, fail: Fail, span_for: SpanFactory) -> None:
+    def __init__(self, admit: Admit, decode: Decode, fail: Fail, span_for: SpanFactory) -> None:
         self.admit = admit
+        self.decode = decode
         self.fail = fail
         self.span_for = span_for
 
@@ -72,7 +94,8 @@ class _Guarded:
         except BaseException as error:
             await self._leave(error)
             raise
-        self._bound = bind_principal(principal)
+        if principal is not None:
+            self._bound = bind_principal(principal)
 
     async def __aexit__(self, _type: object, error: BaseException | None, _tb: object) -> None:
         if self._bound is not None:
@@ -80,36 +103,90 @@ class _Guarded:
         await self._leave(error)
 
     async def _leave(self, error: BaseException | None) -> None:
+        status: grpc.Status | None = None
         try:
             if isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
-                await self._steps.fail(self._context, error, self._span)
+                status = self._steps.fail(error, self._span)
         finally:
+            # Ended before the status goes out: whoever sees the status sees the span.
             if self._span is not None:
                 self._span.end()
+        if status is not None:
+            await self._context.abort_with_status(status)
+
+
+class _Refused(Exception):
+    """The caller may not make this call; ``status`` says why."""
+
+    def __init__(self, status: grpc.Status) -> None:
+        super().__init__(status.details)
+        self.status = status
+
+
+async def _decoded(raw_requests: AsyncIterator[bytes], decode: Decode) -> AsyncIterator[Any]:
+    async for raw in raw_requests:
+        yield decode(raw)
 
 
 def _wrap(handler: Any, steps: _Steps) -> Any:
-    """The same handler, its behaviour run inside the guard."""
+    """The same handler, its behaviour run inside the guard, which decodes its requests."""
     kind = (handler.request_streaming, handler.response_streaming)
     inner = getattr(handler, _BEHAVIOURS[kind])
+    decode = steps.decode
     guarded: Any
+    arguments: Decode = decode
+    if handler.request_streaming:
+        # Each message is decoded when the handler reads it, inside the guard.
+        def arguments(raw: Any) -> Any:
+            return _decoded(raw, decode)
+
     if handler.response_streaming:
 
-        async def guarded_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+        async def guarded_stream(raw: Any, context: Any) -> AsyncIterator[Any]:
             async with _Guarded(steps, context):
-                async for response in inner(request, context):
+                produced = inner(arguments(raw), context)
+                if inspect.isawaitable(produced):
+                    # A handler that sends with context.write (grpc's Health/Watch).
+                    await produced
+                    return
+                async for response in produced:
                     yield response
 
         guarded = guarded_stream
     else:
 
-        async def guarded_unary(request: Any, context: Any) -> Any:
+        async def guarded_unary(raw: Any, context: Any) -> Any:
             async with _Guarded(steps, context):
-                return await inner(request, context)
+                return await inner(arguments(raw), context)
 
         guarded = guarded_unary
     factory: Any = _HANDLER_FACTORIES[kind]
-    return factory(guarded, handler.request_deserializer, handler.response_serializer)
+    return factory(guarded, None, handler.response_serializer)
+
+
+def _decoder(deserializer: Callable[[bytes], Any] | None, type_name: str) -> Decode:
+    """Parses a request, an undecodable one being the caller's error."""
+    if deserializer is None:
+        return lambda raw: raw
+
+    def decode(raw: bytes) -> Any:
+        try:
+            request = deserializer(raw)
+        except Exception:
+            # DecodeError, but also a deserializer's own failure (e.g. recursion limit).
+            raise MalformedRequestError(type_name) from None
+        if isinstance(request, Message):
+            check_request(request)
+        return request
+
+    return decode
+
+
+def _request_type_name(deserializer: Callable[[bytes], Any] | None) -> str:
+    """``openvpp.v1.GetSiteRequest`` for ``GetSiteRequest.FromString``."""
+    message_class = getattr(deserializer, "__self__", None)
+    descriptor = getattr(message_class, "DESCRIPTOR", None)
+    return str(getattr(descriptor, "full_name", "request message"))
 
 
 class CallGuard:
@@ -121,16 +198,31 @@ class CallGuard:
     roles allowed to call it, and a method without an entry is refused, so new RPCs are closed
     until someone decides who may call them.
 
-    Domain errors become statuses with details; anything unexpected becomes INTERNAL with a
-    generic message, logged here with its stack trace, never sent to the client.
+    A ``public`` service (health, reflection) takes no token; its calls are decoded and
+    their errors mapped the same way.
+
+    Domain errors become statuses with details and at most one log line per method and
+    status a minute; a database outage is logged as one (``database_outage``: its start, a
+    summary of refused calls, its end); anything unexpected becomes INTERNAL with a generic
+    message, its stack trace logged once per distinct error a minute, never sent to the
+    client.
 
     With a ``tracer``, every call is a server span named by its method; without one (no
     exporter configured) no span is made at all, as nobody would see it.
     """
 
-    def __init__(self, authenticator: Authenticator, tracer: trace.Tracer | None = None) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        tracer: trace.Tracer | None = None,
+        database_outage: OutageLog | None = None,
+    ) -> None:
         self._authenticator = authenticator
         self._tracer = tracer
+        self.database_outage = database_outage or OutageLog("database", log)
+        self._rejections = LogLimiter(REJECTION_LOG_SECONDS)
+        self._internal_traces = LogLimiter(INTERNAL_TRACE_SECONDS)
+        self._conflicts = LogLimiter(REJECTION_LOG_SECONDS)
 
     def register(
         self,
@@ -138,6 +230,8 @@ class CallGuard:
         service: ServiceDescriptor,
         servicer: object,
         method_roles: Mapping[str, frozenset[Role]],
+        *,
+        public: bool = False,
     ) -> None:
         """Serves ``servicer``'s implementation of ``service``, every method guarded."""
         handlers = {
@@ -145,6 +239,7 @@ class CallGuard:
                 f"/{service.full_name}/{method.name}",
                 _method_handler(method, getattr(servicer, method.name)),
                 method_roles,
+                public=public,
             )
             for method in service.methods
         }
@@ -154,11 +249,23 @@ class CallGuard:
         server.add_registered_method_handlers(service.full_name, handlers)
 
     def guarded(
-        self, method: str, handler: Any, method_roles: Mapping[str, frozenset[Role]]
+        self,
+        method: str,
+        handler: Any,
+        method_roles: Mapping[str, frozenset[Role]],
+        *,
+        public: bool = False,
     ) -> Any:
+        """``handler`` guarded; its ``request_deserializer`` runs inside the guard."""
         allowed = method_roles.get(method, frozenset())
         authenticator = self._authenticator
         tracer = self._tracer
+        outage = self.database_outage
+        rejections = self._rejections
+        internal_traces = self._internal_traces
+        conflicts = self._conflicts
+        deserializer = handler.request_deserializer
+        decode = _decoder(deserializer, _request_type_name(deserializer))
 
         def span_for(context: grpc.aio.ServicerContext[Any, Any]) -> Span | None:
             # A child of the caller's span when it sends W3C trace context (traceparent).
@@ -169,21 +276,24 @@ class CallGuard:
             caller = propagate.extract(_text_metadata(context.invocation_metadata()))
             return tracer.start_span(method, context=caller, kind=trace.SpanKind.SERVER)
 
-        async def admit(context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+        async def admit(context: grpc.aio.ServicerContext[Any, Any]) -> Principal | None:
+            if public:
+                return None
             token = _authorization_token(context.invocation_metadata())
             principal = await authenticator.authenticate(token) if token else None
             if principal is None:
-                await context.abort_with_status(
+                rejected(grpc.StatusCode.UNAUTHENTICATED, "no valid token")
+                raise _Refused(
                     status_with_reason(
                         grpc.StatusCode.UNAUTHENTICATED,
                         "missing, unknown or revoked token; send 'authorization: Bearer <token>'",
                         "INVALID_TOKEN",
                     )
                 )
-            assert principal is not None
             if principal.role not in allowed:
                 roles = ", ".join(sorted(allowed)) or "none"
-                await context.abort_with_status(
+                rejected(grpc.StatusCode.PERMISSION_DENIED, f"role {principal.role}")
+                raise _Refused(
                     status_with_reason(
                         grpc.StatusCode.PERMISSION_DENIED,
                         f"role {principal.role} may not call {method} (allowed: {roles})",
@@ -192,42 +302,62 @@ class CallGuard:
                 )
             return principal
 
-        async def fail(
-            context: grpc.aio.ServicerContext[Any, Any], error: Exception, span: Span | None
-        ) -> None:
-            """Aborts the call with the status ``error`` stands for."""
+        def rejected(code: grpc.StatusCode, why: str) -> None:
+            """One line per method and status a minute: who sends what is not ours to fix."""
+            dropped = rejections.admit((method, code))
+            if dropped is not None:
+                log.info("rejected %s: %s %s%s", method, code.name, why, held_back(dropped))
+
+        def fail(error: Exception, span: Span | None) -> grpc.Status:
+            """The status the call ends with for ``error``."""
+            if isinstance(error, _Refused):
+                return error.status
             if isinstance(error, DomainError):
                 if span is not None:
                     span.set_attribute("rpc.grpc.error", type(error).__name__)
-                await context.abort_with_status(status_for(error))
+                status = status_for(error)
+                rejected(status.code, _loggable(error.message))
+                return status
+            if isinstance(error, NotImplementedError):
+                # A generated servicer base method nobody overrode (e.g. Health/List).
+                return plain_status(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
             if isinstance(error, SubscriberTooSlow):
-                await context.abort(
+                return plain_status(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"stream ended: the client read too slowly ({error}); reconnect",
                 )
             if isinstance(error, EventsInterrupted):
-                await context.abort(
+                return plain_status(
                     grpc.StatusCode.UNAVAILABLE, f"stream ended: {error}; reconnect"
                 )
             if isinstance(error, CONCURRENT_CONFLICT):
                 # PostgreSQL aborted this transaction for another's sake; nothing of it was
                 # written, and the same call again will normally succeed.
-                log.info("concurrency conflict during %s", method, exc_info=error)
-                await context.abort(
+                dropped = conflicts.admit(type(error).__name__)
+                if dropped is not None:
+                    log.info(
+                        "concurrency conflict during %s (%s)%s",
+                        method,
+                        type(error).__name__,
+                        held_back(dropped),
+                    )
+                return plain_status(
                     grpc.StatusCode.ABORTED, "conflicting concurrent change; retry the call"
                 )
             if isinstance(error, DATABASE_UNAVAILABLE):
                 # Also a token lookup that cannot reach the database: retryable.
-                log.warning("database unavailable during %s", method, exc_info=error)
-                await context.abort(
+                outage.refused(error)
+                return plain_status(
                     grpc.StatusCode.UNAVAILABLE, "database unavailable; retry later"
                 )
-            log.error("unexpected error in %s", method, exc_info=error)
+            dropped = internal_traces.admit(_error_key(error))
+            if dropped is not None:
+                log.error("unexpected error in %s%s", method, held_back(dropped), exc_info=error)
             if span is not None:
                 span.set_status(trace.StatusCode.ERROR)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            return plain_status(grpc.StatusCode.INTERNAL, "internal error")
 
-        return _wrap(handler, _Steps(admit, fail, span_for))
+        return _wrap(handler, _Steps(admit, decode, fail, span_for))
 
 
 # (request streaming, response streaming) -> the RpcMethodHandler attribute holding the
@@ -256,6 +386,23 @@ def _method_handler(method: MethodDescriptor, behavior: Any) -> Any:
         request_deserializer=request.FromString,
         response_serializer=response.SerializeToString,
     )
+
+
+def _error_key(error: BaseException) -> tuple[str, str, int]:
+    """What tells one bug from another: its type and where it was raised."""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    if frame is None:
+        return (type(error).__qualname__, "", 0)
+    return (type(error).__qualname__, frame.tb_frame.f_code.co_filename, frame.tb_lineno)
+
+
+def _loggable(text: str) -> str:
+    """Client-supplied text fit for one log line: bounded, control characters escaped."""
+    if len(text) > _LOGGED_TEXT:
+        text = text[:_LOGGED_TEXT] + "..."
+    return text if text.isprintable() else repr(text)
 
 
 def _text_metadata(metadata: Any) -> dict[str, str]:

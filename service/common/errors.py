@@ -68,6 +68,14 @@ class FailedPreconditionError(DomainError):
         self.precondition_type = precondition_type
 
 
+class MalformedRequestError(DomainError):
+    """The request bytes are not an encoding of the method's request message."""
+
+    def __init__(self, type_name: str) -> None:
+        super().__init__(f"request is not a valid `{type_name}`")
+        self.type_name = type_name
+
+
 class ViolationCollector:
     """Collects every broken rule of one request so the caller sees them all at once."""
 

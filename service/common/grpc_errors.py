@@ -15,6 +15,7 @@ from service.common.errors import (
     AlreadyExistsError,
     DomainError,
     FailedPreconditionError,
+    MalformedRequestError,
     NotFoundError,
     ValidationError,
 )
@@ -101,6 +102,11 @@ def status_for(error: DomainError) -> grpc.Status:
                 )
             )
         )
+    elif isinstance(error, MalformedRequestError):
+        code = code_pb2.INVALID_ARGUMENT
+        details.append(
+            _packed(error_details_pb2.ErrorInfo(reason="MALFORMED_REQUEST", domain=ERROR_DOMAIN))
+        )
     else:
         code = code_pb2.INVALID_ARGUMENT
     status: grpc.Status = rpc_status.to_status(
@@ -117,5 +123,13 @@ def status_with_reason(code: grpc.StatusCode, message: str, reason: str) -> grpc
             message=message,
             details=[_packed(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))],
         )
+    )
+    return status
+
+
+def plain_status(code: grpc.StatusCode, message: str) -> grpc.Status:
+    """A status without details."""
+    status: grpc.Status = rpc_status.to_status(
+        status_pb2.Status(code=code.value[0], message=message)
     )
     return status

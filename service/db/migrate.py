@@ -38,8 +38,12 @@ def load_migrations() -> list[Migration]:
     return [Migration(entry.name.removesuffix(".sql"), entry.read_text()) for entry in files]
 
 
-async def migrate(conn: asyncpg.Connection) -> list[str]:
-    """Applies pending migrations in order; returns the versions applied now."""
+async def migrate(conn: asyncpg.Connection, *, report: bool = True) -> list[str]:
+    """Applies pending migrations in order; returns the versions applied now.
+
+    With ``report``, one INFO line names what was applied (nothing when nothing was); the
+    ``migrate`` command reports on stdout itself.
+    """
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
     try:
         await conn.execute(
@@ -72,8 +76,10 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
                     migration.version,
                     migration.checksum,
                 )
-            log.info("applied migration %s", migration.version)
+            log.debug("applied migration %s", migration.version)
             done.append(migration.version)
+        if done and report:
+            log.info("applied %d migration(s): %s", len(done), ", ".join(done))
         return done
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)

@@ -20,6 +20,8 @@ from typing import Any
 
 import asyncpg
 
+from service.common.loglimit import LogLimiter, OutageLog, held_back
+
 log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
@@ -110,6 +112,9 @@ class EventHub:
         self._supervisor: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._closing = False
+        # A lost listening connection is retried every probe: logged as one outage.
+        self._outage = OutageLog("event listener", log)
+        self._listener_failures = LogLimiter(60.0)
 
     @property
     def connected(self) -> bool:
@@ -196,14 +201,18 @@ class EventHub:
             try:
                 callback(payload)
             except Exception:
-                log.exception("listener for %s failed", channel)
+                # A bug; once a minute per channel, as it would fail on every notification.
+                dropped = self._listener_failures.admit(channel)
+                if dropped is not None:
+                    log.exception("listener for %s failed%s", channel, held_back(dropped))
         per_key = self._subscriptions.get(channel)
         if not per_key:
             return
         try:
             event = json.loads(payload)
         except ValueError:
-            log.warning("dropping malformed notification on %s", channel)
+            if self._listener_failures.admit(("malformed", channel)) is not None:
+                log.warning("dropping malformed notification on %s", channel)
             return
         for subscription in list(per_key.get(str(event.get("key", "")), ())):
             subscription.deliver(event)
@@ -224,9 +233,13 @@ class EventHub:
         while not self._closing:
             await asyncio.sleep(self._probe_interval)
             try:
-                if self._conn is None or self._conn.is_closed():
-                    raise ConnectionError("not connected")
-                await asyncio.wait_for(self._conn.execute("SELECT 1"), self._probe_interval)
+                # Under the lock: a LISTEN for a new channel (_ensure_listening) uses the same
+                # connection, and asyncpg refuses a second operation while one is running.
+                async with self._lock:
+                    conn = self._conn
+                    if conn is None or conn.is_closed():
+                        raise ConnectionError("not connected")
+                    await asyncio.wait_for(conn.execute("SELECT 1"), self._probe_interval)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
                 if self._closing:
                     return
@@ -234,8 +247,9 @@ class EventHub:
                 if self._conn is not None:
                     self._conn.terminate()
                 self._conn = None
+                self._outage.down("lost its database connection; reconnecting")
                 try:
                     await self._connect()
-                    log.info("event listener reconnected")
+                    self._outage.up()
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-                    log.warning("event listener reconnect failed; retrying")
+                    self._outage.tick()

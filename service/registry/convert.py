@@ -8,6 +8,7 @@ from openvpp.v1 import site_registry_pb2 as pb
 
 from service.common.errors import ValidationError
 from service.common.protoconv import enum_from_proto, enum_to_proto, to_timestamp
+from service.grid import SiteType
 from service.registry.domain import (
     Bounds,
     Location,
@@ -18,7 +19,6 @@ from service.registry.domain import (
     SupplyPointDirection,
 )
 from service.registry.store import ResourceRecord, SiteRecord
-from service.telemetry.domain import SiteType
 
 
 def site_to_proto(site: SiteRecord) -> pb.Site:

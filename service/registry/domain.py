@@ -7,17 +7,18 @@ import zoneinfo
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
-from urllib.parse import urlsplit
 
 import pytz
 
 from service.common.errors import ViolationCollector
+from service.common.network_policy import webhook_url_violation
+from service.common.text import ADDRESS_LENGTH, NAME_LENGTH, URL_LENGTH, check_text
+from service.grid import SUPPORTED_RESOLUTIONS, SiteType, parse_resolution
 from service.identifiers import InvalidGridIdentifier, parse_grid_identifier
-from service.telemetry.domain import SUPPORTED_RESOLUTIONS, SiteType, parse_resolution
 
-MAX_NAME_LENGTH = 200
-MAX_ADDRESS_LENGTH = 1000
-MAX_URL_LENGTH = 2048
+MAX_NAME_LENGTH = NAME_LENGTH
+MAX_ADDRESS_LENGTH = ADDRESS_LENGTH
+MAX_URL_LENGTH = URL_LENGTH
 DEFAULT_BALANCE_RESOLUTION = "PT15M"
 
 
@@ -221,7 +222,11 @@ def _validate_supply_points(
     return tuple(normalized)
 
 
-def validate_resource(resource: ResourceFields, prefix: str = "") -> ResourceFields:
+def validate_resource(
+    resource: ResourceFields, prefix: str = "", *, allow_private_networks: bool = False
+) -> ResourceFields:
+    """Checks and normalizes a resource; ``allow_private_networks`` lets ``webhook_url`` name
+    a loopback, private or link-local address (see ``service/common/network_policy.py``)."""
     errors = ViolationCollector()
     kind = resource.resource_type
     if kind is None:
@@ -257,7 +262,7 @@ def validate_resource(resource: ResourceFields, prefix: str = "") -> ResourceFie
 
     url = resource.webhook_url.strip()
     if url:
-        _check_url(errors, prefix + "webhook_url", url)
+        _check_url(errors, prefix + "webhook_url", url, allow_private_networks)
 
     errors.raise_if_any()
     return ResourceFields(
@@ -271,8 +276,7 @@ def validate_resource(resource: ResourceFields, prefix: str = "") -> ResourceFie
 
 
 def _check_length(errors: ViolationCollector, field: str, value: str, limit: int) -> None:
-    if len(value) > limit:
-        errors.add(field, f"must be at most {limit} characters")
+    check_text(errors, field, value, limit)
 
 
 def _check_bounds(errors: ViolationCollector, field: str, bounds: Bounds) -> bool:
@@ -287,15 +291,11 @@ def _check_bounds(errors: ViolationCollector, field: str, bounds: Bounds) -> boo
     return finite
 
 
-def _check_url(errors: ViolationCollector, field: str, url: str) -> None:
-    if len(url) > MAX_URL_LENGTH:
-        errors.add(field, f"must be at most {MAX_URL_LENGTH} characters")
+def _check_url(
+    errors: ViolationCollector, field: str, url: str, allow_private_networks: bool
+) -> None:
+    if not check_text(errors, field, url, MAX_URL_LENGTH):
         return
-    try:
-        parts = urlsplit(url)
-        valid = parts.scheme in {"http", "https"} and bool(parts.hostname)
-        _ = parts.port  # raises on a malformed port
-    except ValueError:
-        valid = False
-    if not valid:
-        errors.add(field, "must be an absolute http:// or https:// URL with a host")
+    violation = webhook_url_violation(url, allow_private_networks=allow_private_networks)
+    if violation is not None:
+        errors.add(field, violation)

@@ -43,8 +43,11 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
         watch_buffer_size: int,
         clock: Clock = SYSTEM_CLOCK,
         reads: Reads | None = None,
+        *,
+        webhook_allow_private_networks: bool = False,
     ) -> None:
         self._pool = pool
+        self._webhook_allow_private_networks = webhook_allow_private_networks
         self._hub = hub
         self._watch_buffer_size = watch_buffer_size
         self._clock = clock
@@ -170,7 +173,10 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
         self, request: pb.CreateResourceRequest, context: Any
     ) -> pb.CreateResourceResponse:
         site_id = parse_uuid(request.site_id, "site_id")
-        fields = validate_resource(convert.resource_fields_from_create(request))
+        fields = validate_resource(
+            convert.resource_fields_from_create(request),
+            allow_private_networks=self._webhook_allow_private_networks,
+        )
         resource = await self._store().create_resource(site_id, fields)
         return pb.CreateResourceResponse(resource=convert.resource_to_proto(resource))
 
@@ -216,7 +222,14 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
                 capacity_kwh=capacity if "capacity_kwh" in paths else current.capacity_kwh,
                 webhook_url=given.webhook_url if "webhook_url" in paths else current.webhook_url,
             )
-            return validate_resource(updated, prefix="resource.")
+            # A stored URL is judged again only when it is changed: one accepted under an
+            # earlier setting must not block renaming the resource (delivery still checks).
+            return validate_resource(
+                updated,
+                prefix="resource.",
+                allow_private_networks=self._webhook_allow_private_networks
+                or "webhook_url" not in paths,
+            )
 
         resource = await self._store().update_resource(resource_id, change)
         return pb.UpdateResourceResponse(resource=convert.resource_to_proto(resource))

@@ -22,6 +22,7 @@ from service.common.pagination import Cursor
 from service.db.keyset import keyset_page
 from service.db.reads import Reads
 from service.db.site_children import list_site_children
+from service.grid import SiteType
 from service.registry.domain import (
     Bounds,
     Location,
@@ -33,7 +34,6 @@ from service.registry.domain import (
     SupplyPointDirection,
     derive_site_status,
 )
-from service.telemetry.domain import SiteType
 from service.upstream import status as upstream_sync
 from service.upstream.domain import UpstreamStatus
 

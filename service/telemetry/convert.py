@@ -55,8 +55,12 @@ def meter_fields_from_create(request: mpb.CreateMeterRequest) -> MeterFields:
         mpo=request.mpo,
         direction=direction_from_proto(request.direction, "direction"),
         measuring=measuring_from_proto(request.measuring, "measuring"),
-        start_date=from_timestamp(request.start_date) if request.HasField("start_date") else None,
-        end_date=from_timestamp(request.end_date) if request.HasField("end_date") else None,
+        start_date=from_timestamp(request.start_date, "start_date")
+        if request.HasField("start_date")
+        else None,
+        end_date=from_timestamp(request.end_date, "end_date")
+        if request.HasField("end_date")
+        else None,
         transformer_factor=request.transformer_factor
         if request.HasField("transformer_factor")
         else None,

@@ -1,14 +1,9 @@
-"""Pure telemetry rules: balance grids, register differencing and reading validation.
+"""Pure telemetry rules: meter classification, register differencing and reading validation.
 
 Nothing here does I/O. Every datetime handled must be timezone-aware; results are UTC.
 
-Balance grid
-    A site's ``balance_resolution`` (``PT15M``, ``PT1H`` or ``P1M``) defines grid points in
-    the site's *local* wall time: quarter-hours, full hours, or local midnight of the 1st.
-    Fixed-length steps are computed in UTC and checked against the local offset of each
-    instant, so both occurrences of the repeated hour on the fall-back day are distinct grid
-    points (a Europe/Berlin day has 92, 96 or 100 quarter-hours). Months are computed in
-    local wall time.
+The balance grid itself (``Resolution``, ``SiteType``) lives in :mod:`service.grid`, which
+every capability may use.
 
 Readings
     A meter reading carries either a cumulative ``register_wh`` at an instant, or
@@ -20,22 +15,21 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from zoneinfo import ZoneInfo
 
+from service.common.protoconv import EARLIEST_INSTANT, LATEST_INSTANT
+from service.common.text import NAME_LENGTH, text_rule
+from service.grid import Resolution, SiteType, site_type_is_accurate
+
+_ONE_MICROSECOND = timedelta(microseconds=1)
+
 # ---------------------------------------------------------------------------------------------
 # Site and meter classification
 # ---------------------------------------------------------------------------------------------
-
-
-class SiteType(StrEnum):
-    BALANCED_ACCURATE = "balanced_accurate"
-    BALANCED_INACCURATE = "balanced_inaccurate"
-    UNBALANCED_ACCURATE = "unbalanced_accurate"
-    UNBALANCED_INACCURATE = "unbalanced_inaccurate"
 
 
 class Measuring(StrEnum):
@@ -55,13 +49,7 @@ class Flow(StrEnum):
     EXPORT = "export"
 
 
-_ACCURATE_SITE_TYPES = frozenset({SiteType.BALANCED_ACCURATE, SiteType.UNBALANCED_ACCURATE})
 _ACCURATE_MEASURING = frozenset({Measuring.READINGS_ACCURATE, Measuring.LOAD_PROFILE_ACCURATE})
-
-
-def site_type_is_accurate(site_type: SiteType) -> bool:
-    """True for the ``*_ACCURATE`` site types."""
-    return site_type in _ACCURATE_SITE_TYPES
 
 
 def measuring_allowed(site_type: SiteType, measuring: Measuring) -> bool:
@@ -92,195 +80,6 @@ def effective_flow(direction: MeterDirection, flow: Flow | None) -> Flow | None:
     if direction == MeterDirection.PRODUCER:
         return Flow.EXPORT
     return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Balance resolution grid
-# ---------------------------------------------------------------------------------------------
-
-SUPPORTED_RESOLUTIONS: tuple[str, ...] = ("PT15M", "PT1H", "P1M")
-
-_ONE_MICROSECOND = timedelta(microseconds=1)
-# Real zones change offset at most once within a day; this bounds the grid search loops.
-_MAX_SEARCH_STEPS = 8
-
-
-def _require_aware(ts: datetime) -> None:
-    if ts.tzinfo is None or ts.utcoffset() is None:
-        raise ValueError(f"timezone-aware datetime required, got naive {ts.isoformat()}")
-
-
-def _offset(ts_utc: datetime, tz: ZoneInfo) -> timedelta:
-    offset = ts_utc.astimezone(tz).utcoffset()
-    assert offset is not None  # a ZoneInfo always yields an offset for an aware datetime
-    return offset
-
-
-def _month_start(year: int, month: int, tz: ZoneInfo) -> datetime:
-    """First instant (UTC) of local day 1 of ``year``/``month``.
-
-    ``fold=0`` picks the first occurrence if local midnight repeats, and for zones that
-    skip midnight (a spring-forward gap at 00:00) it yields the transition instant.
-    """
-    while month > 12:
-        year, month = year + 1, month - 12
-    while month < 1:
-        year, month = year - 1, month + 12
-    return datetime(year, month, 1, tzinfo=tz).astimezone(UTC)
-
-
-@dataclass(frozen=True)
-class Resolution:
-    """A supported balance resolution; build it with :func:`parse_resolution`.
-
-    ``step`` is the fixed length of PT15M/PT1H, ``months`` the calendar length of P1M
-    (exactly one of them is set).
-    """
-
-    iso: str
-    step: timedelta | None
-    months: int = 0
-
-    def __str__(self) -> str:
-        return self.iso
-
-    @property
-    def is_calendar(self) -> bool:
-        """True for month-based resolutions (length varies with the calendar)."""
-        return self.step is None
-
-    # -- alignment --------------------------------------------------------------------------
-
-    def _step_minutes(self) -> int:
-        assert self.step is not None
-        return int(self.step.total_seconds()) // 60
-
-    def _wall_aligned(self, local: datetime) -> bool:
-        """Fixed steps only: the local wall time sits on a quarter-hour / full hour."""
-        if local.second or local.microsecond:
-            return False
-        return local.minute % self._step_minutes() == 0
-
-    def is_on_grid(self, ts: datetime, tz: ZoneInfo) -> bool:
-        """True when ``ts`` is a grid point in the local time of ``tz``."""
-        _require_aware(ts)
-        if self.step is None:
-            # The first instant of local day 1 (normally local midnight of the 1st).
-            local = ts.astimezone(tz)
-            return ts == _month_start(local.year, local.month, tz)
-        return self._wall_aligned(ts.astimezone(tz))
-
-    # -- fixed-step helpers (offset-aware, UTC arithmetic) ------------------------------------
-
-    def _floor_under(self, t_utc: datetime, offset: timedelta) -> datetime:
-        """Latest instant <= t whose wall time under ``offset`` is aligned (unchecked)."""
-        wall = (t_utc + offset).replace(tzinfo=None)
-        minutes = self._step_minutes()
-        floored = wall.replace(minute=wall.minute - wall.minute % minutes, second=0, microsecond=0)
-        return (floored - offset).replace(tzinfo=UTC)
-
-    def _ceil_under(self, t_utc: datetime, offset: timedelta) -> datetime:
-        """Earliest instant >= t whose wall time under ``offset`` is aligned (unchecked)."""
-        floored = self._floor_under(t_utc, offset)
-        if floored == t_utc:
-            return floored
-        assert self.step is not None
-        return floored + self.step
-
-    def _floor_fixed(self, ts_utc: datetime, tz: ZoneInfo) -> datetime:
-        assert self.step is not None
-        t = ts_utc
-        for _ in range(_MAX_SEARCH_STEPS):
-            # Any grid point in (t - step, t] carries one of these two offsets.
-            best: datetime | None = None
-            for offset in {_offset(t, tz), _offset(t - self.step, tz)}:
-                candidate = self._floor_under(t, offset)
-                if _offset(candidate, tz) == offset and (best is None or candidate > best):
-                    best = candidate
-            if best is not None:
-                return best
-            t -= self.step
-        raise ValueError(f"no {self.iso} grid point found at or before {ts_utc.isoformat()}")
-
-    def _ceil_fixed(self, ts_utc: datetime, tz: ZoneInfo) -> datetime:
-        assert self.step is not None
-        t = ts_utc
-        for _ in range(_MAX_SEARCH_STEPS):
-            # Any grid point in [t, t + step) carries one of these two offsets.
-            best: datetime | None = None
-            for offset in {_offset(t, tz), _offset(t + self.step, tz)}:
-                candidate = self._ceil_under(t, offset)
-                if _offset(candidate, tz) == offset and (best is None or candidate < best):
-                    best = candidate
-            if best is not None:
-                return best
-            t += self.step
-        raise ValueError(f"no {self.iso} grid point found at or after {ts_utc.isoformat()}")
-
-    # -- public grid arithmetic ---------------------------------------------------------------
-
-    def floor(self, ts: datetime, tz: ZoneInfo) -> datetime:
-        """The grid point at or before ``ts``, in UTC."""
-        _require_aware(ts)
-        ts_utc = ts.astimezone(UTC)
-        if self.step is not None:
-            return self._floor_fixed(ts_utc, tz)
-        local = ts_utc.astimezone(tz)
-        start = _month_start(local.year, local.month, tz)
-        if start > ts_utc:  # only possible inside an odd gap on the 1st
-            start = _month_start(local.year, local.month - self.months, tz)
-        return start
-
-    def ceil(self, ts: datetime, tz: ZoneInfo) -> datetime:
-        """The grid point at or after ``ts``, in UTC."""
-        _require_aware(ts)
-        ts_utc = ts.astimezone(UTC)
-        if self.step is not None:
-            return self._ceil_fixed(ts_utc, tz)
-        floored = self.floor(ts_utc, tz)
-        return floored if floored == ts_utc else self.next_start(floored, tz)
-
-    def next_start(self, ts: datetime, tz: ZoneInfo) -> datetime:
-        """The first grid point strictly after ``ts``, in UTC.
-
-        For an on-grid ``ts`` this is the end of the interval starting at ``ts``: 15 minutes
-        or one hour later in UTC, or local midnight of the next month's 1st.
-        """
-        _require_aware(ts)
-        ts_utc = ts.astimezone(UTC)
-        if self.step is not None:
-            return self._ceil_fixed(ts_utc + _ONE_MICROSECOND, tz)
-        floored = self.floor(ts_utc, tz)
-        local = floored.astimezone(tz)
-        return _month_start(local.year, local.month + self.months, tz)
-
-    def iter_starts(self, start: datetime, end: datetime, tz: ZoneInfo) -> Iterator[datetime]:
-        """Grid points in ``[start, end)``, in UTC, ascending."""
-        _require_aware(end)
-        end_utc = end.astimezone(UTC)
-        current = self.ceil(start, tz)
-        while current < end_utc:
-            yield current
-            current = self.next_start(current, tz)
-
-
-PT15M = Resolution("PT15M", timedelta(minutes=15))
-PT1H = Resolution("PT1H", timedelta(hours=1))
-P1M = Resolution("P1M", None, months=1)
-
-_RESOLUTIONS = {r.iso: r for r in (PT15M, PT1H, P1M)}
-
-
-def parse_resolution(text: str) -> Resolution:
-    """Parse an ISO 8601 balance resolution; exactly ``PT15M``, ``PT1H`` or ``P1M``."""
-    resolution = _RESOLUTIONS.get(text)
-    if resolution is None:
-        supported = ", ".join(SUPPORTED_RESOLUTIONS)
-        raise ValueError(
-            f"unsupported balance resolution {text!r}: must be one of {supported} "
-            "(ISO 8601 duration, upper case)"
-        )
-    return resolution
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,6 +146,7 @@ class RejectReason(StrEnum):
     WRONG_VALUE_KIND = "wrong_value_kind"
     FLOW_REQUIRED = "flow_required"
     FLOW_NOT_ALLOWED = "flow_not_allowed"
+    TIMESTAMP_OUT_OF_RANGE = "timestamp_out_of_range"
 
 
 _REASON_TEXTS: dict[RejectReason, str] = {
@@ -375,6 +175,10 @@ _REASON_TEXTS: dict[RejectReason, str] = {
     RejectReason.FLOW_NOT_ALLOWED: (
         "the flow contradicts the meter direction (consumer meters import only, producer "
         "meters export only)"
+    ),
+    RejectReason.TIMESTAMP_OUT_OF_RANGE: (
+        "the timestamp is not an instant from 1900-01-01T00:00:00Z up to (not including) "
+        "2200-01-01T00:00:00Z with nanos in 0..999999999"
     ),
 }
 
@@ -428,8 +232,9 @@ def check_reading(
     """The first rule ``reading`` breaks, or ``None`` when it is acceptable.
 
     Order: unknown meter, missing value, wrong value kind, non-finite, negative, flow,
-    not on grid, outside meter dates, too far in future. Register monotonicity needs the
-    stored neighbours and is checked separately (:func:`find_register_decreases`).
+    timestamp out of range, not on grid, outside meter dates, too far in future. Register
+    monotonicity needs the stored neighbours and is checked separately
+    (:func:`find_register_decreases`).
     Raises ``ValueError`` for a naive timestamp.
     """
     if meter is None:
@@ -451,6 +256,10 @@ def check_reading(
     if flow_reason is not None:
         return flow_reason
     ts = reading.timestamp
+    if ts.tzinfo is None:
+        raise ValueError("the reading timestamp must be timezone-aware")
+    if not EARLIEST_INSTANT <= ts < LATEST_INSTANT:
+        return RejectReason.TIMESTAMP_OUT_OF_RANGE
     if not meter.resolution.is_on_grid(ts, meter.timezone):
         return RejectReason.NOT_ON_GRID
     if ts < meter.start_date:
@@ -503,7 +312,7 @@ def check_register_sequence(points: Sequence[RegisterPoint]) -> list[int]:
 # Meter fields
 # ---------------------------------------------------------------------------------------------
 
-MAX_METER_TEXT_LENGTH = 200
+MAX_METER_TEXT_LENGTH = NAME_LENGTH
 # Partitions are created for every month a meter can have readings in; an earlier start is
 # almost certainly a typo (epoch 0 from an unset field) and would create decades of them.
 EARLIEST_METER_START = datetime(1990, 1, 1, tzinfo=UTC)
@@ -536,10 +345,9 @@ def validate_meter(
         ("serial", meter.serial),
         ("mpo", meter.mpo),
     ):
-        if len(value.strip()) > MAX_METER_TEXT_LENGTH:
-            violations.append(
-                (prefix + name, f"must be at most {MAX_METER_TEXT_LENGTH} characters")
-            )
+        rule = text_rule(value.strip(), MAX_METER_TEXT_LENGTH)
+        if rule is not None:
+            violations.append((prefix + name, rule))
     if meter.direction is None:
         violations.append((prefix + "direction", "must be CONSUMER, PRODUCER or BIDIRECTIONAL"))
     if meter.measuring is None:

@@ -68,8 +68,14 @@ class MeterRegistryServicer(pb_grpc.MeterRegistryServicer):
         meter_id = parse_uuid(request.meter.id, "meter.id")
         paths = require_mask(list(request.update_mask.paths), METER_UPDATABLE)
         given = request.meter
-        start = from_timestamp(given.start_date) if given.HasField("start_date") else None
-        end = from_timestamp(given.end_date) if given.HasField("end_date") else None
+        start = (
+            from_timestamp(given.start_date, "meter.start_date")
+            if given.HasField("start_date")
+            else None
+        )
+        end = (
+            from_timestamp(given.end_date, "meter.end_date") if given.HasField("end_date") else None
+        )
 
         def change(current: MeterFields) -> MeterFields:
             return normalized_meter(

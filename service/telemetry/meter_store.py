@@ -17,14 +17,14 @@ import asyncpg
 
 from service.common.errors import AlreadyExistsError, NotFoundError, ValidationError
 from service.common.pagination import Cursor
+from service.db.balancing_queue import enqueue_balancing
 from service.db.site_children import list_site_children
+from service.grid import SiteType, parse_resolution
 from service.telemetry.domain import (
     Measuring,
     MeterDirection,
     MeterFields,
-    SiteType,
     affected_intervals,
-    parse_resolution,
     validate_meter,
 )
 
@@ -199,27 +199,17 @@ class MeterStore:
                 "DELETE FROM meters WHERE id = $1 AND org_id = $2", meter_id, self._org_id
             )
             await notify_meter_change(conn, self._org_id)
+            if not stamps:
+                return
             resolution = parse_resolution(meter["balance_resolution"])
             tz = ZoneInfo(meter["timezone"])
             is_register = meter["measuring"] != Measuring.LOAD_PROFILE_ACCURATE
-            starts: set[datetime] = set()
-            for row in stamps:
-                starts.update(affected_intervals(row["ts"], is_register, resolution, tz))
-            await enqueue_balancing(conn, [(meter["site_id"], start) for start in starts])
-
-
-async def enqueue_balancing(
-    conn: asyncpg.Connection, intervals: list[tuple[UUID, datetime]]
-) -> None:
-    """Marks site intervals as needing (re)balancing, in the caller's transaction."""
-    if not intervals:
-        return
-    intervals.sort()
-    await conn.execute(
-        """
-        INSERT INTO balancing_queue (site_id, interval_start)
-        SELECT * FROM unnest($1::uuid[], $2::timestamptz[])
-        """,
-        [site for site, _ in intervals],
-        [start for _, start in intervals],
-    )
+            # One range from the first to the last interval the readings touched: the
+            # consumer rebalances the intervals in it that have data.
+            first = min(row["ts"] for row in stamps)
+            last = max(row["ts"] for row in stamps)
+            start = min(affected_intervals(first, is_register, resolution, tz))
+            end = resolution.next_start(
+                max(affected_intervals(last, is_register, resolution, tz)), tz
+            )
+            await enqueue_balancing(conn, self._org_id, [(meter["site_id"], start, end)])

@@ -74,7 +74,6 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
         self.meters = MeterCache(pool, settings.meter_cache_seconds)
         self.partitions = Partitions(pool)
         self._max_future_us = int(settings.max_future_seconds * _US)
-        self._maintenance: asyncio.Task[None] | None = None
         # Highest number of events any finished watch subscription had buffered (for tests
         # and diagnostics: it never exceeds readings_watch_buffer_size).
         self.watch_peak_buffered = 0
@@ -91,13 +90,8 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
         await self._hub.listen(METER_CHANGED_CHANNEL, self.meters.forget_org)
         await self._hub.listen(SITE_EVENTS_CHANNEL, self._site_changed)
         self._hub.on_reset(self.meters.forget_all)
-        self._maintenance = asyncio.create_task(self._maintain(), name="readings-partitions")
 
     async def stop(self) -> None:
-        if self._maintenance is not None:
-            self._maintenance.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._maintenance
         if self._orphans:
             await asyncio.gather(*self._orphans, return_exceptions=True)
 
@@ -108,15 +102,12 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
         except (ValueError, KeyError, TypeError):
             self.meters.forget_all()
 
-    async def _maintain(self) -> None:
-        while True:
-            await asyncio.sleep(PARTITION_CHECK_SECONDS)
-            try:
-                await self.partitions.ensure_ahead(
-                    datetime.now(UTC), self._settings.partitions_ahead_months
-                )
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                log.warning("creating readings partitions ahead failed; retrying later")
+    async def maintain_partitions(self) -> bool:
+        """A worker pass: readings partitions exist ahead of time (a failure is retried)."""
+        await self.partitions.ensure_ahead(
+            datetime.now(UTC), self._settings.partitions_ahead_months
+        )
+        return False
 
     # -- ingest ---------------------------------------------------------------------------
 
@@ -296,7 +287,8 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
             raise ValidationError.single("start_time", "is required")
         if not request.HasField("end_time"):
             raise ValidationError.single("end_time", "is required")
-        start, end = from_timestamp(request.start_time), from_timestamp(request.end_time)
+        start = from_timestamp(request.start_time, "start_time")
+        end = from_timestamp(request.end_time, "end_time")
         if end <= start:
             raise ValidationError.single("end_time", "must be after start_time")
         if end - start > MAX_LIST_RANGE:

@@ -13,6 +13,7 @@ only after COMMIT.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import struct
@@ -27,12 +28,9 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
-from service.telemetry.domain import (
-    Measuring,
-    MeterDirection,
-    affected_intervals,
-    parse_resolution,
-)
+from service.db.balancing_queue import BalancingRange, enqueue_balancing
+from service.grid import parse_resolution
+from service.telemetry.domain import Measuring, MeterDirection, affected_intervals
 from service.telemetry.validate import MeterInfo, from_us, meter_info
 
 log = logging.getLogger(__name__)
@@ -80,14 +78,6 @@ SELECT meter_id, (extract(epoch FROM ts) * 1000000)::bigint AS ts_us FROM readin
 WHERE meter_id = ANY($1::uuid[]) AND ingest_id IN ($2::bigint, -$2::bigint)
   AND ts BETWEEN timestamptz 'epoch' + $3::bigint * interval '1 microsecond'
              AND timestamptz 'epoch' + $4::bigint * interval '1 microsecond'
-"""
-
-_QUEUE_AND_NOTIFY = """
-WITH q AS (
-    INSERT INTO balancing_queue (site_id, interval_start)
-    SELECT * FROM unnest($1::uuid[], $2::timestamptz[])
-)
-SELECT pg_notify($3, $4)
 """
 
 # Stored registers around each (meter, flow) group of a batch: the last one before, those
@@ -266,10 +256,10 @@ class MeterCache:
         if missing:
             parsed: dict[UUID, str] = {}
             for text in missing:
-                try:
+                # Not a UUID: unknown, and not remembered (a client sending distinct garbage
+                # ids must not fill the cache; parsing again is cheap).
+                with contextlib.suppress(ValueError):
                     parsed[UUID(text)] = text
-                except ValueError:
-                    known[text] = None
             if parsed:
                 rows = await self._pool.fetch(
                     """
@@ -304,14 +294,14 @@ def info_from_row(row: Any) -> MeterInfo:
 
 
 @lru_cache(maxsize=65536)
-def _queue_starts(tz_key: str, resolution: str, ts_us: int, is_register: bool) -> tuple[int, ...]:
-    starts = affected_intervals(
-        from_us(ts_us), is_register, parse_resolution(resolution), ZoneInfo(tz_key)
-    )
-    return tuple(int((s - _EPOCH).total_seconds()) * _US for s in starts)
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+def _queue_ranges(
+    tz_key: str, resolution: str, ts_us: int, is_register: bool
+) -> tuple[tuple[datetime, datetime], ...]:
+    """The balance intervals (start, end) whose energy a reading at ``ts_us`` changes."""
+    grid = parse_resolution(resolution)
+    tz = ZoneInfo(tz_key)
+    starts = affected_intervals(from_us(ts_us), is_register, grid, tz)
+    return tuple((start, grid.next_start(start, tz)) for start in starts)
 
 
 async def lock_register_meters(conn: asyncpg.Connection, meter_ids: list[UUID]) -> None:
@@ -494,7 +484,7 @@ async def write_rows(
                 (r[0], r[1])
                 for r in await conn.fetch(_CHANGED, list(meters), ingest_id, first_us, last_us)
             ]
-        intervals: set[tuple[UUID, int]] = set()
+        ranges: set[BalancingRange] = set()
         sites: set[UUID] = set()
         seen: set[tuple[UUID, int]] = set()
         for meter_id, ts_us in keys:
@@ -504,11 +494,10 @@ async def write_rows(
                 continue
             seen.add(key)
             sites.add(info.site_id)
-            for start in _queue_starts(
+            for start, end in _queue_ranges(
                 info.timezone.key, info.resolution.iso, ts_us, not info.load_profile
             ):
-                intervals.add((info.site_id, start))
-        ordered = sorted(intervals)
+                ranges.add((info.site_id, start, end))
         payload = {
             "key": str(org_id),
             "ingest": ingest_id,
@@ -516,12 +505,11 @@ async def write_rows(
             "from": from_us(first_us).isoformat(),
             "to": from_us(last_us).isoformat(),
         }
-        await conn.execute(
-            _QUEUE_AND_NOTIFY,
-            [site for site, _ in ordered],
-            [from_us(start) for _, start in ordered],
-            READINGS_CHANNEL,
-            json.dumps(payload, separators=(",", ":")),
+        await enqueue_balancing(
+            conn,
+            org_id,
+            ranges,
+            also_notify=(READINGS_CHANNEL, json.dumps(payload, separators=(",", ":"))),
         )
     return WriteResult(ingest_id, inserted, updated)
 

@@ -17,13 +17,13 @@ from typing import Any
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
-from service.telemetry.domain import (
-    Measuring,
-    MeterDirection,
-    RejectReason,
-    Resolution,
-)
+from service.common.protoconv import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS
+from service.grid import Resolution
+from service.telemetry.domain import Measuring, MeterDirection, RejectReason
 
+MIN_SECONDS = MIN_TIMESTAMP_SECONDS
+MAX_SECONDS = MAX_TIMESTAMP_SECONDS
+_NANOS = 1_000_000_000
 FLOW_IMPORT = 1
 FLOW_EXPORT = 2
 _US = 1_000_000
@@ -205,7 +205,12 @@ def validate_batch(
             continue
         stamp = reading.timestamp
         seconds = stamp.seconds
-        if stamp.nanos:
+        nanos = stamp.nanos
+        # Before any datetime is made of it (grid and interval arithmetic would overflow).
+        if not (MIN_SECONDS <= seconds < MAX_SECONDS and 0 <= nanos < _NANOS):
+            rejected.append((index, RejectReason.TIMESTAMP_OUT_OF_RANGE))
+            continue
+        if nanos:
             rejected.append((index, RejectReason.NOT_ON_GRID))
             continue
         on = info.grid.get(seconds)

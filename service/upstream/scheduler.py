@@ -16,8 +16,6 @@ downtime: a due row stays due (``<= now``) until a recomputation moves it on.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
 import asyncpg
@@ -32,17 +30,11 @@ DEFAULT_BATCH_SIZE = 100
 
 class UpstreamScheduler:
     def __init__(
-        self,
-        pool: asyncpg.Pool,
-        clock: Clock,
-        interval_seconds: float,
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        self, pool: asyncpg.Pool, clock: Clock, batch_size: int = DEFAULT_BATCH_SIZE
     ) -> None:
         self._pool = pool
         self._clock = clock
-        self._interval = interval_seconds
         self._batch_size = batch_size
-        self._task: asyncio.Task[None] | None = None
 
     async def run_once(self) -> int:
         """One tick: recomputes every identifier due now that no one else holds; returns the
@@ -70,25 +62,10 @@ class UpstreamScheduler:
                     if await try_lock_identifier(conn, after):
                         changed += await refresh_upstream_status(conn, [after], now)
 
-    async def start(self) -> None:
-        """Ticks at once (catching up after downtime), then every interval; <= 0 disables."""
-        if self._interval > 0 and self._task is None:
-            self._task = asyncio.create_task(self._run(), name="upstream-scheduler")
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                changed = await self.run_once()
-                if changed:
-                    log.info("upstream scheduler changed %d site status(es)", changed)
-            except Exception:
-                # The database may be briefly away; due rows stay due for the next tick.
-                log.warning("upstream scheduler tick failed", exc_info=True)
-            await asyncio.sleep(self._interval)
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    async def tick(self) -> bool:
+        """A worker pass: one tick. Due rows stay due after a failed tick, so the worker's
+        retry catches up; nothing is left waiting for the next pass."""
+        changed = await self.run_once()
+        if changed:
+            log.info("upstream scheduler changed %d site status(es)", changed)
+        return False

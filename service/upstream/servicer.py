@@ -124,7 +124,11 @@ class UpstreamRegistryServicer(pb_grpc.UpstreamRegistryServicer):
         self, request: pb.AgreeContractRequest, context: Any
     ) -> pb.AgreeContractResponse:
         contract_id = parse_uuid(request.contract_id, "contract_id")
-        agreed_at = from_timestamp(request.agree_time) if request.HasField("agree_time") else None
+        agreed_at = (
+            from_timestamp(request.agree_time, "agree_time")
+            if request.HasField("agree_time")
+            else None
+        )
         contract = await self._supplier().agree_contract(contract_id, request.agreed_by, agreed_at)
         return pb.AgreeContractResponse(contract=convert.contract_to_proto(contract))
 

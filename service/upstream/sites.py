@@ -13,11 +13,12 @@ from functools import cache
 from zoneinfo import ZoneInfo
 
 from service.common.errors import ViolationCollector
+from service.common.text import NAME_LENGTH, check_text
 from service.identifiers import InvalidGridIdentifier, parse_grid_identifier
 from service.registry.domain import MAX_NAME_LENGTH, default_timezone, is_country_code
 
 # Who agreed: a name or a reference, not a document.
-MAX_AGREED_BY_LENGTH = 200
+MAX_AGREED_BY_LENGTH = NAME_LENGTH
 # If local midnight of the next transition is not after "now" (a clock going back over
 # midnight), look again this much later instead of at once, so no site is due forever.
 MIN_RECHECK = timedelta(minutes=1)
@@ -50,8 +51,7 @@ def validate_upstream_site(
     except InvalidGridIdentifier as invalid:
         errors.add("grid_identifier", invalid.rule)
     reference = external_id.strip()
-    if len(reference) > MAX_NAME_LENGTH:
-        errors.add("external_id", f"must be at most {MAX_NAME_LENGTH} characters")
+    check_text(errors, "external_id", reference, MAX_NAME_LENGTH)
     errors.raise_if_any()
     return UpstreamSiteFields(identifier, code, reference, default_timezone(code))
 
@@ -62,8 +62,8 @@ def validate_agreement_input(agreed_by: str, agreed_at: datetime, now: datetime)
     who = agreed_by.strip()
     if not who:
         errors.add("agreed_by", "is required: who agreed on behalf of the end-customer")
-    elif len(who) > MAX_AGREED_BY_LENGTH:
-        errors.add("agreed_by", f"must be at most {MAX_AGREED_BY_LENGTH} characters")
+    else:
+        check_text(errors, "agreed_by", who, MAX_AGREED_BY_LENGTH)
     if agreed_at > now:
         errors.add("agree_time", "must not be in the future")
     errors.raise_if_any()

@@ -34,8 +34,9 @@ def data_dir() -> Iterator[Path]:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def environment(data_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENVPP_")}
+def environment(data_dir: Path, **overrides: str) -> dict[str, str]:
+    # GRPC_*: the test process set gRPC core's (service/__init__.py); the command must itself.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENVPP_", "GRPC_"))}
     env.update(
         OPENVPP_DATA_DIR=str(data_dir),
         OPENVPP_GRPC_ADDRESS="127.0.0.1:0",
@@ -43,6 +44,7 @@ def environment(data_dir: Path) -> dict[str, str]:
         OPENVPP_HEALTH_INTERVAL_SECONDS="0.5",
         OPENVPP_LOG_LEVEL="WARNING",
     )
+    env.update(overrides)
     return env
 
 
@@ -71,6 +73,8 @@ class Serve:
     """``openvpp serve`` in a subprocess; its stdout is collected line by line."""
 
     data_dir: Path
+    # Extra environment of the command, e.g. OPENVPP_LOG_LEVEL="INFO".
+    env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[str] = field(init=False)
     lines: list[str] = field(default_factory=list)
     port: int = 0
@@ -78,7 +82,7 @@ class Serve:
     def __post_init__(self) -> None:
         self.process = subprocess.Popen(
             [OPENVPP, "serve"],
-            env=environment(self.data_dir),
+            env=environment(self.data_dir, **self.env),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from openvpp.v1 import site_registry_pb2 as pb
 from openvpp.v1 import site_registry_pb2_grpc
+from standardwebhooks import Webhook
 
 from tests.e2e.conftest import Serve, cli, postgres_processes
 from tests.helpers import site_request
@@ -76,6 +78,16 @@ def test_serve_cli_restart_and_shutdown(data_dir: Path) -> None:
             org_id = org_line.split("\t")[0]
             assert org_line.strip().endswith("acme\tpartner")
             assert org_id in ok(cli(data_dir, "orgs", "list"))
+            # Signing secrets beside the running server: shown, stable, rotated.
+            secret = ok(cli(data_dir, "orgs", "signing-secret", org_id)).strip()
+            assert secret.startswith("whsec_")
+            Webhook(secret)
+            assert ok(cli(data_dir, "orgs", "signing-secret", org_id)).strip() == secret
+            rotated = ok(cli(data_dir, "orgs", "rotate-signing-secret", org_id)).strip()
+            assert rotated.startswith("whsec_")
+            assert rotated != secret
+            assert ok(cli(data_dir, "orgs", "signing-secret", org_id)).strip() == rotated
+            assert not [line for line in server.lines if secret in line or rotated in line]
             created = cli(data_dir, "tokens", "create", "--org", org_id)
             acme_token = ok(created).strip()
             acme_token_id = created.stderr.strip().rsplit(" ", 1)[1]
@@ -113,6 +125,14 @@ def test_serve_cli_restart_and_shutdown(data_dir: Path) -> None:
 
     # Without a server running, the CLI starts and stops the embedded database itself.
     offline_token = ok(cli(data_dir, "tokens", "create", "--org", org_id)).strip()
+    assert ok(cli(data_dir, "orgs", "signing-secret", org_id)).strip() == rotated
+    rotated_offline = ok(cli(data_dir, "orgs", "rotate-signing-secret", org_id)).strip()
+    assert rotated_offline not in (secret, rotated)
+    missing = cli(data_dir, "orgs", "rotate-signing-secret", str(uuid.uuid4()))
+    assert missing.returncode == 1
+    assert "no organization" in missing.stderr
+    assert missing.stdout == ""
+    assert cli(data_dir, "orgs", "signing-secret", str(uuid.uuid4())).returncode == 1
     assert not postgres_processes(data_dir)
 
     restarted = Serve(data_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -131,3 +132,32 @@ async def test_refused_calls_are_spans_too(
     anonymous = await rpc_error(_method(channel, "Ok")(pb.GetSiteRequest()))
     assert anonymous.code() is grpc.StatusCode.UNAUTHENTICATED
     assert [span.name for span in exporter.get_finished_spans()] == [f"/{SERVICE}/Ok"] * 2
+
+
+async def test_a_bug_logs_its_trace_once_and_rejections_one_line(
+    traced: tuple[grpc.aio.Channel, InMemorySpanExporter],
+    make_org: MakeOrg,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    channel, _ = traced
+    org = await make_org(Role.PARTNER)
+    caplog.set_level(logging.INFO, "service.common.call_guard")
+    for _ in range(30):
+        broken = await rpc_error(_method(channel, "Broken")(pb.GetSiteRequest(), metadata=org.auth))
+        assert broken.code() is grpc.StatusCode.INTERNAL
+        missing = await rpc_error(
+            _method(channel, "Missing")(pb.GetSiteRequest(site_id="x"), metadata=org.auth)
+        )
+        assert missing.code() is grpc.StatusCode.NOT_FOUND
+        anonymous = await rpc_error(_method(channel, "Ok")(pb.GetSiteRequest()))
+        assert anonymous.code() is grpc.StatusCode.UNAUTHENTICATED
+    records = [r for r in caplog.records if r.name == "service.common.call_guard"]
+    traces = [r for r in records if r.exc_info]
+    assert len(traces) == 1
+    assert traces[0].getMessage() == f"unexpected error in /{SERVICE}/Broken"
+    lines = sorted(r.getMessage() for r in records if not r.exc_info)
+    assert lines == [
+        f"rejected /{SERVICE}/Missing: NOT_FOUND site 'x' not found",
+        f"rejected /{SERVICE}/Ok: UNAUTHENTICATED no valid token",
+    ]
+    assert org.token not in caplog.text

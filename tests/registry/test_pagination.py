@@ -142,6 +142,39 @@ async def test_page_token_bound_to_its_filters(registry: Stub, partner: Org) -> 
     assert len(rest.sites) == 2
 
 
+async def test_page_token_bound_to_the_organization(
+    registry: Stub, partner: Org, other_partner: Org
+) -> None:
+    await create_sites(registry, partner, 2)
+    await create_sites(registry, other_partner, 2)
+    first = await registry.ListSites(pb.ListSitesRequest(page_size=1), metadata=partner.auth)
+    assert first.next_page_token
+    # Same filters (none), same list, another organization: refused, not an empty page.
+    rule = await expect_invalid(
+        registry.ListSites(
+            pb.ListSitesRequest(page_size=1, page_token=first.next_page_token),
+            metadata=other_partner.auth,
+        ),
+        "page_token",
+    )
+    assert "same organization" in rule
+    site_id = (await registry.CreateSite(site_request(), metadata=partner.auth)).site.id
+    for _ in range(2):
+        await registry.CreateResource(battery_request(site_id), metadata=partner.auth)
+    resources = await registry.ListResources(
+        pb.ListResourcesRequest(site_id=site_id, page_size=1), metadata=partner.auth
+    )
+    await expect_invalid(
+        registry.ListResources(
+            pb.ListResourcesRequest(
+                site_id=site_id, page_size=1, page_token=resources.next_page_token
+            ),
+            metadata=other_partner.auth,
+        ),
+        "page_token",
+    )
+
+
 def _tampered(token: str) -> list[str]:
     body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
 

@@ -298,6 +298,15 @@ async def test_changes_mark_site_intervals_for_balancing(setup: Setup, service: 
     assert correction.corrected_count == 1
     again = await service.pool.fetch(query, site_id)
     assert [row[0] for row in again] == [quarter(3), quarter(3), quarter(4), quarter(4)]
+    # Each row names its organization and one balance interval of the site's PT15M grid.
+    scoped = await service.pool.fetch(
+        "SELECT org_id, interval_start, interval_end FROM balancing_queue WHERE site_id = $1",
+        site_id,
+    )
+    assert {row["org_id"] for row in scoped} == {setup.org.id}
+    assert all(
+        row["interval_end"] - row["interval_start"] == timedelta(minutes=15) for row in scoped
+    )
 
     # Partly changed batches queue only what changed.
     await setup.ingest([register(meter, quarter(4), 11.0), register(meter, quarter(8), 20.0)])

@@ -10,9 +10,8 @@ from zoneinfo import ZoneInfo
 
 from openvpp.v1 import telemetry_pb2 as tpb
 
+from service.grid import PT1H, PT15M, SiteType
 from service.telemetry.domain import (
-    PT1H,
-    PT15M,
     Flow,
     IncomingReading,
     Measuring,
@@ -20,7 +19,6 @@ from service.telemetry.domain import (
     MeterDirection,
     MeterFields,
     RegisterPoint,
-    SiteType,
     affected_intervals,
     check_reading,
     check_register_sequence,

@@ -21,6 +21,7 @@ from openvpp.v1 import upstream_registry_pb2 as pb
 
 from service.app import Service
 from service.auth.principal import Role
+from service.common.clock import ManualClock
 from tests.conftest import MakeOrg, Org, test_settings
 from tests.helpers import random_identifier, site_request
 
@@ -29,20 +30,11 @@ BASE = datetime(2031, 1, 15, 12, 0, tzinfo=UTC)
 TODAY = BASE.date()
 
 
-class FakeClock:
-    """A clock that only moves when told to."""
+class FakeClock(ManualClock):
+    """A clock that only moves when told to, starting at :data:`BASE`."""
 
     def __init__(self, at: datetime = BASE) -> None:
-        self.at = at
-
-    def now(self) -> datetime:
-        return self.at
-
-    def set(self, at: datetime) -> None:
-        self.at = at
-
-    def advance(self, delta: timedelta) -> None:
-        self.at += delta
+        super().__init__(at)
 
 
 @pytest.fixture(scope="session")

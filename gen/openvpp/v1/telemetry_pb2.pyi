@@ -76,6 +76,11 @@ class _RejectReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RejectRe
     """A bidirectional meter's reading without a flow."""
     REJECT_REASON_FLOW_NOT_ALLOWED: _RejectReason.ValueType  # 11
     """A flow that contradicts the meter direction (consumer EXPORT, producer IMPORT)."""
+    REJECT_REASON_TIMESTAMP_OUT_OF_RANGE: _RejectReason.ValueType  # 12
+    """The timestamp lies outside the instants the service accepts at all
+    (1900-01-01T00:00:00Z up to, not including, 2200-01-01T00:00:00Z), or its nanos are
+    outside 0..999999999.
+    """
 
 class RejectReason(_RejectReason, metaclass=_RejectReasonEnumTypeWrapper):
     """Why a reading was not stored. The rest of its batch is unaffected."""
@@ -106,6 +111,11 @@ REJECT_REASON_FLOW_REQUIRED: RejectReason.ValueType  # 10
 """A bidirectional meter's reading without a flow."""
 REJECT_REASON_FLOW_NOT_ALLOWED: RejectReason.ValueType  # 11
 """A flow that contradicts the meter direction (consumer EXPORT, producer IMPORT)."""
+REJECT_REASON_TIMESTAMP_OUT_OF_RANGE: RejectReason.ValueType  # 12
+"""The timestamp lies outside the instants the service accepts at all
+(1900-01-01T00:00:00Z up to, not including, 2200-01-01T00:00:00Z), or its nanos are
+outside 0..999999999.
+"""
 Global___RejectReason: _TypeAlias = RejectReason  # noqa: Y015
 
 @_typing.final

@@ -1,0 +1,34 @@
+"""Command-line arguments of client scripts (examples, tools): where the server is, which token."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import grpc
+
+from openvpp_client.channel import DEFAULT_TARGET, channel
+
+ADDRESS_VARIABLE = "OPENVPP_ADDRESS"
+TOKEN_VARIABLE = "OPENVPP_TOKEN"
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--address`` and ``--token``, defaulting to OPENVPP_ADDRESS and OPENVPP_TOKEN."""
+    parser.add_argument(
+        "--address",
+        default=os.environ.get(ADDRESS_VARIABLE, DEFAULT_TARGET),
+        help=f"server host:port (env {ADDRESS_VARIABLE}, default {DEFAULT_TARGET})",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get(TOKEN_VARIABLE),
+        help=f"API token of the calling organization (env {TOKEN_VARIABLE})",
+    )
+
+
+def channel_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> grpc.Channel:
+    """The channel ``--address`` and ``--token`` ask for; a missing token is a usage error."""
+    if not args.token:
+        parser.error(f"a token is needed: --token or {TOKEN_VARIABLE}")
+    return channel(args.address, args.token)

@@ -1,0 +1,19 @@
+"""Webhook signing secrets: ``whsec_`` + base64 of 32 random bytes, as Standard Webhooks defines.
+
+Each organization has one (made with it, see migration 0015); rotating keeps the previous one
+signing for a grace period so receivers can roll over. Secrets are never logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+
+SIGNING_SECRET_PREFIX = "whsec_"
+SIGNING_SECRET_BYTES = 32
+
+
+def new_signing_secret() -> str:
+    return (
+        SIGNING_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(SIGNING_SECRET_BYTES)).decode()
+    )

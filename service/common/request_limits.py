@@ -1,0 +1,123 @@
+"""Checks every request, of every RPC, against the rules no field may break.
+
+Run by the call guard right after decoding, so no handler (and no RPC added later) ever
+sees a string PostgreSQL cannot store, a string beyond ``text.UNREAD_LENGTH``, or a
+Timestamp, Date or Duration outside what the service accepts (see ``service.common.text`` and
+``service.common.protoconv`` for the rules). Field paths are those of the request
+(``site.name``, ``supply_points[1].grid_identifier``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+
+from service.common.errors import FieldViolation, ValidationError
+from service.common.protoconv import date_rule, duration_rule, timestamp_rule
+from service.common.text import unreadable_rule
+
+TIMESTAMP = "google.protobuf.Timestamp"
+DATE = "google.type.Date"
+DURATION = "google.protobuf.Duration"
+_TIME_TYPES = frozenset({TIMESTAMP, DATE, DURATION})
+
+# Fields whose elements are checked by their handler one by one, so that one bad element is
+# rejected on its own instead of failing the request: the readings of a batch each get a
+# reject reason (see service.telemetry.validate).
+CHECKED_BY_HANDLER = frozenset({"openvpp.v1.ReadingBatch.readings"})
+
+_STRING = FieldDescriptor.TYPE_STRING
+_MESSAGE = FieldDescriptor.TYPE_MESSAGE
+
+
+def check_request(message: Message) -> None:
+    """Raises ValidationError naming every field that breaks a rule."""
+    if not _needs_check(message.DESCRIPTOR):
+        return
+    violations: list[FieldViolation] = []
+    _check(message, "", violations)
+    if violations:
+        raise ValidationError(violations)
+
+
+@functools.cache
+def _needs_check(descriptor: Descriptor) -> bool:
+    """Whether a message of this type can hold anything to check (cached per type)."""
+    return _reaches_checked(descriptor, frozenset())
+
+
+def _reaches_checked(descriptor: Descriptor, seen: frozenset[str]) -> bool:
+    if descriptor.full_name in _TIME_TYPES:
+        return True
+    seen = seen | {descriptor.full_name}
+    for field in descriptor.fields:
+        if field.full_name in CHECKED_BY_HANDLER:
+            continue
+        if field.type == _STRING:
+            return True
+        nested = field.message_type
+        if nested is not None and (nested.full_name in seen or _reaches_checked(nested, seen)):
+            return True
+    return False
+
+
+def _check(message: Message, prefix: str, out: list[FieldViolation]) -> None:
+    for field, value in message.ListFields():
+        if field.full_name in CHECKED_BY_HANDLER:
+            continue
+        path = prefix + field.name
+        if field.type == _STRING:
+            if field.is_repeated:
+                for index, item in enumerate(value):
+                    _check_text(item, field.name, f"{path}[{index}]", out)
+            else:
+                _check_text(value, field.name, path, out)
+        elif field.message_type is not None:
+            descriptor = field.message_type
+            if descriptor.GetOptions().map_entry:
+                _check_map(descriptor, value, path, out)
+            elif not _needs_check(descriptor):
+                continue
+            elif field.is_repeated:
+                for index, item in enumerate(value):
+                    _check_message(item, f"{path}[{index}]", out)
+            else:
+                _check_message(value, path, out)
+
+
+def _check_message(message: Message, path: str, out: list[FieldViolation]) -> None:
+    name = message.DESCRIPTOR.full_name
+    rule: str | None
+    if name == TIMESTAMP:
+        rule = timestamp_rule(message.seconds, message.nanos)  # type: ignore[attr-defined]
+    elif name == DATE:
+        rule = date_rule(message.year, message.month, message.day)  # type: ignore[attr-defined]
+    elif name == DURATION:
+        rule = duration_rule(message.seconds, message.nanos)  # type: ignore[attr-defined]
+    else:
+        _check(message, path + ".", out)
+        return
+    if rule is not None:
+        out.append(FieldViolation(path, rule))
+
+
+def _check_text(value: str, name: str, path: str, out: list[FieldViolation]) -> None:
+    rule = unreadable_rule(value, name)
+    if rule is not None:
+        out.append(FieldViolation(path, rule))
+
+
+def _check_map(entry: Descriptor, value: Any, path: str, out: list[FieldViolation]) -> None:
+    key_field = entry.fields_by_name["key"]
+    value_field = entry.fields_by_name["value"]
+    for key, item in value.items():
+        item_path = f"{path}[{key!r}]" if isinstance(key, str) and len(key) <= 64 else path
+        if key_field.type == _STRING:
+            _check_text(key, key_field.name, path, out)
+        if value_field.type == _STRING:
+            _check_text(item, value_field.name, item_path, out)
+        elif value_field.type == _MESSAGE and _needs_check(value_field.message_type):
+            _check_message(item, item_path, out)

@@ -1,0 +1,106 @@
+"""Every script in examples/ runs, as a reader would run it, against a real server.
+
+The scripts are separate processes (the address and the token from their arguments or the
+environment) calling the session's service; each test uses organizations of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from service.app import Service
+from service.auth.principal import Role
+from tests.conftest import MakeOrg
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+async def run_example(name: str, *args: str, **env: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(EXAMPLES / name),
+        *args,
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+    return process.returncode or 0, output.decode()
+
+
+def test_every_example_is_tested() -> None:
+    scripts = {path.name for path in EXAMPLES.glob("*.py") if not path.name.startswith("_")}
+    tested = {"powernaut_sites.py", "solarize_metering.py"}
+    assert scripts == tested, "a new example needs its test here"
+
+
+async def test_powernaut_sites_with_the_supplier_side(service: Service, make_org: MakeOrg) -> None:
+    partner, supplier = await make_org(Role.PARTNER), await make_org(Role.SUPPLIER)
+    address = f"127.0.0.1:{service.port}"
+    code, output = await run_example(
+        "powernaut_sites.py",
+        "--address",
+        address,
+        "--supplier-token",
+        supplier.token,
+        OPENVPP_TOKEN=partner.token,
+    )
+    assert code == 0, output
+    statuses = [line.split(": ", 1)[1] for line in output.splitlines() if ": status " in line]
+    assert statuses == [
+        "status SITE_STATUS_NO_RESOURCES, upstream_status UPSTREAM_STATUS_NO_UPSTREAM_REGISTERED",
+        "status SITE_STATUS_ONBOARDED, upstream_status UPSTREAM_STATUS_NO_UPSTREAM_REGISTERED",
+        "status SITE_STATUS_ONBOARDED, upstream_status UPSTREAM_STATUS_NO_CONTRACT",
+        "status SITE_STATUS_ONBOARDED, upstream_status UPSTREAM_STATUS_CONTRACT_NEEDS_AGREEMENT",
+        "status SITE_STATUS_ONBOARDED, upstream_status UPSTREAM_STATUS_CONTRACT_ACTIVE",
+    ]
+    assert "listed 1 of 1 site(s)" in output
+    # It cleaned up, so it runs again (same EAN) without ALREADY_EXISTS.
+    again, output = await run_example(
+        "powernaut_sites.py", "--address", address, "--token", partner.token
+    )
+    assert again == 0, output
+    assert "listed 1 of 1 site(s)" in output
+
+
+async def test_solarize_metering(service: Service, make_org: MakeOrg) -> None:
+    partner = await make_org(Role.PARTNER)
+    code, output = await run_example(
+        "solarize_metering.py",
+        "--quarters",
+        "8",
+        OPENVPP_ADDRESS=f"127.0.0.1:{service.port}",
+        OPENVPP_TOKEN=partner.token,
+    )
+    assert code == 0, output
+    assert "Businesspark, SITE_TYPE_BALANCED_ACCURATE" in output
+    assert "readings: 9 accepted, 0 duplicate, 0 rejected" in output
+    # Eight quarter-hours of 250 Wh each, computed by the server from the registers.
+    assert "ListReadings: 8 readings, 8 quarter-hours, 2000 Wh" in output
+    again, output = await run_example(
+        "solarize_metering.py",
+        "--quarters",
+        "8",
+        OPENVPP_ADDRESS=f"127.0.0.1:{service.port}",
+        OPENVPP_TOKEN=partner.token,
+    )
+    assert again == 0, output
+    assert "readings: 9 accepted" in output
+
+
+async def test_an_example_without_a_token_says_so(service: Service) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OPENVPP_TOKEN"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(EXAMPLES / "solarize_metering.py"),
+        "--address",
+        f"127.0.0.1:{service.port}",
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, errors = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 2
+    assert "a token is needed: --token or OPENVPP_TOKEN" in errors.decode()
