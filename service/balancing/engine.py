@@ -363,16 +363,19 @@ def _allocate_tier(
     for producer, position in enumerate(own_in_tier):
         if position >= 0:
             not_own[producer, position] = False
-    if method is AllocationMethod.STATIC:
-        keys = np.broadcast_to(shares[:, None], demand.shape)
-        _first_pass(keys, not_own, production, demand, cells)
-        return
     # Intervals where a producer with energy has its own column in demand need the passes;
     # everywhere else the closed form is exact.
     needs_passes = np.zeros(demand.shape[1], dtype=np.bool_)
     for producer, position in enumerate(own_in_tier):
         if position >= 0:
             needs_passes |= (production[producer] > 0) & (demand[position] > 0)
+    if method is AllocationMethod.STATIC:
+        if needs_passes.any():
+            keys = np.broadcast_to(shares[:, None], demand.shape)
+            _first_pass(keys, not_own, production, demand, cells)
+        else:
+            _closed_form(method, shares, production, demand, cells)
+        return
     if not needs_passes.any():
         _closed_form(method, shares, production, demand, cells)
         return
@@ -506,13 +509,26 @@ def _closed_form(
     demand: FloatArray,
     cells: FloatArray,
 ) -> None:
-    """A redistributed tier without prosumer exclusions, in place (module docstring).
+    """A tier without prosumer exclusions, in place (module docstring).
 
     Weighted water-filling ``a_i = min(e_i, mu * w_i)`` over the consumers with ``w_i > 0``
     and ``e_i > 0``, ``mu`` such that ``sum_i a_i = min(R, sum_i e_i)``, split over the
     producers by ``r_j / R``. ``cells`` of the tier must be zero on entry.
     """
     total = production.sum(axis=0)
+    if method is AllocationMethod.STATIC:
+        # One pass: O_i = R * share_i, a_i = min(e_i, O_i), cell_ji = r_j * a_i / R.
+        allocation = np.minimum(demand, total[None, :] * shares[:, None])
+        given = allocation.sum(axis=0)
+        split = np.zeros_like(production)
+        np.divide(production, total[None, :], out=split, where=total[None, :] > 0)
+        for producer in range(production.shape[0]):
+            np.multiply(allocation, split[producer][None, :], out=cells[producer])
+        left_fraction = np.zeros_like(total)
+        np.divide(total - given, total, out=left_fraction, where=total > 0)
+        production *= np.maximum(left_fraction, 0.0)[None, :]
+        demand -= allocation
+        return
     if method is AllocationMethod.PRO_RATA:
         wanted = demand.sum(axis=0)
         factor = np.ones_like(total)

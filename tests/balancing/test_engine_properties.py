@@ -31,10 +31,10 @@ energy = st.one_of(st.just(0), st.integers(0, 12), st.integers(0, 2_000))
 
 
 @st.composite
-def sites(draw: st.DrawFn, max_consumers: int = 6) -> BalancingInput:
+def sites(draw: st.DrawFn, max_consumers: int = 6, max_producers: int = 3) -> BalancingInput:
     method = draw(st.sampled_from(list(AllocationMethod)))
     intervals = draw(st.integers(1, 4))
-    producers = draw(st.integers(1, 3))
+    producers = draw(st.integers(1, max_producers))
     consumers = draw(st.integers(1, max_consumers))
     production = draw(
         st.lists(
@@ -145,7 +145,7 @@ def test_exact_margins_bounds_and_oracle(block: BalancingInput) -> None:
 
 
 @SETTINGS
-@given(sites(max_consumers=30))
+@given(sites(max_consumers=30, max_producers=5))
 def test_wide_sites_match_the_oracle(block: BalancingInput) -> None:
     result = allocate(block)
     assert_exact_and_bounded(block, result)
@@ -224,9 +224,13 @@ def fractional_tables(draw: st.DrawFn) -> np.ndarray:
 
 
 @settings(max_examples=300, deadline=None)
-@given(fractional_tables())
-def test_table_rounding_keeps_margins_and_floor_or_ceiling(table: np.ndarray) -> None:
-    rounded = _round_table(table)
+@given(fractional_tables(), st.integers(0, 2**32 - 1), st.booleans())
+def test_table_rounding_keeps_margins_and_floor_or_ceiling(
+    table: np.ndarray, seed: int, seeded: bool
+) -> None:
+    """The exact repair, from scratch or from an arbitrary (even infeasible) greedy start."""
+    start = np.random.default_rng(seed).random(table.shape) < 0.5 if seeded else None
+    rounded = _round_table(table, start)
     rows, columns = table.shape
     assert np.all(
         np.abs(rounded[:, : columns - 1][: rows - 1] - table[: rows - 1, : columns - 1]) < 1
