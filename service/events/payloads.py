@@ -15,7 +15,11 @@ from uuid import UUID
 
 import asyncpg
 
-from service.events.channels import METER_CHANGED_CHANNEL, SITE_EVENTS_CHANNEL
+from service.events.channels import (
+    METER_CHANGED_CHANNEL,
+    SITE_EVENTS_CHANNEL,
+    TOKEN_REVOKED_CHANNEL,
+)
 
 # NOTIFY payloads must stay below 8000 bytes: above this many sites, watchers of any site
 # of the organization look at the batch.
@@ -51,6 +55,11 @@ async def notify_site_event(conn: asyncpg.Connection, site_id: UUID, event_type:
 async def notify_meter_changed(conn: asyncpg.Connection, org_id: UUID) -> None:
     """Tells every replica that a meter of ``org_id`` changed (its caches drop the org)."""
     await conn.execute("SELECT pg_notify($1, $2)", METER_CHANGED_CHANNEL, str(org_id))
+
+
+async def notify_token_revoked(conn: asyncpg.Connection, token_hash: bytes) -> None:
+    """Tells every replica that the token with this SHA-256 was revoked (payload: its hex)."""
+    await conn.execute("SELECT pg_notify($1, $2)", TOKEN_REVOKED_CHANNEL, token_hash.hex())
 
 
 def readings_batch_payload(

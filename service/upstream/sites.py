@@ -22,7 +22,7 @@ from service.identifiers import (
 )
 
 # A supplier's own reference for an upstream site (as long as a partner site's names).
-MAX_EXTERNAL_ID_LENGTH = 200
+MAX_EXTERNAL_ID_LENGTH = NAME_LENGTH
 # Who agreed: a name or a reference, not a document.
 MAX_AGREED_BY_LENGTH = NAME_LENGTH
 # If local midnight of the next transition is not after "now" (a clock going back over

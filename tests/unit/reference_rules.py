@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from service.common.protoconv import EARLIEST_INSTANT, LATEST_INSTANT
 from service.grid import Resolution
 from service.telemetry.domain import Flow, Measuring, MeterDirection, RejectReason
 
@@ -119,8 +120,9 @@ def check_reading(
     """The first rule ``reading`` breaks, or ``None`` when it is acceptable.
 
     Order: unknown meter, missing value, wrong value kind, non-finite, negative, flow,
-    not on grid, outside meter dates, too far in future. Register monotonicity needs the
-    stored neighbours and is checked separately (:func:`find_register_decreases`).
+    timestamp out of range, not on grid, outside meter dates, too far in future. Register
+    monotonicity needs the stored neighbours and is checked separately
+    (:func:`find_register_decreases`).
     Raises ``ValueError`` for a naive timestamp.
     """
     if meter is None:
@@ -142,6 +144,10 @@ def check_reading(
     if flow_reason is not None:
         return flow_reason
     ts = reading.timestamp
+    if ts.tzinfo is None:
+        raise ValueError("the reading timestamp must be timezone-aware")
+    if not EARLIEST_INSTANT <= ts < LATEST_INSTANT:
+        return RejectReason.TIMESTAMP_OUT_OF_RANGE
     if not meter.resolution.is_on_grid(ts, meter.timezone):
         return RejectReason.NOT_ON_GRID
     if ts < meter.start_date:
