@@ -2,15 +2,17 @@
 
 As a partner: 1. the site "Businesspark" in Berlin (balanced accurate, PT15M), 2. its
 iMSys TAF-7 meter 1ISK0001 (consumer, readings accurate), then a day's quarter-hour
-register readings and ``ListReadings`` with the interval energy computed from them.
+register readings and ``ListReadings`` with the interval energy computed from them,
+3. the meter's balancing setting (participant from 2025-01-01, priority 1) and 4. the
+aggregated balances of the meter as debitor at PT15M for January. The server's worker
+balances what ingest queued within moments; the flow calls ``RunBalancing`` for its
+readings first, so it does not depend on a worker running.
 
     .venv/bin/python examples/solarize_metering.py --token "$TOKEN" \
         [--address 127.0.0.1:50051] [--keep]
 
 Each step is a function taking the ``Flow`` (stubs and what earlier steps made) and
-``STEPS`` runs them in order, so a step joins by adding a function and a line there:
-3. the meter's balancing settings and 4. aggregated balances come with the balancing
-service.
+``STEPS`` runs them in order, so a step joins by adding a function and a line there.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 from google.protobuf import timestamp_pb2
+from google.type import date_pb2
+from openvpp.v1 import balancing_pb2 as balancing_pb
+from openvpp.v1 import balancing_pb2_grpc as balancing_grpc
 from openvpp.v1 import meter_registry_pb2 as meters_pb
 from openvpp.v1 import meter_registry_pb2_grpc as meters_grpc
 from openvpp.v1 import site_registry_pb2 as sites_pb
@@ -50,6 +55,7 @@ class Flow:
     sites: sites_grpc.SiteRegistryStub
     meters: meters_grpc.MeterRegistryStub
     telemetry: telemetry_grpc.TelemetryStub
+    balancing: balancing_grpc.BalancingStub
     grid_identifier: str
     quarters: int
     site: sites_pb.Site | None = None
@@ -61,6 +67,7 @@ class Flow:
             sites_grpc.SiteRegistryStub(channel),
             meters_grpc.MeterRegistryStub(channel),
             telemetry_grpc.TelemetryStub(channel),
+            balancing_grpc.BalancingStub(channel),
             grid_identifier,
             quarters,
         )
@@ -138,7 +145,77 @@ def list_readings(flow: Flow) -> None:
     )
 
 
-STEPS: list[Callable[[Flow], None]] = [create_site, create_meter, ingest_readings, list_readings]
+def configure_balancing(flow: Flow) -> None:
+    """The meter takes part from the contract start; priority 1 is served first (unset would
+    share equally with every other consumer)."""
+    assert flow.site is not None
+    assert flow.meter is not None
+    setting = flow.balancing.CreateMeterBalancingSetting(
+        balancing_pb.CreateMeterBalancingSettingRequest(
+            site_id=flow.site.id,
+            meter_id=flow.meter.id,
+            balancing=balancing_pb.BALANCING_ROLE_PARTICIPANT,
+            start_date=date_pb2.Date(year=2025, month=1, day=1),
+            priority=1,
+        )
+    ).setting
+    print(
+        f"3. balancing setting {setting.id}: "
+        f"{balancing_pb.BalancingRole.Name(setting.balancing)} from 2025-01-01, "
+        f"priority {setting.priority}"
+    )
+
+
+def aggregated_balances(flow: Flow) -> None:
+    assert flow.site is not None
+    assert flow.meter is not None
+    run = flow.balancing.RunBalancing(
+        balancing_pb.RunBalancingRequest(
+            site_id=flow.site.id,
+            start_time=timestamp(START),
+            end_time=timestamp(START + flow.quarters * QUARTER),
+        )
+    )
+    print(
+        f"   RunBalancing: {run.balanced_intervals} balanced, {run.incomplete_intervals} incomplete"
+    )
+    rows = complete = from_grid = shared = 0
+    page_token = ""
+    while True:
+        page = flow.balancing.ListAggregatedBalances(
+            balancing_pb.ListAggregatedBalancesRequest(
+                debitor_meter_id=flow.meter.id,
+                start_time=timestamp(START),
+                end_time=timestamp(datetime(2025, 1, 31, 23, 0, tzinfo=UTC)),
+                interval="PT15M",
+                page_token=page_token,
+            )
+        )
+        for balance in page.balances:
+            rows += 1
+            complete += balance.complete
+            if balance.creditor_meter_id == "GRID":
+                from_grid += balance.energy_wh
+            else:
+                shared += balance.energy_wh
+        page_token = page.next_page_token
+        if not page_token:
+            break
+    # With no producer on the site, everything the meter used came from the grid.
+    print(
+        f"4. aggregated balances of {flow.meter.identifier} as debitor: {rows} rows "
+        f"({complete} complete), {from_grid} Wh from GRID, {shared} Wh shared"
+    )
+
+
+STEPS: list[Callable[[Flow], None]] = [
+    create_site,
+    create_meter,
+    ingest_readings,
+    list_readings,
+    configure_balancing,
+    aggregated_balances,
+]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,8 @@ from opentelemetry import trace
 from service.auth.authenticator import Authenticator
 from service.auth.principal import Role
 from service.auth.store import IdentityStore, IssuedToken
+from service.balancing import servicer as balancing
+from service.balancing.worker import BalancingQueueConsumer
 from service.common.call_guard import CallGuard
 from service.common.clock import SYSTEM_CLOCK, Clock
 from service.common.loglimit import OutageLog, quiet_library_retries
@@ -29,7 +31,11 @@ from service.db.reads import ReadLane
 from service.dispatch import servicer as dispatch
 from service.dispatch.delivery import DeliverySettings
 from service.dispatch.outbox import OutboxDeliverer, OutboxSettings
-from service.events.channels import DISPATCH_OUTBOX_CHANNEL, TOKEN_REVOKED_CHANNEL
+from service.events.channels import (
+    BALANCING_QUEUE_CHANNEL,
+    DISPATCH_OUTBOX_CHANNEL,
+    TOKEN_REVOKED_CHANNEL,
+)
 from service.events.hub import EventHub
 from service.registry import servicer as registry
 from service.telemetry import meter_servicer as meters
@@ -89,6 +95,7 @@ class Service:
     # This replica's dispatch delivery worker (None when dispatch_delivery_enabled is off).
     dispatch_deliverer: OutboxDeliverer | None = None
     dispatch_worker: Worker | None = None
+    balancing_consumer: BalancingQueueConsumer | None = None
     _health: health.aio.HealthServicer | None = None
     # One record of a database outage, shared by the health probe and every refused call.
     database_outage: OutageLog = field(default_factory=lambda: OutageLog("database", log))
@@ -198,6 +205,21 @@ class Service:
         meter_servicer = meters.MeterRegistryServicer(self.pool)
         telemetry_servicer = telemetry.TelemetryServicer(self.pool, self.hub, self.settings)
         self.telemetry_servicer = telemetry_servicer
+        self.balancing_consumer = BalancingQueueConsumer(self.pool)
+        poll = self.settings.balancing_poll_seconds
+        balancing_workers = (
+            []
+            if poll < 0
+            else [
+                Worker(
+                    "balancing",
+                    self.balancing_consumer.step,
+                    interval_seconds=poll,
+                    clock=self.clock,
+                    wake_channels=[BALANCING_QUEUE_CHANNEL],
+                )
+            ]
+        )
         return [
             Capability(
                 registry.DESCRIPTOR,
@@ -237,6 +259,13 @@ class Service:
                         clock=SYSTEM_CLOCK,
                     )
                 ],
+            ),
+            Capability(
+                balancing.DESCRIPTOR,
+                balancing.BalancingServicer(self.pool, self.hub, self.settings.watch_buffer_size),
+                balancing.METHOD_ROLES,
+                # Keeps results current: wakes at every commit that queues intervals.
+                workers=balancing_workers,
             ),
             self._dispatch_capability(),
         ]

@@ -64,6 +64,10 @@ class Settings:
     # Seconds between ticks of the scheduler that applies date-driven upstream_status changes
     # (contracts starting or ending at local midnight); 0 disables it.
     upstream_scheduler_interval_seconds: float = 60.0
+    # Balancing: seconds between polls of balancing_queue, a fallback for the NOTIFY that
+    # wakes the worker at every commit; 0 = only on NOTIFY; negative = no balancing worker
+    # in this process (another replica balances).
+    balancing_poll_seconds: float = 10.0
     # Webhooks (dispatch): allow loopback, private, link-local and other non-public target
     # addresses, at registration and at delivery; for tests and local demos only. Cloud
     # metadata addresses stay refused. See service/common/network_policy.py.

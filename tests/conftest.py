@@ -69,6 +69,8 @@ def test_settings(**overrides: object) -> Settings:
         db_pool_max_size=10,
         # Tests tick the upstream scheduler themselves (run_once) with their own clocks.
         upstream_scheduler_interval_seconds=0,
+        # Balancing tests drive the queue consumer themselves, or start a worker of their own.
+        balancing_poll_seconds=-1,
         # Webhook receivers in tests listen on 127.0.0.1; tests of the address rule turn it off.
         webhook_allow_private_networks=True,
         # No delivery worker on the shared database: its sites have made-up webhook URLs

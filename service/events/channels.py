@@ -28,3 +28,6 @@ BALANCING_QUEUE_CHANNEL = "openvpp_balancing_queue"
 DISPATCH_OUTBOX_CHANNEL = "openvpp_dispatch_outbox"
 # Setpoint state changes and new dispatches, for WatchSetpoints (see service/dispatch/store.py).
 SETPOINT_EVENTS_CHANNEL = "openvpp_setpoint_events"
+
+# A re-balancing committed: org, site, time range and interval counts (Balancing.WatchBalances).
+BALANCES_CHANNEL = "openvpp_balances"

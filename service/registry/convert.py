@@ -45,7 +45,7 @@ def site_to_proto(site: SiteRecord) -> pb.Site:
         ],
         status=enum_to_proto(pb.SiteStatus, "SITE_STATUS_", site.status),
         upstream_status=enum_to_proto(pb.UpstreamStatus, "UPSTREAM_STATUS_", site.upstream_status),
-        grid_identifier=primary.grid_identifier,
+        grid_identifier=primary.grid_identifier if primary is not None else "",
         type=enum_to_proto(pb.SiteType, "SITE_TYPE_", fields.site_type)
         if fields.site_type
         else pb.SITE_TYPE_UNSPECIFIED,

@@ -11,7 +11,12 @@ from functools import cache
 from service.common.errors import ViolationCollector
 from service.common.network_policy import webhook_url_violation
 from service.common.text import ADDRESS_LENGTH, NAME_LENGTH, URL_LENGTH, check_text
-from service.grid import SUPPORTED_RESOLUTIONS, SiteType, parse_resolution
+from service.grid import (
+    SUPPORTED_RESOLUTIONS,
+    SiteType,
+    parse_resolution,
+    site_type_is_balanced,
+)
 from service.identifiers import (
     InvalidGridIdentifier,
     default_timezone,
@@ -92,11 +97,19 @@ class SiteFields:
     balance_resolution: str
 
     @property
-    def primary(self) -> SupplyPoint:
-        """The BIDIRECTIONAL or OFFTAKE point; ``validate_site`` guarantees there is one."""
+    def primary(self) -> SupplyPoint | None:
+        """The BIDIRECTIONAL or OFFTAKE point; ``validate_site`` guarantees there is one
+        unless the site is ``BALANCED_*`` without supply points (no grid identifier: it never
+        matches an upstream site and is never dispatched)."""
         return next(
-            p for p in self.supply_points if p.direction is not SupplyPointDirection.INJECTION
+            (p for p in self.supply_points if p.direction is not SupplyPointDirection.INJECTION),
+            None,
         )
+
+    @property
+    def grid_identifier(self) -> str | None:
+        primary = self.primary
+        return primary.grid_identifier if primary is not None else None
 
     @property
     def injection(self) -> SupplyPoint | None:
@@ -157,7 +170,9 @@ def validate_site(site: SiteFields, prefix: str = "") -> SiteFields:
     elif timezone not in _known_timezones():
         errors.add(prefix + "timezone", "must be an IANA time zone name, e.g. Europe/Brussels")
 
-    points = _validate_supply_points(errors, site.supply_points, country, prefix)
+    points = _validate_supply_points(
+        errors, site.supply_points, country, prefix, site_type_is_balanced_or_none(site.site_type)
+    )
 
     resolution = site.balance_resolution.strip() or DEFAULT_BALANCE_RESOLUTION
     try:
@@ -180,12 +195,26 @@ def validate_site(site: SiteFields, prefix: str = "") -> SiteFields:
     )
 
 
+def site_type_is_balanced_or_none(site_type: SiteType | None) -> bool:
+    return site_type is not None and site_type_is_balanced(site_type)
+
+
 def _validate_supply_points(
-    errors: ViolationCollector, points: tuple[SupplyPoint, ...], country: str, prefix: str
+    errors: ViolationCollector,
+    points: tuple[SupplyPoint, ...],
+    country: str,
+    prefix: str,
+    may_be_empty: bool,
 ) -> tuple[SupplyPoint, ...]:
     field = prefix + "supply_points"
     if not points:
-        errors.add(field, "must contain at least one supply point")
+        # An energy-sharing community of meters needs no head meter of its own.
+        if not may_be_empty:
+            errors.add(
+                field,
+                "must contain at least one supply point (only SITE_TYPE_BALANCED_* sites "
+                "may have none)",
+            )
         return ()
     normalized: list[SupplyPoint] = []
     for index, point in enumerate(points):

@@ -56,9 +56,11 @@ class SiteRecord:
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> SiteRecord:
         """From a database row, or from the JSON snapshot carried by a site event."""
-        points = [
-            SupplyPoint(row["grid_identifier"], SupplyPointDirection(row["primary_direction"]))
-        ]
+        points = []
+        if row["grid_identifier"] is not None:
+            points.append(
+                SupplyPoint(row["grid_identifier"], SupplyPointDirection(row["primary_direction"]))
+            )
         if row["injection_grid_identifier"]:
             points.append(
                 SupplyPoint(row["injection_grid_identifier"], SupplyPointDirection.INJECTION)
@@ -138,6 +140,7 @@ def _datetime(value: Any) -> datetime:
 
 def _site_columns(fields: SiteFields) -> list[Any]:
     injection = fields.injection
+    primary = fields.primary
     return [
         fields.name,
         fields.external_id,
@@ -146,8 +149,8 @@ def _site_columns(fields: SiteFields) -> list[Any]:
         fields.location.longitude,
         fields.location.country,
         fields.timezone,
-        fields.primary.grid_identifier,
-        str(fields.primary.direction),
+        primary.grid_identifier if primary else None,
+        str(primary.direction) if primary else None,
         injection.grid_identifier if injection else None,
         str(fields.site_type) if fields.site_type else None,
         fields.balance_resolution,
@@ -190,7 +193,7 @@ async def _queue_moved_grid(
     await enqueue_balancing(conn, org_id, [(site_id, start, end)])
 
 
-def _duplicate_identifier(identifier: str, prefix: str = "") -> AlreadyExistsError:
+def _duplicate_identifier(identifier: str | None, prefix: str = "") -> AlreadyExistsError:
     return AlreadyExistsError(
         prefix + "supply_points[0].grid_identifier",
         f"a site with primary grid identifier {identifier} already exists; "
@@ -230,12 +233,14 @@ class RegistryStore:
                     *_site_columns(fields),
                 )
             except asyncpg.UniqueViolationError:
-                raise _duplicate_identifier(fields.primary.grid_identifier) from None
+                raise _duplicate_identifier(fields.grid_identifier) from None
             # A supplier may have registered this identifier already; CREATED carries the
             # matching upstream_status, so no separate UPSTREAM_STATUS_CHANGED for a new site.
-            await upstream_sync.refresh_upstream_status(
-                conn, [row["grid_identifier"]], self._clock.now(), silent={row["id"]}
-            )
+            # A site without a grid identifier matches nothing.
+            if row["grid_identifier"] is not None:
+                await upstream_sync.refresh_upstream_status(
+                    conn, [row["grid_identifier"]], self._clock.now(), silent={row["id"]}
+                )
             await notify_site_event(conn, row["id"], SiteEventType.CREATED)
             row = await conn.fetchrow("SELECT * FROM sites WHERE id = $1", row["id"])
         return SiteRecord.from_row(row)
@@ -307,12 +312,26 @@ class RegistryStore:
                     *_site_columns(fields),
                 )
             except asyncpg.UniqueViolationError:
-                raise _duplicate_identifier(fields.primary.grid_identifier, "site.") from None
+                raise _duplicate_identifier(fields.grid_identifier, "site.") from None
             await notify_site_event(conn, site_id, SiteEventType.UPDATED)
             await _queue_moved_grid(conn, self._org_id, site_id, current.fields, fields)
             # A new identifier or time zone can change upstream_status (published after UPDATED).
-            if await upstream_sync.refresh_upstream_status(
-                conn, [fields.primary.grid_identifier], self._clock.now()
+            if fields.grid_identifier is None and identifier is not None:
+                # The site left its supply points behind: nothing matches it any more.
+                cleared = await conn.fetchrow(
+                    """
+                    UPDATE sites SET upstream_status = 'no_upstream_registered',
+                        upstream_next_check_at = NULL
+                    WHERE id = $1 AND upstream_status <> 'no_upstream_registered'
+                    RETURNING *
+                    """,
+                    site_id,
+                )
+                if cleared is not None:
+                    row = cleared
+                    await notify_site_event(conn, site_id, SiteEventType.UPSTREAM_STATUS_CHANGED)
+            elif fields.grid_identifier is not None and await upstream_sync.refresh_upstream_status(
+                conn, [fields.grid_identifier], self._clock.now()
             ):
                 row = await conn.fetchrow("SELECT * FROM sites WHERE id = $1", site_id)
         return SiteRecord.from_row(row)

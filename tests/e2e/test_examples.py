@@ -82,6 +82,10 @@ async def test_solarize_metering(service: Service, make_org: MakeOrg) -> None:
     assert "readings: 9 accepted, 0 duplicate, 0 rejected" in output
     # Eight quarter-hours of 250 Wh each, computed by the server from the registers.
     assert "ListReadings: 8 readings, 8 quarter-hours, 2000 Wh" in output
+    assert "BALANCING_ROLE_PARTICIPANT from 2025-01-01, priority 1" in output
+    assert "RunBalancing: 8 balanced, 0 incomplete" in output
+    # The day's block: 8 balanced quarter-hours, the other 88 of the day incomplete.
+    assert "as debitor: 96 rows (8 complete), 2000 Wh from GRID, 0 Wh shared" in output
     again, output = await run_example(
         "solarize_metering.py",
         "--quarters",

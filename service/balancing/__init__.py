@@ -1,0 +1,1 @@
+"""Energy sharing: the allocation engine (pure) and, around it, settings, worker and queries."""

@@ -1,0 +1,300 @@
+"""Reading results: pages of aggregated balances and summaries over stored blocks.
+
+A page covers at most ``page_size`` output intervals from its cursor on, so its work is
+bounded by the page whatever the requested range: only the blocks of that window are read
+and summed (numpy over the decoded arrays).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+import asyncpg
+import numpy as np
+
+from service.balancing.aggregate import GRID, Aggregation, aggregate, pair_columns, totals
+from service.balancing.calendar import from_us, grid_starts, output_starts, to_us
+from service.balancing.store import (
+    SiteInfo,
+    load_block_totals,
+    load_blocks,
+    load_consumer_blocks,
+)
+from service.common.errors import ValidationError
+from service.common.pagination import filters_fingerprint
+
+# Output intervals that are unions of whole blocks (local days or months).
+WHOLE_BLOCKS = frozenset({"P1D", "P1M"})
+DEFAULT_PAGE_SIZE = 1000
+MAX_PAGE_SIZE = 10_000
+
+
+def balances_page_size(page_size: int) -> int:
+    if page_size < 0:
+        raise ValidationError.single("page_size", "must not be negative")
+    if page_size == 0:
+        return DEFAULT_PAGE_SIZE
+    return min(page_size, MAX_PAGE_SIZE)
+
+
+def _encode(body: dict[str, object]) -> str:
+    text = json.dumps(body, separators=(",", ":"))
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _decode(token: str, fingerprint: str) -> dict[str, object] | None:
+    if not token:
+        return None
+    try:
+        body = json.loads(base64.urlsafe_b64decode((token + "=" * (-len(token) % 4)).encode()))
+        if not isinstance(body, dict) or not isinstance(body.get("s"), int):
+            raise ValueError("malformed")
+    except (ValueError, TypeError) as exc:
+        raise ValidationError.single(
+            "page_token", "must be a next_page_token this API returned"
+        ) from exc
+    if body.get("f") != fingerprint:
+        raise ValidationError.single(
+            "page_token", "must be used with the same filters as the request that returned it"
+        )
+    return body
+
+
+@dataclass(frozen=True)
+class BalanceRows:
+    """Rows of one window, columnar (a page has one or more): row ``r`` is the interval
+    ``[bounds_us[intervals[r]], bounds_us[intervals[r] + 1])``, the pair ``pairs[r]`` of
+    ``creditors`` / ``debitors``, ``energy_wh[r]`` and ``complete[r]``. Columns are plain
+    lists: a page of 10,000 rows is then one pass of the servicer, no object per row."""
+
+    bounds_us: list[int]
+    creditors: list[str]
+    debitors: list[str]
+    intervals: list[int]
+    pairs: list[int]
+    energy_wh: list[int]
+    complete: list[bool]
+
+    def __len__(self) -> int:
+        return len(self.intervals)
+
+    def truncated(self, size: int) -> BalanceRows:
+        return BalanceRows(
+            self.bounds_us,
+            self.creditors,
+            self.debitors,
+            self.intervals[:size],
+            self.pairs[:size],
+            self.energy_wh[:size],
+            self.complete[:size],
+        )
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    interval_start: datetime
+    interval_end: datetime
+    production_wh: int
+    demand_wh: int
+    shared_wh: int
+    feed_in_wh: int
+    grid_supply_wh: int
+    balance_intervals: int
+    complete_intervals: int
+
+
+async def _window(
+    pool: asyncpg.Pool,
+    site: SiteInfo,
+    bounds_all: np.ndarray,
+    first: int,
+    count: int,
+    producers: set[UUID] | None,
+    consumers: set[UUID] | None,
+    whole_blocks: bool,
+) -> Aggregation:
+    bounds = bounds_all[first : first + count + 1]
+    start, end = from_us(int(bounds[0])), from_us(int(bounds[-1]))
+    one_consumer = None
+    if consumers is not None and len(consumers) == 1 and producers is None:
+        (one_consumer,) = consumers
+    if whole_blocks:
+        # Days and months hold whole blocks: their totals are all that is needed.
+        blocks = await load_block_totals(pool, site.org_id, site.id, start, end, one_consumer)
+    elif one_consumer is not None:
+        blocks = await load_consumer_blocks(pool, site.org_id, site.id, start, end, one_consumer)
+    else:
+        blocks = await load_blocks(pool, site.org_id, site.id, start, end)
+    grid = grid_starts(start, end, site.timezone, site.resolution)
+    return aggregate(blocks, bounds, grid, producers, consumers)
+
+
+async def _next_data(pool: asyncpg.Pool, site: SiteInfo, after_us: int) -> int | None:
+    value: datetime | None = await pool.fetchval(
+        "SELECT min(block_start) FROM balance_blocks "
+        "WHERE site_id = $1 AND org_id = $2 AND block_end > $3",
+        site.id,
+        site.org_id,
+        from_us(after_us),
+    )
+    return to_us(value) if value is not None else None
+
+
+async def balances_page(
+    pool: asyncpg.Pool,
+    site: SiteInfo,
+    start: datetime,
+    end: datetime,
+    interval: str,
+    creditor: str | None,
+    debitor: str | None,
+    limit: int,
+    page_token: str,
+) -> tuple[list[BalanceRows], str]:
+    fingerprint = filters_fingerprint("balances", site.id, start, end, interval, creditor, debitor)
+    cursor = _decode(page_token, fingerprint)
+    bounds_all = output_starts(start, end, site.timezone, interval)
+    n_all = len(bounds_all) - 1
+    position = 0
+    after: tuple[str, str] | None = None
+    if cursor is not None:
+        position = int(np.searchsorted(bounds_all, int(cursor["s"])))  # type: ignore[call-overload]
+        after = (str(cursor.get("c", "")), str(cursor.get("d", "")))
+    producers = {UUID(creditor)} if creditor not in (None, GRID) else None
+    consumers = {UUID(debitor)} if debitor not in (None, GRID) else None
+    if creditor == GRID:
+        producers = set()
+    if debitor == GRID:
+        consumers = set()
+    per_interval = await _pairs_per_interval(pool, site, bounds_all[position], creditor, debitor)
+    # Enough output intervals for a page, with one to spare; more windows if they fall short.
+    span = max(1, -(-(limit + 1) // per_interval) + 1)
+    windows: list[BalanceRows] = []
+    count = 0
+    while position < n_all and count <= limit:
+        agg = await _window(
+            pool, site, bounds_all, position, span, producers, consumers, interval in WHOLE_BLOCKS
+        )
+        n = len(agg.bounds) - 1
+        pairs = pair_columns(agg, creditor, debitor)
+        intervals, columns = np.nonzero(pairs.present)
+        if after is not None and len(intervals):
+            # The cursor's own interval: only the pairs after the cursor's pair.
+            later = np.array(
+                [(c, d) > after for c, d in zip(pairs.creditors, pairs.debitors, strict=True)],
+                dtype=np.bool_,
+            )
+            keep = (intervals > 0) | later[columns]
+            intervals, columns = intervals[keep], columns[keep]
+        take = limit + 1 - count
+        intervals, columns = intervals[:take], columns[:take]
+        if len(intervals):
+            windows.append(
+                BalanceRows(
+                    agg.bounds.tolist(),
+                    pairs.creditors,
+                    pairs.debitors,
+                    intervals.tolist(),
+                    columns.tolist(),
+                    pairs.values[intervals, columns].tolist(),
+                    agg.complete[intervals].tolist(),
+                )
+            )
+            count += len(intervals)
+        elif position + n < n_all:
+            # Nothing stored in this window: jump to the next stored block.
+            upcoming = await _next_data(pool, site, int(bounds_all[position + n]))
+            if upcoming is None:
+                break
+            n = max(n, int(np.searchsorted(bounds_all, upcoming, side="right")) - 1 - position)
+        after = None
+        position += n
+    if count <= limit:
+        return windows, ""
+    last = windows[-1]
+    kept = len(last) - (count - limit)
+    windows[-1] = last = last.truncated(kept)
+    row = kept - 1
+    token = _encode(
+        {
+            "s": last.bounds_us[last.intervals[row]],
+            "c": last.creditors[last.pairs[row]],
+            "d": last.debitors[last.pairs[row]],
+            "f": fingerprint,
+        }
+    )
+    return windows, token
+
+
+async def _pairs_per_interval(
+    pool: asyncpg.Pool,
+    site: SiteInfo,
+    from_us_value: int,
+    creditor: str | None,
+    debitor: str | None,
+) -> int:
+    """Rows one output interval is likely to hold under the filters, from the meters of the
+    first stored block at or after ``from_us_value`` (sizes a page's window)."""
+    row = await pool.fetchrow(
+        "SELECT cardinality(producer_ids) AS p, cardinality(consumer_ids) AS c "
+        "FROM balance_blocks WHERE site_id = $1 AND org_id = $2 AND block_end > $3 "
+        "ORDER BY block_start LIMIT 1",
+        site.id,
+        site.org_id,
+        from_us(int(from_us_value)),
+    )
+    if row is None:
+        return 1
+    p, c = int(row["p"] or 0), int(row["c"] or 0)
+    if creditor is not None and debitor is not None:
+        return 1
+    if debitor is not None:
+        return p if debitor == GRID else p + 1
+    if creditor is not None:
+        return c if creditor == GRID else c + 1
+    return max(1, p * c + p + c)
+
+
+async def summaries_page(
+    pool: asyncpg.Pool,
+    site: SiteInfo,
+    start: datetime,
+    end: datetime,
+    interval: str,
+    limit: int,
+    page_token: str,
+) -> tuple[list[SummaryRow], str]:
+    fingerprint = filters_fingerprint("summaries", site.id, start, end, interval)
+    cursor = _decode(page_token, fingerprint)
+    bounds_all = output_starts(start, end, site.timezone, interval)
+    n_all = len(bounds_all) - 1
+    position = 0
+    if cursor is not None:
+        position = int(np.searchsorted(bounds_all, int(cursor["s"]), side="right"))  # type: ignore[call-overload]
+    if position >= n_all:
+        return [], ""
+    agg = await _window(
+        pool, site, bounds_all, position, limit, None, None, interval in WHOLE_BLOCKS
+    )
+    sums = totals(agg)
+    rows = [
+        SummaryRow(
+            from_us(int(agg.bounds[i])),
+            from_us(int(agg.bounds[i + 1])),
+            int(sums.production_wh[i]),
+            int(sums.demand_wh[i]),
+            int(sums.shared_wh[i]),
+            int(sums.feed_in_wh[i]),
+            int(sums.grid_supply_wh[i]),
+            int(agg.balance_intervals[i]),
+            int(agg.complete_intervals[i]),
+        )
+        for i in range(len(agg.bounds) - 1)
+    ]
+    if position + len(rows) >= n_all:
+        return rows, ""
+    return rows, _encode({"s": to_us(rows[-1].interval_start), "f": fingerprint})

@@ -1,0 +1,250 @@
+"""Re-balancing a site's time ranges inside the caller's transaction.
+
+Used by the queue worker and by ``RunBalancing``; both hold :func:`lock_site_results` for
+the site first, so the energy read here is never older than what a previous holder wrote.
+Only the intervals inside the ranges are recomputed: a stored block with the same meters
+and grid keeps its other intervals, so a late correction re-balances just what it touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from uuid import UUID
+
+import asyncpg
+import numpy as np
+from numpy.typing import NDArray
+
+from service.balancing.blocks import (
+    Block,
+    Direction,
+    Participant,
+    PreparedIntervals,
+    allocate_prepared,
+    empty_block,
+    layout,
+    prepare_intervals,
+)
+from service.balancing.calendar import block_day, from_us, grid_starts, iter_blocks, to_us
+from service.balancing.domain import Policy, Setting, method_on, participants_on
+from service.balancing.engine import AllocationMethod
+from service.balancing.store import (
+    MeterRow,
+    SiteInfo,
+    delete_blocks_in,
+    load_blocks,
+    replace_blocks,
+    site_meters,
+    site_policies,
+    site_settings,
+)
+from service.telemetry.energy import SiteIntervalEnergy
+from service.telemetry.energy_store import site_interval_energy
+
+TimeRange = tuple[datetime, datetime]
+# Blocks whose energy is read with one query: bounds memory (a month of 100 meters is
+# ~3,000 intervals x 100 columns) while a site-year still takes a dozen reads.
+CHUNK_SPAN = timedelta(days=31)
+
+
+@dataclass
+class RebalanceResult:
+    balanced: int = 0
+    incomplete: int = 0
+    ranges: list[TimeRange] = field(default_factory=list)
+
+
+def merge_ranges(ranges: Iterable[TimeRange]) -> list[TimeRange]:
+    """Sorted, with overlapping or touching ranges joined."""
+    merged: list[TimeRange] = []
+    for start, end in sorted(ranges):
+        if end <= start:
+            continue
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+@dataclass
+class _Plan:
+    block: Block
+    rows: NDArray[np.intp]
+    ends: NDArray[np.int64]
+    method: AllocationMethod
+    participants: list[Participant]
+    # The block's intervals inside the requested ranges: what the counts report (a block
+    # whose layout changed is recomputed whole, but only these were asked for).
+    wanted: NDArray[np.bool_]
+
+
+async def rebalance(
+    conn: asyncpg.Connection, site: SiteInfo, ranges: Iterable[TimeRange]
+) -> RebalanceResult:
+    merged = merge_ranges(ranges)
+    result = RebalanceResult(ranges=merged)
+    if not merged:
+        return result
+    if not site.balanced:
+        # Not (or no longer) balanced: no results at all.
+        for start, end in merged:
+            await delete_blocks_in(conn, site.org_id, site.id, start, end)
+        return result
+    settings = await site_settings(conn, site.org_id, site.id)
+    policies = await site_policies(conn, site.org_id, site.id)
+    meters = await site_meters(conn, site.org_id, site.id)
+
+    # Block start -> (block end, the ranges touching it), ascending.
+    touched: dict[datetime, tuple[datetime, list[TimeRange]]] = {}
+    for start, end in merged:
+        for block_start, block_end in iter_blocks(start, end, site.timezone, site.resolution):
+            touched.setdefault(block_start, (block_end, []))[1].append((start, end))
+    chunks: list[list[datetime]] = []
+    for block_start in sorted(touched):
+        if not chunks or block_start - chunks[-1][0] >= CHUNK_SPAN:
+            chunks.append([])
+        chunks[-1].append(block_start)
+    # A pipeline: while the engine allocates one chunk in a worker thread (numpy releases
+    # the GIL), the next chunk's stored blocks and energy are read from PostgreSQL, and the
+    # finished chunk's blocks are written once its allocation is done.
+    computing: tuple[asyncio.Future[tuple[int, int]], _Chunk] | None = None
+    for chunk in chunks:
+        planned = await _plan_chunk(conn, site, chunk, touched, settings, policies, meters)
+        if computing is not None:
+            await _finish(conn, site, computing, result)
+        computing = (asyncio.ensure_future(asyncio.to_thread(_compute, planned)), planned)
+    if computing is not None:
+        await _finish(conn, site, computing, result)
+    return result
+
+
+@dataclass
+class _Chunk:
+    plans: list[_Plan]
+    removed: list[datetime]
+    energy: SiteIntervalEnergy | None
+
+
+async def _finish(
+    conn: asyncpg.Connection,
+    site: SiteInfo,
+    computing: tuple[asyncio.Future[tuple[int, int]], _Chunk],
+    result: RebalanceResult,
+) -> None:
+    future, chunk = computing
+    balanced, incomplete = await future
+    result.balanced += balanced
+    result.incomplete += incomplete
+    await replace_blocks(conn, site.org_id, site.id, [p.block for p in chunk.plans], chunk.removed)
+
+
+async def _plan_chunk(
+    conn: asyncpg.Connection,
+    site: SiteInfo,
+    chunk: Sequence[datetime],
+    touched: dict[datetime, tuple[datetime, list[TimeRange]]],
+    settings: Sequence[Setting],
+    policies: Sequence[Policy],
+    meters: dict[UUID, MeterRow],
+) -> _Chunk:
+    """The blocks of ``chunk`` to re-balance (stored ones reused when their layout holds),
+    the stored blocks to remove, and the energy of their intervals: the database part."""
+    chunk_end = touched[chunk[-1]][0]
+    stored = {
+        b.start: b for b in await load_blocks(conn, site.org_id, site.id, chunk[0], chunk_end)
+    }
+    plans: list[_Plan] = []
+    removed: list[datetime] = []
+    for block_start in chunk:
+        block_end, block_ranges = touched[block_start]
+        day = block_day(block_start, site.timezone)
+        participants = []
+        for setting in participants_on(settings, day):
+            meter = meters.get(setting.meter_id)
+            if meter is None:
+                continue
+            participants.append(
+                Participant(
+                    meter.id,
+                    Direction(meter.direction),
+                    to_us(meter.start_date),
+                    to_us(meter.end_date) if meter.end_date is not None else None,
+                    setting.tier,
+                    setting.share,
+                )
+            )
+        if not participants:
+            if block_start in stored:
+                removed.append(block_start)
+            continue
+        grid = grid_starts(block_start, block_end, site.timezone, site.resolution)
+        if len(grid) == 0:
+            continue
+        ends = np.append(grid[1:], np.int64(to_us(block_end)))
+        wanted = np.zeros(len(grid), dtype=np.bool_)
+        for start, end in block_ranges:
+            wanted |= (grid >= to_us(start)) & (grid < to_us(end))
+        rows = np.flatnonzero(wanted)
+        if len(rows) == 0:
+            continue
+        producer_ids, consumer_ids = layout(participants)
+        fresh = empty_block(block_start, block_end, grid, producer_ids, consumer_ids)
+        block = stored.get(block_start)
+        if block is None or not block.same_layout(fresh):
+            # New meters, settings or grid: the whole block, not only the touched intervals.
+            block = fresh
+            rows = np.arange(len(grid))
+        method = method_on(policies, day)
+        plans.append(_Plan(block, rows, ends, method, participants, wanted))
+    if not plans:
+        return _Chunk(plans, removed, None)
+    span_start = min(int(p.block.interval_starts[p.rows[0]]) for p in plans)
+    span_end = max(int(p.ends[p.rows[-1]]) for p in plans)
+    meter_ids = sorted({m.meter_id for p in plans for m in p.participants})
+    energy = await site_interval_energy(
+        conn, site.org_id, site.id, from_us(span_start), from_us(span_end), meter_ids
+    )
+    return _Chunk(plans, removed, energy)
+
+
+def _compute(chunk: _Chunk) -> tuple[int, int]:
+    """Balances the planned intervals of a chunk in place (CPU only, no I/O, so it may run
+    in a worker thread); (balanced, incomplete) counts."""
+    energy = chunk.energy
+    if energy is None:
+        return 0, 0
+    column: dict[UUID, int] = {meter_id: i for i, meter_id in enumerate(energy.meter_ids)}
+    known = energy.interval_starts
+    groups: dict[tuple[object, ...], list[PreparedIntervals]] = {}
+    balanced = incomplete = 0
+    for plan in chunk.plans:
+        starts = plan.block.interval_starts[plan.rows]
+        index = np.searchsorted(known, starts)
+        found = index < len(known)
+        found[found] = known[index[found]] == starts[found]
+        width = len(energy.meter_ids)
+        imports = np.full((len(starts), width), np.nan)
+        exports = np.full((len(starts), width), np.nan)
+        imports[found] = energy.import_wh[index[found]]
+        exports[found] = energy.export_wh[index[found]]
+        ready = prepare_intervals(
+            plan.block,
+            plan.rows,
+            plan.ends,
+            plan.method,
+            plan.participants,
+            column,
+            imports,
+            exports,
+        )
+        groups.setdefault(ready.key, []).append(ready)
+        asked = plan.wanted[plan.rows]
+        balanced += int(ready.complete_rows[asked].sum())
+        incomplete += int((~ready.complete_rows[asked]).sum())
+    for group in groups.values():
+        allocate_prepared(group)
+    return balanced, incomplete

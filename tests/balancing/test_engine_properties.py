@@ -1,0 +1,243 @@
+"""Property tests of the allocation engine against the exact per-interval oracle.
+
+Random sites (intervals, producers, consumers, prosumers, tiers, keys, zeros) for every
+method: the engine's whole-Wh result must have exact margins, respect every bound, put each
+cell on the floor or ceiling of the oracle's exact value, not depend on other intervals of
+the block, be deterministic, and treat a zero meter exactly like an absent one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from service.balancing.engine import (
+    AllocationMethod,
+    BalancingInput,
+    BalancingResult,
+    _round_table,
+    allocate,
+)
+from tests.balancing.oracle import allocate_interval
+
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+STATIC_METHODS = (AllocationMethod.STATIC, AllocationMethod.STATIC_REDISTRIBUTED)
+
+
+energy = st.one_of(st.just(0), st.integers(0, 12), st.integers(0, 2_000))
+
+
+@st.composite
+def sites(draw: st.DrawFn, max_consumers: int = 6, max_producers: int = 3) -> BalancingInput:
+    method = draw(st.sampled_from(list(AllocationMethod)))
+    intervals = draw(st.integers(1, 4))
+    producers = draw(st.integers(1, max_producers))
+    consumers = draw(st.integers(1, max_consumers))
+    production = draw(
+        st.lists(
+            st.lists(energy, min_size=producers, max_size=producers),
+            min_size=intervals,
+            max_size=intervals,
+        )
+    )
+    demand = draw(
+        st.lists(
+            st.lists(energy, min_size=consumers, max_size=consumers),
+            min_size=intervals,
+            max_size=intervals,
+        )
+    )
+    linked = draw(st.permutations(range(consumers)))
+    own = [linked[p] if p < consumers and draw(st.booleans()) else -1 for p in range(producers)]
+    tiers = draw(st.lists(st.integers(0, 3), min_size=consumers, max_size=consumers))
+    # Dyadic keys (n / 64) are exact in binary, so the oracle sees the same numbers.
+    sixty_fourths = draw(st.lists(st.integers(0, 64), min_size=consumers, max_size=consumers))
+    unset = draw(st.lists(st.booleans(), min_size=consumers, max_size=consumers))
+    shares = [
+        math.nan if is_unset else n / 64 for n, is_unset in zip(sixty_fourths, unset, strict=True)
+    ]
+    for tier in set(tiers):
+        members = [c for c in range(consumers) if tiers[c] == tier and not math.isnan(shares[c])]
+        while sum(shares[c] for c in members) > 1:
+            largest = max(members, key=lambda c: shares[c])
+            shares[largest] = max(0.0, shares[largest] - 1 / 64)
+    return BalancingInput(
+        method=method,
+        production_wh=np.array(production, dtype=np.int64).reshape(intervals, producers),
+        demand_wh=np.array(demand, dtype=np.int64).reshape(intervals, consumers),
+        producer_as_consumer=np.array(own, dtype=np.int64),
+        consumer_tier=np.array(tiers, dtype=np.int64),
+        consumer_share=np.array(shares, dtype=np.float64),
+    )
+
+
+def assert_exact_and_bounded(block: BalancingInput, result: BalancingResult) -> None:
+    shared, feed, grid = result.shared_wh, result.feed_in_wh, result.grid_supply_wh
+    assert shared.dtype == feed.dtype == grid.dtype == np.int64
+    assert np.array_equal(shared.sum(axis=2) + feed, block.production_wh)
+    assert np.array_equal(shared.sum(axis=1) + grid, block.demand_wh)
+    assert shared.min(initial=0) >= 0
+    assert feed.min(initial=0) >= 0
+    assert grid.min(initial=0) >= 0
+    assert np.all(shared <= block.demand_wh[:, None, :])
+    for producer, column in enumerate(block.producer_as_consumer):
+        if column >= 0:
+            assert not shared[:, producer, column].any(), "a prosumer received its own energy"
+
+
+def assert_floor_or_ceiling(rounded: int, exact: object) -> None:
+    assert math.floor(exact) <= rounded <= math.ceil(exact), (rounded, exact)  # type: ignore[call-overload]
+
+
+def assert_matches_oracle(block: BalancingInput, result: BalancingResult) -> None:
+    for interval in range(block.production_wh.shape[0]):
+        exact = allocate_interval(
+            AllocationMethod(block.method),
+            [int(v) for v in block.production_wh[interval]],
+            [int(v) for v in block.demand_wh[interval]],
+            [int(v) for v in block.producer_as_consumer],
+            [int(v) for v in block.consumer_tier],
+            [float(v) for v in block.consumer_share],
+        )
+        for producer, row in enumerate(exact.shared):
+            for consumer, value in enumerate(row):
+                assert_floor_or_ceiling(int(result.shared_wh[interval, producer, consumer]), value)
+            assert_floor_or_ceiling(
+                int(result.feed_in_wh[interval, producer]), exact.feed_in[producer]
+            )
+        for consumer, value in enumerate(exact.grid_supply):
+            assert_floor_or_ceiling(int(result.grid_supply_wh[interval, consumer]), value)
+
+
+def interval_of(block: BalancingInput, interval: int) -> BalancingInput:
+    return BalancingInput(
+        method=block.method,
+        production_wh=block.production_wh[interval : interval + 1],
+        demand_wh=block.demand_wh[interval : interval + 1],
+        producer_as_consumer=block.producer_as_consumer,
+        consumer_tier=block.consumer_tier,
+        consumer_share=block.consumer_share,
+    )
+
+
+# Found by this test: PRO_RATA's redistribution weights must be the interval's demand, not
+# what the first pass left of it.
+PRO_RATA_PROSUMERS = BalancingInput(
+    method=AllocationMethod.PRO_RATA,
+    production_wh=np.array([[0, 74, 73]], dtype=np.int64),
+    demand_wh=np.array([[0, 3, 812, 459]], dtype=np.int64),
+    producer_as_consumer=np.array([-1, 1, 3], dtype=np.int64),
+    consumer_tier=np.zeros(4, dtype=np.int64),
+    consumer_share=np.zeros(4),
+)
+
+
+@SETTINGS
+@given(sites())
+@example(PRO_RATA_PROSUMERS)
+def test_exact_margins_bounds_and_oracle(block: BalancingInput) -> None:
+    result = allocate(block)
+    assert_exact_and_bounded(block, result)
+    assert_matches_oracle(block, result)
+
+
+@SETTINGS
+@given(sites(max_consumers=30, max_producers=5))
+def test_wide_sites_match_the_oracle(block: BalancingInput) -> None:
+    result = allocate(block)
+    assert_exact_and_bounded(block, result)
+    assert_matches_oracle(block, result)
+
+
+@SETTINGS
+@given(sites())
+def test_intervals_are_independent_and_deterministic(block: BalancingInput) -> None:
+    result = allocate(block)
+    again = allocate(block)
+    assert np.array_equal(result.shared_wh, again.shared_wh)
+    assert np.array_equal(result.feed_in_wh, again.feed_in_wh)
+    assert np.array_equal(result.grid_supply_wh, again.grid_supply_wh)
+    for interval in range(block.production_wh.shape[0]):
+        alone = allocate(interval_of(block, interval))
+        assert np.array_equal(alone.shared_wh[0], result.shared_wh[interval])
+        assert np.array_equal(alone.feed_in_wh[0], result.feed_in_wh[interval])
+        assert np.array_equal(alone.grid_supply_wh[0], result.grid_supply_wh[interval])
+
+
+@SETTINGS
+@given(sites(), st.data())
+def test_zero_meter_is_an_absent_meter(block: BalancingInput, data: st.DataObject) -> None:
+    consumers = block.demand_wh.shape[1]
+    producers = block.production_wh.shape[1]
+    at = data.draw(st.integers(0, consumers), label="consumer position")
+    tier = data.draw(st.integers(0, 3), label="tier")
+    tier_keys = np.nan_to_num(block.consumer_share[block.consumer_tier == tier]).sum()
+    share = data.draw(
+        st.sampled_from([math.nan, 0.0, max(0.0, math.floor((1 - tier_keys) * 64) / 64)]),
+        label="share",
+    )
+    own = np.where(
+        block.producer_as_consumer >= at, block.producer_as_consumer + 1, block.producer_as_consumer
+    )
+    own = np.where(block.producer_as_consumer < 0, -1, own)
+    p_at = data.draw(st.integers(0, producers), label="producer position")
+    free_columns = [c for c in range(consumers + 1) if c not in set(own.tolist())]
+    zero_link = data.draw(st.sampled_from([-1, *free_columns]), label="zero producer link")
+    wider = BalancingInput(
+        method=block.method,
+        production_wh=np.insert(block.production_wh, p_at, 0, axis=1),
+        demand_wh=np.insert(block.demand_wh, at, 0, axis=1),
+        producer_as_consumer=np.insert(own, p_at, zero_link),
+        consumer_tier=np.insert(block.consumer_tier, at, tier),
+        consumer_share=np.insert(block.consumer_share, at, share),
+    )
+    narrow = allocate(block)
+    wide = allocate(wider)
+    assert not wide.shared_wh[:, p_at, :].any()
+    assert not wide.shared_wh[:, :, at].any()
+    assert not wide.feed_in_wh[:, p_at].any()
+    assert not wide.grid_supply_wh[:, at].any()
+    kept = np.delete(np.delete(wide.shared_wh, p_at, axis=1), at, axis=2)
+    assert np.array_equal(kept, narrow.shared_wh)
+    assert np.array_equal(np.delete(wide.feed_in_wh, p_at, axis=1), narrow.feed_in_wh)
+    assert np.array_equal(np.delete(wide.grid_supply_wh, at, axis=1), narrow.grid_supply_wh)
+
+
+@st.composite
+def fractional_tables(draw: st.DrawFn) -> np.ndarray:
+    rows = draw(st.integers(1, 5))
+    columns = draw(st.integers(1, 12))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    cells = rng.random((rows, columns)) * rng.integers(1, 50, size=(rows, columns))
+    cells[rng.random((rows, columns)) < 0.2] = 0.0
+    row_sums = cells.sum(axis=1)
+    column_sums = cells.sum(axis=0)
+    table = np.zeros((rows + 1, columns + 1))
+    table[:rows, :columns] = cells
+    table[:rows, columns] = np.ceil(row_sums) - row_sums + rng.integers(0, 3, size=rows)
+    table[rows, :columns] = np.ceil(column_sums) - column_sums + rng.integers(0, 3, size=columns)
+    return table
+
+
+@settings(max_examples=300, deadline=None)
+@given(fractional_tables(), st.integers(0, 2**32 - 1), st.booleans())
+def test_table_rounding_keeps_margins_and_floor_or_ceiling(
+    table: np.ndarray, seed: int, seeded: bool
+) -> None:
+    """The exact repair, from scratch or from an arbitrary (even infeasible) greedy start."""
+    start = np.random.default_rng(seed).random(table.shape) < 0.5 if seeded else None
+    rounded = _round_table(table, start)
+    rows, columns = table.shape
+    assert np.all(
+        np.abs(rounded[:, : columns - 1][: rows - 1] - table[: rows - 1, : columns - 1]) < 1
+    )
+    assert np.all(np.abs(rounded[: rows - 1, columns - 1] - table[: rows - 1, columns - 1]) < 1)
+    assert np.all(np.abs(rounded[rows - 1, : columns - 1] - table[rows - 1, : columns - 1]) < 1)
+    assert np.array_equal(rounded[: rows - 1].sum(axis=1), np.rint(table[: rows - 1].sum(axis=1)))
+    assert np.array_equal(
+        rounded[:, : columns - 1].sum(axis=0), np.rint(table[:, : columns - 1].sum(axis=0))
+    )
