@@ -16,7 +16,7 @@ from opentelemetry import trace
 
 from service.auth.authenticator import Authenticator
 from service.auth.principal import Role
-from service.auth.store import TOKEN_REVOKED_CHANNEL, IdentityStore, IssuedToken
+from service.auth.store import IdentityStore, IssuedToken
 from service.common.call_guard import CallGuard
 from service.common.clock import SYSTEM_CLOCK, Clock
 from service.common.loglimit import OutageLog, quiet_library_retries
@@ -26,6 +26,7 @@ from service.config import Settings
 from service.db.database import create_pool
 from service.db.migrate import migrate
 from service.db.reads import ReadLane
+from service.events.channels import TOKEN_REVOKED_CHANNEL
 from service.events.hub import EventHub
 from service.registry import servicer as registry
 from service.telemetry import meter_servicer as meters

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import asyncpg
 import grpc
 import pytest
 from google.rpc import error_details_pb2
@@ -88,6 +90,57 @@ def battery_request(site_id: str, **fields: Any) -> pb.CreateResourceRequest:
     }
     values.update(fields)
     return pb.CreateResourceRequest(**values)
+
+
+async def wait_until_blocked(
+    holder: asyncpg.Connection, count: int, *calls: asyncio.Future[Any], within: float = 30
+) -> None:
+    """Until ``count`` backends wait, directly or in line, for a lock ``holder`` holds.
+
+    The state a concurrency test needs, read from PostgreSQL (``pg_blocking_pids``), rather
+    than a sleep that hopes the calls got there. Fails early if one of ``calls`` ends.
+    """
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        for call in calls:
+            if call.done():
+                raise AssertionError(f"a call ended instead of waiting: {call.result()}")
+        # Waiting for the holder, or for one who waits for it (a second waiter on a row
+        # queues behind the first).
+        blocked = await holder.fetchval(
+            """
+            WITH RECURSIVE blocked(pid) AS (
+                SELECT pid FROM pg_stat_activity
+                WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))
+                UNION
+                SELECT a.pid FROM pg_stat_activity a
+                JOIN blocked b ON b.pid = ANY(pg_blocking_pids(a.pid))
+            )
+            SELECT count(*) FROM blocked
+            """
+        )
+        if blocked >= count:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{blocked} of {count} calls waited for the lock")
+        await asyncio.sleep(0.01)
+
+
+async def eventually(
+    condition: Callable[[], Awaitable[bool] | bool], what: str, within: float = 10
+) -> None:
+    """Until ``condition()`` holds (polled every 10 ms); fails naming ``what`` after
+    ``within`` seconds."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        result = condition()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.01)
 
 
 def raw_method(channel: grpc.aio.Channel, path: str, kind: str) -> Any:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from uuid import UUID
 
+from service.identifiers.ids import OrgId
+
 
 class Role(StrEnum):
     PARTNER = "partner"
@@ -17,7 +19,7 @@ class Role(StrEnum):
 
 @dataclass(frozen=True)
 class Principal:
-    org_id: UUID
+    org_id: OrgId
     role: Role
     token_id: UUID
 

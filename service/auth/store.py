@@ -12,8 +12,8 @@ import asyncpg
 from service.auth.principal import Principal, Role
 from service.auth.signing import new_signing_secret
 from service.auth.tokens import new_token, token_hash
+from service.events.payloads import notify_token_revoked
 
-TOKEN_REVOKED_CHANNEL = "openvpp_token_revoked"
 DEFAULT_SIGNING_SECRET_GRACE = timedelta(hours=24)
 # Never SELECT * from organizations: the signing secrets stay where they are asked for.
 _ORG_COLUMNS = "id, name, role, created_at"
@@ -134,9 +134,7 @@ class IdentityStore:
             )
             if revoked_hash is None:
                 return False
-            await conn.execute(
-                "SELECT pg_notify($1, $2)", TOKEN_REVOKED_CHANNEL, bytes(revoked_hash).hex()
-            )
+            await notify_token_revoked(conn, bytes(revoked_hash))
             return True
 
     async def principal_for(self, token: str) -> Principal | None:

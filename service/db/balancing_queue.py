@@ -6,18 +6,26 @@ site changes, balancing settings), so a queued range commits with the change tha
 it, or not at all. The same statement notifies :data:`BALANCING_QUEUE_CHANNEL`, which wakes
 the consumer at commit; rows are append-only, so concurrent writers never wait on each
 other's queue rows and a change committed after a consumer's claim appends a new row.
+
+A change that moves a site's grid or a meter's energy queues the range its data covers:
+:func:`readings_spans` finds the first and last reading in one query, :func:`span_range`
+turns them into a range of the site's grid.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
-from datetime import datetime
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
 from uuid import UUID
+from zoneinfo import ZoneInfo
 
 import asyncpg
 
 from service.events.channels import BALANCING_QUEUE_CHANNEL
+from service.grid import Resolution
+
+_ONE_MICROSECOND = timedelta(microseconds=1)
 
 # A balance range of one site: (site id, interval_start, interval_end).
 BalancingRange = tuple[UUID, datetime, datetime]
@@ -64,3 +72,60 @@ async def enqueue_balancing(
         await conn.execute(_ENQUEUE, *args)
     else:
         await conn.execute(_ENQUEUE_AND_NOTIFY, *args, *also_notify)
+
+
+# The first and last reading instant of a site's meters, and of one of them ($3), each found
+# with one index probe per meter and flow (first and last in time order), not a scan.
+_READINGS_SPANS = """
+SELECT min(x.first_ts) AS site_first, max(x.last_ts) AS site_last,
+       min(x.first_ts) FILTER (WHERE x.meter_id = $3) AS meter_first,
+       max(x.last_ts) FILTER (WHERE x.meter_id = $3) AS meter_last
+FROM meters m
+CROSS JOIN (VALUES (1::smallint), (2::smallint)) AS f(flow)
+CROSS JOIN LATERAL (
+    SELECT m.id AS meter_id,
+        (SELECT r.ts FROM readings r WHERE r.meter_id = m.id AND r.flow = f.flow
+         ORDER BY r.ts LIMIT 1) AS first_ts,
+        (SELECT r.ts FROM readings r WHERE r.meter_id = m.id AND r.flow = f.flow
+         ORDER BY r.ts DESC LIMIT 1) AS last_ts
+) x
+WHERE m.site_id = $1 AND m.org_id = $2
+"""
+
+# An instant span [first, last] (both readings' timestamps), or None when there is no data.
+Span = tuple[datetime, datetime] | None
+
+
+async def readings_spans(
+    conn: asyncpg.Connection, org_id: UUID, site_id: UUID, meter_id: UUID | None = None
+) -> tuple[Span, Span]:
+    """(first and last reading instant of the site's meters, the same of ``meter_id``)."""
+    row = await conn.fetchrow(_READINGS_SPANS, site_id, org_id, meter_id)
+    site: Span = None
+    meter: Span = None
+    if row is not None and row["site_first"] is not None:
+        site = (row["site_first"], row["site_last"])
+    if row is not None and row["meter_first"] is not None:
+        meter = (row["meter_first"], row["meter_last"])
+    return site, meter
+
+
+def span_range(
+    first: datetime,
+    last: datetime,
+    grids: Sequence[tuple[Resolution, ZoneInfo]],
+    registers: bool = True,
+) -> tuple[datetime, datetime]:
+    """The range on ``grids[0]`` (the site's grid now) that holds every interval of any of
+    ``grids`` (e.g. also the grid before a change) touched by values in ``[first, last]``:
+    from the interval before ``first`` (a register ends it; with ``registers`` False, only
+    interval values are in the span: from ``first``'s own) to the end of ``last``'s."""
+    current_resolution, current_tz = grids[0]
+    earliest = first - _ONE_MICROSECOND if registers else first
+    starts, ends = [], []
+    for resolution, tz in grids:
+        starts.append(resolution.floor(earliest, tz))
+        ends.append(resolution.next_start(resolution.floor(last, tz), tz))
+    start = current_resolution.floor(min(starts), current_tz)
+    end = current_resolution.ceil(max(ends), current_tz)
+    return start, end

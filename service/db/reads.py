@@ -53,6 +53,11 @@ class ReadLane:
         self._returning: set[asyncio.Task[None]] = set()
         self._closed = False
 
+    @property
+    def waiting(self) -> int:
+        """Callers waiting for a connection of the lane right now."""
+        return sum(1 for waiter in self._waiters if not waiter.done())
+
     async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
         return await self._run(lambda conn: conn.fetchrow(query, *args))
 

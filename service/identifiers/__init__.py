@@ -1,5 +1,9 @@
-"""Identifier schemes the service validates (grid connection ids, ...), as plain functions."""
+"""Countries and the identifier schemes the service validates (grid connection ids, ...).
 
+Plain functions, shared by both registries.
+"""
+
+from service.identifiers.countries import default_timezone, is_country_code
 from service.identifiers.grid import (
     MAX_GRID_IDENTIFIER_LENGTH,
     InvalidGridIdentifier,
@@ -12,6 +16,8 @@ from service.identifiers.grid import (
 __all__ = [
     "MAX_GRID_IDENTIFIER_LENGTH",
     "InvalidGridIdentifier",
+    "default_timezone",
+    "is_country_code",
     "normalize_grid_identifier",
     "parse_grid_identifier",
     "scheme_for_country",

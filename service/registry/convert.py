@@ -6,7 +6,6 @@ from collections.abc import Iterable
 
 from openvpp.v1 import site_registry_pb2 as pb
 
-from service.common.errors import ValidationError
 from service.common.protoconv import enum_from_proto, enum_to_proto, to_timestamp
 from service.grid import SiteType
 from service.registry.domain import (
@@ -136,18 +135,3 @@ def resource_to_proto(resource: ResourceRecord) -> pb.Resource:
             pb.Bounds(min=fields.capacity_kwh.min, max=fields.capacity_kwh.max)
         )
     return message
-
-
-def require_mask(paths: list[str], allowed: frozenset[str], field: str = "update_mask") -> set[str]:
-    """The mask's paths, each one an updatable field; an empty mask is an error, not 'all'."""
-    if not paths:
-        raise ValidationError.single(
-            field, f"must name the fields to change, any of: {', '.join(sorted(allowed))}"
-        )
-    unknown = [path for path in paths if path not in allowed]
-    if unknown:
-        raise ValidationError.single(
-            f"{field}.paths",
-            f"cannot update {', '.join(unknown)}; updatable: {', '.join(sorted(allowed))}",
-        )
-    return set(paths)

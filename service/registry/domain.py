@@ -8,13 +8,16 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
 
-import pytz
-
 from service.common.errors import ViolationCollector
 from service.common.network_policy import webhook_url_violation
 from service.common.text import ADDRESS_LENGTH, NAME_LENGTH, URL_LENGTH, check_text
 from service.grid import SUPPORTED_RESOLUTIONS, SiteType, parse_resolution
-from service.identifiers import InvalidGridIdentifier, parse_grid_identifier
+from service.identifiers import (
+    InvalidGridIdentifier,
+    default_timezone,
+    is_country_code,
+    parse_grid_identifier,
+)
 
 MAX_NAME_LENGTH = NAME_LENGTH
 MAX_ADDRESS_LENGTH = ADDRESS_LENGTH
@@ -121,16 +124,6 @@ class ResourceFields:
 @cache
 def _known_timezones() -> frozenset[str]:
     return frozenset(zoneinfo.available_timezones())
-
-
-def default_timezone(country: str) -> str:
-    """The country's first-listed (main) IANA zone, else UTC."""
-    zones = pytz.country_timezones.get(country) if country else None
-    return zones[0] if zones else "UTC"
-
-
-def is_country_code(country: str) -> bool:
-    return len(country) == 2 and country.isalpha() and country in pytz.country_names
 
 
 def validate_site(site: SiteFields, prefix: str = "") -> SiteFields:

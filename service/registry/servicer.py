@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -13,14 +12,23 @@ from openvpp.v1 import site_registry_pb2_grpc as pb_grpc
 
 from service.auth.principal import Role, current_principal
 from service.common.clock import SYSTEM_CLOCK, Clock
+from service.common.field_mask import merge_masked, require_mask
 from service.common.pagination import fetch_page, page_size_or_default
 from service.common.protoconv import enum_from_proto, parse_uuid, to_timestamp
 from service.db.reads import Reads
+from service.events.channels import SITE_EVENTS_CHANNEL
 from service.events.hub import EventHub
 from service.identifiers import normalize_grid_identifier
+from service.identifiers.ids import ResourceId, SiteId
 from service.registry import convert
-from service.registry.domain import SiteFields, SiteStatus, validate_resource, validate_site
-from service.registry.store import SITE_EVENTS_CHANNEL, RegistryStore, SiteFilter, SiteRecord
+from service.registry.domain import (
+    ResourceFields,
+    SiteFields,
+    SiteStatus,
+    validate_resource,
+    validate_site,
+)
+from service.registry.store import RegistryStore, SiteFilter, SiteRecord
 from service.upstream.domain import UpstreamStatus
 
 DESCRIPTOR = pb.DESCRIPTOR.services_by_name["SiteRegistry"]
@@ -64,7 +72,7 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
         return pb.CreateSiteResponse(site=convert.site_to_proto(site))
 
     async def GetSite(self, request: pb.GetSiteRequest, context: Any) -> pb.GetSiteResponse:
-        site = await self._store().get_site(parse_uuid(request.site_id, "site_id"))
+        site = await self._store().get_site(SiteId(parse_uuid(request.site_id, "site_id")))
         return pb.GetSiteResponse(site=convert.site_to_proto(site))
 
     async def ListSites(self, request: pb.ListSitesRequest, context: Any) -> pb.ListSitesResponse:
@@ -98,8 +106,8 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
     async def UpdateSite(
         self, request: pb.UpdateSiteRequest, context: Any
     ) -> pb.UpdateSiteResponse:
-        site_id = parse_uuid(request.site.id, "site.id")
-        paths = convert.require_mask(list(request.update_mask.paths), SITE_UPDATABLE)
+        site_id = SiteId(parse_uuid(request.site.id, "site.id"))
+        paths = require_mask(list(request.update_mask.paths), SITE_UPDATABLE)
         given = request.site
         # Parse the request before taking the row lock, so bad enums fail fast; only the
         # masked fields, since the others are ignored.
@@ -113,19 +121,18 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
         )
         new_location = convert.location_from_proto(given.location)
 
+        given_fields = {
+            "name": given.name,
+            "external_id": given.external_id,
+            "location": new_location,
+            "timezone": given.timezone,
+            "supply_points": new_points,
+            "type": new_type,
+            "balance_resolution": given.balance_resolution,
+        }
+
         def change(current: SiteFields) -> SiteFields:
-            updated = replace(
-                current,
-                name=given.name if "name" in paths else current.name,
-                external_id=given.external_id if "external_id" in paths else current.external_id,
-                location=new_location if "location" in paths else current.location,
-                timezone=given.timezone if "timezone" in paths else current.timezone,
-                supply_points=new_points if "supply_points" in paths else current.supply_points,
-                site_type=new_type if "type" in paths else current.site_type,
-                balance_resolution=given.balance_resolution
-                if "balance_resolution" in paths
-                else current.balance_resolution,
-            )
+            updated = merge_masked(current, paths, given_fields, {"type": "site_type"})
             return validate_site(updated, prefix="site.")
 
         site = await self._store().update_site(site_id, change)
@@ -134,17 +141,17 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
     async def DeleteSite(
         self, request: pb.DeleteSiteRequest, context: Any
     ) -> pb.DeleteSiteResponse:
-        await self._store().delete_site(parse_uuid(request.site_id, "site_id"))
+        await self._store().delete_site(SiteId(parse_uuid(request.site_id, "site_id")))
         return pb.DeleteSiteResponse()
 
     async def PauseSite(self, request: pb.PauseSiteRequest, context: Any) -> pb.PauseSiteResponse:
-        site = await self._store().set_paused(parse_uuid(request.site_id, "site_id"), True)
+        site = await self._store().set_paused(SiteId(parse_uuid(request.site_id, "site_id")), True)
         return pb.PauseSiteResponse(site=convert.site_to_proto(site))
 
     async def ResumeSite(
         self, request: pb.ResumeSiteRequest, context: Any
     ) -> pb.ResumeSiteResponse:
-        site = await self._store().set_paused(parse_uuid(request.site_id, "site_id"), False)
+        site = await self._store().set_paused(SiteId(parse_uuid(request.site_id, "site_id")), False)
         return pb.ResumeSiteResponse(site=convert.site_to_proto(site))
 
     async def WatchSites(
@@ -172,7 +179,7 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
     async def CreateResource(
         self, request: pb.CreateResourceRequest, context: Any
     ) -> pb.CreateResourceResponse:
-        site_id = parse_uuid(request.site_id, "site_id")
+        site_id = SiteId(parse_uuid(request.site_id, "site_id"))
         fields = validate_resource(
             convert.resource_fields_from_create(request),
             allow_private_networks=self._webhook_allow_private_networks,
@@ -183,13 +190,15 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
     async def GetResource(
         self, request: pb.GetResourceRequest, context: Any
     ) -> pb.GetResourceResponse:
-        resource = await self._store().get_resource(parse_uuid(request.resource_id, "resource_id"))
+        resource = await self._store().get_resource(
+            ResourceId(parse_uuid(request.resource_id, "resource_id"))
+        )
         return pb.GetResourceResponse(resource=convert.resource_to_proto(resource))
 
     async def ListResources(
         self, request: pb.ListResourcesRequest, context: Any
     ) -> pb.ListResourcesResponse:
-        site_id = parse_uuid(request.site_id, "site_id")
+        site_id = SiteId(parse_uuid(request.site_id, "site_id"))
         limit = page_size_or_default(request.page_size)
         store = self._store()
         page = await fetch_page(
@@ -207,25 +216,25 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
     async def UpdateResource(
         self, request: pb.UpdateResourceRequest, context: Any
     ) -> pb.UpdateResourceResponse:
-        resource_id = parse_uuid(request.resource.id, "resource.id")
-        paths = convert.require_mask(list(request.update_mask.paths), RESOURCE_UPDATABLE)
+        resource_id = ResourceId(parse_uuid(request.resource.id, "resource.id"))
+        paths = require_mask(list(request.update_mask.paths), RESOURCE_UPDATABLE)
         given = request.resource
         power = convert.bounds_from_proto(given.power_kw, given.HasField("power_kw"))
         capacity = convert.bounds_from_proto(given.capacity_kwh, given.HasField("capacity_kwh"))
 
-        def change(current: Any) -> Any:
-            updated = replace(
-                current,
-                name=given.name if "name" in paths else current.name,
-                external_id=given.external_id if "external_id" in paths else current.external_id,
-                power_kw=power if "power_kw" in paths else current.power_kw,
-                capacity_kwh=capacity if "capacity_kwh" in paths else current.capacity_kwh,
-                webhook_url=given.webhook_url if "webhook_url" in paths else current.webhook_url,
-            )
+        given_fields = {
+            "name": given.name,
+            "external_id": given.external_id,
+            "power_kw": power,
+            "capacity_kwh": capacity,
+            "webhook_url": given.webhook_url,
+        }
+
+        def change(current: ResourceFields) -> ResourceFields:
             # A stored URL is judged again only when it is changed: one accepted under an
             # earlier setting must not block renaming the resource (delivery still checks).
             return validate_resource(
-                updated,
+                merge_masked(current, paths, given_fields),
                 prefix="resource.",
                 allow_private_networks=self._webhook_allow_private_networks
                 or "webhook_url" not in paths,
@@ -237,5 +246,7 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
     async def DeleteResource(
         self, request: pb.DeleteResourceRequest, context: Any
     ) -> pb.DeleteResourceResponse:
-        await self._store().delete_resource(parse_uuid(request.resource_id, "resource_id"))
+        await self._store().delete_resource(
+            ResourceId(parse_uuid(request.resource_id, "resource_id"))
+        )
         return pb.DeleteResourceResponse()

@@ -2,8 +2,8 @@
 
 A ``RegistryStore`` is built for one tenant and cannot be asked about another's rows: an
 id of another organization behaves exactly like an id that does not exist. Every change
-notifies ``SITE_EVENTS_CHANNEL`` in its own transaction, so watchers on every replica see
-exactly what was committed.
+publishes a site event (:mod:`service.events.payloads`) in its own transaction, so watchers
+on every replica see exactly what was committed.
 """
 
 from __future__ import annotations
@@ -13,16 +13,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
+from zoneinfo import ZoneInfo
 
 import asyncpg
 
 from service.common.clock import SYSTEM_CLOCK, Clock
 from service.common.errors import AlreadyExistsError, NotFoundError
 from service.common.pagination import Cursor
+from service.db.balancing_queue import enqueue_balancing, readings_spans, span_range
 from service.db.keyset import keyset_page
 from service.db.reads import Reads
 from service.db.site_children import list_site_children
-from service.grid import SiteType
+from service.events.payloads import SiteEventType, notify_site_event
+from service.grid import Resolution, SiteType, parse_resolution
+from service.identifiers.ids import OrgId, ResourceId, SiteId
 from service.registry.domain import (
     Bounds,
     Location,
@@ -37,21 +41,11 @@ from service.registry.domain import (
 from service.upstream import status as upstream_sync
 from service.upstream.domain import UpstreamStatus
 
-SITE_EVENTS_CHANNEL = "openvpp_site_events"
-
-
-class SiteEventType:
-    CREATED = "created"
-    UPDATED = "updated"
-    STATUS_CHANGED = "status_changed"
-    UPSTREAM_STATUS_CHANGED = "upstream_status_changed"
-    DELETED = "deleted"
-
 
 @dataclass(frozen=True)
 class SiteRecord:
-    id: UUID
-    org_id: UUID
+    id: SiteId
+    org_id: OrgId
     fields: SiteFields
     status: SiteStatus
     upstream_status: UpstreamStatus
@@ -70,8 +64,8 @@ class SiteRecord:
                 SupplyPoint(row["injection_grid_identifier"], SupplyPointDirection.INJECTION)
             )
         return cls(
-            id=_uuid(row["id"]),
-            org_id=_uuid(row["org_id"]),
+            id=SiteId(_uuid(row["id"])),
+            org_id=OrgId(_uuid(row["org_id"])),
             fields=SiteFields(
                 name=row["name"],
                 external_id=row["external_id"],
@@ -93,8 +87,8 @@ class SiteRecord:
 
 @dataclass(frozen=True)
 class ResourceRecord:
-    id: UUID
-    site_id: UUID
+    id: ResourceId
+    site_id: SiteId
     fields: ResourceFields
     created_at: datetime
     updated_at: datetime
@@ -173,19 +167,27 @@ def _resource_columns(fields: ResourceFields) -> list[Any]:
     ]
 
 
-async def notify_site_event(conn: asyncpg.Connection, site_id: UUID, event_type: str) -> None:
-    """Publishes the site as it is in this transaction; delivered only if it commits."""
-    await conn.execute(
-        """
-        SELECT pg_notify($3, json_build_object(
-            'key', s.org_id, 'event_type', $2::text, 'at', clock_timestamp(),
-            'site', to_jsonb(s))::text)
-        FROM sites s WHERE s.id = $1
-        """,
-        site_id,
-        event_type,
-        SITE_EVENTS_CHANNEL,
-    )
+def _grid(fields: SiteFields) -> tuple[Resolution, ZoneInfo]:
+    return parse_resolution(fields.balance_resolution), ZoneInfo(fields.timezone)
+
+
+async def _queue_moved_grid(
+    conn: asyncpg.Connection, org_id: OrgId, site_id: SiteId, before: SiteFields, after: SiteFields
+) -> None:
+    """A new timezone or resolution moves the site's grid, a new type what is balanced: the
+    range of the site's readings is queued for rebalancing (on the new grid, covering the
+    intervals of the old one too)."""
+    if (before.timezone, before.balance_resolution, before.site_type) == (
+        after.timezone,
+        after.balance_resolution,
+        after.site_type,
+    ):
+        return
+    span, _ = await readings_spans(conn, org_id, site_id)
+    if span is None:
+        return
+    start, end = span_range(span[0], span[1], [_grid(after), _grid(before)])
+    await enqueue_balancing(conn, org_id, [(site_id, start, end)])
 
 
 def _duplicate_identifier(identifier: str, prefix: str = "") -> AlreadyExistsError:
@@ -202,7 +204,7 @@ class RegistryStore:
     def __init__(
         self,
         pool: asyncpg.Pool,
-        org_id: UUID,
+        org_id: OrgId,
         clock: Clock = SYSTEM_CLOCK,
         reads: Reads | None = None,
     ) -> None:
@@ -238,7 +240,7 @@ class RegistryStore:
             row = await conn.fetchrow("SELECT * FROM sites WHERE id = $1", row["id"])
         return SiteRecord.from_row(row)
 
-    async def get_site(self, site_id: UUID) -> SiteRecord:
+    async def get_site(self, site_id: SiteId) -> SiteRecord:
         row = await self._reads.fetchrow(
             "SELECT * FROM sites WHERE id = $1 AND org_id = $2", site_id, self._org_id
         )
@@ -271,7 +273,7 @@ class RegistryStore:
         return [SiteRecord.from_row(row) for row in rows], total
 
     async def update_site(
-        self, site_id: UUID, change: Callable[[SiteFields], SiteFields]
+        self, site_id: SiteId, change: Callable[[SiteFields], SiteFields]
     ) -> SiteRecord:
         """Applies ``change`` (which validates) to the locked current fields, atomically."""
         async with self._pool.acquire() as conn, conn.transaction():
@@ -307,6 +309,7 @@ class RegistryStore:
             except asyncpg.UniqueViolationError:
                 raise _duplicate_identifier(fields.primary.grid_identifier, "site.") from None
             await notify_site_event(conn, site_id, SiteEventType.UPDATED)
+            await _queue_moved_grid(conn, self._org_id, site_id, current.fields, fields)
             # A new identifier or time zone can change upstream_status (published after UPDATED).
             if await upstream_sync.refresh_upstream_status(
                 conn, [fields.primary.grid_identifier], self._clock.now()
@@ -314,7 +317,7 @@ class RegistryStore:
                 row = await conn.fetchrow("SELECT * FROM sites WHERE id = $1", site_id)
         return SiteRecord.from_row(row)
 
-    async def delete_site(self, site_id: UUID) -> None:
+    async def delete_site(self, site_id: SiteId) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
             await self._lock_site(conn, site_id)
             await notify_site_event(conn, site_id, SiteEventType.DELETED)
@@ -322,7 +325,7 @@ class RegistryStore:
                 "DELETE FROM sites WHERE id = $1 AND org_id = $2", site_id, self._org_id
             )
 
-    async def set_paused(self, site_id: UUID, paused: bool) -> SiteRecord:
+    async def set_paused(self, site_id: SiteId, paused: bool) -> SiteRecord:
         async with self._pool.acquire() as conn, conn.transaction():
             await self._lock_site(conn, site_id)
             await conn.execute(
@@ -333,7 +336,7 @@ class RegistryStore:
             )
             return await self._refresh_status(conn, site_id)
 
-    async def _lock_site(self, conn: asyncpg.Connection, site_id: UUID) -> SiteRecord:
+    async def _lock_site(self, conn: asyncpg.Connection, site_id: SiteId) -> SiteRecord:
         row = await conn.fetchrow(
             "SELECT * FROM sites WHERE id = $1 AND org_id = $2 FOR UPDATE", site_id, self._org_id
         )
@@ -341,7 +344,7 @@ class RegistryStore:
             raise NotFoundError("site", str(site_id))
         return SiteRecord.from_row(row)
 
-    async def _refresh_status(self, conn: asyncpg.Connection, site_id: UUID) -> SiteRecord:
+    async def _refresh_status(self, conn: asyncpg.Connection, site_id: SiteId) -> SiteRecord:
         """Re-derives the status of a locked site; publishes STATUS_CHANGED when it moved."""
         row = await conn.fetchrow(
             """
@@ -367,7 +370,7 @@ class RegistryStore:
 
     # Resources
 
-    async def create_resource(self, site_id: UUID, fields: ResourceFields) -> ResourceRecord:
+    async def create_resource(self, site_id: SiteId, fields: ResourceFields) -> ResourceRecord:
         assert fields.resource_type is not None
         async with self._pool.acquire() as conn, conn.transaction():
             await self._lock_site(conn, site_id)
@@ -386,7 +389,7 @@ class RegistryStore:
             await self._refresh_status(conn, site_id)
         return ResourceRecord.from_row(row)
 
-    async def get_resource(self, resource_id: UUID) -> ResourceRecord:
+    async def get_resource(self, resource_id: ResourceId) -> ResourceRecord:
         row = await self._reads.fetchrow(
             "SELECT * FROM resources WHERE id = $1 AND org_id = $2", resource_id, self._org_id
         )
@@ -395,7 +398,7 @@ class RegistryStore:
         return ResourceRecord.from_row(row)
 
     async def list_resources(
-        self, site_id: UUID, after: Cursor | None, limit: int
+        self, site_id: SiteId, after: Cursor | None, limit: int
     ) -> tuple[list[ResourceRecord], int]:
         rows, total = await list_site_children(
             self._pool, "resources", self._org_id, site_id, after, limit
@@ -403,7 +406,7 @@ class RegistryStore:
         return [ResourceRecord.from_row(row) for row in rows], total
 
     async def update_resource(
-        self, resource_id: UUID, change: Callable[[ResourceFields], ResourceFields]
+        self, resource_id: ResourceId, change: Callable[[ResourceFields], ResourceFields]
     ) -> ResourceRecord:
         async with self._pool.acquire() as conn, conn.transaction():
             current = await conn.fetchrow(
@@ -428,7 +431,7 @@ class RegistryStore:
             )
         return ResourceRecord.from_row(row)
 
-    async def delete_resource(self, resource_id: UUID) -> None:
+    async def delete_resource(self, resource_id: ResourceId) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
             site_id = await conn.fetchval(
                 "SELECT site_id FROM resources WHERE id = $1 AND org_id = $2",

@@ -6,7 +6,15 @@ from openvpp.v1 import meter_registry_pb2 as mpb
 from openvpp.v1 import telemetry_pb2 as tpb
 
 from service.common.protoconv import enum_from_proto, enum_to_proto, from_timestamp, to_timestamp
-from service.telemetry.domain import Flow, Measuring, MeterDirection, MeterFields, RejectReason
+from service.telemetry.domain import (
+    Flow,
+    Measuring,
+    MeterDirection,
+    MeterFields,
+    RejectReason,
+    reason_text,
+)
+from service.telemetry.ingest import IngestResult
 from service.telemetry.meter_store import MeterRecord
 
 # Stored flow codes (readings.flow) <-> domain/proto.
@@ -15,6 +23,25 @@ PROTO_FLOW_BY_CODE: dict[int, tpb.Flow.ValueType] = {1: tpb.FLOW_IMPORT, 2: tpb.
 REASON_TO_PROTO: dict[RejectReason, tpb.RejectReason.ValueType] = {
     reason: tpb.RejectReason.Value("REJECT_REASON_" + reason.name) for reason in RejectReason
 }
+_REASON_TEXTS = {reason: reason_text(reason) for reason in RejectReason}
+
+
+def ack_to_proto(batch_id: str, result: IngestResult) -> tpb.ReadingBatchAck:
+    ack = tpb.ReadingBatchAck(
+        batch_id=batch_id,
+        accepted_count=result.accepted,
+        corrected_count=result.corrected,
+        duplicate_count=result.duplicates,
+        rejected_count=len(result.rejected),
+    )
+    if result.rejected:
+        ack.rejected.extend(
+            tpb.RejectedReading(
+                index=index, reason=REASON_TO_PROTO[reason], description=_REASON_TEXTS[reason]
+            )
+            for index, reason in result.rejected
+        )
+    return ack
 
 
 def meter_to_proto(meter: MeterRecord) -> mpb.Meter:

@@ -1,27 +1,23 @@
-"""Pure telemetry rules: meter classification, register differencing and reading validation.
+"""Pure telemetry rules: meter classification, reject reasons, meter fields. No I/O.
 
-Nothing here does I/O. Every datetime handled must be timezone-aware; results are UTC.
+Every datetime handled must be timezone-aware; results are UTC. The balance grid itself
+(``Resolution``, ``SiteType``) lives in :mod:`service.grid`, which every capability may use.
 
-The balance grid itself (``Resolution``, ``SiteType``) lives in :mod:`service.grid`, which
-every capability may use.
-
-Readings
-    A meter reading carries either a cumulative ``register_wh`` at an instant, or
-    ``interval_wh``, the energy of the grid interval that starts at ``timestamp``.
-    :func:`check_reading` returns the first broken rule as a :class:`RejectReason`.
+A meter reading carries either a cumulative ``register_wh`` at an instant, or
+``interval_wh``, the energy of the grid interval that starts at ``timestamp``. A batch is
+validated by :mod:`service.telemetry.validate`, interval energy derived by
+:mod:`service.telemetry.energy`; their one-reading-at-a-time specifications are in
+``tests/unit/reference_rules.py``.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from zoneinfo import ZoneInfo
 
-from service.common.protoconv import EARLIEST_INSTANT, LATEST_INSTANT
 from service.common.text import NAME_LENGTH, text_rule
 from service.grid import Resolution, SiteType, site_type_is_accurate
 
@@ -65,68 +61,6 @@ def measuring_rule(site_type: SiteType) -> str:
     if len(allowed) == len(Measuring):
         return f"a {site_type.value} site accepts any measuring: " + ", ".join(allowed)
     return f"a {site_type.value} site requires measuring " + " or ".join(allowed)
-
-
-def effective_flow(direction: MeterDirection, flow: Flow | None) -> Flow | None:
-    """The flow a reading counts for: consumers default to IMPORT, producers to EXPORT.
-
-    A given flow is returned unchanged (even when it contradicts the direction; that is
-    :attr:`RejectReason.FLOW_NOT_ALLOWED`). Bidirectional meters have no default: ``None``.
-    """
-    if flow is not None:
-        return flow
-    if direction == MeterDirection.CONSUMER:
-        return Flow.IMPORT
-    if direction == MeterDirection.PRODUCER:
-        return Flow.EXPORT
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Registers and intervals
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RegisterPoint:
-    """A cumulative register value (Wh) at an instant."""
-
-    timestamp: datetime
-    register_wh: float
-
-
-@dataclass(frozen=True)
-class IntervalEnergy:
-    """Energy (Wh) of the grid interval starting at ``interval_start`` (UTC)."""
-
-    interval_start: datetime
-    energy_wh: float
-
-
-def registers_to_intervals(
-    points: Sequence[RegisterPoint],
-    resolution: Resolution,
-    tz: ZoneInfo,
-    transformer_factor: float = 1.0,
-) -> list[IntervalEnergy]:
-    """Interval energies from register values, one per pair of adjacent grid points.
-
-    Points are sorted by time here. Only pairs whose timestamps are consecutive grid points
-    yield an interval (``(b - a) * transformer_factor``, starting at ``a``, in UTC); a
-    missing grid point leaves the intervals around it out: nothing is interpolated. Points
-    off the grid never start an interval. Monotonicity is not checked here (see
-    :func:`check_register_sequence`).
-    """
-    ordered = sorted(points, key=lambda p: p.timestamp)
-    result: list[IntervalEnergy] = []
-    for first, second in itertools.pairwise(ordered):
-        if not resolution.is_on_grid(first.timestamp, tz):
-            continue
-        if resolution.next_start(first.timestamp, tz) != second.timestamp:
-            continue
-        energy = (second.register_wh - first.register_wh) * transformer_factor
-        result.append(IntervalEnergy(first.timestamp.astimezone(UTC), energy))
-    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,126 +120,6 @@ _REASON_TEXTS: dict[RejectReason, str] = {
 def reason_text(reason: RejectReason) -> str:
     """Human explanation of a reject reason."""
     return _REASON_TEXTS[reason]
-
-
-@dataclass(frozen=True)
-class MeterContext:
-    """What validation needs to know about the meter a reading is for."""
-
-    meter_id: str
-    site_id: str
-    direction: MeterDirection
-    measuring: Measuring
-    start_date: datetime
-    end_date: datetime | None
-    transformer_factor: float
-    timezone: ZoneInfo
-    resolution: Resolution
-
-
-@dataclass(frozen=True)
-class IncomingReading:
-    """A reading as received; exactly one of ``register_wh`` and ``interval_wh`` is expected."""
-
-    meter_id: str
-    timestamp: datetime
-    register_wh: float | None
-    interval_wh: float | None
-    flow: Flow | None
-
-
-def _flow_reason(direction: MeterDirection, flow: Flow | None) -> RejectReason | None:
-    if direction == MeterDirection.BIDIRECTIONAL:
-        return RejectReason.FLOW_REQUIRED if flow is None else None
-    expected = effective_flow(direction, None)
-    if flow is not None and flow != expected:
-        return RejectReason.FLOW_NOT_ALLOWED
-    return None
-
-
-def check_reading(
-    reading: IncomingReading,
-    meter: MeterContext | None,
-    now: datetime,
-    max_future: timedelta,
-) -> RejectReason | None:
-    """The first rule ``reading`` breaks, or ``None`` when it is acceptable.
-
-    Order: unknown meter, missing value, wrong value kind, non-finite, negative, flow,
-    timestamp out of range, not on grid, outside meter dates, too far in future. Register
-    monotonicity needs the stored neighbours and is checked separately
-    (:func:`find_register_decreases`).
-    Raises ``ValueError`` for a naive timestamp.
-    """
-    if meter is None:
-        return RejectReason.UNKNOWN_METER
-    if reading.register_wh is None and reading.interval_wh is None:
-        return RejectReason.MISSING_VALUE
-    load_profile = meter.measuring == Measuring.LOAD_PROFILE_ACCURATE
-    if load_profile and reading.register_wh is not None:
-        return RejectReason.WRONG_VALUE_KIND
-    if not load_profile and reading.interval_wh is not None:
-        return RejectReason.WRONG_VALUE_KIND
-    value = reading.interval_wh if load_profile else reading.register_wh
-    assert value is not None
-    if not math.isfinite(value):
-        return RejectReason.NON_FINITE_VALUE
-    if value < 0:
-        return RejectReason.NEGATIVE_VALUE
-    flow_reason = _flow_reason(meter.direction, reading.flow)
-    if flow_reason is not None:
-        return flow_reason
-    ts = reading.timestamp
-    if ts.tzinfo is None:
-        raise ValueError("the reading timestamp must be timezone-aware")
-    if not EARLIEST_INSTANT <= ts < LATEST_INSTANT:
-        return RejectReason.TIMESTAMP_OUT_OF_RANGE
-    if not meter.resolution.is_on_grid(ts, meter.timezone):
-        return RejectReason.NOT_ON_GRID
-    if ts < meter.start_date:
-        return RejectReason.OUTSIDE_METER_DATES
-    if meter.end_date is not None:
-        if ts >= meter.end_date:
-            return RejectReason.OUTSIDE_METER_DATES
-        if load_profile and meter.resolution.next_start(ts, meter.timezone) > meter.end_date:
-            return RejectReason.OUTSIDE_METER_DATES
-    if ts > now + max_future:
-        return RejectReason.TOO_FAR_IN_FUTURE
-    return None
-
-
-def find_register_decreases(
-    previous: RegisterPoint | None,
-    following: RegisterPoint | None,
-    candidate: RegisterPoint,
-) -> bool:
-    """True when ``candidate`` breaks monotonicity against its stored neighbours.
-
-    ``previous`` is the latest stored point before the candidate, ``following`` the earliest
-    after it (same meter and flow); a candidate below ``previous`` or above ``following``
-    would make the register decrease somewhere.
-    """
-    if previous is not None and candidate.register_wh < previous.register_wh:
-        return True
-    return following is not None and candidate.register_wh > following.register_wh
-
-
-def check_register_sequence(points: Sequence[RegisterPoint]) -> list[int]:
-    """Indexes (into ``points``, ascending) of points that make the register decrease.
-
-    ``points`` belong to one meter and flow. Walking them in time order (ties keep the given
-    order), a point lower than the last accepted value is rejected; the earlier value stands.
-    """
-    order = sorted(range(len(points)), key=lambda i: points[i].timestamp)
-    rejected: list[int] = []
-    highest: float | None = None
-    for index in order:
-        value = points[index].register_wh
-        if highest is not None and value < highest:
-            rejected.append(index)
-        else:
-            highest = value
-    return sorted(rejected)
 
 
 # ---------------------------------------------------------------------------------------------

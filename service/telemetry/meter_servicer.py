@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import asyncpg
@@ -10,9 +9,10 @@ from openvpp.v1 import meter_registry_pb2 as pb
 from openvpp.v1 import meter_registry_pb2_grpc as pb_grpc
 
 from service.auth.principal import Role, current_principal
+from service.common.field_mask import merge_masked, require_mask
 from service.common.pagination import fetch_page, page_size_or_default
 from service.common.protoconv import from_timestamp, parse_uuid
-from service.registry.convert import require_mask
+from service.identifiers.ids import MeterId, SiteId
 from service.telemetry import convert
 from service.telemetry.domain import MeterFields, normalized_meter
 from service.telemetry.meter_store import MeterStore
@@ -38,19 +38,19 @@ class MeterRegistryServicer(pb_grpc.MeterRegistryServicer):
     async def CreateMeter(
         self, request: pb.CreateMeterRequest, context: Any
     ) -> pb.CreateMeterResponse:
-        site_id = parse_uuid(request.site_id, "site_id")
+        site_id = SiteId(parse_uuid(request.site_id, "site_id"))
         fields = normalized_meter(convert.meter_fields_from_create(request))
         meter = await self._store().create(site_id, fields)
         return pb.CreateMeterResponse(meter=convert.meter_to_proto(meter))
 
     async def GetMeter(self, request: pb.GetMeterRequest, context: Any) -> pb.GetMeterResponse:
-        meter = await self._store().get(parse_uuid(request.meter_id, "meter_id"))
+        meter = await self._store().get(MeterId(parse_uuid(request.meter_id, "meter_id")))
         return pb.GetMeterResponse(meter=convert.meter_to_proto(meter))
 
     async def ListMeters(
         self, request: pb.ListMetersRequest, context: Any
     ) -> pb.ListMetersResponse:
-        site_id = parse_uuid(request.site_id, "site_id")
+        site_id = SiteId(parse_uuid(request.site_id, "site_id"))
         limit = page_size_or_default(request.page_size)
         store = self._store()
         page = await fetch_page(
@@ -65,7 +65,7 @@ class MeterRegistryServicer(pb_grpc.MeterRegistryServicer):
     async def UpdateMeter(
         self, request: pb.UpdateMeterRequest, context: Any
     ) -> pb.UpdateMeterResponse:
-        meter_id = parse_uuid(request.meter.id, "meter.id")
+        meter_id = MeterId(parse_uuid(request.meter.id, "meter.id"))
         paths = require_mask(list(request.update_mask.paths), METER_UPDATABLE)
         given = request.meter
         start = (
@@ -77,21 +77,18 @@ class MeterRegistryServicer(pb_grpc.MeterRegistryServicer):
             from_timestamp(given.end_date, "meter.end_date") if given.HasField("end_date") else None
         )
 
+        given_fields = {
+            "identifier": given.identifier,
+            "serial": given.serial,
+            "mpo": given.mpo,
+            "start_date": start,
+            "end_date": end,
+            # proto3 cannot tell 0 from unset here: 0 is refused, like a negative.
+            "transformer_factor": given.transformer_factor,
+        }
+
         def change(current: MeterFields) -> MeterFields:
-            return normalized_meter(
-                replace(
-                    current,
-                    identifier=given.identifier if "identifier" in paths else current.identifier,
-                    serial=given.serial if "serial" in paths else current.serial,
-                    mpo=given.mpo if "mpo" in paths else current.mpo,
-                    start_date=start if "start_date" in paths else current.start_date,
-                    end_date=end if "end_date" in paths else current.end_date,
-                    # proto3 cannot tell 0 from unset here: 0 is refused, like a negative.
-                    transformer_factor=given.transformer_factor
-                    if "transformer_factor" in paths
-                    else current.transformer_factor,
-                )
-            )
+            return normalized_meter(merge_masked(current, paths, given_fields))
 
         meter = await self._store().update(meter_id, change)
         return pb.UpdateMeterResponse(meter=convert.meter_to_proto(meter))
@@ -99,5 +96,5 @@ class MeterRegistryServicer(pb_grpc.MeterRegistryServicer):
     async def DeleteMeter(
         self, request: pb.DeleteMeterRequest, context: Any
     ) -> pb.DeleteMeterResponse:
-        await self._store().delete(parse_uuid(request.meter_id, "meter_id"))
+        await self._store().delete(MeterId(parse_uuid(request.meter_id, "meter_id")))
         return pb.DeleteMeterResponse()

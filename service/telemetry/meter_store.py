@@ -1,7 +1,8 @@
 """Meters in PostgreSQL, scoped to one organization on every query.
 
-Every change notifies ``METER_CHANGED_CHANNEL`` with the org id inside its transaction, so
-each replica drops its cached meter contexts of that organization once the change commits.
+Every change notifies ``METER_CHANGED_CHANNEL`` (:mod:`service.events.channels`) with the
+org id inside its transaction, so each replica drops its cached meter contexts of that
+organization once the change commits.
 """
 
 from __future__ import annotations
@@ -10,31 +11,32 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from uuid import UUID
 from zoneinfo import ZoneInfo
 
 import asyncpg
 
 from service.common.errors import AlreadyExistsError, NotFoundError, ValidationError
 from service.common.pagination import Cursor
-from service.db.balancing_queue import enqueue_balancing
+from service.db.balancing_queue import enqueue_balancing, readings_spans, span_range
 from service.db.site_children import list_site_children
+from service.events.payloads import notify_meter_changed
 from service.grid import SiteType, parse_resolution
+from service.identifiers.ids import MeterId, OrgId, SiteId
 from service.telemetry.domain import (
     Measuring,
     MeterDirection,
     MeterFields,
-    affected_intervals,
     validate_meter,
 )
-
-METER_CHANGED_CHANNEL = "openvpp_meter_changed"
 
 
 @dataclass(frozen=True)
 class MeterRecord:
-    id: UUID
-    site_id: UUID
+    """A ``meters`` row; :meth:`from_row` is the one mapping of that table."""
+
+    id: MeterId
+    org_id: OrgId
+    site_id: SiteId
     fields: MeterFields
     created_at: datetime
     updated_at: datetime
@@ -43,6 +45,7 @@ class MeterRecord:
     def from_row(cls, row: Mapping[str, Any]) -> MeterRecord:
         return cls(
             id=row["id"],
+            org_id=row["org_id"],
             site_id=row["site_id"],
             fields=MeterFields(
                 identifier=row["identifier"],
@@ -65,10 +68,6 @@ def _duplicate(identifier: str) -> AlreadyExistsError:
     )
 
 
-async def notify_meter_change(conn: asyncpg.Connection, org_id: UUID) -> None:
-    await conn.execute("SELECT pg_notify($1, $2)", METER_CHANGED_CHANNEL, str(org_id))
-
-
 def _raise_violations(violations: list[tuple[str, str]]) -> None:
     if violations:
         from service.common.errors import FieldViolation
@@ -77,11 +76,11 @@ def _raise_violations(violations: list[tuple[str, str]]) -> None:
 
 
 class MeterStore:
-    def __init__(self, pool: asyncpg.Pool, org_id: UUID) -> None:
+    def __init__(self, pool: asyncpg.Pool, org_id: OrgId) -> None:
         self._pool = pool
         self._org_id = org_id
 
-    async def _site_type(self, conn: asyncpg.Connection, site_id: UUID) -> SiteType | None:
+    async def _site_type(self, conn: asyncpg.Connection, site_id: SiteId) -> SiteType | None:
         row = await conn.fetchrow(
             "SELECT site_type FROM sites WHERE id = $1 AND org_id = $2 FOR SHARE",
             site_id,
@@ -91,7 +90,7 @@ class MeterStore:
             raise NotFoundError("site", str(site_id))
         return SiteType(row["site_type"]) if row["site_type"] else None
 
-    async def create(self, site_id: UUID, fields: MeterFields) -> MeterRecord:
+    async def create(self, site_id: SiteId, fields: MeterFields) -> MeterRecord:
         """Validates against the site type under a share lock on the site, then inserts."""
         async with self._pool.acquire() as conn, conn.transaction():
             site_type = await self._site_type(conn, site_id)
@@ -119,10 +118,10 @@ class MeterStore:
                 )
             except asyncpg.UniqueViolationError:
                 raise _duplicate(fields.identifier) from None
-            await notify_meter_change(conn, self._org_id)
+            await notify_meter_changed(conn, self._org_id)
         return MeterRecord.from_row(row)
 
-    async def get(self, meter_id: UUID) -> MeterRecord:
+    async def get(self, meter_id: MeterId) -> MeterRecord:
         row = await self._pool.fetchrow(
             "SELECT * FROM meters WHERE id = $1 AND org_id = $2", meter_id, self._org_id
         )
@@ -131,7 +130,7 @@ class MeterStore:
         return MeterRecord.from_row(row)
 
     async def list(
-        self, site_id: UUID, after: Cursor | None, limit: int
+        self, site_id: SiteId, after: Cursor | None, limit: int
     ) -> tuple[list[MeterRecord], int]:
         rows, total = await list_site_children(
             self._pool, "meters", self._org_id, site_id, after, limit
@@ -139,7 +138,7 @@ class MeterStore:
         return [MeterRecord.from_row(row) for row in rows], total
 
     async def update(
-        self, meter_id: UUID, change: Callable[[MeterFields], MeterFields]
+        self, meter_id: MeterId, change: Callable[[MeterFields], MeterFields]
     ) -> MeterRecord:
         async with self._pool.acquire() as conn, conn.transaction():
             current = await conn.fetchrow(
@@ -172,10 +171,12 @@ class MeterStore:
                 )
             except asyncpg.UniqueViolationError:
                 raise _duplicate(fields.identifier) from None
-            await notify_meter_change(conn, self._org_id)
-        return MeterRecord.from_row(row)
+            await notify_meter_changed(conn, self._org_id)
+            updated = MeterRecord.from_row(row)
+            await self._queue_changed_energy(conn, record, updated)
+        return updated
 
-    async def delete(self, meter_id: UUID) -> None:
+    async def delete(self, meter_id: MeterId) -> None:
         """Deletes the meter and its readings and queues the site intervals they touched."""
         async with self._pool.acquire() as conn, conn.transaction():
             meter = await conn.fetchrow(
@@ -192,24 +193,64 @@ class MeterStore:
                 raise NotFoundError("meter", str(meter_id))
             # Readings first, to know which intervals to rebalance; deleting the meter would
             # remove them too (see migration 0005) but without telling which.
-            stamps = await conn.fetch(
-                "DELETE FROM readings WHERE meter_id = $1 RETURNING ts", meter_id
+            span = await conn.fetchrow(
+                """
+                WITH gone AS (DELETE FROM readings WHERE meter_id = $1 RETURNING ts)
+                SELECT min(ts) AS first, max(ts) AS last FROM gone
+                """,
+                meter_id,
             )
             await conn.execute(
                 "DELETE FROM meters WHERE id = $1 AND org_id = $2", meter_id, self._org_id
             )
-            await notify_meter_change(conn, self._org_id)
-            if not stamps:
+            await notify_meter_changed(conn, self._org_id)
+            if span["first"] is None:
                 return
-            resolution = parse_resolution(meter["balance_resolution"])
-            tz = ZoneInfo(meter["timezone"])
-            is_register = meter["measuring"] != Measuring.LOAD_PROFILE_ACCURATE
             # One range from the first to the last interval the readings touched: the
             # consumer rebalances the intervals in it that have data.
-            first = min(row["ts"] for row in stamps)
-            last = max(row["ts"] for row in stamps)
-            start = min(affected_intervals(first, is_register, resolution, tz))
-            end = resolution.next_start(
-                max(affected_intervals(last, is_register, resolution, tz)), tz
+            grid = (parse_resolution(meter["balance_resolution"]), ZoneInfo(meter["timezone"]))
+            start, end = span_range(
+                span["first"],
+                span["last"],
+                [grid],
+                registers=meter["measuring"] != Measuring.LOAD_PROFILE_ACCURATE,
             )
             await enqueue_balancing(conn, self._org_id, [(meter["site_id"], start, end)])
+
+    async def _queue_changed_energy(
+        self, conn: asyncpg.Connection, before: MeterRecord, after: MeterRecord
+    ) -> None:
+        """Queues the site range whose energy the change of a meter's factor or dates moves.
+
+        A new factor changes every interval of the meter's data; a new start or end date
+        turns the intervals between the old and the new date from measured to absent (0) or
+        back. Only where the site has data: an interval without any needs no balance.
+        """
+        old, new = before.fields, after.fields
+        factor_changed = old.transformer_factor != new.transformer_factor
+        dates_changed = (old.start_date, old.end_date) != (new.start_date, new.end_date)
+        if not (factor_changed or dates_changed):
+            return
+        site_span, meter_span = await readings_spans(conn, self._org_id, after.site_id, after.id)
+        if site_span is None:
+            return
+        parts = [meter_span] if meter_span is not None else []
+        if dates_changed:
+            for was, now in ((old.start_date, new.start_date), (old.end_date, new.end_date)):
+                if was != now:
+                    bounds = [d if d is not None else site_span[1] for d in (was, now)]
+                    parts.append((min(bounds), max(bounds)))
+        if not parts:
+            return
+        first = max(site_span[0], min(p[0] for p in parts))
+        last = min(site_span[1], max(p[1] for p in parts))
+        if first > last:
+            return
+        site = await conn.fetchrow(
+            "SELECT timezone, balance_resolution FROM sites WHERE id = $1 AND org_id = $2",
+            after.site_id,
+            self._org_id,
+        )
+        grid = (parse_resolution(site["balance_resolution"]), ZoneInfo(site["timezone"]))
+        start, end = span_range(first, last, [grid])
+        await enqueue_balancing(conn, self._org_id, [(after.site_id, start, end)])

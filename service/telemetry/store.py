@@ -1,20 +1,19 @@
 """Readings in PostgreSQL: partitions, the bulk ingest path, reads for lists and watchers.
 
-Ingest of one batch is one transaction: stored neighbours of register values are read,
-rows of groups with nothing stored in their range are COPYed straight into ``readings``,
-the others are COPYed into a per-connection temporary staging table and ONE
-``INSERT ... SELECT ... ON CONFLICT DO UPDATE ... WHERE value IS DISTINCT FROM`` moves
-them into ``readings`` (new rows are accepted, changed rows corrected, identical rows left
-alone and counted as duplicates), the affected site intervals are upserted into
-``balancing_queue`` and one compact NOTIFY names the batch for watchers. The ack is built
-only after COMMIT.
+Ingest of one batch (driven by :mod:`service.telemetry.ingest`) is one transaction: stored
+neighbours of register values are read, rows of groups with nothing stored in their range
+are COPYed straight into ``readings``, the others are COPYed into a per-connection
+temporary staging table and ONE ``INSERT ... SELECT ... ON CONFLICT DO UPDATE ... WHERE
+value IS DISTINCT FROM`` moves them into ``readings`` (new rows are accepted, changed rows
+corrected, identical rows left alone and counted as duplicates), the affected site
+intervals are appended to ``balancing_queue`` and one compact NOTIFY names the batch for
+watchers (:func:`write_rows`, one function per step). The ack is built only after COMMIT.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import struct
 import time
@@ -29,16 +28,16 @@ from zoneinfo import ZoneInfo
 import asyncpg
 
 from service.db.balancing_queue import BalancingRange, enqueue_balancing
+from service.events.channels import READINGS_CHANNEL
+from service.events.payloads import readings_batch_payload
 from service.grid import parse_resolution
-from service.telemetry.domain import Measuring, MeterDirection, affected_intervals
+from service.identifiers.ids import MeterId, OrgId, SiteId
+from service.telemetry.domain import affected_intervals
+from service.telemetry.meter_store import MeterRecord
 from service.telemetry.validate import MeterInfo, from_us, meter_info
 
 log = logging.getLogger(__name__)
 
-READINGS_CHANNEL = "openvpp_readings"
-# NOTIFY payloads must stay below 8000 bytes: above this many sites, watchers of any site
-# of the organization look at the batch.
-MAX_NOTIFIED_SITES = 100
 _US = 1_000_000
 
 _STAGING_DDL = """
@@ -157,6 +156,8 @@ CROSS JOIN LATERAL (
 """
 
 _RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+# A row to store: (meter id, flow code, epoch µs, value Wh).
+Row = tuple[UUID, int, int, float]
 
 
 @dataclass(frozen=True)
@@ -240,7 +241,7 @@ class MeterCache:
     def forget_all(self) -> None:
         self._orgs.clear()
 
-    async def lookup(self, org_id: UUID, meter_ids: Iterable[str]) -> dict[str, MeterInfo | None]:
+    async def lookup(self, org_id: OrgId, meter_ids: Iterable[str]) -> dict[str, MeterInfo | None]:
         """Meter id text -> context (None: unknown or another org's), loading what is new."""
         org_key = str(org_id)
         now = time.monotonic()
@@ -279,15 +280,22 @@ class MeterCache:
 
 
 def info_from_row(row: Any) -> MeterInfo:
+    """From a ``meters`` row joined with its site's ``timezone`` and ``balance_resolution``."""
+    meter = MeterRecord.from_row(row)
+    fields = meter.fields
+    assert fields.direction is not None
+    assert fields.measuring is not None
+    assert fields.start_date is not None
+    assert fields.transformer_factor is not None
     return meter_info(
-        id=row["id"],
-        org_id=row["org_id"],
-        site_id=row["site_id"],
-        direction=MeterDirection(row["direction"]),
-        measuring=Measuring(row["measuring"]),
-        start_date=row["start_date"],
-        end_date=row["end_date"],
-        transformer_factor=row["transformer_factor"],
+        id=meter.id,
+        org_id=meter.org_id,
+        site_id=meter.site_id,
+        direction=fields.direction,
+        measuring=fields.measuring,
+        start_date=fields.start_date,
+        end_date=fields.end_date,
+        transformer_factor=fields.transformer_factor,
         timezone=ZoneInfo(row["timezone"]),
         resolution=parse_resolution(row["balance_resolution"]),
     )
@@ -401,7 +409,7 @@ _PG_EPOCH_US = 946_684_800 * _US
 _READING_COLUMNS = ("meter_id", "flow", "ts", "value_wh", "ingest_id")
 
 
-def copy_payload(rows: Sequence[tuple[UUID, int, int, float]], ingest_id: int) -> bytes:
+def copy_payload(rows: Sequence[Row], ingest_id: int) -> bytes:
     """The binary COPY stream of ``rows`` into ``readings`` under ``ingest_id``.
 
     Built here rather than by asyncpg's record encoder, which needs a datetime per row.
@@ -423,95 +431,123 @@ def copy_payload(rows: Sequence[tuple[UUID, int, int, float]], ingest_id: int) -
 async def write_rows(
     conn: asyncpg.Connection,
     org_id: UUID,
-    rows: list[tuple[UUID, int, int, float]],
+    rows: list[Row],
     meters: dict[UUID, MeterInfo],
     fresh: Sequence[tuple[UUID, int]] = (),
 ) -> WriteResult:
-    """COPY + upsert + queue + notify, inside the caller's transaction.
+    """Stores a validated batch's rows inside the caller's transaction, in four steps:
+    COPY the fresh groups straight in, upsert the others through the staging table, find
+    what changed, queue its balance intervals and announce the batch to watchers.
 
-    Rows of the (meter, flow) groups given as ``fresh`` (nothing stored in the batch's time
-    range, seen by the register check in this transaction) are COPYed straight into
-    ``readings``, the cheapest write there is; a concurrent writer of the same keys makes
-    it fail with a unique violation (or a deadlock) and the caller retries the batch with
-    no fresh groups. The other rows go through the staging table and one upsert.
+    ``fresh`` are the (meter, flow) groups with nothing stored in the batch's time range
+    (seen by the register check in this transaction); a concurrent writer of the same keys
+    makes their COPY fail with a unique violation (or a deadlock) and the caller retries the
+    batch with no fresh groups.
     """
-    plain: list[tuple[UUID, int, int, float]] = rows
-    staged: list[tuple[UUID, int, int, float]] = []
-    if len(fresh) == 0:
-        plain, staged = [], rows
-    else:
-        fresh_keys = set(fresh)
-        if any((row[0], row[1]) not in fresh_keys for row in rows):
-            plain = [row for row in rows if (row[0], row[1]) in fresh_keys]
-            staged = [row for row in rows if (row[0], row[1]) not in fresh_keys]
+    plain, staged = split_fresh(rows, fresh)
     ingest_id: int = await conn.fetchval(_NEXT_INGEST)
-    inserted = updated = 0
-    if plain:
-        await conn.copy_to_table(
-            "readings",
-            # A memoryview: asyncpg would take bytes for a file path.
-            source=memoryview(copy_payload(plain, ingest_id)),
-            columns=_READING_COLUMNS,
-            format="binary",
-        )
-        inserted = len(plain)
-    if staged:
-        pid = conn.get_server_pid()
-        if pid not in _STAGED_BACKENDS:
-            await conn.execute(_STAGING_DDL)
-            _STAGED_BACKENDS.add(pid)
-        try:
-            await conn.copy_records_to_table(
-                "reading_staging",
-                records=staged,
-                columns=("meter_id", "flow", "ts_us", "value_wh"),
-            )
-        except asyncpg.UndefinedTableError:
-            _STAGED_BACKENDS.discard(pid)
-            raise
-        result = await conn.fetchrow(_UPSERT, ingest_id)
-        inserted += result["inserted"]
-        updated = result["updated"]
+    inserted = await copy_fresh_rows(conn, plain, ingest_id)
+    staged_inserted, updated = await upsert_staged_rows(conn, staged, ingest_id)
+    inserted += staged_inserted
     changed_count = inserted + updated
     if changed_count:
         first_us = min(row[2] for row in rows)
         last_us = max(row[2] for row in rows)
-        keys: Iterable[tuple[UUID, int]]
         if changed_count == len(rows):
-            keys = ((row[0], row[2]) for row in rows)
+            changed: Iterable[tuple[UUID, int]] = ((row[0], row[2]) for row in rows)
         else:
-            keys = [
-                (r[0], r[1])
-                for r in await conn.fetch(_CHANGED, list(meters), ingest_id, first_us, last_us)
-            ]
-        ranges: set[BalancingRange] = set()
-        sites: set[UUID] = set()
-        seen: set[tuple[UUID, int]] = set()
-        for meter_id, ts_us in keys:
-            info = meters[meter_id]
-            key = (info.site_id, ts_us)
-            if key in seen:
-                continue
-            seen.add(key)
-            sites.add(info.site_id)
-            for start, end in _queue_ranges(
-                info.timezone.key, info.resolution.iso, ts_us, not info.load_profile
-            ):
-                ranges.add((info.site_id, start, end))
-        payload = {
-            "key": str(org_id),
-            "ingest": ingest_id,
-            "sites": sorted(str(s) for s in sites) if len(sites) <= MAX_NOTIFIED_SITES else None,
-            "from": from_us(first_us).isoformat(),
-            "to": from_us(last_us).isoformat(),
-        }
-        await enqueue_balancing(
-            conn,
-            org_id,
-            ranges,
-            also_notify=(READINGS_CHANNEL, json.dumps(payload, separators=(",", ":"))),
-        )
+            changed = await changed_readings(conn, list(meters), ingest_id, first_us, last_us)
+        await queue_and_announce(conn, org_id, ingest_id, changed, meters, first_us, last_us)
     return WriteResult(ingest_id, inserted, updated)
+
+
+def split_fresh(rows: list[Row], fresh: Sequence[tuple[UUID, int]]) -> tuple[list[Row], list[Row]]:
+    """(rows of the ``fresh`` groups, the others)."""
+    if len(fresh) == 0:
+        return [], rows
+    fresh_keys = set(fresh)
+    if all((row[0], row[1]) in fresh_keys for row in rows):
+        return rows, []
+    plain = [row for row in rows if (row[0], row[1]) in fresh_keys]
+    staged = [row for row in rows if (row[0], row[1]) not in fresh_keys]
+    return plain, staged
+
+
+async def copy_fresh_rows(conn: asyncpg.Connection, rows: list[Row], ingest_id: int) -> int:
+    """Binary COPY of rows no stored row can conflict with into ``readings``; their count."""
+    if not rows:
+        return 0
+    await conn.copy_to_table(
+        "readings",
+        # A memoryview: asyncpg would take bytes for a file path.
+        source=memoryview(copy_payload(rows, ingest_id)),
+        columns=_READING_COLUMNS,
+        format="binary",
+    )
+    return len(rows)
+
+
+async def upsert_staged_rows(
+    conn: asyncpg.Connection, rows: list[Row], ingest_id: int
+) -> tuple[int, int]:
+    """COPY into the staging table, then ONE upsert into ``readings``: (inserted, updated).
+
+    Identical values are left alone (neither counted nor re-stamped).
+    """
+    if not rows:
+        return 0, 0
+    pid = conn.get_server_pid()
+    if pid not in _STAGED_BACKENDS:
+        await conn.execute(_STAGING_DDL)
+        _STAGED_BACKENDS.add(pid)
+    try:
+        await conn.copy_records_to_table(
+            "reading_staging",
+            records=rows,
+            columns=("meter_id", "flow", "ts_us", "value_wh"),
+        )
+    except asyncpg.UndefinedTableError:
+        _STAGED_BACKENDS.discard(pid)
+        raise
+    result = await conn.fetchrow(_UPSERT, ingest_id)
+    return result["inserted"], result["updated"]
+
+
+async def changed_readings(
+    conn: asyncpg.Connection, meter_ids: list[UUID], ingest_id: int, first_us: int, last_us: int
+) -> list[tuple[UUID, int]]:
+    """(meter, epoch µs) of the rows this batch inserted or corrected (when not all were)."""
+    rows = await conn.fetch(_CHANGED, meter_ids, ingest_id, first_us, last_us)
+    return [(row[0], row[1]) for row in rows]
+
+
+async def queue_and_announce(
+    conn: asyncpg.Connection,
+    org_id: UUID,
+    ingest_id: int,
+    changed: Iterable[tuple[UUID, int]],
+    meters: dict[UUID, MeterInfo],
+    first_us: int,
+    last_us: int,
+) -> None:
+    """Queues the balance intervals the changed readings touch and notifies watchers of
+    the batch, in one statement."""
+    ranges: set[BalancingRange] = set()
+    sites: set[UUID] = set()
+    seen: set[tuple[UUID, int]] = set()
+    for meter_id, ts_us in changed:
+        info = meters[meter_id]
+        key = (info.site_id, ts_us)
+        if key in seen:
+            continue
+        seen.add(key)
+        sites.add(info.site_id)
+        for start, end in _queue_ranges(
+            info.timezone.key, info.resolution.iso, ts_us, not info.load_profile
+        ):
+            ranges.add((info.site_id, start, end))
+    payload = readings_batch_payload(org_id, ingest_id, sites, from_us(first_us), from_us(last_us))
+    await enqueue_balancing(conn, org_id, ranges, also_notify=(READINGS_CHANNEL, payload))
 
 
 RETRYABLE = _RETRYABLE
@@ -519,12 +555,12 @@ RETRYABLE = _RETRYABLE
 
 async def fetch_ingested(
     pool: asyncpg.Pool,
-    org_id: UUID,
+    org_id: OrgId,
     ingest_id: int,
     first: datetime,
     last: datetime,
-    site_id: UUID | None,
-    meter_id: UUID | None,
+    site_id: SiteId | None,
+    meter_id: MeterId | None,
 ) -> list[asyncpg.Record]:
     """Rows a committed batch changed, of one site or one meter of ``org_id``."""
     arg: UUID | None = site_id
@@ -549,7 +585,7 @@ async def fetch_ingested(
 
 
 async def fetch_range(
-    pool: asyncpg.Pool, meter_id: UUID, first: datetime, last_inclusive: datetime
+    pool: asyncpg.Pool, meter_id: MeterId, first: datetime, last_inclusive: datetime
 ) -> list[asyncpg.Record]:
     rows: list[asyncpg.Record] = await pool.fetch(
         """
@@ -561,3 +597,10 @@ async def fetch_range(
         last_inclusive,
     )
     return rows
+
+
+async def site_exists(pool: asyncpg.Pool, org_id: OrgId, site_id: SiteId) -> bool:
+    found: bool = await pool.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM sites WHERE id = $1 AND org_id = $2)", site_id, org_id
+    )
+    return found

@@ -1,6 +1,6 @@
 """The ingest hot path's validation: plain functions over a batch, no I/O.
 
-Applies the rules of :func:`service.telemetry.domain.check_reading` (same order, same
+Applies the rules of ``check_reading`` (tests/unit/reference_rules.py; same order, same
 reasons) to a whole batch without building a datetime or a reading object per reading:
 timestamps stay integer microseconds since the epoch, meter facts are precomputed once per
 meter (:class:`MeterInfo`), and the grid test is cached per (grid, second). A unit test

@@ -14,6 +14,7 @@ from service.common.errors import ViolationCollector
 from service.common.pagination import fetch_page, page_size_or_default
 from service.common.protoconv import enum_from_proto, from_timestamp, parse_uuid
 from service.identifiers import normalize_grid_identifier
+from service.identifiers.ids import ContractId, UpstreamSiteId
 from service.upstream import convert
 from service.upstream.domain import ContractState, ContractTerms
 from service.upstream.sites import validate_upstream_site
@@ -62,7 +63,7 @@ class UpstreamRegistryServicer(pb_grpc.UpstreamRegistryServicer):
         self, request: pb.GetUpstreamSiteRequest, context: Any
     ) -> pb.GetUpstreamSiteResponse:
         site = await self._reader().get_upstream_site(
-            parse_uuid(request.upstream_site_id, "upstream_site_id")
+            UpstreamSiteId(parse_uuid(request.upstream_site_id, "upstream_site_id"))
         )
         return pb.GetUpstreamSiteResponse(upstream_site=convert.upstream_site_to_proto(site))
 
@@ -97,14 +98,14 @@ class UpstreamRegistryServicer(pb_grpc.UpstreamRegistryServicer):
         self, request: pb.DeleteUpstreamSiteRequest, context: Any
     ) -> pb.DeleteUpstreamSiteResponse:
         await self._supplier().delete_upstream_site(
-            parse_uuid(request.upstream_site_id, "upstream_site_id")
+            UpstreamSiteId(parse_uuid(request.upstream_site_id, "upstream_site_id"))
         )
         return pb.DeleteUpstreamSiteResponse()
 
     async def CreateContract(
         self, request: pb.CreateContractRequest, context: Any
     ) -> pb.CreateContractResponse:
-        upstream_site_id = parse_uuid(request.upstream_site_id, "upstream_site_id")
+        upstream_site_id = UpstreamSiteId(parse_uuid(request.upstream_site_id, "upstream_site_id"))
         errors = ViolationCollector()
         start = convert.date_from_proto(
             errors, "start_date", request.start_date, request.HasField("start_date"), True
@@ -123,7 +124,7 @@ class UpstreamRegistryServicer(pb_grpc.UpstreamRegistryServicer):
     async def AgreeContract(
         self, request: pb.AgreeContractRequest, context: Any
     ) -> pb.AgreeContractResponse:
-        contract_id = parse_uuid(request.contract_id, "contract_id")
+        contract_id = ContractId(parse_uuid(request.contract_id, "contract_id"))
         agreed_at = (
             from_timestamp(request.agree_time, "agree_time")
             if request.HasField("agree_time")
@@ -135,7 +136,7 @@ class UpstreamRegistryServicer(pb_grpc.UpstreamRegistryServicer):
     async def TerminateContract(
         self, request: pb.TerminateContractRequest, context: Any
     ) -> pb.TerminateContractResponse:
-        contract_id = parse_uuid(request.contract_id, "contract_id")
+        contract_id = ContractId(parse_uuid(request.contract_id, "contract_id"))
         errors = ViolationCollector()
         effective = convert.date_from_proto(
             errors,
@@ -152,7 +153,7 @@ class UpstreamRegistryServicer(pb_grpc.UpstreamRegistryServicer):
     async def ListContracts(
         self, request: pb.ListContractsRequest, context: Any
     ) -> pb.ListContractsResponse:
-        upstream_site_id = parse_uuid(request.upstream_site_id, "upstream_site_id")
+        upstream_site_id = UpstreamSiteId(parse_uuid(request.upstream_site_id, "upstream_site_id"))
         limit = page_size_or_default(request.page_size)
         reader = self._reader()
         page = await fetch_page(

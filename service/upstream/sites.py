@@ -14,9 +14,15 @@ from zoneinfo import ZoneInfo
 
 from service.common.errors import ViolationCollector
 from service.common.text import NAME_LENGTH, check_text
-from service.identifiers import InvalidGridIdentifier, parse_grid_identifier
-from service.registry.domain import MAX_NAME_LENGTH, default_timezone, is_country_code
+from service.identifiers import (
+    InvalidGridIdentifier,
+    default_timezone,
+    is_country_code,
+    parse_grid_identifier,
+)
 
+# A supplier's own reference for an upstream site (as long as a partner site's names).
+MAX_EXTERNAL_ID_LENGTH = NAME_LENGTH
 # Who agreed: a name or a reference, not a document.
 MAX_AGREED_BY_LENGTH = NAME_LENGTH
 # If local midnight of the next transition is not after "now" (a clock going back over
@@ -51,7 +57,7 @@ def validate_upstream_site(
     except InvalidGridIdentifier as invalid:
         errors.add("grid_identifier", invalid.rule)
     reference = external_id.strip()
-    check_text(errors, "external_id", reference, MAX_NAME_LENGTH)
+    check_text(errors, "external_id", reference, MAX_EXTERNAL_ID_LENGTH)
     errors.raise_if_any()
     return UpstreamSiteFields(identifier, code, reference, default_timezone(code))
 

@@ -24,7 +24,7 @@ from uuid import UUID
 
 import asyncpg
 
-from service.registry import store as registry_store
+from service.events.payloads import SiteEventType, notify_site_event
 from service.upstream.domain import (
     ContractTerms,
     UpstreamStatus,
@@ -136,9 +136,7 @@ async def refresh_upstream_status(
                 site["id"] in silent,
             )
             if site["id"] not in silent:
-                await registry_store.notify_site_event(
-                    conn, site["id"], registry_store.SiteEventType.UPSTREAM_STATUS_CHANGED
-                )
+                await notify_site_event(conn, site["id"], SiteEventType.UPSTREAM_STATUS_CHANGED)
             changed += 1
         elif check_at != site["upstream_next_check_at"]:
             await conn.execute(

@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
-from uuid import UUID
 
 import asyncpg
 
@@ -25,6 +24,7 @@ from service.common.clock import Clock
 from service.common.errors import AlreadyExistsError, NotFoundError
 from service.common.pagination import Cursor
 from service.db.keyset import keyset_page
+from service.identifiers.ids import ContractId, OrgId, UpstreamSiteId
 from service.upstream.domain import (
     ContractState,
     ContractTerms,
@@ -39,7 +39,7 @@ from service.upstream.status import refresh_upstream_status, terms_from_row
 
 @dataclass(frozen=True)
 class UpstreamSiteRecord:
-    id: UUID
+    id: UpstreamSiteId
     fields: UpstreamSiteFields
     # Whether some partner site (of any organization) has this primary identifier.
     matched_partner_site: bool
@@ -68,8 +68,8 @@ class UpstreamSiteRecord:
 
 @dataclass(frozen=True)
 class ContractRecord:
-    id: UUID
-    upstream_site_id: UUID
+    id: ContractId
+    upstream_site_id: UpstreamSiteId
     terms: ContractTerms
     # State on "today" in the upstream site's time zone.
     state: ContractState
@@ -117,7 +117,7 @@ _SITE_VIEW = """
 class UpstreamReader:
     """Reads of one organization's upstream data, or of all (``org_id`` None: operators)."""
 
-    def __init__(self, pool: asyncpg.Pool, clock: Clock, org_id: UUID | None) -> None:
+    def __init__(self, pool: asyncpg.Pool, clock: Clock, org_id: OrgId | None) -> None:
         self._pool = pool
         self._clock = clock
         self._org_id = org_id
@@ -129,10 +129,10 @@ class UpstreamReader:
         args.append(self._org_id)
         return f"{column} = ${len(args)}"
 
-    async def get_upstream_site(self, upstream_site_id: UUID) -> UpstreamSiteRecord:
+    async def get_upstream_site(self, upstream_site_id: UpstreamSiteId) -> UpstreamSiteRecord:
         return await self._get_site(self._pool, upstream_site_id)
 
-    async def _get_site(self, conn: Any, upstream_site_id: UUID) -> UpstreamSiteRecord:
+    async def _get_site(self, conn: Any, upstream_site_id: UpstreamSiteId) -> UpstreamSiteRecord:
         args: list[Any] = [self._clock.now(), upstream_site_id]
         scope = self._scope("u.org_id", args)
         row = await conn.fetchrow(f"{_SITE_VIEW} WHERE u.id = $2 AND {scope}", *args)
@@ -162,7 +162,7 @@ class UpstreamReader:
         return [UpstreamSiteRecord.from_row(row) for row in rows], total
 
     async def list_contracts(
-        self, upstream_site_id: UUID, after: Cursor | None, limit: int
+        self, upstream_site_id: UpstreamSiteId, after: Cursor | None, limit: int
     ) -> tuple[list[ContractRecord], int]:
         async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
             args: list[Any] = [upstream_site_id]
@@ -193,7 +193,7 @@ def _duplicate_identifier(identifier: str) -> AlreadyExistsError:
 class SupplierStore(UpstreamReader):
     """Reads and writes of one supplier organization's upstream sites and contracts."""
 
-    def __init__(self, pool: asyncpg.Pool, clock: Clock, org_id: UUID) -> None:
+    def __init__(self, pool: asyncpg.Pool, clock: Clock, org_id: OrgId) -> None:
         super().__init__(pool, clock, org_id)
         self._supplier_id = org_id
 
@@ -218,7 +218,7 @@ class SupplierStore(UpstreamReader):
             await refresh_upstream_status(conn, [fields.grid_identifier], self._clock.now())
             return await self._get_site(conn, site_id)
 
-    async def delete_upstream_site(self, upstream_site_id: UUID) -> None:
+    async def delete_upstream_site(self, upstream_site_id: UpstreamSiteId) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
             identifier = await conn.fetchval(
                 "DELETE FROM upstream_sites WHERE id = $1 AND org_id = $2 "
@@ -230,7 +230,9 @@ class SupplierStore(UpstreamReader):
                 raise NotFoundError("upstream site", str(upstream_site_id))
             await refresh_upstream_status(conn, [identifier], self._clock.now())
 
-    async def _lock_site(self, conn: asyncpg.Connection, upstream_site_id: UUID) -> asyncpg.Record:
+    async def _lock_site(
+        self, conn: asyncpg.Connection, upstream_site_id: UpstreamSiteId
+    ) -> asyncpg.Record:
         row = await conn.fetchrow(
             "SELECT * FROM upstream_sites WHERE id = $1 AND org_id = $2 FOR UPDATE",
             upstream_site_id,
@@ -241,7 +243,7 @@ class SupplierStore(UpstreamReader):
         return row
 
     async def _lock_contract(
-        self, conn: asyncpg.Connection, contract_id: UUID
+        self, conn: asyncpg.Connection, contract_id: ContractId
     ) -> tuple[asyncpg.Record, asyncpg.Record]:
         """The contract and its upstream site, the site row locked (which guards its contracts)."""
         site_id = await conn.fetchval(
@@ -259,7 +261,9 @@ class SupplierStore(UpstreamReader):
             raise NotFoundError("contract", str(contract_id))
         return site, contract
 
-    async def create_contract(self, upstream_site_id: UUID, terms: ContractTerms) -> ContractRecord:
+    async def create_contract(
+        self, upstream_site_id: UpstreamSiteId, terms: ContractTerms
+    ) -> ContractRecord:
         """Creates the contract; identical terms to a live contract return that one (retry)."""
         now = self._clock.now()
         async with self._pool.acquire() as conn, conn.transaction():
@@ -297,7 +301,7 @@ class SupplierStore(UpstreamReader):
         return ContractRecord.from_row(row, today)
 
     async def agree_contract(
-        self, contract_id: UUID, agreed_by: str, agreed_at: datetime | None
+        self, contract_id: ContractId, agreed_by: str, agreed_at: datetime | None
     ) -> ContractRecord:
         now = self._clock.now()
         when = agreed_at or now
@@ -324,7 +328,9 @@ class SupplierStore(UpstreamReader):
             await refresh_upstream_status(conn, [site["grid_identifier"]], now)
         return ContractRecord.from_row(row, today)
 
-    async def terminate_contract(self, contract_id: UUID, effective_date: date) -> ContractRecord:
+    async def terminate_contract(
+        self, contract_id: ContractId, effective_date: date
+    ) -> ContractRecord:
         now = self._clock.now()
         async with self._pool.acquire() as conn, conn.transaction():
             site, row = await self._lock_contract(conn, contract_id)

@@ -9,7 +9,8 @@ import asyncpg
 import pytest
 
 from service.db.database import create_pool
-from service.db.reads import ReadLane
+from service.db.reads import ReadLane, _usable
+from tests.helpers import eventually
 
 PID = "SELECT pg_backend_pid() AS pid"
 CONNECTION_LOST = (
@@ -64,9 +65,17 @@ async def _busy_lane(pool: asyncpg.Pool, holding: str, waiting: str) -> tuple[Re
     """A lane of one connection, busy with ``holding``, and ``waiting`` queued behind it."""
     lane = ReadLane(pool, 1)
     holder = asyncio.ensure_future(lane.fetchrow(holding))
-    await asyncio.sleep(0.1)
+
+    async def holding_runs() -> bool:
+        running = await pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = $1",
+            holding,
+        )
+        return bool(running)
+
+    await eventually(holding_runs, f"{holding!r} runs on the lane's connection")
     waiter = asyncio.ensure_future(lane.fetchrow(waiting))
-    await asyncio.sleep(0.05)
+    await eventually(lambda: lane.waiting == 1, "the second read waits for the lane")
     return lane, holder, waiter
 
 
@@ -131,7 +140,10 @@ async def test_a_connection_ended_while_idle_is_replaced_without_a_failed_read(
     pool: asyncpg.Pool, database_url: str
 ) -> None:
     lane, ended = await _lane_whose_connection_was_ended(pool, database_url)
-    await asyncio.sleep(0.3)  # the client sees the connection close meanwhile
+    # The client sees the connection close while it sits idle in the lane.
+    await eventually(
+        lambda: not any(_usable(conn) for conn in lane._idle), "the client notices the end"
+    )
     replaced = await asyncio.wait_for(lane.fetchrow(PID), 5)
     assert replaced
     assert replaced["pid"] != ended
@@ -162,5 +174,6 @@ async def test_reads_after_close_use_the_pool(pool: asyncpg.Pool) -> None:
     row = await lane.fetchrow("SELECT 4 AS n")
     assert row
     assert row["n"] == 4
-    await asyncio.sleep(0.05)
-    assert pool.get_idle_size() == pool.get_size()
+    await eventually(
+        lambda: pool.get_idle_size() == pool.get_size(), "every connection back in the pool"
+    )

@@ -14,7 +14,7 @@ from grpc_status import rpc_status
 from openvpp.v1 import site_registry_pb2 as pb
 
 from tests.conftest import Org
-from tests.helpers import rpc_error
+from tests.helpers import rpc_error, wait_until_blocked
 
 if TYPE_CHECKING:
     from openvpp.v1.site_registry_pb2_grpc import SiteRegistryAsyncStub
@@ -88,13 +88,4 @@ async def count_rows(conn: asyncpg.Connection, table: str, org: Org) -> int:
 
 async def wait_until_blocked_on_lock(conn: asyncpg.Connection, call: asyncio.Future[Any]) -> None:
     """Until ``call`` waits for the row lock that ``conn`` holds."""
-    for _ in range(1000):
-        if call.done():
-            raise AssertionError(f"the call ended instead of waiting: {call.result()}")
-        waiting = await conn.fetchval(
-            "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid <> pg_backend_pid()"
-        )
-        if waiting:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the call never waited for the lock")
+    await wait_until_blocked(conn, 1, call)

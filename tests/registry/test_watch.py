@@ -14,8 +14,8 @@ from openvpp.v1 import site_registry_pb2_grpc
 
 from service.app import Service
 from service.auth.principal import Role
+from service.events.channels import SITE_EVENTS_CHANNEL
 from service.events.hub import SubscriberTooSlow
-from service.registry.store import SITE_EVENTS_CHANNEL
 from tests.conftest import MakeOrg, Org
 from tests.conftest import test_settings as settings_for_tests
 from tests.helpers import battery_request, site_request

@@ -14,7 +14,7 @@ from openvpp.v1 import telemetry_pb2 as tpb
 
 from service.app import Service
 from tests.conftest import Org
-from tests.helpers import expect_invalid
+from tests.helpers import expect_invalid, wait_until_blocked
 from tests.telemetry.conftest import (
     METER_START,
     Setup,
@@ -145,9 +145,8 @@ async def test_concurrent_batches_of_one_meter_are_checked_against_each_other(
             setup.ingest([register(meter, quarter(1), 100.0)], "a")
         )
         later_lower = asyncio.ensure_future(setup.ingest([register(meter, quarter(2), 50.0)], "b"))
-        await asyncio.sleep(0.3)
-        assert not earlier_higher.done()
-        assert not later_lower.done()
+        # Both wait for the meter's lock inside their transactions.
+        await wait_until_blocked(conn, 2, earlier_higher, later_lower)
         await holding.rollback()
     acks = await asyncio.wait_for(asyncio.gather(earlier_higher, later_lower), 10)
     # Whichever committed first, the other saw it: one decrease, rejected.
@@ -278,7 +277,9 @@ async def test_batch_resent_while_first_may_be_in_flight_is_stored_once(
     await retry.done_writing()
     assert ack.accepted_count + ack.duplicate_count == 50
     assert ack.corrected_count == ack.rejected_count == 0
-    await asyncio.sleep(0.2)  # let a possibly still running first copy finish
+    # The first copy, if the server took it, ran to its commit (its stream was gone).
+    assert service.telemetry_servicer is not None
+    await service.telemetry_servicer.wait_in_flight()
     assert await stored_count(service, meter.id) == 50
 
 

@@ -11,7 +11,7 @@ from openvpp.v1 import telemetry_pb2 as tpb
 from openvpp.v1 import telemetry_pb2_grpc
 
 from service.app import Service
-from service.telemetry.store import READINGS_CHANNEL
+from service.events.channels import READINGS_CHANNEL
 from tests.conftest import Org
 from tests.helpers import rpc_error
 from tests.telemetry.conftest import Setup, interval, quarter, register

@@ -16,20 +16,22 @@ from service.grid import (
 )
 from service.telemetry.domain import (
     Flow,
+    Measuring,
+    MeterDirection,
+    RejectReason,
+    measuring_allowed,
+    measuring_rule,
+    reason_text,
+)
+from tests.unit.reference_rules import (
     IncomingReading,
     IntervalEnergy,
-    Measuring,
     MeterContext,
-    MeterDirection,
     RegisterPoint,
-    RejectReason,
     check_reading,
     check_register_sequence,
     effective_flow,
     find_register_decreases,
-    measuring_allowed,
-    measuring_rule,
-    reason_text,
     registers_to_intervals,
 )
 from tests.unit.time_helpers import BERLIN, local, local_day, utc

@@ -13,16 +13,10 @@ from openvpp.v1 import telemetry_pb2 as tpb
 from service.grid import PT1H, PT15M, SiteType
 from service.telemetry.domain import (
     Flow,
-    IncomingReading,
     Measuring,
-    MeterContext,
     MeterDirection,
     MeterFields,
-    RegisterPoint,
     affected_intervals,
-    check_reading,
-    check_register_sequence,
-    find_register_decreases,
     validate_meter,
 )
 from service.telemetry.validate import (
@@ -31,6 +25,14 @@ from service.telemetry.validate import (
     meter_info,
     to_us,
     validate_batch,
+)
+from tests.unit.reference_rules import (
+    IncomingReading,
+    MeterContext,
+    RegisterPoint,
+    check_reading,
+    check_register_sequence,
+    find_register_decreases,
 )
 
 BERLIN = ZoneInfo("Europe/Berlin")

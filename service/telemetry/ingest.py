@@ -1,0 +1,223 @@
+"""The ingest path of one readings batch: validate, check registers, write, commit.
+
+:meth:`Ingest.ingest` takes the readings of a batch (``openvpp.v1.Reading`` messages, read
+field by field on the hot path without converting each) and returns an
+:class:`IngestResult` once the batch's transaction has COMMITTED: nothing acknowledged is
+lost. One batch is one transaction:
+
+1. every reading is validated against its meter's cached context (``validate_batch``);
+2. the months it touches have partitions;
+3. in one transaction: register meters are locked and checked against their stored
+   neighbours (a register may never go backwards), interval groups with nothing stored are
+   found, and the rows are written (:func:`service.telemetry.store.write_rows`);
+4. a conflict with a concurrent writer is retried, at most three attempts: a unique
+   violation on the plain-COPY path (someone stored keys we took for new) retries through
+   the upsert; a deadlock or serialization failure retries the whole transaction; a lost
+   staging table (a new backend reusing a pid) retries once it is recreated.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from service.common.errors import NotFoundError, ValidationError
+from service.config import Settings
+from service.events.channels import METER_CHANGED_CHANNEL, SITE_EVENTS_CHANNEL
+from service.events.hub import EventHub
+from service.events.payloads import event_org
+from service.identifiers.ids import MeterId, OrgId
+from service.telemetry.domain import RejectReason
+from service.telemetry.store import (
+    RETRYABLE,
+    MeterCache,
+    Partitions,
+    Row,
+    lock_register_meters,
+    stored_neighbours,
+    unoccupied,
+    write_rows,
+)
+from service.telemetry.validate import (
+    MeterInfo,
+    ValidatedBatch,
+    check_register_group,
+    validate_batch,
+)
+
+log = logging.getLogger(__name__)
+
+_US = 1_000_000
+_ATTEMPTS = 3
+# Average readings per interval group from which probing for plain inserts pays off.
+FRESH_PROBE_MIN_RUN = 10
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What a committed batch did; ``rejected`` is (index in the batch, reason), ascending."""
+
+    accepted: int
+    corrected: int
+    duplicates: int
+    rejected: list[tuple[int, RejectReason]]
+
+
+class Ingest:
+    """Batches in, committed results out; owns the meter cache and the partitions."""
+
+    def __init__(self, pool: asyncpg.Pool, hub: EventHub, settings: Settings) -> None:
+        self._pool = pool
+        self._hub = hub
+        self._settings = settings
+        self.meters = MeterCache(pool, settings.meter_cache_seconds)
+        self.partitions = Partitions(pool)
+        self._max_future_us = int(settings.max_future_seconds * _US)
+
+    async def start(self) -> None:
+        await self.partitions.load()
+        await self.maintain_partitions()
+        await self._hub.listen(METER_CHANGED_CHANNEL, self.meters.forget_org)
+        await self._hub.listen(SITE_EVENTS_CHANNEL, self._site_changed)
+        self._hub.on_reset(self.meters.forget_all)
+
+    def _site_changed(self, payload: str) -> None:
+        # A site's timezone or resolution changes the grid of all its meters.
+        org_id = event_org(payload)
+        if org_id is None:
+            self.meters.forget_all()
+        else:
+            self.meters.forget_org(org_id)
+
+    async def maintain_partitions(self) -> bool:
+        """A worker pass: readings partitions exist ahead of time (a failure is retried)."""
+        await self.partitions.ensure_ahead(
+            datetime.now(UTC), self._settings.partitions_ahead_months
+        )
+        return False
+
+    def check_size(self, count: int) -> None:
+        limit = self._settings.max_batch_readings
+        if count > limit:
+            raise ValidationError.single(
+                "batch.readings",
+                f"must hold at most {limit} readings (got {count}); split the batch",
+            )
+
+    async def meter(self, org_id: OrgId, meter_id: MeterId) -> MeterInfo:
+        """The cached context of one of ``org_id``'s meters; NotFoundError otherwise."""
+        info = (await self.meters.lookup(org_id, [str(meter_id)])).get(str(meter_id))
+        if info is None:
+            raise NotFoundError("meter", str(meter_id))
+        return info
+
+    async def ingest(self, org_id: OrgId, readings: Sequence[Any]) -> IngestResult:
+        """Validates, stores and commits one batch; returns only after COMMIT."""
+        meters = await self.meters.lookup(org_id, {r.meter_id for r in readings})
+        checked = validate_batch(readings, meters, int(time.time() * _US), self._max_future_us)
+        rejected = list(checked.rejected)
+        inserted = updated = written = 0
+        if checked.rows:
+            stamps = [row[2] for row in checked.rows]
+            await self.partitions.ensure_range(min(stamps), max(stamps))
+            written, inserted, updated, register_rejects = await self._write_with_retries(
+                org_id, checked
+            )
+            rejected.extend(register_rejects)
+            rejected.sort()
+        return IngestResult(
+            accepted=inserted,
+            corrected=updated + checked.in_batch_corrections,
+            duplicates=written - inserted - updated + checked.in_batch_duplicates,
+            rejected=rejected,
+        )
+
+    async def _write_with_retries(
+        self, org_id: OrgId, checked: ValidatedBatch
+    ) -> tuple[int, int, int, list[tuple[int, RejectReason]]]:
+        """(rows written, inserted, updated, register rejections) of the committed attempt."""
+        optimistic = True
+        for attempt in range(_ATTEMPTS):
+            last = attempt == _ATTEMPTS - 1
+            try:
+                return await self._write_once(org_id, checked, optimistic)
+            except asyncpg.UniqueViolationError:
+                # A concurrent batch stored keys we took for new: upsert everything.
+                log.info("ingest raced a concurrent writer; retrying with the upsert")
+                if not optimistic or last:
+                    raise
+                optimistic = False
+            except RETRYABLE:
+                if last:
+                    raise
+                optimistic = False
+                log.info("ingest transaction conflicted; retrying")
+            except asyncpg.UndefinedTableError:
+                # The backend lost its staging table (a new connection reusing a pid);
+                # write_rows forgot it, so the retry creates it.
+                if last:
+                    raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _write_once(
+        self, org_id: OrgId, checked: ValidatedBatch, optimistic: bool
+    ) -> tuple[int, int, int, list[tuple[int, RejectReason]]]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows, register_rejects, fresh = await self._register_check(conn, checked)
+            fresh += await self._fresh_intervals(conn, checked)
+            inserted = updated = 0
+            if rows:
+                by_id = {info.id: info for info in checked.row_meter}
+                result = await write_rows(conn, org_id, rows, by_id, fresh if optimistic else ())
+                inserted, updated = result.inserted, result.updated
+        return len(rows), inserted, updated, register_rejects
+
+    async def _fresh_intervals(
+        self, conn: asyncpg.Connection, checked: ValidatedBatch
+    ) -> list[tuple[UUID, int]]:
+        """Interval groups with nothing stored in their range yet (plain-insert candidates).
+
+        Worth one probe per group only when groups are long runs of intervals.
+        """
+        groups = checked.intervals
+        if not groups or len(groups) * FRESH_PROBE_MIN_RUN > len(checked.rows):
+            return []
+        return await unoccupied(
+            conn, [(meter, flow, span[0], span[1]) for (meter, flow), span in groups.items()]
+        )
+
+    async def _register_check(
+        self, conn: asyncpg.Connection, checked: ValidatedBatch
+    ) -> tuple[list[Row], list[tuple[int, RejectReason]], list[tuple[UUID, int]]]:
+        """The rows that keep every register monotonic, the rejections of the others, and
+        the (meter, flow) groups with nothing stored from their first timestamp on."""
+        rows = checked.rows
+        if not checked.registers:
+            return rows, [], []
+        groups = list(checked.registers.items())
+        await lock_register_meters(conn, sorted({meter_id for (meter_id, _), _ in groups}))
+        bounds = []
+        for (meter_id, flow), positions in groups:
+            stamps = [rows[p][2] for p in positions]
+            bounds.append((meter_id, flow, min(stamps), max(stamps)))
+        stored, appends = await stored_neighbours(
+            conn, bounds, self._settings.register_check_window_days
+        )
+        fresh = [key for (key, _), append in zip(groups, appends, strict=True) if append]
+        dropped: set[int] = set()
+        for (_, positions), around in zip(groups, stored, strict=True):
+            candidates = [(rows[p][2], rows[p][3]) for p in positions]
+            for bad in check_register_group(candidates, around):
+                dropped.add(positions[bad])
+        if not dropped:
+            return rows, [], fresh
+        kept = [row for position, row in enumerate(rows) if position not in dropped]
+        rejects = [(checked.row_index[p], RejectReason.REGISTER_DECREASED) for p in dropped]
+        return kept, rejects, fresh
