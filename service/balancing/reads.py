@@ -59,7 +59,9 @@ def _decode(token: str, fingerprint: str) -> dict[str, object] | None:
         ) from exc
     if body.get("f") != fingerprint:
         raise ValidationError.single(
-            "page_token", "must be used with the same filters as the request that returned it"
+            "page_token",
+            "must be used by the same organization with the same filters as the request "
+            "that returned it",
         )
     return body
 
@@ -252,10 +254,12 @@ async def _pairs_per_interval(
     p, c = int(row["p"] or 0), int(row["c"] or 0)
     if creditor is not None and debitor is not None:
         return 1
+    # A site without producers (or without consumers) has no pairs with GRID on that side:
+    # at least one row per interval keeps the page arithmetic defined.
     if debitor is not None:
-        return p if debitor == GRID else p + 1
+        return max(1, p) if debitor == GRID else p + 1
     if creditor is not None:
-        return c if creditor == GRID else c + 1
+        return max(1, c) if creditor == GRID else c + 1
     return max(1, p * c + p + c)
 
 

@@ -41,9 +41,11 @@ METHOD_ROLES: dict[str, frozenset[Role]] = {
 SETTING_UPDATABLE = frozenset({"end_date", "priority", "share"})
 # One RunBalancing call re-balances at most this much (a site-year fits with margin).
 MAX_RUN_RANGE = timedelta(days=400)
+# About ten years: the list RPCs read what is stored, RunBalancing recomputes it.
+MAX_LIST_RANGE = timedelta(days=3660)
 
 
-def _time_range(request: Any) -> tuple[datetime, datetime]:
+def _time_range(request: Any, longest: timedelta = MAX_LIST_RANGE) -> tuple[datetime, datetime]:
     errors = ViolationCollector()
     if not request.HasField("start_time"):
         errors.add("start_time", "is required")
@@ -54,6 +56,12 @@ def _time_range(request: Any) -> tuple[datetime, datetime]:
     end = from_timestamp(request.end_time, "end_time")
     if end <= start:
         raise ValidationError.single("end_time", "must be after start_time")
+    if end - start > longest:
+        # Every page lays out the output grid of the whole range: a bound keeps one call's
+        # work bounded whatever the client asks for.
+        raise ValidationError.single(
+            "end_time", f"must be at most {longest.days} days after start_time"
+        )
     return start, end
 
 
@@ -183,11 +191,7 @@ class BalancingServicer(pb_grpc.BalancingServicer):
         self, request: pb.RunBalancingRequest, context: Any
     ) -> pb.RunBalancingResponse:
         site_id = parse_uuid(request.site_id, "site_id")
-        start, end = _time_range(request)
-        if end - start > MAX_RUN_RANGE:
-            raise ValidationError.single(
-                "end_time", f"must be at most {MAX_RUN_RANGE.days} days after start_time"
-            )
+        start, end = _time_range(request, MAX_RUN_RANGE)
         org_id = current_principal().org_id
         _balanced(await site_info(self._pool, org_id, site_id))
         result = await rebalance_now(self._pool, org_id, site_id, [(start, end)])
