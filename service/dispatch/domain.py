@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from uuid import UUID
 
-from service.common.errors import ViolationCollector
+from service.common.errors import ValidationError, ViolationCollector
 from service.registry.domain import ResourceType, SiteStatus
 from service.upstream.domain import UpstreamStatus
 
@@ -133,8 +133,18 @@ def _on_quarter_hour(value: datetime) -> bool:
     return value.microsecond == 0 and int(value.timestamp()) % QUARTER_HOUR_SECONDS == 0
 
 
-def validate_request(request: DispatchRequest, now: datetime) -> DispatchRequest:
-    """Every broken rule at once (a ValidationError naming each field)."""
+def require_open_window(request: DispatchRequest, now: datetime) -> None:
+    """A new dispatch must end in the future."""
+    if request.end_time <= now:
+        raise ValidationError.single("end_time", "must be in the future")
+
+
+def validate_request(request: DispatchRequest, now: datetime | None) -> DispatchRequest:
+    """Every broken rule at once (a ValidationError naming each field).
+
+    ``now`` None leaves out "end in the future": a retry of a dispatch whose window has
+    since ended must still find the first dispatch, so the store checks that rule
+    (:func:`require_open_window`) only for a request it has not seen."""
     errors = ViolationCollector()
     request_id = request.request_id
     if not request_id:
@@ -162,7 +172,7 @@ def validate_request(request: DispatchRequest, now: datetime) -> DispatchRequest
         errors.add("end_time", "must be after start_time")
     elif end - start > MAX_WINDOW:
         errors.add("end_time", "must be at most 24 h after start_time")
-    if end <= now:
+    if now is not None and end <= now:
         errors.add("end_time", "must be in the future")
     if len(set(request.selection.site_ids)) != len(request.selection.site_ids):
         errors.add("selection.site_ids", "must not repeat a site")

@@ -66,7 +66,8 @@ class DispatchServicer(pb_grpc.DispatchServicer):
     async def DispatchFlexibility(
         self, request: pb.DispatchFlexibilityRequest, context: Any
     ) -> pb.DispatchFlexibilityResponse:
-        dispatch_request = validate_request(convert.request_from_proto(request), self._clock.now())
+        # The window's end is checked by the store, after a retry was recognised.
+        dispatch_request = validate_request(convert.request_from_proto(request), now=None)
         result = await self._store().dispatch(dispatch_request, _dispatch_traceparent(context))
         return pb.DispatchFlexibilityResponse(
             dispatch=convert.dispatch_to_proto(result.dispatch),

@@ -41,6 +41,7 @@ from service.dispatch.domain import (
     SiteEligibility,
     allocate,
     ineligibility,
+    require_open_window,
 )
 from service.events.channels import DISPATCH_OUTBOX_CHANNEL, SETPOINT_EVENTS_CHANNEL
 from service.registry.domain import ResourceType, SiteStatus
@@ -306,6 +307,7 @@ class DispatchStore:
             existing = None if request.dry_run else await self._existing(conn, request)
             if existing is not None:
                 return DispatchResult(existing)
+            require_open_window(request, now)
             await self._check_selection(conn, selection)
             rows = await conn.fetch(
                 _CANDIDATES_SQL,

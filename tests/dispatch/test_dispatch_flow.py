@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import grpc
@@ -11,10 +12,11 @@ from openvpp.v1 import dispatch_pb2 as pb
 from openvpp.v1 import site_registry_pb2 as site_pb
 
 from service.auth.principal import Role
-from service.common.protoconv import from_timestamp
-from tests.dispatch.conftest import Cluster, Flow
+from service.common.clock import ManualClock
+from service.common.protoconv import from_timestamp, to_timestamp
+from tests.dispatch.conftest import Cluster, Flow, window
 from tests.dispatch.setpoint_receiver import Received, running_receiver
-from tests.helpers import rpc_error
+from tests.helpers import expect_invalid, rpc_error
 
 BATTERY = site_pb.RESOURCE_TYPE_STATIC_BATTERY
 HEAT_PUMP = site_pb.RESOURCE_TYPE_HEAT_PUMP
@@ -306,3 +308,34 @@ async def test_a_partner_reads_only_its_own_setpoints(cluster: Cluster) -> None:
 
 def _bodies(received: list[Received]) -> list[dict[str, object]]:
     return [json.loads(r.raw) for r in received]
+
+
+async def test_a_retry_after_the_window_ended_returns_the_first_dispatch(cluster: Cluster) -> None:
+    clock = ManualClock(datetime.now(UTC))
+    replica = await cluster.replica(clock=clock, dispatch_delivery_enabled=False)
+    flow = Flow(replica, clock)
+    operator, partner, supplier = (
+        await flow.org(Role.OPERATOR),
+        await flow.org(Role.PARTNER),
+        await flow.org(Role.SUPPLIER),
+    )
+    await flow.site(partner, supplier, "http://127.0.0.1:9/x", resources=[(BATTERY, -5, 5)])
+    start, end = window(clock.now(), 30)
+    request = pb.DispatchFlexibilityRequest(
+        request_id="late-retry",
+        power_kw=2.0,
+        start_time=to_timestamp(start),
+        end_time=to_timestamp(end),
+        type=pb.DISPATCH_TYPE_EXACT,
+    )
+    first = await replica.dispatch.DispatchFlexibility(request, metadata=operator.auth)
+    clock.set(end + timedelta(minutes=5))
+    # The client's answer was lost and it retries after the window: the same dispatch.
+    again = await replica.dispatch.DispatchFlexibility(request, metadata=operator.auth)
+    assert again.dispatch.id == first.dispatch.id
+    # A new request for that past window is still refused, naming the field.
+    request.request_id = "late-new"
+    await expect_invalid(
+        replica.dispatch.DispatchFlexibility(request, metadata=operator.auth), "end_time"
+    )
+    assert await replica.pool.fetchval("SELECT count(*) FROM dispatches") == 1
