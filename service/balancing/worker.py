@@ -48,7 +48,7 @@ ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED
 """
 _CLAIM_SITE = """
 SELECT id, interval_start, interval_end FROM balancing_queue
-WHERE site_id = $1 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED
+WHERE site_id = $1 AND org_id = $3 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED
 """
 
 
@@ -148,7 +148,7 @@ class BalancingQueueConsumer:
     async def _balance_site(
         self, conn: asyncpg.Connection, org_id: UUID, site_id: UUID
     ) -> RebalanceResult:
-        rows = await conn.fetch(_CLAIM_SITE, site_id, self._max_rows)
+        rows = await conn.fetch(_CLAIM_SITE, site_id, self._max_rows, org_id)
         ranges = [(row["interval_start"], row["interval_end"]) for row in rows]
         try:
             site = await site_info(conn, org_id, site_id)

@@ -71,7 +71,7 @@ log = logging.getLogger(__name__)
 
 _CLAIM_SQL = """
 WITH due AS (
-    SELECT id, state AS claimed_state, site_id, resource_id, dispatch_id
+    SELECT id, state AS claimed_state, site_id, resource_id, dispatch_id, partner_org_id
     FROM setpoints
     WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= $1
       AND (lease_expires_at IS NULL OR lease_expires_at <= $1)
@@ -84,7 +84,7 @@ UPDATE setpoints s SET lease_owner = $3, lease_expires_at = $4,
     -- otherwise in the same transaction.
     state = CASE WHEN s.state = 'pending' THEN 'delivering' ELSE s.state END
 FROM due
-LEFT JOIN sites si ON si.id = due.site_id
+LEFT JOIN sites si ON si.id = due.site_id AND si.org_id = due.partner_org_id
 LEFT JOIN resources r ON r.id = due.resource_id AND r.site_id = due.site_id
 LEFT JOIN dispatches d ON d.id = due.dispatch_id
 WHERE s.id = due.id
