@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import date
-
-from google.type import date_pb2
 from openvpp.v1 import balancing_pb2 as pb
 
 from service.balancing.domain import BalancingRole, Policy, Setting, SettingFields
 from service.balancing.engine import AllocationMethod
 from service.common.errors import ViolationCollector
-from service.common.protoconv import enum_from_proto, enum_to_proto, to_timestamp
-
-
-def date_to_proto(value: date) -> date_pb2.Date:
-    return date_pb2.Date(year=value.year, month=value.month, day=value.day)
-
-
-def date_from_proto(
-    errors: ViolationCollector, field: str, message: date_pb2.Date, present: bool
-) -> date | None:
-    """A full calendar date, or None when absent (an all-zero Date counts as absent)."""
-    if not present or (message.year, message.month, message.day) == (0, 0, 0):
-        return None
-    try:
-        return date(message.year, message.month, message.day)
-    except ValueError:
-        errors.add(field, "must be a full, valid calendar date (year 1-9999, month and day)")
-        return None
+from service.common.protoconv import (
+    date_from_proto,
+    date_to_proto,
+    enum_from_proto,
+    enum_to_proto,
+    to_timestamp,
+)
 
 
 def role_from_proto(number: int, field: str) -> BalancingRole | None:

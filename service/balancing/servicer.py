@@ -28,7 +28,7 @@ from service.common.errors import (
 )
 from service.common.field_mask import require_mask
 from service.common.pagination import fetch_page, page_size_or_default
-from service.common.protoconv import from_timestamp, parse_uuid, to_timestamp
+from service.common.protoconv import date_from_proto, from_timestamp, parse_uuid, to_timestamp
 from service.events.channels import BALANCES_CHANNEL
 from service.events.hub import EventHub
 
@@ -130,7 +130,7 @@ class BalancingServicer(pb_grpc.BalancingServicer):
         paths = frozenset(require_mask(list(request.update_mask.paths), SETTING_UPDATABLE))
         given = request.setting
         errors = ViolationCollector()
-        end = convert.date_from_proto(
+        end = date_from_proto(
             errors, "setting.end_date", given.end_date, given.HasField("end_date")
         )
         errors.raise_if_any()
@@ -155,12 +155,10 @@ class BalancingServicer(pb_grpc.BalancingServicer):
         site_id = parse_uuid(request.site_id, "site_id")
         errors = ViolationCollector()
         method = convert.method_from_proto(errors, request.allocation_method, "allocation_method")
-        start = convert.date_from_proto(
+        start = date_from_proto(
             errors, "start_date", request.start_date, request.HasField("start_date")
         )
-        end = convert.date_from_proto(
-            errors, "end_date", request.end_date, request.HasField("end_date")
-        )
+        end = date_from_proto(errors, "end_date", request.end_date, request.HasField("end_date"))
         errors.raise_if_any()
         assert method is not None
         period = validate_policy_period(start, end)

@@ -9,8 +9,9 @@ from typing import Any, TypeAlias, TypeVar
 from uuid import UUID
 
 from google.protobuf import timestamp_pb2
+from google.type import date_pb2
 
-from service.common.errors import ValidationError
+from service.common.errors import ValidationError, ViolationCollector
 
 E = TypeVar("E", bound=StrEnum)
 
@@ -125,3 +126,30 @@ def parse_uuid(value: str, field: str) -> UUID:
         return UUID(value)
     except ValueError:
         raise ValidationError.single(field, "must be a UUID") from None
+
+
+def date_to_proto(value: date) -> date_pb2.Date:
+    return date_pb2.Date(year=value.year, month=value.month, day=value.day)
+
+
+def date_from_proto(
+    errors: ViolationCollector,
+    field: str,
+    message: date_pb2.Date,
+    present: bool,
+    required: bool = False,
+) -> date | None:
+    """A full calendar date, or None when absent (a violation if ``required``).
+
+    An all-zero Date counts as absent; partial dates (no day, no year) are rejected: every
+    date of the API (a contract boundary, a balancing setting's start) is a day.
+    """
+    if not present or (message.year, message.month, message.day) == (0, 0, 0):
+        if required:
+            errors.add(field, "is required")
+        return None
+    try:
+        return date(message.year, message.month, message.day)
+    except ValueError:
+        errors.add(field, "must be a full, valid calendar date (year 1-9999, month and day)")
+        return None

@@ -2,40 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import date
-
-from google.type import date_pb2
 from openvpp.v1 import upstream_registry_pb2 as pb
 
-from service.common.errors import ViolationCollector
-from service.common.protoconv import enum_to_proto, to_timestamp
+from service.common.protoconv import (
+    date_to_proto,
+    enum_to_proto,
+    to_timestamp,
+)
 from service.upstream.domain import ContractState
 from service.upstream.store import ContractRecord, UpstreamSiteRecord
 
 CONTRACT_STATE_PREFIX = "CONTRACT_STATE_"
-
-
-def date_to_proto(value: date) -> date_pb2.Date:
-    return date_pb2.Date(year=value.year, month=value.month, day=value.day)
-
-
-def date_from_proto(
-    errors: ViolationCollector, field: str, message: date_pb2.Date, present: bool, required: bool
-) -> date | None:
-    """A full calendar date, or None when absent (a violation if ``required``).
-
-    An all-zero Date counts as absent; partial dates (no day, no year) are rejected: a
-    contract boundary is a day.
-    """
-    if not present or (message.year, message.month, message.day) == (0, 0, 0):
-        if required:
-            errors.add(field, "is required")
-        return None
-    try:
-        return date(message.year, message.month, message.day)
-    except ValueError:
-        errors.add(field, "must be a full, valid calendar date (year 1-9999, month and day)")
-        return None
 
 
 def contract_state_to_proto(state: ContractState | None) -> pb.ContractState.ValueType:

@@ -12,7 +12,7 @@ from service.auth.principal import Role, current_principal
 from service.common.clock import Clock
 from service.common.errors import ViolationCollector
 from service.common.pagination import fetch_page, page_size_or_default
-from service.common.protoconv import enum_from_proto, from_timestamp, parse_uuid
+from service.common.protoconv import date_from_proto, enum_from_proto, from_timestamp, parse_uuid
 from service.identifiers import normalize_grid_identifier
 from service.identifiers.ids import ContractId, UpstreamSiteId
 from service.upstream import convert
@@ -107,10 +107,10 @@ class UpstreamRegistryServicer(pb_grpc.UpstreamRegistryServicer):
     ) -> pb.CreateContractResponse:
         upstream_site_id = UpstreamSiteId(parse_uuid(request.upstream_site_id, "upstream_site_id"))
         errors = ViolationCollector()
-        start = convert.date_from_proto(
+        start = date_from_proto(
             errors, "start_date", request.start_date, request.HasField("start_date"), True
         )
-        end = convert.date_from_proto(
+        end = date_from_proto(
             errors, "end_date", request.end_date, request.HasField("end_date"), False
         )
         errors.raise_if_any()
@@ -138,7 +138,7 @@ class UpstreamRegistryServicer(pb_grpc.UpstreamRegistryServicer):
     ) -> pb.TerminateContractResponse:
         contract_id = ContractId(parse_uuid(request.contract_id, "contract_id"))
         errors = ViolationCollector()
-        effective = convert.date_from_proto(
+        effective = date_from_proto(
             errors,
             "effective_date",
             request.effective_date,
