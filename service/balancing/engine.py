@@ -216,13 +216,13 @@ def allocate(block: BalancingInput) -> BalancingResult:
     producers).
     """
     production, demand = _validated(block)
-    num_producers, num_intervals = production.shape
-    num_consumers = demand.shape[0]
+    num_intervals, num_producers = production.shape
+    num_consumers = demand.shape[1]
     if num_intervals == 0 or num_producers == 0 or num_consumers == 0:
         return BalancingResult(
             shared_wh=np.zeros((num_intervals, num_producers, num_consumers), dtype=np.int64),
-            feed_in_wh=np.ascontiguousarray(production.T),
-            grid_supply_wh=np.ascontiguousarray(demand.T),
+            feed_in_wh=production.copy(),
+            grid_supply_wh=demand.copy(),
         )
     shared = np.empty((num_intervals, num_producers, num_consumers), dtype=np.int64)
     feed_in = np.empty((num_intervals, num_producers), dtype=np.int64)
@@ -232,8 +232,9 @@ def allocate(block: BalancingInput) -> BalancingResult:
     chunk = max(1, _CHUNK_CELLS // max(1, num_producers * num_consumers))
     for start in range(0, num_intervals, chunk):
         stop = min(start + chunk, num_intervals)
-        part_production = np.ascontiguousarray(production[:, start:stop])
-        part_demand = np.ascontiguousarray(demand[:, start:stop])
+        # Transposed per chunk (time innermost): a chunk fits in cache, the whole block not.
+        part_production = np.ascontiguousarray(production[start:stop].T)
+        part_demand = np.ascontiguousarray(demand[start:stop].T)
         cells, feed_exact, grid_exact = _exact_allocation(block, part_production, part_demand)
         shared_int, feed_int, grid_int = _controlled_rounding(
             cells, feed_exact, grid_exact, part_production, part_demand
@@ -251,7 +252,7 @@ def allocate(block: BalancingInput) -> BalancingResult:
 
 
 def _validated(block: BalancingInput) -> tuple[Int64Array, Int64Array]:
-    """Production ``[P, T]`` and demand ``[C, T]`` (time innermost), after every check."""
+    """Production ``[T, P]`` and demand ``[T, C]`` as int64, after every check."""
     try:
         method = AllocationMethod(block.method)
     except ValueError:
@@ -292,8 +293,8 @@ def _validated(block: BalancingInput) -> tuple[Int64Array, Int64Array]:
             if float(keys[tiers == tier].sum()) > 1 + _SHARE_SUM_SLACK:
                 raise ValueError(f"the static keys of tier {int(tier)} add up to more than 1")
     return (
-        np.ascontiguousarray(production.T, dtype=np.int64),
-        np.ascontiguousarray(demand.T, dtype=np.int64),
+        np.asarray(production, dtype=np.int64),
+        np.asarray(demand, dtype=np.int64),
     )
 
 
@@ -663,9 +664,30 @@ def _split_cells(values: FloatArray) -> tuple[Int64Array, BoolArray]:
     return base.astype(np.int64), fractional
 
 
+def _count_true(mask: BoolArray, axis: int = 0) -> Int64Array:
+    """``np.count_nonzero(mask, axis)``, summed as bytes when the axis is short (6x faster)."""
+    counts: Int64Array
+    if mask.shape[axis] < 255:
+        counts = np.add.reduce(mask.view(np.uint8), axis=axis, dtype=np.uint8).astype(np.int64)
+    else:
+        counts = np.asarray(np.count_nonzero(mask, axis=axis), dtype=np.int64)
+    return counts
+
+
 def _first_of(mask: BoolArray, count: Int64Array) -> BoolArray:
     """The first ``count[t]`` true cells of each interval's column of ``mask`` (lowest index)."""
-    result: BoolArray = mask & (np.cumsum(mask, axis=0, dtype=np.int16) <= count[None, :])
+    if not (count > 0).any():
+        return np.zeros_like(mask)
+    if (count >= _count_true(mask)).all():  # every true cell is taken: no ranks needed
+        return mask.copy()
+    if mask.shape[0] < 255:
+        # numpy accumulates bytes along an outer axis several times faster than int16 and
+        # a rank never exceeds the number of rows; counts are clipped into the byte range.
+        ranks = np.cumsum(mask.view(np.uint8), axis=0, dtype=np.uint8)
+        limit = np.clip(count, 0, 255).astype(np.uint8)
+        result: BoolArray = mask & (ranks <= limit[None, :])
+    else:
+        result = mask & (np.cumsum(mask, axis=0, dtype=np.int32) <= count[None, :])
     return result
 
 
@@ -677,7 +699,7 @@ def _pick(mask: BoolArray, count: Int64Array, preferred: BoolArray) -> BoolArray
     each consumer's rounding close to nearest and the index only breaks the rest.
     """
     first = mask & preferred
-    from_first = np.minimum(count, np.count_nonzero(first, axis=0))
+    from_first = np.minimum(count, _count_true(first))
     result = _first_of(first, from_first)
     if (count > from_first).any():
         result |= _first_of(mask & ~preferred, count - from_first)
@@ -702,8 +724,8 @@ def _greedy_row(
     between ``need_low`` and ``need_high`` ups in all, and can take between ``low`` (the
     columns' missing ups) and ``high`` (their room, at most one per fractional row left).
     """
-    low = np.maximum(missing, 0).sum(axis=0)
-    high = np.minimum(room, rows_after).sum(axis=0)
+    low = np.maximum(missing, 0).sum(axis=0, dtype=np.int32).astype(np.int64)
+    high = np.minimum(room, rows_after).sum(axis=0, dtype=np.int32).astype(np.int64)
     lowers_low = free & (missing > 0)
     lowers_high = free & (room <= rows_after)
     class_a = lowers_low & ~lowers_high
@@ -711,7 +733,7 @@ def _greedy_row(
     class_c = lowers_low & lowers_high
     class_d = free & ~lowers_low & lowers_high
     count_a, count_b, count_c, count_d = (
-        np.count_nonzero(m, axis=0) for m in (class_a, class_b, class_c, class_d)
+        _count_true(m) for m in (class_a, class_b, class_c, class_d)
     )
     chosen: tuple[Int64Array, ...] | None = None
     feasible = np.zeros(free.shape[1], dtype=np.bool_)
@@ -814,12 +836,12 @@ def _controlled_rounding(
         room = column_most - taken
         room -= forced_up
         free = candidates & ~forced_up & (room > 0)
-        forced_count = np.count_nonzero(forced_up, axis=0)
+        forced_count = _count_true(forced_up)
         nearest_up = feed_fractional[producer] & (feed_fraction[producer] >= 0.5)
         other_up = feed_fractional[producer] & ~nearest_up
         if producer == num_producers - 1:
             # The last row: the columns' bounds are all that is left (forced and free).
-            free_count = np.count_nonzero(free, axis=0)
+            free_count = _count_true(free)
             wanted = row_ups[producer] - nearest_up - forced_count
             use_other = ((wanted < 0) | (wanted > free_count)) & feed_fractional[producer]
             feed_up_count = np.where(use_other, other_up, nearest_up).astype(np.int64)
@@ -848,7 +870,7 @@ def _controlled_rounding(
     # A negative count seen as unsigned is huge: one comparison checks 0 <= ups <= 1.
     failed |= (grid_ups.view(np.uint16) > grid_fractional).any(axis=0)
     failed |= ((feed_ups < 0) | (feed_ups > feed_fractional)).any(axis=0)
-    failed |= (np.count_nonzero(ups, axis=1) + feed_ups != row_ups).any(axis=0)
+    failed |= (_count_true(ups, axis=1) + feed_ups != row_ups).any(axis=0)
     shared_int = base
     shared_int += ups
     feed_int = feed_base.astype(np.int64) + feed_ups
