@@ -7,10 +7,9 @@ and summed (numpy over the decoded arrays).
 
 from __future__ import annotations
 
-import base64
-import json
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -25,7 +24,12 @@ from service.balancing.store import (
     load_consumer_blocks,
 )
 from service.common.errors import ValidationError
-from service.common.pagination import filters_fingerprint
+from service.common.pagination import (
+    decode_token_body,
+    encode_token_body,
+    filters_fingerprint,
+    page_size_or_default,
+)
 
 # Output intervals that are unions of whole blocks (local days or months).
 WHOLE_BLOCKS = frozenset({"P1D", "P1M"})
@@ -34,35 +38,13 @@ MAX_PAGE_SIZE = 10_000
 
 
 def balances_page_size(page_size: int) -> int:
-    if page_size < 0:
-        raise ValidationError.single("page_size", "must not be negative")
-    if page_size == 0:
-        return DEFAULT_PAGE_SIZE
-    return min(page_size, MAX_PAGE_SIZE)
+    return page_size_or_default(page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
 
 
-def _encode(body: dict[str, object]) -> str:
-    text = json.dumps(body, separators=(",", ":"))
-    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
-
-
-def _decode(token: str, fingerprint: str) -> dict[str, object] | None:
-    if not token:
-        return None
-    try:
-        body = json.loads(base64.urlsafe_b64decode((token + "=" * (-len(token) % 4)).encode()))
-        if not isinstance(body, dict) or not isinstance(body.get("s"), int):
-            raise ValueError("malformed")
-    except (ValueError, TypeError) as exc:
-        raise ValidationError.single(
-            "page_token", "must be a next_page_token this API returned"
-        ) from exc
-    if body.get("f") != fingerprint:
-        raise ValidationError.single(
-            "page_token",
-            "must be used by the same organization with the same filters as the request "
-            "that returned it",
-        )
+def _decode(token: str, fingerprint: str) -> dict[str, Any] | None:
+    body = decode_token_body(token, fingerprint)
+    if body is not None and not isinstance(body.get("s"), int):
+        raise ValidationError.single("page_token", "must be a next_page_token this API returned")
     return body
 
 
@@ -164,7 +146,7 @@ async def balances_page(
     position = 0
     after: tuple[str, str] | None = None
     if cursor is not None:
-        position = int(np.searchsorted(bounds_all, int(cursor["s"])))  # type: ignore[call-overload]
+        position = int(np.searchsorted(bounds_all, int(cursor["s"])))
         after = (str(cursor.get("c", "")), str(cursor.get("d", "")))
     producers = {UUID(creditor)} if creditor not in (None, GRID) else None
     consumers = {UUID(debitor)} if debitor not in (None, GRID) else None
@@ -221,13 +203,13 @@ async def balances_page(
     kept = len(last) - (count - limit)
     windows[-1] = last = last.truncated(kept)
     row = kept - 1
-    token = _encode(
+    token = encode_token_body(
         {
             "s": last.bounds_us[last.intervals[row]],
             "c": last.creditors[last.pairs[row]],
             "d": last.debitors[last.pairs[row]],
-            "f": fingerprint,
-        }
+        },
+        fingerprint,
     )
     return windows, token
 
@@ -278,7 +260,7 @@ async def summaries_page(
     n_all = len(bounds_all) - 1
     position = 0
     if cursor is not None:
-        position = int(np.searchsorted(bounds_all, int(cursor["s"]), side="right"))  # type: ignore[call-overload]
+        position = int(np.searchsorted(bounds_all, int(cursor["s"]), side="right"))
     if position >= n_all:
         return [], ""
     agg = await _window(
@@ -301,4 +283,4 @@ async def summaries_page(
     ]
     if position + len(rows) >= n_all:
         return rows, ""
-    return rows, _encode({"s": to_us(rows[-1].interval_start), "f": fingerprint})
+    return rows, encode_token_body({"s": to_us(rows[-1].interval_start)}, fingerprint)

@@ -9,7 +9,7 @@ import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 from uuid import UUID
 
 from service.auth.principal import current_principal
@@ -27,13 +27,19 @@ class Cursor:
     id: UUID
 
 
-def page_size_or_default(page_size: int, field: str = "page_size") -> int:
+def page_size_or_default(
+    page_size: int,
+    field: str = "page_size",
+    *,
+    default: int = DEFAULT_PAGE_SIZE,
+    maximum: int = MAX_PAGE_SIZE,
+) -> int:
     """0 means the default; above the maximum is lowered to it (AIP-158); negative is an error."""
     if page_size < 0:
         raise ValidationError.single(field, "must not be negative")
     if page_size == 0:
-        return DEFAULT_PAGE_SIZE
-    return min(page_size, MAX_PAGE_SIZE)
+        return default
+    return min(page_size, maximum)
 
 
 def filters_fingerprint(*filters: object) -> str:
@@ -50,32 +56,49 @@ def _caller_org() -> str:
         return ""
 
 
-def encode_page_token(cursor: Cursor, fingerprint: str) -> str:
-    body = json.dumps(
-        {"t": cursor.created_at.isoformat(), "i": str(cursor.id), "f": fingerprint},
-        separators=(",", ":"),
-    )
-    return base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
+def encode_token_body(body: dict[str, object], fingerprint: str) -> str:
+    """An opaque page token carrying ``body`` (a list's own cursor) and the fingerprint of
+    what it is bound to."""
+    text = json.dumps({**body, "f": fingerprint}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
-def decode_page_token(token: str, fingerprint: str, field: str = "page_token") -> Cursor | None:
-    """The cursor in ``token``; None for an empty token (first page)."""
+def decode_token_body(
+    token: str, fingerprint: str, field: str = "page_token"
+) -> dict[str, Any] | None:
+    """The cursor body of ``token``; None for an empty token (first page). A token that is
+    not ours, or bound to other filters or another organization, is a field violation."""
     if not token:
         return None
     try:
         padded = token + "=" * (-len(token) % 4)
         body = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        cursor = Cursor(datetime.fromisoformat(body["t"]), UUID(body["i"]))
-        issued_for = body["f"]
-    except (ValueError, KeyError, TypeError) as exc:
+        if not isinstance(body, dict) or "f" not in body:
+            raise ValueError("not a page token")
+    except (ValueError, TypeError) as exc:
         raise ValidationError.single(field, "must be a next_page_token this API returned") from exc
-    if issued_for != fingerprint:
+    if body["f"] != fingerprint:
         raise ValidationError.single(
             field,
             "must be used by the same organization with the same filters as the request that "
             "returned it",
         )
-    return cursor
+    return body
+
+
+def encode_page_token(cursor: Cursor, fingerprint: str) -> str:
+    return encode_token_body({"t": cursor.created_at.isoformat(), "i": str(cursor.id)}, fingerprint)
+
+
+def decode_page_token(token: str, fingerprint: str, field: str = "page_token") -> Cursor | None:
+    """The cursor in ``token``; None for an empty token (first page)."""
+    body = decode_token_body(token, fingerprint, field)
+    if body is None:
+        return None
+    try:
+        return Cursor(datetime.fromisoformat(body["t"]), UUID(body["i"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValidationError.single(field, "must be a next_page_token this API returned") from exc
 
 
 class Pageable(Protocol):
