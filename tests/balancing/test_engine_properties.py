@@ -241,3 +241,53 @@ def test_table_rounding_keeps_margins_and_floor_or_ceiling(
     assert np.array_equal(
         rounded[:, : columns - 1].sum(axis=0), np.rint(table[:, : columns - 1].sum(axis=0))
     )
+
+
+@SETTINGS
+@given(sites(), st.data())
+def test_idle_intervals_share_nothing_and_change_nothing_else(
+    block: BalancingInput, data: st.DataObject
+) -> None:
+    """Intervals without production or without demand, which the engine skips, interleaved
+    with a block: they feed in all production and take all demand from the grid, and the
+    other intervals' results are the block's own."""
+    intervals, producers = block.production_wh.shape
+    consumers = block.demand_wh.shape[1]
+    positions = sorted(data.draw(st.lists(st.integers(0, intervals), max_size=5), label="at"))
+    production, demand = block.production_wh, block.demand_wh
+    idle_rows = []
+    for offset, at in enumerate(positions):
+        without_production = data.draw(st.booleans(), label="no production (else no demand)")
+        row_production = (
+            [0] * producers
+            if without_production
+            else data.draw(
+                st.lists(energy, min_size=producers, max_size=producers), label="production"
+            )
+        )
+        row_demand = (
+            data.draw(st.lists(energy, min_size=consumers, max_size=consumers), label="demand")
+            if without_production
+            else [0] * consumers
+        )
+        production = np.insert(production, at + offset, row_production, axis=0)
+        demand = np.insert(demand, at + offset, row_demand, axis=0)
+        idle_rows.append(at + offset)
+    padded = BalancingInput(
+        method=block.method,
+        production_wh=production,
+        demand_wh=demand,
+        producer_as_consumer=block.producer_as_consumer,
+        consumer_tier=block.consumer_tier,
+        consumer_share=block.consumer_share,
+    )
+    result = allocate(padded)
+    assert_exact_and_bounded(padded, result)
+    assert not result.shared_wh[idle_rows].any()
+    assert np.array_equal(result.feed_in_wh[idle_rows], production[idle_rows])
+    assert np.array_equal(result.grid_supply_wh[idle_rows], demand[idle_rows])
+    kept = np.delete(np.arange(len(production)), idle_rows)
+    alone = allocate(block)
+    assert np.array_equal(result.shared_wh[kept], alone.shared_wh)
+    assert np.array_equal(result.feed_in_wh[kept], alone.feed_in_wh)
+    assert np.array_equal(result.grid_supply_wh[kept], alone.grid_supply_wh)
