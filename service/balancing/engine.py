@@ -685,36 +685,78 @@ def _count_true(mask: BoolArray, axis: int = 0) -> Int64Array:
     return counts
 
 
-def _first_of(mask: BoolArray, count: Int64Array) -> BoolArray:
-    """The first ``count[t]`` true cells of each interval's column of ``mask`` (lowest index)."""
-    if not (count > 0).any():
-        return np.zeros_like(mask)
-    if (count >= _count_true(mask)).all():  # every true cell is taken: no ranks needed
-        return mask.copy()
-    if mask.shape[0] < 255:
-        # numpy accumulates bytes along an outer axis several times faster than int16 and
-        # a rank never exceeds the number of rows; counts are clipped into the byte range.
-        ranks = np.cumsum(mask.view(np.uint8), axis=0, dtype=np.uint8)
-        limit = np.clip(count, 0, 255).astype(np.uint8)
-        result: BoolArray = mask & (ranks <= limit[None, :])
-    else:
-        result = mask & (np.cumsum(mask, axis=0, dtype=np.int32) <= count[None, :])
-    return result
+def _preference_fields(
+    classes: list[BoolArray], preferred: BoolArray
+) -> tuple[NDArray[np.uint8], list[BoolArray], list[Int64Array]]:
+    """Each cell's field: ``2k`` in class ``k`` and preferred, ``2k + 1`` in class ``k`` and
+    not, ``2 * len(classes)`` in none; with each field's mask and count per interval.
 
-
-def _pick(mask: BoolArray, count: Int64Array, preferred: BoolArray) -> BoolArray:
-    """``count[t]`` cells of ``mask``: the preferred ones first, each group lowest index first.
-
-    Picking by index alone would round the lower meter ids up more often, a bias that adds
-    up over a year; preferring the consumers whose exact total is nearer its ceiling keeps
-    each consumer's rounding close to nearest and the index only breaks the rest.
+    The classes must be disjoint. Picking "the first ``n`` of a class, preferred cells
+    first, each group by index" is then picking a prefix of each field by index, and one
+    rank computation serves every field at once (see :func:`_first_of_fields`).
     """
-    first = mask & preferred
-    from_first = np.minimum(count, _count_true(first))
-    result = _first_of(first, from_first)
-    if (count > from_first).any():
-        result |= _first_of(mask & ~preferred, count - from_first)
-    return result
+    # Byte arithmetic on the masks: several times faster than a masked copy per class.
+    fields = (~preferred).view(np.uint8)
+    outside = ~classes[0]
+    for number, members in enumerate(classes[1:], start=1):
+        fields = fields + members.view(np.uint8) * np.uint8(2 * number)
+        outside &= ~members
+    fields += outside.view(np.uint8) * np.uint8(2 * len(classes))
+    masks: list[BoolArray] = []
+    for members in classes:
+        masks += [members & preferred, members & ~preferred]
+    return fields, masks, [_count_true(mask) for mask in masks]
+
+
+def _field_wanted(class_wanted: Int64Array, preferred_count: Int64Array) -> tuple[Int64Array, ...]:
+    """How many of a class's preferred and other cells a pick of ``class_wanted`` takes."""
+    wanted = np.maximum(class_wanted, 0)
+    from_preferred = np.minimum(wanted, preferred_count)
+    return from_preferred, wanted - from_preferred
+
+
+def _first_of_fields(
+    fields: NDArray[np.uint8],
+    masks: list[BoolArray],
+    counts: list[Int64Array],
+    wanted: list[Int64Array],
+) -> BoolArray:
+    """The first ``wanted[f][t]`` cells (lowest index) of each field ``f`` in interval ``t``.
+
+    A field taken whole or not at all needs no ranks; the ranks (a cumulative sum down the
+    meters, the costly step) are computed once for all the fields that are taken in part,
+    one such field per interval at a time. The greedy's class order leaves at most two of
+    them in an interval, so one or two rank passes replace one per field.
+    """
+    num_consumers, num_intervals = fields.shape
+    selected = np.zeros(fields.shape, dtype=np.bool_)
+    partial = np.zeros((len(masks), num_intervals), dtype=np.bool_)
+    for field, (mask, count, take) in enumerate(zip(masks, counts, wanted, strict=True)):
+        whole = take >= count
+        if whole.any():
+            selected |= mask & whole[None, :]
+        np.greater(take, 0, out=partial[field])
+        partial[field] &= ~whole
+    if not partial.any():
+        return selected
+    wanted_by_field = np.stack(wanted)
+    every_interval = np.arange(num_intervals)
+    while True:
+        slot = np.argmax(partial, axis=0)
+        in_slot = partial[slot, every_interval]
+        if not in_slot.any():
+            return selected
+        mask = (fields == slot.astype(np.uint8)[None, :]) & in_slot[None, :]
+        limit = wanted_by_field[slot, every_interval]
+        if num_consumers < 255:
+            # numpy accumulates bytes along an outer axis several times faster than int16
+            # and a rank never exceeds the number of rows (a partial take is below it).
+            ranks = np.cumsum(mask.view(np.uint8), axis=0, dtype=np.uint8)
+            selected |= mask & (ranks <= limit.astype(np.uint8)[None, :])
+        else:
+            ranks32 = np.cumsum(mask, axis=0, dtype=np.int32)
+            selected |= mask & (ranks32 <= limit[None, :])
+        partial[slot, every_interval] = False
 
 
 def _greedy_row(
@@ -743,8 +785,11 @@ def _greedy_row(
     class_b = free & ~lowers_low & ~lowers_high
     class_c = lowers_low & lowers_high
     class_d = free & ~lowers_low & lowers_high
+    fields, masks, field_counts = _preference_fields(
+        [class_a, class_b, class_c, class_d], preferred
+    )
     count_a, count_b, count_c, count_d = (
-        _count_true(m) for m in (class_a, class_b, class_c, class_d)
+        field_counts[2 * k] + field_counts[2 * k + 1] for k in range(4)
     )
     chosen: tuple[Int64Array, ...] | None = None
     feasible = np.zeros(free.shape[1], dtype=np.bool_)
@@ -776,15 +821,12 @@ def _greedy_row(
             feasible = feasible | ok
     assert chosen is not None
     feed_up_count, take_a, take_b, take_c, take_d = chosen
-    up = forced_up.copy()
-    for members, count in (
-        (class_a, take_a),
-        (class_b, take_b),
-        (class_c, take_c),
-        (class_d, take_d),
-    ):
-        if (count > 0).any():
-            up |= _pick(members, np.maximum(count, 0), preferred)
+    wanted_by_field = [
+        wanted
+        for number, take in enumerate((take_a, take_b, take_c, take_d))
+        for wanted in _field_wanted(take, field_counts[2 * number])
+    ]
+    up = forced_up | _first_of_fields(fields, masks, field_counts, wanted_by_field)
     return feed_up_count, up, ~feasible
 
 
@@ -852,13 +894,16 @@ def _controlled_rounding(
         other_up = feed_fractional[producer] & ~nearest_up
         if producer == num_producers - 1:
             # The last row: the columns' bounds are all that is left (forced and free).
-            free_count = _count_true(free)
+            fields, masks, field_counts = _preference_fields([free], preferred)
+            free_count = field_counts[0] + field_counts[1]
             wanted = row_ups[producer] - nearest_up - forced_count
             use_other = ((wanted < 0) | (wanted > free_count)) & feed_fractional[producer]
             feed_up_count = np.where(use_other, other_up, nearest_up).astype(np.int64)
             wanted = row_ups[producer] - feed_up_count - forced_count
             failed |= (wanted < 0) | (wanted > free_count)
-            up = forced_up | _pick(free, np.maximum(wanted, 0), preferred)
+            up = forced_up | _first_of_fields(
+                fields, masks, field_counts, list(_field_wanted(wanted, field_counts[0]))
+            )
         else:
             feed_up_count, up, row_failed = _greedy_row(
                 free,
