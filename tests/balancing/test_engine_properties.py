@@ -18,6 +18,9 @@ from service.balancing.engine import (
     AllocationMethod,
     BalancingInput,
     BalancingResult,
+    _field_wanted,
+    _first_of_fields,
+    _preference_fields,
     _round_table,
     allocate,
 )
@@ -291,3 +294,43 @@ def test_idle_intervals_share_nothing_and_change_nothing_else(
     assert np.array_equal(result.shared_wh[kept], alone.shared_wh)
     assert np.array_equal(result.feed_in_wh[kept], alone.feed_in_wh)
     assert np.array_equal(result.grid_supply_wh[kept], alone.grid_supply_wh)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 300),
+    st.integers(1, 6),
+    st.integers(1, 4),
+    st.integers(0, 2**32 - 1),
+)
+def test_greedy_picks_preferred_cells_first_then_the_lowest_meter_index(
+    consumers: int, intervals: int, class_count: int, seed: int
+) -> None:
+    """The greedy's pick per class, against a plain per-interval loop: ``n`` cells of the
+    class, the preferred ones first, each group lowest meter index first (the engine's
+    tie rule, which the oracle tests do not pin: any floor-or-ceiling pick passes them).
+    Up to 300 consumers, past the byte ranks' 255."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, class_count + 1, size=(consumers, intervals))  # last: none
+    classes = [labels == number for number in range(class_count)]
+    preferred = rng.random((consumers, intervals)) < 0.5
+    class_wanted = [
+        rng.integers(-2, consumers + 3, size=intervals).astype(np.int64) for _ in range(class_count)
+    ]
+    fields, counts = _preference_fields(classes, preferred)
+    wanted = [
+        part
+        for number, take in enumerate(class_wanted)
+        for part in _field_wanted(take, counts[2 * number])
+    ]
+    picked = _first_of_fields(fields, counts, wanted)
+    expected = np.zeros((consumers, intervals), dtype=np.bool_)
+    for interval in range(intervals):
+        for number, members in enumerate(classes):
+            column = members[:, interval]
+            ordered = [c for c in range(consumers) if column[c] and preferred[c, interval]] + [
+                c for c in range(consumers) if column[c] and not preferred[c, interval]
+            ]
+            for consumer in ordered[: max(0, int(class_wanted[number][interval]))]:
+                expected[consumer, interval] = True
+    assert np.array_equal(picked, expected)
