@@ -315,15 +315,17 @@ async def dispatch_round(
                 raise SystemExit(f"only {len(accepted_ids)} of {expected} accepted in time")
         done = time.time()
         assert await accepted_count(conn, dispatch_id) == expected
-        latencies = sorted(
-            row["latency_ms"]
-            for row in await conn.fetch(
-                "SELECT a.latency_ms FROM setpoint_attempts a JOIN setpoints s"
-                " ON s.id = a.setpoint_id WHERE s.dispatch_id = $1",
-                dispatch_id,
-            )
+        attempt_rows = await conn.fetch(
+            "SELECT a.latency_ms, extract(epoch FROM a.attempt_time) AS at"
+            " FROM setpoint_attempts a JOIN setpoints s"
+            " ON s.id = a.setpoint_id WHERE s.dispatch_id = $1",
+            dispatch_id,
         )
+        latencies = sorted(row["latency_ms"] for row in attempt_rows)
         attempts = len(latencies)
+        # When the sends ran, from the call: where the time between the answer and the
+        # last acceptance went (ramp-up, the sends, the recording of the last ones).
+        sent_at = sorted(float(row["at"]) for row in attempt_rows)
     finally:
         await conn.close()
     stats = await receiver_stats(receiver_port)
@@ -337,6 +339,8 @@ async def dispatch_round(
         "first_p50": first[len(first) // 2],
         "first_p99": first[int(len(first) * 0.99)],
         "attempts": attempts,
+        "first_send_s": sent_at[0] - called,
+        "last_send_s": sent_at[-1] - called,
         "verified": stats["verified"],
         "refused": stats["refused"],
     }
@@ -500,6 +504,9 @@ def report(
         f"(DispatchFlexibility answered in {measured['rpc_seconds'] * 1000:.0f} ms) = "
         f"{rate:,.0f} setpoints/s; {measured['attempts']:,} attempts, "
         f"{measured['verified']:,} verified, {measured['refused']} refused\n"
+        f"  sends from the call: first at {measured['first_send_s'] * 1000:.0f} ms, last at "
+        f"{measured['last_send_s'] * 1000:.0f} ms, all accepted at "
+        f"{measured['seconds'] * 1000:.0f} ms\n"
         f"  delivery latency (sender, per attempt): p50 {measured['delivery_p50']:.1f} ms, "
         f"p99 {measured['delivery_p99']:.1f} ms\n"
         f"  first attempt after commit, per setpoint (queue included): "

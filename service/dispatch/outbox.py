@@ -204,7 +204,8 @@ def _ineligibility_of(
     if not has_webhook:
         return "resource has no webhook_url"
     # An existing site's columns are NOT NULL.
-    assert site_status is not None and upstream_status is not None
+    assert site_status is not None
+    assert upstream_status is not None
     return ineligibility(
         SiteEligibility(
             SiteStatus(site_status),
