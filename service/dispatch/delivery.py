@@ -47,7 +47,6 @@ send is the probe, ``timeout_seconds``); ``DeliverySettings.from_settings`` and
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import ipaddress
 import random
@@ -55,7 +54,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -328,22 +327,43 @@ class _KeyedLimiter:
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._slots: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
+        self._slots: dict[str, _Slot] = {}
 
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        entry = self._slots.get(key)
-        if entry is None:
-            entry = self._slots[key] = (asyncio.Semaphore(self._limit), [0])
-        semaphore, users = entry
-        users[0] += 1
+    def hold(self, key: str) -> _Slot:
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = _Slot(self, key, asyncio.Semaphore(self._limit))
+        slot.users += 1
+        return slot
+
+    def _left(self, slot: _Slot) -> None:
+        slot.users -= 1
+        if slot.users == 0:
+            del self._slots[slot.key]
+
+
+class _Slot:
+    """``async with`` one key's semaphore. A class, not a generator-based context manager:
+    it is entered once per delivery attempt."""
+
+    __slots__ = ("_limiter", "key", "semaphore", "users")
+
+    def __init__(self, limiter: _KeyedLimiter, key: str, semaphore: asyncio.Semaphore) -> None:
+        self._limiter = limiter
+        self.key = key
+        self.semaphore = semaphore
+        self.users = 0
+
+    async def __aenter__(self) -> None:
         try:
-            async with semaphore:
-                yield
-        finally:
-            users[0] -= 1
-            if users[0] == 0:
-                del self._slots[key]
+            await self.semaphore.acquire()
+        except BaseException:
+            self._limiter._left(self)
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.semaphore.release()
+        self._limiter._left(self)
 
 
 class WebhookSender:
