@@ -12,7 +12,8 @@ consumers) and on the benchmark's site-year, and reports every input whose whole
 result differs in any cell: a speed-up must not change a single Wh. ``time`` times both on
 the benchmark's site-year, alternating them run by run in one process, so that the load
 of a shared machine hits both alike, and prints min / median / max of each and the median
-ratio. Asserts nothing, bounded in count and time.
+ratio; ``--daytime`` keeps only the intervals with production (the work that is left once
+the idle ones are skipped). Asserts nothing, bounded in count and time.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from types import ModuleType
 
 import numpy as np
 
-from loadtest.balancing_bench import build_site_year, engine_input
+from loadtest.balancing_bench import SiteYear, build_site_year, engine_input
 from service.balancing import engine
 from service.balancing.engine import AllocationMethod, BalancingInput, BalancingResult
 
@@ -125,8 +126,14 @@ def check(reference: ModuleType, sites: int, seed: int) -> int:
     return 1 if differing else 0
 
 
-def time_both(reference: ModuleType, repeat: int, methods: list[AllocationMethod]) -> None:
+def time_both(
+    reference: ModuleType, repeat: int, methods: list[AllocationMethod], daytime: bool
+) -> None:
     site_year = build_site_year()
+    if daytime:  # the intervals with production only: the engine's work without idle ones
+        producing = site_year.production_wh.any(axis=1)
+        site_year = SiteYear(site_year.production_wh[producing], site_year.demand_wh[producing])
+        print(f"daytime only: {int(producing.sum()):,} of {producing.size:,} intervals")
     contenders: dict[str, Callable[[BalancingInput], object]] = {
         "reference": reference.allocate,
         "working tree": engine.allocate,
@@ -174,12 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--method", action="append", choices=[m.name for m in AllocationMethod], default=None
     )
+    parser.add_argument(
+        "--daytime", action="store_true", help="time: only the intervals with production"
+    )
     args = parser.parse_args(argv)
     reference = load_reference(args.reference)
     if args.section == "check":
         return check(reference, args.sites, args.seed)
     methods = [AllocationMethod[name] for name in args.method or [m.name for m in AllocationMethod]]
-    time_both(reference, args.repeat, methods)
+    time_both(reference, args.repeat, methods, args.daytime)
     return 0
 
 
