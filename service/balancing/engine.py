@@ -110,7 +110,9 @@ Zero is absence
     offered); a producer with zero production offers nothing. Every sum over meters is a
     sequential reduction over an outer axis (numpy adds such axes in index order), so a
     zero term changes no other float; sorts are stable; so the engine's integer result for
-    the other meters is identical, bit for bit, to the one without the zero meter.
+    the other meters is identical, bit for bit, to the one without the zero meter. An
+    interval without production shares nothing, so :func:`allocate` does not run it
+    through the allocation at all (its demand is all grid supply): a PV site's nights.
 
 Rounding of meter energy (:func:`round_energy_wh`)
     Each meter-interval energy is rounded to the nearest whole Wh, ties to even. It is
