@@ -237,12 +237,16 @@ def allocate(block: BalancingInput) -> BalancingResult:
     # Intervals are independent: chunks keep every temporary in cache instead of paging in
     # fresh memory for each step over the whole block (3x faster on a site-year).
     chunk = max(1, _CHUNK_CELLS // max(1, num_producers * num_consumers))
+    method = AllocationMethod(block.method)
+    tiers = _tiers(block)
     for start in range(0, busy.size, chunk):
         rows = _as_slice(busy[start : start + chunk])
         # Transposed per chunk (time innermost): a chunk fits in cache, the whole block not.
         part_production = np.ascontiguousarray(production[rows].T)
         part_demand = np.ascontiguousarray(demand[rows].T)
-        cells, feed_exact, grid_exact = _exact_allocation(block, part_production, part_demand)
+        cells, feed_exact, grid_exact = _exact_allocation(
+            method, tiers, part_production, part_demand
+        )
         shared_int, feed_int, grid_int = _controlled_rounding(
             cells, feed_exact, grid_exact, part_production, part_demand
         )
@@ -324,43 +328,62 @@ def _tier_columns(tiers: Int64Array) -> list[NDArray[np.intp]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _exact_allocation(
-    block: BalancingInput, production: Int64Array, demand: Int64Array
-) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """Real-valued ``shared [P, C, T]``, ``feed_in [P, T]`` and ``grid_supply [C, T]``."""
-    method = AllocationMethod(block.method)
-    num_producers, num_intervals = production.shape
-    num_consumers = demand.shape[0]
-    remaining_production = production.astype(np.float64)
-    remaining_demand = demand.astype(np.float64)
-    cells = np.zeros((num_producers, num_consumers, num_intervals))
+@dataclass(frozen=True)
+class _Tier:
+    """One tier of a block, the same for every chunk of it."""
+
+    columns: NDArray[np.intp]
+    """Its consumer columns."""
+    own_in_tier: Int64Array
+    """``[P]`` position of each producer's own column inside the tier, or -1."""
+    shares: FloatArray
+    """The tier's static keys, unset ones 0."""
+
+
+def _tiers(block: BalancingInput) -> list[_Tier]:
+    """The block's tiers in serving order, worked out once instead of once per chunk."""
     own_columns = np.asarray(block.producer_as_consumer, dtype=np.int64)
     shares = np.nan_to_num(np.asarray(block.consumer_share, dtype=np.float64), nan=0.0)
+    tiers = []
     for columns in _tier_columns(np.asarray(block.consumer_tier, dtype=np.int64)):
-        # Position of each producer's own column inside this tier, or -1.
-        own_in_tier = np.full(num_producers, -1, dtype=np.int64)
+        own_in_tier = np.full(own_columns.size, -1, dtype=np.int64)
         for producer, column in enumerate(own_columns):
             if column >= 0:
                 hits = np.flatnonzero(columns == column)
                 if hits.size:
                     own_in_tier[producer] = hits[0]
-        if columns.size == num_consumers:  # one tier: work in place, no copies
+        tier_shares = shares if columns.size == shares.size else shares[columns]
+        tiers.append(_Tier(columns, own_in_tier, tier_shares))
+    return tiers
+
+
+def _exact_allocation(
+    method: AllocationMethod, tiers: list[_Tier], production: Int64Array, demand: Int64Array
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Real-valued ``shared [P, C, T]``, ``feed_in [P, T]`` and ``grid_supply [C, T]``."""
+    num_producers, num_intervals = production.shape
+    num_consumers = demand.shape[0]
+    remaining_production = production.astype(np.float64)
+    remaining_demand = demand.astype(np.float64)
+    cells = np.zeros((num_producers, num_consumers, num_intervals))
+    for tier in tiers:
+        if tier.columns.size == num_consumers:  # one tier: work in place, no copies
             _allocate_tier(
-                method, shares, own_in_tier, remaining_production, remaining_demand, cells
+                method, tier.shares, tier.own_in_tier, remaining_production, remaining_demand, cells
             )
             continue
-        tier_demand = remaining_demand[columns]
-        tier_cells = np.zeros((num_producers, columns.size, num_intervals))
+        tier_demand = remaining_demand[tier.columns]
+        tier_cells = np.zeros((num_producers, tier.columns.size, num_intervals))
         _allocate_tier(
             method,
-            shares[columns],
-            own_in_tier,
+            tier.shares,
+            tier.own_in_tier,
             remaining_production,
             tier_demand,
             tier_cells,
         )
-        remaining_demand[columns] = tier_demand
-        cells[:, columns] = tier_cells
+        remaining_demand[tier.columns] = tier_demand
+        cells[:, tier.columns] = tier_cells
     return cells, remaining_production, remaining_demand
 
 
@@ -533,7 +556,8 @@ def _closed_form(
     total = production.sum(axis=0)
     if method is AllocationMethod.STATIC:
         # One pass: O_i = R * share_i, a_i = min(e_i, O_i), cell_ji = r_j * a_i / R.
-        allocation = np.minimum(demand, total[None, :] * shares[:, None])
+        allocation = np.multiply(total[None, :], shares[:, None])
+        np.minimum(demand, allocation, out=allocation)
         given = allocation.sum(axis=0)
         split = np.zeros_like(production)
         np.divide(production, total[None, :], out=split, where=total[None, :] > 0)
@@ -869,7 +893,8 @@ def _controlled_rounding(
     # supply is nearer its floor, so that each consumer's total rounds to nearest if it can.
     preferred = grid_fraction < 0.5
     row_ups = production - base.sum(axis=1) - feed_base.astype(np.int64)
-    column_most = demand - _sum_rows(base) - grid_base.astype(np.int64)
+    grid_floor = grid_base.astype(np.int64)
+    column_most = demand - _sum_rows(base) - grid_floor
     column_least = column_most - grid_fractional
     feed_flex = feed_fractional.astype(np.int64)
     # Needs of the rows after j: [sum(U - feed_flex), sum(U)].
@@ -935,7 +960,7 @@ def _controlled_rounding(
     shared_int = base
     shared_int += ups
     feed_int = feed_base.astype(np.int64) + feed_ups
-    grid_int = grid_base.astype(np.int64) + grid_ups
+    grid_int = grid_floor + grid_ups
     for interval in np.flatnonzero(failed):
         table = np.zeros((num_producers + 1, num_consumers + 1))
         table[:num_producers, :num_consumers] = cells[:, :, interval]
