@@ -18,6 +18,9 @@ from service.balancing.engine import (
     AllocationMethod,
     BalancingInput,
     BalancingResult,
+    _field_wanted,
+    _first_of_fields,
+    _preference_fields,
     _round_table,
     allocate,
 )
@@ -241,3 +244,93 @@ def test_table_rounding_keeps_margins_and_floor_or_ceiling(
     assert np.array_equal(
         rounded[:, : columns - 1].sum(axis=0), np.rint(table[:, : columns - 1].sum(axis=0))
     )
+
+
+@SETTINGS
+@given(sites(), st.data())
+def test_idle_intervals_share_nothing_and_change_nothing_else(
+    block: BalancingInput, data: st.DataObject
+) -> None:
+    """Intervals without production or without demand, which the engine skips, interleaved
+    with a block: they feed in all production and take all demand from the grid, and the
+    other intervals' results are the block's own."""
+    intervals, producers = block.production_wh.shape
+    consumers = block.demand_wh.shape[1]
+    positions = sorted(data.draw(st.lists(st.integers(0, intervals), max_size=5), label="at"))
+    production, demand = block.production_wh, block.demand_wh
+    idle_rows = []
+    for offset, at in enumerate(positions):
+        without_production = data.draw(st.booleans(), label="no production (else no demand)")
+        row_production = (
+            [0] * producers
+            if without_production
+            else data.draw(
+                st.lists(energy, min_size=producers, max_size=producers), label="production"
+            )
+        )
+        row_demand = (
+            data.draw(st.lists(energy, min_size=consumers, max_size=consumers), label="demand")
+            if without_production
+            else [0] * consumers
+        )
+        production = np.insert(production, at + offset, row_production, axis=0)
+        demand = np.insert(demand, at + offset, row_demand, axis=0)
+        idle_rows.append(at + offset)
+    padded = BalancingInput(
+        method=block.method,
+        production_wh=production,
+        demand_wh=demand,
+        producer_as_consumer=block.producer_as_consumer,
+        consumer_tier=block.consumer_tier,
+        consumer_share=block.consumer_share,
+    )
+    result = allocate(padded)
+    assert_exact_and_bounded(padded, result)
+    assert not result.shared_wh[idle_rows].any()
+    assert np.array_equal(result.feed_in_wh[idle_rows], production[idle_rows])
+    assert np.array_equal(result.grid_supply_wh[idle_rows], demand[idle_rows])
+    kept = np.delete(np.arange(len(production)), idle_rows)
+    alone = allocate(block)
+    assert np.array_equal(result.shared_wh[kept], alone.shared_wh)
+    assert np.array_equal(result.feed_in_wh[kept], alone.feed_in_wh)
+    assert np.array_equal(result.grid_supply_wh[kept], alone.grid_supply_wh)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 300),
+    st.integers(1, 6),
+    st.integers(1, 4),
+    st.integers(0, 2**32 - 1),
+)
+def test_greedy_picks_preferred_cells_first_then_the_lowest_meter_index(
+    consumers: int, intervals: int, class_count: int, seed: int
+) -> None:
+    """The greedy's pick per class, against a plain per-interval loop: ``n`` cells of the
+    class, the preferred ones first, each group lowest meter index first (the engine's
+    tie rule, which the oracle tests do not pin: any floor-or-ceiling pick passes them).
+    Up to 300 consumers, past the byte ranks' 255."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, class_count + 1, size=(consumers, intervals))  # last: none
+    classes = [labels == number for number in range(class_count)]
+    preferred = rng.random((consumers, intervals)) < 0.5
+    class_wanted = [
+        rng.integers(-2, consumers + 3, size=intervals).astype(np.int64) for _ in range(class_count)
+    ]
+    fields, counts = _preference_fields(classes, preferred)
+    wanted = [
+        part
+        for number, take in enumerate(class_wanted)
+        for part in _field_wanted(take, counts[2 * number])
+    ]
+    picked = _first_of_fields(fields, counts, wanted)
+    expected = np.zeros((consumers, intervals), dtype=np.bool_)
+    for interval in range(intervals):
+        for number, members in enumerate(classes):
+            column = members[:, interval]
+            ordered = [c for c in range(consumers) if column[c] and preferred[c, interval]] + [
+                c for c in range(consumers) if column[c] and not preferred[c, interval]
+            ]
+            for consumer in ordered[: max(0, int(class_wanted[number][interval]))]:
+                expected[consumer, interval] = True
+    assert np.array_equal(picked, expected)
