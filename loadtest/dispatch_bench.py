@@ -303,6 +303,7 @@ async def dispatch_round(
             changed(None, 0, "", payload)
         assert response.dispatch.pending_count == expected, response.dispatch
         deadline = time.monotonic() + 300
+        seen_by = "notifications"
         while not all_accepted.is_set():
             # A slow safety net should a notification ever be missed.
             with contextlib.suppress(TimeoutError):
@@ -310,6 +311,8 @@ async def dispatch_round(
             if all_accepted.is_set():
                 break
             if await accepted_count(conn, dispatch_id) >= expected:
+                # The end is then known only to within the second: the figures say so.
+                seen_by = "the 1 s count (a notification was missed: time late by < 1 s)"
                 break
             if time.monotonic() > deadline:
                 raise SystemExit(f"only {len(accepted_ids)} of {expected} accepted in time")
@@ -339,6 +342,7 @@ async def dispatch_round(
         "first_p50": first[len(first) // 2],
         "first_p99": first[int(len(first) * 0.99)],
         "attempts": attempts,
+        "seen_by": seen_by,
         "first_send_s": sent_at[0] - called,
         "last_send_s": sent_at[-1] - called,
         "verified": stats["verified"],
@@ -506,7 +510,7 @@ def report(
         f"{measured['verified']:,} verified, {measured['refused']} refused\n"
         f"  sends from the call: first at {measured['first_send_s'] * 1000:.0f} ms, last at "
         f"{measured['last_send_s'] * 1000:.0f} ms, all accepted at "
-        f"{measured['seconds'] * 1000:.0f} ms\n"
+        f"{measured['seconds'] * 1000:.0f} ms (seen by {measured['seen_by']})\n"
         f"  delivery latency (sender, per attempt): p50 {measured['delivery_p50']:.1f} ms, "
         f"p99 {measured['delivery_p99']:.1f} ms\n"
         f"  first attempt after commit, per setpoint (queue included): "

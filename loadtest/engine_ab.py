@@ -2,8 +2,8 @@
 
 Usage::
 
-    .venv/bin/python -m loadtest.engine_ab check --reference main
-    flock /tmp/openvpp-bench.lock .venv/bin/python -m loadtest.engine_ab time --reference main
+    .venv/bin/python -m loadtest.engine_ab check --reference 08e6f33
+    flock /tmp/openvpp-bench.lock .venv/bin/python -m loadtest.engine_ab time --reference 08e6f33
 
 ``--reference`` is a git revision; its ``service/balancing/engine.py`` is loaded next to the
 working tree's. ``check`` runs both on many seeded random sites (every method, prosumers,
@@ -13,7 +13,7 @@ result differs in any cell: a speed-up must not change a single Wh. ``time`` tim
 the benchmark's site-year, alternating them run by run in one process, so that the load
 of a shared machine hits both alike, and prints min / median / max of each and the median
 ratio; ``--daytime`` keeps only the intervals with production (the work that is left once
-the idle ones are skipped). Asserts nothing, bounded in count and time.
+the idle ones are skipped). Asserts nothing; bounded in count (``--sites``, ``--repeat``).
 """
 
 from __future__ import annotations
@@ -174,7 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("section", choices=["check", "time"])
-    parser.add_argument("--reference", default="main", help="git revision to compare with")
+    parser.add_argument(
+        "--reference",
+        required=True,
+        help="git revision to compare with (one before the change: HEAD compared with "
+        "itself proves nothing)",
+    )
     parser.add_argument("--sites", type=int, default=400, help="random sites for check")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=7, help="timed pairs per method")

@@ -724,13 +724,16 @@ def _preference_fields(
     classes: list[BoolArray], preferred: BoolArray
 ) -> tuple[NDArray[np.uint8], list[Int64Array]]:
     """Each cell's field: ``2k`` in class ``k`` and preferred, ``2k + 1`` in class ``k`` and
-    not, ``2 * len(classes)`` in none (at most 4 classes); with each field's count per
-    interval.
+    not, ``2 * len(classes)`` or one more in none (at most 4 classes: the fields of the
+    classes are the bits of one byte in :func:`_first_of_fields`); with each field's count
+    per interval.
 
     The classes must be disjoint. Picking "the first ``n`` of a class, preferred cells
     first, each group by index" is then picking a prefix of each field by index, and one
     rank computation serves every field at once (see :func:`_first_of_fields`).
     """
+    # A fifth class's fields would not fit the byte of whole-field bits: never taken.
+    assert len(classes) <= 4, "at most 4 classes"
     # Byte arithmetic on the masks: several times faster than a masked copy per class.
     fields = (~preferred).view(np.uint8)
     outside = ~classes[0]
@@ -767,8 +770,8 @@ def _first_of_fields(
     partial = (wanted_by_field > 0) & ~whole
     # Bit f of an interval's byte: field f is taken whole. A cell is taken whole when the
     # bit of its field is set: two byte passes instead of two per field. The cells outside
-    # every field (field 8, or 2 of one class) shift it out: numpy's unsigned shift by the
-    # width or more is 0, not C's undefined behaviour.
+    # every field (field 8 or 9, or 2 or 3 of one class) shift it out: numpy's unsigned
+    # shift by the width or more is 0, not C's undefined behaviour.
     field_bits = np.arange(len(wanted), dtype=np.uint8)[:, None]
     whole_bits = np.bitwise_or.reduce(whole.view(np.uint8) << field_bits, axis=0)
     selected: BoolArray = ((whole_bits[None, :] >> fields) & np.uint8(1)).view(np.bool_)

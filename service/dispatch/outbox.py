@@ -588,7 +588,9 @@ class OutboxDeliverer:
                 await conn.execute(
                     _ATTEMPTS_SQL,
                     [a.claimed.setpoint_id for a in attempts],
-                    [a.attempt_time for a in attempts],
+                    # When the request went out (after any wait for a slot towards the
+                    # endpoint), or, for an attempt that failed before, when it began.
+                    [a.outcome.attempted_at or a.attempt_time for a in attempts],
                     [a.claimed.row.delivers_cancellation for a in attempts],
                     [a.outcome.http_status for a in attempts],
                     [a.outcome.error or "" for a in attempts],

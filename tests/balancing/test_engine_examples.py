@@ -220,7 +220,7 @@ def test_openenergyid_fixed_key_example_is_our_static_per_consumer_exactly() -> 
     published_feed_in = wh(OEID_FIXED_NET_INJECTION)
     assert result.feed_in_wh.sum(axis=1).tolist() == [sum(row) for row in published_feed_in]
     # Where no consumer that is also a producer is capped, each producer's feed-in is the
-    # published one too: quarter-hours 1 and 2 (3 and 4: see the next test).
+    # published one too: quarter-hours 1 and 2 (3 and 4: see the next two tests).
     assert result.feed_in_wh[:2].tolist() == published_feed_in[:2]
     # No sharing within one connection: P2 and P3 never receive their own injection.
     assert result.shared_wh[:, 1, 1].tolist() == [0, 0, 0, 0]
@@ -247,6 +247,21 @@ def test_openenergyid_fixed_key_feed_in_per_producer_follows_our_rule_where_it_d
     result = oeid(AllocationMethod.STATIC)
     assert within_one_wh(result.feed_in_wh[3].tolist(), [0, 1583.33, 19166.67])
     assert result.feed_in_wh[3].sum() == 20_750 == sum(wh(OEID_FIXED_NET_INJECTION)[3])
+
+
+def test_openenergyid_fixed_key_feed_in_per_producer_in_quarter_hour_3() -> None:
+    """Quarter-hour 3 of the FIXED run: openenergyid publishes feed-in 19.0 / 2.90 / 16.60.
+
+    By the same rule, by hand: P1 (100) offers 10 to P2 and 22.5 to each of P3..P6, P2 (10)
+    2.25 to each of P3..P6, P3 (40) 4 to P2 and 9 to each of P4..P6. P2 takes 10 of its 14
+    (P1 7.143, P3 2.857), P5 19 of 33.75 (P1 12.667, P2 1.267, P3 5.067), P6 24 of 33.75
+    (P1 16, P2 1.6, P3 6.4); P3 and P4 take all they are offered. P1 feeds in
+    100 - 7.143 - 22.5 - 22.5 - 12.667 - 16 = 19.190, P2 10 - 2.25 - 2.25 - 1.267 - 1.6 =
+    2.633, P3 40 - 2.857 - 9 - 5.067 - 6.4 = 16.676; the total, 38.5, is the published one.
+    """
+    result = oeid(AllocationMethod.STATIC)
+    assert within_one_wh(result.feed_in_wh[2].tolist(), [19190.48, 2633.33, 16676.19])
+    assert result.feed_in_wh[2].sum() == 38_500 == sum(wh(OEID_FIXED_NET_INJECTION)[2])
 
 
 def test_openenergyid_optimal_example_where_it_is_our_static_redistributed() -> None:

@@ -14,6 +14,7 @@ import numpy as np
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from service.balancing import engine as engine_module
 from service.balancing.engine import (
     AllocationMethod,
     BalancingInput,
@@ -251,9 +252,9 @@ def test_table_rounding_keeps_margins_and_floor_or_ceiling(
 def test_idle_intervals_share_nothing_and_change_nothing_else(
     block: BalancingInput, data: st.DataObject
 ) -> None:
-    """Intervals without production or without demand, which the engine skips, interleaved
-    with a block: they feed in all production and take all demand from the grid, and the
-    other intervals' results are the block's own."""
+    """Intervals without production (which the engine skips) or without demand (which it
+    allocates, a control), interleaved with a block: they feed in all production and take
+    all demand from the grid, and the other intervals' results are the block's own."""
     intervals, producers = block.production_wh.shape
     consumers = block.demand_wh.shape[1]
     positions = sorted(data.draw(st.lists(st.integers(0, intervals), max_size=5), label="at"))
@@ -334,3 +335,42 @@ def test_greedy_picks_preferred_cells_first_then_the_lowest_meter_index(
             for consumer in ordered[: max(0, int(class_wanted[number][interval]))]:
                 expected[consumer, interval] = True
     assert np.array_equal(picked, expected)
+
+
+@SETTINGS
+@given(sites(), st.integers(1, 3), st.lists(st.integers(0, 8), max_size=4))
+def test_chunks_of_gathered_rows_give_each_interval_its_own_result(
+    block: BalancingInput, intervals_per_chunk: int, idle_at: list[int]
+) -> None:
+    """A block cut into chunks of 1-3 intervals, with intervals without production between
+    them (the rows of a chunk then gathered, not sliced), gives every interval the result
+    it has alone (intervals are independent): the tiers worked out once serve every chunk,
+    and each chunk's result lands on its own rows."""
+    production, demand = block.production_wh, block.demand_wh
+    for offset, at in enumerate(sorted(idle_at)):
+        row = min(at, len(block.production_wh)) + offset
+        production = np.insert(production, row, 0, axis=0)
+        demand = np.insert(demand, row, 7 * (offset + 1), axis=0)
+
+    def with_energy(rows: slice) -> BalancingInput:
+        return BalancingInput(
+            method=block.method,
+            production_wh=production[rows],
+            demand_wh=demand[rows],
+            producer_as_consumer=block.producer_as_consumer,
+            consumer_tier=block.consumer_tier,
+            consumer_share=block.consumer_share,
+        )
+
+    cells_per_interval = production.shape[1] * demand.shape[1]
+    original = engine_module._CHUNK_CELLS
+    engine_module._CHUNK_CELLS = max(1, cells_per_interval) * intervals_per_chunk
+    try:
+        chunked = allocate(with_energy(slice(None)))
+    finally:
+        engine_module._CHUNK_CELLS = original
+    for interval in range(len(production)):
+        alone = allocate(with_energy(slice(interval, interval + 1)))
+        assert np.array_equal(chunked.shared_wh[interval], alone.shared_wh[0])
+        assert np.array_equal(chunked.feed_in_wh[interval], alone.feed_in_wh[0])
+        assert np.array_equal(chunked.grid_supply_wh[interval], alone.grid_supply_wh[0])

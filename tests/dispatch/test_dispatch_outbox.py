@@ -161,6 +161,39 @@ async def test_retries_until_accepted_and_rejections_are_final(cluster: Cluster)
         assert [a.http_status for a in rejected.attempts] == [422]
 
 
+async def test_an_attempts_time_is_when_it_was_sent_not_when_it_was_queued(
+    cluster: Cluster,
+) -> None:
+    """One request at a time towards the endpoint and a slow receiver: the second setpoint
+    waits for the first's slot, and its attempt's time is when its request went out."""
+    replica = await cluster.replica(dispatch_max_concurrency_per_host=1)
+    flow = Flow(replica)
+    operator, partner, supplier = (
+        await flow.org(Role.OPERATOR),
+        await flow.org(Role.PARTNER),
+        await flow.org(Role.SUPPLIER),
+    )
+    arrived: dict[str, datetime] = {}
+
+    async def slow(received: Received) -> int:
+        arrived[received.body["setpoint_id"]] = datetime.now(UTC)
+        await asyncio.sleep(0.4)
+        return 200
+
+    async with running_receiver(slow) as receiver:
+        receiver.trust(await flow.secret(partner))
+        await flow.site(
+            partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5), (BATTERY, -5, 5)]
+        )
+        dispatch = (await flow.dispatch(operator)).dispatch
+        settled = await flow.settle(operator, dispatch.id)
+    assert [s.state for s in settled] == [ACCEPTED, ACCEPTED]
+    sent = sorted((s.attempts[0].attempt_time.ToDatetime(UTC), arrived[s.id]) for s in settled)
+    for attempt_time, arrival in sent:
+        assert timedelta(0) <= arrival - attempt_time < timedelta(seconds=0.2)
+    assert sent[1][0] - sent[0][0] >= timedelta(seconds=0.35)
+
+
 async def test_the_attempt_limit_fails_a_setpoint(cluster: Cluster) -> None:
     replica = await cluster.replica(dispatch_max_attempts=3, dispatch_breaker_failure_threshold=100)
     flow = Flow(replica)
