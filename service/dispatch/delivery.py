@@ -514,6 +514,11 @@ class WebhookSender:
 
 
 async def _drain(response: aiohttp.ClientResponse) -> None:
+    length = response.content_length
+    if length is not None and length <= MAX_RESPONSE_BODY_BYTES:
+        # The usual answer: a short body of a declared length, read in one go.
+        await response.read()
+        return
     remaining = MAX_RESPONSE_BODY_BYTES
     while remaining > 0:
         chunk = await response.content.read(remaining)

@@ -132,6 +132,7 @@ SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::bool[], $4::int[], $5::t
 
 # The transport's outcome kinds, as the domain names them.
 _OUTCOME_OF = {kind: Outcome(kind.value) for kind in OutcomeKind}
+_RETRIED = frozenset({Outcome.RETRYABLE, Outcome.CIRCUIT_OPEN})
 
 # Rows of the first claim after idling (see OutboxDeliverer.step).
 FIRST_CLAIM = 32
@@ -559,11 +560,14 @@ class OutboxDeliverer:
                     if current.delivers_cancellation
                     else current.attempt_count
                 ) + 1
-                retry_in = retry_delay_seconds(
-                    counted, self._delivery_settings, outcome.retry_after_seconds
-                )
+                # Only an outcome that may be retried needs the backoff (a random draw).
+                retry_in = 0.0
                 if kind is Outcome.CIRCUIT_OPEN and outcome.retry_after_seconds is not None:
                     retry_in = outcome.retry_after_seconds
+                elif kind in _RETRIED:
+                    retry_in = retry_delay_seconds(
+                        counted, self._delivery_settings, outcome.retry_after_seconds
+                    )
                 verdict = after_attempt(
                     current,
                     kind,
@@ -583,18 +587,27 @@ class OutboxDeliverer:
             await self._apply(conn, settled)
             # Every attempt that sent something is history, even one whose lease expired
             # meanwhile (another worker then owns the row's state).
-            attempts = [a for a in batch if a.outcome.kind.name != "CIRCUIT_OPEN"]
-            if attempts:
+            ids: list[UUID] = []
+            times: list[datetime] = []
+            cancellations: list[bool] = []
+            statuses: list[int | None] = []
+            errors: list[str] = []
+            latencies: list[float] = []
+            for attempt in batch:
+                outcome = attempt.outcome
+                if outcome.kind is OutcomeKind.CIRCUIT_OPEN:
+                    continue  # nothing was sent
+                ids.append(attempt.claimed.setpoint_id)
+                # When the request went out (after any wait for a slot towards the
+                # endpoint), or, for an attempt that failed before, when it began.
+                times.append(outcome.attempted_at or attempt.attempt_time)
+                cancellations.append(attempt.claimed.row.delivers_cancellation)
+                statuses.append(outcome.http_status)
+                errors.append(outcome.error or "")
+                latencies.append(outcome.latency_ms)
+            if ids:
                 await conn.execute(
-                    _ATTEMPTS_SQL,
-                    [a.claimed.setpoint_id for a in attempts],
-                    # When the request went out (after any wait for a slot towards the
-                    # endpoint), or, for an attempt that failed before, when it began.
-                    [a.outcome.attempted_at or a.attempt_time for a in attempts],
-                    [a.claimed.row.delivers_cancellation for a in attempts],
-                    [a.outcome.http_status for a in attempts],
-                    [a.outcome.error or "" for a in attempts],
-                    [a.outcome.latency_ms for a in attempts],
+                    _ATTEMPTS_SQL, ids, times, cancellations, statuses, errors, latencies
                 )
             await notify_setpoint_changes(conn, changed)
         self._held.difference_update(by_id)
