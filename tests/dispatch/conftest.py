@@ -165,6 +165,14 @@ class Flow:
         issued = await self.identity.create_token(org.id)
         return Org(org.id, role, issued.token, issued.id)
 
+    async def parties(self) -> tuple[Org, Org, Org]:
+        """An operator, a partner and a supplier: who a dispatch involves."""
+        return (
+            await self.org(Role.OPERATOR),
+            await self.org(Role.PARTNER),
+            await self.org(Role.SUPPLIER),
+        )
+
     async def secret(self, org: Org) -> str:
         secret = await self.identity.signing_secret(org.id)
         assert secret is not None

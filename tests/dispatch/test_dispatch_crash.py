@@ -15,7 +15,6 @@ import pytest
 from openvpp.v1 import dispatch_pb2 as pb
 from openvpp.v1 import site_registry_pb2 as site_pb
 
-from service.auth.principal import Role
 from tests.dispatch.conftest import Cluster, Flow
 from tests.dispatch.setpoint_receiver import Received, running_receiver
 from tests.e2e.conftest import OPENVPP, START_TIMEOUT
@@ -87,11 +86,7 @@ async def test_kill_9_mid_delivery_then_restart_settles_every_setpoint(
     # Set-up and the dispatch go through a replica that does not deliver.
     api = await cluster.replica(dispatch_delivery_enabled=False)
     flow = Flow(api)
-    operator, partner, supplier = (
-        await flow.org(Role.OPERATOR),
-        await flow.org(Role.PARTNER),
-        await flow.org(Role.SUPPLIER),
-    )
+    operator, partner, supplier = await flow.parties()
 
     async def slow(_received: Received) -> int:
         await asyncio.sleep(0.3)

@@ -27,11 +27,7 @@ METER = site_pb.RESOURCE_TYPE_METER
 async def test_setpoints_are_delivered_signed_and_accepted(cluster: Cluster) -> None:
     replica = await cluster.replica()
     flow = Flow(replica)
-    operator, partner, supplier = (
-        await flow.org(Role.OPERATOR),
-        await flow.org(Role.PARTNER),
-        await flow.org(Role.SUPPLIER),
-    )
+    operator, partner, supplier = await flow.parties()
     async with running_receiver() as receiver:
         receiver.trust(await flow.secret(partner))
         site, resources = await flow.site(
@@ -90,11 +86,7 @@ async def test_a_tampered_body_is_refused_by_the_receiver(cluster: Cluster) -> N
     """The receiver's check is real: the same signature over another body does not verify."""
     replica = await cluster.replica()
     flow = Flow(replica)
-    operator, partner, supplier = (
-        await flow.org(Role.OPERATOR),
-        await flow.org(Role.PARTNER),
-        await flow.org(Role.SUPPLIER),
-    )
+    operator, partner, supplier = await flow.parties()
     async with running_receiver() as receiver:
         receiver.trust(await flow.secret(partner))
         await flow.site(partner, supplier, receiver.url())
@@ -128,11 +120,7 @@ async def test_dispatch_roles(cluster: Cluster) -> None:
 async def test_dry_run_stores_and_sends_nothing(cluster: Cluster) -> None:
     replica = await cluster.replica()
     flow = Flow(replica)
-    operator, partner, supplier = (
-        await flow.org(Role.OPERATOR),
-        await flow.org(Role.PARTNER),
-        await flow.org(Role.SUPPLIER),
-    )
+    operator, partner, supplier = await flow.parties()
     async with running_receiver() as receiver:
         await flow.site(partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)])
         response = await flow.dispatch(operator, power_kw=3.0, dry_run=True, request_id="dry")
@@ -155,11 +143,7 @@ async def test_dry_run_stores_and_sends_nothing(cluster: Cluster) -> None:
 async def test_allocation_with_bounds_and_shortfall_per_type(cluster: Cluster) -> None:
     replica = await cluster.replica(dispatch_delivery_enabled=False)
     flow = Flow(replica)
-    operator, partner, supplier = (
-        await flow.org(Role.OPERATOR),
-        await flow.org(Role.PARTNER),
-        await flow.org(Role.SUPPLIER),
-    )
+    operator, partner, supplier = await flow.parties()
     url = "http://127.0.0.1:9/never"
     site, _ = await flow.site(
         partner, supplier, url, resources=[(BATTERY, -5, 5), (HEAT_PUMP, 2, 10), (PV, -8, 0)]
@@ -314,11 +298,7 @@ async def test_a_retry_after_the_window_ended_returns_the_first_dispatch(cluster
     clock = ManualClock(datetime.now(UTC))
     replica = await cluster.replica(clock=clock, dispatch_delivery_enabled=False)
     flow = Flow(replica, clock)
-    operator, partner, supplier = (
-        await flow.org(Role.OPERATOR),
-        await flow.org(Role.PARTNER),
-        await flow.org(Role.SUPPLIER),
-    )
+    operator, partner, supplier = await flow.parties()
     await flow.site(partner, supplier, "http://127.0.0.1:9/x", resources=[(BATTERY, -5, 5)])
     start, end = window(clock.now(), 30)
     request = pb.DispatchFlexibilityRequest(

@@ -29,11 +29,7 @@ ACCEPTED = pb.SETPOINT_STATE_ACCEPTED
 async def test_only_onboarded_contract_active_sites_get_setpoints(cluster: Cluster) -> None:
     replica = await cluster.replica(dispatch_delivery_enabled=False)
     flow = Flow(replica)
-    operator, partner, supplier = (
-        await flow.org(Role.OPERATOR),
-        await flow.org(Role.PARTNER),
-        await flow.org(Role.SUPPLIER),
-    )
+    operator, partner, supplier = await flow.parties()
     url = "http://127.0.0.1:9/x"
     kinds = {
         "onboarded": {"resources": [(BATTERY, -5, 5)]},
@@ -65,11 +61,7 @@ async def test_only_onboarded_contract_active_sites_get_setpoints(cluster: Clust
 async def test_a_site_paused_after_the_dispatch_is_not_delivered_to(cluster: Cluster) -> None:
     api = await cluster.replica(dispatch_delivery_enabled=False)
     flow = Flow(api)
-    operator, partner, supplier = (
-        await flow.org(Role.OPERATOR),
-        await flow.org(Role.PARTNER),
-        await flow.org(Role.SUPPLIER),
-    )
+    operator, partner, supplier = await flow.parties()
     async with running_receiver() as receiver:
         receiver.trust(await flow.secret(partner))
         paused_site, _ = await flow.site(partner, supplier, receiver.url())
@@ -111,11 +103,7 @@ async def test_a_site_paused_after_the_dispatch_is_not_delivered_to(cluster: Clu
 async def test_retries_until_accepted_and_rejections_are_final(cluster: Cluster) -> None:
     replica = await cluster.replica()
     flow = Flow(replica)
-    operator, partner, supplier = (
-        await flow.org(Role.OPERATOR),
-        await flow.org(Role.PARTNER),
-        await flow.org(Role.SUPPLIER),
-    )
+    operator, partner, supplier = await flow.parties()
     answers: Counter[str] = Counter()
 
     async def flaky(received: Received) -> int:
@@ -168,11 +156,7 @@ async def test_an_attempts_time_is_when_it_was_sent_not_when_it_was_queued(
     waits for the first's slot, and its attempt's time is when its request went out."""
     replica = await cluster.replica(dispatch_max_concurrency_per_host=1)
     flow = Flow(replica)
-    operator, partner, supplier = (
-        await flow.org(Role.OPERATOR),
-        await flow.org(Role.PARTNER),
-        await flow.org(Role.SUPPLIER),
-    )
+    operator, partner, supplier = await flow.parties()
     arrived: dict[str, datetime] = {}
 
     async def slow(received: Received) -> int:
@@ -197,11 +181,7 @@ async def test_an_attempts_time_is_when_it_was_sent_not_when_it_was_queued(
 async def test_the_attempt_limit_fails_a_setpoint(cluster: Cluster) -> None:
     replica = await cluster.replica(dispatch_max_attempts=3, dispatch_breaker_failure_threshold=100)
     flow = Flow(replica)
-    operator, partner, supplier = (
-        await flow.org(Role.OPERATOR),
-        await flow.org(Role.PARTNER),
-        await flow.org(Role.SUPPLIER),
-    )
+    operator, partner, supplier = await flow.parties()
 
     async def down(_received: Received) -> int:
         return 500
@@ -219,11 +199,7 @@ async def test_the_attempt_limit_fails_a_setpoint(cluster: Cluster) -> None:
 async def test_cancel_before_delivery_sends_nothing(cluster: Cluster) -> None:
     api = await cluster.replica(dispatch_delivery_enabled=False)
     flow = Flow(api)
-    operator, partner, supplier = (
-        await flow.org(Role.OPERATOR),
-        await flow.org(Role.PARTNER),
-        await flow.org(Role.SUPPLIER),
-    )
+    operator, partner, supplier = await flow.parties()
     async with running_receiver() as receiver:
         await flow.site(partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)] * 2)
         dispatch = (await flow.dispatch(operator)).dispatch
@@ -247,11 +223,7 @@ async def test_cancel_before_delivery_sends_nothing(cluster: Cluster) -> None:
 async def test_cancel_after_acceptance_delivers_a_cancellation(cluster: Cluster) -> None:
     replica = await cluster.replica()
     flow = Flow(replica)
-    operator, partner, supplier = (
-        await flow.org(Role.OPERATOR),
-        await flow.org(Role.PARTNER),
-        await flow.org(Role.SUPPLIER),
-    )
+    operator, partner, supplier = await flow.parties()
     async with running_receiver() as receiver:
         receiver.trust(await flow.secret(partner))
         await flow.site(partner, supplier, receiver.url())
@@ -278,11 +250,7 @@ async def test_a_setpoint_never_delivered_in_its_window_expires(cluster: Cluster
     clock = ManualClock(datetime.now(UTC))
     replica = await cluster.replica(clock=clock, dispatch_breaker_failure_threshold=1000)
     flow = Flow(replica, clock)
-    operator, partner, supplier = (
-        await flow.org(Role.OPERATOR),
-        await flow.org(Role.PARTNER),
-        await flow.org(Role.SUPPLIER),
-    )
+    operator, partner, supplier = await flow.parties()
 
     async def unavailable(_received: Received) -> int:
         return 503
@@ -345,11 +313,7 @@ async def test_two_replicas_share_one_outbox_and_never_send_one_setpoint_twice(
     first = await cluster.replica(dispatch_claim_batch_size=7)
     second = await cluster.replica(dispatch_claim_batch_size=7)
     flow = Flow(first)
-    operator, partner, supplier = (
-        await flow.org(Role.OPERATOR),
-        await flow.org(Role.PARTNER),
-        await flow.org(Role.SUPPLIER),
-    )
+    operator, partner, supplier = await flow.parties()
 
     async def slow(_received: Received) -> int:
         await asyncio.sleep(0.02)
@@ -377,11 +341,7 @@ async def test_two_replicas_share_one_outbox_and_never_send_one_setpoint_twice(
 async def test_retry_after_is_honoured_through_the_outbox(cluster: Cluster) -> None:
     replica = await cluster.replica(dispatch_breaker_failure_threshold=100)
     flow = Flow(replica)
-    operator, partner, supplier = (
-        await flow.org(Role.OPERATOR),
-        await flow.org(Role.PARTNER),
-        await flow.org(Role.SUPPLIER),
-    )
+    operator, partner, supplier = await flow.parties()
     calls: list[float] = []
 
     async def busy_once(_received: Received) -> int | tuple[int, dict[str, str]]:
@@ -402,11 +362,7 @@ async def test_retry_after_is_honoured_through_the_outbox(cluster: Cluster) -> N
 async def test_a_rotated_secret_signs_beside_the_previous_one(cluster: Cluster) -> None:
     replica = await cluster.replica()
     flow = Flow(replica)
-    operator, partner, supplier = (
-        await flow.org(Role.OPERATOR),
-        await flow.org(Role.PARTNER),
-        await flow.org(Role.SUPPLIER),
-    )
+    operator, partner, supplier = await flow.parties()
     async with running_receiver() as old_only, running_receiver() as new_only:
         old_only.trust(await flow.secret(partner))
         await flow.site(partner, supplier, old_only.url())
@@ -429,11 +385,7 @@ async def test_an_open_breaker_reschedules_without_counting_an_attempt(cluster: 
         dispatch_max_attempts=2,
     )
     flow = Flow(replica)
-    operator, partner, supplier = (
-        await flow.org(Role.OPERATOR),
-        await flow.org(Role.PARTNER),
-        await flow.org(Role.SUPPLIER),
-    )
+    operator, partner, supplier = await flow.parties()
     calls: list[float] = []
 
     async def down_once(_received: Received) -> int:
@@ -455,11 +407,7 @@ async def test_an_open_breaker_reschedules_without_counting_an_attempt(cluster: 
 async def test_list_setpoints_pages_and_filters(cluster: Cluster) -> None:
     replica = await cluster.replica(dispatch_delivery_enabled=False)
     flow = Flow(replica)
-    operator, partner, supplier = (
-        await flow.org(Role.OPERATOR),
-        await flow.org(Role.PARTNER),
-        await flow.org(Role.SUPPLIER),
-    )
+    operator, partner, supplier = await flow.parties()
     site, _ = await flow.site(
         partner, supplier, "http://127.0.0.1:9/x", resources=[(BATTERY, -5, 5)] * 3
     )
@@ -520,11 +468,7 @@ async def test_a_live_worker_keeps_a_slow_attempt_beyond_one_lease(cluster: Clus
     first = await cluster.replica(**settings)
     await cluster.replica(**settings)
     flow = Flow(first)
-    operator, partner, supplier = (
-        await flow.org(Role.OPERATOR),
-        await flow.org(Role.PARTNER),
-        await flow.org(Role.SUPPLIER),
-    )
+    operator, partner, supplier = await flow.parties()
 
     async def slow(_received: Received) -> int:
         await asyncio.sleep(2.0)
