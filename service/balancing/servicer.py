@@ -28,7 +28,13 @@ from service.common.errors import (
 )
 from service.common.field_mask import require_mask
 from service.common.pagination import fetch_page, page_size_or_default
-from service.common.protoconv import date_from_proto, from_timestamp, parse_uuid, to_timestamp
+from service.common.protoconv import (
+    date_from_proto,
+    from_timestamp,
+    optional_uuid,
+    parse_uuid,
+    to_timestamp,
+)
 from service.events.channels import BALANCES_CHANNEL
 from service.events.hub import EventHub
 
@@ -97,7 +103,7 @@ class BalancingServicer(pb_grpc.BalancingServicer):
         self, request: pb.CreateMeterBalancingSettingRequest, context: Any
     ) -> pb.CreateMeterBalancingSettingResponse:
         meter_id = parse_uuid(request.meter_id, "meter_id")
-        site_id = parse_uuid(request.site_id, "site_id") if request.site_id else None
+        site_id = optional_uuid(request.site_id, "site_id")
         fields = convert.setting_fields_from_create(request)
         period = validate_setting(fields)
         setting = await self._store().create_setting(site_id, meter_id, fields, period)
@@ -107,7 +113,7 @@ class BalancingServicer(pb_grpc.BalancingServicer):
         self, request: pb.ListMeterBalancingSettingsRequest, context: Any
     ) -> pb.ListMeterBalancingSettingsResponse:
         site_id = parse_uuid(request.site_id, "site_id")
-        meter_id = parse_uuid(request.meter_id, "meter_id") if request.meter_id else None
+        meter_id = optional_uuid(request.meter_id, "meter_id")
         limit = page_size_or_default(request.page_size)
         store = self._store()
         page = await fetch_page(
@@ -221,7 +227,7 @@ class BalancingServicer(pb_grpc.BalancingServicer):
         org_id = current_principal().org_id
         debitor = _meter_or_grid(request.debitor_meter_id, "debitor_meter_id")
         creditor = _meter_or_grid(request.creditor_meter_id, "creditor_meter_id")
-        site_id = parse_uuid(request.site_id, "site_id") if request.site_id else None
+        site_id = optional_uuid(request.site_id, "site_id")
         if site_id is None and debitor is None and creditor is None:
             raise ValidationError.single(
                 "site_id", "site_id, debitor_meter_id or creditor_meter_id is required"

@@ -128,6 +128,11 @@ def parse_uuid(value: str, field: str) -> UUID:
         raise ValidationError.single(field, "must be a UUID") from None
 
 
+def optional_uuid(value: str, field: str) -> UUID | None:
+    """An optional id (a filter): unset is None, anything set must be a UUID."""
+    return parse_uuid(value, field) if value else None
+
+
 def date_to_proto(value: date) -> date_pb2.Date:
     return date_pb2.Date(year=value.year, month=value.month, day=value.day)
 

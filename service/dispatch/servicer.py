@@ -16,7 +16,7 @@ from openvpp.v1 import dispatch_pb2_grpc as pb_grpc
 from service.auth.principal import Role, current_principal
 from service.common.clock import Clock
 from service.common.pagination import fetch_page, page_size_or_default
-from service.common.protoconv import enum_from_proto, parse_uuid, to_timestamp
+from service.common.protoconv import enum_from_proto, optional_uuid, parse_uuid, to_timestamp
 from service.dispatch import convert
 from service.dispatch.domain import SetpointState, validate_request
 from service.dispatch.store import DispatchStore, SetpointFilter
@@ -44,10 +44,6 @@ def _dispatch_traceparent(context: Any) -> str:
             if match and match.group(1) != "0" * 32:
                 return f"00-{match.group(1)}-{secrets.token_hex(8)}-01"
     return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
-
-
-def _optional_uuid(value: str, field: str) -> UUID | None:
-    return parse_uuid(value, field) if value else None
 
 
 class DispatchServicer(pb_grpc.DispatchServicer):
@@ -103,8 +99,8 @@ class DispatchServicer(pb_grpc.DispatchServicer):
     ) -> pb.ListSetpointsResponse:
         limit = page_size_or_default(request.page_size)
         setpoint_filter = SetpointFilter(
-            dispatch_id=_optional_uuid(request.dispatch_id, "dispatch_id"),
-            site_id=_optional_uuid(request.site_id, "site_id"),
+            dispatch_id=optional_uuid(request.dispatch_id, "dispatch_id"),
+            site_id=optional_uuid(request.site_id, "site_id"),
             state=enum_from_proto(
                 pb.SetpointState,
                 convert.SETPOINT_STATE_PREFIX,
@@ -135,8 +131,8 @@ class DispatchServicer(pb_grpc.DispatchServicer):
     async def WatchSetpoints(
         self, request: pb.WatchSetpointsRequest, context: Any
     ) -> AsyncIterator[pb.WatchSetpointsResponse]:
-        dispatch_id = _optional_uuid(request.dispatch_id, "dispatch_id")
-        site_id = _optional_uuid(request.site_id, "site_id")
+        dispatch_id = optional_uuid(request.dispatch_id, "dispatch_id")
+        site_id = optional_uuid(request.site_id, "site_id")
         wanted_dispatch = str(dispatch_id) if dispatch_id else None
         wanted_site = str(site_id) if site_id else None
 
