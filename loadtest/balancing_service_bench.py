@@ -27,7 +27,6 @@ import math
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -53,7 +52,7 @@ from openvpp.v1 import meter_registry_pb2 as mpb
 from openvpp.v1 import site_registry_pb2 as spb
 from openvpp.v1 import telemetry_pb2 as tpb
 
-from loadtest.telemetry_bench import RssSampler, database, free_port, wait_serving
+from loadtest.telemetry_bench import RssSampler, database, free_port, serve, wait_serving
 from service.auth.principal import Role
 from service.auth.store import IdentityStore
 from service.telemetry.store import Partitions
@@ -282,13 +281,7 @@ def run_sections(args: argparse.Namespace) -> int:
             "OPENVPP_LOG_LEVEL": "WARNING",
             "OPENVPP_BALANCING_POLL_SECONDS": "5",
         }
-        # BENCH_PROFILE=file runs the server under cProfile (written when it exits).
-        prefix = (
-            ["-m", "cProfile", "-o", os.environ["BENCH_PROFILE"]]
-            if os.environ.get("BENCH_PROFILE")
-            else []
-        )
-        server = subprocess.Popen([sys.executable, *prefix, "-m", "service.cli", "serve"], env=env)
+        server = serve(env)
         sampler = RssSampler(server.pid)
         sampler.start()
         try:

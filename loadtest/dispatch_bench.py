@@ -33,7 +33,6 @@ import contextlib
 import json
 import multiprocessing
 import os
-import subprocess
 import sys
 import time
 import uuid
@@ -49,7 +48,14 @@ from openvpp.v1 import dispatch_pb2 as pb
 from openvpp.v1 import dispatch_pb2_grpc
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from loadtest.telemetry_bench import backend_pids, cpu_seconds, database, free_port, wait_serving
+from loadtest.telemetry_bench import (
+    backend_pids,
+    cpu_seconds,
+    database,
+    free_port,
+    serve,
+    wait_serving,
+)
 from service.auth.principal import Role
 from service.auth.store import IdentityStore
 from service.events.channels import SETPOINT_EVENTS_CHANNEL
@@ -422,12 +428,7 @@ def main() -> int:
             "OPENVPP_WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
             "OPENVPP_DISPATCH_MAX_CONCURRENCY_PER_HOST": str(PER_HOST_CONCURRENCY),
         }
-        profile = (
-            ["-m", "cProfile", "-o", os.environ["BENCH_PROFILE"]]
-            if os.environ.get("BENCH_PROFILE")
-            else []
-        )
-        server = subprocess.Popen([sys.executable, *profile, "-m", "service.cli", "serve"], env=env)
+        server = serve(env)
         receiver: Any = None
         try:
             wait_serving(port, server, 60)

@@ -349,6 +349,17 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def serve(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """``openvpp serve`` in its own process with ``env``; under cProfile when
+    ``BENCH_PROFILE=file`` is set (the profile is written when it exits)."""
+    profile = (
+        ["-m", "cProfile", "-o", os.environ["BENCH_PROFILE"]]
+        if os.environ.get("BENCH_PROFILE")
+        else []
+    )
+    return subprocess.Popen([sys.executable, *profile, "-m", "service.cli", "serve"], env=env)
+
+
 def wait_serving(port: int, process: subprocess.Popen[bytes], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -391,12 +402,7 @@ def main() -> int:
             "OPENVPP_LOG_LEVEL": "WARNING",
             "OPENVPP_STREAM_PIPELINE_DEPTH": str(args["in_flight"]),
         }
-        prefix = (
-            ["-m", "cProfile", "-o", os.environ["BENCH_PROFILE"]]
-            if os.environ.get("BENCH_PROFILE")
-            else []
-        )
-        server = subprocess.Popen([sys.executable, *prefix, "-m", "service.cli", "serve"], env=env)
+        server = serve(env)
         sampler = RssSampler(server.pid)
         sampler.start()
         try:
