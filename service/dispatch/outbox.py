@@ -73,31 +73,38 @@ log = logging.getLogger(__name__)
 
 _CLAIM_SQL = """
 WITH due AS (
-    SELECT id, state AS claimed_state, site_id, resource_id, dispatch_id, partner_org_id
-    FROM setpoints
-    WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= $1
-      AND (lease_expires_at IS NULL OR lease_expires_at <= $1)
-    ORDER BY next_attempt_at
+    -- Joined here, below the LIMIT, so that the planner looks each claimed row's site,
+    -- resource and dispatch up by key; joined to the UPDATE they were hashed whole per claim.
+    SELECT sp.id, sp.state AS claimed_state,
+        si.id IS NOT NULL AS site_exists, si.status AS site_status, si.paused AS site_paused,
+        si.upstream_status, si.external_id AS site_external_id,
+        r.id IS NOT NULL AS resource_exists, r.external_id AS resource_external_id,
+        r.webhook_url, d.traceparent
+    FROM setpoints sp
+    LEFT JOIN sites si ON si.id = sp.site_id AND si.org_id = sp.partner_org_id
+    LEFT JOIN resources r ON r.id = sp.resource_id AND r.site_id = sp.site_id
+    LEFT JOIN dispatches d ON d.id = sp.dispatch_id
+    WHERE sp.next_attempt_at IS NOT NULL AND sp.next_attempt_at <= $1
+      AND (sp.lease_expires_at IS NULL OR sp.lease_expires_at <= $1)
+    ORDER BY sp.next_attempt_at
     LIMIT $2
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF sp SKIP LOCKED
 )
 UPDATE setpoints s SET lease_owner = $3, lease_expires_at = $4,
     -- A claimed PENDING row is being delivered; the few that must not be sent are settled
     -- otherwise in the same transaction.
     state = CASE WHEN s.state = 'pending' THEN 'delivering' ELSE s.state END
 FROM due
-LEFT JOIN sites si ON si.id = due.site_id AND si.org_id = due.partner_org_id
-LEFT JOIN resources r ON r.id = due.resource_id AND r.site_id = due.site_id
-LEFT JOIN dispatches d ON d.id = due.dispatch_id
-WHERE s.id = due.id
+-- The id list makes the rows to update an index lookup (a join to the CTE alone was planned
+-- as a scan of the whole table).
+WHERE s.id = ANY (ARRAY(SELECT id FROM due)) AND s.id = due.id
 RETURNING s.id, s.dispatch_id, s.partner_org_id, s.site_id, s.resource_id, s.power_kw,
     s.start_time, s.end_time, due.claimed_state AS state, s.reason, s.attempt_count,
     s.cancel_requested_at,
     s.cancellation_state, s.cancellation_attempt_count,
-    si.id IS NOT NULL AS site_exists, si.status AS site_status, si.paused AS site_paused,
-    si.upstream_status, si.external_id AS site_external_id,
-    r.id IS NOT NULL AS resource_exists, r.external_id AS resource_external_id,
-    r.webhook_url, d.traceparent
+    due.site_exists, due.site_status, due.site_paused, due.upstream_status,
+    due.site_external_id, due.resource_exists, due.resource_external_id,
+    due.webhook_url, due.traceparent
 """
 
 _RELOCK_SQL = """
@@ -108,6 +115,9 @@ ORDER BY id
 FOR UPDATE
 """
 
+# Only for rows this transaction holds locked with its lease checked (claimed by it, or
+# re-read by _RELOCK_SQL): the lease cannot change under the lock. A lease condition here
+# made the planner expect one row and rescan the arrays once per row updated.
 _APPLY_SQL = """
 UPDATE setpoints s SET state = c.state, reason = c.reason, attempt_count = c.attempt_count,
     next_attempt_at = c.next_attempt_at, cancellation_state = c.cancellation_state,
@@ -119,7 +129,7 @@ FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6
             $7::int[], $8::bool[])
     AS c (id, state, reason, attempt_count, next_attempt_at, cancellation_state,
           cancellation_attempt_count, release)
-WHERE s.id = c.id AND s.lease_owner = $9
+WHERE s.id = ANY ($1::uuid[]) AND s.id = c.id
 """
 
 _ATTEMPTS_SQL = """
@@ -470,7 +480,6 @@ class OutboxDeliverer:
             cancellation_states,
             cancellation_counts,
             releases,
-            self.owner,
         )
 
     async def _send(self, item: Claimed) -> None:
