@@ -47,7 +47,9 @@ send is the probe, ``timeout_seconds``); ``DeliverySettings.from_settings`` and
 from __future__ import annotations
 
 import asyncio
+import base64
 import enum
+import hmac
 import ipaddress
 import random
 import re
@@ -59,7 +61,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -116,8 +118,8 @@ class OutcomeKind(enum.Enum):
         return self in (OutcomeKind.ACCEPTED, OutcomeKind.REJECTED, OutcomeKind.REFUSED)
 
 
-@dataclass(frozen=True)
-class AttemptOutcome:
+class AttemptOutcome(NamedTuple):
+    # A tuple rather than a frozen dataclass: one per attempt, and made several times faster.
     kind: OutcomeKind
     http_status: int | None
     error: str | None
@@ -258,16 +260,26 @@ def _judge_url(url: str, allow_private_networks: bool) -> tuple[str, str | None]
 
 
 @lru_cache(maxsize=4096)
-def _signer(secret: str) -> Webhook:
-    return Webhook(secret)
+def _signing_key(secret: str) -> bytes:
+    # The secret as the standardwebhooks package reads it ("whsec_" + base64).
+    return Webhook(secret)._whsecret
 
 
 def signature_header(
     delivery_id: str, timestamp: datetime, body: bytes, secrets: Sequence[str]
 ) -> str:
-    """The ``webhook-signature`` value: one ``v1,<signature>`` per secret, space-separated."""
-    text = body.decode("utf-8")
-    return " ".join(_signer(secret).sign(delivery_id, timestamp, text) for secret in secrets)
+    """The ``webhook-signature`` value: one ``v1,<signature>`` per secret, space-separated.
+
+    The Standard Webhooks signature, base64 of HMAC-SHA256 over ``id.timestamp.body``, made
+    with the one-shot ``hmac.digest`` rather than ``Webhook.sign`` (which builds an HMAC
+    object per call and wants the body as text): the same bytes, ``test_signature_header``
+    checks them against the package, in a fraction of the time, once per delivery attempt.
+    """
+    signed = f"{delivery_id}.{int(timestamp.timestamp())}.".encode() + body
+    return " ".join(
+        "v1," + base64.b64encode(hmac.digest(_signing_key(secret), signed, "sha256")).decode()
+        for secret in secrets
+    )
 
 
 def signed_headers(delivery: Delivery, at: datetime) -> dict[str, str]:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from service.common.errors import ValidationError, ViolationCollector
@@ -291,9 +292,12 @@ class CancellationState(StrEnum):
     FAILED = "failed"
 
 
-@dataclass(frozen=True)
-class OutboxRow:
-    """What settling a claimed setpoint needs to know of it."""
+class OutboxRow(NamedTuple):
+    """What settling a claimed setpoint needs to know of it.
+
+    A NamedTuple, as is ``Settled``: the delivery worker makes two of them per attempt, and a
+    tuple is made several times faster than a frozen dataclass.
+    """
 
     state: SetpointState
     reason: str
@@ -312,8 +316,7 @@ class OutboxRow:
         )
 
 
-@dataclass(frozen=True)
-class Settled:
+class Settled(NamedTuple):
     """A claimed setpoint's next values; ``next_attempt_at`` None = nothing left to send."""
 
     state: SetpointState
@@ -324,17 +327,16 @@ class Settled:
     cancellation_attempt_count: int
 
 
-def _keep(row: OutboxRow, **changes: object) -> Settled:
-    values: dict[str, object] = {
-        "state": row.state,
-        "reason": row.reason,
-        "attempt_count": row.attempt_count,
-        "next_attempt_at": None,
-        "cancellation_state": row.cancellation_state,
-        "cancellation_attempt_count": row.cancellation_attempt_count,
-    }
-    values.update(changes)
-    return Settled(**values)  # type: ignore[arg-type]
+def _keep(row: OutboxRow, **changes: Any) -> Settled:
+    kept = Settled(
+        row.state,
+        row.reason,
+        row.attempt_count,
+        None,
+        row.cancellation_state,
+        row.cancellation_attempt_count,
+    )
+    return kept._replace(**changes) if changes else kept
 
 
 def before_attempt(row: OutboxRow, not_eligible: str | None, now: datetime) -> Settled | None:

@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import asyncpg
@@ -159,30 +159,36 @@ class OutboxSettings:
     max_in_flight: int = 256
 
 
-@dataclass(frozen=True)
-class Claimed:
+# Tuples, not frozen dataclasses: one of each is made per attempt, several times cheaper.
+class Claimed(NamedTuple):
     setpoint_id: UUID
     row: OutboxRow
     delivery: Delivery
 
 
-@dataclass(frozen=True)
-class Finished:
+class Finished(NamedTuple):
     claimed: Claimed
     attempt_time: datetime
     outcome: AttemptOutcome
 
 
+# The stored text of a state to the enum member: a dict lookup instead of an Enum call.
+_SETPOINT_STATE_OF = {state.value: state for state in SetpointState}
+_CANCELLATION_STATE_OF: dict[str | None, CancellationState | None] = {
+    None: None,
+    **{state.value: state for state in CancellationState},
+}
+
+
 def _outbox_row(row: asyncpg.Record) -> OutboxRow:
-    cancellation = row["cancellation_state"]
     return OutboxRow(
-        state=SetpointState(row["state"]),
-        reason=row["reason"],
-        attempt_count=row["attempt_count"],
-        end_time=row["end_time"],
-        cancel_requested=row["cancel_requested_at"] is not None,
-        cancellation_state=CancellationState(cancellation) if cancellation else None,
-        cancellation_attempt_count=row["cancellation_attempt_count"],
+        _SETPOINT_STATE_OF[row["state"]],
+        row["reason"],
+        row["attempt_count"],
+        row["end_time"],
+        row["cancel_requested_at"] is not None,
+        _CANCELLATION_STATE_OF[row["cancellation_state"]],
+        row["cancellation_attempt_count"],
     )
 
 

@@ -18,6 +18,8 @@ from email.utils import format_datetime
 import pytest
 import trustme
 from aiohttp.abc import AbstractResolver, ResolveResult
+from hypothesis import given
+from hypothesis import strategies as st
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
@@ -31,6 +33,7 @@ from service.dispatch.delivery import (
     OutcomeKind,
     PolicyResolver,
     WebhookSender,
+    signature_header,
 )
 from tests.dispatch.receiver import Receiver, running_receiver
 
@@ -209,6 +212,22 @@ async def test_https_certificates_are_verified(clock: ManualClock) -> None:
             trusted = await sender.send(delivery(secure.url()))
         assert trusted.kind is OutcomeKind.ACCEPTED
         assert len(secure.requests) == 1
+
+
+@given(
+    delivery_id=st.from_regex(r"[\x21-\x7e]{1,128}", fullmatch=True),
+    at=st.datetimes(
+        min_value=datetime(1970, 1, 2), max_value=datetime(2200, 1, 1), timezones=st.just(UTC)
+    ),
+    body=st.text().map(str.encode),
+    secret_count=st.integers(1, 3),
+)
+def test_signature_header_is_what_standardwebhooks_signs(
+    delivery_id: str, at: datetime, body: bytes, secret_count: int
+) -> None:
+    secrets = [new_signing_secret() for _ in range(secret_count)]
+    expected = " ".join(Webhook(secret).sign(delivery_id, at, body.decode()) for secret in secrets)
+    assert signature_header(delivery_id, at, body, secrets) == expected
 
 
 async def test_receiver_verifies_every_secret_of_a_rotation(
