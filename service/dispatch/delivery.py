@@ -438,6 +438,11 @@ class WebhookSender:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def endpoint(self, url: str) -> str:
+        """The endpoint key (scheme://host:port) a URL's sends share limits and breaker
+        under; "" for a URL refused before any lookup."""
+        return _judge_url(url, self._settings.allow_private_networks)[0]
+
     async def send(self, delivery: Delivery) -> AttemptOutcome:
         """One attempt. Never raises for anything a receiver (or its DNS) does."""
         session = self._session

@@ -26,6 +26,7 @@ which Standard Webhooks receivers use to drop duplicates.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import json
@@ -311,7 +312,14 @@ class OutboxDeliverer:
         self._delivery_settings = delivery_settings
         self._sender = WebhookSender(delivery_settings, clock)
         self.owner = uuid.uuid4()
-        self._in_flight: set[asyncio.Task[None]] = set()
+        # Claimed setpoints wait in a queue per endpoint; up to the per-host limit of lanes
+        # (tasks) per endpoint take them one after another. One task per setpoint waiting for
+        # a slot towards its endpoint cost twice the CPU per delivery.
+        self._queues: dict[str, collections.deque[Claimed]] = {}
+        self._lane_counts: dict[str, int] = {}
+        self._lanes: set[asyncio.Task[None]] = set()
+        # Claimed and not yet finished: queued or being sent.
+        self._unfinished = 0
         # Setpoints claimed here whose attempt has not been recorded yet: their leases are
         # renewed while this worker lives (an attempt may wait for a slot towards a busy
         # endpoint longer than one lease), and expire soon after it dies.
@@ -327,7 +335,7 @@ class OutboxDeliverer:
 
     @property
     def in_flight(self) -> int:
-        return len(self._in_flight)
+        return self._unfinished
 
     async def start(self) -> None:
         if self._started:
@@ -343,11 +351,14 @@ class OutboxDeliverer:
         if not self._started:
             return
         self._started = False
-        for task in list(self._in_flight):
+        for task in list(self._lanes):
             task.cancel()
-        for task in list(self._in_flight):
+        for task in list(self._lanes):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._queues.clear()
+        self._lane_counts.clear()
+        self._unfinished = 0
         for background in (self._recorder, self._renewer):
             if background is not None:
                 background.cancel()
@@ -379,24 +390,53 @@ class OutboxDeliverer:
         # Claim in batches: with the pipeline nearly full, wait for a quarter of it to free
         # up rather than claiming a row or two per transaction.
         low_water = max(1, batch // 4)
-        while self._settings.max_in_flight - len(self._in_flight) < low_water:
+        while self._settings.max_in_flight - self._unfinished < low_water:
             self._slot_freed.clear()
             await self._slot_freed.wait()
-        capacity = self._settings.max_in_flight - len(self._in_flight)
+        capacity = self._settings.max_in_flight - self._unfinished
         # From idle, a small first claim: its sends start while the next, larger claims
         # (doubling with what is in flight) are made.
-        limit = min(capacity, batch, max(FIRST_CLAIM, 2 * len(self._in_flight)))
+        limit = min(capacity, batch, max(FIRST_CLAIM, 2 * self._unfinished))
         claimed, claimed_count = await self._claim(limit)
         for item in claimed:
             self._held.add(item.setpoint_id)
-            task = asyncio.create_task(self._send(item), name=f"deliver-{item.setpoint_id}")
-            self._in_flight.add(task)
-            task.add_done_callback(self._sent)
+            self._enqueue(item)
         return claimed_count >= limit
 
-    def _sent(self, task: asyncio.Task[None]) -> None:
-        self._in_flight.discard(task)
-        self._slot_freed.set()
+    def _enqueue(self, item: Claimed) -> None:
+        endpoint = self._sender.endpoint(item.delivery.url)
+        queue = self._queues.get(endpoint)
+        if queue is None:
+            queue = self._queues[endpoint] = collections.deque()
+        queue.append(item)
+        self._unfinished += 1
+        lanes = self._lane_counts.get(endpoint, 0)
+        if lanes < self._delivery_settings.max_concurrency_per_host:
+            self._lane_counts[endpoint] = lanes + 1
+            lane = asyncio.create_task(self._lane(endpoint, queue), name=f"deliver-to-{endpoint}")
+            self._lanes.add(lane)
+            lane.add_done_callback(self._lanes.discard)
+
+    async def _lane(self, endpoint: str, queue: collections.deque[Claimed]) -> None:
+        """Sends an endpoint's queued setpoints one after another until none is left."""
+        try:
+            while queue:
+                item = queue.popleft()
+                try:
+                    await self._send(item)
+                finally:
+                    self._unfinished -= 1
+                    self._slot_freed.set()
+        finally:
+            # No await since the queue was found empty: a setpoint queued from now on
+            # starts a lane of its own.
+            left = self._lane_counts[endpoint] - 1
+            if left:
+                self._lane_counts[endpoint] = left
+            else:
+                del self._lane_counts[endpoint]
+                if not queue:
+                    del self._queues[endpoint]
 
     async def _claim(self, limit: int) -> tuple[list[Claimed], int]:
         now = self._clock.now()
