@@ -1,7 +1,7 @@
 """Dispatch end to end: 10,000 setpoints to a local receiver, next to a raw aiohttp client.
 
 Usage: flock /tmp/openvpp-bench.lock python -m loadtest.dispatch_bench [--sites 1000]
-       [--resources 10] [--rounds 1]
+       [--resources 10] [--rounds 1]   (with several rounds, the medians are printed last)
 
 Starts, each in its own process: ``openvpp serve`` on a fresh embedded PostgreSQL in a
 temporary directory (or ``OPENVPP_DATABASE_URL``), and an aiohttp receiver on 127.0.0.1
@@ -37,6 +37,7 @@ import sys
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from statistics import median
 from typing import Any
 
 import aiohttp
@@ -457,6 +458,8 @@ def main() -> int:
                 raw.join()
                 return found
 
+            ratios: list[float] = []
+            rates: list[float] = []
             for round_number in range(1, args.rounds + 1):
                 # The raw client runs before and after the dispatch: other load on the
                 # machine changes within seconds, and the mean of the two is the baseline.
@@ -473,7 +476,16 @@ def main() -> int:
                     name: (cpu_seconds(pids) - before[name]) * 1000 / expected
                     for name, pids in watched.items()
                 }
-                report(round_number, expected, measured, [raw_before, raw_run()])
+                rate, ratio = report(round_number, expected, measured, [raw_before, raw_run()])
+                rates.append(rate)
+                ratios.append(ratio)
+            if args.rounds > 1:
+                print(
+                    f"over {args.rounds} rounds: {median(rates):,.0f} setpoints/s "
+                    f"(median; {min(rates):,.0f}-{max(rates):,.0f}), ratio to raw "
+                    f"{median(ratios):.2f} (median; {min(ratios):.2f}-{max(ratios):.2f})",
+                    flush=True,
+                )
             singles = asyncio.run(
                 first_attempt_latencies(port, receiver_port, setup["token"], setup["site_ids"], 20)
             )
@@ -493,7 +505,8 @@ def main() -> int:
 
 def report(
     round_number: int, expected: int, measured: dict[str, Any], raws: list[dict[str, float]]
-) -> None:
+) -> tuple[float, float]:
+    """Prints one round; returns its setpoints/s and its ratio to the raw client."""
     rate = expected / measured["seconds"]
     raw_rates = [expected / raw["seconds"] for raw in raws]
     raw_rate = sum(raw_rates) / len(raw_rates)
@@ -524,6 +537,7 @@ def report(
         f"{rate / raw_rate:.2f}",
         flush=True,
     )
+    return rate, rate / raw_rate
 
 
 if __name__ == "__main__":
