@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, NamedTuple
+from typing import NamedTuple
 from uuid import UUID
 
 from service.common.errors import ValidationError, ViolationCollector
@@ -327,16 +327,28 @@ class Settled(NamedTuple):
     cancellation_attempt_count: int
 
 
-def _keep(row: OutboxRow, **changes: Any) -> Settled:
-    kept = Settled(
-        row.state,
-        row.reason,
-        row.attempt_count,
-        None,
-        row.cancellation_state,
-        row.cancellation_attempt_count,
+def _keep(
+    row: OutboxRow,
+    *,
+    state: SetpointState | None = None,
+    reason: str | None = None,
+    attempt_count: int | None = None,
+    next_attempt_at: datetime | None = None,
+    cancellation_state: CancellationState | None = None,
+    cancellation_attempt_count: int | None = None,
+) -> Settled:
+    """``row``'s values with the given ones changed (None keeps a value; nothing is due
+    unless ``next_attempt_at`` says when). Every attempt's result goes through here."""
+    return Settled(
+        row.state if state is None else state,
+        row.reason if reason is None else reason,
+        row.attempt_count if attempt_count is None else attempt_count,
+        next_attempt_at,
+        row.cancellation_state if cancellation_state is None else cancellation_state,
+        row.cancellation_attempt_count
+        if cancellation_attempt_count is None
+        else cancellation_attempt_count,
     )
-    return kept._replace(**changes) if changes else kept
 
 
 def before_attempt(row: OutboxRow, not_eligible: str | None, now: datetime) -> Settled | None:
@@ -403,7 +415,7 @@ def after_attempt(
     attempt, so a CancelDispatch that came while it was in flight is taken into account.
     """
     failure = describe_failure(http_status, error)
-    retry_at = now + timedelta(seconds=max(retry_in_seconds, 0.0))
+    retry_at = now + timedelta(seconds=retry_in_seconds) if retry_in_seconds > 0 else now
     if row.delivers_cancellation:
         attempts = row.cancellation_attempt_count + (outcome is not Outcome.CIRCUIT_OPEN)
         if outcome is Outcome.ACCEPTED:
