@@ -272,8 +272,9 @@ def signature_header(
 
     The Standard Webhooks signature, base64 of HMAC-SHA256 over ``id.timestamp.body``, made
     with the one-shot ``hmac.digest`` rather than ``Webhook.sign`` (which builds an HMAC
-    object per call and wants the body as text): the same bytes, ``test_signature_header``
-    checks them against the package, in a fraction of the time, once per delivery attempt.
+    object per call and wants the body as text): the same bytes in a fraction of the time,
+    once per delivery attempt. ``test_signature_header_is_what_standardwebhooks_signs``
+    checks them against the package.
     """
     signed = f"{delivery_id}.{int(timestamp.timestamp())}.".encode() + body
     return " ".join(

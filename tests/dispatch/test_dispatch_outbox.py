@@ -483,3 +483,39 @@ async def test_a_live_worker_keeps_a_slow_attempt_beyond_one_lease(cluster: Clus
         assert len(receiver.received) == 3
         assert receiver.overlaps == 0
         assert all(len(s.attempts) == 1 for s in settled)
+
+
+async def test_each_endpoint_gets_its_own_slots_and_no_more(cluster: Cluster) -> None:
+    """A replica sends towards one endpoint at most OPENVPP_DISPATCH_MAX_CONCURRENCY_PER_HOST
+    at a time, and a slow endpoint's queue does not hold back another endpoint's setpoints."""
+    replica = await cluster.replica(dispatch_max_concurrency_per_host=2)
+    flow = Flow(replica)
+    operator, partner, supplier = await flow.parties()
+    active = {"now": 0, "peak": 0}
+
+    async def slow(_received: Received) -> int:
+        active["now"] += 1
+        active["peak"] = max(active["peak"], active["now"])
+        try:
+            await asyncio.sleep(0.3)
+        finally:
+            active["now"] -= 1
+        return 200
+
+    async with running_receiver(slow) as slow_end, running_receiver() as fast_end:
+        secret = await flow.secret(partner)
+        slow_end.trust(secret)
+        fast_end.trust(secret)
+        await flow.site(partner, supplier, slow_end.url(), resources=[(BATTERY, -5, 5)] * 6)
+        await flow.site(partner, supplier, fast_end.url(), resources=[(BATTERY, -5, 5)] * 3)
+        dispatch = (await flow.dispatch(operator)).dispatch
+
+        await fast_end.wait_for(3)
+        slow_seen = len(slow_end.received)
+        settled = await flow.settle(operator, dispatch.id, frozenset({ACCEPTED}), within=20)
+    assert len(settled) == 9
+    # Two slow attempts take 0.3 s: the fast endpoint's three were all in before a fifth
+    # slow one could start.
+    assert slow_seen <= 4
+    assert active["peak"] == 2
+    assert len(slow_end.received) == 6
