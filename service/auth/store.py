@@ -94,10 +94,16 @@ class IdentityStore:
         return (await self.signing_secrets_for([org_id], now)).get(org_id, [])
 
     async def signing_secrets_for(
-        self, org_ids: Iterable[UUID], now: datetime
+        self,
+        org_ids: Iterable[UUID],
+        now: datetime,
+        conn: asyncpg.Connection | None = None,
     ) -> dict[UUID, list[str]]:
-        """``signing_secrets`` of many organizations in one query (a delivery batch's)."""
-        rows = await self._pool.fetch(
+        """``signing_secrets`` of many organizations in one query (a delivery batch's), on
+        ``conn`` when given (a caller inside a transaction need not take a second
+        connection from the pool while it holds the first)."""
+        executor: asyncpg.Connection | asyncpg.Pool = conn if conn is not None else self._pool
+        rows = await executor.fetch(
             "SELECT id, signing_secret, previous_signing_secret, signing_secret_rotated_at "
             "FROM organizations WHERE id = ANY($1::uuid[])",
             list(set(org_ids)),

@@ -448,7 +448,7 @@ class OutboxDeliverer:
             settled: list[tuple[UUID, Settled, bool]] = []
             sendable: list[tuple[asyncpg.Record, OutboxRow]] = []
             changed: list[UUID] = []
-            secrets_of = await self._signing_secrets({row["partner_org_id"] for row in rows})
+            secrets_of = await self._signing_secrets(conn, {row["partner_org_id"] for row in rows})
             for row in rows:
                 outbox_row = _outbox_row(row)
                 # Eligibility counts for the setpoint itself, never for its cancellation.
@@ -486,10 +486,12 @@ class OutboxDeliverer:
             )
         return claimed, len(rows)
 
-    async def _signing_secrets(self, org_ids: set[UUID]) -> dict[UUID, list[str]]:
+    async def _signing_secrets(
+        self, conn: asyncpg.Connection, org_ids: set[UUID]
+    ) -> dict[UUID, list[str]]:
         if not org_ids:
             return {}
-        found = await self._identity.signing_secrets_for(org_ids, self._clock.now())
+        found = await self._identity.signing_secrets_for(org_ids, self._clock.now(), conn)
         return {org_id: found.get(org_id, []) for org_id in org_ids}
 
     async def _apply(

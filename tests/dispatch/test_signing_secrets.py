@@ -90,6 +90,10 @@ async def test_secrets_of_many_organizations_at_once(service: Service, make_org:
     assert [len(found[org]) for org in orgs] == [1, 2, 1]
     for org in orgs:
         assert found[org] == await store.signing_secrets(org, now)
+    # On the caller's connection, inside its transaction: the same answer.
+    assert service.pool is not None
+    async with service.pool.acquire() as conn, conn.transaction():
+        assert await store.signing_secrets_for(orgs, now, conn) == found
 
 
 async def test_migration_gives_existing_organizations_distinct_secrets(database_url: str) -> None:
