@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import os
 import random
 import statistics
 import sys
@@ -273,15 +272,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_sections(args: argparse.Namespace) -> int:
     with database(tune=True) as dsn:
         port = free_port()
-        env = {
-            **os.environ,
-            "OPENVPP_DATABASE_URL": dsn,
-            "OPENVPP_BOOTSTRAP": "false",
-            "OPENVPP_GRPC_ADDRESS": f"127.0.0.1:{port}",
-            "OPENVPP_LOG_LEVEL": "WARNING",
-            "OPENVPP_BALANCING_POLL_SECONDS": "5",
-        }
-        server = serve(env)
+        server = serve(dsn, port, {"OPENVPP_BALANCING_POLL_SECONDS": "5"})
         sampler = RssSampler(server.pid)
         sampler.start()
         try:

@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import json
 import multiprocessing
-import os
 import sys
 import time
 import uuid
@@ -432,16 +431,14 @@ def main() -> int:
 
     with database(True) as dsn:
         port, receiver_port = free_port(), free_port()
-        env = {
-            **os.environ,
-            "OPENVPP_DATABASE_URL": dsn,
-            "OPENVPP_BOOTSTRAP": "false",
-            "OPENVPP_GRPC_ADDRESS": f"127.0.0.1:{port}",
-            "OPENVPP_LOG_LEVEL": "WARNING",
-            "OPENVPP_WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
-            "OPENVPP_DISPATCH_MAX_CONCURRENCY_PER_HOST": str(PER_HOST_CONCURRENCY),
-        }
-        server = serve(env)
+        server = serve(
+            dsn,
+            port,
+            {
+                "OPENVPP_WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
+                "OPENVPP_DISPATCH_MAX_CONCURRENCY_PER_HOST": str(PER_HOST_CONCURRENCY),
+            },
+        )
         receiver: Any = None
         try:
             wait_serving(port, server, 60)

@@ -349,9 +349,19 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def serve(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """``openvpp serve`` in its own process with ``env``; under cProfile when
-    ``BENCH_PROFILE=file`` is set (the profile is written when it exits)."""
+def serve(dsn: str, port: int, settings: dict[str, str]) -> subprocess.Popen[bytes]:
+    """``openvpp serve`` in its own process on ``dsn`` and 127.0.0.1:``port``, without the
+    bootstrap organization, logging warnings and above, with ``settings`` (``OPENVPP_*``)
+    on top; under cProfile when ``BENCH_PROFILE=file`` is set (the profile is written when
+    it exits)."""
+    env = {
+        **os.environ,
+        "OPENVPP_DATABASE_URL": dsn,
+        "OPENVPP_BOOTSTRAP": "false",
+        "OPENVPP_GRPC_ADDRESS": f"127.0.0.1:{port}",
+        "OPENVPP_LOG_LEVEL": "WARNING",
+        **settings,
+    }
     profile = (
         ["-m", "cProfile", "-o", os.environ["BENCH_PROFILE"]]
         if os.environ.get("BENCH_PROFILE")
@@ -394,15 +404,7 @@ def main() -> int:
 
     with database(not args["no_tune"]) as dsn:
         port = free_port()
-        env = {
-            **os.environ,
-            "OPENVPP_DATABASE_URL": dsn,
-            "OPENVPP_BOOTSTRAP": "false",
-            "OPENVPP_GRPC_ADDRESS": f"127.0.0.1:{port}",
-            "OPENVPP_LOG_LEVEL": "WARNING",
-            "OPENVPP_STREAM_PIPELINE_DEPTH": str(args["in_flight"]),
-        }
-        server = serve(env)
+        server = serve(dsn, port, {"OPENVPP_STREAM_PIPELINE_DEPTH": str(args["in_flight"])})
         sampler = RssSampler(server.pid)
         sampler.start()
         try:

@@ -53,13 +53,16 @@ async def test_settings_and_methods_changing_mid_month(
     await community.policy(bpb.ALLOCATION_METHOD_PRO_RATA, date(2025, 1, 15))
     await drain(consumer)
 
-    cells = by_pair(
-        await community.balances(
-            site_id=community.site.id,
-            interval="PT15M",
-            **window(local(2025, 1, 1), local(2025, 2, 1)),
+    async def january() -> dict[tuple[datetime, str, str], int]:
+        return by_pair(
+            await community.balances(
+                site_id=community.site.id,
+                interval="PT15M",
+                **window(local(2025, 1, 1), local(2025, 2, 1)),
+            )
         )
-    )
+
+    cells = await january()
     # Jan 10, EQUAL (no policy yet): 30 each, B needs 20, A takes the 10 B leaves.
     assert cells[(days[0], pv.id, a.id)] == 40
     assert cells[(days[0], pv.id, b.id)] == 20
@@ -86,13 +89,7 @@ async def test_settings_and_methods_changing_mid_month(
         metadata=community.org.auth,
     )
     await drain(consumer)
-    cells = by_pair(
-        await community.balances(
-            site_id=community.site.id,
-            interval="PT15M",
-            **window(local(2025, 1, 1), local(2025, 2, 1)),
-        )
-    )
+    cells = await january()
     assert cells[(days[0], pv.id, a.id)] == 40
     assert cells[(days[1], pv.id, b.id)] == 20
     assert cells[(days[1], pv.id, "GRID")] == 40
