@@ -66,7 +66,7 @@ from service.dispatch.domain import (
     ineligibility,
     unsendable,
 )
-from service.dispatch.store import notify_setpoint_changes
+from service.dispatch.store import SetpointChange, notify_setpoint_changes
 from service.registry.domain import SiteStatus
 from service.upstream.domain import UpstreamStatus
 
@@ -99,9 +99,9 @@ FROM due
 -- The id list makes the rows to update an index lookup (a join to the CTE alone was planned
 -- as a scan of the whole table).
 WHERE s.id = ANY (ARRAY(SELECT id FROM due)) AND s.id = due.id
-RETURNING s.id, s.dispatch_id, s.partner_org_id, s.site_id, s.resource_id, s.power_kw,
-    s.start_time, s.end_time, due.claimed_state AS state, s.reason, s.attempt_count,
-    s.cancel_requested_at,
+RETURNING s.id, s.dispatch_id, s.operator_org_id, s.partner_org_id, s.site_id,
+    s.resource_id, s.power_kw, s.start_time, s.end_time, due.claimed_state AS state, s.reason,
+    s.attempt_count, s.cancel_requested_at,
     s.cancellation_state, s.cancellation_attempt_count,
     due.site_exists, due.site_status, due.site_paused, due.upstream_status,
     due.site_external_id, due.resource_exists, due.resource_external_id,
@@ -165,6 +165,8 @@ class Claimed(NamedTuple):
     setpoint_id: UUID
     row: OutboxRow
     delivery: Delivery
+    # Whose setpoint it is, for the change notification when the attempt is recorded.
+    change: SetpointChange
 
 
 class Finished(NamedTuple):
@@ -190,6 +192,17 @@ def _outbox_row(row: asyncpg.Record) -> OutboxRow:
         row["cancel_requested_at"] is not None,
         _CANCELLATION_STATE_OF[row["cancellation_state"]],
         row["cancellation_attempt_count"],
+    )
+
+
+def _change(row: asyncpg.Record, state: SetpointState) -> SetpointChange:
+    return SetpointChange(
+        row["id"],
+        row["dispatch_id"],
+        row["site_id"],
+        row["operator_org_id"],
+        row["partner_org_id"],
+        state.value,
     )
 
 
@@ -447,7 +460,7 @@ class OutboxDeliverer:
                 return [], 0
             settled: list[tuple[UUID, Settled, bool]] = []
             sendable: list[tuple[asyncpg.Record, OutboxRow]] = []
-            changed: list[UUID] = []
+            changed: list[SetpointChange] = []
             secrets_of = await self._signing_secrets(conn, {row["partner_org_id"] for row in rows})
             for row in rows:
                 outbox_row = _outbox_row(row)
@@ -461,11 +474,11 @@ class OutboxDeliverer:
                     if verdict.state is not outbox_row.state:
                         # A bug, never input: the transaction rolls back, the row stays due.
                         check_transition(outbox_row.state, verdict.state)
-                        changed.append(row["id"])
+                        changed.append(_change(row, verdict.state))
                     continue
                 sendable.append((row, outbox_row))
                 if outbox_row.state is SetpointState.PENDING:
-                    changed.append(row["id"])  # now DELIVERING (the claim set it)
+                    changed.append(_change(row, SetpointState.DELIVERING))  # the claim set it
             await self._apply(conn, settled)
             await notify_setpoint_changes(conn, changed)
         claimed = []
@@ -482,6 +495,7 @@ class OutboxDeliverer:
                         signing_secrets=secrets_of[row["partner_org_id"]],
                         traceparent=_traceparent(row["traceparent"]),
                     ),
+                    _change(row, outbox_row.state),
                 )
             )
         return claimed, len(rows)
@@ -606,7 +620,7 @@ class OutboxDeliverer:
         async with self._pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(_RELOCK_SQL, list(by_id), self.owner)
             settled: list[tuple[UUID, Settled, bool]] = []
-            changed: list[UUID] = []
+            changed: list[SetpointChange] = []
             for row in rows:
                 item = by_id[row["id"]]
                 current = _outbox_row(row)
@@ -640,7 +654,7 @@ class OutboxDeliverer:
                 if verdict.state is not current.state or (
                     verdict.cancellation_state is not current.cancellation_state
                 ):
-                    changed.append(row["id"])
+                    changed.append(item.claimed.change._replace(state=verdict.state.value))
             await self._apply(conn, settled)
             # Every attempt that sent something is history, even one whose lease expired
             # meanwhile (another worker then owns the row's state).

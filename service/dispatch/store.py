@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import asyncpg
@@ -188,27 +188,51 @@ WHERE (cardinality($1::uuid[]) = 0 OR s.id = ANY($1::uuid[]))
 ORDER BY s.created_at, s.id, r.created_at, r.id
 """
 
-# A change is [setpoint id, dispatch id, site id, state]; watchers read the rest from the row.
-_NOTIFY_SQL = f"""
-SELECT pg_notify($2, json_build_object('key', k, 'at', clock_timestamp(),
-    'changes', json_agg(json_build_array(id, dispatch_id, site_id, state)))::text)
-FROM (
-    SELECT keys.k, s.id, s.dispatch_id, s.site_id, s.state,
-           (row_number() OVER (PARTITION BY keys.k ORDER BY s.id) - 1)
-               / {CHANGES_PER_NOTIFICATION} AS chunk
-    FROM setpoints s
-    CROSS JOIN LATERAL (VALUES (s.operator_org_id), (s.partner_org_id)) AS keys (k)
-    WHERE s.id = ANY($1::uuid[])
-) changed
-GROUP BY k, chunk
+
+class SetpointChange(NamedTuple):
+    """A setpoint's new state, for the watchers of its operator and of its partner."""
+
+    setpoint_id: UUID
+    dispatch_id: UUID
+    site_id: UUID
+    operator_org_id: UUID
+    partner_org_id: UUID
+    state: str  # as stored
+
+
+# Each payload is put together from the callers' own rows (the ids and states contain nothing
+# to escape): reading the setpoints back and aggregating them as JSON here cost the database
+# as much per change as recording the attempt did. The instant is still the database's.
+_NOTIFY_SQL = """
+SELECT pg_notify($1, '{"key":"' || k || '","at":' || to_json(clock_timestamp())::text
+    || ',"changes":' || c || '}')
+FROM unnest($2::text[], $3::text[]) AS n (k, c)
 """
 
 
-async def notify_setpoint_changes(conn: asyncpg.Connection, setpoint_ids: Sequence[UUID]) -> None:
-    """Publishes the setpoints' current state to both scopes; sent only if the caller's
-    transaction commits."""
-    if setpoint_ids:
-        await conn.execute(_NOTIFY_SQL, list(setpoint_ids), SETPOINT_EVENTS_CHANNEL)
+async def notify_setpoint_changes(
+    conn: asyncpg.Connection, changes: Sequence[SetpointChange]
+) -> None:
+    """Publishes the changes to both scopes, at most CHANGES_PER_NOTIFICATION a payload; sent
+    only if the caller's transaction commits. A change is [setpoint id, dispatch id, site
+    id, state]; watchers read the rest from the row."""
+    if not changes:
+        return
+    by_key: dict[UUID, list[str]] = {}
+    for change in changes:
+        text = (
+            f'["{change.setpoint_id}","{change.dispatch_id}","{change.site_id}","{change.state}"]'
+        )
+        by_key.setdefault(change.operator_org_id, []).append(text)
+        if change.partner_org_id != change.operator_org_id:
+            by_key.setdefault(change.partner_org_id, []).append(text)
+    keys: list[str] = []
+    payloads: list[str] = []
+    for key, texts in by_key.items():
+        for first in range(0, len(texts), CHANGES_PER_NOTIFICATION):
+            keys.append(str(key))
+            payloads.append("[" + ",".join(texts[first : first + CHANGES_PER_NOTIFICATION]) + "]")
+    await conn.execute(_NOTIFY_SQL, SETPOINT_EVENTS_CHANNEL, keys, payloads)
 
 
 async def notify_dispatch_created(
@@ -525,7 +549,7 @@ class DispatchStore:
                     updated_at = clock_timestamp()
                 WHERE dispatch_id = $1 AND state IN ('pending', 'delivering')
                   AND (lease_expires_at IS NULL OR lease_expires_at <= $2)
-                RETURNING id
+                RETURNING id, dispatch_id, site_id, operator_org_id, partner_org_id, state
                 """,
                 dispatch_id,
                 now,
@@ -548,13 +572,14 @@ class DispatchStore:
                     reason = 'cancellation pending', updated_at = clock_timestamp()
                 WHERE dispatch_id = $1 AND state = 'accepted' AND cancellation_state IS NULL
                   AND end_time > $2
-                RETURNING id
+                RETURNING id, dispatch_id, site_id, operator_org_id, partner_org_id, state
                 """,
                 dispatch_id,
                 now,
             )
-            changed = [r["id"] for r in cancelled] + [r["id"] for r in to_withdraw]
-            await notify_setpoint_changes(conn, changed)
+            await notify_setpoint_changes(
+                conn, [SetpointChange(*row) for row in [*cancelled, *to_withdraw]]
+            )
             if to_withdraw:
                 await wake_outbox(conn)
             return DispatchRecord.from_row(row, await self._counts(conn, dispatch_id))

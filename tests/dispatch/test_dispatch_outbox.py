@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections import Counter
+from collections import Counter, defaultdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,6 +17,7 @@ from openvpp.v1 import upstream_registry_pb2 as up_pb
 
 from service.auth.principal import Role
 from service.common.clock import ManualClock
+from service.dispatch.store import CHANGES_PER_NOTIFICATION
 from tests.dispatch.conftest import UPSTREAM_CASES, Cluster, Flow
 from tests.dispatch.setpoint_receiver import Received, running_receiver
 from tests.upstream.conftest import day
@@ -304,6 +305,58 @@ async def test_watch_setpoints_streams_state_changes(cluster: Cluster) -> None:
                     break
         watch.cancel()
         assert seen == [pb.SETPOINT_STATE_PENDING, pb.SETPOINT_STATE_DELIVERING, ACCEPTED]
+
+
+async def test_watchers_of_both_scopes_see_every_change_of_a_dispatch_larger_than_a_payload(
+    cluster: Cluster,
+) -> None:
+    """A cancellation of more setpoints than one notification carries, in one transaction:
+    each scope's watcher still sees every setpoint go PENDING, then CANCELLED."""
+    replica = await cluster.replica(dispatch_delivery_enabled=False)
+    flow = Flow(replica)
+    operator, partner, supplier = await flow.parties()
+    async with running_receiver() as receiver:
+        sites = [
+            await flow.site(partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)] * 10)
+            for _ in range(6)
+        ]
+        site_ids = {site.id for site, _ in sites}
+        watches = [
+            replica.dispatch.WatchSetpoints(pb.WatchSetpointsRequest(), metadata=party.auth)
+            for party in (operator, partner)
+        ]
+        for watch in watches:
+            await watch.initial_metadata()
+        dispatch = (await flow.dispatch(operator)).dispatch
+        assert dispatch.pending_count == 60 > CHANGES_PER_NOTIFICATION
+        cancelled = await replica.dispatch.CancelDispatch(
+            pb.CancelDispatchRequest(dispatch_id=dispatch.id), metadata=operator.auth
+        )
+        assert cancelled.dispatch.cancelled_count == 60
+
+        async def states_seen(watch: Any) -> dict[str, list[int]]:
+            seen: dict[str, list[int]] = defaultdict(list)
+            settled = 0
+            async for event in watch:
+                assert event.setpoint.dispatch_id == dispatch.id
+                assert event.setpoint.site_id in site_ids
+                seen[event.setpoint.id].append(event.setpoint.state)
+                settled += event.setpoint.state == pb.SETPOINT_STATE_CANCELLED
+                if settled == 60:
+                    return seen
+            raise AssertionError("the stream ended")
+
+        async with asyncio.timeout(20):
+            for watch in watches:
+                seen = await states_seen(watch)
+                assert len(seen) == 60
+                assert all(
+                    states == [pb.SETPOINT_STATE_PENDING, pb.SETPOINT_STATE_CANCELLED]
+                    for states in seen.values()
+                ), seen
+        for watch in watches:
+            watch.cancel()
+        assert receiver.received == []
 
 
 @pytest.mark.timeout(120)
