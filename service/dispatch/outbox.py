@@ -32,7 +32,6 @@ import functools
 import json
 import logging
 import random
-import secrets
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -165,7 +164,8 @@ class Claimed(NamedTuple):
     setpoint_id: UUID
     row: OutboxRow
     delivery: Delivery
-    # Whose setpoint it is, for the change notification when the attempt is recorded.
+    # Whose setpoint it is and its state once claimed, for the change notification when the
+    # attempt is recorded.
     change: SetpointChange
 
 
@@ -291,10 +291,12 @@ def delivery_id(setpoint_id: UUID, cancellation: bool) -> str:
 
 
 def _traceparent(dispatch_traceparent: str | None) -> str:
-    """A fresh span id per attempt, in the dispatch's trace."""
-    trace_id = _trace_id(dispatch_traceparent) or secrets.token_hex(16)
-    # Span ids need to be unique, not secret: the non-cryptographic generator is enough
-    # and several times cheaper per delivery. All-zero is not a valid span id.
+    """A fresh span id per attempt, in the dispatch's trace (or in a trace of its own when
+    the dispatch was not traced)."""
+    # Trace and span ids need to be unique, not secret: the non-cryptographic generator is
+    # enough (OpenTelemetry's own id generator uses it) and several times cheaper per
+    # delivery. All-zero is not a valid id.
+    trace_id = _trace_id(dispatch_traceparent) or f"{random.getrandbits(128) or 1:032x}"
     return f"00-{trace_id}-{random.getrandbits(64) or 1:016x}-01"
 
 
@@ -459,7 +461,7 @@ class OutboxDeliverer:
             if not rows:
                 return [], 0
             settled: list[tuple[UUID, Settled, bool]] = []
-            sendable: list[tuple[asyncpg.Record, OutboxRow]] = []
+            sendable: list[tuple[asyncpg.Record, OutboxRow, SetpointChange]] = []
             changed: list[SetpointChange] = []
             secrets_of = await self._signing_secrets(conn, {row["partner_org_id"] for row in rows})
             for row in rows:
@@ -476,13 +478,16 @@ class OutboxDeliverer:
                         check_transition(outbox_row.state, verdict.state)
                         changed.append(_change(row, verdict.state))
                     continue
-                sendable.append((row, outbox_row))
                 if outbox_row.state is SetpointState.PENDING:
-                    changed.append(_change(row, SetpointState.DELIVERING))  # the claim set it
+                    change = _change(row, SetpointState.DELIVERING)  # the claim set it
+                    changed.append(change)
+                else:
+                    change = _change(row, outbox_row.state)
+                sendable.append((row, outbox_row, change))
             await self._apply(conn, settled)
             await notify_setpoint_changes(conn, changed)
         claimed = []
-        for row, outbox_row in sendable:
+        for row, outbox_row, change in sendable:
             cancellation = outbox_row.delivers_cancellation
             claimed.append(
                 Claimed(
@@ -495,7 +500,7 @@ class OutboxDeliverer:
                         signing_secrets=secrets_of[row["partner_org_id"]],
                         traceparent=_traceparent(row["traceparent"]),
                     ),
-                    _change(row, outbox_row.state),
+                    change,
                 )
             )
         return claimed, len(rows)
@@ -654,7 +659,17 @@ class OutboxDeliverer:
                 if verdict.state is not current.state or (
                     verdict.cancellation_state is not current.cancellation_state
                 ):
-                    changed.append(item.claimed.change._replace(state=verdict.state.value))
+                    held = item.claimed.change
+                    changed.append(
+                        SetpointChange(
+                            held.setpoint_id,
+                            held.dispatch_id,
+                            held.site_id,
+                            held.operator_org_id,
+                            held.partner_org_id,
+                            verdict.state.value,
+                        )
+                    )
             await self._apply(conn, settled)
             # Every attempt that sent something is history, even one whose lease expired
             # meanwhile (another worker then owns the row's state).
