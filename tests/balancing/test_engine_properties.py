@@ -8,6 +8,7 @@ the block, be deterministic, and treat a zero meter exactly like an absent one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -277,14 +278,7 @@ def test_idle_intervals_share_nothing_and_change_nothing_else(
         production = np.insert(production, at + offset, row_production, axis=0)
         demand = np.insert(demand, at + offset, row_demand, axis=0)
         idle_rows.append(at + offset)
-    padded = BalancingInput(
-        method=block.method,
-        production_wh=production,
-        demand_wh=demand,
-        producer_as_consumer=block.producer_as_consumer,
-        consumer_tier=block.consumer_tier,
-        consumer_share=block.consumer_share,
-    )
+    padded = dataclasses.replace(block, production_wh=production, demand_wh=demand)
     result = allocate(padded)
     assert_exact_and_bounded(padded, result)
     assert not result.shared_wh[idle_rows].any()
@@ -353,14 +347,7 @@ def test_chunks_of_gathered_rows_give_each_interval_its_own_result(
         demand = np.insert(demand, row, 7 * (offset + 1), axis=0)
 
     def with_energy(rows: slice) -> BalancingInput:
-        return BalancingInput(
-            method=block.method,
-            production_wh=production[rows],
-            demand_wh=demand[rows],
-            producer_as_consumer=block.producer_as_consumer,
-            consumer_tier=block.consumer_tier,
-            consumer_share=block.consumer_share,
-        )
+        return dataclasses.replace(block, production_wh=production[rows], demand_wh=demand[rows])
 
     cells_per_interval = production.shape[1] * demand.shape[1]
     original = engine_module._CHUNK_CELLS
