@@ -105,6 +105,10 @@ async def wait_until_blocked(
         for call in calls:
             if call.done():
                 raise AssertionError(f"a call ended instead of waiting: {call.result()}")
+        # The holder is usually inside its transaction, where pg_stat_activity is read once
+        # and then served from a snapshot: a backend that connected after the first look
+        # (the pool opened a new connection for the call) would never appear.
+        await holder.execute("SELECT pg_stat_clear_snapshot()")
         # Waiting for the holder, or for one who waits for it (a second waiter on a row
         # queues behind the first).
         blocked = await holder.fetchval(
