@@ -56,7 +56,7 @@ def write_documented_descriptors(includes: list[str], protos: list[str], out_dir
     """Each .proto's descriptor with its comments, beside its module (``x.descriptor.binpb``).
 
     The generated modules carry descriptors without comments; reflection serves these
-    instead (service/common/reflection.py), so ``grpcurl describe`` shows the documentation.
+    instead (service/edge/reflection.py), so ``grpcurl describe`` shows the documentation.
     """
     from google.protobuf import descriptor_pb2
 

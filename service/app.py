@@ -19,10 +19,8 @@ from service.auth.principal import Role
 from service.auth.store import IdentityStore, IssuedToken
 from service.balancing import servicer as balancing
 from service.balancing.worker import BalancingQueueConsumer
-from service.common.call_guard import CallGuard
 from service.common.clock import SYSTEM_CLOCK, Clock
 from service.common.loglimit import OutageLog, quiet_library_retries
-from service.common.reflection import enable_server_reflection
 from service.common.worker import Worker
 from service.config import Settings
 from service.db.database import create_pool
@@ -31,6 +29,8 @@ from service.db.reads import ReadLane
 from service.dispatch import servicer as dispatch
 from service.dispatch.delivery import DeliverySettings
 from service.dispatch.outbox import OutboxDeliverer, OutboxSettings
+from service.edge.call_guard import CallGuard
+from service.edge.reflection import enable_server_reflection
 from service.events.channels import (
     BALANCING_QUEUE_CHANNEL,
     DISPATCH_OUTBOX_CHANNEL,

@@ -24,7 +24,7 @@ from service.balancing.store import (
     load_consumer_blocks,
 )
 from service.common.errors import ValidationError
-from service.common.pagination import (
+from service.db.pagination import (
     decode_token_body,
     encode_token_body,
     filters_fingerprint,

@@ -27,7 +27,6 @@ from service.common.errors import (
     ViolationCollector,
 )
 from service.common.field_mask import require_mask
-from service.common.pagination import fetch_page, page_size_or_default
 from service.common.protoconv import (
     date_from_proto,
     from_timestamp,
@@ -35,6 +34,7 @@ from service.common.protoconv import (
     parse_uuid,
     to_timestamp,
 )
+from service.db.pagination import fetch_page, page_size_or_default
 from service.events.channels import BALANCES_CHANNEL
 from service.events.hub import EventHub
 

@@ -32,9 +32,9 @@ from service.balancing.domain import (
 )
 from service.balancing.engine import AllocationMethod
 from service.common.errors import NotFoundError, ViolationCollector
-from service.common.pagination import Cursor
 from service.db.balancing_queue import enqueue_balancing, readings_spans
 from service.db.keyset import keyset_page
+from service.db.pagination import Cursor
 from service.grid import Resolution, SiteType, parse_resolution, site_type_is_balanced
 
 _LOCK_SETTINGS = b"openvpp.balancing.settings:"

@@ -7,7 +7,7 @@ from typing import Any
 
 import asyncpg
 
-from service.common.pagination import Cursor
+from service.db.pagination import Cursor
 
 
 async def keyset_page(

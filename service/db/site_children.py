@@ -8,8 +8,8 @@ from uuid import UUID
 import asyncpg
 
 from service.common.errors import NotFoundError
-from service.common.pagination import Cursor
 from service.db.keyset import keyset_page
+from service.db.pagination import Cursor
 
 ChildTable = Literal["resources", "meters"]
 

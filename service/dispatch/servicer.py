@@ -15,8 +15,8 @@ from openvpp.v1 import dispatch_pb2_grpc as pb_grpc
 
 from service.auth.principal import Role, current_principal
 from service.common.clock import Clock
-from service.common.pagination import fetch_page, page_size_or_default
 from service.common.protoconv import enum_from_proto, optional_uuid, parse_uuid, to_timestamp
+from service.db.pagination import fetch_page, page_size_or_default
 from service.dispatch import convert
 from service.dispatch.domain import SetpointState, validate_request
 from service.dispatch.store import DispatchStore, SetpointFilter

@@ -29,8 +29,8 @@ import asyncpg
 from service.auth.principal import Role
 from service.common.clock import Clock
 from service.common.errors import AlreadyExistsError, NotFoundError
-from service.common.pagination import Cursor
 from service.db.keyset import keyset_page
+from service.db.pagination import Cursor
 from service.dispatch.domain import (
     Allocation,
     Candidate,

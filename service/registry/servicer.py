@@ -13,8 +13,8 @@ from openvpp.v1 import site_registry_pb2_grpc as pb_grpc
 from service.auth.principal import Role, current_principal
 from service.common.clock import SYSTEM_CLOCK, Clock
 from service.common.field_mask import merge_masked, require_mask
-from service.common.pagination import fetch_page, page_size_or_default
 from service.common.protoconv import enum_from_proto, parse_uuid, to_timestamp
+from service.db.pagination import fetch_page, page_size_or_default
 from service.db.reads import Reads
 from service.events.channels import SITE_EVENTS_CHANNEL
 from service.events.hub import EventHub

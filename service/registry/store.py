@@ -19,9 +19,9 @@ import asyncpg
 
 from service.common.clock import SYSTEM_CLOCK, Clock
 from service.common.errors import AlreadyExistsError, NotFoundError
-from service.common.pagination import Cursor
 from service.db.balancing_queue import enqueue_balancing, readings_spans, span_range
 from service.db.keyset import keyset_page
+from service.db.pagination import Cursor
 from service.db.reads import Reads
 from service.db.site_children import list_site_children
 from service.events.payloads import SiteEventType, notify_site_event

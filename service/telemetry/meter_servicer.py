@@ -10,8 +10,8 @@ from openvpp.v1 import meter_registry_pb2_grpc as pb_grpc
 
 from service.auth.principal import Role, current_principal
 from service.common.field_mask import merge_masked, require_mask
-from service.common.pagination import fetch_page, page_size_or_default
 from service.common.protoconv import from_timestamp, parse_uuid
+from service.db.pagination import fetch_page, page_size_or_default
 from service.identifiers.ids import MeterId, SiteId
 from service.telemetry import convert
 from service.telemetry.domain import MeterFields, normalized_meter

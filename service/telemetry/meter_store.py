@@ -16,8 +16,8 @@ from zoneinfo import ZoneInfo
 import asyncpg
 
 from service.common.errors import AlreadyExistsError, NotFoundError, ValidationError
-from service.common.pagination import Cursor
 from service.db.balancing_queue import enqueue_balancing, readings_spans, span_range
+from service.db.pagination import Cursor
 from service.db.site_children import list_site_children
 from service.events.payloads import notify_meter_changed
 from service.grid import SiteType, parse_resolution

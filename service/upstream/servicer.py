@@ -11,8 +11,8 @@ from openvpp.v1 import upstream_registry_pb2_grpc as pb_grpc
 from service.auth.principal import Role, current_principal
 from service.common.clock import Clock
 from service.common.errors import ViolationCollector
-from service.common.pagination import fetch_page, page_size_or_default
 from service.common.protoconv import date_from_proto, enum_from_proto, from_timestamp, parse_uuid
+from service.db.pagination import fetch_page, page_size_or_default
 from service.identifiers import normalize_grid_identifier
 from service.identifiers.ids import ContractId, UpstreamSiteId
 from service.upstream import convert

@@ -22,8 +22,8 @@ import asyncpg
 
 from service.common.clock import Clock
 from service.common.errors import AlreadyExistsError, NotFoundError
-from service.common.pagination import Cursor
 from service.db.keyset import keyset_page
+from service.db.pagination import Cursor
 from service.identifiers.ids import ContractId, OrgId, UpstreamSiteId
 from service.upstream.domain import (
     ContractState,

@@ -39,7 +39,7 @@ from openvpp.v1 import upstream_registry_pb2 as upb
 
 from service.app import Service
 from service.auth.principal import Role
-from service.common.reflection import V1_SERVICE_NAME
+from service.edge.reflection import V1_SERVICE_NAME
 from tests.conftest import MakeOrg, Org
 from tests.fuzz.messages import World, draw_request_bytes, draw_stream
 from tests.helpers import battery_request, random_ean18, site_request

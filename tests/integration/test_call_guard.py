@@ -18,8 +18,8 @@ from service.app import Service
 from service.auth.authenticator import Authenticator
 from service.auth.principal import Role, current_principal
 from service.auth.store import IdentityStore
-from service.common.call_guard import CallGuard
 from service.common.errors import NotFoundError
+from service.edge.call_guard import CallGuard
 from tests.conftest import MakeOrg
 from tests.helpers import rpc_error
 
@@ -141,7 +141,7 @@ async def test_a_bug_logs_its_trace_once_and_rejections_one_line(
 ) -> None:
     channel, _ = traced
     org = await make_org(Role.PARTNER)
-    caplog.set_level(logging.INFO, "service.common.call_guard")
+    caplog.set_level(logging.INFO, "service.edge.call_guard")
     for _ in range(30):
         broken = await rpc_error(_method(channel, "Broken")(pb.GetSiteRequest(), metadata=org.auth))
         assert broken.code() is grpc.StatusCode.INTERNAL
@@ -151,7 +151,7 @@ async def test_a_bug_logs_its_trace_once_and_rejections_one_line(
         assert missing.code() is grpc.StatusCode.NOT_FOUND
         anonymous = await rpc_error(_method(channel, "Ok")(pb.GetSiteRequest()))
         assert anonymous.code() is grpc.StatusCode.UNAUTHENTICATED
-    records = [r for r in caplog.records if r.name == "service.common.call_guard"]
+    records = [r for r in caplog.records if r.name == "service.edge.call_guard"]
     traces = [r for r in records if r.exc_info]
     assert len(traces) == 1
     assert traces[0].getMessage() == f"unexpected error in /{SERVICE}/Broken"

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2 as v1alpha_pb2
 from grpc_reflection.v1alpha import reflection_pb2_grpc as v1alpha_grpc
 
 from service.app import Service
-from service.common.reflection import (
+from service.edge.reflection import (
     V1_SERVICE_NAME,
     _definitions,
     documented_files,

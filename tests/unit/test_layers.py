@@ -1,13 +1,15 @@
 """The import graph of ``service/`` is layered (see README, Layout).
 
-bottom      common, db, events, grid, identifiers, auth, and the top-level modules
+bottom      common, db, events, grid, identifiers, auth, edge, and the top-level modules
             config.py (settings every layer reads) and observability.py (logging, tracing)
 capability  every other package under service/ (registry, upstream, telemetry, balancing,
             dispatch, and whatever comes next)
 top         app.py, cli.py
 
-A bottom module imports only bottom modules; a capability imports bottom modules and other
-capabilities, never app or cli, and the capabilities' imports of each other form no cycle.
+A bottom module imports only bottom modules, and the bottom units' imports of each other
+form no cycle (so they can be read, and tested, from the bottom up); a capability imports
+bottom modules and other capabilities, never app or cli, and the capabilities' imports of
+each other form no cycle.
 Every import counts, including those inside functions and under ``TYPE_CHECKING``.
 """
 
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 
 SERVICE_DIR = Path(__file__).resolve().parents[2] / "service"
-BOTTOM_PACKAGES = frozenset({"common", "db", "events", "grid", "identifiers", "auth"})
+BOTTOM_PACKAGES = frozenset({"common", "db", "events", "grid", "identifiers", "auth", "edge"})
 BOTTOM_MODULES = frozenset({"config", "observability"})
 TOP_MODULES = frozenset({"app", "cli"})
 
@@ -108,6 +110,7 @@ def layer_violations(graph: Graph, packages: frozenset[str]) -> list[str]:
     """Every broken layer rule of ``graph`` (module -> imported modules), as text."""
     problems: list[str] = []
     capability_edges: dict[str, set[str]] = {}
+    bottom_edges: dict[str, set[str]] = {}
     for module, imports in sorted(graph.items()):
         unit = unit_of(module)
         layer = layer_of(unit, packages)
@@ -126,8 +129,12 @@ def layer_violations(graph: Graph, packages: frozenset[str]) -> list[str]:
                 problems.append(f"{module} (capability) imports {imported} ({target})")
             elif layer == target == "capability" and target_unit != unit:
                 capability_edges.setdefault(unit, set()).add(target_unit)
+            elif layer == target == "bottom" and target_unit not in (unit, ""):
+                bottom_edges.setdefault(unit, set()).add(target_unit)
     for cycle in _cycles(capability_edges):
         problems.append("capabilities import each other in a cycle: " + " -> ".join(cycle))
+    for cycle in _cycles(bottom_edges):
+        problems.append("bottom units import each other in a cycle: " + " -> ".join(cycle))
     return problems
 
 
@@ -145,6 +152,8 @@ def test_the_graph_sees_the_known_capability_edges() -> None:
     assert "service.upstream.status" in graph["service.registry.store"]
     assert "service.events.channels" in graph["service.telemetry.servicer"]
     assert "service.registry.servicer" in graph["service.app"]
+    assert "service.events.hub" in graph["service.edge.call_guard"]
+    assert "service.common.loglimit" in graph["service.events.hub"]
 
 
 PACKAGES = frozenset({"common", "db", "events", "registry", "upstream", "balancing"})
@@ -185,6 +194,15 @@ PACKAGES = frozenset({"common", "db", "events", "registry", "upstream", "balanci
                 "capabilities import each other in a cycle: "
                 "balancing -> registry -> upstream -> balancing",
             ],
+        ),
+        (
+            # What the bottom layer had until the call guard moved out of common.
+            {
+                "service.common.call_guard": frozenset({"service.events.hub"}),
+                "service.events.hub": frozenset({"service.common.loglimit"}),
+                "service.db.keyset": frozenset({"service.common.pagination"}),
+            },
+            ["bottom units import each other in a cycle: common -> events -> common"],
         ),
         (
             {"service.helpers": frozenset()},
