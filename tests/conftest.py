@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import grpc
 import pytest
-from openvpp.v1 import site_registry_pb2_grpc
+from openvpp.v1 import meter_registry_pb2_grpc, site_registry_pb2_grpc, telemetry_pb2_grpc
 
 from service.app import Service
 from service.auth.principal import Role
@@ -100,6 +100,16 @@ async def channel(service: Service) -> AsyncIterator[grpc.aio.Channel]:
 @pytest.fixture(scope="session")
 def registry(channel: grpc.aio.Channel) -> site_registry_pb2_grpc.SiteRegistryAsyncStub:
     return site_registry_pb2_grpc.SiteRegistryStub(channel)
+
+
+@pytest.fixture(scope="session")
+def meters(channel: grpc.aio.Channel) -> meter_registry_pb2_grpc.MeterRegistryAsyncStub:
+    return meter_registry_pb2_grpc.MeterRegistryStub(channel)
+
+
+@pytest.fixture(scope="session")
+def telemetry(channel: grpc.aio.Channel) -> telemetry_pb2_grpc.TelemetryAsyncStub:
+    return telemetry_pb2_grpc.TelemetryStub(channel)
 
 
 @dataclass(frozen=True)

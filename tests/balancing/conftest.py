@@ -45,16 +45,6 @@ def balancing(channel: grpc.aio.Channel) -> balancing_pb2_grpc.BalancingAsyncStu
     return balancing_pb2_grpc.BalancingStub(channel)
 
 
-@pytest.fixture(scope="session")
-def meters(channel: grpc.aio.Channel) -> meter_registry_pb2_grpc.MeterRegistryAsyncStub:
-    return meter_registry_pb2_grpc.MeterRegistryStub(channel)
-
-
-@pytest.fixture(scope="session")
-def telemetry(channel: grpc.aio.Channel) -> telemetry_pb2_grpc.TelemetryAsyncStub:
-    return telemetry_pb2_grpc.TelemetryStub(channel)
-
-
 async def drain(consumer: BalancingQueueConsumer) -> int:
     """Runs queue passes until the queue is empty; how many passes claimed rows."""
     passes = 0

@@ -29,16 +29,6 @@ def stamp(value: datetime) -> timestamp_pb2.Timestamp:
     return result
 
 
-@pytest.fixture(scope="session")
-def meters(channel: grpc.aio.Channel) -> meter_registry_pb2_grpc.MeterRegistryAsyncStub:
-    return meter_registry_pb2_grpc.MeterRegistryStub(channel)
-
-
-@pytest.fixture(scope="session")
-def telemetry(channel: grpc.aio.Channel) -> telemetry_pb2_grpc.TelemetryAsyncStub:
-    return telemetry_pb2_grpc.TelemetryStub(channel)
-
-
 @dataclass
 class Setup:
     """A partner with one site and helpers to add meters and send readings."""
