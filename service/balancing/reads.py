@@ -43,7 +43,17 @@ def balances_page_size(page_size: int) -> int:
 
 def _decode(token: str, fingerprint: str) -> dict[str, Any] | None:
     body = decode_token_body(token, fingerprint)
-    if body is not None and not isinstance(body.get("s"), int):
+    if body is None:
+        return None
+    start_us = body.get("s")
+    # A forged token (the fingerprint is no secret) must not reach numpy with an integer
+    # beyond int64, nor bring other types where the cursor's ids are read.
+    if (
+        not isinstance(start_us, int)
+        or isinstance(start_us, bool)
+        or not -(2**63) <= start_us < 2**63
+        or not all(isinstance(body.get(key, ""), str) for key in ("c", "d"))
+    ):
         raise ValidationError.single("page_token", "must be a next_page_token this API returned")
     return body
 

@@ -8,7 +8,7 @@ import hashlib
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Generic, Protocol, TypeVar
 from uuid import UUID
 
@@ -95,9 +95,18 @@ def decode_page_token(token: str, fingerprint: str, field: str = "page_token") -
     body = decode_token_body(token, fingerprint, field)
     if body is None:
         return None
+    # The fingerprint is no secret (a caller can compute its own), so a token's body is
+    # checked as strictly as any other input: a forged one is a field violation too.
+    created, row_id = body.get("t"), body.get("i")
     try:
-        return Cursor(datetime.fromisoformat(body["t"]), UUID(body["i"]))
-    except (ValueError, KeyError, TypeError) as exc:
+        if not isinstance(created, str) or not isinstance(row_id, str):
+            raise TypeError("not a cursor")
+        at = datetime.fromisoformat(created)
+        if at.tzinfo is None:
+            raise ValueError("an instant without its offset")
+        # Out of datetime's range once in UTC (OverflowError): not a time we ever wrote.
+        return Cursor(at.astimezone(UTC), UUID(row_id))
+    except (ValueError, TypeError, OverflowError) as exc:
         raise ValidationError.single(field, "must be a next_page_token this API returned") from exc
 
 

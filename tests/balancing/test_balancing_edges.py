@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -125,6 +127,44 @@ async def test_a_page_token_is_bound_to_the_filters_and_the_organization(
         community.balancing.ListBalanceSummaries(summaries, metadata=community.org.auth),
         "page_token",
     )
+
+
+def _forged(token: str, **changes: object) -> str:
+    """``token`` with its body changed and its fingerprint kept (a caller can compute it)."""
+    body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    text = json.dumps({**body, **changes})
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+async def test_a_forged_page_token_is_invalid_argument(
+    community: Community, consumer: BalancingQueueConsumer
+) -> None:
+    a = await community.meter()
+    pv = await community.meter(direction=mpb.METER_DIRECTION_PRODUCER)
+    for meter in (a, pv):
+        await community.participate(meter)
+    await community.profile(a, START, [50, 50])
+    await community.profile(pv, START, [40, 40])
+    await drain(consumer)
+    token = await _first_page(community, community.org, **window(START, START + 2 * Q))
+    for forged in (
+        _forged(token, s=10**30),
+        _forged(token, s=-(10**30)),
+        _forged(token, s="0"),
+        _forged(token, s=True),
+        _forged(token, c=5),
+    ):
+        request = bpb.ListAggregatedBalancesRequest(
+            site_id=community.site.id,
+            interval="PT15M",
+            page_size=1,
+            page_token=forged,
+            **window(START, START + 2 * Q),
+        )
+        await expect_invalid(
+            community.balancing.ListAggregatedBalances(request, metadata=community.org.auth),
+            "page_token",
+        )
 
 
 async def test_list_ranges_are_bounded(community: Community) -> None:

@@ -191,6 +191,13 @@ def _tampered(token: str) -> list[str]:
         encode({**body, "i": "not-a-uuid"}),
         encode({**body, "t": 12}),
         encode({k: v for k, v in body.items() if k != "f"}),
+        # Forged with the right fingerprint (a caller can compute it): still refused.
+        encode({**body, "i": 5}),
+        encode({**body, "i": None}),
+        encode({**body, "t": None}),
+        encode({**body, "t": "2026-01-01T00:00:00"}),
+        encode({**body, "t": "9999-12-31T23:59:59-14:00"}),
+        encode({**body, "t": "0001-01-01T00:00:00+14:00"}),
     ]
 
 
