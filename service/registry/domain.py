@@ -28,6 +28,10 @@ MAX_NAME_LENGTH = NAME_LENGTH
 MAX_ADDRESS_LENGTH = ADDRESS_LENGTH
 MAX_URL_LENGTH = URL_LENGTH
 DEFAULT_BALANCE_RESOLUTION = "PT15M"
+# One resource's bounds: 1 GW and 10 GWh are beyond any single flexible asset. Without a
+# bound, a few resources near float's limit made a dispatch's sums overflow.
+MAX_POWER_KW = 1_000_000.0
+MAX_CAPACITY_KWH = 10_000_000.0
 
 
 class SiteStatus(StrEnum):
@@ -260,7 +264,7 @@ def validate_resource(
     if power is None:
         if kind is not None and is_controllable(kind):
             errors.add(prefix + "power_kw", "is required for controllable resources")
-    elif _check_bounds(errors, prefix + "power_kw", power) and kind is not None:
+    elif _check_bounds(errors, prefix + "power_kw", power, MAX_POWER_KW) and kind is not None:
         if kind in PRODUCTION_ONLY and power.max > 0:
             errors.add(
                 prefix + "power_kw.max",
@@ -276,7 +280,7 @@ def validate_resource(
     if capacity is None:
         if kind is ResourceType.STATIC_BATTERY:
             errors.add(prefix + "capacity_kwh", "is required for STATIC_BATTERY")
-    elif _check_bounds(errors, prefix + "capacity_kwh", capacity):
+    elif _check_bounds(errors, prefix + "capacity_kwh", capacity, MAX_CAPACITY_KWH):
         if capacity.min < 0:
             errors.add(prefix + "capacity_kwh.min", "must be >= 0")
         if capacity.max <= 0:
@@ -301,11 +305,14 @@ def _check_length(errors: ViolationCollector, field: str, value: str, limit: int
     check_text(errors, field, value, limit)
 
 
-def _check_bounds(errors: ViolationCollector, field: str, bounds: Bounds) -> bool:
+def _check_bounds(errors: ViolationCollector, field: str, bounds: Bounds, limit: float) -> bool:
     finite = True
     for name, value in (("min", bounds.min), ("max", bounds.max)):
         if not math.isfinite(value):
             errors.add(f"{field}.{name}", "must be a finite number")
+            finite = False
+        elif abs(value) > limit:
+            errors.add(f"{field}.{name}", f"must be between {-limit:.0f} and {limit:.0f}")
             finite = False
     if finite and bounds.min > bounds.max:
         errors.add(field, "min must be <= max")

@@ -280,7 +280,25 @@ RESOURCE_RULES: list[tuple[str, int, dict[str, Any], dict[str, Any]]] = [
         {"power_kw": pb.Bounds(min=-11, max=11)},
         {"power_kw": pb.Bounds(min=math.inf, max=11)},
     ),
+    (
+        "power_kw.max",
+        pb.RESOURCE_TYPE_OTHER,
+        {"power_kw": pb.Bounds(min=-1_000_000, max=1_000_000)},
+        {"power_kw": pb.Bounds(min=0, max=1e308)},
+    ),
+    (
+        "power_kw.min",
+        pb.RESOURCE_TYPE_OTHER,
+        {"power_kw": pb.Bounds(min=-1_000_000, max=0)},
+        {"power_kw": pb.Bounds(min=-1_000_000.5, max=0)},
+    ),
     ("capacity_kwh", pb.RESOURCE_TYPE_STATIC_BATTERY, {}, {"capacity_kwh": None}),
+    (
+        "capacity_kwh.max",
+        pb.RESOURCE_TYPE_STATIC_BATTERY,
+        {"capacity_kwh": pb.Bounds(min=0, max=10_000_000)},
+        {"capacity_kwh": pb.Bounds(min=0, max=1e12)},
+    ),
     (
         "capacity_kwh",
         pb.RESOURCE_TYPE_STATIC_BATTERY,
