@@ -49,10 +49,13 @@ class SetpointState(StrEnum):
 
 
 # Which state may follow which. ACCEPTED -> CANCELLED only once a cancellation is delivered.
+# PENDING -> FAILED: a setpoint that cannot be sent at all (its partner has no signing
+# secret) is settled in the claim, before it was ever DELIVERING.
 TRANSITIONS: dict[SetpointState, frozenset[SetpointState]] = {
     SetpointState.PENDING: frozenset(
         {
             SetpointState.DELIVERING,
+            SetpointState.FAILED,
             SetpointState.CANCELLED,
             SetpointState.EXPIRED,
             SetpointState.NOT_ELIGIBLE,

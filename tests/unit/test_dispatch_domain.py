@@ -28,6 +28,7 @@ from service.dispatch.domain import (
     format_power,
     ineligibility,
     is_terminal,
+    unsendable,
     validate_request,
 )
 from service.registry.domain import ResourceType, SiteStatus
@@ -243,6 +244,14 @@ class TestStates:
         with pytest.raises(InvalidTransition):
             check_transition(SetpointState.PENDING, SetpointState.ACCEPTED)
         assert set(TRANSITIONS) == set(SetpointState)
+
+    @pytest.mark.parametrize("state", [SetpointState.PENDING, SetpointState.DELIVERING])
+    def test_a_claimed_setpoint_that_cannot_be_sent_may_fail(self, state: SetpointState) -> None:
+        # The claim settles it in its own transaction; a refused transition would roll the
+        # whole claim back on every pass, and the other rows of the batch with it.
+        settled = unsendable(row(state=state), "partner organization has no signing secret")
+        assert settled.state is SetpointState.FAILED
+        assert check_transition(state, settled.state)
 
 
 def row(**changes: object) -> OutboxRow:
