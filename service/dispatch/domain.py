@@ -270,6 +270,10 @@ def allocate(
             bound = candidate.power_max_kw if upwards else candidate.power_min_kw
             setpoints.append((candidate, _round(bound)))
     allocated = _round(math.fsum(value for _, value in setpoints))
+    if dispatch_type is not DispatchType.EXACT and power_kw == 0:
+        # No goal, so nothing can fall short of it (resources whose range excludes zero
+        # would otherwise show up as a shortfall of a goal nobody set).
+        return Allocation(setpoints, allocated, 0.0)
     missing = power_kw - allocated
     shortfall = max(missing, 0.0) if upwards else min(missing, 0.0)
     return Allocation(setpoints, allocated, _round(shortfall))

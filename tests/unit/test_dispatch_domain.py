@@ -215,6 +215,20 @@ class TestAllocation:
         assert allocation.allocated_power_kw == -13.0
         assert allocation.shortfall_power_kw == -7.0
 
+    @pytest.mark.parametrize(
+        ("dispatch_type", "low", "high"),
+        [
+            # Bounds that exclude zero: the resource cannot reach the other side.
+            (DispatchType.MAXIMISE_DOWNWARDS, 1.0, 5.0),
+            (DispatchType.MAXIMISE_UPWARDS, -5.0, -1.0),
+        ],
+    )
+    def test_without_a_goal_nothing_falls_short(
+        self, dispatch_type: DispatchType, low: float, high: float
+    ) -> None:
+        allocation = allocate(dispatch_type, 0.0, [candidate(low, high)])
+        assert allocation.shortfall_power_kw == 0.0
+
     def test_a_goal_exceeded_is_no_shortfall(self) -> None:
         allocation = allocate(DispatchType.MAXIMISE_DOWNWARDS, -1.0, [candidate(-5, 5)])
         assert allocation.shortfall_power_kw == 0.0
