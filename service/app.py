@@ -293,6 +293,7 @@ class Service:
                 max_attempts=settings.dispatch_max_attempts,
                 claim_batch_size=settings.dispatch_claim_batch_size,
                 max_in_flight=settings.dispatch_max_in_flight,
+                recheck_after_seconds=settings.dispatch_recheck_after_seconds,
             ),
             DeliverySettings.from_settings(settings),
         )

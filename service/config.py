@@ -56,6 +56,10 @@ class Settings:
     # Dispatch outbox: setpoints claimed per transaction, and in flight per replica.
     dispatch_claim_batch_size: int = 500
     dispatch_max_in_flight: int = 512
+    # Dispatch outbox: seconds after which a claimed setpoint still waiting for a slot
+    # towards its endpoint is checked again (cancellation, eligibility, window) before it
+    # is sent.
+    dispatch_recheck_after_seconds: float = 1.0
     # Dispatch outbox: whether this replica runs a delivery worker at all.
     dispatch_delivery_enabled: bool = True
     log_level: str = "INFO"

@@ -12,7 +12,11 @@ something to deliver (the setpoint, or the cancellation of an ACCEPTED one). A w
    status that made it so), as are cancellation and the window's end;
 2. **sends** each remaining row concurrently through the
    :class:`~service.dispatch.delivery.WebhookSender` (its global and per-host limits and
-   circuit breakers), at most ``OPENVPP_DISPATCH_MAX_IN_FLIGHT`` at a time per replica;
+   circuit breakers), at most ``OPENVPP_DISPATCH_MAX_IN_FLIGHT`` at a time per replica. A
+   row that waited for a slot towards its endpoint longer than
+   ``OPENVPP_DISPATCH_RECHECK_AFTER_SECONDS`` since its last check is checked again right
+   before it is sent (cancellation, eligibility, window; under lock, in one transaction for
+   the queue's stale head), and one whose lease was lost meanwhile is not sent at all;
 3. **records** finished attempts in batches, one transaction per batch: each row is
    re-read under lock (a CancelDispatch during the attempt is seen), its attempt stored, its
    next state set by :func:`service.dispatch.domain.after_attempt`, and only while this
@@ -107,6 +111,21 @@ RETURNING s.id, s.dispatch_id, s.operator_org_id, s.partner_org_id, s.site_id,
     due.webhook_url, due.traceparent
 """
 
+# A claimed setpoint that waited for a free slot towards its endpoint is looked at again
+# before it is sent: what the claim checked may have changed meanwhile.
+_RECHECK_SQL = """
+SELECT sp.id, sp.state, sp.reason, sp.attempt_count, sp.end_time, sp.cancel_requested_at,
+    sp.cancellation_state, sp.cancellation_attempt_count,
+    si.id IS NOT NULL AS site_exists, si.status AS site_status, si.paused AS site_paused,
+    si.upstream_status, r.id IS NOT NULL AS resource_exists, r.webhook_url
+FROM setpoints sp
+LEFT JOIN sites si ON si.id = sp.site_id AND si.org_id = sp.partner_org_id
+LEFT JOIN resources r ON r.id = sp.resource_id AND r.site_id = sp.site_id
+WHERE sp.id = ANY($1::uuid[]) AND sp.lease_owner = $2
+ORDER BY sp.id
+FOR UPDATE OF sp
+"""
+
 _RELOCK_SQL = """
 SELECT id, state, reason, attempt_count, end_time, cancel_requested_at, cancellation_state,
     cancellation_attempt_count
@@ -157,6 +176,9 @@ class OutboxSettings:
     max_attempts: int = 10
     claim_batch_size: int = 500
     max_in_flight: int = 256
+    # A claimed setpoint still queued this long after its last check is checked again
+    # (cancellation, eligibility, window) right before it is sent.
+    recheck_after_seconds: float = 1.0
 
 
 # Tuples, not frozen dataclasses: one of each is made per attempt, several times cheaper.
@@ -167,6 +189,9 @@ class Claimed(NamedTuple):
     # Whose setpoint it is and its state once claimed, for the change notification when the
     # attempt is recorded.
     change: SetpointChange
+    # When cancellation, eligibility and the window were last checked (at the claim, or
+    # again while it waited for a slot).
+    checked_at: datetime
 
 
 class Finished(NamedTuple):
@@ -434,14 +459,17 @@ class OutboxDeliverer:
 
     async def _lane(self, endpoint: str, queue: collections.deque[Claimed]) -> None:
         """Sends an endpoint's queued setpoints one after another until none is left."""
+        recheck_after = timedelta(seconds=self._settings.recheck_after_seconds)
         try:
             while queue:
+                if self._clock.now() - queue[0].checked_at >= recheck_after:
+                    await self._recheck(queue, recheck_after)
+                    continue
                 item = queue.popleft()
                 try:
                     await self._send(item)
                 finally:
-                    self._unfinished -= 1
-                    self._slot_freed.set()
+                    self._finish_one()
         finally:
             # No await since the queue was found empty: a setpoint queued from now on
             # starts a lane of its own.
@@ -452,6 +480,50 @@ class OutboxDeliverer:
                 del self._lane_counts[endpoint]
                 if not queue:
                     del self._queues[endpoint]
+
+    def _finish_one(self) -> None:
+        self._unfinished -= 1
+        self._slot_freed.set()
+
+    async def _recheck(self, queue: collections.deque[Claimed], recheck_after: timedelta) -> None:
+        """Checks the queue's stale head again: what must no longer be sent is settled as the
+        claim would have (CANCELLED, EXPIRED, NOT_ELIGIBLE) and leaves the queue, what lost
+        its lease leaves it unsent, the rest goes back to the head as checked now."""
+        now = self._clock.now()
+        stale: list[Claimed] = []
+        # The queue is in claim order, so what is due for a check is at its head.
+        while queue and now - queue[0].checked_at >= recheck_after:
+            stale.append(queue.popleft())
+        by_id = {item.setpoint_id: item for item in stale}
+        keep: list[Claimed] = []
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(_RECHECK_SQL, list(by_id), self.owner)
+                settled: list[tuple[UUID, Settled, bool]] = []
+                changed: list[SetpointChange] = []
+                for row in rows:
+                    item = by_id[row["id"]]
+                    current = _outbox_row(row)
+                    verdict = before_attempt(current, _not_eligible(row), now)
+                    if verdict is None:
+                        keep.append(item._replace(checked_at=now))
+                        continue
+                    settled.append((row["id"], verdict, True))
+                    if verdict.state is not current.state:
+                        check_transition(current.state, verdict.state)
+                        held = item.change
+                        changed.append(held._replace(state=verdict.state.value))
+                await self._apply(conn, settled)
+                await notify_setpoint_changes(conn, changed)
+        except Exception as error:  # the database is away: send as claimed, as before
+            log.warning("re-checking %d queued setpoints failed: %s", len(stale), error)
+            keep = [item._replace(checked_at=now) for item in stale]
+        kept = {item.setpoint_id for item in keep}
+        # Settled here, or no longer ours (the lease expired and another worker has it).
+        for setpoint_id in by_id.keys() - kept:
+            self._held.discard(setpoint_id)
+            self._finish_one()
+        queue.extendleft(reversed(keep))
 
     async def _claim(self, limit: int) -> tuple[list[Claimed], int]:
         now = self._clock.now()
@@ -501,6 +573,7 @@ class OutboxDeliverer:
                         traceparent=_traceparent(row["traceparent"]),
                     ),
                     change,
+                    now,
                 )
             )
         return claimed, len(rows)

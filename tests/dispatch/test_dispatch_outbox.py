@@ -247,6 +247,98 @@ async def test_cancel_after_acceptance_delivers_a_cancellation(cluster: Cluster)
         assert receiver.bad_signatures == 0
 
 
+class HeldFirst:
+    """A receiver's answer that holds the first request until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.first: Received | None = None
+
+    async def __call__(self, received: Received) -> int:
+        if self.first is None:
+            self.first = received
+            await self.release.wait()
+        return 200
+
+
+# One request at a time towards the receiver: the other claimed setpoints wait in the queue.
+ONE_SLOT: dict[str, Any] = {
+    "dispatch_max_concurrency_per_host": 1,
+    "dispatch_recheck_after_seconds": 0.1,
+}
+
+
+async def test_a_site_paused_while_its_setpoints_wait_for_a_slot_is_not_sent_to(
+    cluster: Cluster,
+) -> None:
+    replica = await cluster.replica(**ONE_SLOT)
+    flow = Flow(replica)
+    operator, partner, supplier = await flow.parties()
+    answer = HeldFirst()
+    async with running_receiver(answer) as receiver:
+        receiver.trust(await flow.secret(partner))
+        sites = []
+        for _ in range(2):
+            site, _resources = await flow.site(
+                partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)] * 2
+            )
+            sites.append(site)
+        dispatch = (await flow.dispatch(operator)).dispatch
+        await receiver.wait_for(1)
+        assert answer.first is not None
+        # All four were claimed together; one is in flight, three are queued behind it.
+        in_flight_site = answer.first.body["site_id"]
+        (paused,) = [site for site in sites if site.id != in_flight_site]
+        await replica.registry.PauseSite(
+            site_pb.PauseSiteRequest(site_id=paused.id), metadata=partner.auth
+        )
+        await asyncio.sleep(0.2)  # the queued ones are now due for a check
+        answer.release.set()
+        settled = {s.id: s for s in await flow.settle(operator, dispatch.id)}
+    by_site = defaultdict(list)
+    for setpoint in settled.values():
+        by_site[setpoint.site_id].append(setpoint)
+    assert {s.state for s in by_site[in_flight_site]} == {ACCEPTED}
+    assert {(s.state, s.reason) for s in by_site[paused.id]} == {
+        (pb.SETPOINT_STATE_NOT_ELIGIBLE, "site status paused")
+    }
+    assert all(s.attempts == [] for s in by_site[paused.id])
+    assert {r.body["site_id"] for r in receiver.received} == {in_flight_site}
+    assert len(receiver.received) == 2
+
+
+async def test_a_dispatch_cancelled_while_its_setpoints_wait_for_a_slot_sends_no_more(
+    cluster: Cluster,
+) -> None:
+    replica = await cluster.replica(**ONE_SLOT)
+    flow = Flow(replica)
+    operator, partner, supplier = await flow.parties()
+    answer = HeldFirst()
+    async with running_receiver(answer) as receiver:
+        receiver.trust(await flow.secret(partner))
+        await flow.site(partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)] * 3)
+        dispatch = (await flow.dispatch(operator)).dispatch
+        await receiver.wait_for(1)
+        assert answer.first is not None
+        await replica.dispatch.CancelDispatch(
+            pb.CancelDispatchRequest(dispatch_id=dispatch.id), metadata=operator.auth
+        )
+        await asyncio.sleep(0.2)
+        answer.release.set()
+        settled = await flow.settle(
+            operator, dispatch.id, frozenset({pb.SETPOINT_STATE_CANCELLED}), within=15
+        )
+    first_id = answer.first.body["setpoint_id"]
+    reasons = {s.id: s.reason for s in settled}
+    # The one in flight was accepted, then withdrawn; the queued ones were never sent.
+    assert reasons.pop(first_id) == "cancelled after acceptance; cancellation delivered"
+    assert set(reasons.values()) == {"cancelled before delivery"}
+    assert [(r.body["setpoint_id"], r.body["type"]) for r in receiver.received] == [
+        (first_id, "setpoint"),
+        (first_id, "setpoint.cancelled"),
+    ]
+
+
 async def test_a_setpoint_never_delivered_in_its_window_expires(cluster: Cluster) -> None:
     clock = ManualClock(datetime.now(UTC))
     replica = await cluster.replica(clock=clock, dispatch_breaker_failure_threshold=1000)
