@@ -90,6 +90,9 @@ WITH due AS (
     LEFT JOIN dispatches d ON d.id = sp.dispatch_id
     WHERE sp.next_attempt_at IS NOT NULL AND sp.next_attempt_at <= $1
       AND (sp.lease_expires_at IS NULL OR sp.lease_expires_at <= $1)
+      -- Never what this worker holds itself, even with its lease lapsed (renewals failed
+      -- while the database was away): it is queued or in flight here, and would go twice.
+      AND sp.lease_owner IS DISTINCT FROM $3
     ORDER BY sp.next_attempt_at
     LIMIT $2
     FOR UPDATE OF sp SKIP LOCKED
@@ -381,6 +384,9 @@ class OutboxDeliverer:
         if self._started:
             return
         self._started = True
+        # A fresh identity per run: rows a stopped run could not let go of (the database was
+        # away) are then claimable again, by this worker too, once their leases expire.
+        self.owner = uuid.uuid4()
         await self._sender.start()
         self._recorder = asyncio.create_task(self._record_loop(), name="dispatch-recorder")
         self._renewer = asyncio.create_task(self._renew_loop(), name="dispatch-lease-renewal")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import uuid
 from collections import Counter, defaultdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,6 +21,7 @@ from service.common.clock import ManualClock
 from service.dispatch.store import CHANGES_PER_NOTIFICATION
 from tests.dispatch.conftest import UPSTREAM_CASES, Cluster, Flow
 from tests.dispatch.setpoint_receiver import Received, running_receiver
+from tests.helpers import eventually
 from tests.upstream.conftest import day
 
 BATTERY = site_pb.RESOURCE_TYPE_STATIC_BATTERY
@@ -337,6 +339,37 @@ async def test_a_dispatch_cancelled_while_its_setpoints_wait_for_a_slot_sends_no
         (first_id, "setpoint"),
         (first_id, "setpoint.cancelled"),
     ]
+
+
+async def test_a_worker_never_claims_again_what_it_holds_when_its_leases_lapsed(
+    cluster: Cluster,
+) -> None:
+    replica = await cluster.replica(**ONE_SLOT)
+    flow = Flow(replica)
+    operator, partner, supplier = await flow.parties()
+    answer = HeldFirst()
+    async with running_receiver(answer) as receiver:
+        receiver.trust(await flow.secret(partner))
+        await flow.site(partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)] * 3)
+        dispatch = (await flow.dispatch(operator)).dispatch
+        await receiver.wait_for(1)
+        # What a database outage longer than the lease leaves: the worker still holds the
+        # rows (one in flight, two queued), but their leases have expired.
+        await replica.pool.execute(
+            "UPDATE setpoints SET lease_expires_at = now() - interval '1 second'"
+            " WHERE dispatch_id = $1",
+            uuid.UUID(dispatch.id),
+        )
+        worker = replica.service.dispatch_worker
+        assert worker is not None
+        passes = worker.passes
+        worker.wake()
+        await eventually(lambda: worker.passes > passes, "a claim after the leases lapsed")
+        answer.release.set()
+        settled = await flow.settle(operator, dispatch.id)
+    assert {s.state for s in settled} == {ACCEPTED}
+    assert sorted(receiver.answered.values()) == [1, 1, 1]
+    assert receiver.overlaps == 0
 
 
 async def test_a_setpoint_never_delivered_in_its_window_expires(cluster: Cluster) -> None:
