@@ -161,6 +161,18 @@ SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::bool[], $4::int[], $5::t
                      $6::float8[])
 """
 
+# The same, leaving out the attempts of setpoints deleted meanwhile (their dispatch was
+# deleted with its operator organization): only after the plain insert broke the key, since
+# the lookup costs every attempt.
+_ATTEMPTS_OF_EXISTING_SQL = """
+INSERT INTO setpoint_attempts (setpoint_id, attempt_time, cancellation, http_status, error,
+    latency_ms)
+SELECT a.* FROM unnest($1::uuid[], $2::timestamptz[], $3::bool[], $4::int[], $5::text[],
+                       $6::float8[]) AS a (setpoint_id, attempt_time, cancellation,
+                                           http_status, error, latency_ms)
+WHERE EXISTS (SELECT 1 FROM setpoints s WHERE s.id = a.setpoint_id)
+"""
+
 
 # The transport's outcome kinds, as the domain names them.
 _OUTCOME_OF = {kind: Outcome(kind.value) for kind in OutcomeKind}
@@ -699,6 +711,14 @@ class OutboxDeliverer:
                 self._finished_ready.set()
 
     async def _record(self, batch: Sequence[Finished]) -> None:
+        try:
+            await self._record_once(batch, _ATTEMPTS_SQL)
+        except asyncpg.ForeignKeyViolationError:
+            # A setpoint of the batch is gone: without this, the batch (and every result
+            # added to it later) would fail again on each retry.
+            await self._record_once(batch, _ATTEMPTS_OF_EXISTING_SQL)
+
+    async def _record_once(self, batch: Sequence[Finished], attempts_sql: str) -> None:
         now = self._clock.now()
         by_id = {item.claimed.setpoint_id: item for item in batch}
         async with self._pool.acquire() as conn, conn.transaction():
@@ -772,7 +792,7 @@ class OutboxDeliverer:
                 latencies.append(outcome.latency_ms)
             if ids:
                 await conn.execute(
-                    _ATTEMPTS_SQL, ids, times, cancellations, statuses, errors, latencies
+                    attempts_sql, ids, times, cancellations, statuses, errors, latencies
                 )
             await notify_setpoint_changes(conn, changed)
         self._held.difference_update(by_id)

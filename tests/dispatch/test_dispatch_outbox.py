@@ -372,6 +372,28 @@ async def test_a_worker_never_claims_again_what_it_holds_when_its_leases_lapsed(
     assert receiver.overlaps == 0
 
 
+async def test_a_result_for_a_deleted_setpoint_does_not_stop_the_recording(
+    cluster: Cluster,
+) -> None:
+    replica = await cluster.replica(**ONE_SLOT)
+    flow = Flow(replica)
+    operator, partner, supplier = await flow.parties()
+    answer = HeldFirst()
+    async with running_receiver(answer) as receiver:
+        receiver.trust(await flow.secret(partner))
+        await flow.site(partner, supplier, receiver.url())
+        gone = (await flow.dispatch(operator)).dispatch
+        await receiver.wait_for(1)
+        # Deleted during its attempt (as when its operator organization is deleted): the
+        # attempt's result refers to a setpoint that no longer exists.
+        await replica.pool.execute("DELETE FROM dispatches WHERE id = $1", uuid.UUID(gone.id))
+        answer.release.set()
+        later = (await flow.dispatch(operator)).dispatch
+        settled = await flow.settle(operator, later.id)
+    assert {s.state for s in settled} == {ACCEPTED}
+    assert [len(s.attempts) for s in settled] == [1]
+
+
 async def test_a_setpoint_never_delivered_in_its_window_expires(cluster: Cluster) -> None:
     clock = ManualClock(datetime.now(UTC))
     replica = await cluster.replica(clock=clock, dispatch_breaker_failure_threshold=1000)
