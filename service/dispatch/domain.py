@@ -232,8 +232,17 @@ def _round(value: float) -> float:
     return round(value, POWER_DECIMALS) + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
-def _clamp(value: float, candidate: Candidate) -> float:
-    return min(max(value, candidate.power_min_kw), candidate.power_max_kw)
+def _within(value: float, candidate: Candidate) -> float:
+    """``value`` kept within the candidate's bounds and rounded to watts, rounding inwards:
+    a bound finer than a watt (1.2346 kW) must not be sent as the watt beyond it (1.235)."""
+    low, high = candidate.power_min_kw, candidate.power_max_kw
+    rounded = _round(min(max(value, low), high))
+    step = 10.0**-POWER_DECIMALS
+    if rounded > high:
+        rounded = _round(rounded - step)
+    elif rounded < low:
+        rounded = _round(rounded + step)
+    return rounded
 
 
 def _headroom(candidate: Candidate, upwards: bool) -> float:
@@ -264,11 +273,11 @@ def allocate(
         share = 0.0 if total == 0 else min(1.0, power_kw / total)
         for candidate in candidates:
             wanted = _headroom(candidate, upwards) * share
-            setpoints.append((candidate, _clamp(_round(wanted), candidate)))
+            setpoints.append((candidate, _within(wanted, candidate)))
     else:
         for candidate in candidates:
             bound = candidate.power_max_kw if upwards else candidate.power_min_kw
-            setpoints.append((candidate, _round(bound)))
+            setpoints.append((candidate, _within(bound, candidate)))
     allocated = _round(math.fsum(value for _, value in setpoints))
     if dispatch_type is not DispatchType.EXACT and power_kw == 0:
         # No goal, so nothing can fall short of it (resources whose range excludes zero

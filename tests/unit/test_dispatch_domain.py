@@ -229,6 +229,19 @@ class TestAllocation:
         allocation = allocate(dispatch_type, 0.0, [candidate(low, high)])
         assert allocation.shortfall_power_kw == 0.0
 
+    @pytest.mark.parametrize(
+        "dispatch_type",
+        [DispatchType.EXACT, DispatchType.MAXIMISE_UPWARDS, DispatchType.MAXIMISE_DOWNWARDS],
+    )
+    def test_a_bound_finer_than_a_watt_is_rounded_inwards(
+        self, dispatch_type: DispatchType
+    ) -> None:
+        target = {DispatchType.MAXIMISE_DOWNWARDS: -100.0}.get(dispatch_type, 100.0)
+        allocation = allocate(dispatch_type, target, [candidate(-1.2346, 1.2346)])
+        [(_, value)] = allocation.setpoints
+        assert -1.2346 <= value <= 1.2346
+        assert abs(float(format_power(value))) == 1.234
+
     def test_a_goal_exceeded_is_no_shortfall(self) -> None:
         allocation = allocate(DispatchType.MAXIMISE_DOWNWARDS, -1.0, [candidate(-5, 5)])
         assert allocation.shortfall_power_kw == 0.0
