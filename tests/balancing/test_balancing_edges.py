@@ -81,12 +81,8 @@ async def _first_page(community: Community, org: Org, **fields: Any) -> str:
     return response.next_page_token
 
 
-async def test_a_page_token_is_bound_to_the_filters_and_the_organization(
-    community: Community,
-    consumer: BalancingQueueConsumer,
-    other_partner: Org,
-    balancing: balancing_pb2_grpc.BalancingAsyncStub,
-) -> None:
+async def _two_intervals_first_page(community: Community, consumer: BalancingQueueConsumer) -> str:
+    """A consumer and a producer balanced over two intervals; the first page's token."""
     a = await community.meter()
     pv = await community.meter(direction=mpb.METER_DIRECTION_PRODUCER)
     for meter in (a, pv):
@@ -94,7 +90,16 @@ async def test_a_page_token_is_bound_to_the_filters_and_the_organization(
     await community.profile(a, START, [50, 50])
     await community.profile(pv, START, [40, 40])
     await drain(consumer)
-    token = await _first_page(community, community.org, **window(START, START + 2 * Q))
+    return await _first_page(community, community.org, **window(START, START + 2 * Q))
+
+
+async def test_a_page_token_is_bound_to_the_filters_and_the_organization(
+    community: Community,
+    consumer: BalancingQueueConsumer,
+    other_partner: Org,
+    balancing: balancing_pb2_grpc.BalancingAsyncStub,
+) -> None:
+    token = await _two_intervals_first_page(community, consumer)
 
     other_filters = bpb.ListAggregatedBalancesRequest(
         site_id=community.site.id, interval="PT1H", page_token=token, **window(START, START + 2 * Q)
@@ -139,14 +144,7 @@ def _forged(token: str, **changes: object) -> str:
 async def test_a_forged_page_token_is_invalid_argument(
     community: Community, consumer: BalancingQueueConsumer
 ) -> None:
-    a = await community.meter()
-    pv = await community.meter(direction=mpb.METER_DIRECTION_PRODUCER)
-    for meter in (a, pv):
-        await community.participate(meter)
-    await community.profile(a, START, [50, 50])
-    await community.profile(pv, START, [40, 40])
-    await drain(consumer)
-    token = await _first_page(community, community.org, **window(START, START + 2 * Q))
+    token = await _two_intervals_first_page(community, consumer)
     for forged in (
         _forged(token, s=10**30),
         _forged(token, s=-(10**30)),

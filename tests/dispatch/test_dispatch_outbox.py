@@ -7,6 +7,9 @@ import asyncio
 import itertools
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,8 +22,9 @@ from openvpp.v1 import upstream_registry_pb2 as up_pb
 from service.auth.principal import Role
 from service.common.clock import ManualClock
 from service.dispatch.store import CHANGES_PER_NOTIFICATION
-from tests.dispatch.conftest import UPSTREAM_CASES, Cluster, Flow
-from tests.dispatch.setpoint_receiver import Received, running_receiver
+from tests.conftest import Org
+from tests.dispatch.conftest import UPSTREAM_CASES, Cluster, Flow, Replica
+from tests.dispatch.setpoint_receiver import Received, SetpointReceiver, running_receiver
 from tests.helpers import eventually
 from tests.upstream.conftest import day
 
@@ -270,72 +274,87 @@ ONE_SLOT: dict[str, Any] = {
 }
 
 
-async def test_a_site_paused_while_its_setpoints_wait_for_a_slot_is_not_sent_to(
-    cluster: Cluster,
-) -> None:
+@dataclass
+class HeldScene:
+    """A dispatch whose first request the receiver holds, with one slot towards it: the
+    rest of its claimed setpoints wait in the queue behind that request."""
+
+    replica: Replica
+    flow: Flow
+    operator: Org
+    partner: Org
+    sites: list[site_pb.Site]
+    receiver: SetpointReceiver
+    answer: HeldFirst
+    dispatch: pb.FlexibilityDispatch
+    first: Received
+
+
+@asynccontextmanager
+async def held_first(cluster: Cluster, sites: int, resources: int) -> AsyncIterator[HeldScene]:
     replica = await cluster.replica(**ONE_SLOT)
     flow = Flow(replica)
     operator, partner, supplier = await flow.parties()
     answer = HeldFirst()
     async with running_receiver(answer) as receiver:
         receiver.trust(await flow.secret(partner))
-        sites = []
-        for _ in range(2):
+        made = []
+        for _ in range(sites):
             site, _resources = await flow.site(
-                partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)] * 2
+                partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)] * resources
             )
-            sites.append(site)
+            made.append(site)
         dispatch = (await flow.dispatch(operator)).dispatch
         await receiver.wait_for(1)
         assert answer.first is not None
+        yield HeldScene(
+            replica, flow, operator, partner, made, receiver, answer, dispatch, answer.first
+        )
+
+
+async def test_a_site_paused_while_its_setpoints_wait_for_a_slot_is_not_sent_to(
+    cluster: Cluster,
+) -> None:
+    async with held_first(cluster, sites=2, resources=2) as scene:
         # All four were claimed together; one is in flight, three are queued behind it.
-        in_flight_site = answer.first.body["site_id"]
-        (paused,) = [site for site in sites if site.id != in_flight_site]
-        await replica.registry.PauseSite(
-            site_pb.PauseSiteRequest(site_id=paused.id), metadata=partner.auth
+        in_flight_site = scene.first.body["site_id"]
+        (paused,) = [site for site in scene.sites if site.id != in_flight_site]
+        await scene.replica.registry.PauseSite(
+            site_pb.PauseSiteRequest(site_id=paused.id), metadata=scene.partner.auth
         )
         await asyncio.sleep(0.2)  # the queued ones are now due for a check
-        answer.release.set()
-        settled = {s.id: s for s in await flow.settle(operator, dispatch.id)}
+        scene.answer.release.set()
+        settled = await scene.flow.settle(scene.operator, scene.dispatch.id)
     by_site = defaultdict(list)
-    for setpoint in settled.values():
+    for setpoint in settled:
         by_site[setpoint.site_id].append(setpoint)
     assert {s.state for s in by_site[in_flight_site]} == {ACCEPTED}
     assert {(s.state, s.reason) for s in by_site[paused.id]} == {
         (pb.SETPOINT_STATE_NOT_ELIGIBLE, "site status paused")
     }
     assert all(s.attempts == [] for s in by_site[paused.id])
-    assert {r.body["site_id"] for r in receiver.received} == {in_flight_site}
-    assert len(receiver.received) == 2
+    assert {r.body["site_id"] for r in scene.receiver.received} == {in_flight_site}
+    assert len(scene.receiver.received) == 2
 
 
 async def test_a_dispatch_cancelled_while_its_setpoints_wait_for_a_slot_sends_no_more(
     cluster: Cluster,
 ) -> None:
-    replica = await cluster.replica(**ONE_SLOT)
-    flow = Flow(replica)
-    operator, partner, supplier = await flow.parties()
-    answer = HeldFirst()
-    async with running_receiver(answer) as receiver:
-        receiver.trust(await flow.secret(partner))
-        await flow.site(partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)] * 3)
-        dispatch = (await flow.dispatch(operator)).dispatch
-        await receiver.wait_for(1)
-        assert answer.first is not None
-        await replica.dispatch.CancelDispatch(
-            pb.CancelDispatchRequest(dispatch_id=dispatch.id), metadata=operator.auth
+    async with held_first(cluster, sites=1, resources=3) as scene:
+        await scene.replica.dispatch.CancelDispatch(
+            pb.CancelDispatchRequest(dispatch_id=scene.dispatch.id), metadata=scene.operator.auth
         )
         await asyncio.sleep(0.2)
-        answer.release.set()
-        settled = await flow.settle(
-            operator, dispatch.id, frozenset({pb.SETPOINT_STATE_CANCELLED}), within=15
+        scene.answer.release.set()
+        settled = await scene.flow.settle(
+            scene.operator, scene.dispatch.id, frozenset({pb.SETPOINT_STATE_CANCELLED}), within=15
         )
-    first_id = answer.first.body["setpoint_id"]
+    first_id = scene.first.body["setpoint_id"]
     reasons = {s.id: s.reason for s in settled}
     # The one in flight was accepted, then withdrawn; the queued ones were never sent.
     assert reasons.pop(first_id) == "cancelled after acceptance; cancellation delivered"
     assert set(reasons.values()) == {"cancelled before delivery"}
-    assert [(r.body["setpoint_id"], r.body["type"]) for r in receiver.received] == [
+    assert [(r.body["setpoint_id"], r.body["type"]) for r in scene.receiver.received] == [
         (first_id, "setpoint"),
         (first_id, "setpoint.cancelled"),
     ]
@@ -344,52 +363,38 @@ async def test_a_dispatch_cancelled_while_its_setpoints_wait_for_a_slot_sends_no
 async def test_a_worker_never_claims_again_what_it_holds_when_its_leases_lapsed(
     cluster: Cluster,
 ) -> None:
-    replica = await cluster.replica(**ONE_SLOT)
-    flow = Flow(replica)
-    operator, partner, supplier = await flow.parties()
-    answer = HeldFirst()
-    async with running_receiver(answer) as receiver:
-        receiver.trust(await flow.secret(partner))
-        await flow.site(partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)] * 3)
-        dispatch = (await flow.dispatch(operator)).dispatch
-        await receiver.wait_for(1)
+    async with held_first(cluster, sites=1, resources=3) as scene:
         # What a database outage longer than the lease leaves: the worker still holds the
         # rows (one in flight, two queued), but their leases have expired.
-        await replica.pool.execute(
+        await scene.replica.pool.execute(
             "UPDATE setpoints SET lease_expires_at = now() - interval '1 second'"
             " WHERE dispatch_id = $1",
-            uuid.UUID(dispatch.id),
+            uuid.UUID(scene.dispatch.id),
         )
-        worker = replica.service.dispatch_worker
+        worker = scene.replica.service.dispatch_worker
         assert worker is not None
         passes = worker.passes
         worker.wake()
         await eventually(lambda: worker.passes > passes, "a claim after the leases lapsed")
-        answer.release.set()
-        settled = await flow.settle(operator, dispatch.id)
+        scene.answer.release.set()
+        settled = await scene.flow.settle(scene.operator, scene.dispatch.id)
     assert {s.state for s in settled} == {ACCEPTED}
-    assert sorted(receiver.answered.values()) == [1, 1, 1]
-    assert receiver.overlaps == 0
+    assert sorted(scene.receiver.answered.values()) == [1, 1, 1]
+    assert scene.receiver.overlaps == 0
 
 
 async def test_a_result_for_a_deleted_setpoint_does_not_stop_the_recording(
     cluster: Cluster,
 ) -> None:
-    replica = await cluster.replica(**ONE_SLOT)
-    flow = Flow(replica)
-    operator, partner, supplier = await flow.parties()
-    answer = HeldFirst()
-    async with running_receiver(answer) as receiver:
-        receiver.trust(await flow.secret(partner))
-        await flow.site(partner, supplier, receiver.url())
-        gone = (await flow.dispatch(operator)).dispatch
-        await receiver.wait_for(1)
+    async with held_first(cluster, sites=1, resources=1) as scene:
         # Deleted during its attempt (as when its operator organization is deleted): the
         # attempt's result refers to a setpoint that no longer exists.
-        await replica.pool.execute("DELETE FROM dispatches WHERE id = $1", uuid.UUID(gone.id))
-        answer.release.set()
-        later = (await flow.dispatch(operator)).dispatch
-        settled = await flow.settle(operator, later.id)
+        await scene.replica.pool.execute(
+            "DELETE FROM dispatches WHERE id = $1", uuid.UUID(scene.dispatch.id)
+        )
+        scene.answer.release.set()
+        later = (await scene.flow.dispatch(scene.operator)).dispatch
+        settled = await scene.flow.settle(scene.operator, later.id)
     assert {s.state for s in settled} == {ACCEPTED}
     assert [len(s.attempts) for s in settled] == [1]
 
