@@ -75,7 +75,9 @@ def decode_token_body(
         body = json.loads(base64.urlsafe_b64decode(padded.encode()))
         if not isinstance(body, dict) or "f" not in body:
             raise ValueError("not a page token")
-    except (ValueError, TypeError) as exc:
+    # RecursionError: JSON nested deeper than the parser goes, which a token of the allowed
+    # length can be.
+    except (ValueError, TypeError, RecursionError) as exc:
         raise ValidationError.single(field, "must be a next_page_token this API returned") from exc
     if body["f"] != fingerprint:
         raise ValidationError.single(

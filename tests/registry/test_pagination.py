@@ -198,6 +198,8 @@ def _tampered(token: str) -> list[str]:
         encode({**body, "t": "2026-01-01T00:00:00"}),
         encode({**body, "t": "9999-12-31T23:59:59-14:00"}),
         encode({**body, "t": "0001-01-01T00:00:00+14:00"}),
+        # Nested deeper than the JSON parser goes, within the length a string may have.
+        base64.urlsafe_b64encode(b"[" * 1500 + b"]" * 1500).decode().rstrip("="),
     ]
 
 
