@@ -325,10 +325,10 @@ class OutboxRow(NamedTuple):
 
     @property
     def delivers_cancellation(self) -> bool:
-        """The pending delivery is the withdrawal of an ACCEPTED setpoint."""
-        return (
-            self.state is SetpointState.ACCEPTED
-            and self.cancellation_state is CancellationState.PENDING
+        """The pending delivery is a withdrawal: of an ACCEPTED setpoint, or of a CANCELLED
+        one an earlier attempt may have reached."""
+        return self.cancellation_state is CancellationState.PENDING and (
+            self.state is SetpointState.ACCEPTED or self.state is SetpointState.CANCELLED
         )
 
 
@@ -367,6 +367,29 @@ def _keep(
     )
 
 
+MAY_HAVE_ARRIVED = "cancelled after an attempt that may have arrived"
+
+
+def _cancelled(row: OutboxRow, attempts: int, now: datetime) -> Settled:
+    """A cancelled setpoint that was not accepted. Never attempted: nothing to withdraw.
+    Attempted (an answer that was lost, an error, a 5xx): the partner may hold it, so a
+    withdrawal goes out while the window lasts; withdrawing is always safe."""
+    if attempts == 0:
+        return _keep(row, state=SetpointState.CANCELLED, reason="cancelled before delivery")
+    if row.end_time <= now:
+        return _keep(
+            row, state=SetpointState.CANCELLED, reason=MAY_HAVE_ARRIVED, attempt_count=attempts
+        )
+    return _keep(
+        row,
+        state=SetpointState.CANCELLED,
+        reason=f"{MAY_HAVE_ARRIVED}; cancellation pending",
+        attempt_count=attempts,
+        next_attempt_at=now,
+        cancellation_state=CancellationState.PENDING,
+    )
+
+
 def before_attempt(row: OutboxRow, not_eligible: str | None, now: datetime) -> Settled | None:
     """Settles a just-claimed setpoint that must not be sent; None = send it now.
 
@@ -385,7 +408,7 @@ def before_attempt(row: OutboxRow, not_eligible: str | None, now: datetime) -> S
     if row.state not in OPEN_STATES:
         return _keep(row)  # nothing to deliver (a stale outbox entry)
     if row.cancel_requested:
-        return _keep(row, state=SetpointState.CANCELLED, reason="cancelled before delivery")
+        return _cancelled(row, row.attempt_count, now)
     if row.end_time <= now:
         return _keep(row, state=SetpointState.EXPIRED, reason=_expired_reason(row.reason))
     if not_eligible is not None:
@@ -435,10 +458,15 @@ def after_attempt(
     if row.delivers_cancellation:
         attempts = row.cancellation_attempt_count + (outcome is not Outcome.CIRCUIT_OPEN)
         if outcome is Outcome.ACCEPTED:
+            after = (
+                "cancelled after acceptance"
+                if row.state is SetpointState.ACCEPTED
+                else MAY_HAVE_ARRIVED
+            )
             return _keep(
                 row,
                 state=SetpointState.CANCELLED,
-                reason="cancelled after acceptance; cancellation delivered",
+                reason=f"{after}; cancellation delivered",
                 cancellation_state=CancellationState.DELIVERED,
                 cancellation_attempt_count=attempts,
             )
@@ -486,12 +514,7 @@ def after_attempt(
             attempt_count=attempts,
         )
     if row.cancel_requested:
-        return _keep(
-            row,
-            state=SetpointState.CANCELLED,
-            reason="cancelled before delivery",
-            attempt_count=attempts,
-        )
+        return _cancelled(row, attempts, now)
     if attempts >= max_attempts:
         return _keep(
             row,

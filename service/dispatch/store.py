@@ -518,9 +518,10 @@ class DispatchStore:
         return [DispatchRecord.from_row(row, counts[row["id"]]) for row in rows], total
 
     async def cancel(self, dispatch_id: UUID) -> DispatchRecord:
-        """Open setpoints that no worker holds become CANCELLED now; held ones are marked and
-        settled by their worker; ACCEPTED ones within their window get a cancellation
-        delivery. Calling it again changes nothing more."""
+        """Open setpoints never attempted and held by no worker become CANCELLED now; the
+        others are marked and settled by a worker (at once for one waiting for a retry: it
+        may have reached the partner, so it is withdrawn); ACCEPTED ones within their window
+        get a cancellation delivery. Calling it again changes nothing more."""
         self._require_operator()
         now = self._clock.now()
         async with self._pool.acquire() as conn, conn.transaction():
@@ -549,18 +550,29 @@ class DispatchStore:
                     updated_at = clock_timestamp()
                 WHERE dispatch_id = $1 AND state IN ('pending', 'delivering')
                   AND (lease_expires_at IS NULL OR lease_expires_at <= $2)
+                  AND attempt_count = 0
                 RETURNING id, dispatch_id, site_id, operator_org_id, partner_org_id, state
                 """,
                 dispatch_id,
                 now,
             )
             # An attempt in flight: its worker settles it (CANCELLED, or ACCEPTED and then
-            # a cancellation delivery) when the attempt ends.
-            await conn.execute(
+            # a cancellation delivery) when the attempt ends. One waiting for a retry was
+            # attempted before and may have reached the partner: a worker takes it now and
+            # settles it by the same rule as an attempt ended by a cancellation (withdrawn).
+            retried = await conn.fetchval(
                 """
-                UPDATE setpoints SET cancel_requested_at = $2
-                WHERE dispatch_id = $1 AND state IN ('pending', 'delivering')
-                  AND cancel_requested_at IS NULL
+                WITH requested AS (
+                    UPDATE setpoints SET cancel_requested_at = $2,
+                        next_attempt_at = CASE
+                            WHEN lease_expires_at IS NULL OR lease_expires_at <= $2 THEN $2
+                            ELSE next_attempt_at END
+                    WHERE dispatch_id = $1 AND state IN ('pending', 'delivering')
+                      AND cancel_requested_at IS NULL
+                    RETURNING lease_expires_at
+                )
+                SELECT count(*) FROM requested
+                WHERE lease_expires_at IS NULL OR lease_expires_at <= $2
                 """,
                 dispatch_id,
                 now,
@@ -580,7 +592,7 @@ class DispatchStore:
             await notify_setpoint_changes(
                 conn, [SetpointChange(*row) for row in [*cancelled, *to_withdraw]]
             )
-            if to_withdraw:
+            if to_withdraw or retried:
                 await wake_outbox(conn)
             return DispatchRecord.from_row(row, await self._counts(conn, dispatch_id))
 

@@ -399,6 +399,60 @@ async def test_a_result_for_a_deleted_setpoint_does_not_stop_the_recording(
     assert [len(s.attempts) for s in settled] == [1]
 
 
+async def test_a_cancelled_setpoint_whose_attempt_may_have_arrived_is_withdrawn(
+    cluster: Cluster,
+) -> None:
+    replica = await cluster.replica()
+    flow = Flow(replica)
+    operator, partner, supplier = await flow.parties()
+
+    async def busy_then_fine(received: Received) -> int | tuple[int, dict[str, str]]:
+        # The partner may have acted on a request it answered 503; the retry is far off.
+        if received.body["type"] == "setpoint":
+            return 503, {"Retry-After": "600"}
+        return 204
+
+    async with running_receiver(busy_then_fine) as receiver:
+        receiver.trust(await flow.secret(partner))
+        await flow.site(partner, supplier, receiver.url())
+        dispatch = (await flow.dispatch(operator)).dispatch
+        await eventually(
+            lambda: _waits_for_retry(flow, operator, dispatch.id), "the setpoint waits to retry"
+        )
+        await replica.dispatch.CancelDispatch(
+            pb.CancelDispatchRequest(dispatch_id=dispatch.id), metadata=operator.auth
+        )
+        (cancelled,) = await flow.settle(
+            operator,
+            dispatch.id,
+            frozenset({pb.SETPOINT_STATE_CANCELLED}),
+            within=15,
+        )
+        await eventually(
+            lambda: _withdrawn(flow, operator, dispatch.id), "the withdrawal is delivered"
+        )
+        (cancelled,) = await flow.setpoints(operator, dispatch.id)
+    assert cancelled.reason == (
+        "cancelled after an attempt that may have arrived; cancellation delivered"
+    )
+    assert [a.cancellation for a in cancelled.attempts] == [False, True]
+    first, withdrawal = receiver.for_setpoint(cancelled.id)
+    assert first.body["type"] == "setpoint"
+    assert withdrawal.body["type"] == "setpoint.cancelled"
+    assert withdrawal.body["power_kw"] is None
+    assert withdrawal.webhook_id == f"{cancelled.id}.cancel"
+
+
+async def _waits_for_retry(flow: Flow, operator: Org, dispatch_id: str) -> bool:
+    (setpoint,) = await flow.setpoints(operator, dispatch_id)
+    return setpoint.state == pb.SETPOINT_STATE_DELIVERING and len(setpoint.attempts) == 1
+
+
+async def _withdrawn(flow: Flow, operator: Org, dispatch_id: str) -> bool:
+    (setpoint,) = await flow.setpoints(operator, dispatch_id)
+    return setpoint.reason.endswith("cancellation delivered")
+
+
 async def test_a_setpoint_never_delivered_in_its_window_expires(cluster: Cluster) -> None:
     clock = ManualClock(datetime.now(UTC))
     replica = await cluster.replica(clock=clock, dispatch_breaker_failure_threshold=1000)

@@ -347,6 +347,54 @@ class TestSettling:
         assert accepted.next_attempt_at == NOW
         unanswered = settle(row(cancel_requested=True), Outcome.RETRYABLE, 503)
         assert unanswered.state is SetpointState.CANCELLED
+        # The failed attempt may have reached the partner (its answer lost, a 5xx after
+        # acting on it): the setpoint is withdrawn, like an accepted one.
+        assert unanswered.cancellation_state is CancellationState.PENDING
+        assert unanswered.next_attempt_at == NOW
+        assert unanswered.reason == (
+            "cancelled after an attempt that may have arrived; cancellation pending"
+        )
+        # An open breaker sent nothing: nothing to withdraw.
+        held_back = settle(row(cancel_requested=True), Outcome.CIRCUIT_OPEN)
+        assert (held_back.state, held_back.cancellation_state) == (SetpointState.CANCELLED, None)
+        assert held_back.reason == "cancelled before delivery"
+
+    def test_a_cancelled_setpoint_attempted_before_is_withdrawn(self) -> None:
+        retried = row(cancel_requested=True, attempt_count=2)
+        claimed = before_attempt(retried, None, NOW)
+        assert claimed is not None
+        assert claimed.state is SetpointState.CANCELLED
+        assert claimed.cancellation_state is CancellationState.PENDING
+        assert claimed.next_attempt_at == NOW
+        withdrawing = row(
+            state=SetpointState.CANCELLED,
+            attempt_count=2,
+            cancel_requested=True,
+            cancellation_state=CancellationState.PENDING,
+        )
+        assert withdrawing.delivers_cancellation
+        # Eligibility does not hold back a withdrawal.
+        assert before_attempt(withdrawing, "site status paused", NOW) is None
+        done = settle(withdrawing, Outcome.ACCEPTED, 204)
+        assert done.state is SetpointState.CANCELLED
+        assert done.cancellation_state is CancellationState.DELIVERED
+        assert (
+            done.reason
+            == "cancelled after an attempt that may have arrived; cancellation delivered"
+        )
+        failed = settle(withdrawing, Outcome.REJECTED, 422)
+        assert (failed.state, failed.cancellation_state) == (
+            SetpointState.CANCELLED,
+            CancellationState.FAILED,
+        )
+        # Its window over, the setpoint is no longer valid: nothing to withdraw.
+        late = before_attempt(retried, None, END)
+        assert late is not None
+        assert (late.state, late.cancellation_state, late.next_attempt_at) == (
+            SetpointState.CANCELLED,
+            None,
+            None,
+        )
 
     def test_cancellation_delivery(self) -> None:
         withdrawing = row(

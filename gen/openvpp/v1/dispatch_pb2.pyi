@@ -70,8 +70,9 @@ class _SetpointStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Setpoin
     SETPOINT_STATE_FAILED: _SetpointState.ValueType  # 5
     """The attempt limit was reached, or the endpoint is refused. Terminal."""
     SETPOINT_STATE_CANCELLED: _SetpointState.ValueType  # 6
-    """Cancelled before delivery (never sent), or after acceptance with the cancellation
-    delivered. Terminal.
+    """Cancelled before delivery (never sent); after an attempt that may have arrived, with a
+    cancellation delivered too; or after acceptance with the cancellation delivered.
+    Terminal.
     """
     SETPOINT_STATE_EXPIRED: _SetpointState.ValueType  # 7
     """Its window ended before it was delivered. Terminal."""
@@ -94,8 +95,9 @@ SETPOINT_STATE_REJECTED: SetpointState.ValueType  # 4
 SETPOINT_STATE_FAILED: SetpointState.ValueType  # 5
 """The attempt limit was reached, or the endpoint is refused. Terminal."""
 SETPOINT_STATE_CANCELLED: SetpointState.ValueType  # 6
-"""Cancelled before delivery (never sent), or after acceptance with the cancellation
-delivered. Terminal.
+"""Cancelled before delivery (never sent); after an attempt that may have arrived, with a
+cancellation delivered too; or after acceptance with the cancellation delivered.
+Terminal.
 """
 SETPOINT_STATE_EXPIRED: SetpointState.ValueType  # 7
 """Its window ended before it was delivered. Terminal."""

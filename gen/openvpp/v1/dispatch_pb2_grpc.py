@@ -134,7 +134,8 @@ class DispatchServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelDispatch(self, request, context):
-        """Setpoints not yet delivered become CANCELLED and are never sent; ACCEPTED ones get a
+        """Setpoints not yet delivered become CANCELLED and are never sent; ACCEPTED ones, and
+        cancelled ones an earlier attempt may have reached (its answer lost, a 5xx), get a
         cancellation delivery (`power_kw` null: back to normal operation). Idempotent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
