@@ -58,7 +58,7 @@ class Settings:
     dispatch_max_in_flight: int = 512
     # Dispatch outbox: seconds after which a claimed setpoint still waiting for a slot
     # towards its endpoint is checked again (cancellation, eligibility, window) before it
-    # is sent.
+    # is sent; 0 = before every send.
     dispatch_recheck_after_seconds: float = 1.0
     # Dispatch outbox: whether this replica runs a delivery worker at all.
     dispatch_delivery_enabled: bool = True

@@ -234,7 +234,8 @@ def _round(value: float) -> float:
 
 def _within(value: float, candidate: Candidate) -> float:
     """``value`` kept within the candidate's bounds and rounded to watts, rounding inwards:
-    a bound finer than a watt (1.2346 kW) must not be sent as the watt beyond it (1.235)."""
+    a bound finer than a watt (1.2346 kW) must not be sent as the watt beyond it (1.235).
+    Bounds narrower than a watt hold no whole watt; the nearest one is taken."""
     low, high = candidate.power_min_kw, candidate.power_max_kw
     rounded = _round(min(max(value, low), high))
     step = 10.0**-POWER_DECIMALS

@@ -69,7 +69,7 @@ from service.dispatch.domain import (
     ineligibility,
     unsendable,
 )
-from service.dispatch.store import SetpointChange, notify_setpoint_changes
+from service.dispatch.store import SetpointChange, notify_setpoint_changes, wake_outbox
 from service.registry.domain import SiteStatus
 from service.upstream.domain import UpstreamStatus
 
@@ -348,6 +348,17 @@ def _trace_id(dispatch_traceparent: str | None) -> str | None:
     return None
 
 
+async def _wake_if_due(
+    conn: asyncpg.Connection, settled: Sequence[tuple[UUID, Settled, bool]], now: datetime
+) -> None:
+    """Wakes the delivery workers (at this transaction's commit) when something settled
+    here is due again at once (a withdrawal to send), rather than at the next poll."""
+    for _, verdict, _ in settled:
+        if verdict.next_attempt_at is not None and verdict.next_attempt_at <= now:
+            await wake_outbox(conn)
+            return
+
+
 class OutboxDeliverer:
     """One replica's delivery worker; ``step`` is run by a :class:`~service.common.worker.Worker`
     (woken by the outbox NOTIFY, and by a timer for retries and expired leases)."""
@@ -468,22 +479,31 @@ class OutboxDeliverer:
             queue = self._queues[endpoint] = collections.deque()
         queue.append(item)
         self._unfinished += 1
+        self._start_lanes(endpoint, queue, 1)
+
+    def _start_lanes(self, endpoint: str, queue: collections.deque[Claimed], count: int) -> None:
+        """Up to ``count`` more lanes for ``endpoint``, within its per-host limit."""
         lanes = self._lane_counts.get(endpoint, 0)
-        if lanes < self._delivery_settings.max_concurrency_per_host:
-            self._lane_counts[endpoint] = lanes + 1
+        for _ in range(min(count, self._delivery_settings.max_concurrency_per_host - lanes)):
+            lanes += 1
             lane = asyncio.create_task(self._lane(endpoint, queue), name=f"deliver-to-{endpoint}")
             self._lanes.add(lane)
             lane.add_done_callback(self._lanes.discard)
+        self._lane_counts[endpoint] = lanes
 
     async def _lane(self, endpoint: str, queue: collections.deque[Claimed]) -> None:
         """Sends an endpoint's queued setpoints one after another until none is left."""
         recheck_after = timedelta(seconds=self._settings.recheck_after_seconds)
         try:
             while queue:
-                if self._clock.now() - queue[0].checked_at >= recheck_after:
-                    await self._recheck(queue, recheck_after)
-                    continue
                 item = queue.popleft()
+                if self._clock.now() - item.checked_at >= recheck_after:
+                    # Sent right after its check, whatever the check took: a check slower
+                    # than recheck_after must not make the lane check again and again.
+                    rechecked = await self._recheck(endpoint, item, queue)
+                    if rechecked is None:
+                        continue
+                    item = rechecked
                 try:
                     await self._send(item)
                 finally:
@@ -503,17 +523,23 @@ class OutboxDeliverer:
         self._unfinished -= 1
         self._slot_freed.set()
 
-    async def _recheck(self, queue: collections.deque[Claimed], recheck_after: timedelta) -> None:
-        """Checks the queue's stale head again: what must no longer be sent is settled as the
-        claim would have (CANCELLED, EXPIRED, NOT_ELIGIBLE) and leaves the queue, what lost
-        its lease leaves it unsent, the rest goes back to the head as checked now."""
+    async def _recheck(
+        self, endpoint: str, first: Claimed, queue: collections.deque[Claimed]
+    ) -> Claimed | None:
+        """Checks ``first`` again, with the setpoints queued behind it that are as stale (up
+        to one per slot towards the endpoint): what must no longer be sent is settled as the
+        claim would have (CANCELLED, EXPIRED, NOT_ELIGIBLE, a withdrawal instead), what lost
+        its lease is let go unsent, the rest goes back to the head of the queue. Returns
+        ``first`` if it is still to be sent."""
+        recheck_after = timedelta(seconds=self._settings.recheck_after_seconds)
         now = self._clock.now()
-        stale: list[Claimed] = []
+        stale = [first]
+        limit = self._delivery_settings.max_concurrency_per_host
         # The queue is in claim order, so what is due for a check is at its head.
-        while queue and now - queue[0].checked_at >= recheck_after:
+        while queue and len(stale) < limit and now - queue[0].checked_at >= recheck_after:
             stale.append(queue.popleft())
         by_id = {item.setpoint_id: item for item in stale}
-        keep: list[Claimed] = []
+        keep: set[UUID] = set()
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 rows = await conn.fetch(_RECHECK_SQL, list(by_id), self.owner)
@@ -524,24 +550,31 @@ class OutboxDeliverer:
                     current = _outbox_row(row)
                     verdict = before_attempt(current, _not_eligible(row), now)
                     if verdict is None:
-                        keep.append(item._replace(checked_at=now))
+                        keep.add(item.setpoint_id)
                         continue
                     settled.append((row["id"], verdict, True))
                     if verdict.state is not current.state:
                         check_transition(current.state, verdict.state)
-                        held = item.change
-                        changed.append(held._replace(state=verdict.state.value))
+                        changed.append(item.change._replace(state=verdict.state.value))
                 await self._apply(conn, settled)
                 await notify_setpoint_changes(conn, changed)
+                await _wake_if_due(conn, settled, now)
         except Exception as error:  # the database is away: send as claimed, as before
             log.warning("re-checking %d queued setpoints failed: %s", len(stale), error)
-            keep = [item._replace(checked_at=now) for item in stale]
-        kept = {item.setpoint_id for item in keep}
+            keep = set(by_id)
+        checked = self._clock.now()
         # Settled here, or no longer ours (the lease expired and another worker has it).
-        for setpoint_id in by_id.keys() - kept:
+        for setpoint_id in by_id.keys() - keep:
             self._held.discard(setpoint_id)
             self._finish_one()
-        queue.extendleft(reversed(keep))
+        behind = [
+            item._replace(checked_at=checked) for item in stale[1:] if item.setpoint_id in keep
+        ]
+        queue.extendleft(reversed(behind))
+        # Lanes that found the queue empty while this check ran have ended: as many again
+        # as there is work for, within the per-host limit.
+        self._start_lanes(endpoint, queue, len(behind))
+        return first._replace(checked_at=checked) if first.setpoint_id in keep else None
 
     async def _claim(self, limit: int) -> tuple[list[Claimed], int]:
         now = self._clock.now()
@@ -576,6 +609,7 @@ class OutboxDeliverer:
                 sendable.append((row, outbox_row, change))
             await self._apply(conn, settled)
             await notify_setpoint_changes(conn, changed)
+            await _wake_if_due(conn, settled, now)
         claimed = []
         for row, outbox_row, change in sendable:
             cancellation = outbox_row.delivers_cancellation
@@ -795,6 +829,7 @@ class OutboxDeliverer:
                     attempts_sql, ids, times, cancellations, statuses, errors, latencies
                 )
             await notify_setpoint_changes(conn, changed)
+            await _wake_if_due(conn, settled, now)
         self._held.difference_update(by_id)
         lost = len(batch) - len(rows)
         if lost:

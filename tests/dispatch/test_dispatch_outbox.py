@@ -360,6 +360,64 @@ async def test_a_dispatch_cancelled_while_its_setpoints_wait_for_a_slot_sends_no
     ]
 
 
+class Slow:
+    """A receiver's answer that takes ``seconds``; records how many requests were in
+    progress when each one arrived."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.active = 0
+        self.seen_active: list[int] = []
+
+    async def __call__(self, _received: Received) -> int:
+        self.active += 1
+        self.seen_active.append(self.active)
+        try:
+            await asyncio.sleep(self.seconds)
+        finally:
+            self.active -= 1
+        return 200
+
+
+async def test_after_a_re_check_every_slot_towards_the_endpoint_is_used_again(
+    cluster: Cluster,
+) -> None:
+    replica = await cluster.replica(
+        dispatch_max_concurrency_per_host=4, dispatch_recheck_after_seconds=0.1
+    )
+    flow = Flow(replica)
+    operator, partner, supplier = await flow.parties()
+    answer = Slow(0.3)
+    async with running_receiver(answer) as receiver:
+        receiver.trust(await flow.secret(partner))
+        await flow.site(partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)] * 16)
+        dispatch = (await flow.dispatch(operator)).dispatch
+        settled = await flow.settle(operator, dispatch.id, within=30)
+    assert {s.state for s in settled} == {ACCEPTED}
+    # The first four went out at once; the twelve behind them waited longer than 0.1 s, were
+    # checked again, and still went out four at a time.
+    assert answer.seen_active[:4] == [1, 2, 3, 4]
+    assert max(answer.seen_active[4:]) == 4
+
+
+async def test_a_re_check_slower_than_its_threshold_still_lets_every_setpoint_go(
+    cluster: Cluster,
+) -> None:
+    # 0: a check before every send, which always takes longer than the threshold.
+    replica = await cluster.replica(
+        dispatch_max_concurrency_per_host=2, dispatch_recheck_after_seconds=0
+    )
+    flow = Flow(replica)
+    operator, partner, supplier = await flow.parties()
+    async with running_receiver(Slow(0.02)) as receiver:
+        receiver.trust(await flow.secret(partner))
+        await flow.site(partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)] * 8)
+        dispatch = (await flow.dispatch(operator)).dispatch
+        settled = await flow.settle(operator, dispatch.id, within=15)
+    assert {s.state for s in settled} == {ACCEPTED}
+    assert sorted(receiver.answered.values()) == [1] * 8
+
+
 async def test_a_worker_never_claims_again_what_it_holds_when_its_leases_lapsed(
     cluster: Cluster,
 ) -> None:
