@@ -75,18 +75,23 @@ from service.upstream.domain import UpstreamStatus
 
 log = logging.getLogger(__name__)
 
-_CLAIM_SQL = """
+# What eligibility is judged by (``_not_eligible``): a setpoint's site and resource, as the
+# claim and the re-check of a queued setpoint both read them.
+_ELIGIBILITY_COLUMNS = """
+    si.id IS NOT NULL AS site_exists, si.status AS site_status, si.paused AS site_paused,
+    si.upstream_status, r.id IS NOT NULL AS resource_exists, r.webhook_url"""
+_ELIGIBILITY_JOINS = """
+    LEFT JOIN sites si ON si.id = sp.site_id AND si.org_id = sp.partner_org_id
+    LEFT JOIN resources r ON r.id = sp.resource_id AND r.site_id = sp.site_id"""
+
+_CLAIM_SQL = f"""
 WITH due AS (
     -- Joined here, below the LIMIT, so that the planner looks each claimed row's site,
     -- resource and dispatch up by key; joined to the UPDATE they were hashed whole per claim.
-    SELECT sp.id, sp.state AS claimed_state,
-        si.id IS NOT NULL AS site_exists, si.status AS site_status, si.paused AS site_paused,
-        si.upstream_status, si.external_id AS site_external_id,
-        r.id IS NOT NULL AS resource_exists, r.external_id AS resource_external_id,
-        r.webhook_url, d.traceparent
-    FROM setpoints sp
-    LEFT JOIN sites si ON si.id = sp.site_id AND si.org_id = sp.partner_org_id
-    LEFT JOIN resources r ON r.id = sp.resource_id AND r.site_id = sp.site_id
+    SELECT sp.id, sp.state AS claimed_state, {_ELIGIBILITY_COLUMNS},
+        si.external_id AS site_external_id, r.external_id AS resource_external_id,
+        d.traceparent
+    FROM setpoints sp {_ELIGIBILITY_JOINS}
     LEFT JOIN dispatches d ON d.id = sp.dispatch_id
     WHERE sp.next_attempt_at IS NOT NULL AND sp.next_attempt_at <= $1
       AND (sp.lease_expires_at IS NULL OR sp.lease_expires_at <= $1)
@@ -116,14 +121,10 @@ RETURNING s.id, s.dispatch_id, s.operator_org_id, s.partner_org_id, s.site_id,
 
 # A claimed setpoint that waited for a free slot towards its endpoint is looked at again
 # before it is sent: what the claim checked may have changed meanwhile.
-_RECHECK_SQL = """
+_RECHECK_SQL = f"""
 SELECT sp.id, sp.state, sp.reason, sp.attempt_count, sp.end_time, sp.cancel_requested_at,
-    sp.cancellation_state, sp.cancellation_attempt_count,
-    si.id IS NOT NULL AS site_exists, si.status AS site_status, si.paused AS site_paused,
-    si.upstream_status, r.id IS NOT NULL AS resource_exists, r.webhook_url
-FROM setpoints sp
-LEFT JOIN sites si ON si.id = sp.site_id AND si.org_id = sp.partner_org_id
-LEFT JOIN resources r ON r.id = sp.resource_id AND r.site_id = sp.site_id
+    sp.cancellation_state, sp.cancellation_attempt_count, {_ELIGIBILITY_COLUMNS}
+FROM setpoints sp {_ELIGIBILITY_JOINS}
 WHERE sp.id = ANY($1::uuid[]) AND sp.lease_owner = $2
 ORDER BY sp.id
 FOR UPDATE OF sp

@@ -379,20 +379,28 @@ class Slow:
         return 200
 
 
+async def deliver_to_one_site(
+    cluster: Cluster, answer: Slow, resources: int, **settings: Any
+) -> tuple[list[pb.Setpoint], SetpointReceiver]:
+    """A dispatch to one site of ``resources`` batteries, on a replica with ``settings``,
+    towards a receiver answering ``answer``: its setpoints once settled, and the receiver."""
+    flow = Flow(await cluster.replica(**settings))
+    operator, partner, supplier = await flow.parties()
+    async with running_receiver(answer) as receiver:
+        receiver.trust(await flow.secret(partner))
+        await flow.site(partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)] * resources)
+        dispatch = (await flow.dispatch(operator)).dispatch
+        settled = await flow.settle(operator, dispatch.id, within=30)
+    return settled, receiver
+
+
 async def test_after_a_re_check_every_slot_towards_the_endpoint_is_used_again(
     cluster: Cluster,
 ) -> None:
-    replica = await cluster.replica(
-        dispatch_max_concurrency_per_host=4, dispatch_recheck_after_seconds=0.1
-    )
-    flow = Flow(replica)
-    operator, partner, supplier = await flow.parties()
     answer = Slow(0.3)
-    async with running_receiver(answer) as receiver:
-        receiver.trust(await flow.secret(partner))
-        await flow.site(partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)] * 16)
-        dispatch = (await flow.dispatch(operator)).dispatch
-        settled = await flow.settle(operator, dispatch.id, within=30)
+    settled, _receiver = await deliver_to_one_site(
+        cluster, answer, 16, dispatch_max_concurrency_per_host=4, dispatch_recheck_after_seconds=0.1
+    )
     assert {s.state for s in settled} == {ACCEPTED}
     # The first four went out at once; the twelve behind them waited longer than 0.1 s, were
     # checked again, and still went out four at a time.
@@ -404,16 +412,13 @@ async def test_a_re_check_slower_than_its_threshold_still_lets_every_setpoint_go
     cluster: Cluster,
 ) -> None:
     # 0: a check before every send, which always takes longer than the threshold.
-    replica = await cluster.replica(
-        dispatch_max_concurrency_per_host=2, dispatch_recheck_after_seconds=0
+    settled, receiver = await deliver_to_one_site(
+        cluster,
+        Slow(0.02),
+        8,
+        dispatch_max_concurrency_per_host=2,
+        dispatch_recheck_after_seconds=0,
     )
-    flow = Flow(replica)
-    operator, partner, supplier = await flow.parties()
-    async with running_receiver(Slow(0.02)) as receiver:
-        receiver.trust(await flow.secret(partner))
-        await flow.site(partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)] * 8)
-        dispatch = (await flow.dispatch(operator)).dispatch
-        settled = await flow.settle(operator, dispatch.id, within=15)
     assert {s.state for s in settled} == {ACCEPTED}
     assert sorted(receiver.answered.values()) == [1] * 8
 
