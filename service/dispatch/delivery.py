@@ -56,7 +56,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -446,6 +446,17 @@ class WebhookSender:
 
     async def send(self, delivery: Delivery) -> AttemptOutcome:
         """One attempt. Never raises for anything a receiver (or its DNS) does."""
+        outcome = await self.send_unless_withdrawn(delivery, None)
+        assert outcome is not None  # nothing can withdraw it
+        return outcome
+
+    async def send_unless_withdrawn(
+        self, delivery: Delivery, withdrawn: Callable[[], Awaitable[bool]] | None
+    ) -> AttemptOutcome | None:
+        """One attempt, as ``send``; ``withdrawn`` is awaited once the attempt holds its
+        slots, right before the request, and when it answers True nothing is sent and None
+        is returned. A send may wait for its slots for long (others' timeouts): what was
+        true when it began waiting is looked at again only then."""
         session = self._session
         if session is None:
             raise RuntimeError("WebhookSender.start() was not called")
@@ -457,6 +468,8 @@ class WebhookSender:
         # The endpoint's slot first: sends queued for one busy endpoint must not hold
         # global slots that other endpoints' sends could use.
         async with self._per_host.hold(key), self._all:
+            if withdrawn is not None and await withdrawn():
+                return None
             # The breaker may have opened while this send waited for a slot.
             permit = self.breakers.try_acquire(key)
             if permit is None:

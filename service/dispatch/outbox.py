@@ -13,10 +13,11 @@ something to deliver (the setpoint, or the cancellation of an ACCEPTED one). A w
 2. **sends** each remaining row concurrently through the
    :class:`~service.dispatch.delivery.WebhookSender` (its global and per-host limits and
    circuit breakers), at most ``OPENVPP_DISPATCH_MAX_IN_FLIGHT`` at a time per replica. A
-   row that waited for a slot towards its endpoint longer than
-   ``OPENVPP_DISPATCH_RECHECK_AFTER_SECONDS`` since its last check is checked again right
-   before it is sent (cancellation, eligibility, window; under lock, in one transaction for
-   the queue's stale head), and one whose lease was lost meanwhile is not sent at all;
+   row that waited for its slots (towards its endpoint, and the global one) longer than
+   ``OPENVPP_DISPATCH_RECHECK_AFTER_SECONDS`` since its last check is checked again once
+   it holds them, right before it is sent (cancellation, eligibility, window; under lock,
+   in one transaction for the queue's stale head), and one whose lease was lost meanwhile
+   is not sent at all;
 3. **records** finished attempts in batches, one transaction per batch: each row is
    re-read under lock (a CancelDispatch during the attempt is seen), its attempt stored, its
    next state set by :func:`service.dispatch.domain.after_attempt`, and only while this
@@ -377,6 +378,7 @@ class OutboxDeliverer:
         self._clock = clock
         self._settings = settings
         self._delivery_settings = delivery_settings
+        self._recheck_after = timedelta(seconds=settings.recheck_after_seconds)
         self._sender = WebhookSender(delivery_settings, clock)
         self.owner = uuid.uuid4()
         # Claimed setpoints wait in a queue per endpoint; up to the per-host limit of lanes
@@ -494,21 +496,16 @@ class OutboxDeliverer:
 
     async def _lane(self, endpoint: str, queue: collections.deque[Claimed]) -> None:
         """Sends an endpoint's queued setpoints one after another until none is left."""
-        recheck_after = timedelta(seconds=self._settings.recheck_after_seconds)
         try:
             while queue:
                 item = queue.popleft()
-                if self._clock.now() - item.checked_at >= recheck_after:
-                    # Sent right after its check, whatever the check took: a check slower
-                    # than recheck_after must not make the lane check again and again.
-                    rechecked = await self._recheck(endpoint, item, queue)
-                    if rechecked is None:
-                        continue
-                    item = rechecked
+                withdrawn = False
                 try:
-                    await self._send(item)
+                    withdrawn = not await self._send(endpoint, item, queue)
                 finally:
-                    self._finish_one()
+                    # A withdrawn setpoint was finished by its re-check.
+                    if not withdrawn:
+                        self._finish_one()
         finally:
             # No await since the queue was found empty: a setpoint queued from now on
             # starts a lane of its own.
@@ -526,13 +523,13 @@ class OutboxDeliverer:
 
     async def _recheck(
         self, endpoint: str, first: Claimed, queue: collections.deque[Claimed]
-    ) -> Claimed | None:
+    ) -> bool:
         """Checks ``first`` again, with the setpoints queued behind it that are as stale (up
         to one per slot towards the endpoint): what must no longer be sent is settled as the
         claim would have (CANCELLED, EXPIRED, NOT_ELIGIBLE, a withdrawal instead), what lost
-        its lease is let go unsent, the rest goes back to the head of the queue. Returns
-        ``first`` if it is still to be sent."""
-        recheck_after = timedelta(seconds=self._settings.recheck_after_seconds)
+        its lease is let go unsent, the rest goes back to the head of the queue. True if
+        ``first`` is still to be sent."""
+        recheck_after = self._recheck_after
         now = self._clock.now()
         stale = [first]
         limit = self._delivery_settings.max_concurrency_per_host
@@ -575,7 +572,7 @@ class OutboxDeliverer:
         # Lanes that found the queue empty while this check ran have ended: as many again
         # as there is work for, within the per-host limit.
         self._start_lanes(endpoint, queue, len(behind))
-        return first._replace(checked_at=checked) if first.setpoint_id in keep else None
+        return first.setpoint_id in keep
 
     async def _claim(self, limit: int) -> tuple[list[Claimed], int]:
         now = self._clock.now()
@@ -675,10 +672,22 @@ class OutboxDeliverer:
             releases,
         )
 
-    async def _send(self, item: Claimed) -> None:
+    async def _send(self, endpoint: str, item: Claimed, queue: collections.deque[Claimed]) -> bool:
+        """One attempt of ``item``; False when, once the attempt held its slots, a re-check
+        found it must not be sent (it is then settled, or no longer this worker's)."""
         attempt_time = self._clock.now()
+
+        async def withdrawn() -> bool:
+            # Judged once the slots are free, right before the request: a send can wait for
+            # a global slot behind other endpoints' timeouts. Sent right after its check,
+            # whatever the check took: a check slower than recheck_after must not make the
+            # lane check again and again.
+            if self._clock.now() - item.checked_at < self._recheck_after:
+                return False
+            return not await self._recheck(endpoint, item, queue)
+
         try:
-            outcome = await self._sender.send(item.delivery)
+            outcome = await self._sender.send_unless_withdrawn(item.delivery, withdrawn)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # a transport bug must not lose the setpoint
@@ -690,9 +699,12 @@ class OutboxDeliverer:
                 latency_ms=0.0,
                 retry_after_seconds=None,
             )
+        if outcome is None:
+            return False
         self.attempts_sent += 1
         self._finished.append(Finished(item, attempt_time, outcome))
         self._finished_ready.set()
+        return True
 
     async def _renew_loop(self) -> None:
         interval = max(self._settings.lease_seconds / 3, 0.05)

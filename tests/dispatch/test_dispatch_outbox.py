@@ -291,8 +291,10 @@ class HeldScene:
 
 
 @asynccontextmanager
-async def held_first(cluster: Cluster, sites: int, resources: int) -> AsyncIterator[HeldScene]:
-    replica = await cluster.replica(**ONE_SLOT)
+async def held_first(
+    cluster: Cluster, sites: int, resources: int, **settings: Any
+) -> AsyncIterator[HeldScene]:
+    replica = await cluster.replica(**{**ONE_SLOT, **settings})
     flow = Flow(replica)
     operator, partner, supplier = await flow.parties()
     answer = HeldFirst()
@@ -335,6 +337,34 @@ async def test_a_site_paused_while_its_setpoints_wait_for_a_slot_is_not_sent_to(
     assert all(s.attempts == [] for s in by_site[paused.id])
     assert {r.body["site_id"] for r in scene.receiver.received} == {in_flight_site}
     assert len(scene.receiver.received) == 2
+
+
+async def test_a_site_paused_while_its_setpoints_wait_for_a_global_slot_is_not_sent_to(
+    cluster: Cluster,
+) -> None:
+    # Four slots towards the receiver but one in all: three sends have left the queue and
+    # wait for the global slot that the held request has.
+    async with held_first(
+        cluster,
+        sites=2,
+        resources=2,
+        dispatch_max_concurrency=1,
+        dispatch_max_concurrency_per_host=4,
+    ) as scene:
+        in_flight_site = scene.first.body["site_id"]
+        (paused,) = [site for site in scene.sites if site.id != in_flight_site]
+        await scene.replica.registry.PauseSite(
+            site_pb.PauseSiteRequest(site_id=paused.id), metadata=scene.partner.auth
+        )
+        await asyncio.sleep(0.2)
+        scene.answer.release.set()
+        settled = await scene.flow.settle(scene.operator, scene.dispatch.id)
+    states = {(s.site_id, s.state, s.reason) for s in settled}
+    assert states == {
+        (in_flight_site, ACCEPTED, ""),
+        (paused.id, pb.SETPOINT_STATE_NOT_ELIGIBLE, "site status paused"),
+    }
+    assert [r.body["site_id"] for r in scene.receiver.received] == [in_flight_site] * 2
 
 
 async def test_a_dispatch_cancelled_while_its_setpoints_wait_for_a_slot_sends_no_more(
