@@ -527,3 +527,31 @@ async def test_per_host_and_global_concurrency_limits(clock: ManualClock) -> Non
     assert first.peak_in_flight == 3
     assert second.peak_in_flight == 3
     assert len(first.requests) == len(second.requests) == 8
+
+
+async def test_a_send_is_withdrawn_only_once_it_holds_its_slot(clock: ManualClock) -> None:
+    settings = replace(LOCAL, max_concurrency=1, timeout_seconds=10)
+    asked: list[int] = []
+
+    async with running_receiver() as receiver, WebhookSender(settings, clock) as sender:
+
+        async def withdrawn() -> bool:
+            # Asked when the held request no longer has the one slot.
+            asked.append(receiver.in_flight)
+            return True
+
+        held = asyncio.create_task(sender.send(delivery(receiver.url("/hold"))))
+        await eventually(lambda: receiver.in_flight == 1)
+        waiting = asyncio.create_task(
+            sender.send_unless_withdrawn(delivery(receiver.url("/hold")), withdrawn)
+        )
+        await asyncio.sleep(0.2)
+        assert asked == []  # still waiting for the slot
+        receiver.gate.set()
+        assert (await held).kind is OutcomeKind.ACCEPTED
+        assert await waiting is None
+        # Withdrawn before the request: nothing was sent, and its slot is free again.
+        assert asked == [0]
+        assert len(receiver.requests) == 1
+        after = await asyncio.wait_for(sender.send(delivery(receiver.url("/status/200"))), 5)
+        assert after.kind is OutcomeKind.ACCEPTED
