@@ -24,7 +24,10 @@ resources each (rows written directly: set-up is not what is measured), then:
 
 Goals (issue 12): >= 2,000 setpoints/s end to end, >= 0.5 of the raw client's rate, first
 attempt <= 100 ms after commit (p50). The machine is shared: run it under the bench lock.
-``BENCH_PROFILE=file`` runs the server under cProfile.
+``BENCH_PROFILE=file`` runs the server under cProfile. ``--pg-statements`` loads
+``pg_stat_statements`` into the embedded database and prints, after the rounds, what each
+statement of the dispatch's path cost PostgreSQL per row, and how many of the setpoints'
+updates were HOT (no new index entries).
 """
 
 from __future__ import annotations
@@ -63,6 +66,10 @@ from service.auth.store import IdentityStore
 from service.events.channels import SETPOINT_EVENTS_CHANNEL
 
 PER_HOST_CONCURRENCY = 32
+PG_STATEMENTS_SETTINGS = {
+    "shared_preload_libraries": "pg_stat_statements",
+    "pg_stat_statements.track": "all",
+}
 
 
 # --- the receiver (its own process) -------------------------------------------------------
@@ -368,6 +375,58 @@ async def vacuum(dsn: str) -> None:
         await conn.close()
 
 
+async def reset_statements(dsn: str) -> None:
+    """From here on: the set-up's statements are not what is measured."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        await conn.execute("SELECT pg_stat_statements_reset()")
+        await conn.execute("SELECT pg_stat_reset()")
+    finally:
+        await conn.close()
+
+
+async def print_statements(dsn: str) -> None:
+    # A busy backend hands its table counters over at most once a second, an idle one after
+    # 10 s: before that the HOT counts would miss the last rounds' updates.
+    await asyncio.sleep(11)
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            """
+            SELECT calls, rows, total_exec_time,
+                regexp_replace(left(query, 90), '\\s+', ' ', 'g') AS query
+            FROM pg_stat_statements
+            WHERE query ~* '(setpoint|dispatch)' AND query !~* '^(explain|vacuum)'
+            ORDER BY total_exec_time DESC LIMIT 12
+            """
+        )
+        tables = await conn.fetch(
+            "SELECT relname, n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables"
+            " WHERE relname IN ('setpoints', 'setpoint_attempts') ORDER BY relname"
+        )
+    finally:
+        await conn.close()
+    print(
+        "PostgreSQL's execution time per statement (pg_stat_statements), over the rounds and"
+        " the one-site dispatches:"
+    )
+    for row in rows:
+        per_row = row["total_exec_time"] * 1000 / max(row["rows"], 1)
+        print(
+            f"  {row['total_exec_time']:8.1f} ms {row['calls']:6} calls {row['rows']:7} rows "
+            f"{per_row:8.1f} us/row  {row['query']}"
+        )
+    for table in tables:
+        updates = table["n_tup_upd"]
+        hot = table["n_tup_hot_upd"]
+        print(
+            f"  {table['relname']}: {updates} updates, {hot} of them HOT"
+            + (f" ({100 * hot / updates:.0f} %)" if updates else ""),
+            flush=True,
+        )
+
+
 async def accepted_count(conn: asyncpg.Connection, dispatch_id: uuid.UUID) -> int:
     count: int = await conn.fetchval(
         "SELECT count(*) FROM setpoints WHERE dispatch_id = $1 AND state = 'accepted'",
@@ -425,11 +484,16 @@ def main() -> int:
     parser.add_argument("--sites", type=int, default=1000)
     parser.add_argument("--resources", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=1, help="dispatch + raw pairs")
+    parser.add_argument(
+        "--pg-statements",
+        action="store_true",
+        help="print PostgreSQL's execution time per row of each statement (pg_stat_statements)",
+    )
     args = parser.parse_args()
     expected = args.sites * args.resources
     context = multiprocessing.get_context("spawn")
 
-    with database(True) as dsn:
+    with database(True, PG_STATEMENTS_SETTINGS if args.pg_statements else None) as dsn:
         port, receiver_port = free_port(), free_port()
         server = serve(
             dsn,
@@ -467,6 +531,8 @@ def main() -> int:
                 raw.join()
                 return found
 
+            if args.pg_statements:
+                asyncio.run(reset_statements(dsn))
             ratios: list[float] = []
             rates: list[float] = []
             for round_number in range(1, args.rounds + 1):
@@ -508,6 +574,8 @@ def main() -> int:
                 f"max {singles[-1]:.1f} ms",
                 flush=True,
             )
+            if args.pg_statements:
+                asyncio.run(print_statements(dsn))
         finally:
             server.terminate()
             server.wait(30)

@@ -64,34 +64,37 @@ def free_port() -> int:
 TUNING = {"shared_buffers": "512MB", "max_wal_size": "8GB", "checkpoint_timeout": "30min"}
 
 
-async def _tune(dsn: str) -> None:
+async def _tune(dsn: str, settings: dict[str, str]) -> None:
     conn = await asyncpg.connect(dsn)
     try:
-        for name, value in TUNING.items():
+        for name, value in settings.items():
             await conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
     finally:
         await conn.close()
 
 
 @contextlib.contextmanager
-def database(tune: bool) -> Iterator[str]:
+def database(tune: bool, extra_settings: dict[str, str] | None = None) -> Iterator[str]:
+    """A fresh embedded PostgreSQL (or ``OPENVPP_DATABASE_URL``, as it is), with ``TUNING``
+    when ``tune`` and ``extra_settings`` on top."""
     configured = os.environ.get("OPENVPP_DATABASE_URL")
     if configured:
         yield configured
         return
     from service.db.database import EmbeddedPostgres
 
+    settings = {**(TUNING if tune else {}), **(extra_settings or {})}
     with tempfile.TemporaryDirectory(prefix="openvpp-bench-") as tmp:
         embedded = EmbeddedPostgres(Path(tmp))
         try:
             dsn = embedded.start()
-            if tune:
-                asyncio.run(_tune(dsn))
+            if settings:
+                asyncio.run(_tune(dsn, settings))
                 embedded.stop()  # shared_buffers needs a restart
                 dsn = embedded.start()
                 print(
                     "embedded database settings: "
-                    + ", ".join(f"{k}={v}" for k, v in TUNING.items()),
+                    + ", ".join(f"{k}={v}" for k, v in settings.items()),
                     flush=True,
                 )
             yield dsn
