@@ -8,8 +8,10 @@ something to deliver (the setpoint, or the cancellation of an ACCEPTED one). A w
    now + ``OPENVPP_DISPATCH_LEASE_SECONDS``), committed before anything is sent. While the
    lease lasts no other worker claims the row; once it expired (the holder crashed, was
    killed, lost its database) any worker takes it again, so every setpoint reaches a terminal
-   state. The site's eligibility is re-checked in the same statement (NOT_ELIGIBLE with the
-   status that made it so), as are cancellation and the window's end;
+   state. Leases are set and judged by the database's clock, never a replica's: a replica
+   whose clock runs ahead would otherwise take live leases from the others. The site's
+   eligibility is re-checked in the same statement (NOT_ELIGIBLE with the status that made
+   it so), as are cancellation and the window's end;
 2. **sends** each remaining row concurrently through the
    :class:`~service.dispatch.delivery.WebhookSender` (its global and per-host limits and
    circuit breakers), at most ``OPENVPP_DISPATCH_MAX_IN_FLIGHT`` at a time per replica. A
@@ -95,7 +97,7 @@ WITH due AS (
     FROM setpoints sp {_ELIGIBILITY_JOINS}
     LEFT JOIN dispatches d ON d.id = sp.dispatch_id
     WHERE sp.next_attempt_at IS NOT NULL AND sp.next_attempt_at <= $1
-      AND (sp.lease_expires_at IS NULL OR sp.lease_expires_at <= $1)
+      AND (sp.lease_expires_at IS NULL OR sp.lease_expires_at <= now())
       -- Never what this worker holds itself, even with its lease lapsed (renewals failed
       -- while the database was away): it is queued or in flight here, and would go twice.
       AND sp.lease_owner IS DISTINCT FROM $3
@@ -103,7 +105,7 @@ WITH due AS (
     LIMIT $2
     FOR UPDATE OF sp SKIP LOCKED
 )
-UPDATE setpoints s SET lease_owner = $3, lease_expires_at = $4,
+UPDATE setpoints s SET lease_owner = $3, lease_expires_at = now() + $4::interval,
     -- A claimed PENDING row is being delivered; the few that must not be sent are settled
     -- otherwise in the same transaction.
     state = CASE WHEN s.state = 'pending' THEN 'delivering' ELSE s.state END
@@ -576,9 +578,9 @@ class OutboxDeliverer:
 
     async def _claim(self, limit: int) -> tuple[list[Claimed], int]:
         now = self._clock.now()
-        lease_until = now + timedelta(seconds=self._settings.lease_seconds)
+        lease = timedelta(seconds=self._settings.lease_seconds)
         async with self._pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(_CLAIM_SQL, now, limit, self.owner, lease_until)
+            rows = await conn.fetch(_CLAIM_SQL, now, limit, self.owner, lease)
             if not rows:
                 return [], 0
             settled: list[tuple[UUID, Settled, bool]] = []
@@ -713,12 +715,11 @@ class OutboxDeliverer:
             held = list(self._held)
             if not held:
                 continue
-            now = self._clock.now()
             try:
                 # Rows being recorded right now are skipped: they are let go of anyway.
                 await self._pool.execute(
                     """
-                    UPDATE setpoints s SET lease_expires_at = $3
+                    UPDATE setpoints s SET lease_expires_at = now() + $3::interval
                     FROM (SELECT id FROM setpoints
                           WHERE id = ANY($1::uuid[]) AND lease_owner = $2
                           ORDER BY id FOR UPDATE SKIP LOCKED) held
@@ -726,7 +727,7 @@ class OutboxDeliverer:
                     """,
                     held,
                     self.owner,
-                    now + timedelta(seconds=self._settings.lease_seconds),
+                    timedelta(seconds=self._settings.lease_seconds),
                 )
             except Exception as error:  # the next round tries again; leases may lapse
                 log.warning("renewing %d dispatch leases failed: %s", len(held), error)

@@ -549,7 +549,7 @@ class DispatchStore:
                     cancel_requested_at = coalesce(cancel_requested_at, $2),
                     updated_at = clock_timestamp()
                 WHERE dispatch_id = $1 AND state IN ('pending', 'delivering')
-                  AND (lease_expires_at IS NULL OR lease_expires_at <= $2)
+                  AND (lease_expires_at IS NULL OR lease_expires_at <= now())
                   AND attempt_count = 0
                 RETURNING id, dispatch_id, site_id, operator_org_id, partner_org_id, state
                 """,
@@ -565,14 +565,14 @@ class DispatchStore:
                 WITH requested AS (
                     UPDATE setpoints SET cancel_requested_at = $2,
                         next_attempt_at = CASE
-                            WHEN lease_expires_at IS NULL OR lease_expires_at <= $2 THEN $2
+                            WHEN lease_expires_at IS NULL OR lease_expires_at <= now() THEN $2
                             ELSE next_attempt_at END
                     WHERE dispatch_id = $1 AND state IN ('pending', 'delivering')
                       AND cancel_requested_at IS NULL
                     RETURNING lease_expires_at
                 )
                 SELECT count(*) FROM requested
-                WHERE lease_expires_at IS NULL OR lease_expires_at <= $2
+                WHERE lease_expires_at IS NULL OR lease_expires_at <= now()
                 """,
                 dispatch_id,
                 now,

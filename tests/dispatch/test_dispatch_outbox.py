@@ -476,6 +476,27 @@ async def test_a_worker_never_claims_again_what_it_holds_when_its_leases_lapsed(
     assert scene.receiver.overlaps == 0
 
 
+async def test_a_replica_whose_clock_runs_ahead_does_not_take_live_leases(
+    cluster: Cluster,
+) -> None:
+    async with held_first(cluster, sites=1, resources=3) as scene:
+        # One in flight and two queued on the first replica, leased for 5 s. To a replica a
+        # minute ahead they would have looked expired long ago, had it judged by its clock.
+        ahead = await cluster.replica(clock=ManualClock(datetime.now(UTC) + timedelta(minutes=1)))
+        worker, deliverer = ahead.service.dispatch_worker, ahead.service.dispatch_deliverer
+        assert worker is not None
+        assert deliverer is not None
+        passes = worker.passes
+        worker.wake()
+        await eventually(lambda: worker.passes > passes, "a claim by the replica ahead")
+        assert deliverer.in_flight == 0
+        scene.answer.release.set()
+        settled = await scene.flow.settle(scene.operator, scene.dispatch.id)
+    assert {s.state for s in settled} == {ACCEPTED}
+    assert sorted(scene.receiver.answered.values()) == [1, 1, 1]
+    assert deliverer.attempts_sent == 0
+
+
 async def test_a_result_for_a_deleted_setpoint_does_not_stop_the_recording(
     cluster: Cluster,
 ) -> None:
