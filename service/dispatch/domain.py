@@ -323,6 +323,10 @@ class OutboxRow(NamedTuple):
     cancel_requested: bool
     cancellation_state: CancellationState | None
     cancellation_attempt_count: int
+    # Claimed before by a worker that never recorded what came of it (it was killed, or lost
+    # its lease): that worker may have sent it. Counted as one more attempt (of the setpoint
+    # or of its cancellation) when the row is next settled.
+    unrecorded_claim: bool = False
 
     @property
     def delivers_cancellation(self) -> bool:
@@ -373,8 +377,9 @@ MAY_HAVE_ARRIVED = "cancelled after an attempt that may have arrived"
 
 def _cancelled(row: OutboxRow, attempts: int, now: datetime) -> Settled:
     """A cancelled setpoint that was not accepted. Never attempted: nothing to withdraw.
-    Attempted (an answer that was lost, an error, a 5xx): the partner may hold it, so a
-    withdrawal goes out while the window lasts; withdrawing is always safe."""
+    Attempted (an answer that was lost, an error, a 5xx, an attempt never recorded): the
+    partner may hold it, so a withdrawal goes out while the window lasts; withdrawing is
+    always safe."""
     if attempts == 0:
         return _keep(row, state=SetpointState.CANCELLED, reason="cancelled before delivery")
     if row.end_time <= now:
@@ -409,7 +414,7 @@ def before_attempt(row: OutboxRow, not_eligible: str | None, now: datetime) -> S
     if row.state not in OPEN_STATES:
         return _keep(row)  # nothing to deliver (a stale outbox entry)
     if row.cancel_requested:
-        return _cancelled(row, row.attempt_count, now)
+        return _cancelled(row, row.attempt_count + row.unrecorded_claim, now)
     if row.end_time <= now:
         return _keep(row, state=SetpointState.EXPIRED, reason=_expired_reason(row.reason))
     if not_eligible is not None:
@@ -451,13 +456,19 @@ def after_attempt(
 
     ``retry_in_seconds`` is when to try again should the outcome allow it (the transport's
     backoff for this attempt number, Retry-After honoured). CIRCUIT_OPEN sent nothing, so it
-    is rescheduled without counting an attempt. ``row.cancel_requested`` is read after the
-    attempt, so a CancelDispatch that came while it was in flight is taken into account.
+    is rescheduled without counting an attempt; an attempt an earlier claim left unrecorded
+    (``row.unrecorded_claim``) is counted with this one. ``row.cancel_requested`` is read
+    after the attempt, so a CancelDispatch that came while it was in flight is taken into
+    account.
     """
     failure = describe_failure(http_status, error)
     retry_at = now + timedelta(seconds=retry_in_seconds) if retry_in_seconds > 0 else now
     if row.delivers_cancellation:
-        attempts = row.cancellation_attempt_count + (outcome is not Outcome.CIRCUIT_OPEN)
+        attempts = (
+            row.cancellation_attempt_count
+            + (outcome is not Outcome.CIRCUIT_OPEN)
+            + row.unrecorded_claim
+        )
         if outcome is Outcome.ACCEPTED:
             after = (
                 "cancelled after acceptance"
@@ -492,7 +503,7 @@ def after_attempt(
             cancellation_attempt_count=attempts,
         )
 
-    attempts = row.attempt_count + (outcome is not Outcome.CIRCUIT_OPEN)
+    attempts = row.attempt_count + (outcome is not Outcome.CIRCUIT_OPEN) + row.unrecorded_claim
     if outcome is Outcome.ACCEPTED:
         if row.cancel_requested and row.end_time > now:
             # Cancelled while this attempt was in flight: the partner has it, so withdraw it.

@@ -39,6 +39,7 @@ import functools
 import json
 import logging
 import random
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -92,6 +93,8 @@ WITH due AS (
     -- Joined here, below the LIMIT, so that the planner looks each claimed row's site,
     -- resource and dispatch up by key; joined to the UPDATE they were hashed whole per claim.
     SELECT sp.id, sp.state AS claimed_state, {_ELIGIBILITY_COLUMNS},
+        -- An expired lease still naming its owner: that worker never recorded its attempt.
+        sp.lease_owner IS NOT NULL AS unrecorded_claim,
         si.external_id AS site_external_id, r.external_id AS resource_external_id,
         d.traceparent
     FROM setpoints sp {_ELIGIBILITY_JOINS}
@@ -119,7 +122,7 @@ RETURNING s.id, s.dispatch_id, s.operator_org_id, s.partner_org_id, s.site_id,
     s.cancellation_state, s.cancellation_attempt_count,
     due.site_exists, due.site_status, due.site_paused, due.upstream_status,
     due.site_external_id, due.resource_exists, due.resource_external_id,
-    due.webhook_url, due.traceparent
+    due.webhook_url, due.traceparent, due.unrecorded_claim
 """
 
 # A claimed setpoint that waited for a free slot towards its endpoint is looked at again
@@ -227,7 +230,7 @@ _CANCELLATION_STATE_OF: dict[str | None, CancellationState | None] = {
 }
 
 
-def _outbox_row(row: asyncpg.Record) -> OutboxRow:
+def _outbox_row(row: asyncpg.Record, unrecorded_claim: bool = False) -> OutboxRow:
     return OutboxRow(
         _SETPOINT_STATE_OF[row["state"]],
         row["reason"],
@@ -236,6 +239,7 @@ def _outbox_row(row: asyncpg.Record) -> OutboxRow:
         row["cancel_requested_at"] is not None,
         _CANCELLATION_STATE_OF[row["cancellation_state"]],
         row["cancellation_attempt_count"],
+        unrecorded_claim,
     )
 
 
@@ -395,6 +399,9 @@ class OutboxDeliverer:
         # renewed while this worker lives (an attempt may wait for a slot towards a busy
         # endpoint longer than one lease), and expire soon after it dies.
         self._held: set[UUID] = set()
+        # Of those, the ones whose claim found an earlier claim's attempt unrecorded: never
+        # let go of unrecorded (see stop), so that the next claim finds it out again.
+        self._unrecorded: set[UUID] = set()
         self._renewer: asyncio.Task[None] | None = None
         self._slot_freed = asyncio.Event()
         self._finished: list[Finished] = []
@@ -439,20 +446,29 @@ class OutboxDeliverer:
                 with contextlib.suppress(asyncio.CancelledError):
                     await background
         self._recorder = self._renewer = None
+        # Attempts that could not be recorded keep their rows leased, like the ones below.
+        unrecorded_attempts: set[UUID] = set()
         if self._finished:
-            with contextlib.suppress(Exception):
-                await self._record(self._take_finished())
+            batch = self._take_finished()
+            try:
+                await self._record(batch)
+            except Exception:
+                unrecorded_attempts = {item.claimed.setpoint_id for item in batch}
         # What was claimed here and not recorded goes back to the outbox now, rather than
-        # when its lease expires (its attempt, if it was under way, was cut off above).
-        if self._held:
+        # when its lease expires (an attempt under way was cut off above and recorded as
+        # one). Not a row whose earlier claim's attempt is still unrecorded: released, it
+        # would look never sent; its lease expires instead, and the next claim sees why.
+        releasable = self._held - self._unrecorded - unrecorded_attempts
+        if releasable:
             with contextlib.suppress(Exception):
                 await self._pool.execute(
                     "UPDATE setpoints SET lease_owner = NULL, lease_expires_at = NULL"
                     " WHERE id = ANY($1::uuid[]) AND lease_owner = $2",
-                    list(self._held),
+                    list(releasable),
                     self.owner,
                 )
-            self._held.clear()
+        self._held.clear()
+        self._unrecorded.clear()
         await self._sender.close()
 
     async def step(self) -> bool:
@@ -474,6 +490,8 @@ class OutboxDeliverer:
         claimed, claimed_count = await self._claim(limit)
         for item in claimed:
             self._held.add(item.setpoint_id)
+            if item.row.unrecorded_claim:
+                self._unrecorded.add(item.setpoint_id)
             self._enqueue(item)
         return claimed_count >= limit
 
@@ -547,7 +565,8 @@ class OutboxDeliverer:
                 changed: list[SetpointChange] = []
                 for row in rows:
                     item = by_id[row["id"]]
-                    current = _outbox_row(row)
+                    # As the claim found earlier claims: this worker has not sent it yet.
+                    current = _outbox_row(row, item.row.unrecorded_claim)
                     verdict = before_attempt(current, _not_eligible(row), now)
                     if verdict is None:
                         keep.add(item.setpoint_id)
@@ -566,6 +585,7 @@ class OutboxDeliverer:
         # Settled here, or no longer ours (the lease expired and another worker has it).
         for setpoint_id in by_id.keys() - keep:
             self._held.discard(setpoint_id)
+            self._unrecorded.discard(setpoint_id)
             self._finish_one()
         behind = [
             item._replace(checked_at=checked) for item in stale[1:] if item.setpoint_id in keep
@@ -588,7 +608,7 @@ class OutboxDeliverer:
             changed: list[SetpointChange] = []
             secrets_of = await self._signing_secrets(conn, {row["partner_org_id"] for row in rows})
             for row in rows:
-                outbox_row = _outbox_row(row)
+                outbox_row = _outbox_row(row, row["unrecorded_claim"])
                 # Eligibility counts for the setpoint itself, never for its cancellation.
                 verdict = before_attempt(outbox_row, _not_eligible(row), now)
                 if verdict is None and not secrets_of[row["partner_org_id"]]:
@@ -678,19 +698,35 @@ class OutboxDeliverer:
         """One attempt of ``item``; False when, once the attempt held its slots, a re-check
         found it must not be sent (it is then settled, or no longer this worker's)."""
         attempt_time = self._clock.now()
+        # When the request began (once past the check), for an attempt cut off by stop().
+        posted_at: list[float] = []
 
         async def withdrawn() -> bool:
             # Judged once the slots are free, right before the request: a send can wait for
             # a global slot behind other endpoints' timeouts. Sent right after its check,
             # whatever the check took: a check slower than recheck_after must not make the
             # lane check again and again.
-            if self._clock.now() - item.checked_at < self._recheck_after:
-                return False
-            return not await self._recheck(endpoint, item, queue)
+            stale = self._clock.now() - item.checked_at >= self._recheck_after
+            if stale and not await self._recheck(endpoint, item, queue):
+                return True
+            posted_at.append(time.perf_counter())
+            return False
 
         try:
             outcome = await self._sender.send_unless_withdrawn(item.delivery, withdrawn)
         except asyncio.CancelledError:
+            if posted_at:
+                # Cut off during its request (this worker is stopping): it may have arrived,
+                # so it is recorded as an attempt, which a cancellation then withdraws.
+                interrupted = AttemptOutcome(
+                    kind=OutcomeKind.RETRYABLE,
+                    http_status=None,
+                    error="interrupted: the delivery worker stopped during the request",
+                    latency_ms=(time.perf_counter() - posted_at[0]) * 1000.0,
+                    retry_after_seconds=None,
+                    attempted_at=attempt_time,
+                )
+                self._finished.append(Finished(item, attempt_time, interrupted))
             raise
         except Exception as error:  # a transport bug must not lose the setpoint
             log.exception("delivery of setpoint %s failed unexpectedly", item.setpoint_id)
@@ -775,14 +811,14 @@ class OutboxDeliverer:
             changed: list[SetpointChange] = []
             for row in rows:
                 item = by_id[row["id"]]
-                current = _outbox_row(row)
+                current = _outbox_row(row, item.claimed.row.unrecorded_claim)
                 outcome = item.outcome
                 kind = _OUTCOME_OF[outcome.kind]
                 counted = (
                     current.cancellation_attempt_count
                     if current.delivers_cancellation
                     else current.attempt_count
-                ) + 1
+                ) + (1 + current.unrecorded_claim)
                 # Only an outcome that may be retried needs the backoff (a random draw).
                 retry_in = 0.0
                 if kind is Outcome.CIRCUIT_OPEN and outcome.retry_after_seconds is not None:
@@ -845,6 +881,7 @@ class OutboxDeliverer:
             await notify_setpoint_changes(conn, changed)
             await _wake_if_due(conn, settled, now)
         self._held.difference_update(by_id)
+        self._unrecorded.difference_update(by_id)
         lost = len(batch) - len(rows)
         if lost:
             # The lease expired during the attempt and another worker owns the row now.

@@ -518,10 +518,12 @@ class DispatchStore:
         return [DispatchRecord.from_row(row, counts[row["id"]]) for row in rows], total
 
     async def cancel(self, dispatch_id: UUID) -> DispatchRecord:
-        """Open setpoints never attempted and held by no worker become CANCELLED now; the
-        others are marked and settled by a worker (at once for one waiting for a retry: it
-        may have reached the partner, so it is withdrawn); ACCEPTED ones within their window
-        get a cancellation delivery. Calling it again changes nothing more."""
+        """Open setpoints never attempted and claimed by no worker (or let go by one that
+        did not send them) become CANCELLED now; the others are marked and settled by a
+        worker (at once for one waiting for a retry, or whose lease expired with its attempt
+        unrecorded: it may have reached the partner, so it is withdrawn); ACCEPTED ones
+        within their window get a cancellation delivery. Calling it again changes nothing
+        more."""
         self._require_operator()
         now = self._clock.now()
         async with self._pool.acquire() as conn, conn.transaction():
@@ -549,7 +551,9 @@ class DispatchStore:
                     cancel_requested_at = coalesce(cancel_requested_at, $2),
                     updated_at = clock_timestamp()
                 WHERE dispatch_id = $1 AND state IN ('pending', 'delivering')
-                  AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+                  -- No lease, not even an expired one: a worker that claimed it and died
+                  -- may have sent it, and the worker that claims it next withdraws it.
+                  AND lease_owner IS NULL
                   AND attempt_count = 0
                 RETURNING id, dispatch_id, site_id, operator_org_id, partner_org_id, state
                 """,
@@ -558,7 +562,8 @@ class DispatchStore:
             )
             # An attempt in flight: its worker settles it (CANCELLED, or ACCEPTED and then
             # a cancellation delivery) when the attempt ends. One waiting for a retry was
-            # attempted before and may have reached the partner: a worker takes it now and
+            # attempted before, and one whose lease expired was perhaps attempted by a worker
+            # that died: either may have reached the partner, so a worker takes it now and
             # settles it by the same rule as an attempt ended by a cancellation (withdrawn).
             retried = await conn.fetchval(
                 """

@@ -497,6 +497,72 @@ async def test_a_replica_whose_clock_runs_ahead_does_not_take_live_leases(
     assert deliverer.attempts_sent == 0
 
 
+async def test_a_setpoint_cut_off_by_a_stopping_worker_is_withdrawn_when_cancelled(
+    cluster: Cluster,
+) -> None:
+    async with held_first(cluster, sites=1, resources=3) as scene:
+        # The first request has reached the receiver; its worker stops before the answer,
+        # the other two still queued.
+        await cluster.stop(scene.replica)
+        api = await cluster.replica(dispatch_delivery_enabled=False)
+        await api.dispatch.CancelDispatch(
+            pb.CancelDispatchRequest(dispatch_id=scene.dispatch.id), metadata=scene.operator.auth
+        )
+        scene.answer.release.set()
+        await cluster.replica()
+        settled = await Flow(api).settle(
+            scene.operator, scene.dispatch.id, frozenset({pb.SETPOINT_STATE_CANCELLED}), within=15
+        )
+    first_id = scene.first.body["setpoint_id"]
+    by_id = {s.id: s for s in settled}
+    cut_off = by_id.pop(first_id)
+    assert (
+        cut_off.reason == "cancelled after an attempt that may have arrived; cancellation delivered"
+    )
+    assert [a.error for a in cut_off.attempts if not a.cancellation] == [
+        "interrupted: the delivery worker stopped during the request"
+    ]
+    assert {s.reason for s in by_id.values()} == {"cancelled before delivery"}
+    assert [(r.body["setpoint_id"], r.body["type"]) for r in scene.receiver.received] == [
+        (first_id, "setpoint"),
+        (first_id, "setpoint.cancelled"),
+    ]
+
+
+async def test_a_setpoint_a_dead_worker_held_is_withdrawn_when_cancelled(cluster: Cluster) -> None:
+    api = await cluster.replica(dispatch_delivery_enabled=False)
+    flow = Flow(api)
+    operator, partner, supplier = await flow.parties()
+    async with running_receiver() as receiver:
+        receiver.trust(await flow.secret(partner))
+        await flow.site(partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)] * 2)
+        dispatch = (await flow.dispatch(operator)).dispatch
+        # What a worker killed right after its claim leaves (its request may have gone out):
+        # one setpoint claimed under a lease that has since expired.
+        held_id = await api.pool.fetchval(
+            "UPDATE setpoints SET state = 'delivering', lease_owner = gen_random_uuid(),"
+            " lease_expires_at = now() - interval '1 second'"
+            " WHERE id = (SELECT id FROM setpoints WHERE dispatch_id = $1 ORDER BY id LIMIT 1)"
+            " RETURNING id",
+            uuid.UUID(dispatch.id),
+        )
+        await api.dispatch.CancelDispatch(
+            pb.CancelDispatchRequest(dispatch_id=dispatch.id), metadata=operator.auth
+        )
+        await cluster.replica()
+        settled = await flow.settle(
+            operator, dispatch.id, frozenset({pb.SETPOINT_STATE_CANCELLED}), within=15
+        )
+    reasons = {s.id: s.reason for s in settled}
+    assert reasons.pop(str(held_id)) == (
+        "cancelled after an attempt that may have arrived; cancellation delivered"
+    )
+    assert set(reasons.values()) == {"cancelled before delivery"}
+    assert [(r.body["setpoint_id"], r.body["type"]) for r in receiver.received] == [
+        (str(held_id), "setpoint.cancelled")
+    ]
+
+
 async def test_a_result_for_a_deleted_setpoint_does_not_stop_the_recording(
     cluster: Cluster,
 ) -> None:

@@ -359,6 +359,27 @@ class TestSettling:
         assert (held_back.state, held_back.cancellation_state) == (SetpointState.CANCELLED, None)
         assert held_back.reason == "cancelled before delivery"
 
+    def test_an_attempt_an_earlier_claim_left_unrecorded_counts(self) -> None:
+        # Its worker died or lost its lease after the claim: it may have sent it.
+        lapsed = row(cancel_requested=True, unrecorded_claim=True)
+        claimed = before_attempt(lapsed, None, NOW)
+        assert claimed is not None
+        assert (claimed.state, claimed.cancellation_state) == (
+            SetpointState.CANCELLED,
+            CancellationState.PENDING,
+        )
+        assert claimed.attempt_count == 1
+        assert claimed.reason.startswith("cancelled after an attempt that may have arrived")
+        # Never claimed before: nothing to withdraw.
+        fresh = before_attempt(row(cancel_requested=True), None, NOW)
+        assert fresh is not None
+        assert (fresh.reason, fresh.cancellation_state) == ("cancelled before delivery", None)
+        # Sent again instead: both attempts count, even when the breaker held this one back.
+        assert settle(row(unrecorded_claim=True), Outcome.RETRYABLE, 503).attempt_count == 2
+        assert settle(row(unrecorded_claim=True), Outcome.CIRCUIT_OPEN).attempt_count == 1
+        held_back = settle(row(cancel_requested=True, unrecorded_claim=True), Outcome.CIRCUIT_OPEN)
+        assert held_back.cancellation_state is CancellationState.PENDING
+
     def test_a_cancelled_setpoint_attempted_before_is_withdrawn(self) -> None:
         retried = row(cancel_requested=True, attempt_count=2)
         claimed = before_attempt(retried, None, NOW)
