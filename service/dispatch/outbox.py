@@ -543,12 +543,12 @@ class OutboxDeliverer:
 
     async def _recheck(
         self, endpoint: str, first: Claimed, queue: collections.deque[Claimed]
-    ) -> bool:
+    ) -> datetime | None:
         """Checks ``first`` again, with the setpoints queued behind it that are as stale (up
         to one per slot towards the endpoint): what must no longer be sent is settled as the
         claim would have (CANCELLED, EXPIRED, NOT_ELIGIBLE, a withdrawal instead), what lost
-        its lease is let go unsent, the rest goes back to the head of the queue. True if
-        ``first`` is still to be sent."""
+        its lease is let go unsent, the rest goes back to the head of the queue. Returns when
+        it was checked if ``first`` is still to be sent, else None."""
         recheck_after = self._recheck_after
         now = self._clock.now()
         stale = [first]
@@ -594,7 +594,7 @@ class OutboxDeliverer:
         # Lanes that found the queue empty while this check ran have ended: as many again
         # as there is work for, within the per-host limit.
         self._start_lanes(endpoint, queue, len(behind))
-        return first.setpoint_id in keep
+        return checked if first.setpoint_id in keep else None
 
     async def _claim(self, limit: int) -> tuple[list[Claimed], int]:
         now = self._clock.now()
@@ -695,36 +695,45 @@ class OutboxDeliverer:
         )
 
     async def _send(self, endpoint: str, item: Claimed, queue: collections.deque[Claimed]) -> bool:
-        """One attempt of ``item``; False when, once the attempt held its slots, a re-check
-        found it must not be sent (it is then settled, or no longer this worker's)."""
+        """One attempt of ``item``; False when a re-check found it must not be sent (it is
+        then settled, or no longer this worker's)."""
         attempt_time = self._clock.now()
-        # When the request began (once past the check), for an attempt cut off by stop().
-        posted_at: list[float] = []
+        # Sent right after a check, whatever the check took: a check slower than
+        # recheck_after must not make the lane check again and again.
+        checked_at = item.checked_at
+        if attempt_time - checked_at >= self._recheck_after:
+            # Before waiting for slots, so that a check waiting on the database (a large
+            # CancelDispatch's locks, a full pool) holds none that other endpoints could use.
+            rechecked = await self._recheck(endpoint, item, queue)
+            if rechecked is None:
+                return False
+            checked_at = rechecked
+        # When the request began (once past the checks), for an attempt cut off by stop().
+        posted: list[tuple[float, datetime]] = []
 
         async def withdrawn() -> bool:
-            # Judged once the slots are free, right before the request: a send can wait for
-            # a global slot behind other endpoints' timeouts. Sent right after its check,
-            # whatever the check took: a check slower than recheck_after must not make the
-            # lane check again and again.
-            stale = self._clock.now() - item.checked_at >= self._recheck_after
-            if stale and not await self._recheck(endpoint, item, queue):
+            # Once the slots are free, right before the request: a send can wait for a
+            # global slot behind other endpoints' timeouts.
+            stale = self._clock.now() - checked_at >= self._recheck_after
+            if stale and await self._recheck(endpoint, item, queue) is None:
                 return True
-            posted_at.append(time.perf_counter())
+            posted.append((time.perf_counter(), self._clock.now()))
             return False
 
         try:
             outcome = await self._sender.send_unless_withdrawn(item.delivery, withdrawn)
         except asyncio.CancelledError:
-            if posted_at:
+            if posted:
                 # Cut off during its request (this worker is stopping): it may have arrived,
                 # so it is recorded as an attempt, which a cancellation then withdraws.
+                started, at = posted[0]
                 interrupted = AttemptOutcome(
                     kind=OutcomeKind.RETRYABLE,
                     http_status=None,
                     error="interrupted: the delivery worker stopped during the request",
-                    latency_ms=(time.perf_counter() - posted_at[0]) * 1000.0,
+                    latency_ms=(time.perf_counter() - started) * 1000.0,
                     retry_after_seconds=None,
-                    attempted_at=attempt_time,
+                    attempted_at=at,
                 )
                 self._finished.append(Finished(item, attempt_time, interrupted))
             raise

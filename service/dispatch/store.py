@@ -569,8 +569,11 @@ class DispatchStore:
                 """
                 WITH requested AS (
                     UPDATE setpoints SET cancel_requested_at = $2,
+                        -- The earlier of the two: a row whose lease expired has long been
+                        -- due, by the clock of the worker that claimed it.
                         next_attempt_at = CASE
-                            WHEN lease_expires_at IS NULL OR lease_expires_at <= now() THEN $2
+                            WHEN lease_expires_at IS NULL OR lease_expires_at <= now()
+                            THEN least(next_attempt_at, $2)
                             ELSE next_attempt_at END
                     WHERE dispatch_id = $1 AND state IN ('pending', 'delivering')
                       AND cancel_requested_at IS NULL

@@ -25,7 +25,7 @@ from service.dispatch.store import CHANGES_PER_NOTIFICATION
 from tests.conftest import Org
 from tests.dispatch.conftest import UPSTREAM_CASES, Cluster, Flow, Replica
 from tests.dispatch.setpoint_receiver import Received, SetpointReceiver, running_receiver
-from tests.helpers import eventually
+from tests.helpers import eventually, wait_until_blocked
 from tests.upstream.conftest import day
 
 BATTERY = site_pb.RESOURCE_TYPE_STATIC_BATTERY
@@ -283,6 +283,7 @@ class HeldScene:
     flow: Flow
     operator: Org
     partner: Org
+    supplier: Org
     sites: list[site_pb.Site]
     receiver: SetpointReceiver
     answer: HeldFirst
@@ -310,7 +311,16 @@ async def held_first(
         await receiver.wait_for(1)
         assert answer.first is not None
         yield HeldScene(
-            replica, flow, operator, partner, made, receiver, answer, dispatch, answer.first
+            replica,
+            flow,
+            operator,
+            partner,
+            supplier,
+            made,
+            receiver,
+            answer,
+            dispatch,
+            answer.first,
         )
 
 
@@ -365,6 +375,38 @@ async def test_a_site_paused_while_its_setpoints_wait_for_a_global_slot_is_not_s
         (paused.id, pb.SETPOINT_STATE_NOT_ELIGIBLE, "site status paused"),
     }
     assert [r.body["site_id"] for r in scene.receiver.received] == [in_flight_site] * 2
+
+
+async def test_a_re_check_waiting_for_the_database_holds_no_slot(cluster: Cluster) -> None:
+    # One slot in all: while a queued setpoint's check waits for a row lock (as behind a
+    # large CancelDispatch), another endpoint's setpoints must still go out.
+    async with (
+        held_first(cluster, sites=1, resources=2, dispatch_max_concurrency=1) as scene,
+        running_receiver() as other,
+    ):
+        other.trust(await scene.flow.secret(scene.partner))
+        queued = [
+            uuid.UUID(s.id)
+            for s in await scene.flow.setpoints(scene.operator, scene.dispatch.id)
+            if s.id != scene.first.body["setpoint_id"]
+        ]
+        elsewhere, _ = await scene.flow.site(scene.partner, scene.supplier, other.url())
+        await asyncio.sleep(0.2)  # the queued one is due for a check
+        async with scene.replica.pool.acquire() as holder, holder.transaction():
+            await holder.execute(
+                "SELECT 1 FROM setpoints WHERE id = ANY($1::uuid[]) FOR UPDATE", queued
+            )
+            scene.answer.release.set()
+            await wait_until_blocked(holder, 1)
+            later = await scene.flow.dispatch(
+                scene.operator, selection=pb.DispatchSelection(site_ids=[elsewhere.id])
+            )
+            await other.wait_for(1, within=5)
+        settled = await scene.flow.settle(scene.operator, scene.dispatch.id)
+        assert {s.state for s in settled} == {ACCEPTED}
+        assert {s.state for s in await scene.flow.settle(scene.operator, later.dispatch.id)} == {
+            ACCEPTED
+        }
 
 
 async def test_a_dispatch_cancelled_while_its_setpoints_wait_for_a_slot_sends_no_more(
@@ -529,8 +571,16 @@ async def test_a_setpoint_cut_off_by_a_stopping_worker_is_withdrawn_when_cancell
     ]
 
 
-async def test_a_setpoint_a_dead_worker_held_is_withdrawn_when_cancelled(cluster: Cluster) -> None:
+@pytest.mark.parametrize("cancelled_by", ["a replica", "a replica whose clock is an hour ahead"])
+async def test_a_setpoint_a_dead_worker_held_is_withdrawn_when_cancelled(
+    cluster: Cluster, cancelled_by: str
+) -> None:
     api = await cluster.replica(dispatch_delivery_enabled=False)
+    canceller = api
+    if cancelled_by.endswith("ahead"):
+        # Its clock must not postpone what has long been due by the workers' clocks.
+        ahead = ManualClock(datetime.now(UTC) + timedelta(hours=1))
+        canceller = await cluster.replica(clock=ahead, dispatch_delivery_enabled=False)
     flow = Flow(api)
     operator, partner, supplier = await flow.parties()
     async with running_receiver() as receiver:
@@ -546,7 +596,7 @@ async def test_a_setpoint_a_dead_worker_held_is_withdrawn_when_cancelled(cluster
             " RETURNING id",
             uuid.UUID(dispatch.id),
         )
-        await api.dispatch.CancelDispatch(
+        await canceller.dispatch.CancelDispatch(
             pb.CancelDispatchRequest(dispatch_id=dispatch.id), metadata=operator.auth
         )
         await cluster.replica()
