@@ -552,9 +552,7 @@ async def test_a_setpoint_cut_off_by_a_stopping_worker_is_withdrawn_when_cancell
         )
         scene.answer.release.set()
         await cluster.replica()
-        settled = await Flow(api).settle(
-            scene.operator, scene.dispatch.id, frozenset({pb.SETPOINT_STATE_CANCELLED}), within=15
-        )
+        settled = await _all_cancelled_and_withdrawn(Flow(api), scene.operator, scene.dispatch.id)
     first_id = scene.first.body["setpoint_id"]
     by_id = {s.id: s for s in settled}
     cut_off = by_id.pop(first_id)
@@ -600,9 +598,7 @@ async def test_a_setpoint_a_dead_worker_held_is_withdrawn_when_cancelled(
             pb.CancelDispatchRequest(dispatch_id=dispatch.id), metadata=operator.auth
         )
         await cluster.replica()
-        settled = await flow.settle(
-            operator, dispatch.id, frozenset({pb.SETPOINT_STATE_CANCELLED}), within=15
-        )
+        settled = await _all_cancelled_and_withdrawn(flow, operator, dispatch.id)
     reasons = {s.id: s.reason for s in settled}
     assert reasons.pop(str(held_id)) == (
         "cancelled after an attempt that may have arrived; cancellation delivered"
@@ -611,6 +607,22 @@ async def test_a_setpoint_a_dead_worker_held_is_withdrawn_when_cancelled(
     assert [(r.body["setpoint_id"], r.body["type"]) for r in receiver.received] == [
         (str(held_id), "setpoint.cancelled")
     ]
+
+
+async def _all_cancelled_and_withdrawn(
+    flow: Flow, operator: Org, dispatch_id: str
+) -> list[pb.Setpoint]:
+    """A dispatch's setpoints once all are CANCELLED and no withdrawal is still pending (a
+    setpoint that may have arrived is CANCELLED before its withdrawal is delivered)."""
+    await flow.settle(operator, dispatch_id, frozenset({pb.SETPOINT_STATE_CANCELLED}), within=15)
+    found: list[pb.Setpoint] = []
+
+    async def withdrawn() -> bool:
+        found[:] = await flow.setpoints(operator, dispatch_id)
+        return not any(s.reason.endswith("cancellation pending") for s in found)
+
+    await eventually(withdrawn, "the withdrawals are delivered")
+    return found
 
 
 async def test_a_result_for_a_deleted_setpoint_does_not_stop_the_recording(
