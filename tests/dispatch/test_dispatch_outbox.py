@@ -986,6 +986,31 @@ async def test_a_live_worker_keeps_a_slow_attempt_beyond_one_lease(cluster: Clus
         assert all(len(s.attempts) == 1 for s in settled)
 
 
+async def test_a_replica_whose_clock_is_behind_keeps_the_leases_it_renews(
+    cluster: Cluster,
+) -> None:
+    settings: dict[str, Any] = {"dispatch_lease_seconds": 0.6, "dispatch_timeout_seconds": 5.0}
+    behind = ManualClock(datetime.now(UTC) - timedelta(minutes=1))
+    flow = Flow(await cluster.replica(clock=behind, **settings))
+    operator, partner, supplier = await flow.parties()
+
+    async def slow(_received: Received) -> int:
+        await asyncio.sleep(2.0)
+        return 200
+
+    async with running_receiver(slow) as receiver:
+        receiver.trust(await flow.secret(partner))
+        await flow.site(partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)] * 3)
+        dispatch = (await flow.dispatch(operator)).dispatch
+        await receiver.wait_for(3)  # all three in flight from the replica behind
+        # A replica on time from now on: by its clock, leases written by the clock behind
+        # would have expired a minute ago.
+        await cluster.replica(**settings)
+        settled = await flow.settle(operator, dispatch.id, frozenset({ACCEPTED}), within=20)
+        assert len(receiver.received) == 3
+        assert all(len(s.attempts) == 1 for s in settled)
+
+
 async def test_each_endpoint_gets_its_own_slots_and_no_more(cluster: Cluster) -> None:
     """A replica sends towards one endpoint at most OPENVPP_DISPATCH_MAX_CONCURRENCY_PER_HOST
     at a time, and a slow endpoint's queue does not hold back another endpoint's setpoints."""
