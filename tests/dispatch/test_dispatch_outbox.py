@@ -625,6 +625,52 @@ async def _all_cancelled_and_withdrawn(
     return found
 
 
+async def test_a_stopping_worker_keeps_the_leases_of_setpoints_a_dead_worker_held(
+    cluster: Cluster,
+) -> None:
+    api = await cluster.replica(dispatch_delivery_enabled=False)
+    flow = Flow(api)
+    operator, partner, supplier = await flow.parties()
+    answer = HeldFirst()
+    async with running_receiver(answer) as receiver:
+        receiver.trust(await flow.secret(partner))
+        await flow.site(partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)] * 3)
+        dispatch = (await flow.dispatch(operator)).dispatch
+        # All three left by a worker killed after its claim: any of them may have gone out.
+        await api.pool.execute(
+            "UPDATE setpoints SET state = 'delivering', lease_owner = gen_random_uuid(),"
+            " lease_expires_at = now() - interval '1 second' WHERE dispatch_id = $1",
+            uuid.UUID(dispatch.id),
+        )
+        # A worker claims them again, sends one (held), queues two, and is stopped.
+        worker = await cluster.replica(**ONE_SLOT)
+        await receiver.wait_for(1)
+        assert worker.service.dispatch_deliverer is not None
+        owner = worker.service.dispatch_deliverer.owner
+        await cluster.stop(worker)
+        leases = await api.pool.fetch(
+            "SELECT lease_owner FROM setpoints WHERE dispatch_id = $1", uuid.UUID(dispatch.id)
+        )
+        # The cut-off one was recorded as an attempt; the queued ones are not let go as if
+        # never sent, their leases run out instead.
+        assert sorted(str(row["lease_owner"]) for row in leases) == sorted(
+            ["None", str(owner), str(owner)]
+        )
+        await api.dispatch.CancelDispatch(
+            pb.CancelDispatchRequest(dispatch_id=dispatch.id), metadata=operator.auth
+        )
+        answer.release.set()
+        await cluster.replica()
+        settled = await _all_cancelled_and_withdrawn(flow, operator, dispatch.id)
+    assert {s.reason for s in settled} == {
+        "cancelled after an attempt that may have arrived; cancellation delivered"
+    }
+    assert Counter(r.body["type"] for r in receiver.received) == {
+        "setpoint": 1,
+        "setpoint.cancelled": 3,
+    }
+
+
 async def test_a_result_for_a_deleted_setpoint_does_not_stop_the_recording(
     cluster: Cluster,
 ) -> None:
