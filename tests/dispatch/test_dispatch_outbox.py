@@ -710,16 +710,7 @@ async def test_a_cancelled_setpoint_whose_attempt_may_have_arrived_is_withdrawn(
         await replica.dispatch.CancelDispatch(
             pb.CancelDispatchRequest(dispatch_id=dispatch.id), metadata=operator.auth
         )
-        (cancelled,) = await flow.settle(
-            operator,
-            dispatch.id,
-            frozenset({pb.SETPOINT_STATE_CANCELLED}),
-            within=15,
-        )
-        await eventually(
-            lambda: _withdrawn(flow, operator, dispatch.id), "the withdrawal is delivered"
-        )
-        (cancelled,) = await flow.setpoints(operator, dispatch.id)
+        (cancelled,) = await _all_cancelled_and_withdrawn(flow, operator, dispatch.id)
     assert cancelled.reason == (
         "cancelled after an attempt that may have arrived; cancellation delivered"
     )
@@ -734,11 +725,6 @@ async def test_a_cancelled_setpoint_whose_attempt_may_have_arrived_is_withdrawn(
 async def _waits_for_retry(flow: Flow, operator: Org, dispatch_id: str) -> bool:
     (setpoint,) = await flow.setpoints(operator, dispatch_id)
     return setpoint.state == pb.SETPOINT_STATE_DELIVERING and len(setpoint.attempts) == 1
-
-
-async def _withdrawn(flow: Flow, operator: Org, dispatch_id: str) -> bool:
-    (setpoint,) = await flow.setpoints(operator, dispatch_id)
-    return setpoint.reason.endswith("cancellation delivered")
 
 
 async def test_a_setpoint_never_delivered_in_its_window_expires(cluster: Cluster) -> None:
@@ -1008,12 +994,17 @@ async def test_list_setpoints_pages_and_filters(cluster: Cluster) -> None:
     assert listed.dispatches[0].pending_count == 5
 
 
-async def test_a_live_worker_keeps_a_slow_attempt_beyond_one_lease(cluster: Cluster) -> None:
-    """The lease is renewed while its worker lives: another replica does not take over an
-    attempt that takes longer than one lease."""
-    settings: dict[str, Any] = {"dispatch_lease_seconds": 0.6, "dispatch_timeout_seconds": 5.0}
-    first = await cluster.replica(**settings)
-    await cluster.replica(**settings)
+# Leases of 0.6 s, renewed every 0.2 s, against attempts of 2 s.
+SHORT_LEASES: dict[str, Any] = {"dispatch_lease_seconds": 0.6, "dispatch_timeout_seconds": 5.0}
+
+
+async def attempts_beyond_a_lease(
+    cluster: Cluster, first: Replica, second_after_the_sends: bool
+) -> tuple[list[pb.Setpoint], SetpointReceiver]:
+    """Three setpoints whose attempts take 2 s each, on ``first`` and a second replica (started
+    with it, or once all three are in flight from ``first``): settled, and the receiver."""
+    if not second_after_the_sends:
+        await cluster.replica(**SHORT_LEASES)
     flow = Flow(first)
     operator, partner, supplier = await flow.parties()
 
@@ -1025,36 +1016,34 @@ async def test_a_live_worker_keeps_a_slow_attempt_beyond_one_lease(cluster: Clus
         receiver.trust(await flow.secret(partner))
         await flow.site(partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)] * 3)
         dispatch = (await flow.dispatch(operator)).dispatch
+        if second_after_the_sends:
+            await receiver.wait_for(3)
+            await cluster.replica(**SHORT_LEASES)
         settled = await flow.settle(operator, dispatch.id, frozenset({ACCEPTED}), within=20)
-        assert len(settled) == 3
-        assert len(receiver.received) == 3
-        assert receiver.overlaps == 0
-        assert all(len(s.attempts) == 1 for s in settled)
+    return settled, receiver
+
+
+async def test_a_live_worker_keeps_a_slow_attempt_beyond_one_lease(cluster: Cluster) -> None:
+    """The lease is renewed while its worker lives: another replica does not take over an
+    attempt that takes longer than one lease."""
+    first = await cluster.replica(**SHORT_LEASES)
+    settled, receiver = await attempts_beyond_a_lease(cluster, first, second_after_the_sends=False)
+    assert len(settled) == 3
+    assert len(receiver.received) == 3
+    assert receiver.overlaps == 0
+    assert all(len(s.attempts) == 1 for s in settled)
 
 
 async def test_a_replica_whose_clock_is_behind_keeps_the_leases_it_renews(
     cluster: Cluster,
 ) -> None:
-    settings: dict[str, Any] = {"dispatch_lease_seconds": 0.6, "dispatch_timeout_seconds": 5.0}
+    # All three in flight from the replica behind, then one on time: by its clock, leases
+    # written by the clock behind would have expired a minute ago.
     behind = ManualClock(datetime.now(UTC) - timedelta(minutes=1))
-    flow = Flow(await cluster.replica(clock=behind, **settings))
-    operator, partner, supplier = await flow.parties()
-
-    async def slow(_received: Received) -> int:
-        await asyncio.sleep(2.0)
-        return 200
-
-    async with running_receiver(slow) as receiver:
-        receiver.trust(await flow.secret(partner))
-        await flow.site(partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)] * 3)
-        dispatch = (await flow.dispatch(operator)).dispatch
-        await receiver.wait_for(3)  # all three in flight from the replica behind
-        # A replica on time from now on: by its clock, leases written by the clock behind
-        # would have expired a minute ago.
-        await cluster.replica(**settings)
-        settled = await flow.settle(operator, dispatch.id, frozenset({ACCEPTED}), within=20)
-        assert len(receiver.received) == 3
-        assert all(len(s.attempts) == 1 for s in settled)
+    first = await cluster.replica(clock=behind, **SHORT_LEASES)
+    settled, receiver = await attempts_beyond_a_lease(cluster, first, second_after_the_sends=True)
+    assert len(receiver.received) == 3
+    assert all(len(s.attempts) == 1 for s in settled)
 
 
 async def test_each_endpoint_gets_its_own_slots_and_no_more(cluster: Cluster) -> None:
