@@ -714,10 +714,12 @@ class OutboxDeliverer:
         async def withdrawn() -> bool:
             # Once the slots are free, right before the request: a send can wait for a
             # global slot behind other endpoints' timeouts.
-            stale = self._clock.now() - checked_at >= self._recheck_after
-            if stale and await self._recheck(endpoint, item, queue) is None:
-                return True
-            posted.append((time.perf_counter(), self._clock.now()))
+            now = self._clock.now()
+            if now - checked_at >= self._recheck_after:
+                if await self._recheck(endpoint, item, queue) is None:
+                    return True
+                now = self._clock.now()
+            posted.append((time.perf_counter(), now))
             return False
 
         try:
