@@ -232,18 +232,20 @@ def _round(value: float) -> float:
     return round(value, POWER_DECIMALS) + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
-def _within(value: float, candidate: Candidate) -> float:
-    """``value`` kept within the candidate's bounds and rounded to watts, rounding inwards:
-    a bound finer than a watt (1.2346 kW) must not be sent as the watt beyond it (1.235).
-    Bounds narrower than a watt hold no whole watt; the nearest one is taken."""
-    low, high = candidate.power_min_kw, candidate.power_max_kw
-    rounded = _round(min(max(value, low), high))
-    step = 10.0**-POWER_DECIMALS
-    if rounded > high:
-        rounded = _round(rounded - step)
-    elif rounded < low:
-        rounded = _round(rounded + step)
-    return rounded
+def _within(value: float, low: float, high: float) -> float:
+    """The whole watt nearest to ``value`` within the bounds: a bound finer than a watt
+    (1.2346 kW) must not be sent as the watt beyond it (1.235). Bounds that hold no whole
+    watt (narrower than one) get the watt nearest to their middle. The same value again
+    gives itself, which is what ``outside_bounds`` relies on."""
+    scale: int = 10**POWER_DECIMALS
+    # Rounded first: 2.0 kW is 2000.0000000000002 W in floating point, and holds 2000 W.
+    lowest = math.ceil(round(low * scale, 6))
+    highest = math.floor(round(high * scale, 6))
+    if lowest > highest:
+        watts = round((low + high) / 2 * scale)
+    else:
+        watts = min(max(round(value * scale), lowest), highest)
+    return watts / scale + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
 def _headroom(candidate: Candidate, upwards: bool) -> float:
@@ -274,11 +276,15 @@ def allocate(
         share = 0.0 if total == 0 else min(1.0, power_kw / total)
         for candidate in candidates:
             wanted = _headroom(candidate, upwards) * share
-            setpoints.append((candidate, _within(wanted, candidate)))
+            setpoints.append(
+                (candidate, _within(wanted, candidate.power_min_kw, candidate.power_max_kw))
+            )
     else:
         for candidate in candidates:
             bound = candidate.power_max_kw if upwards else candidate.power_min_kw
-            setpoints.append((candidate, _within(bound, candidate)))
+            setpoints.append(
+                (candidate, _within(bound, candidate.power_min_kw, candidate.power_max_kw))
+            )
     allocated = _round(math.fsum(value for _, value in setpoints))
     if dispatch_type is not DispatchType.EXACT and power_kw == 0:
         # No goal, so nothing can fall short of it (resources whose range excludes zero
@@ -287,6 +293,26 @@ def allocate(
     missing = power_kw - allocated
     shortfall = max(missing, 0.0) if upwards else min(missing, 0.0)
     return Allocation(setpoints, allocated, _round(shortfall))
+
+
+def outside_bounds(
+    power_kw: float, power_min_kw: float | None, power_max_kw: float | None
+) -> str | None:
+    """Why a setpoint's power may no longer be sent to its resource, or None.
+
+    The resource's bounds may have changed since the setpoint was made (UpdateResource): a
+    partner is never sent a value outside what it now declares its resource can do. Within
+    means what the allocation would make of it within the bounds as they are now: the
+    setpoint's own power, at the watt resolution setpoints are sent in.
+    """
+    if power_min_kw is None or power_max_kw is None:
+        return "resource has no power bounds"
+    if _within(power_kw, power_min_kw, power_max_kw) == power_kw:
+        return None
+    return (
+        f"power_kw {format_power(power_kw)} outside the resource's bounds now "
+        f"[{format_power(power_min_kw)}, {format_power(power_max_kw)}]"
+    )
 
 
 def format_power(value_kw: float) -> str:

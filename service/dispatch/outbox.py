@@ -11,7 +11,8 @@ something to deliver (the setpoint, or the cancellation of an ACCEPTED one). A w
    state. Leases are set and judged by the database's clock, never a replica's: a replica
    whose clock runs ahead would otherwise take live leases from the others. The site's
    eligibility is re-checked in the same statement (NOT_ELIGIBLE with the status that made
-   it so), as are cancellation and the window's end;
+   it so), as are the resource's power bounds (changed since, they may no longer hold the
+   setpoint's power: NOT_ELIGIBLE too), cancellation and the window's end;
 2. **sends** each remaining row concurrently through the
    :class:`~service.dispatch.delivery.WebhookSender` (its global and per-host limits and
    circuit breakers), at most ``OPENVPP_DISPATCH_MAX_IN_FLIGHT`` at a time per replica. A
@@ -71,6 +72,7 @@ from service.dispatch.domain import (
     check_transition,
     format_power,
     ineligibility,
+    outside_bounds,
     unsendable,
 )
 from service.dispatch.store import SetpointChange, notify_setpoint_changes, wake_outbox
@@ -79,11 +81,13 @@ from service.upstream.domain import UpstreamStatus
 
 log = logging.getLogger(__name__)
 
-# What eligibility is judged by (``_not_eligible``): a setpoint's site and resource, as the
-# claim and the re-check of a queued setpoint both read them.
+# What eligibility is judged by (``_not_eligible``): a setpoint's site and resource (their
+# statuses, and the resource's power bounds as they are now), as the claim and the re-check
+# of a queued setpoint both read them.
 _ELIGIBILITY_COLUMNS = """
     si.id IS NOT NULL AS site_exists, si.status AS site_status, si.paused AS site_paused,
-    si.upstream_status, r.id IS NOT NULL AS resource_exists, r.webhook_url"""
+    si.upstream_status, r.id IS NOT NULL AS resource_exists, r.webhook_url,
+    r.power_min_kw, r.power_max_kw"""
 _ELIGIBILITY_JOINS = """
     LEFT JOIN sites si ON si.id = sp.site_id AND si.org_id = sp.partner_org_id
     LEFT JOIN resources r ON r.id = sp.resource_id AND r.site_id = sp.site_id"""
@@ -122,14 +126,15 @@ RETURNING s.id, s.dispatch_id, s.operator_org_id, s.partner_org_id, s.site_id,
     s.cancellation_state, s.cancellation_attempt_count,
     due.site_exists, due.site_status, due.site_paused, due.upstream_status,
     due.site_external_id, due.resource_exists, due.resource_external_id,
-    due.webhook_url, due.traceparent, due.unrecorded_claim
+    due.webhook_url, due.power_min_kw, due.power_max_kw, due.traceparent, due.unrecorded_claim
 """
 
 # A claimed setpoint that waited for a free slot towards its endpoint is looked at again
 # before it is sent: what the claim checked may have changed meanwhile.
 _RECHECK_SQL = f"""
-SELECT sp.id, sp.state, sp.reason, sp.attempt_count, sp.end_time, sp.cancel_requested_at,
-    sp.cancellation_state, sp.cancellation_attempt_count, {_ELIGIBILITY_COLUMNS}
+SELECT sp.id, sp.state, sp.reason, sp.attempt_count, sp.power_kw, sp.end_time,
+    sp.cancel_requested_at, sp.cancellation_state, sp.cancellation_attempt_count,
+    {_ELIGIBILITY_COLUMNS}
 FROM setpoints sp {_ELIGIBILITY_JOINS}
 WHERE sp.id = ANY($1::uuid[]) AND sp.lease_owner = $2
 ORDER BY sp.id
@@ -255,7 +260,7 @@ def _change(row: asyncpg.Record, state: SetpointState) -> SetpointChange:
 
 
 def _not_eligible(row: asyncpg.Record) -> str | None:
-    return _ineligibility_of(
+    reason = _ineligibility_of(
         row["site_exists"],
         row["resource_exists"],
         bool(row["webhook_url"]),
@@ -263,6 +268,9 @@ def _not_eligible(row: asyncpg.Record) -> str | None:
         row["site_paused"],
         row["upstream_status"],
     )
+    if reason is None:
+        reason = outside_bounds(row["power_kw"], row["power_min_kw"], row["power_max_kw"])
+    return reason
 
 
 @functools.lru_cache(maxsize=256)

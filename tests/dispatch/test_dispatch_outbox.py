@@ -107,6 +107,55 @@ async def test_a_site_paused_after_the_dispatch_is_not_delivered_to(cluster: Clu
         assert [r.body["site_id"] for r in receiver.received] == [kept_site.id]
 
 
+async def set_power_bounds(
+    replica: Replica, partner: Org, resource_id: str, low: float, high: float
+) -> None:
+    await replica.registry.UpdateResource(
+        site_pb.UpdateResourceRequest(
+            resource=site_pb.Resource(id=resource_id, power_kw=site_pb.Bounds(min=low, max=high)),
+            update_mask=field_mask_pb2.FieldMask(paths=["power_kw"]),
+        ),
+        metadata=partner.auth,
+    )
+
+
+async def test_a_setpoint_its_resources_new_bounds_no_longer_hold_is_not_sent(
+    cluster: Cluster,
+) -> None:
+    api = await cluster.replica(dispatch_delivery_enabled=False)
+    flow = Flow(api)
+    operator, partner, supplier = await flow.parties()
+    async with running_receiver() as receiver:
+        receiver.trust(await flow.secret(partner))
+        _site, resources = await flow.site(
+            partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)] * 4
+        )
+        dispatch = (await flow.dispatch(operator, power_kw=8.0)).dispatch
+        made = {s.resource_id: s for s in await flow.setpoints(operator, dispatch.id)}
+        assert {s.power_kw for s in made.values()} == {2.0}
+        narrowed, still_wide, at_the_bound, now_above = (r.id for r in resources)
+        await set_power_bounds(api, partner, narrowed, -1.5, 1.5)
+        await set_power_bounds(api, partner, still_wide, -3, 3)
+        await set_power_bounds(api, partner, at_the_bound, 0, 2)
+        await set_power_bounds(api, partner, now_above, 2.5, 10)  # a minimum consumption
+        await cluster.replica()  # a delivering replica starts only now
+        settled = {s.resource_id: s for s in await flow.settle(operator, dispatch.id)}
+    assert {r: (s.state, s.reason) for r, s in settled.items() if s.state != ACCEPTED} == {
+        narrowed: (
+            pb.SETPOINT_STATE_NOT_ELIGIBLE,
+            "power_kw 2.000 outside the resource's bounds now [-1.500, 1.500]",
+        ),
+        now_above: (
+            pb.SETPOINT_STATE_NOT_ELIGIBLE,
+            "power_kw 2.000 outside the resource's bounds now [2.500, 10.000]",
+        ),
+    }
+    assert settled[narrowed].attempts == []
+    assert sorted(r.body["resource_id"] for r in receiver.received) == sorted(
+        [still_wide, at_the_bound]
+    )
+
+
 async def test_retries_until_accepted_and_rejections_are_final(cluster: Cluster) -> None:
     replica = await cluster.replica()
     flow = Flow(replica)
@@ -347,6 +396,34 @@ async def test_a_site_paused_while_its_setpoints_wait_for_a_slot_is_not_sent_to(
     assert all(s.attempts == [] for s in by_site[paused.id])
     assert {r.body["site_id"] for r in scene.receiver.received} == {in_flight_site}
     assert len(scene.receiver.received) == 2
+
+
+async def test_bounds_narrowed_while_its_setpoints_wait_for_a_slot_stop_them(
+    cluster: Cluster,
+) -> None:
+    async with held_first(cluster, sites=2, resources=2) as scene:
+        in_flight_site = scene.first.body["site_id"]
+        (other,) = [site for site in scene.sites if site.id != in_flight_site]
+        listed = await scene.replica.registry.ListResources(
+            site_pb.ListResourcesRequest(site_id=other.id), metadata=scene.partner.auth
+        )
+        for resource in listed.resources:
+            await set_power_bounds(scene.replica, scene.partner, resource.id, -0.5, 0.5)
+        await asyncio.sleep(0.2)  # the queued ones are now due for a check
+        scene.answer.release.set()
+        settled = await scene.flow.settle(scene.operator, scene.dispatch.id)
+    by_site = defaultdict(list)
+    for setpoint in settled:
+        by_site[setpoint.site_id].append(setpoint)
+    assert {s.state for s in by_site[in_flight_site]} == {ACCEPTED}
+    assert {(s.state, s.reason) for s in by_site[other.id]} == {
+        (
+            pb.SETPOINT_STATE_NOT_ELIGIBLE,
+            "power_kw 1.000 outside the resource's bounds now [-0.500, 0.500]",
+        )
+    }
+    assert all(s.attempts == [] for s in by_site[other.id])
+    assert {r.body["site_id"] for r in scene.receiver.received} == {in_flight_site}
 
 
 async def test_a_site_paused_while_its_setpoints_wait_for_a_global_slot_is_not_sent_to(

@@ -7,6 +7,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from service.common.errors import ValidationError
 from service.dispatch.domain import (
@@ -28,6 +30,7 @@ from service.dispatch.domain import (
     format_power,
     ineligibility,
     is_terminal,
+    outside_bounds,
     unsendable,
     validate_request,
 )
@@ -250,6 +253,53 @@ class TestAllocation:
         assert format_power(2.5) == "2.500"
         assert format_power(-0.0004) == "0.000"
         assert format_power(-1234.5678) == "-1234.568"
+
+
+class TestBoundsAtDelivery:
+    """A setpoint is sent only while its power is within its resource's bounds as they are."""
+
+    def test_bounds_narrowed_below_the_setpoint_stop_it(self) -> None:
+        assert outside_bounds(4.0, -2.0, 2.0) == (
+            "power_kw 4.000 outside the resource's bounds now [-2.000, 2.000]"
+        )
+        assert outside_bounds(-2.5, -2.0, 5.0) == (
+            "power_kw -2.500 outside the resource's bounds now [-2.000, 5.000]"
+        )
+        assert outside_bounds(0.0, 2.0, 10.0) is not None  # now a minimum consumption
+
+    def test_bounds_that_still_hold_it_let_it_go(self) -> None:
+        assert outside_bounds(2.0, -2.0, 2.0) is None
+        assert outside_bounds(1.5, 0.0, 10.0) is None
+
+    def test_a_resource_without_bounds_is_not_sent_to(self) -> None:
+        assert outside_bounds(1.0, None, 5.0) == "resource has no power bounds"
+        assert outside_bounds(1.0, -5.0, None) == "resource has no power bounds"
+
+    def test_judged_in_the_whole_watts_setpoints_are_sent_in(self) -> None:
+        assert outside_bounds(2.0, 0.0, 2.0000000001) is None
+        # 2.000 is not within a maximum of 1.9996; 1.999 is the watt sent for it.
+        assert outside_bounds(2.0, 0.0, 1.9996) is not None
+        assert outside_bounds(1.999, 0.0, 1.9996) is None
+        # A range narrower than a watt holds no whole watt: the one nearest to it is sent.
+        assert outside_bounds(1.235, 1.2346, 1.2349) is None
+        assert outside_bounds(1.234, 1.2346, 1.2349) is not None
+
+    @given(
+        st.sampled_from(list(DispatchType)),
+        st.floats(-1e4, 1e4, allow_nan=False),
+        st.lists(
+            st.tuples(st.floats(-1e3, 1e3), st.floats(0, 1e3)).map(
+                lambda pair: (pair[0], pair[0] + pair[1])
+            ),
+            min_size=1,
+            max_size=5,
+        ),
+    )
+    def test_every_setpoint_the_allocation_makes_is_within_its_bounds(
+        self, dispatch_type: DispatchType, target: float, bounds: list[tuple[float, float]]
+    ) -> None:
+        for (low, high), power in zip(bounds, powers(dispatch_type, target, *bounds), strict=True):
+            assert outside_bounds(power, low, high) is None, (power, low, high)
 
 
 class TestStates:
