@@ -20,7 +20,9 @@ something to deliver (the setpoint, or the cancellation of an ACCEPTED one). A w
    ``OPENVPP_DISPATCH_RECHECK_AFTER_SECONDS`` since its last check is checked again once
    it holds them, right before it is sent (cancellation, eligibility, window; under lock,
    in one transaction for the queue's stale head), and one whose lease was lost meanwhile
-   is not sent at all;
+   is not sent at all. Nor is one whose lease was last renewed a whole lease ago (this
+   worker cannot reach the database, others may): another worker may own it by now. It is
+   handed back to the outbox once the database answers again;
 3. **records** finished attempts in batches, one transaction per batch: each row is
    re-read under lock (a CancelDispatch during the attempt is seen), its attempt stored, its
    next state set by :func:`service.dispatch.domain.after_attempt`, and only while this
@@ -52,6 +54,7 @@ import asyncpg
 
 from service.auth.store import IdentityStore
 from service.common.clock import Clock
+from service.common.loglimit import LogLimiter, held_back
 from service.dispatch.delivery import (
     AttemptOutcome,
     Delivery,
@@ -164,6 +167,16 @@ FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6
     AS c (id, state, reason, attempt_count, next_attempt_at, cancellation_state,
           cancellation_attempt_count, release)
 WHERE s.id = ANY ($1::uuid[]) AND s.id = c.id
+"""
+
+# Setpoints a worker let go unsent while its lease may have lapsed, back to the outbox. One
+# whose earlier claim's attempt is unrecorded keeps naming an owner (a fresh id, no worker's)
+# with its lease expired: the next claim, by any worker, then counts that attempt.
+_RELEASE_ABANDONED_SQL = """
+UPDATE setpoints SET
+    lease_owner = CASE WHEN id = ANY ($3::uuid[]) THEN gen_random_uuid() END,
+    lease_expires_at = CASE WHEN id = ANY ($3::uuid[]) THEN now() END
+WHERE id = ANY ($1::uuid[]) AND lease_owner = $2
 """
 
 _ATTEMPTS_SQL = """
@@ -405,12 +418,20 @@ class OutboxDeliverer:
         self._unfinished = 0
         # Setpoints claimed here whose attempt has not been recorded yet: their leases are
         # renewed while this worker lives (an attempt may wait for a slot towards a busy
-        # endpoint longer than one lease), and expire soon after it dies.
-        self._held: set[UUID] = set()
+        # endpoint longer than one lease), and expire soon after it dies. Each maps to when
+        # its lease was last set (time.monotonic() before the claim or renewal that set it):
+        # the database's lease runs at least ``lease_seconds`` from then.
+        self._held: dict[UUID, float] = {}
         # Of those, the ones whose claim found an earlier claim's attempt unrecorded: never
         # let go of unrecorded (see stop), so that the next claim finds it out again.
         self._unrecorded: set[UUID] = set()
+        # Claimed here, let go unsent because their leases may have lapsed (see
+        # _lease_may_have_lapsed), still leased to this worker in the database: released
+        # as soon as the database answers again, since no claim of this worker takes its
+        # own rows. True for the ones that were also unrecorded.
+        self._abandoned: dict[UUID, bool] = {}
         self._renewer: asyncio.Task[None] | None = None
+        self._lease_log = LogLimiter(60.0)
         self._slot_freed = asyncio.Event()
         self._finished: list[Finished] = []
         self._finished_ready = asyncio.Event()
@@ -466,7 +487,7 @@ class OutboxDeliverer:
         # when its lease expires (an attempt under way was cut off above and recorded as
         # one). Not a row whose earlier claim's attempt is still unrecorded: released, it
         # would look never sent; its lease expires instead, and the next claim sees why.
-        releasable = self._held - self._unrecorded - unrecorded_attempts
+        releasable = self._held.keys() - self._unrecorded - unrecorded_attempts
         if releasable:
             with contextlib.suppress(Exception):
                 await self._pool.execute(
@@ -475,8 +496,12 @@ class OutboxDeliverer:
                     list(releasable),
                     self.owner,
                 )
+        if self._abandoned:
+            with contextlib.suppress(Exception):
+                await self._release_abandoned()
         self._held.clear()
         self._unrecorded.clear()
+        self._abandoned.clear()
         await self._sender.close()
 
     async def step(self) -> bool:
@@ -495,9 +520,12 @@ class OutboxDeliverer:
         # From idle, a small first claim: its sends start while the next, larger claims
         # (doubling with what is in flight) are made.
         limit = min(capacity, batch, max(FIRST_CLAIM, 2 * self._unfinished))
+        # Before the claim's transaction begins, so the lease it writes lasts at least as
+        # long from here.
+        leased_at = time.monotonic()
         claimed, claimed_count = await self._claim(limit)
         for item in claimed:
-            self._held.add(item.setpoint_id)
+            self._held[item.setpoint_id] = leased_at
             if item.row.unrecorded_claim:
                 self._unrecorded.add(item.setpoint_id)
             self._enqueue(item)
@@ -549,6 +577,30 @@ class OutboxDeliverer:
         self._unfinished -= 1
         self._slot_freed.set()
 
+    def _let_go(self, setpoint_id: UUID) -> None:
+        """Finishes a claimed setpoint here without an attempt to record."""
+        self._held.pop(setpoint_id, None)
+        self._unrecorded.discard(setpoint_id)
+        self._finish_one()
+
+    def _lease_may_have_lapsed(self, setpoint_id: UUID) -> bool:
+        leased_at = self._held.get(setpoint_id)
+        if leased_at is None:
+            return True
+        lapsed_for = time.monotonic() - leased_at - self._settings.lease_seconds
+        if lapsed_for < 0:
+            return False
+        dropped = self._lease_log.admit("lapsed")
+        if dropped is not None:
+            log.warning(
+                "not sending setpoint %s: its lease was last renewed %.1f s ago (the database"
+                " is out of reach); it goes back to the outbox once the database answers%s",
+                setpoint_id,
+                lapsed_for + self._settings.lease_seconds,
+                held_back(dropped),
+            )
+        return True
+
     async def _recheck(
         self, endpoint: str, first: Claimed, queue: collections.deque[Claimed]
     ) -> datetime | None:
@@ -592,9 +644,7 @@ class OutboxDeliverer:
         checked = self._clock.now()
         # Settled here, or no longer ours (the lease expired and another worker has it).
         for setpoint_id in by_id.keys() - keep:
-            self._held.discard(setpoint_id)
-            self._unrecorded.discard(setpoint_id)
-            self._finish_one()
+            self._let_go(setpoint_id)
         behind = [
             item._replace(checked_at=checked) for item in stale[1:] if item.setpoint_id in keep
         ]
@@ -722,6 +772,13 @@ class OutboxDeliverer:
         async def withdrawn() -> bool:
             # Once the slots are free, right before the request: a send can wait for a
             # global slot behind other endpoints' timeouts.
+            if self._lease_may_have_lapsed(item.setpoint_id):
+                # Renewals failed for a whole lease (this worker cannot reach the database,
+                # other replicas may): another worker may own the setpoint by now. The
+                # re-check cannot tell, the database being away, so nothing is sent.
+                self._abandoned[item.setpoint_id] = item.setpoint_id in self._unrecorded
+                self._let_go(item.setpoint_id)
+                return True
             now = self._clock.now()
             if now - checked_at >= self._recheck_after:
                 if await self._recheck(endpoint, item, queue) is None:
@@ -767,18 +824,29 @@ class OutboxDeliverer:
         interval = max(self._settings.lease_seconds / 3, 0.05)
         while True:
             await asyncio.sleep(interval)
+            if self._abandoned:
+                try:
+                    await self._release_abandoned()
+                except Exception as error:  # the next round tries again
+                    log.warning(
+                        "releasing %d abandoned dispatch leases failed: %s",
+                        len(self._abandoned),
+                        error,
+                    )
             held = list(self._held)
             if not held:
                 continue
+            renewed_at = time.monotonic()
             try:
                 # Rows being recorded right now are skipped: they are let go of anyway.
-                await self._pool.execute(
+                renewed = await self._pool.fetch(
                     """
                     UPDATE setpoints s SET lease_expires_at = now() + $3::interval
                     FROM (SELECT id FROM setpoints
                           WHERE id = ANY($1::uuid[]) AND lease_owner = $2
                           ORDER BY id FOR UPDATE SKIP LOCKED) held
                     WHERE s.id = held.id
+                    RETURNING s.id
                     """,
                     held,
                     self.owner,
@@ -786,6 +854,23 @@ class OutboxDeliverer:
                 )
             except Exception as error:  # the next round tries again; leases may lapse
                 log.warning("renewing %d dispatch leases failed: %s", len(held), error)
+                continue
+            for row in renewed:
+                if row["id"] in self._held:
+                    self._held[row["id"]] = renewed_at
+
+    async def _release_abandoned(self) -> None:
+        abandoned = dict(self._abandoned)
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                _RELEASE_ABANDONED_SQL,
+                list(abandoned),
+                self.owner,
+                [setpoint_id for setpoint_id, unrecorded in abandoned.items() if unrecorded],
+            )
+            await wake_outbox(conn)  # due now, most of them
+        for setpoint_id in abandoned:
+            self._abandoned.pop(setpoint_id, None)
 
     def _take_finished(self) -> list[Finished]:
         batch, self._finished = self._finished, []
@@ -899,7 +984,8 @@ class OutboxDeliverer:
                 )
             await notify_setpoint_changes(conn, changed)
             await _wake_if_due(conn, settled, now)
-        self._held.difference_update(by_id)
+        for setpoint_id in by_id:
+            self._held.pop(setpoint_id, None)
         self._unrecorded.difference_update(by_id)
         lost = len(batch) - len(rows)
         if lost:

@@ -595,6 +595,65 @@ async def test_a_worker_never_claims_again_what_it_holds_when_its_leases_lapsed(
     assert scene.receiver.overlaps == 0
 
 
+async def test_a_worker_cut_off_from_the_database_sends_nothing_once_its_leases_may_have_lapsed(
+    cluster: Cluster,
+) -> None:
+    # One in flight (held), two queued, leases of 1 s; then the worker loses the database
+    # (its pool is gone: renewals, re-checks and records all fail) while the other replicas
+    # still reach it. Once the leases lapse, another replica takes the setpoints over.
+    async with held_first(cluster, sites=1, resources=3, dispatch_lease_seconds=1.0) as scene:
+        queued = {
+            s.id
+            for s in await scene.flow.setpoints(scene.operator, scene.dispatch.id)
+            if s.id != scene.first.body["setpoint_id"]
+        }
+        scene.replica.pool.terminate()
+        await asyncio.sleep(1.5)
+        takeover = await cluster.replica()
+        await scene.receiver.wait_for(4)  # the held one, then the other replica's three
+        scene.answer.release.set()
+        # The cut-off worker's lane goes on with its queue now, until nothing is left there.
+        cut_off = scene.replica.service.dispatch_deliverer
+        assert cut_off is not None
+        await eventually(lambda: cut_off.in_flight == 0, "the cut-off worker's queue done")
+        settled = await Flow(takeover).settle(scene.operator, scene.dispatch.id)
+    assert {s.state for s in settled} == {ACCEPTED}
+    # The held request was the cut-off worker's, and the other replica sent it again (its
+    # attempt was never recorded: at least once). The queued ones went out once, not twice.
+    assert {
+        webhook_id: scene.receiver.answered[webhook_id] for webhook_id in queued
+    } == dict.fromkeys(queued, 1)
+
+
+async def test_setpoints_let_go_while_their_leases_may_have_lapsed_are_sent_later(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The only replica: the queued setpoints' renewals are held off for longer than a lease
+    # (their rows locked), so it lets them go unsent. Its own claims never take rows leased
+    # to it, so they would stay stuck unless it releases them once the database answers.
+    async with held_first(cluster, sites=1, resources=3, dispatch_lease_seconds=1.0) as scene:
+        queued = [
+            uuid.UUID(s.id)
+            for s in await scene.flow.setpoints(scene.operator, scene.dispatch.id)
+            if s.id != scene.first.body["setpoint_id"]
+        ]
+        async with scene.replica.pool.acquire() as holder, holder.transaction():
+            await holder.execute(
+                "SELECT 1 FROM setpoints WHERE id = ANY($1::uuid[]) FOR UPDATE", queued
+            )
+            await asyncio.sleep(1.5)
+            # The next one's re-check now waits for the lock; when it has it, the lease was
+            # last renewed 1.5 s ago.
+            scene.answer.release.set()
+            await wait_until_blocked(holder, 1)
+        settled = await scene.flow.settle(scene.operator, scene.dispatch.id, within=10)
+    assert any("not sending setpoint" in record.getMessage() for record in caplog.records)
+    assert {s.state for s in settled} == {ACCEPTED}
+    assert sorted(scene.receiver.answered.values()) == [1, 1, 1]
+    # Never sent before being let go: released clean, no attempt counted beyond the one.
+    assert all(len(s.attempts) == 1 for s in settled)
+
+
 async def test_a_replica_whose_clock_runs_ahead_does_not_take_live_leases(
     cluster: Cluster,
 ) -> None:
