@@ -61,6 +61,19 @@ GRPC_OPTIONS = [
 HEALTH_DESCRIPTOR = health_pb2.DESCRIPTOR.services_by_name["Health"]
 
 
+def check_settings(settings: Settings) -> None:
+    """Raises ValueError naming every ``OPENVPP_*`` value a capability cannot run with;
+    called before anything starts, so a bad value is one line, not a failed start-up."""
+    problems = []
+    for make in (OutboxSettings.from_settings, DeliverySettings.from_settings):
+        try:
+            make(settings)
+        except ValueError as problem:
+            problems.append(str(problem))
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 @dataclass
 class Capability:
     """A part of the service: its gRPC definition, implementation and who may call each
@@ -279,6 +292,7 @@ class Service:
         )
         if not settings.dispatch_delivery_enabled:
             return Capability(dispatch.DESCRIPTOR, servicer, dispatch.METHOD_ROLES)
+        outbox_settings = OutboxSettings.from_settings(settings)
         deliverer = OutboxDeliverer(
             self.pool,
             IdentityStore(
@@ -288,13 +302,7 @@ class Service:
                 ),
             ),
             self.clock,
-            OutboxSettings(
-                lease_seconds=settings.dispatch_lease_seconds,
-                max_attempts=settings.dispatch_max_attempts,
-                claim_batch_size=settings.dispatch_claim_batch_size,
-                max_in_flight=settings.dispatch_max_in_flight,
-                recheck_after_seconds=settings.dispatch_recheck_after_seconds,
-            ),
+            outbox_settings,
             DeliverySettings.from_settings(settings),
         )
         # Woken at the commit of every dispatch (NOTIFY), so setpoints go out at once; the
@@ -302,7 +310,7 @@ class Service:
         worker = Worker(
             "dispatch-delivery",
             deliverer.step,
-            interval_seconds=settings.dispatch_poll_interval_seconds,
+            interval_seconds=outbox_settings.poll_interval_seconds,
             clock=self.clock,
             wake_channels=[DISPATCH_OUTBOX_CHANNEL],
         )

@@ -15,7 +15,7 @@ from uuid import UUID
 
 import asyncpg
 
-from service.app import Service
+from service.app import Service, check_settings
 from service.auth.principal import Role
 from service.auth.store import IdentityStore, IssuedToken
 from service.common.text import NAME_LENGTH, text_rule
@@ -308,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
             # Checked before any database is started; the table enforces the same bounds.
             raise SystemExit(f"organization name must be 1 to {MAX_ORG_NAME_LENGTH} characters")
     settings = Settings.from_env(**overrides)
+    if args.command == "serve":
+        try:
+            check_settings(settings)
+        except ValueError as problem:
+            raise SystemExit(str(problem)) from None
     setup_logging(settings.log_level)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
 

@@ -55,6 +55,7 @@ import asyncpg
 from service.auth.store import IdentityStore
 from service.common.clock import Clock
 from service.common.loglimit import LogLimiter, held_back
+from service.config import Settings
 from service.dispatch.delivery import (
     AttemptOutcome,
     Delivery,
@@ -212,6 +213,8 @@ RECORD_BATCH = 200
 
 @dataclass(frozen=True)
 class OutboxSettings:
+    """Every field is an ``OPENVPP_DISPATCH_*`` variable; see ``Settings`` and the README."""
+
     lease_seconds: float = 30.0
     max_attempts: int = 10
     claim_batch_size: int = 500
@@ -219,6 +222,41 @@ class OutboxSettings:
     # A claimed setpoint still queued this long after its last check is checked again
     # (cancellation, eligibility, window) right before it is sent.
     recheck_after_seconds: float = 1.0
+    # How often the worker looks for due retries and expired leases: nothing else wakes it
+    # for them.
+    poll_interval_seconds: float = 1.0
+
+    def __post_init__(self) -> None:
+        # Checked at start-up: each of these would stop deliveries without a word.
+        problems = [
+            f"OPENVPP_DISPATCH_{name.upper()} must be {rule}"
+            for name, broken, rule in (
+                ("lease_seconds", not self.lease_seconds > 0, "> 0"),
+                ("max_attempts", self.max_attempts < 1, ">= 1"),
+                ("claim_batch_size", self.claim_batch_size < 1, ">= 1"),
+                ("max_in_flight", self.max_in_flight < 1, ">= 1"),
+                ("recheck_after_seconds", not self.recheck_after_seconds >= 0, ">= 0"),
+                (
+                    "poll_interval_seconds",
+                    not self.poll_interval_seconds > 0,
+                    "> 0 (due retries and expired leases are found by it)",
+                ),
+            )
+            if broken
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> OutboxSettings:
+        return cls(
+            lease_seconds=settings.dispatch_lease_seconds,
+            max_attempts=settings.dispatch_max_attempts,
+            claim_batch_size=settings.dispatch_claim_batch_size,
+            max_in_flight=settings.dispatch_max_in_flight,
+            recheck_after_seconds=settings.dispatch_recheck_after_seconds,
+            poll_interval_seconds=settings.dispatch_poll_interval_seconds,
+        )
 
 
 # Tuples, not frozen dataclasses: one of each is made per attempt, several times cheaper.

@@ -176,3 +176,25 @@ def test_org_name_is_checked_before_touching_the_database(name: str) -> None:
     with pytest.raises(SystemExit, match="1 to 200 characters"):
         main(args)
     assert not Path(nowhere).exists()
+
+
+def test_serve_refuses_settings_that_would_stall_delivery_before_starting_anything(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service.cli import main
+
+    monkeypatch.setenv("OPENVPP_DISPATCH_POLL_INTERVAL_SECONDS", "0")
+    monkeypatch.setenv("OPENVPP_DISPATCH_MAX_IN_FLIGHT", "0")
+    monkeypatch.setenv("OPENVPP_DISPATCH_TIMEOUT_SECONDS", "0")
+    nowhere = "/nonexistent/never-created"
+    with pytest.raises(SystemExit) as stopped:
+        main(["--data-dir", nowhere, "serve"])
+    message = str(stopped.value)
+    for named in (
+        "OPENVPP_DISPATCH_POLL_INTERVAL_SECONDS must be > 0",
+        "OPENVPP_DISPATCH_MAX_IN_FLIGHT must be >= 1",
+        "OPENVPP_DISPATCH_TIMEOUT_SECONDS must be > 0",
+    ):
+        assert named in message
+    assert "Traceback" not in message
+    assert not Path(nowhere).exists()

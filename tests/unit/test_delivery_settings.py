@@ -6,6 +6,7 @@ import pytest
 
 from service.config import Settings
 from service.dispatch.delivery import DeliverySettings
+from service.dispatch.outbox import OutboxSettings
 
 
 def test_every_field_comes_from_its_variable() -> None:
@@ -59,3 +60,43 @@ def test_values_that_would_stall_delivery_are_refused(
 ) -> None:
     with pytest.raises(ValueError, match=named):
         DeliverySettings(**changes)  # type: ignore[arg-type]
+
+
+def test_outbox_settings_come_from_their_variables() -> None:
+    settings = Settings.from_env(
+        {
+            "OPENVPP_DISPATCH_LEASE_SECONDS": "12",
+            "OPENVPP_DISPATCH_MAX_ATTEMPTS": "3",
+            "OPENVPP_DISPATCH_CLAIM_BATCH_SIZE": "50",
+            "OPENVPP_DISPATCH_MAX_IN_FLIGHT": "64",
+            "OPENVPP_DISPATCH_RECHECK_AFTER_SECONDS": "0",
+            "OPENVPP_DISPATCH_POLL_INTERVAL_SECONDS": "0.5",
+        }
+    )
+    assert OutboxSettings.from_settings(settings) == OutboxSettings(
+        lease_seconds=12,
+        max_attempts=3,
+        claim_batch_size=50,
+        max_in_flight=64,
+        recheck_after_seconds=0,
+        poll_interval_seconds=0.5,
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"lease_seconds": 0}, "OPENVPP_DISPATCH_LEASE_SECONDS must be > 0"),
+        ({"max_attempts": 0}, "OPENVPP_DISPATCH_MAX_ATTEMPTS must be >= 1"),
+        ({"claim_batch_size": 0}, "OPENVPP_DISPATCH_CLAIM_BATCH_SIZE must be >= 1"),
+        ({"max_in_flight": 0}, "OPENVPP_DISPATCH_MAX_IN_FLIGHT must be >= 1"),
+        ({"recheck_after_seconds": -1}, "OPENVPP_DISPATCH_RECHECK_AFTER_SECONDS must be >= 0"),
+        ({"poll_interval_seconds": 0}, "OPENVPP_DISPATCH_POLL_INTERVAL_SECONDS must be > 0"),
+        ({"lease_seconds": float("nan")}, "OPENVPP_DISPATCH_LEASE_SECONDS"),
+    ],
+)
+def test_outbox_values_that_would_stall_delivery_are_refused(
+    changes: dict[str, float], named: str
+) -> None:
+    with pytest.raises(ValueError, match=named):
+        OutboxSettings(**changes)  # type: ignore[arg-type]
