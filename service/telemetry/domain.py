@@ -19,7 +19,7 @@ from enum import StrEnum
 from zoneinfo import ZoneInfo
 
 from service.common.text import NAME_LENGTH, text_rule
-from service.grid import Resolution, SiteType, site_type_is_accurate
+from service.grid import P1M, PT1H, PT15M, Resolution, SiteType, site_type_is_accurate
 
 _ONE_MICROSECOND = timedelta(microseconds=1)
 
@@ -68,6 +68,40 @@ def measuring_rule(site_type: SiteType) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+# A value no meter can have measured (a unit mix-up, a corrupt register) is refused before
+# it reaches balancing, whose arithmetic is exact only for plausible energies (see
+# service.balancing.engine.MAX_INTERVAL_WH). The largest grid connections are a few GW (a
+# nuclear plant's), so no connection delivers or takes 10 GW on average over an interval.
+MAX_CONNECTION_POWER_W = 10_000_000_000
+# A month counts as 32 days: the longest calendar month plus the hours a time-zone change
+# can add to it.
+_LONGEST_INTERVAL_HOURS = {"PT15M": 0.25, "PT1H": 1.0, "P1M": 32 * 24.0}
+# A cumulative register: 1 PWh, 10 GW for more than 11 years, far above any meter's
+# register, and below 2**53 Wh, so a register still holds whole Wh exactly in the double it
+# is sent and stored as (and the difference of two registers is exact).
+MAX_REGISTER_WH = 1e15
+
+
+def max_interval_wh(resolution: Resolution) -> float:
+    """The largest ``interval_wh`` a meter of a site at ``resolution`` can report: 10 GW
+    over the longest interval of that resolution (2.5e9 Wh a quarter-hour)."""
+    hours = _LONGEST_INTERVAL_HOURS[resolution.iso]
+    return MAX_CONNECTION_POWER_W * hours
+
+
+def _wh(value: float) -> str:
+    """``2.5e9``: a bound as the rule text shows it."""
+    mantissa, exponent = f"{value:.3g}".split("e+")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def max_value_wh(measuring: Measuring, resolution: Resolution) -> float:
+    """The largest value a reading of such a meter may carry (interval or register)."""
+    if measuring == Measuring.LOAD_PROFILE_ACCURATE:
+        return max_interval_wh(resolution)
+    return MAX_REGISTER_WH
+
+
 class RejectReason(StrEnum):
     UNKNOWN_METER = "unknown_meter"
     NOT_ON_GRID = "not_on_grid"
@@ -75,6 +109,7 @@ class RejectReason(StrEnum):
     TOO_FAR_IN_FUTURE = "too_far_in_future"
     NON_FINITE_VALUE = "non_finite_value"
     NEGATIVE_VALUE = "negative_value"
+    VALUE_TOO_LARGE = "value_too_large"
     REGISTER_DECREASED = "register_decreased"
     MISSING_VALUE = "missing_value"
     WRONG_VALUE_KIND = "wrong_value_kind"
@@ -96,6 +131,13 @@ _REASON_TEXTS: dict[RejectReason, str] = {
     RejectReason.TOO_FAR_IN_FUTURE: "the timestamp lies too far in the future",
     RejectReason.NON_FINITE_VALUE: "the value is NaN or infinite",
     RejectReason.NEGATIVE_VALUE: "the value is negative",
+    RejectReason.VALUE_TOO_LARGE: (
+        "the value is more than one grid connection can measure: interval_wh at most "
+        f"{MAX_CONNECTION_POWER_W / 1e9:g} GW over the interval "
+        f"({_wh(max_interval_wh(PT15M))} Wh a quarter-hour, {_wh(max_interval_wh(PT1H))} Wh "
+        f"an hour, {_wh(max_interval_wh(P1M))} Wh a month), register_wh at most "
+        f"{_wh(MAX_REGISTER_WH)} Wh"
+    ),
     RejectReason.REGISTER_DECREASED: (
         "the register value is lower than an earlier or higher than a later register value "
         "of the same meter and flow"

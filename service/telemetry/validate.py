@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 
 from service.common.protoconv import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS
 from service.grid import Resolution
-from service.telemetry.domain import Measuring, MeterDirection, RejectReason
+from service.telemetry.domain import Measuring, MeterDirection, RejectReason, max_value_wh
 
 MIN_SECONDS = MIN_TIMESTAMP_SECONDS
 MAX_SECONDS = MAX_TIMESTAMP_SECONDS
@@ -47,6 +47,8 @@ class MeterInfo:
     # 0 for bidirectional meters (the reading must name the flow).
     default_flow: int
     load_profile: bool
+    # The largest value its readings may carry (interval energy or register).
+    max_value: float
     # Grid membership per epoch second, shared by every meter on the same grid.
     grid: dict[int, bool]
 
@@ -98,6 +100,7 @@ def meter_info(
         resolution=resolution,
         default_flow=default_flow,
         load_profile=measuring == Measuring.LOAD_PROFILE_ACCURATE,
+        max_value=max_value_wh(measuring, resolution),
         grid=_grid_for(timezone.key, resolution.iso),
     )
 
@@ -192,6 +195,9 @@ def validate_batch(
             continue
         if value < 0:
             rejected.append((index, RejectReason.NEGATIVE_VALUE))
+            continue
+        if value > info.max_value:
+            rejected.append((index, RejectReason.VALUE_TOO_LARGE))
             continue
         flow = reading.flow
         default_flow = info.default_flow

@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 
 from service.common.protoconv import EARLIEST_INSTANT, LATEST_INSTANT
 from service.grid import Resolution
-from service.telemetry.domain import Flow, Measuring, MeterDirection, RejectReason
+from service.telemetry.domain import Flow, Measuring, MeterDirection, RejectReason, max_value_wh
 
 
 def effective_flow(direction: MeterDirection, flow: Flow | None) -> Flow | None:
@@ -119,7 +119,8 @@ def check_reading(
 ) -> RejectReason | None:
     """The first rule ``reading`` breaks, or ``None`` when it is acceptable.
 
-    Order: unknown meter, missing value, wrong value kind, non-finite, negative, flow,
+    Order: unknown meter, missing value, wrong value kind, non-finite, negative, too large
+    (more than one grid connection can measure: ``max_value_wh``), flow,
     timestamp out of range, not on grid, outside meter dates, too far in future. Register
     monotonicity needs the stored neighbours and is checked separately
     (:func:`find_register_decreases`).
@@ -140,6 +141,8 @@ def check_reading(
         return RejectReason.NON_FINITE_VALUE
     if value < 0:
         return RejectReason.NEGATIVE_VALUE
+    if value > max_value_wh(meter.measuring, meter.resolution):
+        return RejectReason.VALUE_TOO_LARGE
     flow_reason = _flow_reason(meter.direction, reading.flow)
     if flow_reason is not None:
         return flow_reason

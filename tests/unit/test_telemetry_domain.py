@@ -290,7 +290,7 @@ def test_wrong_value_kind_for_load_profile_meter() -> None:
 def test_non_finite_value(bad: float) -> None:
     assert check(reading(register_wh=bad), meter()) is RejectReason.NON_FINITE_VALUE
     assert check(interval(value=bad), meter(LP)) is RejectReason.NON_FINITE_VALUE
-    assert check(reading(register_wh=1e300), meter()) is None
+    assert check(reading(register_wh=1e15), meter()) is None
 
 
 def test_negative_value() -> None:
@@ -300,6 +300,33 @@ def test_negative_value() -> None:
     bad = reading(utc(2025, 6, 1, 10, 1), register_wh=-1.0, flow=Flow.EXPORT)
     assert check(bad, meter()) is RejectReason.NEGATIVE_VALUE
     assert check(reading(register_wh=-0.0), meter()) is None
+
+
+def test_value_beyond_what_one_grid_connection_measures() -> None:
+    too_large = RejectReason.VALUE_TOO_LARGE
+    # Registers: 1e15 Wh, whatever the resolution.
+    assert check(reading(register_wh=1e15), meter()) is None
+    assert check(reading(register_wh=math.nextafter(1e15, math.inf)), meter()) is too_large
+    assert check(reading(register_wh=9.3e18), meter(Measuring.READINGS_INACCURATE)) is too_large
+    # Intervals: 10 GW over the interval.
+    assert check(interval(value=2.5e9), meter(LP)) is None
+    assert check(interval(value=math.nextafter(2.5e9, math.inf)), meter(LP)) is too_large
+    assert check(interval(value=2.01e16), meter(LP)) is too_large
+    hourly = meter(LP, resolution=PT1H)
+    assert check(interval(value=1e10), hourly) is None
+    assert check(interval(value=1.0001e10), hourly) is too_large
+    monthly = meter(LP, resolution=P1M, end=None)
+    first_of_june = local(BERLIN, 2025, 6, 1)
+    assert check(interval(first_of_june, 7.68e12), monthly) is None
+    assert check(interval(first_of_june, 7.7e12), monthly) is too_large
+    # Too large before flow and grid problems, after the other value rules.
+    bad = reading(utc(2025, 6, 1, 10, 1), register_wh=1e16, flow=Flow.EXPORT)
+    assert check(bad, meter()) is too_large
+    assert check(reading(register_wh=-1e16), meter()) is RejectReason.NEGATIVE_VALUE
+    rule = reason_text(too_large)
+    assert "interval_wh" in rule
+    assert "2.5e9 Wh" in rule
+    assert "register_wh" in rule
 
 
 def test_flow_required_for_bidirectional_meter() -> None:

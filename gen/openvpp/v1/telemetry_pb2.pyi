@@ -81,6 +81,11 @@ class _RejectReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RejectRe
     (1900-01-01T00:00:00Z up to, not including, 2200-01-01T00:00:00Z), or its nanos are
     outside 0..999999999.
     """
+    REJECT_REASON_VALUE_TOO_LARGE: _RejectReason.ValueType  # 13
+    """More than one grid connection can measure (a unit mix-up, a corrupt register):
+    interval_wh above 10 GW over the interval (2.5e9 Wh a quarter-hour, 1e10 Wh an hour,
+    7.68e12 Wh a month counted as 32 days), register_wh above 1e15 Wh.
+    """
 
 class RejectReason(_RejectReason, metaclass=_RejectReasonEnumTypeWrapper):
     """Why a reading was not stored. The rest of its batch is unaffected."""
@@ -115,6 +120,11 @@ REJECT_REASON_TIMESTAMP_OUT_OF_RANGE: RejectReason.ValueType  # 12
 """The timestamp lies outside the instants the service accepts at all
 (1900-01-01T00:00:00Z up to, not including, 2200-01-01T00:00:00Z), or its nanos are
 outside 0..999999999.
+"""
+REJECT_REASON_VALUE_TOO_LARGE: RejectReason.ValueType  # 13
+"""More than one grid connection can measure (a unit mix-up, a corrupt register):
+interval_wh above 10 GW over the interval (2.5e9 Wh a quarter-hour, 1e10 Wh an hour,
+7.68e12 Wh a month counted as 32 days), register_wh above 1e15 Wh.
 """
 Global___RejectReason: _TypeAlias = RejectReason  # noqa: Y015
 
