@@ -101,8 +101,24 @@ Whole Wh (controlled rounding)
     id is favoured over a year), then the lower meter index. An interval where the greedy
     runs into a row it cannot satisfy (possible with three or more producers) is repaired
     exactly by augmenting paths (:func:`_round_table`). Values within ``1e-6 Wh`` of an
-    integer count as that integer, which absorbs floating-point noise and is still the
-    floor or ceiling of the exact value.
+    integer, or within ``2**-45`` of the interval's largest energy when that is more,
+    count as that integer: this absorbs the floating-point noise, a few units in the last
+    place of the interval's energy, and is still the floor or ceiling of the exact value.
+
+Exact range (:data:`MAX_INTERVAL_WH`)
+    The arithmetic is float64, so its noise grows with the energy: a few units in the last
+    place (ulp) of the interval's largest energy (measured on random sites against the
+    exact oracle: within one or two). Each interval's total production and total demand
+    must therefore be at most ``2**33`` Wh (8.6 GWh: a quarter-hour at 34 GW, an hour at
+    8.6 GW, a month at 11.5 MW). There the snapping tolerance above is at most ``2**-12``
+    Wh, 128 ulp of ``2**33`` and still far below 1 Wh, so every value the rounding decides
+    on is the floor or ceiling of the exact one (property-tested at the bound), and a
+    year of results adds up in int64 with room to spare. Beyond it the noise outgrows any
+    such tolerance (the first cell off its floor and ceiling showed at ~2e12 Wh, broken
+    margins at ~1e15 Wh, and above ~9.2e18 Wh the energy wraps around in int64), so
+    :func:`allocate` and :func:`round_energy_wh` refuse it and the service leaves such
+    intervals unbalanced (:func:`within_exact_range`). Meter readings are bounded far
+    below it at ingest (``service.telemetry.domain``).
 
 Zero is absence
     A consumer with zero demand is never in demand, gets key 0 under EQUAL and PRO_RATA and
@@ -133,20 +149,28 @@ import numpy as np
 from numpy.typing import NDArray
 
 __all__ = [
+    "MAX_INTERVAL_WH",
     "AllocationMethod",
     "BalancingInput",
     "BalancingResult",
     "allocate",
     "round_energy_wh",
+    "within_exact_range",
 ]
 
 Int64Array = NDArray[np.int64]
 FloatArray = NDArray[np.float64]
 BoolArray = NDArray[np.bool_]
 
+# The largest total production and total demand of one interval computed exactly (module
+# docstring, "Exact range").
+MAX_INTERVAL_WH = 2**33
 # A float within this of an integer is that integer: far above the float64 noise of the
-# arithmetic here for interval energies up to ~1e7 Wh (a 40 MW plant), far below 1 Wh.
+# arithmetic here for interval energies up to ~1e7 Wh (a 40 MW plant), far below 1 Wh ...
 _SNAP_ABS_WH = 1e-6
+# ... or within this fraction of the interval's largest energy (128 units in its last place):
+# the noise grows with the energy. At MAX_INTERVAL_WH this is 2**-12 Wh.
+_SNAP_REL = 2.0**-45
 # Cells (producers x consumers x intervals) allocated per chunk of intervals.
 _CHUNK_CELLS = 1 << 17
 # The sum of a tier's static keys may exceed 1 by float noise of the caller's arithmetic.
@@ -199,15 +223,35 @@ def round_energy_wh(values: FloatArray) -> Int64Array:
 
     See the module docstring for why the rounding is per interval. A value that is
     negative only by float noise (> -0.5 Wh) becomes 0; a clearly negative or non-finite
-    one is a ValueError.
+    one, or one above :data:`MAX_INTERVAL_WH` (which no interval balances, and which could
+    wrap around in int64) is a ValueError.
     """
     array = np.asarray(values, dtype=np.float64)
     if not np.all(np.isfinite(array)):
         raise ValueError("energy values must be finite")
     if np.any(array <= -0.5):
         raise ValueError("energy values must not be negative")
-    rounded: Int64Array = np.rint(array).astype(np.int64)
+    rounded_float = np.rint(array)
+    if np.any(rounded_float > MAX_INTERVAL_WH):
+        raise ValueError(f"energy values must be at most {MAX_INTERVAL_WH} Wh")
+    rounded: Int64Array = rounded_float.astype(np.int64)
     return np.maximum(rounded, 0)
+
+
+def within_exact_range(energy_wh: FloatArray) -> BoolArray:
+    """Per interval (row) of meter energies ``[T, meters]`` in Wh, as read (NaN and
+    infinities allowed): whether :func:`round_energy_wh` takes every value and
+    :func:`allocate` their whole-Wh total, i.e. each is finite, not negative (beyond float
+    noise) and they add up to at most :data:`MAX_INTERVAL_WH`. False where any is NaN.
+    """
+    array = np.asarray(energy_wh, dtype=np.float64)
+    rounded = np.rint(array)
+    # NaN compares False both ways, infinities fail one of the two.
+    each = np.logical_and.reduce((array > -0.5) & (rounded <= MAX_INTERVAL_WH), axis=1)
+    # Whole Wh of at most 2**33 each: their float sum is exact (far below 2**53).
+    total = np.where(each[:, None], np.maximum(rounded, 0.0), 0.0).sum(axis=1)
+    result: BoolArray = each & (total <= MAX_INTERVAL_WH)
+    return result
 
 
 def allocate(block: BalancingInput) -> BalancingResult:
@@ -215,9 +259,10 @@ def allocate(block: BalancingInput) -> BalancingResult:
 
     Raises ValueError for malformed input (shapes, negative energy, keys outside 0..1, a
     tier's static keys adding up to more than 1, a consumer column claimed by two
-    producers).
+    producers) and for an interval whose total production or demand exceeds
+    :data:`MAX_INTERVAL_WH`.
     """
-    production, demand = _validated(block)
+    production, demand, scale = _validated(block)
     num_intervals, num_producers = production.shape
     num_consumers = demand.shape[1]
     if num_intervals == 0 or num_producers == 0 or num_consumers == 0:
@@ -247,8 +292,9 @@ def allocate(block: BalancingInput) -> BalancingResult:
         cells, feed_exact, grid_exact = _exact_allocation(
             method, tiers, part_production, part_demand
         )
+        tolerance = np.maximum(_SNAP_ABS_WH, scale[rows] * _SNAP_REL)
         shared_int, feed_int, grid_int = _controlled_rounding(
-            cells, feed_exact, grid_exact, part_production, part_demand
+            cells, feed_exact, grid_exact, part_production, part_demand, tolerance
         )
         _check_margins(shared_int, feed_int, grid_int, part_production, part_demand)
         shared[rows] = shared_int.transpose(2, 0, 1)
@@ -269,8 +315,9 @@ def _as_slice(rows: NDArray[np.intp]) -> slice | NDArray[np.intp]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _validated(block: BalancingInput) -> tuple[Int64Array, Int64Array]:
-    """Production ``[T, P]`` and demand ``[T, C]`` as int64, after every check."""
+def _validated(block: BalancingInput) -> tuple[Int64Array, Int64Array, Int64Array]:
+    """Production ``[T, P]`` and demand ``[T, C]`` as int64, after every check, and each
+    interval's scale ``[T]``: the larger of its total production and total demand."""
     try:
         method = AllocationMethod(block.method)
     except ValueError:
@@ -286,6 +333,9 @@ def _validated(block: BalancingInput) -> tuple[Int64Array, Int64Array]:
             raise ValueError(f"{name} must be whole Wh (an integer array)")
         if array.size and int(array.min()) < 0:
             raise ValueError(f"{name} must not be negative")
+        # Checked before the totals, which could wrap around in int64 otherwise.
+        if array.size and int(array.max()) > MAX_INTERVAL_WH:
+            raise ValueError(f"{name} must be at most {MAX_INTERVAL_WH} Wh (the exact range)")
     num_producers = production.shape[1]
     num_consumers = demand.shape[1]
     own = np.asarray(block.producer_as_consumer)
@@ -310,10 +360,15 @@ def _validated(block: BalancingInput) -> tuple[Int64Array, Int64Array]:
         for tier in np.unique(tiers):
             if float(keys[tiers == tier].sum()) > 1 + _SHARE_SUM_SLACK:
                 raise ValueError(f"the static keys of tier {int(tier)} add up to more than 1")
-    return (
-        np.asarray(production, dtype=np.int64),
-        np.asarray(demand, dtype=np.int64),
-    )
+    production = np.asarray(production, dtype=np.int64)
+    demand = np.asarray(demand, dtype=np.int64)
+    scale: Int64Array = np.maximum(production.sum(axis=1), demand.sum(axis=1))
+    if scale.size and int(scale.max()) > MAX_INTERVAL_WH:
+        raise ValueError(
+            f"an interval's total production or demand exceeds {MAX_INTERVAL_WH} Wh, "
+            "the range the engine computes exactly"
+        )
+    return production, demand, scale
 
 
 def _tier_columns(tiers: Int64Array) -> list[NDArray[np.intp]]:
@@ -678,27 +733,32 @@ def _water_level(
 # ---------------------------------------------------------------------------------------------
 
 
-def _split(values: FloatArray) -> tuple[FloatArray, FloatArray, BoolArray]:
+def _split(
+    values: FloatArray, tolerance: FloatArray | float = _SNAP_ABS_WH
+) -> tuple[FloatArray, FloatArray, BoolArray]:
     """Integer base, fraction in (0, 1) and the mask of cells that are not integral.
 
-    A value within ``_SNAP_ABS_WH`` of an integer is that integer (fraction 0).
+    A value within ``tolerance`` (per interval, the last axis) of an integer is that
+    integer (fraction 0).
     """
     base = np.floor(values)
     fraction = values - base
-    near_ceiling = fraction > 1 - _SNAP_ABS_WH
-    fractional = fraction >= _SNAP_ABS_WH
+    near_ceiling = fraction > 1 - tolerance
+    fractional = fraction >= tolerance
     fractional &= ~near_ceiling
     base += near_ceiling
     fraction *= fractional
     return base, fraction, fractional
 
 
-def _split_cells(values: FloatArray) -> tuple[Int64Array, BoolArray]:
+def _split_cells(
+    values: FloatArray, tolerance: FloatArray | float = _SNAP_ABS_WH
+) -> tuple[Int64Array, BoolArray]:
     """:func:`_split` without the fractions: integer base and the fractional mask."""
-    shifted = values + _SNAP_ABS_WH  # a value just below an integer counts as it
+    shifted = values + tolerance  # a value just below an integer counts as it
     base = np.floor(shifted)
     shifted -= base
-    fractional = shifted >= 2 * _SNAP_ABS_WH
+    fractional = shifted >= 2 * tolerance
     return base.astype(np.int64), fractional
 
 
@@ -868,8 +928,11 @@ def _controlled_rounding(
     grid_supply: FloatArray,
     production: Int64Array,
     demand: Int64Array,
+    tolerance: FloatArray,
 ) -> tuple[Int64Array, Int64Array, Int64Array]:
     """Whole-Wh ``shared [P, C, T]``, ``feed_in [P, T]``, ``grid_supply [C, T]``.
+
+    ``tolerance [T]``: how close to an integer a value of the interval counts as it.
 
     Each fractional cell is rounded up or down. Producer row ``j`` needs
     ``U_j = x_j - sum(its bases)`` ups, one of which may be its feed-in cell; consumer
@@ -889,9 +952,9 @@ def _controlled_rounding(
     repaired by :func:`_round_table`.
     """
     num_producers, num_consumers, num_intervals = cells.shape
-    base, fractional = _split_cells(cells)
-    feed_base, feed_fraction, feed_fractional = _split(feed_in)
-    grid_base, grid_fraction, grid_fractional = _split(grid_supply)
+    base, fractional = _split_cells(cells, tolerance)
+    feed_base, feed_fraction, feed_fractional = _split(feed_in, tolerance)
+    grid_base, grid_fraction, grid_fractional = _split(grid_supply, tolerance)
     # Up in a consumer column lowers its grid supply: prefer the columns whose exact grid
     # supply is nearer its floor, so that each consumer's total rounds to nearest if it can.
     preferred = grid_fraction < 0.5
@@ -973,14 +1036,18 @@ def _controlled_rounding(
         initial[:num_producers, :num_consumers] = ups[:, :, interval]
         initial[:num_producers, num_consumers] = feed_ups[:, interval] > 0
         initial[num_producers, :num_consumers] = grid_ups[:, interval] > 0
-        rounded_table = _round_table(table, initial)
+        rounded_table = _round_table(table, initial, float(tolerance[interval]))
         shared_int[:, :, interval] = rounded_table[:num_producers, :num_consumers]
         feed_int[:, interval] = rounded_table[:num_producers, num_consumers]
         grid_int[:, interval] = rounded_table[num_producers, :num_consumers]
     return shared_int, feed_int, grid_int
 
 
-def _round_table(table: FloatArray, initial_ups: BoolArray | None = None) -> Int64Array:
+def _round_table(
+    table: FloatArray,
+    initial_ups: BoolArray | None = None,
+    tolerance: float = _SNAP_ABS_WH,
+) -> Int64Array:
     """Controlled rounding of one interval's table by augmenting paths (exact, deterministic).
 
     ``table`` is ``(P + 1) x (C + 1)``: producers then GRID by consumers then GRID, with the
@@ -993,10 +1060,11 @@ def _round_table(table: FloatArray, initial_ups: BoolArray | None = None) -> Int
     short of ups is served by a breadth-first augmenting path (lowest index first), which
     exists as long as a full solution does. Returns the rounded table.
     """
-    base, fraction, fractional = _split(table)
+    base, fraction, fractional = _split(table, tolerance)
     rows, columns = table.shape
     corner = (-float(fraction[rows - 1, : columns - 1].sum())) % 1.0
-    if 1e-7 < corner < 1 - 1e-7:
+    corner_noise = tolerance / 10
+    if corner_noise < corner < 1 - corner_noise:
         fractional[rows - 1, columns - 1] = True
         fraction[rows - 1, columns - 1] = corner
     else:

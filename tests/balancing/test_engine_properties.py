@@ -12,11 +12,13 @@ import dataclasses
 import math
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from service.balancing import engine as engine_module
 from service.balancing.engine import (
+    MAX_INTERVAL_WH,
     AllocationMethod,
     BalancingInput,
     BalancingResult,
@@ -24,7 +26,10 @@ from service.balancing.engine import (
     _first_of_fields,
     _preference_fields,
     _round_table,
+    _split_cells,
     allocate,
+    round_energy_wh,
+    within_exact_range,
 )
 from tests.balancing.oracle import allocate_interval
 
@@ -33,10 +38,26 @@ STATIC_METHODS = (AllocationMethod.STATIC, AllocationMethod.STATIC_REDISTRIBUTED
 
 
 energy = st.one_of(st.just(0), st.integers(0, 12), st.integers(0, 2_000))
+# Up to the engine's exact range: six meters of one side add up to at most MAX_INTERVAL_WH.
+# Multiples of 64 make many exact cells whole Wh (the keys are n / 64), the cells whose
+# float noise the snapping must absorb; the top values sit at the bound.
+LARGEST = MAX_INTERVAL_WH // 6
+large_energy = st.one_of(
+    st.just(0),
+    st.integers(0, 12),
+    st.integers(0, LARGEST),
+    st.integers(0, LARGEST // 64).map(lambda n: 64 * n),
+    st.integers(LARGEST - 1_000, LARGEST),
+)
 
 
 @st.composite
-def sites(draw: st.DrawFn, max_consumers: int = 6, max_producers: int = 3) -> BalancingInput:
+def sites(
+    draw: st.DrawFn,
+    max_consumers: int = 6,
+    max_producers: int = 3,
+    energy: st.SearchStrategy[int] = energy,
+) -> BalancingInput:
     method = draw(st.sampled_from(list(AllocationMethod)))
     intervals = draw(st.integers(1, 4))
     producers = draw(st.integers(1, max_producers))
@@ -155,6 +176,109 @@ def test_wide_sites_match_the_oracle(block: BalancingInput) -> None:
     result = allocate(block)
     assert_exact_and_bounded(block, result)
     assert_matches_oracle(block, result)
+
+
+AT_THE_BOUND = BalancingInput(
+    method=AllocationMethod.PRO_RATA,
+    production_wh=np.array([[MAX_INTERVAL_WH // 3, MAX_INTERVAL_WH - MAX_INTERVAL_WH // 3]]),
+    demand_wh=np.array(
+        [
+            [
+                MAX_INTERVAL_WH // 7,
+                3 * (MAX_INTERVAL_WH // 7),
+                MAX_INTERVAL_WH - 4 * (MAX_INTERVAL_WH // 7),
+            ]
+        ]
+    ),
+    producer_as_consumer=np.array([-1, 2], dtype=np.int64),
+    consumer_tier=np.zeros(3, dtype=np.int64),
+    consumer_share=np.zeros(3),
+)
+
+
+@SETTINGS
+@given(sites(energy=large_energy))
+@example(AT_THE_BOUND)
+def test_energies_up_to_the_exact_range_stay_exact(block: BalancingInput) -> None:
+    result = allocate(block)
+    assert_exact_and_bounded(block, result)
+    assert_matches_oracle(block, result)
+
+
+def test_float_noise_of_large_energies_still_counts_as_whole_wh() -> None:
+    # Four units in the last place above a whole Wh near the bound (3.8e-6 Wh): noise, not
+    # a fraction, once the tolerance follows the interval's energy.
+    whole = float(MAX_INTERVAL_WH - 64)
+    noisy = np.array([[[whole + 4 * 2.0**-20]]])
+    assert noisy[0, 0, 0] != whole
+    base, fractional = _split_cells(noisy, np.array([MAX_INTERVAL_WH * 2.0**-45]))
+    assert (int(base[0, 0, 0]), bool(fractional[0, 0, 0])) == (int(whole), False)
+    # The absolute 1e-6 Wh alone would take it for a fraction.
+    assert bool(_split_cells(noisy)[1][0, 0, 0])
+
+
+def test_energy_beyond_the_exact_range_is_refused() -> None:
+    def block(production: list[int], demand: list[int]) -> BalancingInput:
+        return BalancingInput(
+            method=AllocationMethod.EQUAL,
+            production_wh=np.array([production], dtype=np.int64),
+            demand_wh=np.array([demand], dtype=np.int64),
+            producer_as_consumer=np.full(len(production), -1, dtype=np.int64),
+            consumer_tier=np.zeros(len(demand), dtype=np.int64),
+            consumer_share=np.zeros(len(demand)),
+        )
+
+    allocate(block([MAX_INTERVAL_WH], [MAX_INTERVAL_WH // 2, MAX_INTERVAL_WH // 2]))
+    for production, demand in (
+        ([MAX_INTERVAL_WH, 1], [5]),  # the total
+        ([5], [MAX_INTERVAL_WH // 2 + 1, MAX_INTERVAL_WH // 2]),
+        ([2**62, 2**62], [5]),  # a sum that would wrap around in int64
+        ([5], [2**63 - 1]),
+    ):
+        with pytest.raises(ValueError, match="exact"):
+            allocate(block(production, demand))
+    assert round_energy_wh(np.array([float(MAX_INTERVAL_WH)])).tolist() == [MAX_INTERVAL_WH]
+    for value in (MAX_INTERVAL_WH + 1.0, 9.3e18, 1e300):
+        with pytest.raises(ValueError, match="at most"):
+            round_energy_wh(np.array([value]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.lists(
+            st.sampled_from([math.nan, math.inf, -math.inf, -0.5, -0.49, 9.3e18, 1e16])
+            | st.floats(0, MAX_INTERVAL_WH * 1.01)
+            | st.floats(0, 2_000),
+            min_size=0,
+            max_size=4,
+        ),
+        min_size=1,
+        max_size=4,
+    ).filter(lambda rows: len({len(row) for row in rows}) == 1)
+)
+def test_within_exact_range_is_what_allocate_and_rounding_take(rows: list[list[float]]) -> None:
+    """``within_exact_range`` marks an interval exactly when rounding its energies and
+    allocating them against nothing succeeds."""
+    energy = np.array(rows, dtype=np.float64).reshape(len(rows), len(rows[0]))
+    marked = within_exact_range(energy)
+    for interval, ok in enumerate(marked.tolist()):
+        try:
+            whole = round_energy_wh(energy[interval : interval + 1])
+            allocate(
+                BalancingInput(
+                    method=AllocationMethod.EQUAL,
+                    production_wh=whole,
+                    demand_wh=np.zeros((1, 1), dtype=np.int64),
+                    producer_as_consumer=np.full(whole.shape[1], -1, dtype=np.int64),
+                    consumer_tier=np.zeros(1, dtype=np.int64),
+                    consumer_share=np.zeros(1),
+                )
+            )
+        except ValueError:
+            assert not ok, rows[interval]
+        else:
+            assert ok, rows[interval]
 
 
 @SETTINGS
