@@ -3,7 +3,12 @@ from interval energy, and how it is packed into its ``balance_blocks`` row. No I
 
 Per balance interval: an interval where any participant in service lacks its energy (a
 missing reading or register) is *incomplete*: not balanced, its cells stay 0, and it is
-balanced once the reading arrives. A meter out of service (before its start or from its
+balanced once the reading arrives. So is an interval whose energy lies outside what the
+engine computes exactly (:func:`~service.balancing.engine.within_exact_range`: a meter's
+energy or the interval's total production or demand above ``MAX_INTERVAL_WH``): values
+stored before ingest bounded them, a register jump or a huge transformer factor. It is
+counted as *out of range* and balanced once the readings are corrected; the other
+intervals are balanced as usual. A meter out of service (before its start or from its
 end) takes part with zero energy, which the engine treats as absence.
 """
 
@@ -19,7 +24,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.balancing.calendar import to_us
-from service.balancing.engine import AllocationMethod, BalancingInput, allocate, round_energy_wh
+from service.balancing.engine import (
+    AllocationMethod,
+    BalancingInput,
+    allocate,
+    round_energy_wh,
+    within_exact_range,
+)
 
 _INT = np.dtype("<i8")
 
@@ -120,8 +131,11 @@ class PreparedIntervals:
     producer_as_consumer: NDArray[np.int64]
     consumer_tier: NDArray[np.int64]
     consumer_share: NDArray[np.float64]
-    # Per re-balanced row: whether every participant had its energy.
+    # Per re-balanced row: whether it is balanced (every participant had its energy, all
+    # within the engine's exact range) ...
     complete_rows: NDArray[np.bool_]
+    # ... and whether it is not because its energy is out of that range.
+    out_of_range_rows: NDArray[np.bool_]
 
     @property
     def key(self) -> tuple[object, ...]:
@@ -179,7 +193,9 @@ def prepare_intervals(
     production = np.where(in_service(producers), energy(export_wh, producers), 0.0)
     demand = np.where(in_service(consumers), energy(import_wh, consumers), 0.0)
     missing = np.isnan(production).any(axis=1) | np.isnan(demand).any(axis=1)
-    complete: NDArray[np.bool_] = np.logical_not(missing)
+    # NaN is outside the range too: complete = known and in range.
+    complete: NDArray[np.bool_] = within_exact_range(production) & within_exact_range(demand)
+    out_of_range: NDArray[np.bool_] = ~missing & ~complete
 
     block.complete[rows] = complete
     block.shared_wh[rows] = 0
@@ -200,6 +216,7 @@ def prepare_intervals(
             [c.share if c.share is not None else np.nan for c in consumers], dtype=np.float64
         ),
         complete_rows=complete,
+        out_of_range_rows=out_of_range,
     )
 
 

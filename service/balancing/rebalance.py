@@ -9,6 +9,7 @@ and grid keeps its other intervals, so a late correction re-balances just what i
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -30,7 +31,7 @@ from service.balancing.blocks import (
 )
 from service.balancing.calendar import block_day, from_us, grid_starts, iter_blocks, to_us
 from service.balancing.domain import Policy, Setting, method_on, participants_on
-from service.balancing.engine import AllocationMethod
+from service.balancing.engine import MAX_INTERVAL_WH, AllocationMethod
 from service.balancing.store import (
     MeterRow,
     SiteInfo,
@@ -41,8 +42,11 @@ from service.balancing.store import (
     site_policies,
     site_settings,
 )
+from service.common.loglimit import LogLimiter, held_back
 from service.telemetry.energy import SiteIntervalEnergy
 from service.telemetry.energy_store import site_interval_energy
+
+log = logging.getLogger(__name__)
 
 TimeRange = tuple[datetime, datetime]
 # Blocks whose energy is read with one query: bounds memory (a month of 100 meters is
@@ -53,8 +57,22 @@ CHUNK_SPAN = timedelta(days=31)
 @dataclass
 class RebalanceResult:
     balanced: int = 0
+    # Not balanced: a participant's energy missing, or out of the engine's exact range ...
     incomplete: int = 0
+    # ... of which out of range (see service.balancing.blocks), the first starting at:
+    out_of_range: int = 0
+    first_out_of_range: datetime | None = None
     ranges: list[TimeRange] = field(default_factory=list)
+
+    def add(self, other: RebalanceResult) -> None:
+        """Adds the counts of ``other`` (not its ranges)."""
+        self.balanced += other.balanced
+        self.incomplete += other.incomplete
+        self.out_of_range += other.out_of_range
+        if other.first_out_of_range is not None and (
+            self.first_out_of_range is None or other.first_out_of_range < self.first_out_of_range
+        ):
+            self.first_out_of_range = other.first_out_of_range
 
 
 def merge_ranges(ranges: Iterable[TimeRange]) -> list[TimeRange]:
@@ -111,7 +129,7 @@ async def rebalance(
     # A pipeline: while the engine allocates one chunk in a worker thread (numpy releases
     # the GIL), the next chunk's stored blocks and energy are read from PostgreSQL, and the
     # finished chunk's blocks are written once its allocation is done.
-    computing: tuple[asyncio.Future[tuple[int, int]], _Chunk] | None = None
+    computing: tuple[asyncio.Future[RebalanceResult], _Chunk] | None = None
     for chunk in chunks:
         planned = await _plan_chunk(conn, site, chunk, touched, settings, policies, meters)
         if computing is not None:
@@ -119,7 +137,31 @@ async def rebalance(
         computing = (asyncio.ensure_future(asyncio.to_thread(_compute, planned)), planned)
     if computing is not None:
         await _finish(conn, site, computing, result)
+    if result.out_of_range:
+        _log_out_of_range(site, result)
     return result
+
+
+# One line per site a minute: RunBalancing may be called again and again on the same data.
+_out_of_range_log = LogLimiter(60.0)
+
+
+def _log_out_of_range(site: SiteInfo, result: RebalanceResult) -> None:
+    dropped = _out_of_range_log.admit(site.id)
+    if dropped is None:
+        return
+    first = result.first_out_of_range.isoformat() if result.first_out_of_range else "?"
+    log.warning(
+        "site %s: %d interval(s) not balanced, the first at %s: a participant's energy or "
+        "the interval's total exceeds %d Wh, the range balancing computes exactly (readings "
+        "stored before ingest bounded them, a register jump or a transformer factor); they "
+        "stay incomplete until the readings are corrected%s",
+        site.id,
+        result.out_of_range,
+        first,
+        MAX_INTERVAL_WH,
+        held_back(dropped),
+    )
 
 
 @dataclass
@@ -132,13 +174,11 @@ class _Chunk:
 async def _finish(
     conn: asyncpg.Connection,
     site: SiteInfo,
-    computing: tuple[asyncio.Future[tuple[int, int]], _Chunk],
+    computing: tuple[asyncio.Future[RebalanceResult], _Chunk],
     result: RebalanceResult,
 ) -> None:
     future, chunk = computing
-    balanced, incomplete = await future
-    result.balanced += balanced
-    result.incomplete += incomplete
+    result.add(await future)
     await replace_blocks(conn, site.org_id, site.id, [p.block for p in chunk.plans], chunk.removed)
 
 
@@ -211,16 +251,16 @@ async def _plan_chunk(
     return _Chunk(plans, removed, energy)
 
 
-def _compute(chunk: _Chunk) -> tuple[int, int]:
+def _compute(chunk: _Chunk) -> RebalanceResult:
     """Balances the planned intervals of a chunk in place (CPU only, no I/O, so it may run
-    in a worker thread); (balanced, incomplete) counts."""
+    in a worker thread); the counts of the intervals asked for."""
+    counts = RebalanceResult()
     energy = chunk.energy
     if energy is None:
-        return 0, 0
+        return counts
     column: dict[UUID, int] = {meter_id: i for i, meter_id in enumerate(energy.meter_ids)}
     known = energy.interval_starts
     groups: dict[tuple[object, ...], list[PreparedIntervals]] = {}
-    balanced = incomplete = 0
     for plan in chunk.plans:
         starts = plan.block.interval_starts[plan.rows]
         index = np.searchsorted(known, starts)
@@ -243,8 +283,14 @@ def _compute(chunk: _Chunk) -> tuple[int, int]:
         )
         groups.setdefault(ready.key, []).append(ready)
         asked = plan.wanted[plan.rows]
-        balanced += int(ready.complete_rows[asked].sum())
-        incomplete += int((~ready.complete_rows[asked]).sum())
+        counts.balanced += int(ready.complete_rows[asked].sum())
+        counts.incomplete += int((~ready.complete_rows[asked]).sum())
+        out_of_range = np.flatnonzero(ready.out_of_range_rows & asked)
+        if out_of_range.size:
+            first = from_us(int(starts[out_of_range[0]]))
+            counts.add(
+                RebalanceResult(out_of_range=int(out_of_range.size), first_out_of_range=first)
+            )
     for group in groups.values():
         allocate_prepared(group)
-    return balanced, incomplete
+    return counts

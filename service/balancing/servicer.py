@@ -200,7 +200,9 @@ class BalancingServicer(pb_grpc.BalancingServicer):
         _balanced(await site_info(self._pool, org_id, site_id))
         result = await rebalance_now(self._pool, org_id, site_id, [(start, end)])
         return pb.RunBalancingResponse(
-            balanced_intervals=result.balanced, incomplete_intervals=result.incomplete
+            balanced_intervals=result.balanced,
+            incomplete_intervals=result.incomplete,
+            out_of_range_intervals=result.out_of_range,
         )
 
     async def _meter_site(self, org_id: UUID, meter_id: str) -> UUID:

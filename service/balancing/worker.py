@@ -87,7 +87,8 @@ async def rebalance_now(
 class BalancingQueueConsumer:
     """Passes over ``balancing_queue`` (see the module docstring).
 
-    A site whose pass fails (a bug, data the engine refuses) keeps its rows queued and is
+    A site whose pass fails (a bug, a lost connection; energy the engine cannot balance
+    exactly only leaves its intervals unbalanced, see ``blocks``) keeps its rows queued and is
     held back for a while, doubling up to ``MAX_HOLD_BACK_SECONDS`` while it keeps failing,
     so one failing site never stops the balancing of the others.
     """

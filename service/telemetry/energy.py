@@ -193,7 +193,10 @@ class IntervalEnergyAccumulator:
             if self._any_load_profile:
                 from_profile = np.where(counts > 0, sums, np.nan)
                 energy = np.where(self._meters.load_profile, from_profile, energy)
-            result.append(energy * factor)
+            # A huge transformer factor may overflow to infinity: balancing leaves such
+            # energy unbalanced (service.balancing.blocks), no warning per pass wanted.
+            with np.errstate(over="ignore"):
+                result.append(energy * factor)
         return result[0], result[1]
 
 

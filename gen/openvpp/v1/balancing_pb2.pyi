@@ -522,19 +522,29 @@ class RunBalancingResponse(_message.Message):
 
     BALANCED_INTERVALS_FIELD_NUMBER: _builtins.int
     INCOMPLETE_INTERVALS_FIELD_NUMBER: _builtins.int
+    OUT_OF_RANGE_INTERVALS_FIELD_NUMBER: _builtins.int
     balanced_intervals: _builtins.int
     """Intervals balanced (every participant had its energy)."""
     incomplete_intervals: _builtins.int
-    """Intervals where a participant's energy is missing: not balanced, reported incomplete."""
+    """Intervals where a participant's energy is missing or out of range (below): not
+    balanced, reported incomplete.
+    """
+    out_of_range_intervals: _builtins.int
+    """Of the incomplete intervals, those whose energy lies outside what balancing computes
+    exactly: a meter's energy or the interval's total production or demand above 2^33 Wh
+    (8.6 GWh). Readings stored before ingest bounded values, a register jump or a huge
+    transformer factor; they are balanced once the readings are corrected.
+    """
     def __init__(
         self,
         *,
         balanced_intervals: _builtins.int = ...,
         incomplete_intervals: _builtins.int = ...,
+        out_of_range_intervals: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balanced_intervals", b"balanced_intervals", "incomplete_intervals", b"incomplete_intervals"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balanced_intervals", b"balanced_intervals", "incomplete_intervals", b"incomplete_intervals", "out_of_range_intervals", b"out_of_range_intervals"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
