@@ -2,10 +2,10 @@
 
 Nothing here knows our RPCs: a message is built field by field from its descriptor, with
 values chosen to break things (NUL and very long strings, unknown enum numbers, NaN,
-infinities and extreme numbers, timestamps and dates at and beyond the accepted limits,
-large repeated fields), mixed with plausible ones (ids of existing rows, valid codes) so
-that calls also get past the first check. The encoding may then be truncated or corrupted,
-or replaced by random bytes.
+infinities and extreme numbers, reading values at and beyond ingest's bounds, timestamps
+and dates at and beyond the accepted limits, large repeated fields), mixed with plausible
+ones (ids of existing rows, valid codes) so that calls also get past the first check. The
+encoding may then be truncated or corrupted, or replaced by random bytes.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from google.protobuf.message import Message
 from hypothesis import strategies as st
 
 from service.common.protoconv import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS
+from service.grid import P1M, PT1H, PT15M
+from service.telemetry.domain import MAX_REGISTER_WH, max_interval_wh
 from tests.helpers import random_ean18, random_identifier
 
 MAX_DEPTH = 4
@@ -87,7 +89,25 @@ MASK_PATHS = [
     "a.b.c",
     "\x00",
 ]
-SPECIAL_FLOATS = [math.nan, math.inf, -math.inf, 1e308, -1e308, 0.0, -0.0, 5e-324, 1e-3]
+# Reading values at and just beyond ingest's bounds (a quarter-hour, an hour and a month of
+# 10 GW, the largest register), the review's unit mix-up and one that wraps around in int64.
+VALUE_BOUNDS = [
+    bound
+    for limit in (*(max_interval_wh(r) for r in (PT15M, PT1H, P1M)), MAX_REGISTER_WH)
+    for bound in (limit, math.nextafter(limit, math.inf))
+] + [2.01e16, 9.3e18, 2.0**63]
+SPECIAL_FLOATS = [
+    math.nan,
+    math.inf,
+    -math.inf,
+    1e308,
+    -1e308,
+    0.0,
+    -0.0,
+    5e-324,
+    1e-3,
+    *VALUE_BOUNDS,
+]
 TIMESTAMP_SECONDS = [
     MIN_TIMESTAMP_SECONDS - 1,
     MIN_TIMESTAMP_SECONDS,
@@ -115,6 +135,9 @@ class World:
     grid_identifiers: list[str] = field(default_factory=list)
     # Callers by role (tests.conftest.Org values).
     tokens: dict[Any, Any] = field(default_factory=dict)
+    # Meters by what their readings carry: register_wh, interval_wh (PT15M sites).
+    register_meters: list[str] = field(default_factory=list)
+    profile_meters: list[str] = field(default_factory=list)
 
 
 def message_class(descriptor: Descriptor) -> Any:
@@ -123,6 +146,10 @@ def message_class(descriptor: Descriptor) -> Any:
 
 def _text(data: st.DataObject, name: str, world: World, hostile: bool) -> str:
     choice = data.draw(st.integers(0, 9 if hostile else 4))
+    meters = [*world.register_meters, *world.profile_meters]
+    if choice <= 2 and name == "meter_id" and meters:
+        # Mostly a meter that exists: its readings reach the value rules.
+        return data.draw(st.sampled_from(meters))
     if choice <= 2 and (name == "id" or name.endswith("_id")):
         options = [*world.ids, str(uuid.uuid4()), "not-a-uuid", str(uuid.uuid4()).upper()]
         return data.draw(st.sampled_from(options))
@@ -147,6 +174,9 @@ def _scalar(data: st.DataObject, fd: FieldDescriptor, world: World, hostile: boo
     if kind == F.TYPE_BOOL:
         return data.draw(st.booleans())
     if kind in (F.TYPE_DOUBLE, F.TYPE_FLOAT) and not hostile:
+        # Energies (register_wh, interval_wh) at and beyond ingest's bounds half the time.
+        if data.draw(st.integers(0, 3)) < (2 if fd.name.endswith("_wh") else 1):
+            return data.draw(st.sampled_from(VALUE_BOUNDS))
         return data.draw(st.sampled_from([-5.0, 0.0, 1.0, 5.0, 10.0, 100.5]))
     if kind in (F.TYPE_DOUBLE, F.TYPE_FLOAT):
         floats = st.floats() if kind == F.TYPE_DOUBLE else st.floats(width=32)

@@ -29,12 +29,20 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import MethodDescriptor
+from google.type import date_pb2
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
+from openvpp.v1 import balancing_pb2 as bpb
+from openvpp.v1 import (
+    balancing_pb2_grpc,
+    meter_registry_pb2_grpc,
+    site_registry_pb2_grpc,
+    upstream_registry_pb2_grpc,
+)
 from openvpp.v1 import meter_registry_pb2 as mpb
-from openvpp.v1 import meter_registry_pb2_grpc, site_registry_pb2_grpc, upstream_registry_pb2_grpc
+from openvpp.v1 import site_registry_pb2 as spb
 from openvpp.v1 import upstream_registry_pb2 as upb
 
 from service.app import Service
@@ -104,10 +112,52 @@ async def world(service: Service, make_org: MakeOrg, channel: grpc.aio.Channel) 
             metadata=supplier.auth,
         )
     ).upstream_site
+    # A balanced site whose load-profile meters take part: interval values reach ingest's
+    # bounds and RunBalancing has something to balance.
+    community = (
+        await registry.CreateSite(
+            spb.CreateSiteRequest(
+                name="fuzz community",
+                type=spb.SITE_TYPE_BALANCED_ACCURATE,
+                location=spb.Location(address="Gent", country="BE"),
+                timezone="UTC",
+            ),
+            metadata=partner.auth,
+        )
+    ).site
+    balancing = balancing_pb2_grpc.BalancingStub(channel)
+    profiles = []
+    for number, direction in enumerate(
+        (mpb.METER_DIRECTION_CONSUMER, mpb.METER_DIRECTION_PRODUCER), start=2
+    ):
+        profile = (
+            await meters.CreateMeter(
+                mpb.CreateMeterRequest(
+                    site_id=community.id,
+                    identifier=f"FUZZ-{number}",
+                    direction=direction,
+                    measuring=mpb.MEASURING_LOAD_PROFILE_ACCURATE,
+                    start_date=stamp(METER_START),
+                ),
+                metadata=partner.auth,
+            )
+        ).meter
+        await balancing.CreateMeterBalancingSetting(
+            bpb.CreateMeterBalancingSettingRequest(
+                site_id=community.id,
+                meter_id=profile.id,
+                balancing=bpb.BALANCING_ROLE_PARTICIPANT,
+                start_date=date_pb2.Date(year=2025, month=1, day=1),
+            ),
+            metadata=partner.auth,
+        )
+        profiles.append(profile.id)
     return World(
-        ids=[site.id, resource.id, meter.id, upstream_site.id],
+        ids=[site.id, resource.id, meter.id, upstream_site.id, community.id, *profiles],
         grid_identifiers=[identifier],
         tokens={Role.PARTNER: partner, Role.SUPPLIER: supplier},
+        register_meters=[meter.id],
+        profile_meters=profiles,
     )
 
 
