@@ -7,6 +7,7 @@ and summed (numpy over the decoded arrays).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -209,10 +210,13 @@ async def balances_page(
         position += n
     if count <= limit:
         return windows, ""
+    # The row after the page's last one says only that there is more: dropped, and with it
+    # its window when that row was all it held.
+    last = windows.pop()
+    if len(last) > 1:
+        windows.append(last.truncated(len(last) - 1))
     last = windows[-1]
-    kept = len(last) - (count - limit)
-    windows[-1] = last = last.truncated(kept)
-    row = kept - 1
+    row = len(last) - 1
     token = encode_token_body(
         {
             "s": last.bounds_us[last.intervals[row]],
@@ -222,6 +226,30 @@ async def balances_page(
         fingerprint,
     )
     return windows, token
+
+
+def rows_per_interval(
+    producer_ids: Sequence[UUID],
+    consumer_ids: Sequence[UUID],
+    creditor: str | None,
+    debitor: str | None,
+) -> int:
+    """Rows an output interval with these meters holds under the filters, as
+    :func:`pair_columns` lists them (never a meter to itself), at least 1. A filtered meter
+    missing from them is counted as if it took part (it may join later)."""
+    producers, consumers = {str(m) for m in producer_ids}, {str(m) for m in consumer_ids}
+    p, c = len(producers), len(consumers)
+    if creditor is not None and debitor is not None:
+        return 1
+    if creditor == GRID:
+        return max(1, c)
+    if debitor == GRID:
+        return max(1, p)
+    if creditor is not None:
+        return c - (creditor in consumers) + 1
+    if debitor is not None:
+        return p - (debitor in producers) + 1
+    return max(1, p * c - len(producers & consumers) + p + c)
 
 
 async def _pairs_per_interval(
@@ -234,7 +262,7 @@ async def _pairs_per_interval(
     """Rows one output interval is likely to hold under the filters, from the meters of the
     first stored block at or after ``from_us_value`` (sizes a page's window)."""
     row = await pool.fetchrow(
-        "SELECT cardinality(producer_ids) AS p, cardinality(consumer_ids) AS c "
+        "SELECT producer_ids, consumer_ids "
         "FROM balance_blocks WHERE site_id = $1 AND org_id = $2 AND block_end > $3 "
         "ORDER BY block_start LIMIT 1",
         site.id,
@@ -243,16 +271,9 @@ async def _pairs_per_interval(
     )
     if row is None:
         return 1
-    p, c = int(row["p"] or 0), int(row["c"] or 0)
-    if creditor is not None and debitor is not None:
-        return 1
-    # A site without producers (or without consumers) has no pairs with GRID on that side:
-    # at least one row per interval keeps the page arithmetic defined.
-    if debitor is not None:
-        return max(1, p) if debitor == GRID else p + 1
-    if creditor is not None:
-        return max(1, c) if creditor == GRID else c + 1
-    return max(1, p * c + p + c)
+    return rows_per_interval(
+        row["producer_ids"] or [], row["consumer_ids"] or [], creditor, debitor
+    )
 
 
 async def summaries_page(
