@@ -465,9 +465,10 @@ async def load_blocks(
     return [_block_from_row(row) for row in rows]
 
 
-# One consumer's slice of each block: its contiguous [P, T] cells and [T] grid supply.
+# One consumer's slice of each block: its contiguous [P, T] cells and [T] grid supply (NULL
+# in a block without it, which still counts for the completeness of the site's intervals).
 _CONSUMER_SLICE = """
-SELECT block_start, block_end, interval_starts, complete, producer_ids,
+SELECT block_start, block_end, interval_starts, complete, producer_ids, c,
        substring(shared_wh FROM (c - 1) * n_p * n_t * 8 + 1 FOR n_p * n_t * 8) AS shared_wh,
        substring(grid_supply_wh FROM (c - 1) * n_t * 8 + 1 FOR n_t * 8) AS grid_supply_wh
 FROM (
@@ -476,7 +477,6 @@ FROM (
     FROM balance_blocks
     WHERE site_id = $1 AND org_id = $2 AND block_start < $4 AND block_end > $3
 ) b
-WHERE c IS NOT NULL
 ORDER BY block_start
 """
 
@@ -489,8 +489,10 @@ async def load_consumer_blocks(
     end: datetime,
     consumer_id: UUID,
 ) -> list[Block]:
-    """The stored blocks overlapping ``[start, end)`` that have ``consumer_id``, reduced to
-    that consumer (feed-in not read): the few KB of a debitor instead of whole blocks."""
+    """The stored blocks overlapping ``[start, end)``, reduced to ``consumer_id`` (feed-in
+    not read): the few KB of a debitor instead of whole blocks. A block without that
+    consumer comes without meters: its intervals still count towards ``complete``, which
+    describes the site's grid whichever filter reads it."""
     rows = await conn.fetch(_CONSUMER_SLICE, site_id, org_id, start, end, consumer_id)
     return [
         unpack(
@@ -498,11 +500,11 @@ async def load_consumer_blocks(
             row["block_end"],
             row["interval_starts"],
             row["complete"],
-            row["producer_ids"],
-            [consumer_id],
-            row["shared_wh"],
+            row["producer_ids"] if row["c"] is not None else [],
+            [consumer_id] if row["c"] is not None else [],
+            row["shared_wh"] or b"",
             None,
-            row["grid_supply_wh"],
+            row["grid_supply_wh"] or b"",
         )
         for row in rows
     ]
@@ -517,7 +519,7 @@ ORDER BY block_start
 """
 
 _CONSUMER_TOTALS = """
-SELECT block_start, block_end, producer_ids, complete_intervals,
+SELECT block_start, block_end, producer_ids, complete_intervals, c,
        substring(shared_total_wh FROM (c - 1) * n_p * 8 + 1 FOR n_p * 8) AS shared_total_wh,
        substring(grid_supply_total_wh FROM (c - 1) * 8 + 1 FOR 8) AS grid_supply_total_wh
 FROM (
@@ -525,7 +527,6 @@ FROM (
     FROM balance_blocks
     WHERE site_id = $1 AND org_id = $2 AND block_start < $4 AND block_end > $3
 ) b
-WHERE c IS NOT NULL
 ORDER BY block_start
 """
 
@@ -539,7 +540,9 @@ async def load_block_totals(
     consumer_id: UUID | None = None,
 ) -> list[Block]:
     """The stored blocks overlapping ``[start, end)`` as their totals (one row each), all
-    consumers or only ``consumer_id``: what day and month outputs need, ~1% of the bytes."""
+    consumers or only ``consumer_id``: what day and month outputs need, ~1% of the bytes.
+    With ``consumer_id``, a block without it comes without meters but with its complete
+    intervals, so a month's ``complete`` is the site's whichever filter reads it."""
     if consumer_id is None:
         rows = await conn.fetch(_TOTALS, site_id, org_id, start, end)
         return [
@@ -560,11 +563,11 @@ async def load_block_totals(
         unpack_totals(
             row["block_start"],
             row["block_end"],
-            row["producer_ids"],
-            [consumer_id],
-            row["shared_total_wh"],
+            row["producer_ids"] if row["c"] is not None else [],
+            [consumer_id] if row["c"] is not None else [],
+            row["shared_total_wh"] or b"",
             None,
-            row["grid_supply_total_wh"],
+            row["grid_supply_total_wh"] or b"",
             row["complete_intervals"],
         )
         for row in rows

@@ -11,6 +11,7 @@ from typing import Any
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
+import pytest
 from google.protobuf import field_mask_pb2
 from openvpp.v1 import balancing_pb2 as bpb
 from openvpp.v1 import meter_registry_pb2 as mpb
@@ -397,3 +398,58 @@ async def test_a_site_no_longer_balanced_loses_its_balances(
     assert await service.pool.fetchval(blocks, UUID(site.site.id)) == 0
     rows = await site.balances(site_id=site.site.id, **window(start, start + Q))
     assert rows == []
+
+
+@pytest.mark.parametrize("gap", [False, True], ids=["all-readings", "a-gap-before-joining"])
+async def test_a_rows_complete_is_the_same_whichever_filter_reads_it(
+    community: Community, consumer: BalancingQueueConsumer, gap: bool
+) -> None:
+    a = await community.meter()
+    joiner = await community.meter()  # joins the community on 15 February
+    pv = await community.meter(direction=mpb.METER_DIRECTION_PRODUCER)
+    await community.participate(a)
+    await community.participate(pv)
+    await community.participate(joiner, start=date(2025, 2, 15))
+    february, mid, march = local(2025, 2, 1), local(2025, 2, 15), local(2025, 3, 1)
+    whole, second_half = (march - february) // Q, (march - mid) // Q
+    missing = local(2025, 2, 3, 12) if gap else None
+    await community.ingest(
+        [
+            tpb.Reading(meter_id=a.id, timestamp=stamp(february + i * Q), interval_wh=40)
+            for i in range(whole)
+            if february + i * Q != missing  # a's reading of 3 February, 12:00, not sent
+        ]
+    )
+    await community.profile(pv, february, [30] * whole)
+    await community.profile(joiner, mid, [20] * second_half)
+    await drain(consumer)
+    summaries = await community.summaries(interval="P1M", **window(february, march))
+    complete = whole - 1 if gap else whole
+    assert [(s.balance_intervals, s.complete_intervals) for s in summaries] == [(whole, complete)]
+
+    # README: complete = every balance interval of the site's grid inside it is stored and
+    # balanced. The same row says the same through every filter that lists it.
+    filters: list[dict[str, str]] = [
+        {"debitor_meter_id": joiner.id},
+        {"creditor_meter_id": pv.id},
+        {"creditor_meter_id": pv.id, "debitor_meter_id": joiner.id},
+        {"site_id": community.site.id, "creditor_meter_id": "GRID"},
+    ]
+    spans = {
+        "P1M": window(february, march),
+        "P1D": window(february, march),
+        "PT1H": window(local(2025, 2, 14, 22), local(2025, 2, 15, 2)),
+    }
+    for interval, span in spans.items():
+        site_view = {
+            (r.interval_start.ToDatetime(), r.creditor_meter_id, r.debitor_meter_id): r.complete
+            for r in await community.balances(site_id=community.site.id, interval=interval, **span)
+        }
+        if interval == "P1M":
+            assert site_view[(february.replace(tzinfo=None), pv.id, joiner.id)] is not gap
+        for given in filters:
+            rows = await community.balances(interval=interval, **given, **span)
+            assert rows, (interval, given)
+            for r in rows:
+                key = (r.interval_start.ToDatetime(), r.creditor_meter_id, r.debitor_meter_id)
+                assert r.complete is site_view[key], (interval, given, key)
