@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, timedelta
+from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -74,23 +75,99 @@ def _offset_seconds(instant: datetime, tz: ZoneInfo) -> int:
     return int(offset.total_seconds())
 
 
+# tzdata's closest offset changes are ~4 days apart (Africa/Freetown, 1939; DST rules
+# months apart), so sampling the offset once a day finds every change.
+_SAMPLE_SECONDS = 86_400
+
+
+def _offset_at(seconds: int, tz: ZoneInfo) -> int:
+    return _offset_seconds(_EPOCH + timedelta(seconds=seconds), tz)
+
+
+@lru_cache(maxsize=4096)
+def _offset_changes(tz: ZoneInfo, year: int) -> tuple[tuple[int, int], ...]:
+    """Every offset change of ``tz`` in the UTC year ``year`` (its end included): the
+    instant, in seconds (zone data changes on whole seconds), and the offset from then on,
+    in microseconds. About 400 offset look-ups, once per zone and year."""
+    first = int((datetime(year, 1, 1, tzinfo=UTC) - _EPOCH).total_seconds())
+    last = int((datetime(year + 1, 1, 1, tzinfo=UTC) - _EPOCH).total_seconds())
+    changes: list[tuple[int, int]] = []
+    at, offset = first, _offset_at(first, tz)
+    while at < last:
+        upto = min(at + _SAMPLE_SECONDS, last)
+        later = _offset_at(upto, tz)
+        if later != offset:
+            before, after = at, upto  # the offset changes in (before, after]
+            while after - before > 1:
+                middle = (before + after) // 2
+                if _offset_at(middle, tz) == offset:
+                    before = middle
+                else:
+                    after = middle
+            changes.append((after, later * US_PER_SECOND))
+        at, offset = upto, later
+    return tuple(changes)
+
+
+def offset_spans(start_us: int, end_us: int, tz: ZoneInfo) -> Iterator[tuple[int, int, int]]:
+    """``[start, end)`` cut where the offset of ``tz`` changes: ``(from_us, to_us,
+    offset_us)`` ascending, each with one offset throughout."""
+    if end_us <= start_us:
+        return
+    at = start_us
+    offset = _offset_seconds(from_us(at), tz) * US_PER_SECOND
+    year = from_us(at).year
+    while at < end_us:
+        for change_s, later in _offset_changes(tz, year):
+            change_us = change_s * US_PER_SECOND
+            if change_us <= at:
+                continue
+            if change_us >= end_us:
+                break
+            yield at, change_us, offset
+            at, offset = change_us, later
+        year += 1
+        year_end = to_us(datetime(year, 1, 1, tzinfo=UTC))
+        if year_end >= end_us:
+            break
+    yield at, end_us, offset
+
+
+def _fixed_grid(
+    start_us: int, end_us: int, tz: ZoneInfo, step_us: int, limit: int | None = None
+) -> NDArray[np.int64]:
+    """The first ``limit`` (all if None) instants in ``[start, end)`` whose local wall time
+    is a whole multiple of the step: per span of one offset, a plain arithmetic sequence."""
+    parts: list[NDArray[np.int64]] = []
+    left = limit
+    for span_start, span_end, offset in offset_spans(start_us, end_us, tz):
+        if left == 0:
+            break
+        first = span_start + (-(span_start + offset)) % step_us
+        stop = span_end if left is None else min(span_end, first + left * step_us)
+        points = np.arange(first, stop, step_us, dtype=np.int64)
+        parts.append(points)
+        if left is not None:
+            left -= len(points)
+    if not parts:
+        return np.empty(0, dtype=np.int64)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 def grid_starts(
     start: datetime, end: datetime, tz: ZoneInfo, resolution: Resolution
 ) -> NDArray[np.int64]:
     """Balance grid points in ``[start, end)`` as UTC microseconds.
 
-    When the zone's offset at both ends is a whole number of steps (every zone for PT15M
-    except a handful), the grid is a plain arithmetic sequence in UTC even across a DST
-    change; otherwise the grid arithmetic of :mod:`service.grid` walks it.
+    A fixed step's grid points are the instants whose local wall time is a whole number of
+    steps: between two offset changes of the zone a plain arithmetic sequence in UTC, so
+    the grid is one ``numpy.arange`` per offset (also in zones whose offset is no whole
+    number of steps, like Lord Howe's +10:30 in winter for PT1H). Months are walked.
     """
     step = resolution.step
     if step is not None:
-        step_s = int(step.total_seconds())
-        last = end - timedelta(microseconds=1)
-        if _offset_seconds(start, tz) % step_s == 0 and _offset_seconds(last, tz) % step_s == 0:
-            step_us = step_s * US_PER_SECOND
-            first = -(-to_us(start) // step_us) * step_us
-            return np.arange(first, to_us(end), step_us, dtype=np.int64)
+        step_us = int(step.total_seconds()) * US_PER_SECOND
+        return _fixed_grid(to_us(start), to_us(end), tz, step_us)
     return np.array([to_us(t) for t in resolution.iter_starts(start, end, tz)], dtype=np.int64)
 
 
@@ -144,6 +221,7 @@ __all__ = [
     "iter_blocks",
     "local_day",
     "local_midnight",
+    "offset_spans",
     "output_starts",
     "parse_output_interval",
     "to_us",

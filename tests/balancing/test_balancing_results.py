@@ -161,6 +161,46 @@ async def test_dst_days_have_92_and_100_quarter_hours(
         assert sum(h.shared_wh for h in hours) == 4 * count
 
 
+async def test_hourly_outputs_in_lord_howe_stay_on_local_hours_across_its_half_hour_dst(
+    partner: Org, community: Community, consumer: BalancingQueueConsumer
+) -> None:
+    lord_howe = ZoneInfo("Australia/Lord_Howe")  # +11 in summer, +10:30 in winter
+    island = await make_community(
+        partner,
+        community.registry,
+        community.meters,
+        community.telemetry,
+        community.balancing,
+        timezone="Australia/Lord_Howe",
+        location=spb.Location(address="Lord Howe Island"),
+        balance_resolution="PT1H",
+    )
+    home = await island.meter(start=datetime(2024, 1, 1, tzinfo=UTC))
+    pv = await island.meter(
+        direction=mpb.METER_DIRECTION_PRODUCER, start=datetime(2024, 1, 1, tzinfo=UTC)
+    )
+    for meter in (home, pv):
+        await island.participate(meter)
+    winter_noon = datetime(2025, 6, 2, 12, tzinfo=lord_howe).astimezone(UTC)
+    await island.profile(home, winter_noon, [500])
+    await island.profile(pv, winter_noon, [300])
+    await drain(consumer)
+    # A year from summer to summer: both ends of the range are at +11, a whole hour.
+    summaries = await island.summaries(
+        interval="PT1H",
+        page_size=10_000,
+        **window(datetime(2025, 1, 10, tzinfo=UTC), datetime(2026, 1, 10, tzinfo=UTC)),
+    )
+    assert {
+        s.interval_start.ToDatetime(tzinfo=UTC).astimezone(lord_howe).minute for s in summaries
+    } == {0}
+    noon = [s for s in summaries if s.demand_wh]
+    assert [s.interval_start.ToDatetime(tzinfo=UTC).astimezone(lord_howe) for s in noon] == [
+        datetime(2025, 6, 2, 12, tzinfo=lord_howe)
+    ]
+    assert [(s.demand_wh, s.shared_wh, s.complete_intervals) for s in noon] == [(500, 300, 1)]
+
+
 async def test_an_incomplete_interval_becomes_complete_when_its_reading_arrives(
     community: Community, consumer: BalancingQueueConsumer
 ) -> None:
