@@ -182,34 +182,59 @@ def parse_output_interval(text: str, balance_resolution: Resolution) -> str | No
     return chosen
 
 
-def output_starts(start: datetime, end: datetime, tz: ZoneInfo, interval: str) -> NDArray[np.int64]:
-    """Starts of the output intervals from the one containing ``start`` up to ``end``,
-    plus the end of the last one (so ``len - 1`` intervals), as UTC microseconds."""
+_FIXED_OUTPUTS = {"PT15M": PT15M, "PT1H": PT1H}
+
+
+def output_floor(instant: datetime, tz: ZoneInfo, interval: str) -> datetime:
+    """Start (UTC) of the output interval that contains ``instant``."""
     if interval == "P1D":
-        first_day = local_day(start, tz)
-        points = []
-        day = first_day
-        while True:
-            midnight = local_midnight(day, tz)
-            points.append(to_us(midnight))
-            if midnight >= end:
-                break
-            day += timedelta(days=1)
-        if len(points) == 1:
-            points.append(to_us(local_midnight(first_day + timedelta(days=1), tz)))
-        return np.array(points, dtype=np.int64)
-    resolution = {"PT15M": PT15M, "PT1H": PT1H, "P1M": P1M}[interval]
-    first = resolution.floor(start, tz)
-    last_end = resolution.ceil(end, tz)
+        return local_midnight(local_day(instant, tz), tz)
+    if interval == "P1M":
+        return P1M.floor(instant, tz)
+    return _FIXED_OUTPUTS[interval].floor(instant, tz)
+
+
+def output_next(start: datetime, tz: ZoneInfo, interval: str) -> datetime:
+    """End (UTC) of the output interval that starts at ``start``."""
+    if interval == "P1D":
+        return local_midnight(local_day(start, tz) + timedelta(days=1), tz)
+    if interval == "P1M":
+        return P1M.next_start(start, tz)
+    return _FIXED_OUTPUTS[interval].next_start(start, tz)
+
+
+def output_range(
+    start: datetime, end: datetime, tz: ZoneInfo, interval: str
+) -> tuple[datetime, datetime]:
+    """The output intervals of a request: from the one containing ``start`` up to ``end``
+    (at least one), as the first one's start and the last one's end."""
+    first = output_floor(start, tz, interval)
+    floor_end = output_floor(end, tz, interval)
+    last_end = floor_end if floor_end == end else output_next(floor_end, tz, interval)
     if last_end <= first:
-        last_end = resolution.next_start(first, tz)
-    if resolution.is_calendar:
-        points_dt = [first]
-        while points_dt[-1] < last_end:
-            points_dt.append(resolution.next_start(points_dt[-1], tz))
-        return np.array([to_us(p) for p in points_dt], dtype=np.int64)
-    starts = grid_starts(first, last_end, tz, resolution)
-    return np.append(starts, np.int64(to_us(last_end)))
+        last_end = output_next(first, tz, interval)
+    return first, last_end
+
+
+def output_bounds(
+    first: datetime, last_end: datetime, tz: ZoneInfo, interval: str, count: int
+) -> NDArray[np.int64]:
+    """At most ``count`` consecutive output intervals from the one starting at ``first``,
+    up to ``last_end`` (an output interval's end): their starts, then the end of the last
+    one, as UTC microseconds (at most ``count + 1`` values; none when ``first`` is at or
+    after ``last_end``). The work is that of ``count`` intervals, whatever the range."""
+    if first >= last_end or count < 1:
+        return np.empty(0, dtype=np.int64)
+    fixed = _FIXED_OUTPUTS.get(interval)
+    if fixed is not None:
+        assert fixed.step is not None
+        step_us = int(fixed.step.total_seconds()) * US_PER_SECOND
+        # last_end is a grid point itself: included, it closes the range's last interval.
+        return _fixed_grid(to_us(first), to_us(last_end) + 1, tz, step_us, count + 1)
+    points = [first]
+    while len(points) <= count and points[-1] < last_end:
+        points.append(output_next(points[-1], tz, interval))
+    return np.array([to_us(p) for p in points], dtype=np.int64)
 
 
 __all__ = [
@@ -222,7 +247,10 @@ __all__ = [
     "local_day",
     "local_midnight",
     "offset_spans",
-    "output_starts",
+    "output_bounds",
+    "output_floor",
+    "output_next",
+    "output_range",
     "parse_output_interval",
     "to_us",
 ]

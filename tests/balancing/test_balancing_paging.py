@@ -13,10 +13,13 @@ from zoneinfo import ZoneInfo
 import pytest
 from openvpp.v1 import balancing_pb2 as bpb
 from openvpp.v1 import meter_registry_pb2 as mpb
+from openvpp.v1 import site_registry_pb2 as spb
 from openvpp.v1 import telemetry_pb2 as tpb
 
+from service.balancing import calendar, reads
 from service.balancing.worker import BalancingQueueConsumer
-from tests.balancing.conftest import Community, drain, stamp
+from tests.balancing.conftest import Community, drain, make_community, stamp
+from tests.conftest import Org
 
 BERLIN = ZoneInfo("Europe/Berlin")
 Q = timedelta(minutes=15)
@@ -210,3 +213,90 @@ async def test_pages_of_every_size_together_are_the_one_shot_listing(
                 given,
                 page_size,
             )
+
+
+async def test_a_page_lays_out_only_its_own_output_intervals(
+    partner: Org,
+    community: Community,
+    consumer: BalancingQueueConsumer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """README: a page covers at most page_size output intervals from its cursor, so its
+    work is bounded by the page, not by the requested range. Counted, not timed: every
+    output interval and balance grid point a page lays out is recorded."""
+    laid_out: list[tuple[int, int]] = []  # (output intervals asked for, bounds returned)
+    grid_points: list[int] = []
+
+    def spy_bounds(*args: Any) -> Any:
+        bounds = real_bounds(*args)
+        laid_out.append((args[-1], len(bounds)))
+        return bounds
+
+    def spy_grid(*args: Any) -> Any:
+        grid = real_grid(*args)
+        grid_points.append(len(grid))
+        return grid
+
+    real_bounds, real_grid = calendar.output_bounds, calendar.grid_starts
+    monkeypatch.setattr(reads, "output_bounds", spy_bounds)
+    monkeypatch.setattr(reads, "grid_starts", spy_grid)
+    # Amsterdam kept its local mean time (+00:19:32) until 1937: no quarter-hour offset.
+    site = await make_community(
+        partner,
+        community.registry,
+        community.meters,
+        community.telemetry,
+        community.balancing,
+        timezone="Europe/Amsterdam",
+        location=spb.Location(address="Amsterdam", country="NL"),
+    )
+    longest = timedelta(days=3660)
+    start = datetime(1900, 1, 1, tzinfo=UTC)
+    token = ""
+    for _ in range(2):
+        request = bpb.ListBalanceSummariesRequest(
+            site_id=site.site.id,
+            interval="PT15M",
+            page_size=1,
+            start_time=stamp(start),
+            end_time=stamp(start + longest),
+            page_token=token,
+        )
+        response = await site.balancing.ListBalanceSummaries(request, metadata=partner.auth)
+        assert [s.balance_intervals for s in response.summaries] == [1]
+        token = response.next_page_token
+        assert token
+    assert laid_out == [(1, 2), (1, 2)]
+    assert grid_points == [1, 1]
+
+    # Ten years of balances with one stored day at their end: the empty windows of the
+    # range are jumped over, not laid out.
+    home = await site.meter()
+    pv = await site.meter(direction=mpb.METER_DIRECTION_PRODUCER)
+    for meter in (home, pv):
+        await site.participate(meter)
+    at = datetime(2025, 3, 4, 10, tzinfo=ZoneInfo("Europe/Amsterdam")).astimezone(UTC)
+    await site.profile(home, at, [50])
+    await site.profile(pv, at, [40])
+    await drain(consumer)
+    laid_out.clear()
+    grid_points.clear()
+    end = datetime(2025, 6, 1, tzinfo=UTC)
+    for page_size in (1, 5):
+        request_b = bpb.ListAggregatedBalancesRequest(
+            site_id=site.site.id,
+            interval="PT15M",
+            page_size=page_size,
+            start_time=stamp(end - longest),
+            end_time=stamp(end),
+        )
+        answer = await site.balancing.ListAggregatedBalances(request_b, metadata=partner.auth)
+        assert len(answer.balances) == page_size
+        assert answer.next_page_token
+        # An empty window, then the stored day's. Each sized by rows: at most page_size + 2
+        # output intervals.
+        assert len(laid_out) == 2
+        assert all(asked <= page_size + 2 and got <= asked + 1 for asked, got in laid_out)
+        assert all(points <= page_size + 2 for points in grid_points)
+        laid_out.clear()
+        grid_points.clear()

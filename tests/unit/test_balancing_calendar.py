@@ -11,7 +11,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.balancing.calendar import from_us, grid_starts, offset_spans, to_us
+from service.balancing.calendar import (
+    from_us,
+    grid_starts,
+    offset_spans,
+    output_bounds,
+    output_floor,
+    output_next,
+    output_range,
+    to_us,
+)
 from service.grid import PT1H, PT15M, Resolution
 
 LORD_HOWE = ZoneInfo("Australia/Lord_Howe")  # +11 in summer, +10:30 in winter
@@ -91,3 +100,62 @@ def test_offset_spans_cover_the_range_with_the_zones_offsets(
             utcoffset = from_us(at).astimezone(tz).utcoffset()
             assert utcoffset is not None
             assert utcoffset // timedelta(microseconds=1) == offset
+
+
+def every_output(start: datetime, end: datetime, tz: ZoneInfo, interval: str) -> list[int]:
+    """The request's output intervals one by one (starts, then the last one's end)."""
+    first, last_end = output_range(start, end, tz, interval)
+    points = [first]
+    while points[-1] < last_end:
+        points.append(output_next(points[-1], tz, interval))
+    return [to_us(p) for p in points]
+
+
+@given(
+    zone=st.sampled_from(ZONES),
+    interval=st.sampled_from(["PT15M", "PT1H", "P1D", "P1M"]),
+    start_s=st.integers(to_us(datetime(1900, 1, 2, tzinfo=UTC)) // 10**6, 7_000_000_000),
+    length_s=st.integers(1, 200 * 86_400),
+    counts=st.lists(st.integers(1, 40), min_size=1, max_size=8),
+)
+def test_windows_from_a_cursor_together_are_the_requests_output_intervals(
+    zone: str, interval: str, start_s: int, length_s: int, counts: list[int]
+) -> None:
+    tz = ZoneInfo(zone)
+    start = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(seconds=start_s)
+    end = start + timedelta(seconds=length_s)
+    expected = every_output(start, end, tz, interval)
+    assert expected[0] <= to_us(start) < expected[1]
+    assert expected[-2] < to_us(end) <= expected[-1]
+    first, last_end = output_range(start, end, tz, interval)
+    laid_out: list[int] = []
+    position, turn = first, 0
+    while position < last_end:
+        count = counts[turn % len(counts)]
+        window = output_bounds(position, last_end, tz, interval, count).tolist()
+        assert 2 <= len(window) <= count + 1
+        assert window[0] == to_us(position)
+        laid_out.extend(window[:-1])
+        position, turn = from_us(window[-1]), turn + 1
+    assert [*laid_out, to_us(last_end)] == expected
+
+
+@pytest.mark.parametrize("interval", ["PT15M", "PT1H", "P1D", "P1M"])
+def test_a_pages_output_intervals_are_laid_out_for_the_page_not_the_range(
+    interval: str,
+) -> None:
+    # The longest request (3,660 days) in Amsterdam's local mean time (+00:19:32), which
+    # once took a datetime walk over all ~351,000 quarter-hours for every page.
+    amsterdam = ZoneInfo("Europe/Amsterdam")
+    start = datetime(1900, 1, 1, tzinfo=UTC)
+    first, last_end = output_range(start, start + timedelta(days=3660), amsterdam, interval)
+    for count in (1, 2, 10):
+        window = output_bounds(first, last_end, amsterdam, interval, count)
+        assert len(window) == count + 1
+        assert window.tolist() == every_output(first, from_us(int(window[-1])), amsterdam, interval)
+    last_start = output_floor(last_end - timedelta(microseconds=1), amsterdam, interval)
+    assert output_bounds(last_start, last_end, amsterdam, interval, 5).tolist() == [
+        to_us(last_start),
+        to_us(last_end),
+    ]
+    assert len(output_bounds(last_end, last_end, amsterdam, interval, 5)) == 0

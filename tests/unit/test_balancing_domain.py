@@ -12,7 +12,8 @@ from service.balancing.calendar import (
     from_us,
     grid_starts,
     iter_blocks,
-    output_starts,
+    output_bounds,
+    output_range,
     parse_output_interval,
     to_us,
 )
@@ -144,15 +145,21 @@ def test_day_blocks_hold_92_96_and_100_quarter_hours_in_berlin() -> None:
     assert month[1] == datetime(2025, 11, 1, tzinfo=BERLIN).astimezone(UTC)
 
 
+def output_starts(start: datetime, end: datetime, interval: str) -> list[int]:
+    """Every output interval of a request in Berlin: starts, then the last one's end."""
+    first, last_end = output_range(start, end, BERLIN, interval)
+    return [int(t) for t in output_bounds(first, last_end, BERLIN, interval, 10_000)]
+
+
 def test_output_intervals_follow_the_local_calendar() -> None:
     start = datetime(2025, 3, 30, 5, tzinfo=BERLIN).astimezone(UTC)
-    days = output_starts(start, start + timedelta(days=2), BERLIN, "P1D")
-    assert [from_us(int(d)).astimezone(BERLIN).day for d in days] == [30, 31, 1, 2]
-    assert int(days[1] - days[0]) == 23 * 3600 * 1_000_000
-    months = output_starts(start, start + timedelta(days=40), BERLIN, "P1M")
+    days = output_starts(start, start + timedelta(days=2), "P1D")
+    assert [from_us(d).astimezone(BERLIN).day for d in days] == [30, 31, 1, 2]
+    assert days[1] - days[0] == 23 * 3600 * 1_000_000
+    months = output_starts(start, start + timedelta(days=40), "P1M")
     # Starts of March, April and May, then the end of May.
-    assert [from_us(int(m)).astimezone(BERLIN).month for m in months] == [3, 4, 5, 6]
-    hours = output_starts(start, start + timedelta(minutes=1), BERLIN, "PT1H")
+    assert [from_us(m).astimezone(BERLIN).month for m in months] == [3, 4, 5, 6]
+    hours = output_starts(start, start + timedelta(minutes=1), "PT1H")
     assert len(hours) == 2
     assert np.all(np.diff(hours) == 3600 * 1_000_000)
     assert parse_output_interval("", PT15M) == "PT15M"
