@@ -134,13 +134,25 @@ async def _window(
     return aggregate(blocks, bounds, grid, producers, consumers)
 
 
-async def _next_data(pool: asyncpg.Pool, site: SiteInfo, after_us: int) -> int | None:
+async def _next_data(
+    pool: asyncpg.Pool, site: SiteInfo, after_us: int, creditor: str | None, debitor: str | None
+) -> int | None:
+    """Start of the first stored block ending after ``after_us`` that can hold a row under
+    the filters: one with the filtered meters on their sides (GRID: any producer or
+    consumer on the other side), so the days before a meter joined are jumped over."""
+    conditions = ["site_id = $1", "org_id = $2", "block_end > $3"]
+    args: list[Any] = [site.id, site.org_id, from_us(after_us)]
+    for meter, side, other in (
+        (creditor, "producer_ids", "consumer_ids"),
+        (debitor, "consumer_ids", "producer_ids"),
+    ):
+        if meter == GRID:
+            conditions.append(f"cardinality({other}) > 0")
+        elif meter is not None:
+            args.append(UUID(meter))
+            conditions.append(f"${len(args)}::uuid = ANY({side})")
     value: datetime | None = await pool.fetchval(
-        "SELECT min(block_start) FROM balance_blocks "
-        "WHERE site_id = $1 AND org_id = $2 AND block_end > $3",
-        site.id,
-        site.org_id,
-        from_us(after_us),
+        f"SELECT min(block_start) FROM balance_blocks WHERE {' AND '.join(conditions)}", *args
     )
     return to_us(value) if value is not None else None
 
@@ -181,8 +193,8 @@ async def balances_page(
     if cursor is not None:
         position = _cursor_start(int(cursor["s"]), first, last_end, site, interval)
         after = (str(cursor.get("c", "")), str(cursor.get("d", "")))
-    if position is None:
-        return [], ""
+    if position is None or (creditor is not None and creditor == debitor):
+        return [], ""  # no meter (nor GRID) is its own creditor
     producers = {UUID(creditor)} if creditor not in (None, GRID) else None
     consumers = {UUID(debitor)} if debitor not in (None, GRID) else None
     if creditor == GRID:
@@ -224,8 +236,8 @@ async def balances_page(
             )
             count += len(intervals)
         elif window_end < last_end_us:
-            # Nothing stored in this window: jump to the next stored block.
-            upcoming = await _next_data(pool, site, window_end)
+            # No row in this window: jump to the next stored block that can hold one.
+            upcoming = await _next_data(pool, site, window_end, creditor, debitor)
             if upcoming is None:
                 break
             if upcoming > window_end:

@@ -197,6 +197,7 @@ async def test_pages_of_every_size_together_are_the_one_shot_listing(
         {"debitor_meter_id": late.id},
         {"site_id": community.site.id, "debitor_meter_id": "GRID"},
         {"creditor_meter_id": pv.id, "debitor_meter_id": late.id},
+        {"creditor_meter_id": prosumer.id, "debitor_meter_id": prosumer.id},
     ]
     for given in filters:
         whole = await one_shot(community, **given, **window)
@@ -300,3 +301,73 @@ async def test_a_page_lays_out_only_its_own_output_intervals(
         assert all(points <= page_size + 2 for points in grid_points)
         laid_out.clear()
         grid_points.clear()
+
+
+async def test_a_late_joiners_first_page_jumps_over_the_days_before_it_joined(
+    community: Community, consumer: BalancingQueueConsumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    windows: list[int] = []
+
+    def spy_bounds(*args: Any) -> Any:
+        bounds = real_bounds(*args)
+        windows.append(len(bounds) - 1)
+        return bounds
+
+    real_bounds = calendar.output_bounds
+    monkeypatch.setattr(reads, "output_bounds", spy_bounds)
+    a = await community.meter()
+    pv = await community.meter(direction=mpb.METER_DIRECTION_PRODUCER)
+    joiner = await community.meter()
+    for meter in (a, pv):
+        await community.participate(meter)
+    await community.participate(joiner, start=date(2025, 3, 21))
+    first = local(2025, 3, 1, 12)
+    # A stored day every day of March without the joiner; it joins on the 21st.
+    for n in range(20):
+        await community.profile(a, first + timedelta(days=n), [50])
+        await community.profile(pv, first + timedelta(days=n), [40])
+    joined = local(2025, 3, 21, 12)
+    for meter in (a, joiner):
+        await community.profile(meter, joined, [30])
+    await community.profile(pv, joined, [40])
+    await drain(consumer)
+    site = community.site.id
+    for fields in (
+        {"debitor_meter_id": joiner.id},
+        {"site_id": site, "creditor_meter_id": "GRID"},
+        {"creditor_meter_id": pv.id, "debitor_meter_id": joiner.id},
+    ):
+        windows.clear()
+        request = bpb.ListAggregatedBalancesRequest(
+            page_size=1,
+            interval="PT15M",
+            start_time=stamp(local(2025, 3, 1)),
+            end_time=stamp(local(2025, 4, 1)),
+            **fields,
+        )
+        response = await community.balancing.ListAggregatedBalances(
+            request, metadata=community.org.auth
+        )
+        assert len(response.balances) == 1
+        assert len(windows) <= 2, (fields, len(windows))
+        first_row = response.balances[0].interval_start.ToDatetime(tzinfo=UTC)
+        assert first_row == (local(2025, 3, 1) if "site_id" in fields else local(2025, 3, 21))
+    # No meter is its own creditor: nothing to look for.
+    windows.clear()
+    alone = await one_shot(
+        community,
+        creditor_meter_id=a.id,
+        debitor_meter_id=a.id,
+        start_time=stamp(local(2025, 3, 1)),
+        end_time=stamp(local(2025, 4, 1)),
+    )
+    assert alone == []
+    assert windows == []
+    joiners = await one_shot(
+        community,
+        debitor_meter_id=joiner.id,
+        interval="P1D",
+        start_time=stamp(local(2025, 3, 1)),
+        end_time=stamp(local(2025, 4, 1)),
+    )
+    assert {start for start, *_ in joiners} == {local(2025, 3, 21)}
