@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 
 from service.balancing.blocks import Block, pack, unpack, unpack_totals
-from service.balancing.calendar import local_midnight
+from service.balancing.calendar import StoredBlock, local_midnight
 from service.balancing.domain import (
     BalancingRole,
     Period,
@@ -579,20 +579,54 @@ async def replace_blocks(
     removed: Sequence[datetime],
 ) -> None:
     """Replaces the stored blocks starting at ``written``'s and ``removed``'s starts."""
-    starts = [b.start for b in written] + list(removed)
+    await delete_blocks(conn, org_id, site_id, [b.start for b in written] + list(removed))
+    if written:
+        await conn.copy_records_to_table(
+            "balance_blocks",
+            records=[(site_id, org_id, b.start, b.end, *pack(b)) for b in written],
+            columns=_BLOCK_COLUMNS,
+        )
+
+
+async def stored_blocks(
+    conn: asyncpg.Connection,
+    org_id: UUID,
+    site_id: UUID,
+    start: datetime | None = None,
+    end: datetime | None = None,
+) -> list[StoredBlock]:
+    """Where the site's stored blocks lie (overlapping ``[start, end)``, or all), ascending:
+    their bounds and interval counts, not their values (the length of an uncompressed
+    value is read from its TOAST pointer)."""
+    columns = "SELECT block_start, block_end, octet_length(interval_starts) / 8 AS intervals "
+    if start is None or end is None:
+        rows = await conn.fetch(
+            columns + "FROM balance_blocks WHERE site_id = $1 AND org_id = $2 ORDER BY block_start",
+            site_id,
+            org_id,
+        )
+    else:
+        rows = await conn.fetch(
+            columns + "FROM balance_blocks WHERE site_id = $1 AND org_id = $2 "
+            "AND block_start < $4 AND block_end > $3 ORDER BY block_start",
+            site_id,
+            org_id,
+            start,
+            end,
+        )
+    return [StoredBlock(row["block_start"], row["block_end"], row["intervals"]) for row in rows]
+
+
+async def delete_blocks(
+    conn: asyncpg.Connection, org_id: UUID, site_id: UUID, starts: Sequence[datetime]
+) -> None:
     if starts:
         await conn.execute(
             "DELETE FROM balance_blocks WHERE site_id = $1 AND org_id = $2 "
             "AND block_start = ANY($3::timestamptz[])",
             site_id,
             org_id,
-            starts,
-        )
-    if written:
-        await conn.copy_records_to_table(
-            "balance_blocks",
-            records=[(site_id, org_id, b.start, b.end, *pack(b)) for b in written],
-            columns=_BLOCK_COLUMNS,
+            list(starts),
         )
 
 
