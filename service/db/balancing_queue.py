@@ -9,7 +9,8 @@ other's queue rows and a change committed after a consumer's claim appends a new
 
 A change that moves a site's grid or a meter's energy queues the range its data covers:
 :func:`readings_spans` finds the first and last reading in one query, :func:`span_range`
-turns them into a range of the site's grid.
+turns them into a range of the site's grid. A change of the grid also queues the runs of
+stored results (:func:`results_runs`), which must move to the new grid where no reading is.
 """
 
 from __future__ import annotations
@@ -108,6 +109,32 @@ async def readings_spans(
     if row is not None and row["meter_first"] is not None:
         meter = (row["meter_first"], row["meter_last"])
     return site, meter
+
+
+# The runs of a site's stored balance blocks: consecutive blocks (one's end the next's start)
+# form one run, so gaps between the days with results stay gaps.
+_RESULTS_RUNS = """
+SELECT min(block_start) AS run_start, max(block_end) AS run_end
+FROM (
+    SELECT block_start, block_end,
+           count(*) FILTER (WHERE block_start <> previous_end) OVER (ORDER BY block_start) AS run
+    FROM (
+        SELECT block_start, block_end, lag(block_end) OVER (ORDER BY block_start) AS previous_end
+        FROM balance_blocks
+        WHERE site_id = $1 AND org_id = $2
+    ) blocks
+) runs
+GROUP BY run
+ORDER BY run_start
+"""
+
+
+async def results_runs(
+    conn: asyncpg.Connection, org_id: UUID, site_id: UUID
+) -> list[tuple[datetime, datetime]]:
+    """The ``[start, end)`` runs of the site's stored balance results, ascending."""
+    rows = await conn.fetch(_RESULTS_RUNS, site_id, org_id)
+    return [(row["run_start"], row["run_end"]) for row in rows]
 
 
 def span_range(

@@ -5,7 +5,7 @@ balance counted once, with no moment at which a reader sees both grids or neithe
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from itertools import pairwise
 from uuid import UUID
 from zoneinfo import ZoneInfo
@@ -192,3 +192,26 @@ async def test_a_reader_sees_the_old_grid_until_the_new_one_commits(
     assert seen == [(40, 50, 40)]
     assert _totals(await community.summaries(interval="P1M", **month)) == (40, 50, 40)
 
+
+async def test_results_away_from_the_readings_move_to_the_new_grid_too(
+    community: Community, consumer: BalancingQueueConsumer, pool: asyncpg.Pool
+) -> None:
+    await _one_shared_interval(community, consumer)
+    # A day re-balanced without any reading: incomplete results, months from the readings.
+    june = local(2025, 6, 2)
+    await community.balancing.RunBalancing(
+        bpb.RunBalancingRequest(
+            site_id=community.site.id, start_time=stamp(june), end_time=stamp(june + Q)
+        ),
+        metadata=community.org.auth,
+    )
+    await _update_site(community, timezone="Europe/London")
+    await drain(consumer)
+    bounds = await _assert_blocks_on_grid(pool, community, LONDON, "PT15M")
+    # The two runs of results stay two: the months between get no blocks.
+    assert [start.astimezone(LONDON).date() for start, _ in bounds] == [
+        date(2025, 3, 3),
+        date(2025, 3, 4),
+        date(2025, 6, 1),
+        date(2025, 6, 2),
+    ]
