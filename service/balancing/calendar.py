@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import numpy as np
 from numpy.typing import NDArray
 
-from service.grid import P1M, PT1H, PT15M, Resolution
+from service.grid import P1M, PT1H, PT15M, Resolution, local_midnight
 
 US_PER_SECOND = 1_000_000
 OUTPUT_INTERVALS: tuple[str, ...] = ("PT15M", "PT1H", "P1D", "P1M")
@@ -35,11 +35,6 @@ def to_us(value: datetime) -> int:
 
 def from_us(value: int) -> datetime:
     return _EPOCH + timedelta(microseconds=int(value))
-
-
-def local_midnight(day: date, tz: ZoneInfo) -> datetime:
-    """First instant (UTC) of ``day`` in ``tz``."""
-    return datetime.combine(day, time(0), tzinfo=tz).astimezone(UTC)
 
 
 def local_day(instant: datetime, tz: ZoneInfo) -> date:

@@ -11,20 +11,22 @@ A change that moves a site's grid or a meter's energy queues the range its data 
 :func:`readings_spans` finds the first and last reading in one query, :func:`span_range`
 turns them into a range of the site's grid. A change of the grid also queues the runs of
 stored results (:func:`results_runs`), which must move to the new grid where no reading is.
+A change of who takes part (balancing settings, or a participant's deletion) queues local
+days, clipped to where the site has data (:func:`enqueue_days_with_data`).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
 import asyncpg
 
 from service.events.channels import BALANCING_QUEUE_CHANNEL
-from service.grid import Resolution
+from service.grid import Resolution, local_midnight
 
 _ONE_MICROSECOND = timedelta(microseconds=1)
 
@@ -156,3 +158,41 @@ def span_range(
     start = current_resolution.floor(min(starts), current_tz)
     end = current_resolution.ceil(max(ends), current_tz)
     return start, end
+
+
+async def enqueue_days_with_data(
+    conn: asyncpg.Connection,
+    org_id: UUID,
+    site_id: UUID,
+    tz: ZoneInfo,
+    days: Iterable[tuple[date, date | None]],
+) -> None:
+    """Queues the local days ``[start, end)`` (end None: open) of ``days`` on which the site
+    has data: readings, or results (which must follow when readings are gone).
+
+    A register's energy also needs the register before it, so a day of margin around the
+    data is kept; re-balancing a day without data only writes incomplete intervals.
+    """
+    readings, _ = await readings_spans(conn, org_id, site_id)
+    stored = await conn.fetchrow(
+        "SELECT min(block_start) AS first_ts, max(block_end) AS last_ts "
+        "FROM balance_blocks WHERE site_id = $1 AND org_id = $2",
+        site_id,
+        org_id,
+    )
+    spans: list[tuple[datetime, datetime]] = []
+    if readings is not None:
+        spans.append(readings)
+    if stored is not None and stored["first_ts"] is not None:
+        spans.append((stored["first_ts"], stored["last_ts"]))
+    if not spans:
+        return
+    data_start: datetime = min(first for first, _ in spans) - timedelta(days=1)
+    data_end: datetime = max(last for _, last in spans) + timedelta(days=1)
+    ranges = []
+    for first_day, end_day in days:
+        start = max(local_midnight(first_day, tz), data_start)
+        end = data_end if end_day is None else min(local_midnight(end_day, tz), data_end)
+        if start < end:
+            ranges.append((site_id, start, end))
+    await enqueue_balancing(conn, org_id, ranges)
