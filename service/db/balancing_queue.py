@@ -196,3 +196,20 @@ async def enqueue_days_with_data(
         if start < end:
             ranges.append((site_id, start, end))
     await enqueue_balancing(conn, org_id, ranges)
+
+
+async def enqueue_participation(
+    conn: asyncpg.Connection, org_id: UUID, site_id: UUID, tz: ZoneInfo, meter_id: UUID
+) -> None:
+    """Queues the days a meter takes part in (its PARTICIPANT settings) on which the site
+    has data: what its deletion, which takes its settings with it, changes. Without its
+    readings it still made those intervals incomplete; with them it had a share."""
+    rows = await conn.fetch(
+        "SELECT start_date, end_date FROM meter_balancing_settings "
+        "WHERE meter_id = $1 AND org_id = $2 AND balancing = 'participant'",
+        meter_id,
+        org_id,
+    )
+    await enqueue_days_with_data(
+        conn, org_id, site_id, tz, [(row["start_date"], row["end_date"]) for row in rows]
+    )
