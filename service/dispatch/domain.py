@@ -259,11 +259,13 @@ def allocate(
     """Each candidate's setpoint, within its bounds, and what of the target is left unmet.
 
     EXACT: the target is split in proportion to the candidates' headroom in its direction;
-    a target beyond the total headroom takes every candidate to that bound and the rest is
-    shortfall. MAXIMISE_*: every candidate at its bound; ``power_kw`` is then only a goal
-    against which shortfall is measured (0 = no goal). A setpoint is rounded to watts and
-    kept within the resource's bounds, so a resource whose range excludes zero (e.g. a
-    minimum consumption) keeps at least that.
+    where bounds that exclude zero make that split miss a target the candidates can reach,
+    the difference is spread over the room each has left (``_towards``). A target beyond
+    what the bounds allow takes every candidate to that bound and the rest is shortfall.
+    MAXIMISE_*: every candidate at its bound; ``power_kw`` is then only a goal against which
+    shortfall is measured (0 = no goal). A setpoint is rounded to watts and kept within the
+    resource's bounds, so a resource whose range excludes zero (e.g. a minimum consumption)
+    keeps at least that.
     """
     upwards = (
         power_kw >= 0
@@ -271,11 +273,17 @@ def allocate(
         else dispatch_type is DispatchType.MAXIMISE_UPWARDS
     )
     setpoints: list[tuple[Candidate, float]] = []
+    unreachable = False
     if dispatch_type is DispatchType.EXACT:
         total = sum(_headroom(c, upwards) for c in candidates)
         share = 0.0 if total == 0 else min(1.0, power_kw / total)
-        for candidate in candidates:
-            wanted = _headroom(candidate, upwards) * share
+        shares = [
+            min(max(_headroom(c, upwards) * share, c.power_min_kw), c.power_max_kw)
+            for c in candidates
+        ]
+        reached, left = _towards(power_kw, shares, candidates)
+        unreachable = abs(left) > _UNREACHABLE_KW
+        for candidate, wanted in zip(candidates, reached, strict=True):
             setpoints.append(
                 (candidate, _within(wanted, candidate.power_min_kw, candidate.power_max_kw))
             )
@@ -291,8 +299,44 @@ def allocate(
         # would otherwise show up as a shortfall of a goal nobody set).
         return Allocation(setpoints, allocated, 0.0)
     missing = power_kw - allocated
-    shortfall = max(missing, 0.0) if upwards else min(missing, 0.0)
+    # Beyond what the bounds allow on either side (also the other side of zero: a target
+    # below the resources' minimum consumption), what is missing counts with its sign; a
+    # target reached but for the rounding to watts counts only a shortfall, not an excess.
+    shortfall = missing if unreachable else max(missing, 0.0) if upwards else min(missing, 0.0)
     return Allocation(setpoints, allocated, _round(shortfall))
+
+
+# Left of an EXACT target after _towards, beyond floating-point noise: it cannot be reached.
+_UNREACHABLE_KW = 1e-9
+
+
+def _towards(
+    target_kw: float, values: Sequence[float], candidates: Sequence[Candidate]
+) -> tuple[list[float], float]:
+    """``values`` (each within its candidate's bounds) moved together towards ``target_kw``,
+    each in proportion to its room that way, never beyond a bound; and what is left.
+
+    The split by headroom misses a target when a resource's range excludes zero: clamped to
+    its bound nearest zero (a minimum consumption), it adds power the split did not count,
+    and a resource with no headroom in the target's direction may have room in the other.
+    Where the split already reaches the target nothing moves.
+    """
+    missing = target_kw - math.fsum(values)
+    if missing == 0:
+        return list(values), 0.0
+    rooms = [
+        (c.power_max_kw if missing > 0 else c.power_min_kw) - value
+        for c, value in zip(candidates, values, strict=True)
+    ]
+    room = math.fsum(rooms)
+    if room == 0:
+        return list(values), missing
+    share = min(1.0, missing / room)
+    moved = [
+        min(max(value + each * share, c.power_min_kw), c.power_max_kw)
+        for c, value, each in zip(candidates, values, rooms, strict=True)
+    ]
+    return moved, missing - room * share
 
 
 def outside_bounds(

@@ -159,9 +159,14 @@ async def test_allocation_with_bounds_and_shortfall_per_type(cluster: Cluster) -
     exact_up = await dry(6.0, pb.DISPATCH_TYPE_EXACT)
     assert [s.power_kw for s in exact_up.setpoints] == [2.0, 4.0, 0.0]
     assert (exact_up.dispatch.allocated_power_kw, exact_up.dispatch.shortfall_power_kw) == (6, 0)
-    # EXACT downwards: shares of -5 and -8; the heat pump keeps its 2 kW minimum.
+    # EXACT downwards: shares of -5 and -8; the heat pump keeps its 2 kW minimum, and the
+    # other two make up for it in proportion to the room they have left.
     exact_down = await dry(-6.5, pb.DISPATCH_TYPE_EXACT)
-    assert [s.power_kw for s in exact_down.setpoints] == [-2.5, 2.0, -4.0]
+    assert [s.power_kw for s in exact_down.setpoints] == [-3.269, 2.0, -5.231]
+    assert (exact_down.dispatch.allocated_power_kw, exact_down.dispatch.shortfall_power_kw) == (
+        -6.5,
+        0,
+    )
     # Beyond the headroom: everything at its bound, the rest is shortfall.
     beyond = await dry(-30.0, pb.DISPATCH_TYPE_EXACT)
     assert [s.power_kw for s in beyond.setpoints] == [-5.0, 2.0, -8.0]
