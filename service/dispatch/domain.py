@@ -20,7 +20,7 @@ from enum import StrEnum
 from typing import NamedTuple
 from uuid import UUID
 
-from service.common.errors import ValidationError, ViolationCollector
+from service.common.errors import FieldViolation, ValidationError, ViolationCollector
 from service.registry.domain import ResourceType, SiteStatus
 from service.upstream.domain import UpstreamStatus
 
@@ -133,6 +133,9 @@ class DispatchRequest:
         return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
 
+QUARTER_HOUR_RULE = "must be on a quarter-hour (hh:00, :15, :30 or :45, 0 s)"
+
+
 def _on_quarter_hour(value: datetime) -> bool:
     return value.microsecond == 0 and int(value.timestamp()) % QUARTER_HOUR_SECONDS == 0
 
@@ -143,13 +146,21 @@ def require_open_window(request: DispatchRequest, now: datetime) -> None:
         raise ValidationError.single("end_time", "must be in the future")
 
 
-def validate_request(request: DispatchRequest, now: datetime | None) -> DispatchRequest:
+def validate_request(
+    request: DispatchRequest,
+    now: datetime | None,
+    malformed: Sequence[FieldViolation] = (),
+) -> DispatchRequest:
     """Every broken rule at once (a ValidationError naming each field).
 
     ``now`` None leaves out "end in the future": a retry of a dispatch whose window has
     since ended must still find the first dispatch, so the store checks that rule
-    (:func:`require_open_window`) only for a request it has not seen."""
+    (:func:`require_open_window`) only for a request it has not seen. ``malformed``: the
+    violations found while reading the request (missing or unreadable fields), reported
+    with these; no rule here judges a field that is among them."""
     errors = ViolationCollector()
+    errors.violations.extend(malformed)
+    unreadable = {violation.field for violation in malformed}
     request_id = request.request_id
     if not request_id:
         errors.add("request_id", "is required")
@@ -165,19 +176,22 @@ def validate_request(request: DispatchRequest, now: datetime | None) -> Dispatch
         errors.add(
             "power_kw", "must be <= 0 (an optional goal) for DISPATCH_TYPE_MAXIMISE_DOWNWARDS"
         )
-    if request.dispatch_type is None:
+    if request.dispatch_type is None and "type" not in unreadable:
         errors.add("type", "is required")
     start, end = request.start_time, request.end_time
-    if not _on_quarter_hour(start):
-        errors.add("start_time", "must be on a quarter-hour (hh:00, :15, :30 or :45, 0 s)")
-    if not _on_quarter_hour(end):
-        errors.add("end_time", "must be on a quarter-hour (hh:00, :15, :30 or :45, 0 s)")
-    if end <= start:
-        errors.add("end_time", "must be after start_time")
-    elif end - start > MAX_WINDOW:
-        errors.add("end_time", "must be at most 24 h after start_time")
-    if now is not None and end <= now:
-        errors.add("end_time", "must be in the future")
+    if "start_time" not in unreadable and not _on_quarter_hour(start):
+        errors.add("start_time", QUARTER_HOUR_RULE)
+    if "end_time" not in unreadable:
+        if not _on_quarter_hour(end):
+            errors.add("end_time", QUARTER_HOUR_RULE)
+        if "start_time" in unreadable:
+            pass  # nothing to measure the window from
+        elif end <= start:
+            errors.add("end_time", "must be after start_time")
+        elif end - start > MAX_WINDOW:
+            errors.add("end_time", "must be at most 24 h after start_time")
+        if now is not None and end <= now:
+            errors.add("end_time", "must be in the future")
     if len(set(request.selection.site_ids)) != len(request.selection.site_ids):
         errors.add("selection.site_ids", "must not repeat a site")
     for index, kind in enumerate(request.selection.resource_types):
