@@ -153,6 +153,17 @@ def powers(dispatch_type: DispatchType, target: float, *bounds: tuple[float, flo
     return [value for _, value in allocation.setpoints]
 
 
+def bounds_lists(magnitude: float, most: int) -> st.SearchStrategy[list[tuple[float, float]]]:
+    """Lists of (min, max) power bounds, min <= max, each within +-2 * magnitude kW."""
+    return st.lists(
+        st.tuples(st.floats(-magnitude, magnitude), st.floats(0, magnitude)).map(
+            lambda pair: (pair[0], pair[0] + pair[1])
+        ),
+        min_size=1,
+        max_size=most,
+    )
+
+
 class TestAllocation:
     def test_exact_upwards_splits_by_upper_bound(self) -> None:
         allocation = allocate(
@@ -215,13 +226,7 @@ class TestAllocation:
 
     @given(
         st.floats(-1e3, 1e3, allow_nan=False),
-        st.lists(
-            st.tuples(st.floats(-1e2, 1e2), st.floats(0, 1e2)).map(
-                lambda pair: (pair[0], pair[0] + pair[1])
-            ),
-            min_size=1,
-            max_size=6,
-        ),
+        bounds_lists(magnitude=1e2, most=6),
     )
     def test_exact_reaches_every_target_within_the_bounds_to_the_watt(
         self, target: float, bounds: list[tuple[float, float]]
@@ -333,13 +338,7 @@ class TestBoundsAtDelivery:
     @given(
         st.sampled_from(list(DispatchType)),
         st.floats(-1e4, 1e4, allow_nan=False),
-        st.lists(
-            st.tuples(st.floats(-1e3, 1e3), st.floats(0, 1e3)).map(
-                lambda pair: (pair[0], pair[0] + pair[1])
-            ),
-            min_size=1,
-            max_size=5,
-        ),
+        bounds_lists(magnitude=1e3, most=5),
     )
     def test_every_setpoint_the_allocation_makes_is_within_its_bounds(
         self, dispatch_type: DispatchType, target: float, bounds: list[tuple[float, float]]
