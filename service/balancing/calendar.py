@@ -8,21 +8,25 @@ constant inside a day block. Times are UTC microseconds in numpy arrays. No I/O.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from datetime import UTC, date, datetime, time, timedelta
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 import numpy as np
 from numpy.typing import NDArray
 
-from service.grid import P1M, PT1H, PT15M, Resolution
+from service.grid import P1M, PT1H, PT15M, Resolution, local_midnight
 
 US_PER_SECOND = 1_000_000
 OUTPUT_INTERVALS: tuple[str, ...] = ("PT15M", "PT1H", "P1D", "P1M")
 # How coarse each output interval is, to refuse one finer than the site's resolution.
 _COARSENESS = {"PT15M": 0, "PT1H": 1, "P1D": 2, "P1M": 3}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MICROSECOND = timedelta(microseconds=1)
+
+TimeRange = tuple[datetime, datetime]
 
 
 def to_us(value: datetime) -> int:
@@ -32,11 +36,6 @@ def to_us(value: datetime) -> int:
 
 def from_us(value: int) -> datetime:
     return _EPOCH + timedelta(microseconds=int(value))
-
-
-def local_midnight(day: date, tz: ZoneInfo) -> datetime:
-    """First instant (UTC) of ``day`` in ``tz``."""
-    return datetime.combine(day, time(0), tzinfo=tz).astimezone(UTC)
 
 
 def local_day(instant: datetime, tz: ZoneInfo) -> date:
@@ -62,6 +61,81 @@ def iter_blocks(
     while block_start < end:
         yield block_start, block_end
         block_start, block_end = block_of(block_end, tz, resolution)
+
+
+def merge_ranges(ranges: Iterable[TimeRange]) -> list[TimeRange]:
+    """Sorted, with overlapping or touching ranges joined."""
+    merged: list[TimeRange] = []
+    for start, end in sorted(ranges):
+        if end <= start:
+            continue
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+@dataclass(frozen=True)
+class StoredBlock:
+    """Where a stored block lies: its bounds and how many balance intervals it holds."""
+
+    start: datetime
+    end: datetime
+    intervals: int
+
+
+def on_grid(block: StoredBlock, tz: ZoneInfo, resolution: Resolution) -> bool:
+    """Whether a stored block is a block of the site's grid now: false after a change of
+    time zone (other local days) or resolution (months, or other intervals in a day)."""
+    if block_of(block.start, tz, resolution) != (block.start, block.end):
+        return False
+    return len(grid_starts(block.start, block.end, tz, resolution)) == block.intervals
+
+
+def _overlaps(ranges: Sequence[TimeRange], start: datetime, end: datetime) -> bool:
+    return any(s < end and start < e for s, e in ranges)
+
+
+def take_in_off_grid_blocks(
+    ranges: Sequence[TimeRange],
+    stored: Sequence[StoredBlock],
+    tz: ZoneInfo,
+    resolution: Resolution,
+) -> tuple[list[TimeRange], list[datetime]]:
+    """The ranges to re-balance so that no stored block of an old grid overlaps a block
+    written on the current one, and the starts of the old blocks to delete.
+
+    Re-balancing writes whole current blocks, so an old block overlapping one of them is
+    deleted, and the current blocks covering the rest of it are written too (else its other
+    intervals would have no results); those may overlap further old blocks, and so on
+    (Berlin's days each straddle two London days): the ranges grow to the whole run of old
+    blocks. Old blocks that overlap nothing written are left for their own re-balancing.
+    """
+    written = merge_ranges(
+        [(s, e) for r in ranges for s, e in iter_blocks(r[0], r[1], tz, resolution)]
+    )
+    off_grid = sorted((b for b in stored if not on_grid(b, tz, resolution)), key=lambda b: b.start)
+    # Old block start -> the current blocks covering it, as one range.
+    taken: dict[datetime, TimeRange] = {}
+    grown = True
+    while grown:
+        grown = False
+        # Alternating directions follow a run of old blocks both ways in a few passes.
+        for block in off_grid:
+            if block.start in taken or not _overlaps(written, block.start, block.end):
+                continue
+            cover = (
+                block_of(block.start, tz, resolution)[0],
+                block_of(block.end - _ONE_MICROSECOND, tz, resolution)[1],
+            )
+            taken[block.start] = cover
+            written = merge_ranges([*written, cover])
+            grown = True
+        off_grid.reverse()
+    if not taken:
+        return list(ranges), []
+    return merge_ranges([*ranges, *taken.values()]), sorted(taken)
 
 
 def block_day(block_start: datetime, tz: ZoneInfo) -> date:
@@ -239,6 +313,8 @@ def output_bounds(
 
 __all__ = [
     "OUTPUT_INTERVALS",
+    "StoredBlock",
+    "TimeRange",
     "block_day",
     "block_of",
     "from_us",
@@ -246,11 +322,14 @@ __all__ = [
     "iter_blocks",
     "local_day",
     "local_midnight",
+    "merge_ranges",
     "offset_spans",
+    "on_grid",
     "output_bounds",
     "output_floor",
     "output_next",
     "output_range",
     "parse_output_interval",
+    "take_in_off_grid_blocks",
     "to_us",
 ]
