@@ -240,10 +240,8 @@ async def balances_page(
             upcoming = await _next_data(pool, site, window_end, creditor, debitor)
             if upcoming is None:
                 break
-            if upcoming > window_end:
-                window_end = max(
-                    window_end, to_us(output_floor(from_us(upcoming), site.timezone, interval))
-                )
+            ahead = output_floor(from_us(upcoming), site.timezone, interval)
+            window_end = max(window_end, to_us(ahead))
         after = None
         position = from_us(window_end)
     if count <= limit:
