@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -130,3 +131,15 @@ def _coerce(name: str, type_name: Any, raw: str) -> Any:
     except ValueError as exc:
         raise SystemExit(f"{ENV_PREFIX}{name.upper()}: cannot use {raw!r} ({exc})") from exc
     return raw
+
+
+def refuse_broken_values(section: str, checks: Iterable[tuple[str, bool, str]]) -> None:
+    """Raises ValueError naming every ``OPENVPP_<SECTION>_<NAME>`` whose value breaks its
+    rule, from (name, broken, rule) checks: all of them in one message."""
+    problems = [
+        f"{ENV_PREFIX}{section}_{name.upper()} must be {rule}"
+        for name, broken, rule in checks
+        if broken
+    ]
+    if problems:
+        raise ValueError("; ".join(problems))

@@ -8,20 +8,25 @@ constant inside a day block. Times are UTC microseconds in numpy arrays. No I/O.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from datetime import UTC, date, datetime, time, timedelta
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 import numpy as np
 from numpy.typing import NDArray
 
-from service.grid import P1M, PT1H, PT15M, Resolution
+from service.grid import P1M, PT1H, PT15M, Resolution, local_midnight
 
 US_PER_SECOND = 1_000_000
 OUTPUT_INTERVALS: tuple[str, ...] = ("PT15M", "PT1H", "P1D", "P1M")
 # How coarse each output interval is, to refuse one finer than the site's resolution.
 _COARSENESS = {"PT15M": 0, "PT1H": 1, "P1D": 2, "P1M": 3}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MICROSECOND = timedelta(microseconds=1)
+
+TimeRange = tuple[datetime, datetime]
 
 
 def to_us(value: datetime) -> int:
@@ -31,11 +36,6 @@ def to_us(value: datetime) -> int:
 
 def from_us(value: int) -> datetime:
     return _EPOCH + timedelta(microseconds=int(value))
-
-
-def local_midnight(day: date, tz: ZoneInfo) -> datetime:
-    """First instant (UTC) of ``day`` in ``tz``."""
-    return datetime.combine(day, time(0), tzinfo=tz).astimezone(UTC)
 
 
 def local_day(instant: datetime, tz: ZoneInfo) -> date:
@@ -63,6 +63,81 @@ def iter_blocks(
         block_start, block_end = block_of(block_end, tz, resolution)
 
 
+def merge_ranges(ranges: Iterable[TimeRange]) -> list[TimeRange]:
+    """Sorted, with overlapping or touching ranges joined."""
+    merged: list[TimeRange] = []
+    for start, end in sorted(ranges):
+        if end <= start:
+            continue
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+@dataclass(frozen=True)
+class StoredBlock:
+    """Where a stored block lies: its bounds and how many balance intervals it holds."""
+
+    start: datetime
+    end: datetime
+    intervals: int
+
+
+def on_grid(block: StoredBlock, tz: ZoneInfo, resolution: Resolution) -> bool:
+    """Whether a stored block is a block of the site's grid now: false after a change of
+    time zone (other local days) or resolution (months, or other intervals in a day)."""
+    if block_of(block.start, tz, resolution) != (block.start, block.end):
+        return False
+    return len(grid_starts(block.start, block.end, tz, resolution)) == block.intervals
+
+
+def _overlaps(ranges: Sequence[TimeRange], start: datetime, end: datetime) -> bool:
+    return any(s < end and start < e for s, e in ranges)
+
+
+def take_in_off_grid_blocks(
+    ranges: Sequence[TimeRange],
+    stored: Sequence[StoredBlock],
+    tz: ZoneInfo,
+    resolution: Resolution,
+) -> tuple[list[TimeRange], list[datetime]]:
+    """The ranges to re-balance so that no stored block of an old grid overlaps a block
+    written on the current one, and the starts of the old blocks to delete.
+
+    Re-balancing writes whole current blocks, so an old block overlapping one of them is
+    deleted, and the current blocks covering the rest of it are written too (else its other
+    intervals would have no results); those may overlap further old blocks, and so on
+    (Berlin's days each straddle two London days): the ranges grow to the whole run of old
+    blocks. Old blocks that overlap nothing written are left for their own re-balancing.
+    """
+    written = merge_ranges(
+        [(s, e) for r in ranges for s, e in iter_blocks(r[0], r[1], tz, resolution)]
+    )
+    off_grid = sorted((b for b in stored if not on_grid(b, tz, resolution)), key=lambda b: b.start)
+    # Old block start -> the current blocks covering it, as one range.
+    taken: dict[datetime, TimeRange] = {}
+    grown = True
+    while grown:
+        grown = False
+        # Alternating directions follow a run of old blocks both ways in a few passes.
+        for block in off_grid:
+            if block.start in taken or not _overlaps(written, block.start, block.end):
+                continue
+            cover = (
+                block_of(block.start, tz, resolution)[0],
+                block_of(block.end - _ONE_MICROSECOND, tz, resolution)[1],
+            )
+            taken[block.start] = cover
+            written = merge_ranges([*written, cover])
+            grown = True
+        off_grid.reverse()
+    if not taken:
+        return list(ranges), []
+    return merge_ranges([*ranges, *taken.values()]), sorted(taken)
+
+
 def block_day(block_start: datetime, tz: ZoneInfo) -> date:
     """The local day whose settings and policy a block uses (a month block: its 1st)."""
     return local_day(block_start, tz)
@@ -74,23 +149,99 @@ def _offset_seconds(instant: datetime, tz: ZoneInfo) -> int:
     return int(offset.total_seconds())
 
 
+# tzdata's closest offset changes are ~4 days apart (Africa/Freetown, 1939; DST rules
+# months apart), so sampling the offset once a day finds every change.
+_SAMPLE_SECONDS = 86_400
+
+
+def _offset_at(seconds: int, tz: ZoneInfo) -> int:
+    return _offset_seconds(_EPOCH + timedelta(seconds=seconds), tz)
+
+
+@lru_cache(maxsize=4096)
+def _offset_changes(tz: ZoneInfo, year: int) -> tuple[tuple[int, int], ...]:
+    """Every offset change of ``tz`` in the UTC year ``year`` (its end included): the
+    instant, in seconds (zone data changes on whole seconds), and the offset from then on,
+    in microseconds. About 400 offset look-ups, once per zone and year."""
+    first = int((datetime(year, 1, 1, tzinfo=UTC) - _EPOCH).total_seconds())
+    last = int((datetime(year + 1, 1, 1, tzinfo=UTC) - _EPOCH).total_seconds())
+    changes: list[tuple[int, int]] = []
+    at, offset = first, _offset_at(first, tz)
+    while at < last:
+        upto = min(at + _SAMPLE_SECONDS, last)
+        later = _offset_at(upto, tz)
+        if later != offset:
+            before, after = at, upto  # the offset changes in (before, after]
+            while after - before > 1:
+                middle = (before + after) // 2
+                if _offset_at(middle, tz) == offset:
+                    before = middle
+                else:
+                    after = middle
+            changes.append((after, later * US_PER_SECOND))
+        at, offset = upto, later
+    return tuple(changes)
+
+
+def offset_spans(start_us: int, end_us: int, tz: ZoneInfo) -> Iterator[tuple[int, int, int]]:
+    """``[start, end)`` cut where the offset of ``tz`` changes: ``(from_us, to_us,
+    offset_us)`` ascending, each with one offset throughout."""
+    if end_us <= start_us:
+        return
+    at = start_us
+    offset = _offset_seconds(from_us(at), tz) * US_PER_SECOND
+    year = from_us(at).year
+    while at < end_us:
+        for change_s, later in _offset_changes(tz, year):
+            change_us = change_s * US_PER_SECOND
+            if change_us <= at:
+                continue
+            if change_us >= end_us:
+                break
+            yield at, change_us, offset
+            at, offset = change_us, later
+        year += 1
+        year_end = to_us(datetime(year, 1, 1, tzinfo=UTC))
+        if year_end >= end_us:
+            break
+    yield at, end_us, offset
+
+
+def _fixed_grid(
+    start_us: int, end_us: int, tz: ZoneInfo, step_us: int, limit: int | None = None
+) -> NDArray[np.int64]:
+    """The first ``limit`` (all if None) instants in ``[start, end)`` whose local wall time
+    is a whole multiple of the step: per span of one offset, a plain arithmetic sequence."""
+    parts: list[NDArray[np.int64]] = []
+    left = limit
+    for span_start, span_end, offset in offset_spans(start_us, end_us, tz):
+        if left == 0:
+            break
+        first = span_start + (-(span_start + offset)) % step_us
+        stop = span_end if left is None else min(span_end, first + left * step_us)
+        points = np.arange(first, stop, step_us, dtype=np.int64)
+        parts.append(points)
+        if left is not None:
+            left -= len(points)
+    if not parts:
+        return np.empty(0, dtype=np.int64)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 def grid_starts(
     start: datetime, end: datetime, tz: ZoneInfo, resolution: Resolution
 ) -> NDArray[np.int64]:
     """Balance grid points in ``[start, end)`` as UTC microseconds.
 
-    When the zone's offset at both ends is a whole number of steps (every zone for PT15M
-    except a handful), the grid is a plain arithmetic sequence in UTC even across a DST
-    change; otherwise the grid arithmetic of :mod:`service.grid` walks it.
+    A fixed step's grid points are the instants whose local wall time is a whole number of
+    steps: between two offset changes of the zone a plain arithmetic sequence in UTC, so
+    the grid is one ``numpy.arange`` per offset (also in zones whose offset is no whole
+    number of steps, like Lord Howe's +10:30 in winter for PT1H). Months are walked.
     """
     step = resolution.step
     if step is not None:
-        step_s = int(step.total_seconds())
-        last = end - timedelta(microseconds=1)
-        if _offset_seconds(start, tz) % step_s == 0 and _offset_seconds(last, tz) % step_s == 0:
-            step_us = step_s * US_PER_SECOND
-            first = -(-to_us(start) // step_us) * step_us
-            return np.arange(first, to_us(end), step_us, dtype=np.int64)
+        step_us = int(step.total_seconds()) * US_PER_SECOND
+        return _fixed_grid(to_us(start), to_us(end), tz, step_us)
     return np.array([to_us(t) for t in resolution.iter_starts(start, end, tz)], dtype=np.int64)
 
 
@@ -105,38 +256,65 @@ def parse_output_interval(text: str, balance_resolution: Resolution) -> str | No
     return chosen
 
 
-def output_starts(start: datetime, end: datetime, tz: ZoneInfo, interval: str) -> NDArray[np.int64]:
-    """Starts of the output intervals from the one containing ``start`` up to ``end``,
-    plus the end of the last one (so ``len - 1`` intervals), as UTC microseconds."""
+_FIXED_OUTPUTS = {"PT15M": PT15M, "PT1H": PT1H}
+
+
+def output_floor(instant: datetime, tz: ZoneInfo, interval: str) -> datetime:
+    """Start (UTC) of the output interval that contains ``instant``."""
     if interval == "P1D":
-        first_day = local_day(start, tz)
-        points = []
-        day = first_day
-        while True:
-            midnight = local_midnight(day, tz)
-            points.append(to_us(midnight))
-            if midnight >= end:
-                break
-            day += timedelta(days=1)
-        if len(points) == 1:
-            points.append(to_us(local_midnight(first_day + timedelta(days=1), tz)))
-        return np.array(points, dtype=np.int64)
-    resolution = {"PT15M": PT15M, "PT1H": PT1H, "P1M": P1M}[interval]
-    first = resolution.floor(start, tz)
-    last_end = resolution.ceil(end, tz)
+        return local_midnight(local_day(instant, tz), tz)
+    if interval == "P1M":
+        return P1M.floor(instant, tz)
+    return _FIXED_OUTPUTS[interval].floor(instant, tz)
+
+
+def output_next(start: datetime, tz: ZoneInfo, interval: str) -> datetime:
+    """End (UTC) of the output interval that starts at ``start``."""
+    if interval == "P1D":
+        return local_midnight(local_day(start, tz) + timedelta(days=1), tz)
+    if interval == "P1M":
+        return P1M.next_start(start, tz)
+    return _FIXED_OUTPUTS[interval].next_start(start, tz)
+
+
+def output_range(
+    start: datetime, end: datetime, tz: ZoneInfo, interval: str
+) -> tuple[datetime, datetime]:
+    """The output intervals of a request: from the one containing ``start`` up to ``end``
+    (at least one), as the first one's start and the last one's end."""
+    first = output_floor(start, tz, interval)
+    floor_end = output_floor(end, tz, interval)
+    last_end = floor_end if floor_end == end else output_next(floor_end, tz, interval)
     if last_end <= first:
-        last_end = resolution.next_start(first, tz)
-    if resolution.is_calendar:
-        points_dt = [first]
-        while points_dt[-1] < last_end:
-            points_dt.append(resolution.next_start(points_dt[-1], tz))
-        return np.array([to_us(p) for p in points_dt], dtype=np.int64)
-    starts = grid_starts(first, last_end, tz, resolution)
-    return np.append(starts, np.int64(to_us(last_end)))
+        last_end = output_next(first, tz, interval)
+    return first, last_end
+
+
+def output_bounds(
+    first: datetime, last_end: datetime, tz: ZoneInfo, interval: str, count: int
+) -> NDArray[np.int64]:
+    """At most ``count`` consecutive output intervals from the one starting at ``first``,
+    up to ``last_end`` (an output interval's end): their starts, then the end of the last
+    one, as UTC microseconds (at most ``count + 1`` values; none when ``first`` is at or
+    after ``last_end``). The work is that of ``count`` intervals, whatever the range."""
+    if first >= last_end or count < 1:
+        return np.empty(0, dtype=np.int64)
+    fixed = _FIXED_OUTPUTS.get(interval)
+    if fixed is not None:
+        assert fixed.step is not None
+        step_us = int(fixed.step.total_seconds()) * US_PER_SECOND
+        # last_end is a grid point itself: included, it closes the range's last interval.
+        return _fixed_grid(to_us(first), to_us(last_end) + 1, tz, step_us, count + 1)
+    points = [first]
+    while len(points) <= count and points[-1] < last_end:
+        points.append(output_next(points[-1], tz, interval))
+    return np.array([to_us(p) for p in points], dtype=np.int64)
 
 
 __all__ = [
     "OUTPUT_INTERVALS",
+    "StoredBlock",
+    "TimeRange",
     "block_day",
     "block_of",
     "from_us",
@@ -144,7 +322,14 @@ __all__ = [
     "iter_blocks",
     "local_day",
     "local_midnight",
-    "output_starts",
+    "merge_ranges",
+    "offset_spans",
+    "on_grid",
+    "output_bounds",
+    "output_floor",
+    "output_next",
+    "output_range",
     "parse_output_interval",
+    "take_in_off_grid_blocks",
     "to_us",
 ]

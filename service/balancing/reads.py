@@ -1,12 +1,14 @@
 """Reading results: pages of aggregated balances and summaries over stored blocks.
 
-A page covers at most ``page_size`` output intervals from its cursor on, so its work is
-bounded by the page whatever the requested range: only the blocks of that window are read
-and summed (numpy over the decoded arrays).
+A page lays out and reads output intervals only from its cursor on, at most ``page_size``
+of them for summaries and windows sized to hold ``page_size`` rows for balances, so its
+work is bounded by the page whatever the requested range: only the blocks of those
+windows are read and summed (numpy over the decoded arrays).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -16,7 +18,15 @@ import asyncpg
 import numpy as np
 
 from service.balancing.aggregate import GRID, Aggregation, aggregate, pair_columns, totals
-from service.balancing.calendar import from_us, grid_starts, output_starts, to_us
+from service.balancing.calendar import (
+    from_us,
+    grid_starts,
+    output_bounds,
+    output_floor,
+    output_next,
+    output_range,
+    to_us,
+)
 from service.balancing.store import (
     SiteInfo,
     load_block_totals,
@@ -104,14 +114,11 @@ class SummaryRow:
 async def _window(
     pool: asyncpg.Pool,
     site: SiteInfo,
-    bounds_all: np.ndarray,
-    first: int,
-    count: int,
+    bounds: np.ndarray,
     producers: set[UUID] | None,
     consumers: set[UUID] | None,
     whole_blocks: bool,
 ) -> Aggregation:
-    bounds = bounds_all[first : first + count + 1]
     start, end = from_us(int(bounds[0])), from_us(int(bounds[-1]))
     one_consumer = None
     if consumers is not None and len(consumers) == 1 and producers is None:
@@ -127,15 +134,40 @@ async def _window(
     return aggregate(blocks, bounds, grid, producers, consumers)
 
 
-async def _next_data(pool: asyncpg.Pool, site: SiteInfo, after_us: int) -> int | None:
+async def _next_data(
+    pool: asyncpg.Pool, site: SiteInfo, after_us: int, creditor: str | None, debitor: str | None
+) -> int | None:
+    """Start of the first stored block ending after ``after_us`` that can hold a row under
+    the filters: one with the filtered meters on their sides (GRID: any producer or
+    consumer on the other side), so the days before a meter joined are jumped over."""
+    conditions = ["site_id = $1", "org_id = $2", "block_end > $3"]
+    args: list[Any] = [site.id, site.org_id, from_us(after_us)]
+    for meter, side, other in (
+        (creditor, "producer_ids", "consumer_ids"),
+        (debitor, "consumer_ids", "producer_ids"),
+    ):
+        if meter == GRID:
+            conditions.append(f"cardinality({other}) > 0")
+        elif meter is not None:
+            args.append(UUID(meter))
+            conditions.append(f"${len(args)}::uuid = ANY({side})")
     value: datetime | None = await pool.fetchval(
-        "SELECT min(block_start) FROM balance_blocks "
-        "WHERE site_id = $1 AND org_id = $2 AND block_end > $3",
-        site.id,
-        site.org_id,
-        from_us(after_us),
+        f"SELECT min(block_start) FROM balance_blocks WHERE {' AND '.join(conditions)}", *args
     )
     return to_us(value) if value is not None else None
+
+
+def _cursor_start(
+    cursor_us: int, first: datetime, last_end: datetime, site: SiteInfo, interval: str
+) -> datetime | None:
+    """Start of the output interval holding a cursor's instant, inside the request's
+    range (None: at or after its end). Clamped first, so that a forged instant never
+    leaves datetime's range."""
+    if cursor_us >= to_us(last_end):
+        return None
+    if cursor_us <= to_us(first):
+        return first
+    return output_floor(from_us(cursor_us), site.timezone, interval)
 
 
 async def balances_page(
@@ -149,31 +181,35 @@ async def balances_page(
     limit: int,
     page_token: str,
 ) -> tuple[list[BalanceRows], str]:
+    """One page of rows from the cursor on: windows of output intervals sized to hold the
+    page, read one after the other until ``limit + 1`` rows (the last only says that there
+    is more), each window's output intervals laid out from its own start."""
     fingerprint = filters_fingerprint("balances", site.id, start, end, interval, creditor, debitor)
     cursor = _decode(page_token, fingerprint)
-    bounds_all = output_starts(start, end, site.timezone, interval)
-    n_all = len(bounds_all) - 1
-    position = 0
+    first, last_end = output_range(start, end, site.timezone, interval)
+    last_end_us = to_us(last_end)
+    position: datetime | None = first
     after: tuple[str, str] | None = None
     if cursor is not None:
-        position = int(np.searchsorted(bounds_all, int(cursor["s"])))
+        position = _cursor_start(int(cursor["s"]), first, last_end, site, interval)
         after = (str(cursor.get("c", "")), str(cursor.get("d", "")))
+    if position is None or (creditor is not None and creditor == debitor):
+        return [], ""  # no meter (nor GRID) is its own creditor
     producers = {UUID(creditor)} if creditor not in (None, GRID) else None
     consumers = {UUID(debitor)} if debitor not in (None, GRID) else None
     if creditor == GRID:
         producers = set()
     if debitor == GRID:
         consumers = set()
-    per_interval = await _pairs_per_interval(pool, site, bounds_all[position], creditor, debitor)
+    per_interval = await _pairs_per_interval(pool, site, to_us(position), creditor, debitor)
     # Enough output intervals for a page, with one to spare; more windows if they fall short.
     span = max(1, -(-(limit + 1) // per_interval) + 1)
     windows: list[BalanceRows] = []
     count = 0
-    while position < n_all and count <= limit:
-        agg = await _window(
-            pool, site, bounds_all, position, span, producers, consumers, interval in WHOLE_BLOCKS
-        )
-        n = len(agg.bounds) - 1
+    while to_us(position) < last_end_us and count <= limit:
+        bounds = output_bounds(position, last_end, site.timezone, interval, span)
+        agg = await _window(pool, site, bounds, producers, consumers, interval in WHOLE_BLOCKS)
+        window_end = int(bounds[-1])
         pairs = pair_columns(agg, creditor, debitor)
         intervals, columns = np.nonzero(pairs.present)
         if after is not None and len(intervals):
@@ -199,20 +235,24 @@ async def balances_page(
                 )
             )
             count += len(intervals)
-        elif position + n < n_all:
-            # Nothing stored in this window: jump to the next stored block.
-            upcoming = await _next_data(pool, site, int(bounds_all[position + n]))
+        elif window_end < last_end_us:
+            # No row in this window: jump to the next stored block that can hold one.
+            upcoming = await _next_data(pool, site, window_end, creditor, debitor)
             if upcoming is None:
                 break
-            n = max(n, int(np.searchsorted(bounds_all, upcoming, side="right")) - 1 - position)
+            ahead = output_floor(from_us(upcoming), site.timezone, interval)
+            window_end = max(window_end, to_us(ahead))
         after = None
-        position += n
+        position = from_us(window_end)
     if count <= limit:
         return windows, ""
+    # The row after the page's last one says only that there is more: dropped, and with it
+    # its window when that row was all it held.
+    last = windows.pop()
+    if len(last) > 1:
+        windows.append(last.truncated(len(last) - 1))
     last = windows[-1]
-    kept = len(last) - (count - limit)
-    windows[-1] = last = last.truncated(kept)
-    row = kept - 1
+    row = len(last) - 1
     token = encode_token_body(
         {
             "s": last.bounds_us[last.intervals[row]],
@@ -222,6 +262,30 @@ async def balances_page(
         fingerprint,
     )
     return windows, token
+
+
+def rows_per_interval(
+    producer_ids: Sequence[UUID],
+    consumer_ids: Sequence[UUID],
+    creditor: str | None,
+    debitor: str | None,
+) -> int:
+    """Rows an output interval with these meters holds under the filters, as
+    :func:`pair_columns` lists them (never a meter to itself), at least 1. A filtered meter
+    missing from them is counted as if it took part (it may join later)."""
+    producers, consumers = {str(m) for m in producer_ids}, {str(m) for m in consumer_ids}
+    p, c = len(producers), len(consumers)
+    if creditor is not None and debitor is not None:
+        return 1
+    if creditor == GRID:
+        return max(1, c)
+    if debitor == GRID:
+        return max(1, p)
+    if creditor is not None:
+        return c - (creditor in consumers) + 1
+    if debitor is not None:
+        return p - (debitor in producers) + 1
+    return max(1, p * c - len(producers & consumers) + p + c)
 
 
 async def _pairs_per_interval(
@@ -234,7 +298,7 @@ async def _pairs_per_interval(
     """Rows one output interval is likely to hold under the filters, from the meters of the
     first stored block at or after ``from_us_value`` (sizes a page's window)."""
     row = await pool.fetchrow(
-        "SELECT cardinality(producer_ids) AS p, cardinality(consumer_ids) AS c "
+        "SELECT producer_ids, consumer_ids "
         "FROM balance_blocks WHERE site_id = $1 AND org_id = $2 AND block_end > $3 "
         "ORDER BY block_start LIMIT 1",
         site.id,
@@ -243,16 +307,9 @@ async def _pairs_per_interval(
     )
     if row is None:
         return 1
-    p, c = int(row["p"] or 0), int(row["c"] or 0)
-    if creditor is not None and debitor is not None:
-        return 1
-    # A site without producers (or without consumers) has no pairs with GRID on that side:
-    # at least one row per interval keeps the page arithmetic defined.
-    if debitor is not None:
-        return max(1, p) if debitor == GRID else p + 1
-    if creditor is not None:
-        return max(1, c) if creditor == GRID else c + 1
-    return max(1, p * c + p + c)
+    return rows_per_interval(
+        row["producer_ids"] or [], row["consumer_ids"] or [], creditor, debitor
+    )
 
 
 async def summaries_page(
@@ -266,16 +323,17 @@ async def summaries_page(
 ) -> tuple[list[SummaryRow], str]:
     fingerprint = filters_fingerprint("summaries", site.id, start, end, interval)
     cursor = _decode(page_token, fingerprint)
-    bounds_all = output_starts(start, end, site.timezone, interval)
-    n_all = len(bounds_all) - 1
-    position = 0
+    first, last_end = output_range(start, end, site.timezone, interval)
+    position: datetime | None = first
     if cursor is not None:
-        position = int(np.searchsorted(bounds_all, int(cursor["s"]), side="right"))
-    if position >= n_all:
+        # The cursor is the page's last summary: this page starts after it.
+        position = _cursor_start(int(cursor["s"]), first, last_end, site, interval)
+        if position is not None and to_us(position) >= int(cursor["s"]):
+            position = output_next(position, site.timezone, interval)
+    if position is None or position >= last_end:
         return [], ""
-    agg = await _window(
-        pool, site, bounds_all, position, limit, None, None, interval in WHOLE_BLOCKS
-    )
+    bounds = output_bounds(position, last_end, site.timezone, interval, limit)
+    agg = await _window(pool, site, bounds, None, None, interval in WHOLE_BLOCKS)
     sums = totals(agg)
     rows = [
         SummaryRow(
@@ -291,6 +349,6 @@ async def summaries_page(
         )
         for i in range(len(agg.bounds) - 1)
     ]
-    if position + len(rows) >= n_all:
+    if int(bounds[-1]) >= to_us(last_end):
         return rows, ""
     return rows, encode_token_body({"s": to_us(rows[-1].interval_start)}, fingerprint)

@@ -4,6 +4,9 @@ Used by the queue worker and by ``RunBalancing``; both hold :func:`lock_site_res
 the site first, so the energy read here is never older than what a previous holder wrote.
 Only the intervals inside the ranges are recomputed: a stored block with the same meters
 and grid keeps its other intervals, so a late correction re-balances just what it touched.
+After a change of the site's time zone or resolution, the stored blocks of the old grid
+that the written ones overlap are replaced in the same transaction: a reader sees either
+grid's results, never both, never neither.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from uuid import UUID
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import numpy as np
@@ -29,26 +33,39 @@ from service.balancing.blocks import (
     layout,
     prepare_intervals,
 )
-from service.balancing.calendar import block_day, from_us, grid_starts, iter_blocks, to_us
+from service.balancing.calendar import (
+    TimeRange,
+    block_day,
+    block_of,
+    from_us,
+    grid_starts,
+    iter_blocks,
+    merge_ranges,
+    on_grid,
+    take_in_off_grid_blocks,
+    to_us,
+)
 from service.balancing.domain import Policy, Setting, method_on, participants_on
 from service.balancing.engine import MAX_INTERVAL_WH, AllocationMethod
 from service.balancing.store import (
     MeterRow,
     SiteInfo,
+    delete_blocks,
     delete_blocks_in,
     load_blocks,
     replace_blocks,
     site_meters,
     site_policies,
     site_settings,
+    stored_blocks,
 )
 from service.common.loglimit import LogLimiter, held_back
+from service.grid import Resolution
 from service.telemetry.energy import SiteIntervalEnergy
 from service.telemetry.energy_store import site_interval_energy
 
 log = logging.getLogger(__name__)
 
-TimeRange = tuple[datetime, datetime]
 # Blocks whose energy is read with one query: bounds memory (a month of 100 meters is
 # ~3,000 intervals x 100 columns) while a site-year still takes a dozen reads.
 CHUNK_SPAN = timedelta(days=31)
@@ -75,19 +92,6 @@ class RebalanceResult:
             self.first_out_of_range = other.first_out_of_range
 
 
-def merge_ranges(ranges: Iterable[TimeRange]) -> list[TimeRange]:
-    """Sorted, with overlapping or touching ranges joined."""
-    merged: list[TimeRange] = []
-    for start, end in sorted(ranges):
-        if end <= start:
-            continue
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
-
-
 @dataclass
 class _Plan:
     block: Block
@@ -104,14 +108,15 @@ async def rebalance(
     conn: asyncpg.Connection, site: SiteInfo, ranges: Iterable[TimeRange]
 ) -> RebalanceResult:
     merged = merge_ranges(ranges)
-    result = RebalanceResult(ranges=merged)
     if not merged:
-        return result
+        return RebalanceResult()
     if not site.balanced:
         # Not (or no longer) balanced: no results at all.
         for start, end in merged:
             await delete_blocks_in(conn, site.org_id, site.id, start, end)
-        return result
+        return RebalanceResult(ranges=merged)
+    merged = await _replace_off_grid_blocks(conn, site, merged)
+    result = RebalanceResult(ranges=merged)
     settings = await site_settings(conn, site.org_id, site.id)
     policies = await site_policies(conn, site.org_id, site.id)
     meters = await site_meters(conn, site.org_id, site.id)
@@ -162,6 +167,32 @@ def _log_out_of_range(site: SiteInfo, result: RebalanceResult) -> None:
         MAX_INTERVAL_WH,
         held_back(dropped),
     )
+
+
+async def _replace_off_grid_blocks(
+    conn: asyncpg.Connection, site: SiteInfo, merged: list[TimeRange]
+) -> list[TimeRange]:
+    """After a change of the site's time zone or resolution, stored blocks of the old grid
+    overlap the blocks about to be written: they are deleted here, in the transaction that
+    writes their replacement, and ``merged`` grows to every current block covering them
+    (:func:`take_in_off_grid_blocks`). Usually the blocks near ``merged`` are all on the
+    grid and this costs one small read; only when one is not are all the site's read."""
+    near = await stored_blocks(
+        conn, site.org_id, site.id, *_blocks_hull(merged, site.timezone, site.resolution)
+    )
+    if all(on_grid(b, site.timezone, site.resolution) for b in near):
+        return merged
+    everywhere = await stored_blocks(conn, site.org_id, site.id)
+    extended, off_grid = take_in_off_grid_blocks(merged, everywhere, site.timezone, site.resolution)
+    await delete_blocks(conn, site.org_id, site.id, off_grid)
+    return extended
+
+
+def _blocks_hull(merged: Sequence[TimeRange], tz: ZoneInfo, resolution: Resolution) -> TimeRange:
+    """From the start of the first block ``merged`` touches to the end of the last."""
+    first = block_of(merged[0][0], tz, resolution)[0]
+    last = block_of(merged[-1][1] - timedelta(microseconds=1), tz, resolution)[1]
+    return first, last
 
 
 @dataclass

@@ -63,8 +63,8 @@ def _time_range(request: Any, longest: timedelta = MAX_LIST_RANGE) -> tuple[date
     if end <= start:
         raise ValidationError.single("end_time", "must be after start_time")
     if end - start > longest:
-        # Every page lays out the output grid of the whole range: a bound keeps one call's
-        # work bounded whatever the client asks for.
+        # The README's bound on a request's range (a page's work is bounded by the page,
+        # whatever the range).
         raise ValidationError.single(
             "end_time", f"must be at most {longest.days} days after start_time"
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from typing import Any
 from uuid import UUID
 from zoneinfo import ZoneInfo
@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 
 from service.balancing.blocks import Block, pack, unpack, unpack_totals
-from service.balancing.calendar import local_midnight
+from service.balancing.calendar import StoredBlock
 from service.balancing.domain import (
     BalancingRole,
     Period,
@@ -32,7 +32,7 @@ from service.balancing.domain import (
 )
 from service.balancing.engine import AllocationMethod
 from service.common.errors import NotFoundError, ViolationCollector
-from service.db.balancing_queue import enqueue_balancing, readings_spans
+from service.db.balancing_queue import enqueue_days_with_data
 from service.db.keyset import keyset_page
 from service.db.pagination import Cursor
 from service.grid import Resolution, SiteType, parse_resolution, site_type_is_balanced
@@ -142,39 +142,11 @@ async def site_policies(conn: asyncpg.Connection, org_id: UUID, site_id: UUID) -
 async def queue_periods(
     conn: asyncpg.Connection, org_id: UUID, site: SiteInfo, periods: Sequence[Period]
 ) -> None:
-    """Queues the days of ``periods`` on which the site has data: readings, or results
-    (which must follow when readings are gone).
-
-    A register's energy also needs the register before it, so a day of margin around the
-    data is kept; re-balancing a day without data only writes incomplete intervals.
-    """
-    readings, _ = await readings_spans(conn, org_id, site.id)
-    stored = await conn.fetchrow(
-        "SELECT min(block_start) AS first_ts, max(block_end) AS last_ts "
-        "FROM balance_blocks WHERE site_id = $1 AND org_id = $2",
-        site.id,
-        org_id,
+    """Queues the days of ``periods`` on which the site has data (see
+    :func:`enqueue_days_with_data`)."""
+    await enqueue_days_with_data(
+        conn, org_id, site.id, site.timezone, [(p.start, p.end) for p in periods]
     )
-    spans: list[tuple[datetime, datetime]] = []
-    if readings is not None:
-        spans.append(readings)
-    if stored is not None and stored["first_ts"] is not None:
-        spans.append((stored["first_ts"], stored["last_ts"]))
-    if not spans:
-        return
-    data_start: datetime = min(first for first, _ in spans) - timedelta(days=1)
-    data_end: datetime = max(last for _, last in spans) + timedelta(days=1)
-    ranges = []
-    for period in periods:
-        start = max(local_midnight(period.start, site.timezone), data_start)
-        end = (
-            data_end
-            if period.end is None
-            else min(local_midnight(period.end, site.timezone), data_end)
-        )
-        if start < end:
-            ranges.append((site.id, start, end))
-    await enqueue_balancing(conn, org_id, ranges)
 
 
 class BalancingStore:
@@ -465,9 +437,10 @@ async def load_blocks(
     return [_block_from_row(row) for row in rows]
 
 
-# One consumer's slice of each block: its contiguous [P, T] cells and [T] grid supply.
+# One consumer's slice of each block: its contiguous [P, T] cells and [T] grid supply (NULL
+# in a block without it, which still counts for the completeness of the site's intervals).
 _CONSUMER_SLICE = """
-SELECT block_start, block_end, interval_starts, complete, producer_ids,
+SELECT block_start, block_end, interval_starts, complete, producer_ids, c,
        substring(shared_wh FROM (c - 1) * n_p * n_t * 8 + 1 FOR n_p * n_t * 8) AS shared_wh,
        substring(grid_supply_wh FROM (c - 1) * n_t * 8 + 1 FOR n_t * 8) AS grid_supply_wh
 FROM (
@@ -476,7 +449,6 @@ FROM (
     FROM balance_blocks
     WHERE site_id = $1 AND org_id = $2 AND block_start < $4 AND block_end > $3
 ) b
-WHERE c IS NOT NULL
 ORDER BY block_start
 """
 
@@ -489,8 +461,10 @@ async def load_consumer_blocks(
     end: datetime,
     consumer_id: UUID,
 ) -> list[Block]:
-    """The stored blocks overlapping ``[start, end)`` that have ``consumer_id``, reduced to
-    that consumer (feed-in not read): the few KB of a debitor instead of whole blocks."""
+    """The stored blocks overlapping ``[start, end)``, reduced to ``consumer_id`` (feed-in
+    not read): the few KB of a debitor instead of whole blocks. A block without that
+    consumer comes without meters: its intervals still count towards ``complete``, which
+    describes the site's grid whichever filter reads it."""
     rows = await conn.fetch(_CONSUMER_SLICE, site_id, org_id, start, end, consumer_id)
     return [
         unpack(
@@ -498,11 +472,11 @@ async def load_consumer_blocks(
             row["block_end"],
             row["interval_starts"],
             row["complete"],
-            row["producer_ids"],
-            [consumer_id],
-            row["shared_wh"],
+            row["producer_ids"] if row["c"] is not None else [],
+            [consumer_id] if row["c"] is not None else [],
+            row["shared_wh"] or b"",
             None,
-            row["grid_supply_wh"],
+            row["grid_supply_wh"] or b"",
         )
         for row in rows
     ]
@@ -517,7 +491,7 @@ ORDER BY block_start
 """
 
 _CONSUMER_TOTALS = """
-SELECT block_start, block_end, producer_ids, complete_intervals,
+SELECT block_start, block_end, producer_ids, complete_intervals, c,
        substring(shared_total_wh FROM (c - 1) * n_p * 8 + 1 FOR n_p * 8) AS shared_total_wh,
        substring(grid_supply_total_wh FROM (c - 1) * 8 + 1 FOR 8) AS grid_supply_total_wh
 FROM (
@@ -525,7 +499,6 @@ FROM (
     FROM balance_blocks
     WHERE site_id = $1 AND org_id = $2 AND block_start < $4 AND block_end > $3
 ) b
-WHERE c IS NOT NULL
 ORDER BY block_start
 """
 
@@ -539,7 +512,9 @@ async def load_block_totals(
     consumer_id: UUID | None = None,
 ) -> list[Block]:
     """The stored blocks overlapping ``[start, end)`` as their totals (one row each), all
-    consumers or only ``consumer_id``: what day and month outputs need, ~1% of the bytes."""
+    consumers or only ``consumer_id``: what day and month outputs need, ~1% of the bytes.
+    With ``consumer_id``, a block without it comes without meters but with its complete
+    intervals, so a month's ``complete`` is the site's whichever filter reads it."""
     if consumer_id is None:
         rows = await conn.fetch(_TOTALS, site_id, org_id, start, end)
         return [
@@ -560,11 +535,11 @@ async def load_block_totals(
         unpack_totals(
             row["block_start"],
             row["block_end"],
-            row["producer_ids"],
-            [consumer_id],
-            row["shared_total_wh"],
+            row["producer_ids"] if row["c"] is not None else [],
+            [consumer_id] if row["c"] is not None else [],
+            row["shared_total_wh"] or b"",
             None,
-            row["grid_supply_total_wh"],
+            row["grid_supply_total_wh"] or b"",
             row["complete_intervals"],
         )
         for row in rows
@@ -579,20 +554,54 @@ async def replace_blocks(
     removed: Sequence[datetime],
 ) -> None:
     """Replaces the stored blocks starting at ``written``'s and ``removed``'s starts."""
-    starts = [b.start for b in written] + list(removed)
+    await delete_blocks(conn, org_id, site_id, [b.start for b in written] + list(removed))
+    if written:
+        await conn.copy_records_to_table(
+            "balance_blocks",
+            records=[(site_id, org_id, b.start, b.end, *pack(b)) for b in written],
+            columns=_BLOCK_COLUMNS,
+        )
+
+
+async def stored_blocks(
+    conn: asyncpg.Connection,
+    org_id: UUID,
+    site_id: UUID,
+    start: datetime | None = None,
+    end: datetime | None = None,
+) -> list[StoredBlock]:
+    """Where the site's stored blocks lie (overlapping ``[start, end)``, or all), ascending:
+    their bounds and interval counts, not their values (the length of an uncompressed
+    value is read from its TOAST pointer)."""
+    columns = "SELECT block_start, block_end, octet_length(interval_starts) / 8 AS intervals "
+    if start is None or end is None:
+        rows = await conn.fetch(
+            columns + "FROM balance_blocks WHERE site_id = $1 AND org_id = $2 ORDER BY block_start",
+            site_id,
+            org_id,
+        )
+    else:
+        rows = await conn.fetch(
+            columns + "FROM balance_blocks WHERE site_id = $1 AND org_id = $2 "
+            "AND block_start < $4 AND block_end > $3 ORDER BY block_start",
+            site_id,
+            org_id,
+            start,
+            end,
+        )
+    return [StoredBlock(row["block_start"], row["block_end"], row["intervals"]) for row in rows]
+
+
+async def delete_blocks(
+    conn: asyncpg.Connection, org_id: UUID, site_id: UUID, starts: Sequence[datetime]
+) -> None:
     if starts:
         await conn.execute(
             "DELETE FROM balance_blocks WHERE site_id = $1 AND org_id = $2 "
             "AND block_start = ANY($3::timestamptz[])",
             site_id,
             org_id,
-            starts,
-        )
-    if written:
-        await conn.copy_records_to_table(
-            "balance_blocks",
-            records=[(site_id, org_id, b.start, b.end, *pack(b)) for b in written],
-            columns=_BLOCK_COLUMNS,
+            list(starts),
         )
 
 

@@ -24,7 +24,8 @@ from uuid import UUID
 
 import asyncpg
 
-from service.balancing.rebalance import RebalanceResult, TimeRange, rebalance
+from service.balancing.calendar import TimeRange
+from service.balancing.rebalance import RebalanceResult, rebalance
 from service.balancing.store import (
     SiteInfo,
     lock_site_results,

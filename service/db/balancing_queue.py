@@ -9,21 +9,24 @@ other's queue rows and a change committed after a consumer's claim appends a new
 
 A change that moves a site's grid or a meter's energy queues the range its data covers:
 :func:`readings_spans` finds the first and last reading in one query, :func:`span_range`
-turns them into a range of the site's grid.
+turns them into a range of the site's grid. A change of the grid also queues the runs of
+stored results (:func:`results_runs`), which must move to the new grid where no reading is.
+A change of who takes part (balancing settings, or a participant's deletion) queues local
+days, clipped to where the site has data (:func:`enqueue_days_with_data`).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
 import asyncpg
 
 from service.events.channels import BALANCING_QUEUE_CHANNEL
-from service.grid import Resolution
+from service.grid import Resolution, local_midnight
 
 _ONE_MICROSECOND = timedelta(microseconds=1)
 
@@ -110,6 +113,32 @@ async def readings_spans(
     return site, meter
 
 
+# The runs of a site's stored balance blocks: consecutive blocks (one's end the next's start)
+# form one run, so gaps between the days with results stay gaps.
+_RESULTS_RUNS = """
+SELECT min(block_start) AS run_start, max(block_end) AS run_end
+FROM (
+    SELECT block_start, block_end,
+           count(*) FILTER (WHERE block_start <> previous_end) OVER (ORDER BY block_start) AS run
+    FROM (
+        SELECT block_start, block_end, lag(block_end) OVER (ORDER BY block_start) AS previous_end
+        FROM balance_blocks
+        WHERE site_id = $1 AND org_id = $2
+    ) blocks
+) runs
+GROUP BY run
+ORDER BY run_start
+"""
+
+
+async def results_runs(
+    conn: asyncpg.Connection, org_id: UUID, site_id: UUID
+) -> list[tuple[datetime, datetime]]:
+    """The ``[start, end)`` runs of the site's stored balance results, ascending."""
+    rows = await conn.fetch(_RESULTS_RUNS, site_id, org_id)
+    return [(row["run_start"], row["run_end"]) for row in rows]
+
+
 def span_range(
     first: datetime,
     last: datetime,
@@ -129,3 +158,58 @@ def span_range(
     start = current_resolution.floor(min(starts), current_tz)
     end = current_resolution.ceil(max(ends), current_tz)
     return start, end
+
+
+async def enqueue_days_with_data(
+    conn: asyncpg.Connection,
+    org_id: UUID,
+    site_id: UUID,
+    tz: ZoneInfo,
+    days: Iterable[tuple[date, date | None]],
+) -> None:
+    """Queues the local days ``[start, end)`` (end None: open) of ``days`` on which the site
+    has data: readings, or results (which must follow when readings are gone).
+
+    A register's energy also needs the register before it, so a day of margin around the
+    data is kept; re-balancing a day without data only writes incomplete intervals.
+    """
+    readings, _ = await readings_spans(conn, org_id, site_id)
+    stored = await conn.fetchrow(
+        "SELECT min(block_start) AS first_ts, max(block_end) AS last_ts "
+        "FROM balance_blocks WHERE site_id = $1 AND org_id = $2",
+        site_id,
+        org_id,
+    )
+    spans: list[tuple[datetime, datetime]] = []
+    if readings is not None:
+        spans.append(readings)
+    if stored is not None and stored["first_ts"] is not None:
+        spans.append((stored["first_ts"], stored["last_ts"]))
+    if not spans:
+        return
+    data_start: datetime = min(first for first, _ in spans) - timedelta(days=1)
+    data_end: datetime = max(last for _, last in spans) + timedelta(days=1)
+    ranges = []
+    for first_day, end_day in days:
+        start = max(local_midnight(first_day, tz), data_start)
+        end = data_end if end_day is None else min(local_midnight(end_day, tz), data_end)
+        if start < end:
+            ranges.append((site_id, start, end))
+    await enqueue_balancing(conn, org_id, ranges)
+
+
+async def enqueue_participation(
+    conn: asyncpg.Connection, org_id: UUID, site_id: UUID, tz: ZoneInfo, meter_id: UUID
+) -> None:
+    """Queues the days a meter takes part in (its PARTICIPANT settings) on which the site
+    has data: what its deletion, which takes its settings with it, changes. Without its
+    readings it still made those intervals incomplete; with them it had a share."""
+    rows = await conn.fetch(
+        "SELECT start_date, end_date FROM meter_balancing_settings "
+        "WHERE meter_id = $1 AND org_id = $2 AND balancing = 'participant'",
+        meter_id,
+        org_id,
+    )
+    await enqueue_days_with_data(
+        conn, org_id, site_id, tz, [(row["start_date"], row["end_date"]) for row in rows]
+    )

@@ -7,7 +7,7 @@ from uuid import UUID
 from openvpp.v1 import dispatch_pb2 as pb
 from openvpp.v1 import site_registry_pb2 as site_pb
 
-from service.common.errors import ValidationError, ViolationCollector
+from service.common.errors import FieldViolation, ValidationError, ViolationCollector
 from service.common.protoconv import (
     enum_from_proto,
     enum_to_proto,
@@ -15,7 +15,13 @@ from service.common.protoconv import (
     parse_uuid,
     to_timestamp,
 )
-from service.dispatch.domain import DispatchRequest, DispatchType, Selection, SetpointState
+from service.dispatch.domain import (
+    QUARTER_HOUR_RULE,
+    DispatchRequest,
+    DispatchType,
+    Selection,
+    SetpointState,
+)
 from service.dispatch.store import UNSTORED_ID, AttemptRecord, DispatchRecord, SetpointRecord
 from service.registry.domain import ResourceType
 
@@ -27,9 +33,12 @@ def _id(value: UUID) -> str:
     return "" if value == UNSTORED_ID else str(value)
 
 
-def request_from_proto(request: pb.DispatchFlexibilityRequest) -> DispatchRequest:
-    """The request in domain terms; malformed fields (ids, enums) are violations, all at
-    once, before the domain rules run."""
+def request_from_proto(
+    request: pb.DispatchFlexibilityRequest,
+) -> tuple[DispatchRequest, list[FieldViolation]]:
+    """The request in domain terms, and the violations of its malformed fields (ids, enums,
+    instants finer than a microsecond): ``validate_request`` reports them together with the
+    domain's rules, so a client sees every broken rule of a request at once."""
     errors = ViolationCollector()
     dispatch_type: DispatchType | None = None
     try:
@@ -65,20 +74,27 @@ def request_from_proto(request: pb.DispatchFlexibilityRequest) -> DispatchReques
             errors.add(field, "must name a resource type")
         else:
             resource_types.append(kind)
-    if not request.HasField("start_time"):
-        errors.add("start_time", "is required")
-    if not request.HasField("end_time"):
-        errors.add("end_time", "is required")
-    errors.raise_if_any()
-    return DispatchRequest(
+    for field, present, stamp in (
+        ("start_time", request.HasField("start_time"), request.start_time),
+        ("end_time", request.HasField("end_time"), request.end_time),
+    ):
+        if not present:
+            errors.add(field, "is required")
+        elif stamp.nanos % 1000:
+            # A datetime holds microseconds: converted, the nanoseconds would be cut off
+            # and an instant just past a quarter-hour taken as on it.
+            errors.add(field, QUARTER_HOUR_RULE)
+    parsed = DispatchRequest(
         request_id=request.request_id,
         power_kw=request.power_kw,
-        start_time=from_timestamp(request.start_time),
-        end_time=from_timestamp(request.end_time),
+        # Missing instants are violations above; the rules of the window skip them.
+        start_time=from_timestamp(request.start_time, "start_time"),
+        end_time=from_timestamp(request.end_time, "end_time"),
         dispatch_type=dispatch_type,
         selection=Selection(tuple(site_ids), organization_id, tuple(resource_types)),
         dry_run=request.dry_run,
     )
+    return parsed, errors.violations
 
 
 def state_to_proto(state: SetpointState) -> pb.SetpointState.ValueType:

@@ -71,7 +71,7 @@ from standardwebhooks import Webhook
 
 from service.common.clock import Clock
 from service.common.network_policy import legacy_ipv4, literal_address, refusal_reason
-from service.config import Settings
+from service.config import Settings, refuse_broken_values
 from service.dispatch.breaker import CircuitBreakers, Permit
 
 USER_AGENT = "openvpp-dispatch"
@@ -144,9 +144,9 @@ class DeliverySettings:
 
     def __post_init__(self) -> None:
         # Checked at start-up, not at the first delivery: a zero limit would block every send.
-        problems = [
-            f"OPENVPP_DISPATCH_{name.upper()} must be {rule}"
-            for name, broken, rule in (
+        refuse_broken_values(
+            "DISPATCH",
+            (
                 ("timeout_seconds", not self.timeout_seconds > 0, "> 0"),
                 ("max_concurrency", self.max_concurrency < 1, ">= 1"),
                 ("max_concurrency_per_host", self.max_concurrency_per_host < 1, ">= 1"),
@@ -158,11 +158,8 @@ class DeliverySettings:
                     not self.backoff_max_seconds >= self.backoff_initial_seconds,
                     ">= OPENVPP_DISPATCH_BACKOFF_INITIAL_SECONDS",
                 ),
-            )
-            if broken
-        ]
-        if problems:
-            raise ValueError("; ".join(problems))
+            ),
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DeliverySettings:

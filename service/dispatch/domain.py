@@ -20,7 +20,7 @@ from enum import StrEnum
 from typing import NamedTuple
 from uuid import UUID
 
-from service.common.errors import ValidationError, ViolationCollector
+from service.common.errors import FieldViolation, ValidationError, ViolationCollector
 from service.registry.domain import ResourceType, SiteStatus
 from service.upstream.domain import UpstreamStatus
 
@@ -133,6 +133,9 @@ class DispatchRequest:
         return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
 
+QUARTER_HOUR_RULE = "must be on a quarter-hour (hh:00, :15, :30 or :45, 0 s)"
+
+
 def _on_quarter_hour(value: datetime) -> bool:
     return value.microsecond == 0 and int(value.timestamp()) % QUARTER_HOUR_SECONDS == 0
 
@@ -143,13 +146,21 @@ def require_open_window(request: DispatchRequest, now: datetime) -> None:
         raise ValidationError.single("end_time", "must be in the future")
 
 
-def validate_request(request: DispatchRequest, now: datetime | None) -> DispatchRequest:
+def validate_request(
+    request: DispatchRequest,
+    now: datetime | None,
+    malformed: Sequence[FieldViolation] = (),
+) -> DispatchRequest:
     """Every broken rule at once (a ValidationError naming each field).
 
     ``now`` None leaves out "end in the future": a retry of a dispatch whose window has
     since ended must still find the first dispatch, so the store checks that rule
-    (:func:`require_open_window`) only for a request it has not seen."""
+    (:func:`require_open_window`) only for a request it has not seen. ``malformed``: the
+    violations found while reading the request (missing or unreadable fields), reported
+    with these; no rule here judges a field that is among them."""
     errors = ViolationCollector()
+    errors.violations.extend(malformed)
+    unreadable = {violation.field for violation in malformed}
     request_id = request.request_id
     if not request_id:
         errors.add("request_id", "is required")
@@ -165,19 +176,22 @@ def validate_request(request: DispatchRequest, now: datetime | None) -> Dispatch
         errors.add(
             "power_kw", "must be <= 0 (an optional goal) for DISPATCH_TYPE_MAXIMISE_DOWNWARDS"
         )
-    if request.dispatch_type is None:
+    if request.dispatch_type is None and "type" not in unreadable:
         errors.add("type", "is required")
     start, end = request.start_time, request.end_time
-    if not _on_quarter_hour(start):
-        errors.add("start_time", "must be on a quarter-hour (hh:00, :15, :30 or :45, 0 s)")
-    if not _on_quarter_hour(end):
-        errors.add("end_time", "must be on a quarter-hour (hh:00, :15, :30 or :45, 0 s)")
-    if end <= start:
-        errors.add("end_time", "must be after start_time")
-    elif end - start > MAX_WINDOW:
-        errors.add("end_time", "must be at most 24 h after start_time")
-    if now is not None and end <= now:
-        errors.add("end_time", "must be in the future")
+    if "start_time" not in unreadable and not _on_quarter_hour(start):
+        errors.add("start_time", QUARTER_HOUR_RULE)
+    if "end_time" not in unreadable:
+        if not _on_quarter_hour(end):
+            errors.add("end_time", QUARTER_HOUR_RULE)
+        if "start_time" in unreadable:
+            pass  # nothing to measure the window from
+        elif end <= start:
+            errors.add("end_time", "must be after start_time")
+        elif end - start > MAX_WINDOW:
+            errors.add("end_time", "must be at most 24 h after start_time")
+        if now is not None and end <= now:
+            errors.add("end_time", "must be in the future")
     if len(set(request.selection.site_ids)) != len(request.selection.site_ids):
         errors.add("selection.site_ids", "must not repeat a site")
     for index, kind in enumerate(request.selection.resource_types):
@@ -259,11 +273,13 @@ def allocate(
     """Each candidate's setpoint, within its bounds, and what of the target is left unmet.
 
     EXACT: the target is split in proportion to the candidates' headroom in its direction;
-    a target beyond the total headroom takes every candidate to that bound and the rest is
-    shortfall. MAXIMISE_*: every candidate at its bound; ``power_kw`` is then only a goal
-    against which shortfall is measured (0 = no goal). A setpoint is rounded to watts and
-    kept within the resource's bounds, so a resource whose range excludes zero (e.g. a
-    minimum consumption) keeps at least that.
+    where bounds that exclude zero make that split miss a target the candidates can reach,
+    the difference is spread over the room each has left (``_towards``). A target beyond
+    what the bounds allow takes every candidate to that bound and the rest is shortfall.
+    MAXIMISE_*: every candidate at its bound; ``power_kw`` is then only a goal against which
+    shortfall is measured (0 = no goal). A setpoint is rounded to watts and kept within the
+    resource's bounds, so a resource whose range excludes zero (e.g. a minimum consumption)
+    keeps at least that.
     """
     upwards = (
         power_kw >= 0
@@ -271,11 +287,17 @@ def allocate(
         else dispatch_type is DispatchType.MAXIMISE_UPWARDS
     )
     setpoints: list[tuple[Candidate, float]] = []
+    unreachable = False
     if dispatch_type is DispatchType.EXACT:
         total = sum(_headroom(c, upwards) for c in candidates)
         share = 0.0 if total == 0 else min(1.0, power_kw / total)
-        for candidate in candidates:
-            wanted = _headroom(candidate, upwards) * share
+        shares = [
+            min(max(_headroom(c, upwards) * share, c.power_min_kw), c.power_max_kw)
+            for c in candidates
+        ]
+        reached, left = _towards(power_kw, shares, candidates)
+        unreachable = abs(left) > _UNREACHABLE_KW
+        for candidate, wanted in zip(candidates, reached, strict=True):
             setpoints.append(
                 (candidate, _within(wanted, candidate.power_min_kw, candidate.power_max_kw))
             )
@@ -291,8 +313,44 @@ def allocate(
         # would otherwise show up as a shortfall of a goal nobody set).
         return Allocation(setpoints, allocated, 0.0)
     missing = power_kw - allocated
-    shortfall = max(missing, 0.0) if upwards else min(missing, 0.0)
+    # Beyond what the bounds allow on either side (also the other side of zero: a target
+    # below the resources' minimum consumption), what is missing counts with its sign; a
+    # target reached but for the rounding to watts counts only a shortfall, not an excess.
+    shortfall = missing if unreachable else max(missing, 0.0) if upwards else min(missing, 0.0)
     return Allocation(setpoints, allocated, _round(shortfall))
+
+
+# Left of an EXACT target after _towards, beyond floating-point noise: it cannot be reached.
+_UNREACHABLE_KW = 1e-9
+
+
+def _towards(
+    target_kw: float, values: Sequence[float], candidates: Sequence[Candidate]
+) -> tuple[list[float], float]:
+    """``values`` (each within its candidate's bounds) moved together towards ``target_kw``,
+    each in proportion to its room that way, never beyond a bound; and what is left.
+
+    The split by headroom misses a target when a resource's range excludes zero: clamped to
+    its bound nearest zero (a minimum consumption), it adds power the split did not count,
+    and a resource with no headroom in the target's direction may have room in the other.
+    Where the split already reaches the target nothing moves.
+    """
+    missing = target_kw - math.fsum(values)
+    if missing == 0:
+        return list(values), 0.0
+    rooms = [
+        (c.power_max_kw if missing > 0 else c.power_min_kw) - value
+        for c, value in zip(candidates, values, strict=True)
+    ]
+    room = math.fsum(rooms)
+    if room == 0:
+        return list(values), missing
+    share = min(1.0, missing / room)
+    moved = [
+        min(max(value + each * share, c.power_min_kw), c.power_max_kw)
+        for c, value, each in zip(candidates, values, rooms, strict=True)
+    ]
+    return moved, missing - room * share
 
 
 def outside_bounds(

@@ -55,7 +55,7 @@ import asyncpg
 from service.auth.store import IdentityStore
 from service.common.clock import Clock
 from service.common.loglimit import LogLimiter, held_back
-from service.config import Settings
+from service.config import Settings, refuse_broken_values
 from service.dispatch.delivery import (
     AttemptOutcome,
     Delivery,
@@ -228,9 +228,9 @@ class OutboxSettings:
 
     def __post_init__(self) -> None:
         # Checked at start-up: each of these would stop deliveries without a word.
-        problems = [
-            f"OPENVPP_DISPATCH_{name.upper()} must be {rule}"
-            for name, broken, rule in (
+        refuse_broken_values(
+            "DISPATCH",
+            (
                 ("lease_seconds", not self.lease_seconds > 0, "> 0"),
                 ("max_attempts", self.max_attempts < 1, ">= 1"),
                 ("claim_batch_size", self.claim_batch_size < 1, ">= 1"),
@@ -241,11 +241,8 @@ class OutboxSettings:
                     not self.poll_interval_seconds > 0,
                     "> 0 (due retries and expired leases are found by it)",
                 ),
-            )
-            if broken
-        ]
-        if problems:
-            raise ValueError("; ".join(problems))
+            ),
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OutboxSettings:

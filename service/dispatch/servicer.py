@@ -63,7 +63,8 @@ class DispatchServicer(pb_grpc.DispatchServicer):
         self, request: pb.DispatchFlexibilityRequest, context: Any
     ) -> pb.DispatchFlexibilityResponse:
         # The window's end is checked by the store, after a retry was recognised.
-        dispatch_request = validate_request(convert.request_from_proto(request), now=None)
+        parsed, malformed = convert.request_from_proto(request)
+        dispatch_request = validate_request(parsed, now=None, malformed=malformed)
         result = await self._store().dispatch(dispatch_request, _dispatch_traceparent(context))
         return pb.DispatchFlexibilityResponse(
             dispatch=convert.dispatch_to_proto(result.dispatch),

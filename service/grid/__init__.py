@@ -14,6 +14,7 @@ from service.grid.resolution import (
     PT15M,
     SUPPORTED_RESOLUTIONS,
     Resolution,
+    local_midnight,
     parse_resolution,
 )
 from service.grid.site_type import SiteType, site_type_is_accurate, site_type_is_balanced
@@ -25,6 +26,7 @@ __all__ = [
     "SUPPORTED_RESOLUTIONS",
     "Resolution",
     "SiteType",
+    "local_midnight",
     "parse_resolution",
     "site_type_is_accurate",
     "site_type_is_balanced",

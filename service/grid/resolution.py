@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 SUPPORTED_RESOLUTIONS: tuple[str, ...] = ("PT15M", "PT1H", "P1M")
@@ -36,6 +36,11 @@ def _month_start(year: int, month: int, tz: ZoneInfo) -> datetime:
     while month < 1:
         year, month = year - 1, month + 12
     return datetime(year, month, 1, tzinfo=tz).astimezone(UTC)
+
+
+def local_midnight(day: date, tz: ZoneInfo) -> datetime:
+    """First instant (UTC) of ``day`` in ``tz``: where a balance block of that day starts."""
+    return datetime.combine(day, time(0), tzinfo=tz).astimezone(UTC)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 from zoneinfo import ZoneInfo
@@ -19,7 +19,12 @@ import asyncpg
 
 from service.common.clock import SYSTEM_CLOCK, Clock
 from service.common.errors import AlreadyExistsError, NotFoundError
-from service.db.balancing_queue import enqueue_balancing, readings_spans, span_range
+from service.db.balancing_queue import (
+    enqueue_balancing,
+    readings_spans,
+    results_runs,
+    span_range,
+)
 from service.db.keyset import keyset_page
 from service.db.pagination import Cursor
 from service.db.reads import Reads
@@ -40,6 +45,8 @@ from service.registry.domain import (
 )
 from service.upstream import status as upstream_sync
 from service.upstream.domain import UpstreamStatus
+
+_ONE_MICROSECOND = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True)
@@ -179,18 +186,23 @@ async def _queue_moved_grid(
 ) -> None:
     """A new timezone or resolution moves the site's grid, a new type what is balanced: the
     range of the site's readings is queued for rebalancing (on the new grid, covering the
-    intervals of the old one too)."""
+    intervals of the old one too), and so is each run of its stored results, which may
+    reach beyond the readings (days re-balanced without any) and must leave the old grid."""
     if (before.timezone, before.balance_resolution, before.site_type) == (
         after.timezone,
         after.balance_resolution,
         after.site_type,
     ):
         return
+    grids = [_grid(after), _grid(before)]
+    ranges = []
     span, _ = await readings_spans(conn, org_id, site_id)
-    if span is None:
-        return
-    start, end = span_range(span[0], span[1], [_grid(after), _grid(before)])
-    await enqueue_balancing(conn, org_id, [(site_id, start, end)])
+    if span is not None:
+        ranges.append(span_range(span[0], span[1], grids))
+    for run_start, run_end in await results_runs(conn, org_id, site_id):
+        start, end = span_range(run_start, run_end - _ONE_MICROSECOND, grids, registers=False)
+        ranges.append((start, end))
+    await enqueue_balancing(conn, org_id, [(site_id, start, end) for start, end in ranges])
 
 
 def _duplicate_identifier(identifier: str | None, prefix: str = "") -> AlreadyExistsError:

@@ -16,7 +16,12 @@ from zoneinfo import ZoneInfo
 import asyncpg
 
 from service.common.errors import AlreadyExistsError, NotFoundError, ValidationError
-from service.db.balancing_queue import enqueue_balancing, readings_spans, span_range
+from service.db.balancing_queue import (
+    enqueue_balancing,
+    enqueue_participation,
+    readings_spans,
+    span_range,
+)
 from service.db.pagination import Cursor
 from service.db.site_children import list_site_children
 from service.events.payloads import notify_meter_changed
@@ -177,7 +182,8 @@ class MeterStore:
         return updated
 
     async def delete(self, meter_id: MeterId) -> None:
-        """Deletes the meter and its readings and queues the site intervals they touched."""
+        """Deletes the meter and its readings and queues the site intervals they touched,
+        and the days it took part in (its balancing settings go with it)."""
         async with self._pool.acquire() as conn, conn.transaction():
             meter = await conn.fetchrow(
                 """
@@ -191,6 +197,10 @@ class MeterStore:
             )
             if meter is None:
                 raise NotFoundError("meter", str(meter_id))
+            timezone = ZoneInfo(meter["timezone"])
+            # While its settings are there: a participant without readings left incomplete
+            # intervals that nothing else would re-balance once it is gone.
+            await enqueue_participation(conn, self._org_id, meter["site_id"], timezone, meter_id)
             # Readings first, to know which intervals to rebalance; deleting the meter would
             # remove them too (see migration 0005) but without telling which.
             span = await conn.fetchrow(
@@ -208,11 +218,10 @@ class MeterStore:
                 return
             # One range from the first to the last interval the readings touched: the
             # consumer rebalances the intervals in it that have data.
-            grid = (parse_resolution(meter["balance_resolution"]), ZoneInfo(meter["timezone"]))
             start, end = span_range(
                 span["first"],
                 span["last"],
-                [grid],
+                [(parse_resolution(meter["balance_resolution"]), timezone)],
                 registers=meter["measuring"] != Measuring.LOAD_PROFILE_ACCURATE,
             )
             await enqueue_balancing(conn, self._org_id, [(meter["site_id"], start, end)])

@@ -11,6 +11,7 @@ from typing import Any
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
+import pytest
 from google.protobuf import field_mask_pb2
 from openvpp.v1 import balancing_pb2 as bpb
 from openvpp.v1 import meter_registry_pb2 as mpb
@@ -158,6 +159,46 @@ async def test_dst_days_have_92_and_100_quarter_hours(
         hours = await community.summaries(interval="PT1H", **window(day_start, end))
         assert len(hours) == count // 4
         assert sum(h.shared_wh for h in hours) == 4 * count
+
+
+async def test_hourly_outputs_in_lord_howe_stay_on_local_hours_across_its_half_hour_dst(
+    partner: Org, community: Community, consumer: BalancingQueueConsumer
+) -> None:
+    lord_howe = ZoneInfo("Australia/Lord_Howe")  # +11 in summer, +10:30 in winter
+    island = await make_community(
+        partner,
+        community.registry,
+        community.meters,
+        community.telemetry,
+        community.balancing,
+        timezone="Australia/Lord_Howe",
+        location=spb.Location(address="Lord Howe Island"),
+        balance_resolution="PT1H",
+    )
+    home = await island.meter(start=datetime(2024, 1, 1, tzinfo=UTC))
+    pv = await island.meter(
+        direction=mpb.METER_DIRECTION_PRODUCER, start=datetime(2024, 1, 1, tzinfo=UTC)
+    )
+    for meter in (home, pv):
+        await island.participate(meter)
+    winter_noon = datetime(2025, 6, 2, 12, tzinfo=lord_howe).astimezone(UTC)
+    await island.profile(home, winter_noon, [500])
+    await island.profile(pv, winter_noon, [300])
+    await drain(consumer)
+    # A year from summer to summer: both ends of the range are at +11, a whole hour.
+    summaries = await island.summaries(
+        interval="PT1H",
+        page_size=10_000,
+        **window(datetime(2025, 1, 10, tzinfo=UTC), datetime(2026, 1, 10, tzinfo=UTC)),
+    )
+    assert {
+        s.interval_start.ToDatetime(tzinfo=UTC).astimezone(lord_howe).minute for s in summaries
+    } == {0}
+    noon = [s for s in summaries if s.demand_wh]
+    assert [s.interval_start.ToDatetime(tzinfo=UTC).astimezone(lord_howe) for s in noon] == [
+        datetime(2025, 6, 2, 12, tzinfo=lord_howe)
+    ]
+    assert [(s.demand_wh, s.shared_wh, s.complete_intervals) for s in noon] == [(500, 300, 1)]
 
 
 async def test_an_incomplete_interval_becomes_complete_when_its_reading_arrives(
@@ -397,3 +438,58 @@ async def test_a_site_no_longer_balanced_loses_its_balances(
     assert await service.pool.fetchval(blocks, UUID(site.site.id)) == 0
     rows = await site.balances(site_id=site.site.id, **window(start, start + Q))
     assert rows == []
+
+
+@pytest.mark.parametrize("gap", [False, True], ids=["all-readings", "a-gap-before-joining"])
+async def test_a_rows_complete_is_the_same_whichever_filter_reads_it(
+    community: Community, consumer: BalancingQueueConsumer, gap: bool
+) -> None:
+    a = await community.meter()
+    joiner = await community.meter()  # joins the community on 15 February
+    pv = await community.meter(direction=mpb.METER_DIRECTION_PRODUCER)
+    await community.participate(a)
+    await community.participate(pv)
+    await community.participate(joiner, start=date(2025, 2, 15))
+    february, mid, march = local(2025, 2, 1), local(2025, 2, 15), local(2025, 3, 1)
+    whole, second_half = (march - february) // Q, (march - mid) // Q
+    missing = local(2025, 2, 3, 12) if gap else None
+    await community.ingest(
+        [
+            tpb.Reading(meter_id=a.id, timestamp=stamp(february + i * Q), interval_wh=40)
+            for i in range(whole)
+            if february + i * Q != missing  # a's reading of 3 February, 12:00, not sent
+        ]
+    )
+    await community.profile(pv, february, [30] * whole)
+    await community.profile(joiner, mid, [20] * second_half)
+    await drain(consumer)
+    summaries = await community.summaries(interval="P1M", **window(february, march))
+    complete = whole - 1 if gap else whole
+    assert [(s.balance_intervals, s.complete_intervals) for s in summaries] == [(whole, complete)]
+
+    # README: complete = every balance interval of the site's grid inside it is stored and
+    # balanced. The same row says the same through every filter that lists it.
+    filters: list[dict[str, str]] = [
+        {"debitor_meter_id": joiner.id},
+        {"creditor_meter_id": pv.id},
+        {"creditor_meter_id": pv.id, "debitor_meter_id": joiner.id},
+        {"site_id": community.site.id, "creditor_meter_id": "GRID"},
+    ]
+    spans = {
+        "P1M": window(february, march),
+        "P1D": window(february, march),
+        "PT1H": window(local(2025, 2, 14, 22), local(2025, 2, 15, 2)),
+    }
+    for interval, span in spans.items():
+        site_view = {
+            (r.interval_start.ToDatetime(), r.creditor_meter_id, r.debitor_meter_id): r.complete
+            for r in await community.balances(site_id=community.site.id, interval=interval, **span)
+        }
+        if interval == "P1M":
+            assert site_view[(february.replace(tzinfo=None), pv.id, joiner.id)] is not gap
+        for given in filters:
+            rows = await community.balances(interval=interval, **given, **span)
+            assert rows, (interval, given)
+            for r in rows:
+                key = (r.interval_start.ToDatetime(), r.creditor_meter_id, r.debitor_meter_id)
+                assert r.complete is site_view[key], (interval, given, key)

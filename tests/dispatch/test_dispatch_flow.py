@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import grpc
+from google.protobuf import timestamp_pb2
 from openvpp.v1 import dispatch_pb2 as pb
 from openvpp.v1 import site_registry_pb2 as site_pb
 
@@ -16,7 +18,7 @@ from service.common.clock import ManualClock
 from service.common.protoconv import from_timestamp, to_timestamp
 from tests.dispatch.conftest import Cluster, Flow, window
 from tests.dispatch.setpoint_receiver import Received, running_receiver
-from tests.helpers import expect_invalid, rpc_error
+from tests.helpers import expect_invalid, field_violations, rpc_error
 
 BATTERY = site_pb.RESOURCE_TYPE_STATIC_BATTERY
 HEAT_PUMP = site_pb.RESOURCE_TYPE_HEAT_PUMP
@@ -159,9 +161,14 @@ async def test_allocation_with_bounds_and_shortfall_per_type(cluster: Cluster) -
     exact_up = await dry(6.0, pb.DISPATCH_TYPE_EXACT)
     assert [s.power_kw for s in exact_up.setpoints] == [2.0, 4.0, 0.0]
     assert (exact_up.dispatch.allocated_power_kw, exact_up.dispatch.shortfall_power_kw) == (6, 0)
-    # EXACT downwards: shares of -5 and -8; the heat pump keeps its 2 kW minimum.
+    # EXACT downwards: shares of -5 and -8; the heat pump keeps its 2 kW minimum, and the
+    # other two make up for it in proportion to the room they have left.
     exact_down = await dry(-6.5, pb.DISPATCH_TYPE_EXACT)
-    assert [s.power_kw for s in exact_down.setpoints] == [-2.5, 2.0, -4.0]
+    assert [s.power_kw for s in exact_down.setpoints] == [-3.269, 2.0, -5.231]
+    assert (exact_down.dispatch.allocated_power_kw, exact_down.dispatch.shortfall_power_kw) == (
+        -6.5,
+        0,
+    )
     # Beyond the headroom: everything at its bound, the rest is shortfall.
     beyond = await dry(-30.0, pb.DISPATCH_TYPE_EXACT)
     assert [s.power_kw for s in beyond.setpoints] == [-5.0, 2.0, -8.0]
@@ -211,6 +218,57 @@ async def test_bad_requests_are_field_violations_and_store_nothing(cluster: Clus
         flow.dispatch(operator, selection=pb.DispatchSelection(site_ids=[unknown_site]))
     )
     assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert await replica.pool.fetchval("SELECT count(*) FROM dispatches") == 0
+
+
+async def test_every_broken_rule_of_a_dispatch_request_is_reported_at_once(
+    cluster: Cluster,
+) -> None:
+    replica = await cluster.replica(dispatch_delivery_enabled=False)
+    flow = Flow(replica)
+    operator = await flow.org(Role.OPERATOR)
+    _start, end = window(None, 60)
+    # Unreadable fields (an unknown enum, a malformed id, a missing instant) and broken
+    # rules of the readable ones, in one request.
+    request = pb.DispatchFlexibilityRequest(
+        request_id="",
+        power_kw=float("nan"),
+        end_time=to_timestamp(end + timedelta(minutes=7)),
+        type=77,  # type: ignore[arg-type]
+        selection=pb.DispatchSelection(site_ids=["nope"]),
+    )
+    error = await rpc_error(replica.dispatch.DispatchFlexibility(request, metadata=operator.auth))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    violations = field_violations(error)
+    assert set(violations) == {
+        "request_id",
+        "power_kw",
+        "type",
+        "start_time",
+        "end_time",
+        "selection.site_ids[0]",
+    }
+    assert violations["start_time"] == "is required"
+    # Not "must be after start_time": there is no start to measure the window from.
+    assert violations["end_time"] == "must be on a quarter-hour (hh:00, :15, :30 or :45, 0 s)"
+
+
+async def test_an_instant_nanoseconds_past_a_quarter_hour_is_not_on_it(cluster: Cluster) -> None:
+    replica = await cluster.replica(dispatch_delivery_enabled=False)
+    flow = Flow(replica)
+    operator = await flow.org(Role.OPERATOR)
+    start, end = window(None, 60)
+    for nanos in (1, 999, 999_999_999):
+        request = pb.DispatchFlexibilityRequest(
+            request_id=uuid.uuid4().hex,
+            power_kw=1.0,
+            start_time=timestamp_pb2.Timestamp(seconds=int(start.timestamp()), nanos=nanos),
+            end_time=to_timestamp(end),
+            type=pb.DISPATCH_TYPE_EXACT,
+        )
+        await expect_invalid(
+            replica.dispatch.DispatchFlexibility(request, metadata=operator.auth), "start_time"
+        )
     assert await replica.pool.fetchval("SELECT count(*) FROM dispatches") == 0
 
 

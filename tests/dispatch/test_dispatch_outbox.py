@@ -7,7 +7,7 @@ import asyncio
 import itertools
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -373,16 +373,36 @@ async def held_first(
         )
 
 
-async def test_a_site_paused_while_its_setpoints_wait_for_a_slot_is_not_sent_to(
-    cluster: Cluster,
+async def pause(scene: HeldScene, site: site_pb.Site) -> None:
+    await scene.replica.registry.PauseSite(
+        site_pb.PauseSiteRequest(site_id=site.id), metadata=scene.partner.auth
+    )
+
+
+async def narrow_bounds(scene: HeldScene, site: site_pb.Site) -> None:
+    listed = await scene.replica.registry.ListResources(
+        site_pb.ListResourcesRequest(site_id=site.id), metadata=scene.partner.auth
+    )
+    for resource in listed.resources:
+        await set_power_bounds(scene.replica, scene.partner, resource.id, -0.5, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (pause, "site status paused"),
+        (narrow_bounds, "power_kw 1.000 outside the resource's bounds now [-0.500, 0.500]"),
+    ],
+    ids=["site paused", "bounds narrowed"],
+)
+async def test_a_change_while_setpoints_wait_for_a_slot_stops_them(
+    cluster: Cluster, change: Callable[[HeldScene, site_pb.Site], Awaitable[None]], reason: str
 ) -> None:
     async with held_first(cluster, sites=2, resources=2) as scene:
         # All four were claimed together; one is in flight, three are queued behind it.
         in_flight_site = scene.first.body["site_id"]
-        (paused,) = [site for site in scene.sites if site.id != in_flight_site]
-        await scene.replica.registry.PauseSite(
-            site_pb.PauseSiteRequest(site_id=paused.id), metadata=scene.partner.auth
-        )
+        (changed,) = [site for site in scene.sites if site.id != in_flight_site]
+        await change(scene, changed)
         await asyncio.sleep(0.2)  # the queued ones are now due for a check
         scene.answer.release.set()
         settled = await scene.flow.settle(scene.operator, scene.dispatch.id)
@@ -390,40 +410,12 @@ async def test_a_site_paused_while_its_setpoints_wait_for_a_slot_is_not_sent_to(
     for setpoint in settled:
         by_site[setpoint.site_id].append(setpoint)
     assert {s.state for s in by_site[in_flight_site]} == {ACCEPTED}
-    assert {(s.state, s.reason) for s in by_site[paused.id]} == {
-        (pb.SETPOINT_STATE_NOT_ELIGIBLE, "site status paused")
+    assert {(s.state, s.reason) for s in by_site[changed.id]} == {
+        (pb.SETPOINT_STATE_NOT_ELIGIBLE, reason)
     }
-    assert all(s.attempts == [] for s in by_site[paused.id])
+    assert all(s.attempts == [] for s in by_site[changed.id])
     assert {r.body["site_id"] for r in scene.receiver.received} == {in_flight_site}
     assert len(scene.receiver.received) == 2
-
-
-async def test_bounds_narrowed_while_its_setpoints_wait_for_a_slot_stop_them(
-    cluster: Cluster,
-) -> None:
-    async with held_first(cluster, sites=2, resources=2) as scene:
-        in_flight_site = scene.first.body["site_id"]
-        (other,) = [site for site in scene.sites if site.id != in_flight_site]
-        listed = await scene.replica.registry.ListResources(
-            site_pb.ListResourcesRequest(site_id=other.id), metadata=scene.partner.auth
-        )
-        for resource in listed.resources:
-            await set_power_bounds(scene.replica, scene.partner, resource.id, -0.5, 0.5)
-        await asyncio.sleep(0.2)  # the queued ones are now due for a check
-        scene.answer.release.set()
-        settled = await scene.flow.settle(scene.operator, scene.dispatch.id)
-    by_site = defaultdict(list)
-    for setpoint in settled:
-        by_site[setpoint.site_id].append(setpoint)
-    assert {s.state for s in by_site[in_flight_site]} == {ACCEPTED}
-    assert {(s.state, s.reason) for s in by_site[other.id]} == {
-        (
-            pb.SETPOINT_STATE_NOT_ELIGIBLE,
-            "power_kw 1.000 outside the resource's bounds now [-0.500, 0.500]",
-        )
-    }
-    assert all(s.attempts == [] for s in by_site[other.id])
-    assert {r.body["site_id"] for r in scene.receiver.received} == {in_flight_site}
 
 
 async def test_a_site_paused_while_its_setpoints_wait_for_a_global_slot_is_not_sent_to(

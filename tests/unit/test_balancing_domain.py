@@ -9,11 +9,17 @@ from zoneinfo import ZoneInfo
 import numpy as np
 
 from service.balancing.calendar import (
+    StoredBlock,
+    block_of,
     from_us,
     grid_starts,
     iter_blocks,
-    output_starts,
+    merge_ranges,
+    on_grid,
+    output_bounds,
+    output_range,
     parse_output_interval,
+    take_in_off_grid_blocks,
     to_us,
 )
 from service.balancing.domain import (
@@ -27,7 +33,6 @@ from service.balancing.domain import (
     static_share_excess,
 )
 from service.balancing.engine import AllocationMethod
-from service.balancing.rebalance import merge_ranges
 from service.common.errors import ViolationCollector
 from service.grid import P1M, PT1H, PT15M
 
@@ -144,15 +149,21 @@ def test_day_blocks_hold_92_96_and_100_quarter_hours_in_berlin() -> None:
     assert month[1] == datetime(2025, 11, 1, tzinfo=BERLIN).astimezone(UTC)
 
 
+def output_starts(start: datetime, end: datetime, interval: str) -> list[int]:
+    """Every output interval of a request in Berlin: starts, then the last one's end."""
+    first, last_end = output_range(start, end, BERLIN, interval)
+    return [int(t) for t in output_bounds(first, last_end, BERLIN, interval, 10_000)]
+
+
 def test_output_intervals_follow_the_local_calendar() -> None:
     start = datetime(2025, 3, 30, 5, tzinfo=BERLIN).astimezone(UTC)
-    days = output_starts(start, start + timedelta(days=2), BERLIN, "P1D")
-    assert [from_us(int(d)).astimezone(BERLIN).day for d in days] == [30, 31, 1, 2]
-    assert int(days[1] - days[0]) == 23 * 3600 * 1_000_000
-    months = output_starts(start, start + timedelta(days=40), BERLIN, "P1M")
+    days = output_starts(start, start + timedelta(days=2), "P1D")
+    assert [from_us(d).astimezone(BERLIN).day for d in days] == [30, 31, 1, 2]
+    assert days[1] - days[0] == 23 * 3600 * 1_000_000
+    months = output_starts(start, start + timedelta(days=40), "P1M")
     # Starts of March, April and May, then the end of May.
-    assert [from_us(int(m)).astimezone(BERLIN).month for m in months] == [3, 4, 5, 6]
-    hours = output_starts(start, start + timedelta(minutes=1), BERLIN, "PT1H")
+    assert [from_us(m).astimezone(BERLIN).month for m in months] == [3, 4, 5, 6]
+    hours = output_starts(start, start + timedelta(minutes=1), "PT1H")
     assert len(hours) == 2
     assert np.all(np.diff(hours) == 3600 * 1_000_000)
     assert parse_output_interval("", PT15M) == "PT15M"
@@ -172,3 +183,64 @@ def test_ranges_merge_when_they_touch() -> None:
         (t + 5 * q, t + 6 * q),
     ]
     assert merge_ranges([(t, t)]) == []
+
+
+LONDON = ZoneInfo("Europe/London")
+
+
+def _berlin_days(first: date, count: int) -> list[StoredBlock]:
+    blocks = []
+    for n in range(count):
+        start, end = block_of(
+            datetime.combine(first + timedelta(days=n), datetime.min.time(), BERLIN), BERLIN, PT15M
+        )
+        blocks.append(StoredBlock(start, end, int((end - start) / timedelta(minutes=15))))
+    return blocks
+
+
+def test_a_block_is_on_the_grid_only_with_its_zones_bounds_and_its_resolutions_intervals() -> None:
+    (day,) = _berlin_days(date(2025, 3, 4), 1)
+    assert on_grid(day, BERLIN, PT15M)
+    assert not on_grid(day, LONDON, PT15M)  # other local days
+    assert not on_grid(day, BERLIN, PT1H)  # the same day, 96 intervals instead of 24
+    assert not on_grid(day, BERLIN, P1M)
+    # Paris keeps Berlin's days: a change between them moves nothing.
+    assert on_grid(day, ZoneInfo("Europe/Paris"), PT15M)
+
+
+def test_old_blocks_are_taken_in_along_their_whole_run_both_ways() -> None:
+    run = _berlin_days(date(2025, 3, 1), 10)
+    apart = _berlin_days(date(2025, 6, 2), 1)
+    at = datetime(2025, 3, 5, 9, tzinfo=UTC)
+    ranges, old = take_in_off_grid_blocks(
+        [(at, at + timedelta(minutes=15))], run + apart, LONDON, PT15M
+    )
+    # Every Berlin day of the run straddles two London days; the one in June overlaps
+    # nothing written and waits for its own re-balancing.
+    assert old == [b.start for b in run]
+    assert ranges == [
+        (
+            datetime(2025, 2, 28, tzinfo=LONDON).astimezone(UTC),
+            datetime(2025, 3, 11, tzinfo=LONDON).astimezone(UTC),
+        )
+    ]
+
+
+def test_a_month_block_is_replaced_by_all_its_days_and_its_days_by_the_month() -> None:
+    march = block_of(datetime(2025, 3, 1, tzinfo=BERLIN), BERLIN, P1M)
+    month = StoredBlock(*march, 1)
+    at = datetime(2025, 3, 20, 9, tzinfo=UTC)
+    ranges, old = take_in_off_grid_blocks(
+        [(at, at + timedelta(minutes=15))], [month], BERLIN, PT15M
+    )
+    assert (ranges, old) == ([march], [month.start])
+    days = _berlin_days(date(2025, 3, 3), 3)
+    ranges, old = take_in_off_grid_blocks([(at, at + timedelta(minutes=15))], days, BERLIN, P1M)
+    assert (ranges, old) == ([march], [b.start for b in days])
+
+
+def test_blocks_on_the_grid_change_nothing() -> None:
+    days = _berlin_days(date(2025, 3, 3), 3)
+    at = datetime(2025, 3, 4, 9, tzinfo=UTC)
+    wanted = [(at, at + timedelta(minutes=15))]
+    assert take_in_off_grid_blocks(wanted, days, BERLIN, PT15M) == (wanted, [])

@@ -153,6 +153,17 @@ def powers(dispatch_type: DispatchType, target: float, *bounds: tuple[float, flo
     return [value for _, value in allocation.setpoints]
 
 
+def bounds_lists(magnitude: float, most: int) -> st.SearchStrategy[list[tuple[float, float]]]:
+    """Lists of (min, max) power bounds, min <= max, each within +-2 * magnitude kW."""
+    return st.lists(
+        st.tuples(st.floats(-magnitude, magnitude), st.floats(0, magnitude)).map(
+            lambda pair: (pair[0], pair[0] + pair[1])
+        ),
+        min_size=1,
+        max_size=most,
+    )
+
+
 class TestAllocation:
     def test_exact_upwards_splits_by_upper_bound(self) -> None:
         allocation = allocate(
@@ -188,9 +199,49 @@ class TestAllocation:
         assert allocation.shortfall_power_kw == 3.0
 
     def test_a_setpoint_stays_within_bounds_that_exclude_zero(self) -> None:
-        # A resource that must consume at least 2 kW keeps 2 kW even when asked for less.
-        assert powers(DispatchType.EXACT, 1.0, (2, 10), (0, 10)) == [2.0, 0.5]
-        assert powers(DispatchType.EXACT, -3.0, (2, 10), (-6, 0)) == [2.0, -3.0]
+        # A resource that must consume at least 2 kW keeps 2 kW even when asked for less;
+        # the others make up for it as far as they can.
+        assert powers(DispatchType.EXACT, 1.0, (2, 10), (0, 10)) == [2.0, 0.0]
+        assert powers(DispatchType.EXACT, -3.0, (2, 10), (-6, 0)) == [2.0, -5.0]
+
+    def test_exact_reaches_a_target_that_a_minimum_consumption_pushes_away(self) -> None:
+        # A battery and a heat pump with a 2 kW minimum reach any total in [-3, 15] kW.
+        battery, heat_pump = (-5, 5), (2, 10)
+        for target, expected in ((1.5, [-0.5, 2.0]), (-1.0, [-3.0, 2.0]), (-3.0, [-5.0, 2.0])):
+            allocation = allocate(
+                DispatchType.EXACT, target, [candidate(*battery), candidate(*heat_pump)]
+            )
+            assert [v for _, v in allocation.setpoints] == expected
+            assert (allocation.allocated_power_kw, allocation.shortfall_power_kw) == (target, 0)
+
+    def test_a_split_that_already_reaches_the_target_is_kept(self) -> None:
+        # Shares of +5 and +10 headroom reach +6 with the heat pump above its minimum.
+        assert powers(DispatchType.EXACT, 6.0, (-5, 5), (2, 10), (-8, 0)) == [2.0, 4.0, 0.0]
+
+    def test_a_target_on_the_far_side_of_a_minimum_is_a_signed_shortfall(self) -> None:
+        # Nothing can go below the heat pump's 2 kW: 1 kW asked for, 2 kW is the least.
+        allocation = allocate(DispatchType.EXACT, 1.0, [candidate(2, 10)])
+        assert [v for _, v in allocation.setpoints] == [2.0]
+        assert (allocation.allocated_power_kw, allocation.shortfall_power_kw) == (2.0, -1.0)
+
+    @given(
+        st.floats(-1e3, 1e3, allow_nan=False),
+        bounds_lists(magnitude=1e2, most=6),
+    )
+    def test_exact_reaches_every_target_within_the_bounds_to_the_watt(
+        self, target: float, bounds: list[tuple[float, float]]
+    ) -> None:
+        allocation = allocate(DispatchType.EXACT, target, [candidate(*b) for b in bounds])
+        lowest = math.fsum(low for low, _ in bounds)
+        highest = math.fsum(high for _, high in bounds)
+        nearest = min(max(target, lowest), highest)
+        # Each setpoint is rounded to a watt (and inwards at a bound): a watt each at most.
+        assert abs(allocation.allocated_power_kw - nearest) <= 0.001 * len(bounds) + 1e-9
+        if not lowest <= target <= highest:
+            # Rounded to watts too.
+            assert allocation.shortfall_power_kw == pytest.approx(
+                target - allocation.allocated_power_kw, abs=0.0005 + 1e-9
+            )
 
     def test_shares_are_rounded_to_watts_and_within_bounds(self) -> None:
         values = powers(DispatchType.EXACT, 10.0, (0, 3), (0, 3), (0, 3))
@@ -287,13 +338,7 @@ class TestBoundsAtDelivery:
     @given(
         st.sampled_from(list(DispatchType)),
         st.floats(-1e4, 1e4, allow_nan=False),
-        st.lists(
-            st.tuples(st.floats(-1e3, 1e3), st.floats(0, 1e3)).map(
-                lambda pair: (pair[0], pair[0] + pair[1])
-            ),
-            min_size=1,
-            max_size=5,
-        ),
+        bounds_lists(magnitude=1e3, most=5),
     )
     def test_every_setpoint_the_allocation_makes_is_within_its_bounds(
         self, dispatch_type: DispatchType, target: float, bounds: list[tuple[float, float]]
