@@ -171,6 +171,8 @@ _SNAP_ABS_WH = 1e-6
 # ... or within this fraction of the interval's largest energy (128 units in its last place):
 # the noise grows with the energy. At MAX_INTERVAL_WH this is 2**-12 Wh.
 _SNAP_REL = 2.0**-45
+# Below this an interval's tolerance is _SNAP_ABS_WH alone (~3.5e7 Wh).
+_SMALL_INTERVAL_WH = int(_SNAP_ABS_WH / _SNAP_REL)
 # Cells (producers x consumers x intervals) allocated per chunk of intervals.
 _CHUNK_CELLS = 1 << 17
 # The sum of a tier's static keys may exceed 1 by float noise of the caller's arithmetic.
@@ -292,7 +294,11 @@ def allocate(block: BalancingInput) -> BalancingResult:
         cells, feed_exact, grid_exact = _exact_allocation(
             method, tiers, part_production, part_demand
         )
-        tolerance = np.maximum(_SNAP_ABS_WH, scale[rows] * _SNAP_REL)
+        # One number where no interval's energy is large enough for the relative part to
+        # count: comparisons with a scalar are the cheaper ones.
+        tolerance: FloatArray | float = (
+            _SNAP_ABS_WH if scale is None else np.maximum(_SNAP_ABS_WH, scale[rows] * _SNAP_REL)
+        )
         shared_int, feed_int, grid_int = _controlled_rounding(
             cells, feed_exact, grid_exact, part_production, part_demand, tolerance
         )
@@ -315,9 +321,10 @@ def _as_slice(rows: NDArray[np.intp]) -> slice | NDArray[np.intp]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _validated(block: BalancingInput) -> tuple[Int64Array, Int64Array, Int64Array]:
+def _validated(block: BalancingInput) -> tuple[Int64Array, Int64Array, Int64Array | None]:
     """Production ``[T, P]`` and demand ``[T, C]`` as int64, after every check, and each
-    interval's scale ``[T]``: the larger of its total production and total demand."""
+    interval's scale ``[T]``: the larger of its total production and total demand (None
+    when no interval can reach ``_SMALL_INTERVAL_WH``)."""
     try:
         method = AllocationMethod(block.method)
     except ValueError:
@@ -328,14 +335,18 @@ def _validated(block: BalancingInput) -> tuple[Int64Array, Int64Array, Int64Arra
         raise ValueError("production_wh and demand_wh must be 2-D [T, meters]")
     if production.shape[0] != demand.shape[0]:
         raise ValueError("production_wh and demand_wh must have the same number of intervals")
+    # The largest total an interval can have, from the largest value and the meter count.
+    largest_total = 0
     for name, array in (("production_wh", production), ("demand_wh", demand)):
         if not np.issubdtype(array.dtype, np.integer):
             raise ValueError(f"{name} must be whole Wh (an integer array)")
         if array.size and int(array.min()) < 0:
             raise ValueError(f"{name} must not be negative")
+        largest = int(array.max()) if array.size else 0
         # Checked before the totals, which could wrap around in int64 otherwise.
-        if array.size and int(array.max()) > MAX_INTERVAL_WH:
+        if largest > MAX_INTERVAL_WH:
             raise ValueError(f"{name} must be at most {MAX_INTERVAL_WH} Wh (the exact range)")
+        largest_total = max(largest_total, largest * array.shape[1])
     num_producers = production.shape[1]
     num_consumers = demand.shape[1]
     own = np.asarray(block.producer_as_consumer)
@@ -362,6 +373,10 @@ def _validated(block: BalancingInput) -> tuple[Int64Array, Int64Array, Int64Arra
                 raise ValueError(f"the static keys of tier {int(tier)} add up to more than 1")
     production = np.asarray(production, dtype=np.int64)
     demand = np.asarray(demand, dtype=np.int64)
+    if largest_total <= _SMALL_INTERVAL_WH:
+        # Every interval within the range and below where the relative tolerance counts:
+        # no need to add up each one (the usual case, a few % of a site-year's time).
+        return production, demand, None
     scale: Int64Array = np.maximum(production.sum(axis=1), demand.sum(axis=1))
     if scale.size and int(scale.max()) > MAX_INTERVAL_WH:
         raise ValueError(
@@ -928,11 +943,12 @@ def _controlled_rounding(
     grid_supply: FloatArray,
     production: Int64Array,
     demand: Int64Array,
-    tolerance: FloatArray,
+    tolerance: FloatArray | float,
 ) -> tuple[Int64Array, Int64Array, Int64Array]:
     """Whole-Wh ``shared [P, C, T]``, ``feed_in [P, T]``, ``grid_supply [C, T]``.
 
-    ``tolerance [T]``: how close to an integer a value of the interval counts as it.
+    ``tolerance [T]`` (or one for all): how close to an integer a value of the interval
+    counts as it.
 
     Each fractional cell is rounded up or down. Producer row ``j`` needs
     ``U_j = x_j - sum(its bases)`` ups, one of which may be its feed-in cell; consumer
@@ -1036,7 +1052,11 @@ def _controlled_rounding(
         initial[:num_producers, :num_consumers] = ups[:, :, interval]
         initial[:num_producers, num_consumers] = feed_ups[:, interval] > 0
         initial[num_producers, :num_consumers] = grid_ups[:, interval] > 0
-        rounded_table = _round_table(table, initial, float(tolerance[interval]))
+        rounded_table = _round_table(
+            table,
+            initial,
+            tolerance if isinstance(tolerance, float) else float(tolerance[interval]),
+        )
         shared_int[:, :, interval] = rounded_table[:num_producers, :num_consumers]
         feed_int[:, interval] = rounded_table[:num_producers, num_consumers]
         grid_int[:, interval] = rounded_table[num_producers, :num_consumers]
