@@ -17,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
+import hypothesis
 import pytest
 from openvpp.v1 import meter_registry_pb2_grpc, site_registry_pb2_grpc, telemetry_pb2_grpc
 
@@ -25,6 +26,11 @@ from service.auth.principal import Role
 from service.auth.store import IdentityStore
 from service.config import Settings
 from service.db.database import EmbeddedPostgres
+
+# Property tests check results, not speed (speed is the benchmarks' business): no example
+# fails for taking longer than hypothesis's default 200 ms on a busy CI machine.
+hypothesis.settings.register_profile("openvpp", deadline=None)
+hypothesis.settings.load_profile("openvpp")
 
 
 @pytest.fixture(scope="session")
