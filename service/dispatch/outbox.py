@@ -618,6 +618,18 @@ class OutboxDeliverer:
         self._unrecorded.discard(setpoint_id)
         self._finish_one()
 
+    def _abandon_if_lapsed(self, item: Claimed) -> bool:
+        """True, and ``item`` let go unsent, when its lease may have lapsed.
+
+        Renewals failed for a whole lease (this worker cannot reach the database, other
+        replicas may): another worker may own the setpoint by now, which the re-check cannot
+        tell with the database away. Handed back by :meth:`_release_abandoned`."""
+        if not self._lease_may_have_lapsed(item.setpoint_id):
+            return False
+        self._abandoned[item.setpoint_id] = item.setpoint_id in self._unrecorded
+        self._let_go(item.setpoint_id)
+        return True
+
     def _lease_may_have_lapsed(self, setpoint_id: UUID) -> bool:
         leased_at = self._held.get(setpoint_id)
         if leased_at is None:
@@ -807,16 +819,15 @@ class OutboxDeliverer:
         async def withdrawn() -> bool:
             # Once the slots are free, right before the request: a send can wait for a
             # global slot behind other endpoints' timeouts.
-            if self._lease_may_have_lapsed(item.setpoint_id):
-                # Renewals failed for a whole lease (this worker cannot reach the database,
-                # other replicas may): another worker may own the setpoint by now. The
-                # re-check cannot tell, the database being away, so nothing is sent.
-                self._abandoned[item.setpoint_id] = item.setpoint_id in self._unrecorded
-                self._let_go(item.setpoint_id)
+            if self._abandon_if_lapsed(item):
                 return True
             now = self._clock.now()
             if now - checked_at >= self._recheck_after:
                 if await self._recheck(endpoint, item, queue) is None:
+                    return True
+                # Again after it: the check may have waited for the database (away, or a
+                # row lock, which renewals skip) for longer than what was left of the lease.
+                if self._abandon_if_lapsed(item):
                     return True
                 now = self._clock.now()
             posted.append((time.perf_counter(), now))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import pytest
 from google.protobuf import field_mask_pb2
 from openvpp.v1 import dispatch_pb2 as pb
@@ -615,6 +617,76 @@ async def test_a_worker_cut_off_from_the_database_sends_nothing_once_its_leases_
     assert {
         webhook_id: scene.receiver.answered[webhook_id] for webhook_id in queued
     } == dict.fromkeys(queued, 1)
+
+
+async def test_a_send_whose_re_check_outlasted_its_lease_is_not_made(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One global slot, leases of 1 s. The second endpoint's setpoint waits for the slot;
+    # once it has it, its re-check waits on a row lock (renewals skip the row meanwhile)
+    # past the lease, then fails (the database gone for it). Another replica may own the
+    # setpoint by then: this one must not send it as claimed.
+    settings: dict[str, Any] = {
+        "dispatch_max_concurrency": 1,
+        "dispatch_max_concurrency_per_host": 1,
+        "dispatch_recheck_after_seconds": 0.1,
+        "dispatch_lease_seconds": 1.0,
+    }
+    first = await cluster.replica(**settings)
+    flow = Flow(first)
+    operator, partner, supplier = await flow.parties()
+    hold_one, hold_two = HeldFirst(), HeldFirst()
+    async with running_receiver(hold_one) as one, running_receiver(hold_two) as two:
+        secret = await flow.secret(partner)
+        one.trust(secret)
+        two.trust(secret)
+        site_one, _ = await flow.site(partner, supplier, one.url())
+        site_two, _ = await flow.site(partner, supplier, two.url())
+        await flow.dispatch(operator, selection=pb.DispatchSelection(site_ids=[site_one.id]))
+        await one.wait_for(1)  # holds the only global slot
+        second = (
+            await flow.dispatch(operator, selection=pb.DispatchSelection(site_ids=[site_two.id]))
+        ).dispatch
+        (setpoint,) = await flow.setpoints(operator, second.id)
+        setpoint_id = uuid.UUID(setpoint.id)
+
+        async def claimed() -> bool:
+            owner = await first.pool.fetchval(
+                "SELECT lease_owner FROM setpoints WHERE id = $1", setpoint_id
+            )
+            return owner is not None
+
+        await eventually(claimed, "the second setpoint claimed")
+        holder = await asyncpg.connect(cluster.url)
+        try:
+            async with holder.transaction():
+                await holder.execute(
+                    "SELECT 1 FROM setpoints WHERE id = $1 FOR UPDATE", setpoint_id
+                )
+                locked_at = time.monotonic()
+                await asyncio.sleep(0.2)  # stale for a re-check, the lease still fresh
+                hold_one.release.set()  # the slot frees: the re-check waits on the lock
+                await wait_until_blocked(holder, 1)
+                await asyncio.sleep(locked_at + 1.5 - time.monotonic())  # the lease lapsed
+                terminated = await holder.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))"
+                )
+                assert terminated == 1
+                deliverer = first.service.dispatch_deliverer
+                assert deliverer is not None
+                await eventually(lambda: deliverer.in_flight == 0, "the re-check failed")
+        finally:
+            await holder.close()
+        hold_two.release.set()
+        # Another replica would take the lapsed lease over; the first one hands the setpoint
+        # back and either of them sends it, once.
+        await cluster.replica(**settings)
+        settled = await Flow(cluster.replicas[-1]).settle(operator, second.id)
+    assert any("not sending setpoint" in record.getMessage() for record in caplog.records)
+    assert [s.state for s in settled] == [ACCEPTED]
+    assert len(two.for_setpoint(setpoint.id)) == 1
+    assert two.overlaps == 0
 
 
 async def test_setpoints_let_go_while_their_leases_may_have_lapsed_are_sent_later(
