@@ -71,26 +71,28 @@ def measuring_rule(site_type: SiteType) -> str:
 # A value no meter can have measured (a unit mix-up, a corrupt register) is refused before
 # it reaches balancing, whose arithmetic is exact only for plausible energies (see
 # service.balancing.engine.MAX_INTERVAL_WH). The largest grid connections are a few GW (a
-# nuclear plant's), so no connection delivers or takes 10 GW on average over an interval.
-MAX_CONNECTION_POWER_W = 10_000_000_000
+# nuclear plant's), so no connection delivers or takes 5 GW on average over an interval. 5,
+# not more: an hour of it (5e9 Wh) must stay within the engine's exact range (2**33 Wh,
+# 8.6e9), so that every reading a PT15M or PT1H site accepts is one it can balance.
+MAX_CONNECTION_POWER_W = 5_000_000_000
 # A month counts as 32 days: the longest calendar month plus the hours a time-zone change
 # can add to it.
 _LONGEST_INTERVAL_HOURS = {"PT15M": 0.25, "PT1H": 1.0, "P1M": 32 * 24.0}
-# A cumulative register: 1 PWh, 10 GW for more than 11 years, far above any meter's
+# A cumulative register: 1 PWh, 5 GW for more than 22 years, far above any meter's
 # register, and below 2**53 Wh, so a register still holds whole Wh exactly in the double it
 # is sent and stored as (and the difference of two registers is exact).
 MAX_REGISTER_WH = 1e15
 
 
 def max_interval_wh(resolution: Resolution) -> float:
-    """The largest ``interval_wh`` a meter of a site at ``resolution`` can report: 10 GW
-    over the longest interval of that resolution (2.5e9 Wh a quarter-hour)."""
+    """The largest ``interval_wh`` a meter of a site at ``resolution`` can report: 5 GW
+    over the longest interval of that resolution (1.25e9 Wh a quarter-hour)."""
     hours = _LONGEST_INTERVAL_HOURS[resolution.iso]
     return MAX_CONNECTION_POWER_W * hours
 
 
 def _wh(value: float) -> str:
-    """``2.5e9``: a bound as the rule text shows it."""
+    """``1.25e9``: a bound as the rule text shows it."""
     mantissa, exponent = f"{value:.3g}".split("e+")
     return f"{mantissa}e{int(exponent)}"
 

@@ -90,7 +90,7 @@ MASK_PATHS = [
     "\x00",
 ]
 # Reading values at and just beyond ingest's bounds (a quarter-hour, an hour and a month of
-# 10 GW, the largest register), the review's unit mix-up and one that wraps around in int64.
+# 5 GW, the largest register), the review's unit mix-up and one that wraps around in int64.
 VALUE_BOUNDS = [
     bound
     for limit in (*(max_interval_wh(r) for r in (PT15M, PT1H, P1M)), MAX_REGISTER_WH)

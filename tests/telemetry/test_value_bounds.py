@@ -27,8 +27,8 @@ async def test_a_value_beyond_one_grid_connection_is_rejected_alone(
         register(registers, quarter(2), 1e15),  # 1 ok: the largest register
         register(registers, quarter(3), math.nextafter(1e15, math.inf)),  # 2
         register(registers, quarter(4), 9.3e18),  # 3 would overflow int64 as Wh
-        interval(profile, quarter(1), 2.5e9),  # 4 ok: 10 GW for a quarter-hour
-        interval(profile, quarter(2), math.nextafter(2.5e9, math.inf)),  # 5
+        interval(profile, quarter(1), 1.25e9),  # 4 ok: 5 GW for a quarter-hour
+        interval(profile, quarter(2), math.nextafter(1.25e9, math.inf)),  # 5
         interval(profile, quarter(3), 2.01e16),  # 6 the review's unit mix-up
         interval(profile, quarter(4), 1e308),  # 7
     ]
@@ -37,7 +37,7 @@ async def test_a_value_beyond_one_grid_connection_is_rejected_alone(
     assert (ack.accepted_count, ack.rejected_count) == (3, 5)
     rule = ack.rejected[0].description
     assert "interval_wh" in rule
-    assert "2.5e9 Wh a quarter-hour" in rule
+    assert "1.25e9 Wh a quarter-hour" in rule
     assert "register_wh" in rule
     assert await stored_count(service, registers.id) == 2
     assert await stored_count(service, profile.id) == 1

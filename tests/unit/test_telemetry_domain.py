@@ -19,6 +19,7 @@ from service.telemetry.domain import (
     Measuring,
     MeterDirection,
     RejectReason,
+    max_interval_wh,
     measuring_allowed,
     measuring_rule,
     reason_text,
@@ -308,24 +309,26 @@ def test_value_beyond_what_one_grid_connection_measures() -> None:
     assert check(reading(register_wh=1e15), meter()) is None
     assert check(reading(register_wh=math.nextafter(1e15, math.inf)), meter()) is too_large
     assert check(reading(register_wh=9.3e18), meter(Measuring.READINGS_INACCURATE)) is too_large
-    # Intervals: 10 GW over the interval.
-    assert check(interval(value=2.5e9), meter(LP)) is None
-    assert check(interval(value=math.nextafter(2.5e9, math.inf)), meter(LP)) is too_large
+    # Intervals: 5 GW over the interval.
+    assert check(interval(value=1.25e9), meter(LP)) is None
+    assert check(interval(value=math.nextafter(1.25e9, math.inf)), meter(LP)) is too_large
     assert check(interval(value=2.01e16), meter(LP)) is too_large
     hourly = meter(LP, resolution=PT1H)
-    assert check(interval(value=1e10), hourly) is None
-    assert check(interval(value=1.0001e10), hourly) is too_large
+    assert check(interval(value=5e9), hourly) is None
+    assert check(interval(value=5.0001e9), hourly) is too_large
+    # An hour's bound is inside the balancing engine's exact range (2**33 Wh).
+    assert max_interval_wh(PT1H) < 2**33
     monthly = meter(LP, resolution=P1M, end=None)
     first_of_june = local(BERLIN, 2025, 6, 1)
-    assert check(interval(first_of_june, 7.68e12), monthly) is None
-    assert check(interval(first_of_june, 7.7e12), monthly) is too_large
+    assert check(interval(first_of_june, 3.84e12), monthly) is None
+    assert check(interval(first_of_june, 3.85e12), monthly) is too_large
     # Too large before flow and grid problems, after the other value rules.
     bad = reading(utc(2025, 6, 1, 10, 1), register_wh=1e16, flow=Flow.EXPORT)
     assert check(bad, meter()) is too_large
     assert check(reading(register_wh=-1e16), meter()) is RejectReason.NEGATIVE_VALUE
     rule = reason_text(too_large)
     assert "interval_wh" in rule
-    assert "2.5e9 Wh" in rule
+    assert "1.25e9 Wh" in rule
     assert "register_wh" in rule
 
 

@@ -83,8 +83,8 @@ class _RejectReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RejectRe
     """
     REJECT_REASON_VALUE_TOO_LARGE: _RejectReason.ValueType  # 13
     """More than one grid connection can measure (a unit mix-up, a corrupt register):
-    interval_wh above 10 GW over the interval (2.5e9 Wh a quarter-hour, 1e10 Wh an hour,
-    7.68e12 Wh a month counted as 32 days), register_wh above 1e15 Wh.
+    interval_wh above 5 GW over the interval (1.25e9 Wh a quarter-hour, 5e9 Wh an hour,
+    3.84e12 Wh a month counted as 32 days), register_wh above 1e15 Wh.
     """
 
 class RejectReason(_RejectReason, metaclass=_RejectReasonEnumTypeWrapper):
@@ -123,8 +123,8 @@ outside 0..999999999.
 """
 REJECT_REASON_VALUE_TOO_LARGE: RejectReason.ValueType  # 13
 """More than one grid connection can measure (a unit mix-up, a corrupt register):
-interval_wh above 10 GW over the interval (2.5e9 Wh a quarter-hour, 1e10 Wh an hour,
-7.68e12 Wh a month counted as 32 days), register_wh above 1e15 Wh.
+interval_wh above 5 GW over the interval (1.25e9 Wh a quarter-hour, 5e9 Wh an hour,
+3.84e12 Wh a month counted as 32 days), register_wh above 1e15 Wh.
 """
 Global___RejectReason: _TypeAlias = RejectReason  # noqa: Y015
 
