@@ -41,10 +41,11 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import random
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -170,10 +171,10 @@ FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6
 WHERE s.id = ANY ($1::uuid[]) AND s.id = c.id
 """
 
-# Setpoints a worker let go unsent while its lease may have lapsed, back to the outbox. One
-# whose earlier claim's attempt is unrecorded keeps naming an owner (a fresh id, no worker's)
-# with its lease expired: the next claim, by any worker, then counts that attempt.
-_RELEASE_ABANDONED_SQL = """
+# Setpoints a worker holds and will not send, back to the outbox. One whose earlier claim's
+# attempt is unrecorded keeps naming an owner (a fresh id, no worker's) with its lease
+# expired: the next claim, by any worker, then counts that attempt.
+_HAND_BACK_SQL = """
 UPDATE setpoints SET
     lease_owner = CASE WHEN id = ANY ($3::uuid[]) THEN gen_random_uuid() END,
     lease_expires_at = CASE WHEN id = ANY ($3::uuid[]) THEN now() END
@@ -461,7 +462,7 @@ class OutboxDeliverer:
         # let go of unrecorded (see stop), so that the next claim finds it out again.
         self._unrecorded: set[UUID] = set()
         # Claimed here, let go unsent because their leases may have lapsed (see
-        # _lease_may_have_lapsed), still leased to this worker in the database: released
+        # _abandon_if_lapsed), still leased to this worker in the database: released
         # as soon as the database answers again, since no claim of this worker takes its
         # own rows. True for the ones that were also unrecorded.
         self._abandoned: dict[UUID, bool] = {}
@@ -525,12 +526,7 @@ class OutboxDeliverer:
         releasable = self._held.keys() - self._unrecorded - unrecorded_attempts
         if releasable:
             with contextlib.suppress(Exception):
-                await self._pool.execute(
-                    "UPDATE setpoints SET lease_owner = NULL, lease_expires_at = NULL"
-                    " WHERE id = ANY($1::uuid[]) AND lease_owner = $2",
-                    list(releasable),
-                    self.owner,
-                )
+                await self._hand_back(releasable, ())
         if self._abandoned:
             with contextlib.suppress(Exception):
                 await self._release_abandoned()
@@ -624,18 +620,10 @@ class OutboxDeliverer:
         Renewals failed for a whole lease (this worker cannot reach the database, other
         replicas may): another worker may own the setpoint by now, which the re-check cannot
         tell with the database away. Handed back by :meth:`_release_abandoned`."""
-        if not self._lease_may_have_lapsed(item.setpoint_id):
-            return False
-        self._abandoned[item.setpoint_id] = item.setpoint_id in self._unrecorded
-        self._let_go(item.setpoint_id)
-        return True
-
-    def _lease_may_have_lapsed(self, setpoint_id: UUID) -> bool:
-        leased_at = self._held.get(setpoint_id)
-        if leased_at is None:
-            return True
-        lapsed_for = time.monotonic() - leased_at - self._settings.lease_seconds
-        if lapsed_for < 0:
+        setpoint_id = item.setpoint_id
+        # Every setpoint being sent is held: one that is not counts as lapsed.
+        last_set = self._held.get(setpoint_id, -math.inf)
+        if time.monotonic() - last_set < self._settings.lease_seconds:
             return False
         dropped = self._lease_log.admit("lapsed")
         if dropped is not None:
@@ -643,9 +631,11 @@ class OutboxDeliverer:
                 "not sending setpoint %s: its lease was last renewed %.1f s ago (the database"
                 " is out of reach); it goes back to the outbox once the database answers%s",
                 setpoint_id,
-                lapsed_for + self._settings.lease_seconds,
+                time.monotonic() - last_set,
                 held_back(dropped),
             )
+        self._abandoned[setpoint_id] = setpoint_id in self._unrecorded
+        self._let_go(setpoint_id)
         return True
 
     async def _recheck(
@@ -907,16 +897,18 @@ class OutboxDeliverer:
 
     async def _release_abandoned(self) -> None:
         abandoned = dict(self._abandoned)
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                _RELEASE_ABANDONED_SQL,
-                list(abandoned),
-                self.owner,
-                [setpoint_id for setpoint_id, unrecorded in abandoned.items() if unrecorded],
-            )
-            await wake_outbox(conn)  # due now, most of them
+        await self._hand_back(
+            abandoned, [setpoint_id for setpoint_id, unrecorded in abandoned.items() if unrecorded]
+        )
         for setpoint_id in abandoned:
             self._abandoned.pop(setpoint_id, None)
+
+    async def _hand_back(self, setpoint_ids: Iterable[UUID], unrecorded: Iterable[UUID]) -> None:
+        """Lets go of rows this worker still leases, without sending them (``_HAND_BACK_SQL``),
+        and wakes the workers: most of them are due now."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(_HAND_BACK_SQL, list(setpoint_ids), self.owner, list(unrecorded))
+            await wake_outbox(conn)
 
     def _take_finished(self) -> list[Finished]:
         batch, self._finished = self._finished, []
