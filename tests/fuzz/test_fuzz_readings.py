@@ -24,18 +24,14 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
-from google.type import date_pb2
 from hypothesis import HealthCheck, example, given, seed, settings
 from hypothesis import strategies as st
 from openvpp.v1 import balancing_pb2 as bpb
 from openvpp.v1 import (
     balancing_pb2_grpc,
-    meter_registry_pb2_grpc,
-    site_registry_pb2_grpc,
     telemetry_pb2_grpc,
 )
 from openvpp.v1 import meter_registry_pb2 as mpb
-from openvpp.v1 import site_registry_pb2 as spb
 from openvpp.v1 import telemetry_pb2 as tpb
 
 from service.app import Service
@@ -44,8 +40,8 @@ from service.grid import PT15M
 from service.telemetry.domain import MAX_REGISTER_WH, max_interval_wh
 from tests.conftest import MakeOrg, Org
 from tests.fuzz.messages import SPECIAL_FLOATS, VALUE_BOUNDS
-from tests.fuzz.test_fuzz_rpcs import CASES, NEVER, SEED
-from tests.telemetry.conftest import METER_START, stamp
+from tests.fuzz.test_fuzz_rpcs import CASES, NEVER, SEED, balanced_community
+from tests.telemetry.conftest import stamp
 
 # One batch and one RunBalancing per example.
 EXAMPLES = max(50, CASES // 30)
@@ -76,51 +72,17 @@ async def community(service: Service, make_org: MakeOrg, channel: grpc.aio.Chann
     """A balanced PT15M site (UTC): a register consumer, a load-profile consumer and a
     load-profile producer, all taking part."""
     org = await make_org(Role.PARTNER)
-    registry = site_registry_pb2_grpc.SiteRegistryStub(channel)
-    meters = meter_registry_pb2_grpc.MeterRegistryStub(channel)
-    balancing = balancing_pb2_grpc.BalancingStub(channel)
-    site = (
-        await registry.CreateSite(
-            spb.CreateSiteRequest(
-                name="fuzzed readings",
-                type=spb.SITE_TYPE_BALANCED_ACCURATE,
-                location=spb.Location(address="Gent", country="BE"),
-                timezone="UTC",
-            ),
-            metadata=org.auth,
-        )
-    ).site
-    made = []
-    for number, (direction, measuring) in enumerate(
-        (
-            (mpb.METER_DIRECTION_CONSUMER, mpb.MEASURING_READINGS_ACCURATE),
-            (mpb.METER_DIRECTION_CONSUMER, mpb.MEASURING_LOAD_PROFILE_ACCURATE),
-            (mpb.METER_DIRECTION_PRODUCER, mpb.MEASURING_LOAD_PROFILE_ACCURATE),
-        )
-    ):
-        meter = (
-            await meters.CreateMeter(
-                mpb.CreateMeterRequest(
-                    site_id=site.id,
-                    identifier=f"FUZZ-VALUES-{number}",
-                    direction=direction,
-                    measuring=measuring,
-                    start_date=stamp(METER_START),
-                ),
-                metadata=org.auth,
-            )
-        ).meter
-        await balancing.CreateMeterBalancingSetting(
-            bpb.CreateMeterBalancingSettingRequest(
-                site_id=site.id,
-                meter_id=meter.id,
-                balancing=bpb.BALANCING_ROLE_PARTICIPANT,
-                start_date=date_pb2.Date(year=2025, month=1, day=1),
-            ),
-            metadata=org.auth,
-        )
-        made.append(Meter(meter.id, measuring == mpb.MEASURING_READINGS_ACCURATE))
-    return Community(org, site.id, tuple(made))
+    kinds = [
+        (0, mpb.METER_DIRECTION_CONSUMER, mpb.MEASURING_READINGS_ACCURATE),
+        (1, mpb.METER_DIRECTION_CONSUMER, mpb.MEASURING_LOAD_PROFILE_ACCURATE),
+        (2, mpb.METER_DIRECTION_PRODUCER, mpb.MEASURING_LOAD_PROFILE_ACCURATE),
+    ]
+    site_id, meter_ids = await balanced_community(channel, org, "FUZZ-VALUES", kinds)
+    made = [
+        Meter(meter_id, measuring == mpb.MEASURING_READINGS_ACCURATE)
+        for meter_id, (_, _, measuring) in zip(meter_ids, kinds, strict=True)
+    ]
+    return Community(org, site_id, tuple(made))
 
 
 def _reading(meter: Meter, quarter: int, value: float) -> tpb.Reading:

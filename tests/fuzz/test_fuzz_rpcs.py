@@ -22,6 +22,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,51 +115,71 @@ async def world(service: Service, make_org: MakeOrg, channel: grpc.aio.Channel) 
     ).upstream_site
     # A balanced site whose load-profile meters take part: interval values reach ingest's
     # bounds and RunBalancing has something to balance.
-    community = (
-        await registry.CreateSite(
-            spb.CreateSiteRequest(
-                name="fuzz community",
-                type=spb.SITE_TYPE_BALANCED_ACCURATE,
-                location=spb.Location(address="Gent", country="BE"),
-                timezone="UTC",
-            ),
-            metadata=partner.auth,
-        )
-    ).site
-    balancing = balancing_pb2_grpc.BalancingStub(channel)
-    profiles = []
-    for number, direction in enumerate(
-        (mpb.METER_DIRECTION_CONSUMER, mpb.METER_DIRECTION_PRODUCER), start=2
-    ):
-        profile = (
-            await meters.CreateMeter(
-                mpb.CreateMeterRequest(
-                    site_id=community.id,
-                    identifier=f"FUZZ-{number}",
-                    direction=direction,
-                    measuring=mpb.MEASURING_LOAD_PROFILE_ACCURATE,
-                    start_date=stamp(METER_START),
-                ),
-                metadata=partner.auth,
-            )
-        ).meter
-        await balancing.CreateMeterBalancingSetting(
-            bpb.CreateMeterBalancingSettingRequest(
-                site_id=community.id,
-                meter_id=profile.id,
-                balancing=bpb.BALANCING_ROLE_PARTICIPANT,
-                start_date=date_pb2.Date(year=2025, month=1, day=1),
-            ),
-            metadata=partner.auth,
-        )
-        profiles.append(profile.id)
+    community, profiles = await balanced_community(
+        channel,
+        partner,
+        "FUZZ",
+        [
+            (2, mpb.METER_DIRECTION_CONSUMER, mpb.MEASURING_LOAD_PROFILE_ACCURATE),
+            (3, mpb.METER_DIRECTION_PRODUCER, mpb.MEASURING_LOAD_PROFILE_ACCURATE),
+        ],
+    )
     return World(
-        ids=[site.id, resource.id, meter.id, upstream_site.id, community.id, *profiles],
+        ids=[site.id, resource.id, meter.id, upstream_site.id, community, *profiles],
         grid_identifiers=[identifier],
         tokens={Role.PARTNER: partner, Role.SUPPLIER: supplier},
         register_meters=[meter.id],
         profile_meters=profiles,
     )
+
+
+async def balanced_community(
+    channel: grpc.aio.Channel,
+    org: Org,
+    prefix: str,
+    meters: Sequence[tuple[int, mpb.MeterDirection.ValueType, mpb.Measuring.ValueType]],
+) -> tuple[str, list[str]]:
+    """A balanced PT15M site (UTC) of ``org`` and its meters (``prefix-number``, direction,
+    measuring), each taking part: the site id and the meter ids, in order."""
+    registry = site_registry_pb2_grpc.SiteRegistryStub(channel)
+    meter_registry = meter_registry_pb2_grpc.MeterRegistryStub(channel)
+    balancing = balancing_pb2_grpc.BalancingStub(channel)
+    site = (
+        await registry.CreateSite(
+            spb.CreateSiteRequest(
+                name=f"{prefix.lower()} community",
+                type=spb.SITE_TYPE_BALANCED_ACCURATE,
+                location=spb.Location(address="Gent", country="BE"),
+                timezone="UTC",
+            ),
+            metadata=org.auth,
+        )
+    ).site
+    made = []
+    for number, direction, measuring in meters:
+        meter = (
+            await meter_registry.CreateMeter(
+                mpb.CreateMeterRequest(
+                    site_id=site.id,
+                    identifier=f"{prefix}-{number}",
+                    direction=direction,
+                    measuring=measuring,
+                    start_date=stamp(METER_START),
+                ),
+                metadata=org.auth,
+            )
+        ).meter
+        await balancing.CreateMeterBalancingSetting(
+            bpb.CreateMeterBalancingSettingRequest(
+                site_id=site.id,
+                meter_id=meter.id,
+                balancing=bpb.BALANCING_ROLE_PARTICIPANT,
+                start_date=date_pb2.Date(year=2025, month=1, day=1),
+            ),
+            metadata=org.auth,
+        )
+        made.append(meter.id)
+    return site.id, made
 
 
 def _methods(target: str) -> list[MethodDescriptor]:
