@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 import numpy as np
 from numpy.typing import NDArray
 
 from service.grid import P1M, PT1H, PT15M, Resolution, local_midnight
+from service.grid.arrays import grid_starts_us
 
 US_PER_SECOND = 1_000_000
 OUTPUT_INTERVALS: tuple[str, ...] = ("PT15M", "PT1H", "P1D", "P1M")
@@ -25,6 +25,7 @@ OUTPUT_INTERVALS: tuple[str, ...] = ("PT15M", "PT1H", "P1D", "P1M")
 _COARSENESS = {"PT15M": 0, "PT1H": 1, "P1D": 2, "P1M": 3}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MICROSECOND = timedelta(microseconds=1)
+_ONE_DAY = timedelta(days=1)
 
 TimeRange = tuple[datetime, datetime]
 
@@ -143,106 +144,13 @@ def block_day(block_start: datetime, tz: ZoneInfo) -> date:
     return local_day(block_start, tz)
 
 
-def _offset_seconds(instant: datetime, tz: ZoneInfo) -> int:
-    offset = instant.astimezone(tz).utcoffset()
-    assert offset is not None
-    return int(offset.total_seconds())
-
-
-# tzdata's closest offset changes are ~4 days apart (Africa/Freetown, 1939; DST rules
-# months apart), so sampling the offset once a day finds every change.
-_SAMPLE_SECONDS = 86_400
-
-
-def _offset_at(seconds: int, tz: ZoneInfo) -> int:
-    return _offset_seconds(_EPOCH + timedelta(seconds=seconds), tz)
-
-
-@lru_cache(maxsize=4096)
-def _offset_changes(tz: ZoneInfo, year: int) -> tuple[tuple[int, int], ...]:
-    """Every offset change of ``tz`` in the UTC year ``year`` (its end included): the
-    instant, in seconds (zone data changes on whole seconds), and the offset from then on,
-    in microseconds. About 400 offset look-ups, once per zone and year."""
-    first = int((datetime(year, 1, 1, tzinfo=UTC) - _EPOCH).total_seconds())
-    last = int((datetime(year + 1, 1, 1, tzinfo=UTC) - _EPOCH).total_seconds())
-    changes: list[tuple[int, int]] = []
-    at, offset = first, _offset_at(first, tz)
-    while at < last:
-        upto = min(at + _SAMPLE_SECONDS, last)
-        later = _offset_at(upto, tz)
-        if later != offset:
-            before, after = at, upto  # the offset changes in (before, after]
-            while after - before > 1:
-                middle = (before + after) // 2
-                if _offset_at(middle, tz) == offset:
-                    before = middle
-                else:
-                    after = middle
-            changes.append((after, later * US_PER_SECOND))
-        at, offset = upto, later
-    return tuple(changes)
-
-
-def offset_spans(start_us: int, end_us: int, tz: ZoneInfo) -> Iterator[tuple[int, int, int]]:
-    """``[start, end)`` cut where the offset of ``tz`` changes: ``(from_us, to_us,
-    offset_us)`` ascending, each with one offset throughout."""
-    if end_us <= start_us:
-        return
-    at = start_us
-    offset = _offset_seconds(from_us(at), tz) * US_PER_SECOND
-    year = from_us(at).year
-    while at < end_us:
-        for change_s, later in _offset_changes(tz, year):
-            change_us = change_s * US_PER_SECOND
-            if change_us <= at:
-                continue
-            if change_us >= end_us:
-                break
-            yield at, change_us, offset
-            at, offset = change_us, later
-        year += 1
-        year_end = to_us(datetime(year, 1, 1, tzinfo=UTC))
-        if year_end >= end_us:
-            break
-    yield at, end_us, offset
-
-
-def _fixed_grid(
-    start_us: int, end_us: int, tz: ZoneInfo, step_us: int, limit: int | None = None
-) -> NDArray[np.int64]:
-    """The first ``limit`` (all if None) instants in ``[start, end)`` whose local wall time
-    is a whole multiple of the step: per span of one offset, a plain arithmetic sequence."""
-    parts: list[NDArray[np.int64]] = []
-    left = limit
-    for span_start, span_end, offset in offset_spans(start_us, end_us, tz):
-        if left == 0:
-            break
-        first = span_start + (-(span_start + offset)) % step_us
-        stop = span_end if left is None else min(span_end, first + left * step_us)
-        points = np.arange(first, stop, step_us, dtype=np.int64)
-        parts.append(points)
-        if left is not None:
-            left -= len(points)
-    if not parts:
-        return np.empty(0, dtype=np.int64)
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-
 def grid_starts(
     start: datetime, end: datetime, tz: ZoneInfo, resolution: Resolution
 ) -> NDArray[np.int64]:
-    """Balance grid points in ``[start, end)`` as UTC microseconds.
-
-    A fixed step's grid points are the instants whose local wall time is a whole number of
-    steps: between two offset changes of the zone a plain arithmetic sequence in UTC, so
-    the grid is one ``numpy.arange`` per offset (also in zones whose offset is no whole
-    number of steps, like Lord Howe's +10:30 in winter for PT1H). Months are walked.
-    """
-    step = resolution.step
-    if step is not None:
-        step_us = int(step.total_seconds()) * US_PER_SECOND
-        return _fixed_grid(to_us(start), to_us(end), tz, step_us)
-    return np.array([to_us(t) for t in resolution.iter_starts(start, end, tz)], dtype=np.int64)
+    """Balance grid points in ``[start, end)`` as UTC microseconds: the same layout as the
+    interval energy's (``service.grid.grid_starts_us``), which the rebalance matches them
+    against point for point."""
+    return grid_starts_us(resolution, tz, start, end)
 
 
 def parse_output_interval(text: str, balance_resolution: Resolution) -> str | None:
@@ -302,9 +210,10 @@ def output_bounds(
     fixed = _FIXED_OUTPUTS.get(interval)
     if fixed is not None:
         assert fixed.step is not None
-        step_us = int(fixed.step.total_seconds()) * US_PER_SECOND
-        # last_end is a grid point itself: included, it closes the range's last interval.
-        return _fixed_grid(to_us(first), to_us(last_end) + 1, tz, step_us, count + 1)
+        # count + 1 steps from first, and a day for an offset change on the way, bound the
+        # layout; last_end is a grid point itself: included, it closes the last interval.
+        end = min(last_end + _ONE_MICROSECOND, first + (count + 1) * fixed.step + _ONE_DAY)
+        return grid_starts_us(fixed, tz, first, end)[: count + 1]
     points = [first]
     while len(points) <= count and points[-1] < last_end:
         points.append(output_next(points[-1], tz, interval))
@@ -323,7 +232,6 @@ __all__ = [
     "local_day",
     "local_midnight",
     "merge_ranges",
-    "offset_spans",
     "on_grid",
     "output_bounds",
     "output_floor",

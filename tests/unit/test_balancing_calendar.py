@@ -4,7 +4,6 @@ walk of :mod:`service.grid` in every zone, whole-step offsets or not."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from itertools import pairwise
 from zoneinfo import ZoneInfo, available_timezones
 
 import pytest
@@ -14,7 +13,6 @@ from hypothesis import strategies as st
 from service.balancing.calendar import (
     from_us,
     grid_starts,
-    offset_spans,
     output_bounds,
     output_floor,
     output_next,
@@ -77,29 +75,6 @@ def test_the_grid_equals_the_walk_in_every_zone(
     start = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(seconds=start_s, microseconds=7)
     end = start + timedelta(seconds=length_s)
     assert grid_starts(start, end, tz, resolution).tolist() == walked(start, end, tz, resolution)
-
-
-@given(
-    zone=st.sampled_from(ZONES),
-    start_s=st.integers(to_us(datetime(1900, 1, 1, tzinfo=UTC)) // 10**6, 5_000_000_000),
-    length_s=st.integers(1, 3 * 366 * 86_400),
-)
-def test_offset_spans_cover_the_range_with_the_zones_offsets(
-    zone: str, start_s: int, length_s: int
-) -> None:
-    tz = ZoneInfo(zone)
-    start_us, end_us = start_s * 10**6, (start_s + length_s) * 10**6
-    spans = list(offset_spans(start_us, end_us, tz))
-    assert spans[0][0] == start_us
-    assert spans[-1][1] == end_us
-    for (_, left_end, left_offset), (right_start, _, right_offset) in pairwise(spans):
-        assert left_end == right_start
-        assert left_offset != right_offset
-    for low, high, offset in spans:
-        for at in (low, (low + high) // 2, high - 1):
-            utcoffset = from_us(at).astimezone(tz).utcoffset()
-            assert utcoffset is not None
-            assert utcoffset // timedelta(microseconds=1) == offset
 
 
 def every_output(start: datetime, end: datetime, tz: ZoneInfo, interval: str) -> list[int]:
