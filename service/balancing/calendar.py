@@ -64,6 +64,12 @@ def iter_blocks(
         block_start, block_end = block_of(block_end, tz, resolution)
 
 
+def blocks_cover(start: datetime, end: datetime, tz: ZoneInfo, resolution: Resolution) -> TimeRange:
+    """``[start, end)`` widened to whole blocks: from the start of the block holding
+    ``start`` to the end of the block holding the last instant before ``end``."""
+    return block_of(start, tz, resolution)[0], block_of(end - _ONE_MICROSECOND, tz, resolution)[1]
+
+
 def merge_ranges(ranges: Iterable[TimeRange]) -> list[TimeRange]:
     """Sorted, with overlapping or touching ranges joined."""
     merged: list[TimeRange] = []
@@ -113,9 +119,7 @@ def take_in_off_grid_blocks(
     (Berlin's days each straddle two London days): the ranges grow to the whole run of old
     blocks. Old blocks that overlap nothing written are left for their own re-balancing.
     """
-    written = merge_ranges(
-        [(s, e) for r in ranges for s, e in iter_blocks(r[0], r[1], tz, resolution)]
-    )
+    written = merge_ranges(blocks_cover(start, end, tz, resolution) for start, end in ranges)
     off_grid = sorted((b for b in stored if not on_grid(b, tz, resolution)), key=lambda b: b.start)
     # Old block start -> the current blocks covering it, as one range.
     taken: dict[datetime, TimeRange] = {}
@@ -126,10 +130,7 @@ def take_in_off_grid_blocks(
         for block in off_grid:
             if block.start in taken or not _overlaps(written, block.start, block.end):
                 continue
-            cover = (
-                block_of(block.start, tz, resolution)[0],
-                block_of(block.end - _ONE_MICROSECOND, tz, resolution)[1],
-            )
+            cover = blocks_cover(block.start, block.end, tz, resolution)
             taken[block.start] = cover
             written = merge_ranges([*written, cover])
             grown = True
@@ -226,6 +227,7 @@ __all__ = [
     "TimeRange",
     "block_day",
     "block_of",
+    "blocks_cover",
     "from_us",
     "grid_starts",
     "iter_blocks",

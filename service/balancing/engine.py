@@ -749,7 +749,7 @@ def _water_level(
 
 
 def _split(
-    values: FloatArray, tolerance: FloatArray | float = _SNAP_ABS_WH
+    values: FloatArray, tolerance: FloatArray | float
 ) -> tuple[FloatArray, FloatArray, BoolArray]:
     """Integer base, fraction in (0, 1) and the mask of cells that are not integral.
 
@@ -766,9 +766,7 @@ def _split(
     return base, fraction, fractional
 
 
-def _split_cells(
-    values: FloatArray, tolerance: FloatArray | float = _SNAP_ABS_WH
-) -> tuple[Int64Array, BoolArray]:
+def _split_cells(values: FloatArray, tolerance: FloatArray | float) -> tuple[Int64Array, BoolArray]:
     """:func:`_split` without the fractions: integer base and the fractional mask."""
     shifted = values + tolerance  # a value just below an integer counts as it
     base = np.floor(shifted)
@@ -1065,8 +1063,8 @@ def _controlled_rounding(
 
 def _round_table(
     table: FloatArray,
-    initial_ups: BoolArray | None = None,
-    tolerance: float = _SNAP_ABS_WH,
+    initial_ups: BoolArray | None,
+    tolerance: float,
 ) -> Int64Array:
     """Controlled rounding of one interval's table by augmenting paths (exact, deterministic).
 

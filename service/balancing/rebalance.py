@@ -17,7 +17,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from uuid import UUID
-from zoneinfo import ZoneInfo
 
 import asyncpg
 import numpy as np
@@ -36,7 +35,7 @@ from service.balancing.blocks import (
 from service.balancing.calendar import (
     TimeRange,
     block_day,
-    block_of,
+    blocks_cover,
     from_us,
     grid_starts,
     iter_blocks,
@@ -60,7 +59,6 @@ from service.balancing.store import (
     stored_blocks,
 )
 from service.common.loglimit import LogLimiter, held_back
-from service.grid import Resolution
 from service.telemetry.energy import SiteIntervalEnergy
 from service.telemetry.energy_store import site_interval_energy
 
@@ -178,7 +176,10 @@ async def _replace_off_grid_blocks(
     (:func:`take_in_off_grid_blocks`). Usually the blocks near ``merged`` are all on the
     grid and this costs one small read; only when one is not are all the site's read."""
     near = await stored_blocks(
-        conn, site.org_id, site.id, *_blocks_hull(merged, site.timezone, site.resolution)
+        conn,
+        site.org_id,
+        site.id,
+        *blocks_cover(merged[0][0], merged[-1][1], site.timezone, site.resolution),
     )
     if all(on_grid(b, site.timezone, site.resolution) for b in near):
         return merged
@@ -186,13 +187,6 @@ async def _replace_off_grid_blocks(
     extended, off_grid = take_in_off_grid_blocks(merged, everywhere, site.timezone, site.resolution)
     await delete_blocks(conn, site.org_id, site.id, off_grid)
     return extended
-
-
-def _blocks_hull(merged: Sequence[TimeRange], tz: ZoneInfo, resolution: Resolution) -> TimeRange:
-    """From the start of the first block ``merged`` touches to the end of the last."""
-    first = block_of(merged[0][0], tz, resolution)[0]
-    last = block_of(merged[-1][1] - timedelta(microseconds=1), tz, resolution)[1]
-    return first, last
 
 
 @dataclass

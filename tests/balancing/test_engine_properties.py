@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from service.balancing import engine as engine_module
 from service.balancing.engine import (
+    _SNAP_ABS_WH,
     MAX_INTERVAL_WH,
     AllocationMethod,
     BalancingInput,
@@ -214,7 +215,7 @@ def test_float_noise_of_large_energies_still_counts_as_whole_wh() -> None:
     base, fractional = _split_cells(noisy, np.array([MAX_INTERVAL_WH * 2.0**-45]))
     assert (int(base[0, 0, 0]), bool(fractional[0, 0, 0])) == (int(whole), False)
     # The absolute 1e-6 Wh alone would take it for a fraction.
-    assert bool(_split_cells(noisy)[1][0, 0, 0])
+    assert bool(_split_cells(noisy, _SNAP_ABS_WH)[1][0, 0, 0])
 
 
 def test_energy_beyond_the_exact_range_is_refused() -> None:
@@ -359,7 +360,7 @@ def test_table_rounding_keeps_margins_and_floor_or_ceiling(
 ) -> None:
     """The exact repair, from scratch or from an arbitrary (even infeasible) greedy start."""
     start = np.random.default_rng(seed).random(table.shape) < 0.5 if seeded else None
-    rounded = _round_table(table, start)
+    rounded = _round_table(table, start, _SNAP_ABS_WH)
     rows, columns = table.shape
     assert np.all(
         np.abs(rounded[:, : columns - 1][: rows - 1] - table[: rows - 1, : columns - 1]) < 1
