@@ -17,3 +17,14 @@ def new_signing_secret() -> str:
     return (
         SIGNING_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(SIGNING_SECRET_BYTES)).decode()
     )
+
+
+def signing_key(secret: str) -> bytes:
+    """The HMAC key a secret stands for: the bytes its base64 after ``whsec_`` encodes.
+
+    Decoded here, where the format is made, rather than read from the ``standardwebhooks``
+    package's private attribute: the spec defines it, and a package update may rename it."""
+    key = base64.b64decode(secret.removeprefix(SIGNING_SECRET_PREFIX), validate=True)
+    if not key:
+        raise ValueError("a signing secret must not be empty")
+    return key

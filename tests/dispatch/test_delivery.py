@@ -5,6 +5,8 @@ DNS resolution, the circuit breaker on a moved clock, and the concurrency limits
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
 import socket
@@ -23,7 +25,7 @@ from hypothesis import strategies as st
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from service.auth.signing import new_signing_secret
+from service.auth.signing import new_signing_secret, signing_key
 from service.common.clock import ManualClock
 from service.dispatch.delivery import (
     AddressRefusedError,
@@ -228,6 +230,23 @@ def test_signature_header_is_what_standardwebhooks_signs(
     secrets = [new_signing_secret() for _ in range(secret_count)]
     expected = " ".join(Webhook(secret).sign(delivery_id, at, body.decode()) for secret in secrets)
     assert signature_header(delivery_id, at, body, secrets) == expected
+
+
+@given(key=st.binary(min_size=1, max_size=64))
+def test_signing_key_is_the_key_standardwebhooks_reads(key: bytes) -> None:
+    secret = "whsec_" + base64.b64encode(key).decode()
+    assert signing_key(secret) == key
+    # What the package signs with, to the byte.
+    assert Webhook(secret).sign("id", datetime(2026, 1, 1, tzinfo=UTC), "{}") == (
+        signature_header("id", datetime(2026, 1, 1, tzinfo=UTC), b"{}", [secret])
+    )
+
+
+@pytest.mark.parametrize("secret", ["whsec_", "whsec_not base64!", "whsec_QQ"])
+def test_a_malformed_signing_secret_is_refused_not_used(secret: str) -> None:
+    # Never a signature made with a key nobody registered.
+    with pytest.raises((ValueError, binascii.Error)):
+        signing_key(secret)
 
 
 async def test_receiver_verifies_every_secret_of_a_rotation(
