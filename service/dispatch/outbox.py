@@ -219,7 +219,7 @@ class OutboxSettings:
     lease_seconds: float = 30.0
     max_attempts: int = 10
     claim_batch_size: int = 500
-    max_in_flight: int = 256
+    max_in_flight: int = 512
     # A claimed setpoint still queued this long after its last check is checked again
     # (cancellation, eligibility, window) right before it is sent.
     recheck_after_seconds: float = 1.0

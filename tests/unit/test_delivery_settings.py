@@ -40,6 +40,8 @@ def test_defaults() -> None:
     settings = Settings.from_env({})
     assert settings.webhook_allow_private_networks is False
     assert DeliverySettings.from_settings(settings) == DeliverySettings()
+    # The classes' own defaults are the documented ones too (tests and tools build them).
+    assert OutboxSettings.from_settings(settings) == OutboxSettings()
     assert DeliverySettings().timeout_seconds == 5.0
     assert settings.dispatch_signing_secret_grace_seconds == 86400
 
