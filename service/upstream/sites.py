@@ -8,12 +8,13 @@ country's main zone). A date-driven change happens at local midnight of that dat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta
+from datetime import date, datetime, timedelta
 from functools import cache
 from zoneinfo import ZoneInfo
 
 from service.common.errors import ViolationCollector
 from service.common.text import NAME_LENGTH, check_text
+from service.grid import local_midnight as grid_local_midnight
 from service.identifiers import (
     InvalidGridIdentifier,
     default_timezone,
@@ -87,12 +88,9 @@ def local_date(now: datetime, timezone: str) -> date:
 
 
 def local_midnight(day: date, timezone: str) -> datetime:
-    """The instant ``day`` begins in ``timezone``.
-
-    Where a DST gap swallows midnight, zoneinfo resolves 00:00 with the offset before the gap,
-    which is exactly the instant the day starts (its first wall-clock time being 01:00).
-    """
-    return datetime.combine(day, time(0), tzinfo=zone(timezone))
+    """The instant ``day`` begins in ``timezone`` (by name): the grid's rule, the one the
+    balance blocks start at, so a contract and a block change on the same instant."""
+    return grid_local_midnight(day, zone(timezone))
 
 
 def next_check_at(next_date: date | None, timezone: str, now: datetime) -> datetime | None:
