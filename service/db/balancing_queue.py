@@ -167,8 +167,19 @@ async def enqueue_days_with_data(
     tz: ZoneInfo,
     days: Iterable[tuple[date, date | None]],
 ) -> None:
-    """Queues the local days ``[start, end)`` (end None: open) of ``days`` on which the site
-    has data: readings, or results (which must follow when readings are gone).
+    """Queues :func:`days_with_data` in the caller's transaction."""
+    await enqueue_balancing(conn, org_id, await days_with_data(conn, org_id, site_id, tz, days))
+
+
+async def days_with_data(
+    conn: asyncpg.Connection,
+    org_id: UUID,
+    site_id: UUID,
+    tz: ZoneInfo,
+    days: Iterable[tuple[date, date | None]],
+) -> list[BalancingRange]:
+    """The local days ``[start, end)`` (end None: open) of ``days`` on which the site has
+    data: readings, or results (which must follow when readings are gone).
 
     A register's energy also needs the register before it, so a day of margin around the
     data is kept; re-balancing a day without data only writes incomplete intervals.
@@ -186,30 +197,30 @@ async def enqueue_days_with_data(
     if stored is not None and stored["first_ts"] is not None:
         spans.append((stored["first_ts"], stored["last_ts"]))
     if not spans:
-        return
+        return []
     data_start: datetime = min(first for first, _ in spans) - timedelta(days=1)
     data_end: datetime = max(last for _, last in spans) + timedelta(days=1)
-    ranges = []
+    ranges: list[BalancingRange] = []
     for first_day, end_day in days:
         start = max(local_midnight(first_day, tz), data_start)
         end = data_end if end_day is None else min(local_midnight(end_day, tz), data_end)
         if start < end:
             ranges.append((site_id, start, end))
-    await enqueue_balancing(conn, org_id, ranges)
+    return ranges
 
 
-async def enqueue_participation(
+async def participation_ranges(
     conn: asyncpg.Connection, org_id: UUID, site_id: UUID, tz: ZoneInfo, meter_id: UUID
-) -> None:
-    """Queues the days a meter takes part in (its PARTICIPANT settings) on which the site
-    has data: what its deletion, which takes its settings with it, changes. Without its
-    readings it still made those intervals incomplete; with them it had a share."""
+) -> list[BalancingRange]:
+    """The days a meter takes part in (its PARTICIPANT settings) on which the site has data:
+    what its deletion, which takes its settings with it, changes. Without its readings it
+    still made those intervals incomplete; with them it had a share."""
     rows = await conn.fetch(
         "SELECT start_date, end_date FROM meter_balancing_settings "
         "WHERE meter_id = $1 AND org_id = $2 AND balancing = 'participant'",
         meter_id,
         org_id,
     )
-    await enqueue_days_with_data(
+    return await days_with_data(
         conn, org_id, site_id, tz, [(row["start_date"], row["end_date"]) for row in rows]
     )

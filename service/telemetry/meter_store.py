@@ -18,7 +18,7 @@ import asyncpg
 from service.common.errors import AlreadyExistsError, NotFoundError, ValidationError
 from service.db.balancing_queue import (
     enqueue_balancing,
-    enqueue_participation,
+    participation_ranges,
     readings_spans,
     span_range,
 )
@@ -200,7 +200,9 @@ class MeterStore:
             timezone = ZoneInfo(meter["timezone"])
             # While its settings are there: a participant without readings left incomplete
             # intervals that nothing else would re-balance once it is gone.
-            await enqueue_participation(conn, self._org_id, meter["site_id"], timezone, meter_id)
+            ranges = await participation_ranges(
+                conn, self._org_id, meter["site_id"], timezone, meter_id
+            )
             # Readings first, to know which intervals to rebalance; deleting the meter would
             # remove them too (see migration 0005) but without telling which.
             span = await conn.fetchrow(
@@ -214,17 +216,17 @@ class MeterStore:
                 "DELETE FROM meters WHERE id = $1 AND org_id = $2", meter_id, self._org_id
             )
             await notify_meter_changed(conn, self._org_id)
-            if span["first"] is None:
-                return
-            # One range from the first to the last interval the readings touched: the
-            # consumer rebalances the intervals in it that have data.
-            start, end = span_range(
-                span["first"],
-                span["last"],
-                [(parse_resolution(meter["balance_resolution"]), timezone)],
-                registers=meter["measuring"] != Measuring.LOAD_PROFILE_ACCURATE,
-            )
-            await enqueue_balancing(conn, self._org_id, [(meter["site_id"], start, end)])
+            if span["first"] is not None:
+                # One range from the first to the last interval the readings touched: the
+                # consumer rebalances the intervals in it that have data.
+                start, end = span_range(
+                    span["first"],
+                    span["last"],
+                    [(parse_resolution(meter["balance_resolution"]), timezone)],
+                    registers=meter["measuring"] != Measuring.LOAD_PROFILE_ACCURATE,
+                )
+                ranges.append((meter["site_id"], start, end))
+            await enqueue_balancing(conn, self._org_id, ranges)
 
     async def _queue_changed_energy(
         self, conn: asyncpg.Connection, before: MeterRecord, after: MeterRecord
