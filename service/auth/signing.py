@@ -24,7 +24,10 @@ def signing_key(secret: str) -> bytes:
 
     Decoded here, where the format is made, rather than read from the ``standardwebhooks``
     package's private attribute: the spec defines it, and a package update may rename it."""
-    key = base64.b64decode(secret.removeprefix(SIGNING_SECRET_PREFIX), validate=True)
+    try:
+        key = base64.b64decode(secret.removeprefix(SIGNING_SECRET_PREFIX), validate=True)
+    except ValueError:  # binascii.Error: one message for every malformed form
+        raise ValueError("a signing secret must be whsec_ + base64") from None
     if not key:
         raise ValueError("a signing secret must not be empty")
     return key

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import json
 import logging
 import socket
@@ -245,7 +244,7 @@ def test_signing_key_is_the_key_standardwebhooks_reads(key: bytes) -> None:
 @pytest.mark.parametrize("secret", ["whsec_", "whsec_not base64!", "whsec_QQ"])
 def test_a_malformed_signing_secret_is_refused_not_used(secret: str) -> None:
     # Never a signature made with a key nobody registered.
-    with pytest.raises((ValueError, binascii.Error)):
+    with pytest.raises(ValueError, match="a signing secret must"):
         signing_key(secret)
 
 
