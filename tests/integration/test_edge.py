@@ -10,6 +10,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
+from service.app import GRPC_OPTIONS
 from tests.conftest import Org
 from tests.helpers import raw_method, rpc_error
 
@@ -47,6 +48,22 @@ async def test_an_undecodable_request_with_a_token_names_the_message(
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert error.details() == "request is not a valid `openvpp.v1.CreateSiteRequest`"
     assert _reason(error) == "MALFORMED_REQUEST"
+
+
+@pytest.mark.parametrize("with_token", [False, True])
+async def test_a_request_above_the_message_limit_is_resource_exhausted_for_everyone(
+    channel: grpc.aio.Channel, partner: Org, with_token: bool
+) -> None:
+    # gRPC refuses it on arrival, before the guard: neither decoded nor authenticated.
+    limit = dict(GRPC_OPTIONS)["grpc.max_receive_message_length"]
+    call = _raw(channel, "/openvpp.v1.SiteRegistry/CreateSite")
+    error = await rpc_error(
+        call(b"\x00" * (limit + 1), metadata=partner.auth if with_token else None)
+    )
+    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    # The connection and the server are still fine for the next call.
+    error = await rpc_error(call(GARBAGE))
+    assert error.code() is grpc.StatusCode.UNAUTHENTICATED
 
 
 @pytest.mark.parametrize("method", ["Check", "Watch"])
