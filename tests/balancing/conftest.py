@@ -114,6 +114,13 @@ class Community:
         response = await self.balancing.CreateMeterBalancingSetting(request, metadata=self.org.auth)
         return response.setting
 
+    async def participants(self, *directions: int) -> list[mpb.Meter]:
+        """One load-profile meter per direction, each taking part from the default start."""
+        made = [await self.meter(direction=direction) for direction in directions]
+        for meter in made:
+            await self.participate(meter)
+        return made
+
     async def policy(
         self, method: int, start: date, end: date | None = None
     ) -> bpb.SiteBalancingPolicy:

@@ -83,10 +83,7 @@ async def _first_page(community: Community, org: Org, **fields: Any) -> str:
 
 async def _two_intervals_first_page(community: Community, consumer: BalancingQueueConsumer) -> str:
     """A consumer and a producer balanced over two intervals; the first page's token."""
-    a = await community.meter()
-    pv = await community.meter(direction=mpb.METER_DIRECTION_PRODUCER)
-    for meter in (a, pv):
-        await community.participate(meter)
+    a, pv = await community.participants(mpb.METER_DIRECTION_CONSUMER, mpb.METER_DIRECTION_PRODUCER)
     await community.profile(a, START, [50, 50])
     await community.profile(pv, START, [40, 40])
     await drain(consumer)

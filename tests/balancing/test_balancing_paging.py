@@ -89,10 +89,9 @@ async def paged(community: Community, page_size: int, **fields: Any) -> list[Row
 async def test_paging_a_prosumers_balances_as_creditor_never_fails(
     community: Community, consumer: BalancingQueueConsumer
 ) -> None:
-    a = await community.meter()
-    prosumer = await community.meter(direction=mpb.METER_DIRECTION_BIDIRECTIONAL)
-    for meter in (a, prosumer):
-        await community.participate(meter)
+    a, prosumer = await community.participants(
+        mpb.METER_DIRECTION_CONSUMER, mpb.METER_DIRECTION_BIDIRECTIONAL
+    )
     at = local(2025, 3, 4, 10)
     await community.profile(a, at, [50] * 6)
     await prosumer_readings(community, prosumer, at, 6)
@@ -114,10 +113,7 @@ async def test_paging_a_prosumers_balances_as_creditor_never_fails(
 async def test_paging_a_debitors_balances_across_a_day_without_data_never_fails(
     community: Community, consumer: BalancingQueueConsumer
 ) -> None:
-    a = await community.meter()
-    pv = await community.meter(direction=mpb.METER_DIRECTION_PRODUCER)
-    for meter in (a, pv):
-        await community.participate(meter)
+    a, pv = await community.participants(mpb.METER_DIRECTION_CONSUMER, mpb.METER_DIRECTION_PRODUCER)
     # Readings on the 4th and the 6th; none on the 5th (an outage), so no block that day.
     for start in (local(2025, 3, 4, 23), local(2025, 3, 6, 0)):
         await community.profile(a, start, [50] * 4)

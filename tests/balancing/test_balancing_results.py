@@ -204,11 +204,9 @@ async def test_hourly_outputs_in_lord_howe_stay_on_local_hours_across_its_half_h
 async def test_an_incomplete_interval_becomes_complete_when_its_reading_arrives(
     community: Community, consumer: BalancingQueueConsumer
 ) -> None:
-    a = await community.meter()
-    b = await community.meter()
-    pv = await community.meter(direction=mpb.METER_DIRECTION_PRODUCER)
-    for meter in (a, b, pv):
-        await community.participate(meter)
+    a, b, pv = await community.participants(
+        mpb.METER_DIRECTION_CONSUMER, mpb.METER_DIRECTION_CONSUMER, mpb.METER_DIRECTION_PRODUCER
+    )
     start = local(2025, 2, 3, 10)
     await community.profile(a, start, [50, 50])
     await community.profile(b, start, [50])  # the second quarter-hour is missing
@@ -240,11 +238,9 @@ async def test_an_incomplete_interval_becomes_complete_when_its_reading_arrives(
 async def test_a_correction_rebalances_only_its_interval(
     community: Community, consumer: BalancingQueueConsumer
 ) -> None:
-    a = await community.meter()
-    b = await community.meter()
-    pv = await community.meter(direction=mpb.METER_DIRECTION_PRODUCER)
-    for meter in (a, b, pv):
-        await community.participate(meter)
+    a, b, pv = await community.participants(
+        mpb.METER_DIRECTION_CONSUMER, mpb.METER_DIRECTION_CONSUMER, mpb.METER_DIRECTION_PRODUCER
+    )
     day_start = local(2025, 2, 4)
     await community.profile(a, day_start, [30] * 96)
     await community.profile(b, day_start, [10] * 96)

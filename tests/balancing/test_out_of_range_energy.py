@@ -75,11 +75,10 @@ async def summary_at(community: Community, at: datetime) -> bpb.BalanceSummary:
 async def three_meters(community: Community) -> tuple[mpb.Meter, mpb.Meter, mpb.Meter]:
     """Two consumers and a producer, taking part, with plain readings in AT and the two
     quarter-hours after it (a 50 Wh, b 30 Wh, pv 40 Wh)."""
-    a = await community.meter()
-    b = await community.meter()
-    pv = await community.meter(direction=mpb.METER_DIRECTION_PRODUCER)
+    a, b, pv = await community.participants(
+        mpb.METER_DIRECTION_CONSUMER, mpb.METER_DIRECTION_CONSUMER, mpb.METER_DIRECTION_PRODUCER
+    )
     for meter, value in ((a, 50.0), (b, 30.0), (pv, 40.0)):
-        await community.participate(meter)
         await community.profile(meter, AT, [value] * 3)
     return a, b, pv
 
@@ -88,11 +87,9 @@ async def test_an_absurd_reading_is_refused_and_the_site_still_balances(
     community: Community, consumer: BalancingQueueConsumer
 ) -> None:
     """The review's case: a unit mix-up in every meter's reading of one quarter-hour."""
-    a = await community.meter()
-    b = await community.meter()
-    pv = await community.meter(direction=mpb.METER_DIRECTION_PRODUCER)
-    for meter in (a, b, pv):
-        await community.participate(meter)
+    a, b, pv = await community.participants(
+        mpb.METER_DIRECTION_CONSUMER, mpb.METER_DIRECTION_CONSUMER, mpb.METER_DIRECTION_PRODUCER
+    )
     readings = [
         tpb.Reading(meter_id=meter.id, timestamp=stamp(AT), interval_wh=value)
         for meter, value in ((a, 2.01e16), (b, 5.07e16), (pv, 9.71e16))

@@ -48,10 +48,7 @@ async def _update_site(community: Community, **fields: object) -> None:
 
 async def _one_shared_interval(community: Community, consumer: BalancingQueueConsumer) -> datetime:
     """A consumer (50 Wh) and a producer (40 Wh) in one quarter-hour, balanced."""
-    a = await community.meter()
-    pv = await community.meter(direction=mpb.METER_DIRECTION_PRODUCER)
-    for meter in (a, pv):
-        await community.participate(meter)
+    a, pv = await community.participants(mpb.METER_DIRECTION_CONSUMER, mpb.METER_DIRECTION_PRODUCER)
     at = local(2025, 3, 4, 10)
     await community.profile(a, at, [50])
     await community.profile(pv, at, [40])
@@ -144,10 +141,7 @@ async def test_a_resolution_change_back_from_p1m_leaves_only_day_blocks(
 async def test_rebalancing_part_of_the_old_grid_replaces_every_old_block_it_overlaps(
     community: Community, consumer: BalancingQueueConsumer, pool: asyncpg.Pool
 ) -> None:
-    a = await community.meter()
-    pv = await community.meter(direction=mpb.METER_DIRECTION_PRODUCER)
-    for meter in (a, pv):
-        await community.participate(meter)
+    a, pv = await community.participants(mpb.METER_DIRECTION_CONSUMER, mpb.METER_DIRECTION_PRODUCER)
     # Two Berlin days with data; in London each Berlin day straddles two London days.
     first, second = local(2025, 3, 4, 10), local(2025, 3, 5, 10)
     for at in (first, second):
