@@ -114,6 +114,17 @@ class Community:
         response = await self.balancing.CreateMeterBalancingSetting(request, metadata=self.org.auth)
         return response.setting
 
+    async def another_site(self, org: Org | None = None, **site_fields: Any) -> Community:
+        """A new site on the same channel, of ``org`` (default: this community's)."""
+        return await make_community(
+            org or self.org,
+            self.registry,
+            self.meters,
+            self.telemetry,
+            self.balancing,
+            **site_fields,
+        )
+
     async def participants(self, *directions: int) -> list[mpb.Meter]:
         """One load-profile meter per direction, each taking part from the default start."""
         made = [await self.meter(direction=direction) for direction in directions]

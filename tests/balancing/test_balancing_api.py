@@ -19,7 +19,6 @@ from tests.balancing.conftest import (
     BERLIN_NEW_YEAR,
     Community,
     day,
-    make_community,
     stamp,
 )
 from tests.conftest import Org
@@ -329,15 +328,7 @@ async def test_another_organizations_ids_are_not_found_on_every_rpc(
         "start_time": stamp(BERLIN_NEW_YEAR),
         "end_time": stamp(BERLIN_NEW_YEAR + timedelta(days=1)),
     }
-    their_meter = await (
-        await make_community(
-            other_partner,
-            community.registry,
-            community.meters,
-            community.telemetry,
-            community.balancing,
-        )
-    ).meter()
+    their_meter = await (await community.another_site(other_partner)).meter()
     calls: list[Awaitable[Any]] = [
         api.CreateMeterBalancingSetting(
             setting_request(community, meter, date(2026, 1, 1)), metadata=theirs

@@ -18,7 +18,7 @@ from openvpp.v1 import telemetry_pb2 as tpb
 
 from service.balancing import calendar, reads
 from service.balancing.worker import BalancingQueueConsumer
-from tests.balancing.conftest import Community, drain, make_community, stamp
+from tests.balancing.conftest import Community, drain, stamp
 from tests.conftest import Org
 
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -238,12 +238,7 @@ async def test_a_page_lays_out_only_its_own_output_intervals(
     monkeypatch.setattr(reads, "output_bounds", spy_bounds)
     monkeypatch.setattr(reads, "grid_starts", spy_grid)
     # Amsterdam kept its local mean time (+00:19:32) until 1937: no quarter-hour offset.
-    site = await make_community(
-        partner,
-        community.registry,
-        community.meters,
-        community.telemetry,
-        community.balancing,
+    site = await community.another_site(
         timezone="Europe/Amsterdam",
         location=spb.Location(address="Amsterdam", country="NL"),
     )

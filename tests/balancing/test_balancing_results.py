@@ -20,7 +20,7 @@ from openvpp.v1 import telemetry_pb2 as tpb
 
 from service.app import Service
 from service.balancing.worker import BalancingQueueConsumer
-from tests.balancing.conftest import Community, by_pair, day, drain, make_community, stamp
+from tests.balancing.conftest import Community, by_pair, day, drain, stamp
 from tests.conftest import Org
 from tests.helpers import expect_invalid
 
@@ -165,12 +165,7 @@ async def test_hourly_outputs_in_lord_howe_stay_on_local_hours_across_its_half_h
     partner: Org, community: Community, consumer: BalancingQueueConsumer
 ) -> None:
     lord_howe = ZoneInfo("Australia/Lord_Howe")  # +11 in summer, +10:30 in winter
-    island = await make_community(
-        partner,
-        community.registry,
-        community.meters,
-        community.telemetry,
-        community.balancing,
+    island = await community.another_site(
         timezone="Australia/Lord_Howe",
         location=spb.Location(address="Lord Howe Island"),
         balance_resolution="PT1H",
@@ -355,12 +350,7 @@ async def test_a_monthly_site_is_balanced_on_monthly_totals(
     community: Community,
     consumer: BalancingQueueConsumer,
 ) -> None:
-    monthly = await make_community(
-        partner,
-        community.registry,
-        community.meters,
-        community.telemetry,
-        community.balancing,
+    monthly = await community.another_site(
         balance_resolution="P1M",
         type=spb.SITE_TYPE_BALANCED_INACCURATE,
     )
@@ -402,12 +392,7 @@ async def test_a_monthly_site_is_balanced_on_monthly_totals(
 async def test_a_site_no_longer_balanced_loses_its_balances(
     partner: Org, community: Community, consumer: BalancingQueueConsumer, service: Service
 ) -> None:
-    site = await make_community(
-        partner,
-        community.registry,
-        community.meters,
-        community.telemetry,
-        community.balancing,
+    site = await community.another_site(
         supply_points=[
             spb.SupplyPoint(
                 grid_identifier="51234567895", direction=spb.SUPPLY_POINT_DIRECTION_OFFTAKE

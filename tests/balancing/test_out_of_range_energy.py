@@ -217,10 +217,9 @@ async def test_the_largest_reading_a_pt1h_site_accepts_is_balanced(
     community = await make_community(
         partner, registry, meters, telemetry, balancing, balance_resolution="PT1H"
     )
-    load = await community.meter()
-    plant = await community.meter(direction=mpb.METER_DIRECTION_PRODUCER)
-    for meter in (load, plant):
-        await community.participate(meter)
+    load, plant = await community.participants(
+        mpb.METER_DIRECTION_CONSUMER, mpb.METER_DIRECTION_PRODUCER
+    )
     at = datetime(2025, 3, 4, 10, tzinfo=UTC)
     largest = max_interval_wh(PT1H)
     assert largest <= MAX_INTERVAL_WH
