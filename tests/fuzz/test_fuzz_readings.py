@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
-from hypothesis import HealthCheck, example, given, seed, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 from openvpp.v1 import balancing_pb2 as bpb
 from openvpp.v1 import (
@@ -40,7 +40,7 @@ from service.grid import PT15M
 from service.telemetry.domain import MAX_REGISTER_WH, max_interval_wh
 from tests.conftest import MakeOrg, Org
 from tests.fuzz.messages import SPECIAL_FLOATS, VALUE_BOUNDS
-from tests.fuzz.test_fuzz_rpcs import CASES, NEVER, SEED, balanced_community
+from tests.fuzz.test_fuzz_rpcs import CASES, NEVER, balanced_community, fuzz_settings, run_seeded
 from tests.telemetry.conftest import stamp
 
 # One batch and one RunBalancing per example.
@@ -125,13 +125,7 @@ def _fuzz(target: str, community: Community, failures: list[str]) -> None:
         jump = [(registers, 0, 0.0), (registers, 1, 1e15), (profile, 0, 5.0)]
         jump.append((production, 0, 4.0))
 
-        @settings(
-            max_examples=EXAMPLES,
-            deadline=None,
-            database=None,
-            derandomize=SEED is None and CASES < 20_000,
-            suppress_health_check=list(HealthCheck),
-        )
+        @fuzz_settings(EXAMPLES)
         @given(
             st.lists(
                 st.tuples(
@@ -175,7 +169,7 @@ def _fuzz(target: str, community: Community, failures: list[str]) -> None:
             )
 
         try:
-            (seed(int(SEED))(case) if SEED is not None else case)()
+            run_seeded(case)
         except AssertionError as failure:
             failures.append(str(failure))
 

@@ -24,7 +24,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +68,24 @@ NEVER = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
 # client's own limit; examples beyond it are not drawn (they would test the client).
 SERVER_MAX_MESSAGE_BYTES = dict(GRPC_OPTIONS)["grpc.max_receive_message_length"]
 CLIENT_MAX_MESSAGE_BYTES = 4 * SERVER_MAX_MESSAGE_BYTES
+
+
+def fuzz_settings(max_examples: int, **more: Any) -> settings:
+    """Both fuzzers' hypothesis settings: no deadline and no example database, the fast
+    profile derandomized (the same cases every run), longer ones drawing anew."""
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        database=None,
+        derandomize=SEED is None and CASES < 20_000,
+        suppress_health_check=list(HealthCheck),
+        **more,
+    )
+
+
+def run_seeded(case: Callable[[], None]) -> None:
+    """Runs a @given test, with OPENVPP_FUZZ_SEED when it is set."""
+    (seed(int(SEED))(case) if SEED is not None else case)()
 
 
 @dataclass
@@ -281,14 +299,8 @@ def _fuzz_method(
             if expected is not None and code is not expected:
                 raise AssertionError(f"{name} answered {code.name}, expected {expected.name}")
 
-        @settings(
-            max_examples=examples,
-            deadline=None,
-            database=None,
-            derandomize=SEED is None and CASES < 20_000,
-            suppress_health_check=list(HealthCheck),
-            phases=[Phase.explicit, Phase.generate, Phase.shrink],
-            print_blob=True,
+        @fuzz_settings(
+            examples, phases=[Phase.explicit, Phase.generate, Phase.shrink], print_blob=True
         )
         @given(st.data())
         def case(data: st.DataObject) -> None:
@@ -309,8 +321,7 @@ def _fuzz_method(
                 check(payload, orgs[other].token, grpc.StatusCode.PERMISSION_DENIED)
             check(payload, None, grpc.StatusCode.UNAUTHENTICATED)
 
-        run = seed(int(SEED))(case) if SEED is not None else case
-        run()
+        run_seeded(case)
 
 
 # About 5 ms a call on the development VM; the suite's 120 s per test is for the fast profile.
