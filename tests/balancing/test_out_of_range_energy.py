@@ -17,12 +17,6 @@ import asyncpg
 import pytest
 from google.protobuf import field_mask_pb2
 from openvpp.v1 import balancing_pb2 as bpb
-from openvpp.v1 import (
-    balancing_pb2_grpc,
-    meter_registry_pb2_grpc,
-    site_registry_pb2_grpc,
-    telemetry_pb2_grpc,
-)
 from openvpp.v1 import meter_registry_pb2 as mpb
 from openvpp.v1 import telemetry_pb2 as tpb
 
@@ -32,8 +26,7 @@ from service.balancing.worker import BalancingQueueConsumer
 from service.db.balancing_queue import enqueue_balancing
 from service.grid import PT1H
 from service.telemetry.domain import max_interval_wh
-from tests.balancing.conftest import Community, drain, make_community, stamp
-from tests.conftest import Org
+from tests.balancing.conftest import Community, drain, stamp
 
 BERLIN = ZoneInfo("Europe/Berlin")
 Q = timedelta(minutes=15)
@@ -204,26 +197,18 @@ async def test_a_transformer_factor_beyond_the_exact_range_leaves_the_meter_unba
 
 
 async def test_the_largest_reading_a_pt1h_site_accepts_is_balanced(
-    partner: Org,
-    registry: site_registry_pb2_grpc.SiteRegistryAsyncStub,
-    meters: meter_registry_pb2_grpc.MeterRegistryAsyncStub,
-    telemetry: telemetry_pb2_grpc.TelemetryAsyncStub,
-    balancing: balancing_pb2_grpc.BalancingAsyncStub,
-    consumer: BalancingQueueConsumer,
+    community: Community, consumer: BalancingQueueConsumer
 ) -> None:
     # Ingest's bound for an hour must lie inside the engine's exact range: a reading it
     # accepts is never left unbalanced as out of range (it once accepted up to 1e10 Wh).
-    await drain(consumer)
-    community = await make_community(
-        partner, registry, meters, telemetry, balancing, balance_resolution="PT1H"
-    )
-    load, plant = await community.participants(
+    hourly = await community.another_site(balance_resolution="PT1H")
+    load, plant = await hourly.participants(
         mpb.METER_DIRECTION_CONSUMER, mpb.METER_DIRECTION_PRODUCER
     )
     at = datetime(2025, 3, 4, 10, tzinfo=UTC)
     largest = max_interval_wh(PT1H)
     assert largest <= MAX_INTERVAL_WH
-    ack = await community.ingest(
+    ack = await hourly.ingest(
         [
             tpb.Reading(meter_id=load.id, timestamp=stamp(at), interval_wh=100.0),
             tpb.Reading(meter_id=plant.id, timestamp=stamp(at), interval_wh=largest),
@@ -231,12 +216,5 @@ async def test_the_largest_reading_a_pt1h_site_accepts_is_balanced(
     )
     assert ack.accepted_count == 2
     await drain(consumer)
-    answer = await community.balancing.RunBalancing(
-        bpb.RunBalancingRequest(
-            site_id=community.site.id,
-            start_time=stamp(at),
-            end_time=stamp(at + timedelta(hours=1)),
-        ),
-        metadata=community.org.auth,
-    )
+    answer = await run_balancing(hourly, at, at + timedelta(hours=1))
     assert (answer.balanced_intervals, answer.out_of_range_intervals) == (1, 0)
