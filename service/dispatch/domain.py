@@ -184,12 +184,12 @@ def validate_request(
     if "end_time" not in unreadable:
         if not _on_quarter_hour(end):
             errors.add("end_time", QUARTER_HOUR_RULE)
-        if "start_time" in unreadable:
-            pass  # nothing to measure the window from
-        elif end <= start:
-            errors.add("end_time", "must be after start_time")
-        elif end - start > MAX_WINDOW:
-            errors.add("end_time", "must be at most 24 h after start_time")
+        # An unreadable start leaves nothing to measure the window from.
+        if "start_time" not in unreadable:
+            if end <= start:
+                errors.add("end_time", "must be after start_time")
+            elif end - start > MAX_WINDOW:
+                errors.add("end_time", "must be at most 24 h after start_time")
         if now is not None and end <= now:
             errors.add("end_time", "must be in the future")
     if len(set(request.selection.site_ids)) != len(request.selection.site_ids):
