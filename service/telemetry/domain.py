@@ -77,7 +77,7 @@ def measuring_rule(site_type: SiteType) -> str:
 MAX_CONNECTION_POWER_W = 5_000_000_000
 # A month counts as 32 days: the longest calendar month plus the hours a time-zone change
 # can add to it.
-_LONGEST_INTERVAL_HOURS = {"PT15M": 0.25, "PT1H": 1.0, "P1M": 32 * 24.0}
+_LONGEST_MONTH = timedelta(days=32)
 # A cumulative register: 1 PWh, 5 GW for more than 22 years, far above any meter's
 # register, and below 2**53 Wh, so a register still holds whole Wh exactly in the double it
 # is sent and stored as (and the difference of two registers is exact).
@@ -87,8 +87,8 @@ MAX_REGISTER_WH = 1e15
 def max_interval_wh(resolution: Resolution) -> float:
     """The largest ``interval_wh`` a meter of a site at ``resolution`` can report: 5 GW
     over the longest interval of that resolution (1.25e9 Wh a quarter-hour)."""
-    hours = _LONGEST_INTERVAL_HOURS[resolution.iso]
-    return MAX_CONNECTION_POWER_W * hours
+    longest = resolution.step or resolution.months * _LONGEST_MONTH
+    return MAX_CONNECTION_POWER_W * (longest / timedelta(hours=1))
 
 
 def _wh(value: float) -> str:
