@@ -40,7 +40,6 @@ from service.balancing.calendar import (
     grid_starts,
     iter_blocks,
     merge_ranges,
-    on_grid,
     take_in_off_grid_blocks,
     to_us,
 )
@@ -173,15 +172,18 @@ async def _replace_off_grid_blocks(
     """After a change of the site's time zone or resolution, stored blocks of the old grid
     overlap the blocks about to be written: they are deleted here, in the transaction that
     writes their replacement, and ``merged`` grows to every current block covering them
-    (:func:`take_in_off_grid_blocks`). Usually the blocks near ``merged`` are all on the
-    grid and this costs one small read; only when one is not are all the site's read."""
+    (:func:`take_in_off_grid_blocks`). Usually no old block near ``merged`` overlaps what
+    is written and this costs one small read; only when one does are all the site's read
+    (the run of old blocks it starts may reach beyond)."""
     near = await stored_blocks(
         conn,
         site.org_id,
         site.id,
         *blocks_cover(merged[0][0], merged[-1][1], site.timezone, site.resolution),
     )
-    if all(on_grid(b, site.timezone, site.resolution) for b in near):
+    # An old block in a gap between the ranges overlaps nothing written: left for its own
+    # re-balancing, it need not cost the full read on every pass.
+    if not take_in_off_grid_blocks(merged, near, site.timezone, site.resolution)[1]:
         return merged
     everywhere = await stored_blocks(conn, site.org_id, site.id)
     extended, off_grid = take_in_off_grid_blocks(merged, everywhere, site.timezone, site.resolution)
