@@ -32,7 +32,7 @@ from service.balancing.domain import (
 )
 from service.balancing.engine import AllocationMethod
 from service.common.errors import NotFoundError, ViolationCollector
-from service.db.balancing_queue import enqueue_days_with_data
+from service.db.balancing_queue import days_with_data, enqueue_balancing
 from service.db.keyset import keyset_page
 from service.db.pagination import Cursor
 from service.grid import Resolution, SiteType, parse_resolution, site_type_is_balanced
@@ -143,9 +143,10 @@ async def queue_periods(
     conn: asyncpg.Connection, org_id: UUID, site: SiteInfo, periods: Sequence[Period]
 ) -> None:
     """Queues the days of ``periods`` on which the site has data (see
-    :func:`enqueue_days_with_data`)."""
-    await enqueue_days_with_data(
-        conn, org_id, site.id, site.timezone, [(p.start, p.end) for p in periods]
+    :func:`days_with_data`)."""
+    days = [(p.start, p.end) for p in periods]
+    await enqueue_balancing(
+        conn, org_id, await days_with_data(conn, org_id, site.id, site.timezone, days)
     )
 
 

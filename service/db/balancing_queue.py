@@ -12,7 +12,7 @@ A change that moves a site's grid or a meter's energy queues the range its data 
 turns them into a range of the site's grid. A change of the grid also queues the runs of
 stored results (:func:`results_runs`), which must move to the new grid where no reading is.
 A change of who takes part (balancing settings, or a participant's deletion) queues local
-days, clipped to where the site has data (:func:`enqueue_days_with_data`).
+days, clipped to where the site has data (:func:`days_with_data`).
 """
 
 from __future__ import annotations
@@ -160,17 +160,6 @@ def span_range(
     return start, end
 
 
-async def enqueue_days_with_data(
-    conn: asyncpg.Connection,
-    org_id: UUID,
-    site_id: UUID,
-    tz: ZoneInfo,
-    days: Iterable[tuple[date, date | None]],
-) -> None:
-    """Queues :func:`days_with_data` in the caller's transaction."""
-    await enqueue_balancing(conn, org_id, await days_with_data(conn, org_id, site_id, tz, days))
-
-
 async def days_with_data(
     conn: asyncpg.Connection,
     org_id: UUID,
@@ -184,6 +173,9 @@ async def days_with_data(
     A register's energy also needs the register before it, so a day of margin around the
     data is kept; re-balancing a day without data only writes incomplete intervals.
     """
+    days = list(days)
+    if not days:
+        return []  # no need to look for the data
     readings, _ = await readings_spans(conn, org_id, site_id)
     stored = await conn.fetchrow(
         "SELECT min(block_start) AS first_ts, max(block_end) AS last_ts "
