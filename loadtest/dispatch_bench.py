@@ -18,16 +18,19 @@ resources each (rows written directly: set-up is not what is measured), then:
 2. Before and after it, a raw aiohttp client in its own process POSTs the same number of
    bodies of the same shape, each signed afresh with the same secret, with the concurrency
    the service uses towards one host (``OPENVPP_DISPATCH_MAX_CONCURRENCY_PER_HOST``): the
-   mean of the two rates is the baseline, and the ratio end-to-end / raw is printed.
-   Before each raw run the tables are vacuumed, so that no autovacuum worker cleaning up
-   after the dispatch runs beside the raw client and slows it.
+   mean of the two rates is the baseline, and the ratio end-to-end / raw is printed. It
+   runs on two event loops, each before and after: asyncio's own, as a plain aiohttp
+   script does (the issue's baseline), and uvloop, which the service serves on; the
+   second ratio is the service against the same client on the service's own loop.
+   Before the raw runs before and after the dispatch the tables are vacuumed, so that no
+   autovacuum worker cleaning up after the dispatch runs beside the raw client and slows it.
 
 Goals (issue 12): >= 2,000 setpoints/s end to end, >= 0.5 of the raw client's rate, first
 attempt <= 100 ms after commit (p50). The machine is shared: run it under the bench lock.
 ``BENCH_PROFILE=file`` runs the server under cProfile. ``--pg-statements`` loads
 ``pg_stat_statements`` into the embedded database and prints, after the rounds, what each
-statement of the dispatch's path cost PostgreSQL per row, and how many of the setpoints'
-updates were HOT (no new index entries).
+statement of the dispatch's path cost PostgreSQL per row (and its planning, apart), and
+how many of the setpoints' updates were HOT (no new index entries).
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ PER_HOST_CONCURRENCY = 32
 PG_STATEMENTS_SETTINGS = {
     "shared_preload_libraries": "pg_stat_statements",
     "pg_stat_statements.track": "all",
+    "pg_stat_statements.track_planning": "on",
 }
 
 
@@ -117,8 +121,19 @@ async def _receive(port: int, secret: str, ready: Any) -> None:
 # --- the raw client (its own process) -----------------------------------------------------
 
 
-def raw_main(port: int, secret: str, count: int, concurrency: int, results: Any) -> None:
-    results.put(asyncio.run(_raw(port, secret, count, concurrency)))
+# The raw client's event loops: asyncio's own, as a plain aiohttp script runs, and uvloop,
+# the loop the service itself serves on (``service.cli.run_event_loop``).
+RAW_LOOPS = ("asyncio", "uvloop")
+
+
+def raw_main(port: int, secret: str, count: int, concurrency: int, loop: str, results: Any) -> None:
+    client = _raw(port, secret, count, concurrency)
+    if loop == "uvloop":
+        import uvloop
+
+        results.put(uvloop.run(client))
+    else:
+        results.put(asyncio.run(client))
 
 
 async def _raw(port: int, secret: str, count: int, concurrency: int) -> dict[str, float]:
@@ -394,7 +409,7 @@ async def print_statements(dsn: str) -> None:
     try:
         rows = await conn.fetch(
             """
-            SELECT calls, rows, total_exec_time,
+            SELECT calls, rows, total_exec_time, total_plan_time, plans,
                 regexp_replace(left(query, 90), '\\s+', ' ', 'g') AS query
             FROM pg_stat_statements
             WHERE query ~* '(setpoint|dispatch)' AND query !~* '^(explain|vacuum)'
@@ -415,7 +430,8 @@ async def print_statements(dsn: str) -> None:
         per_row = row["total_exec_time"] * 1000 / max(row["rows"], 1)
         print(
             f"  {row['total_exec_time']:8.1f} ms {row['calls']:6} calls {row['rows']:7} rows "
-            f"{per_row:8.1f} us/row  {row['query']}"
+            f"{per_row:8.1f} us/row, planning {row['total_plan_time']:6.1f} ms in "
+            f"{row['plans']} plans  {row['query']}"
         )
     for table in tables:
         updates = table["n_tup_upd"]
@@ -520,11 +536,18 @@ def main() -> int:
                 flush=True,
             )
 
-            def raw_run() -> dict[str, float]:
+            def raw_run(loop: str) -> dict[str, float]:
                 results = context.Queue()
                 raw = context.Process(
                     target=raw_main,
-                    args=(receiver_port, setup["secret"], expected, PER_HOST_CONCURRENCY, results),
+                    args=(
+                        receiver_port,
+                        setup["secret"],
+                        expected,
+                        PER_HOST_CONCURRENCY,
+                        loop,
+                        results,
+                    ),
                 )
                 raw.start()
                 found: dict[str, float] = results.get(timeout=600)
@@ -533,13 +556,15 @@ def main() -> int:
 
             if args.pg_statements:
                 asyncio.run(reset_statements(dsn))
-            ratios: list[float] = []
+            ratios: dict[str, list[float]] = {loop: [] for loop in RAW_LOOPS}
             rates: list[float] = []
             for round_number in range(1, args.rounds + 1):
-                # The raw client runs before and after the dispatch: other load on the
-                # machine changes within seconds, and the mean of the two is the baseline.
+                # The raw client runs before and after the dispatch, on each loop: other
+                # load on the machine changes within seconds, and the mean of the two is
+                # the baseline. The order after is the reverse of the one before, so that
+                # neither loop's runs sit nearer the dispatch.
                 asyncio.run(vacuum(dsn))
-                raw_before = raw_run()
+                raw_before = {loop: raw_run(loop) for loop in RAW_LOOPS}
                 db_pids = asyncio.run(backend_pids(dsn))
                 watched = {"server": [server.pid], "receiver": [receiver.pid], "db": db_pids}
                 before = {name: cpu_seconds(pids) for name, pids in watched.items()}
@@ -555,14 +580,26 @@ def main() -> int:
                 # The clean-up of the dispatch's row versions is done here, not by an
                 # autovacuum worker competing with the raw client's run.
                 asyncio.run(vacuum(dsn))
-                rate, ratio = report(round_number, expected, measured, [raw_before, raw_run()])
+                raw_after = {loop: raw_run(loop) for loop in reversed(RAW_LOOPS)}
+                rate, round_ratios = report(
+                    round_number,
+                    expected,
+                    measured,
+                    {loop: [raw_before[loop], raw_after[loop]] for loop in RAW_LOOPS},
+                )
                 rates.append(rate)
-                ratios.append(ratio)
+                for loop, ratio in round_ratios.items():
+                    ratios[loop].append(ratio)
             if args.rounds > 1:
+                spreads = ", ".join(
+                    f"{loop} {median(found):.2f} ({min(found):.2f}-{max(found):.2f}, "
+                    f"{sum(ratio >= 0.5 for ratio in found)} of {len(found)} at 0.5 or more)"
+                    for loop, found in ratios.items()
+                )
                 print(
                     f"over {args.rounds} rounds: {median(rates):,.0f} setpoints/s "
-                    f"(median; {min(rates):,.0f}-{max(rates):,.0f}), ratio to raw "
-                    f"{median(ratios):.2f} (median; {min(ratios):.2f}-{max(ratios):.2f})",
+                    f"(median; {min(rates):,.0f}-{max(rates):,.0f}); ratio to the raw client "
+                    f"on {spreads}",
                     flush=True,
                 )
             singles = asyncio.run(
@@ -585,17 +622,29 @@ def main() -> int:
 
 
 def report(
-    round_number: int, expected: int, measured: dict[str, Any], raws: list[dict[str, float]]
-) -> tuple[float, float]:
-    """Prints one round; returns its setpoints/s and its ratio to the raw client."""
+    round_number: int,
+    expected: int,
+    measured: dict[str, Any],
+    raws: dict[str, list[dict[str, float]]],
+) -> tuple[float, dict[str, float]]:
+    """Prints one round; returns its setpoints/s and its ratio to the raw client on each
+    event loop (to the mean of its runs before and after)."""
     rate = expected / measured["seconds"]
-    raw_rates = [expected / raw["seconds"] for raw in raws]
-    raw_rate = sum(raw_rates) / len(raw_rates)
+    raw_rates = {
+        loop: sum(expected / run["seconds"] for run in runs) / len(runs)
+        for loop, runs in raws.items()
+    }
     raw_lines = "".join(
-        f"  raw aiohttp {when}: {expected:,} signed POSTs in {raw['seconds']:.2f} s = "
-        f"{expected / raw['seconds']:,.0f}/s (p50 {raw['p50']:.1f} ms, p99 {raw['p99']:.1f} ms), "
-        f"client CPU {raw['cpu_ms']:.2f} ms per POST\n"
-        for when, raw in zip(("before", "after"), raws, strict=True)
+        f"  raw aiohttp on {loop} {when}: {expected:,} signed POSTs in {run['seconds']:.2f} s "
+        f"= {expected / run['seconds']:,.0f}/s (p50 {run['p50']:.1f} ms, p99 "
+        f"{run['p99']:.1f} ms), client CPU {run['cpu_ms']:.3f} ms per POST\n"
+        for loop, runs in raws.items()
+        for when, run in zip(("before", "after"), runs, strict=True)
+    )
+    ratio_lines = "".join(
+        f"  ratio end-to-end / raw on {loop} (mean of before and after, {raw_rate:,.0f}/s): "
+        f"{rate / raw_rate:.2f}\n"
+        for loop, raw_rate in raw_rates.items()
     )
     print(
         f"round {round_number}:\n"
@@ -612,13 +661,13 @@ def report(
         f"first {measured['first_min']:.0f} ms, p50 {measured['first_p50']:.0f} ms, "
         f"p99 {measured['first_p99']:.0f} ms\n"
         f"{raw_lines}"
-        f"  CPU per setpoint: server {measured['cpu_ms']['server']:.2f} ms, database "
-        f"{measured['cpu_ms']['db']:.2f} ms, receiver {measured['cpu_ms']['receiver']:.2f} ms\n"
-        f"  ratio end-to-end / raw (mean of before and after, {raw_rate:,.0f}/s): "
-        f"{rate / raw_rate:.2f}",
+        f"  CPU per setpoint: server {measured['cpu_ms']['server']:.3f} ms, database "
+        f"{measured['cpu_ms']['db']:.3f} ms, receiver {measured['cpu_ms']['receiver']:.3f} ms\n"
+        f"{ratio_lines}",
+        end="",
         flush=True,
     )
-    return rate, rate / raw_rate
+    return rate, {loop: rate / raw_rate for loop, raw_rate in raw_rates.items()}
 
 
 if __name__ == "__main__":
