@@ -8,7 +8,7 @@ constant inside a day block. Times are UTC microseconds in numpy arrays. No I/O.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -18,6 +18,7 @@ from numpy.typing import NDArray
 
 from service.grid import P1M, PT1H, PT15M, Resolution, local_midnight
 from service.grid.arrays import grid_starts_us
+from service.grid.ranges import TimeRange, merge_ranges
 
 US_PER_SECOND = 1_000_000
 OUTPUT_INTERVALS: tuple[str, ...] = ("PT15M", "PT1H", "P1D", "P1M")
@@ -26,8 +27,6 @@ _COARSENESS = {"PT15M": 0, "PT1H": 1, "P1D": 2, "P1M": 3}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MICROSECOND = timedelta(microseconds=1)
 _ONE_DAY = timedelta(days=1)
-
-TimeRange = tuple[datetime, datetime]
 
 
 def to_us(value: datetime) -> int:
@@ -68,19 +67,6 @@ def blocks_cover(start: datetime, end: datetime, tz: ZoneInfo, resolution: Resol
     """``[start, end)`` widened to whole blocks: from the start of the block holding
     ``start`` to the end of the block holding the last instant before ``end``."""
     return block_of(start, tz, resolution)[0], block_of(end - _ONE_MICROSECOND, tz, resolution)[1]
-
-
-def merge_ranges(ranges: Iterable[TimeRange]) -> list[TimeRange]:
-    """Sorted, with overlapping or touching ranges joined."""
-    merged: list[TimeRange] = []
-    for start, end in sorted(ranges):
-        if end <= start:
-            continue
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
 
 
 @dataclass(frozen=True)

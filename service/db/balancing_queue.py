@@ -26,7 +26,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 
 from service.events.channels import BALANCING_QUEUE_CHANNEL
-from service.grid import Resolution, local_midnight
+from service.grid import Resolution, TimeRange, local_midnight, merge_ranges
 
 _ONE_MICROSECOND = timedelta(microseconds=1)
 
@@ -55,10 +55,19 @@ async def enqueue_balancing(
 ) -> None:
     """Queues ``ranges`` of ``org_id``'s sites for rebalancing in the caller's transaction.
 
+    A site's overlapping or touching ranges are queued as one row: the consumer joins them
+    anyway (``rebalance``), and an ingest batch of a meter's 100 registers touches 101
+    intervals, which were 101 rows, each with its key checks, to write, claim and delete.
+
     ``also_notify`` (channel, payload) is sent by the same statement, saving the hot ingest
     path a round trip. Nothing is written, and only ``also_notify`` is sent, without ranges.
     """
-    ordered = sorted(set(ranges))
+    by_site: dict[UUID, list[TimeRange]] = {}
+    for site, start, end in ranges:
+        by_site.setdefault(site, []).append((start, end))
+    ordered = [
+        (site, start, end) for site in sorted(by_site) for start, end in merge_ranges(by_site[site])
+    ]
     if not ordered:
         if also_notify is not None:
             await conn.execute("SELECT pg_notify($1, $2)", *also_notify)

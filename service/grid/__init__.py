@@ -8,6 +8,7 @@ Europe/Berlin day has 92, 96 or 100 quarter-hours). Months are computed in local
 Nothing here does I/O.
 """
 
+from service.grid.ranges import TimeRange, merge_ranges
 from service.grid.resolution import (
     P1M,
     PT1H,
@@ -26,7 +27,9 @@ __all__ = [
     "SUPPORTED_RESOLUTIONS",
     "Resolution",
     "SiteType",
+    "TimeRange",
     "local_midnight",
+    "merge_ranges",
     "parse_resolution",
     "site_type_is_accurate",
     "site_type_is_balanced",

@@ -288,32 +288,50 @@ async def test_changes_mark_site_intervals_for_balancing(setup: Setup, service: 
     meter = await setup.meter()
     site_id = uuid.UUID(setup.site.id)
     await setup.ingest([register(meter, quarter(4), 10.0)])
-    query = "SELECT interval_start FROM balancing_queue WHERE site_id = $1 ORDER BY 1"
-    queued = await service.pool.fetch(query, site_id)
-    # A register ends the interval before it and starts the one after it.
-    assert [row[0] for row in queued] == [quarter(3), quarter(4)]
+    query = """
+        SELECT org_id, interval_start, interval_end FROM balancing_queue WHERE site_id = $1
+        ORDER BY interval_start, id
+    """
+
+    async def queued() -> list[tuple[datetime, datetime]]:
+        rows = await service.pool.fetch(query, site_id)  # type: ignore[union-attr]
+        # Each row names its organization, which its consumer claims and scopes it by.
+        assert {row["org_id"] for row in rows} <= {setup.org.id}
+        return [(row["interval_start"], row["interval_end"]) for row in rows]
+
+    # A register ends the interval before it and starts the one after it: one range of
+    # the site's PT15M grid holds both.
+    assert await queued() == [(quarter(3), quarter(5))]
     duplicate = await setup.ingest([register(meter, quarter(4), 10.0)])
     assert duplicate.duplicate_count == 1
-    assert len(await service.pool.fetch(query, site_id)) == 2  # nothing changed
+    assert await queued() == [(quarter(3), quarter(5))]  # nothing changed
     correction = await setup.ingest([register(meter, quarter(4), 11.0)])
     assert correction.corrected_count == 1
-    again = await service.pool.fetch(query, site_id)
-    assert [row[0] for row in again] == [quarter(3), quarter(3), quarter(4), quarter(4)]
-    # Each row names its organization and one balance interval of the site's PT15M grid.
-    scoped = await service.pool.fetch(
-        "SELECT org_id, interval_start, interval_end FROM balancing_queue WHERE site_id = $1",
-        site_id,
-    )
-    assert {row["org_id"] for row in scoped} == {setup.org.id}
-    assert all(
-        row["interval_end"] - row["interval_start"] == timedelta(minutes=15) for row in scoped
-    )
+    assert await queued() == [(quarter(3), quarter(5))] * 2
 
-    # Partly changed batches queue only what changed.
+    # Partly changed batches queue only what changed, ranges apart as they lie apart.
     await setup.ingest([register(meter, quarter(4), 11.0), register(meter, quarter(8), 20.0)])
-    latest = await service.pool.fetch(query, site_id)
-    assert sorted({row[0] for row in latest}) == [quarter(3), quarter(4), quarter(7), quarter(8)]
-    assert len(latest) == 6
+    assert await queued() == [(quarter(3), quarter(5))] * 2 + [(quarter(7), quarter(9))]
+
+
+async def test_a_batch_of_consecutive_registers_queues_one_range(
+    setup: Setup, service: Service
+) -> None:
+    # 96 registers touch 97 intervals: one queue row to write, claim and delete, not 97.
+    assert service.pool is not None
+    meter = await setup.meter()
+    other = await setup.meter()
+    ack = await setup.ingest(
+        [register(meter, quarter(n), float(n)) for n in range(1, 97)]
+        + [register(other, quarter(n), float(n)) for n in (40, 60)]
+    )
+    assert ack.accepted_count == 98
+    rows = await service.pool.fetch(
+        "SELECT interval_start, interval_end FROM balancing_queue WHERE site_id = $1",
+        uuid.UUID(setup.site.id),
+    )
+    # The other meter's intervals lie within the first one's: the site's range is one.
+    assert [(row[0], row[1]) for row in rows] == [(quarter(0), quarter(97))]
 
 
 async def test_list_readings_rules(setup: Setup, other_partner: Org) -> None:
