@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 # A failing site is held back this long, doubling per failure up to the maximum.
 FIRST_HOLD_BACK_SECONDS = 1.0
 MAX_HOLD_BACK_SECONDS = 300.0
-# Queue rows of one site handled by one pass (a site's ingest of a day is ~100 rows).
+# Queue rows of one site handled by one pass (an ingest batch queues a row per run of
+# touching intervals of a site: usually one).
 MAX_CLAIM_ROWS = 5000
 
 _CLAIM_HEAD = """
