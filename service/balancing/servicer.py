@@ -332,6 +332,8 @@ class BalancingServicer(pb_grpc.BalancingServicer):
                     balanced_intervals=int(event["balanced"]),
                     incomplete_intervals=int(event["incomplete"]),
                     commit_time=to_timestamp(datetime.fromisoformat(event["at"])),
+                    # Absent from the events of a replica that predates it (a rolling upgrade).
+                    out_of_range_intervals=int(event.get("out_of_range", 0)),
                 )
                 yield message
         finally:

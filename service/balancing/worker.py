@@ -67,6 +67,7 @@ async def publish(conn: asyncpg.Connection, site: SiteInfo, result: RebalanceRes
             "to": end.isoformat(),
             "balanced": result.balanced,
             "incomplete": result.incomplete,
+            "out_of_range": result.out_of_range,
             "at": now,
         }
         await conn.execute(

@@ -9,6 +9,7 @@ unbalanced and counted as out of range, and the rest of the site is balanced.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -194,6 +195,40 @@ async def test_a_transformer_factor_beyond_the_exact_range_leaves_the_meter_unba
     answer = await run_balancing(community, AT, AT + 3 * Q)
     assert (answer.balanced_intervals, answer.out_of_range_intervals) == (0, 3)
     assert answer.incomplete_intervals == 3
+
+
+async def test_watch_balances_counts_the_intervals_out_of_range(
+    community: Community, consumer: BalancingQueueConsumer
+) -> None:
+    *_, pv = await three_meters(community)
+    await drain(consumer)
+    stream = community.balancing.WatchBalances(
+        bpb.WatchBalancesRequest(site_id=community.site.id), metadata=community.org.auth
+    )
+    await stream.initial_metadata()
+    # 1e300 times every reading of the producer: its three intervals out of range.
+    await community.meters.UpdateMeter(
+        mpb.UpdateMeterRequest(
+            meter=mpb.Meter(id=pv.id, transformer_factor=1e300),
+            update_mask=field_mask_pb2.FieldMask(paths=["transformer_factor"]),
+        ),
+        metadata=community.org.auth,
+    )
+    await drain(consumer)
+    async with asyncio.timeout(10):
+        event = await stream.read()
+    stream.cancel()
+    assert isinstance(event, bpb.WatchBalancesResponse)
+    # The change queues the span of the meter's readings on the grid (it may reach an
+    # interval beyond them): every interval of it is incomplete, the three with readings
+    # because they are out of range, any other for want of readings.
+    start = event.start_time.ToDatetime(UTC)
+    end = event.end_time.ToDatetime(UTC)
+    assert start <= AT
+    assert end >= AT + 3 * Q
+    assert event.balanced_intervals == 0
+    assert event.incomplete_intervals == (end - start) // Q
+    assert event.out_of_range_intervals == 3
 
 
 async def test_the_largest_reading_a_pt1h_site_accepts_is_balanced(

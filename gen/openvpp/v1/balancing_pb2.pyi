@@ -807,12 +807,17 @@ class WatchBalancesResponse(_message.Message):
     BALANCED_INTERVALS_FIELD_NUMBER: _builtins.int
     INCOMPLETE_INTERVALS_FIELD_NUMBER: _builtins.int
     COMMIT_TIME_FIELD_NUMBER: _builtins.int
+    OUT_OF_RANGE_INTERVALS_FIELD_NUMBER: _builtins.int
     site_id: _builtins.str
     balanced_intervals: _builtins.int
     """Counts of the whole re-balancing that committed this range (one commit may carry
     several ranges of the site, each its own message).
     """
     incomplete_intervals: _builtins.int
+    out_of_range_intervals: _builtins.int
+    """Of the incomplete intervals, those whose energy lies outside what balancing computes
+    exactly (as in RunBalancingResponse). 0 in events of a replica that predates the field.
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """The re-balanced range [start_time, end_time) that was just committed."""
@@ -832,10 +837,11 @@ class WatchBalancesResponse(_message.Message):
         balanced_intervals: _builtins.int = ...,
         incomplete_intervals: _builtins.int = ...,
         commit_time: _timestamp_pb2.Timestamp | None = ...,
+        out_of_range_intervals: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["commit_time", b"commit_time", "end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balanced_intervals", b"balanced_intervals", "commit_time", b"commit_time", "end_time", b"end_time", "incomplete_intervals", b"incomplete_intervals", "site_id", b"site_id", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balanced_intervals", b"balanced_intervals", "commit_time", b"commit_time", "end_time", b"end_time", "incomplete_intervals", b"incomplete_intervals", "out_of_range_intervals", b"out_of_range_intervals", "site_id", b"site_id", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
