@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import multiprocessing
 import sys
@@ -122,8 +123,8 @@ async def _receive(port: int, secret: str, ready: Any) -> None:
 
 
 # The raw client's event loops: asyncio's own, as a plain aiohttp script runs, and uvloop,
-# the loop the service itself serves on (``service.cli.run_event_loop``).
-RAW_LOOPS = ("asyncio", "uvloop")
+# the loop the service itself serves on where it is installed (``service.cli.run_event_loop``).
+RAW_LOOPS = ("asyncio", "uvloop") if importlib.util.find_spec("uvloop") else ("asyncio",)
 
 
 def raw_main(port: int, secret: str, count: int, concurrency: int, loop: str, results: Any) -> None:
