@@ -10,6 +10,7 @@ Power follows the registry's sign: positive = consumption, negative = production
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -224,9 +225,11 @@ def ineligibility(site: SiteEligibility | None) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(NamedTuple):
     """A controllable resource of an eligible site, with its power bounds."""
+
+    # A tuple rather than a frozen dataclass: one is made per resource of a dispatch
+    # (10,000 for 1,000 sites), several times faster.
 
     resource_id: UUID
     site_id: UUID
@@ -252,14 +255,21 @@ def _within(value: float, low: float, high: float) -> float:
     watt (narrower than one) get the watt nearest to their middle. The same value again
     gives itself, which is what ``outside_bounds`` relies on."""
     scale: int = 10**POWER_DECIMALS
-    # Rounded first: 2.0 kW is 2000.0000000000002 W in floating point, and holds 2000 W.
-    lowest = math.ceil(round(low * scale, 6))
-    highest = math.floor(round(high * scale, 6))
+    lowest, highest = _whole_watts_within(low, high)
     if lowest > highest:
         watts = round((low + high) / 2 * scale)
     else:
         watts = min(max(round(value * scale), lowest), highest)
     return watts / scale + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+@functools.lru_cache(maxsize=1024)
+def _whole_watts_within(low: float, high: float) -> tuple[int, int]:
+    """The lowest and highest whole watt within [low, high] kW. Cached: the resources of a
+    dispatch mostly share a few bound pairs, and each is asked once per setpoint."""
+    scale: int = 10**POWER_DECIMALS
+    # Rounded first: 2.0 kW is 2000.0000000000002 W in floating point, and holds 2000 W.
+    return math.ceil(round(low * scale, 6)), math.floor(round(high * scale, 6))
 
 
 def _headroom(candidate: Candidate, upwards: bool) -> float:

@@ -264,7 +264,7 @@ def plan(request: DispatchRequest, rows: Sequence[Mapping[str, Any]]) -> Planned
     ineligible_sites: set[UUID] = set()
     # Rows come site by site: judge each site once.
     judged: UUID | None = None
-    eligible = False
+    eligible = counted = False
     for row in rows:
         site_id = row["site_id"]
         if site_id != judged:
@@ -281,10 +281,14 @@ def plan(request: DispatchRequest, rows: Sequence[Mapping[str, Any]]) -> Planned
             )
             if not eligible:
                 ineligible_sites.add(site_id)
+            counted = False
         if not eligible or row["resource_id"] is None:
             continue
-        partner_of_site[site_id] = row["partner_org_id"]
-        eligible_sites.add(site_id)
+        if not counted:
+            # Once per site, at its first candidate: a site without one is not counted.
+            counted = True
+            partner_of_site[site_id] = row["partner_org_id"]
+            eligible_sites.add(site_id)
         candidates.append(
             Candidate(row["resource_id"], site_id, row["power_min_kw"], row["power_max_kw"])
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -34,6 +35,7 @@ from service.dispatch.domain import (
     unsendable,
     validate_request,
 )
+from service.dispatch.store import plan
 from service.registry.domain import ResourceType, SiteStatus
 from service.upstream.domain import UpstreamStatus
 
@@ -547,3 +549,38 @@ class TestSettling:
             cancellation_state=CancellationState.PENDING,
         )
         assert before_attempt(withdrawing, "site status paused", NOW) is None
+
+
+def test_plan_counts_each_site_once_and_only_sites_with_a_candidate() -> None:
+    partner = uuid.uuid4()
+    with_two, with_one, without_any, paused = (uuid.uuid4() for _ in range(4))
+    resources = [uuid.uuid4() for _ in range(4)]
+
+    def row(site: uuid.UUID, resource: uuid.UUID | None, **site_fields: object) -> dict[str, Any]:
+        return {
+            "site_id": site,
+            "partner_org_id": partner,
+            "status": "onboarded",
+            "paused": False,
+            "upstream_status": "contract_active",
+            "resource_id": resource,
+            "power_min_kw": None if resource is None else -1.0,
+            "power_max_kw": None if resource is None else 2.0,
+            **site_fields,
+        }
+
+    # Rows come site by site, as _CANDIDATES_SQL orders them.
+    rows = [
+        row(with_two, resources[0]),
+        row(with_two, resources[1]),
+        row(with_one, resources[2]),
+        row(without_any, None),
+        row(paused, resources[3], paused=True),
+    ]
+    request = DispatchRequest("plan", 3.0, NOW, NOW + timedelta(hours=1), DispatchType.EXACT)
+    planned = plan(request, rows)
+    assert [c.resource_id for c, _ in planned.allocation.setpoints] == resources[:3]
+    assert [power for _, power in planned.allocation.setpoints] == [1.0, 1.0, 1.0]
+    # An eligible site without a controllable resource is neither eligible nor not.
+    assert (planned.eligible_site_count, planned.ineligible_site_count) == (2, 1)
+    assert planned.partner_of_site == {with_two: partner, with_one: partner}
