@@ -264,10 +264,9 @@ def _keyed_hmac(secret: str) -> hmac.HMAC:
     return hmac.new(signing_key(secret), digestmod=hashlib.sha256)
 
 
-def signature_header(
-    delivery_id: str, timestamp: datetime, body: bytes, secrets: Sequence[str]
-) -> str:
-    """The ``webhook-signature`` value: one ``v1,<signature>`` per secret, space-separated.
+def signature_header(delivery_id: str, seconds: int, body: bytes, secrets: Sequence[str]) -> str:
+    """The ``webhook-signature`` value for unix time ``seconds``: one ``v1,<signature>`` per
+    secret, space-separated.
 
     The Standard Webhooks signature, base64 of HMAC-SHA256 over ``id.timestamp.body``, made
     with a copy of the secret's keyed ``hmac`` object rather than ``Webhook.sign`` (which
@@ -275,10 +274,6 @@ def signature_header(
     the time, once per delivery attempt.
     ``test_signature_header_is_what_standardwebhooks_signs`` checks them against the package.
     """
-    return _signature(delivery_id, int(timestamp.timestamp()), body, secrets)
-
-
-def _signature(delivery_id: str, seconds: int, body: bytes, secrets: Sequence[str]) -> str:
     signed = f"{delivery_id}.{seconds}.".encode() + body
     signatures = []
     for secret in secrets:
@@ -294,7 +289,7 @@ def signed_headers(delivery: Delivery, at: datetime) -> dict[str, str]:
     headers = {
         "webhook-id": delivery.delivery_id,
         "webhook-timestamp": str(seconds),
-        "webhook-signature": _signature(
+        "webhook-signature": signature_header(
             delivery.delivery_id, seconds, delivery.body, delivery.signing_secrets
         ),
         "content-type": "application/json",
