@@ -468,6 +468,10 @@ class OutboxDeliverer:
         self._abandoned: dict[UUID, bool] = {}
         self._renewer: asyncio.Task[None] | None = None
         self._lease_log = LogLimiter(60.0)
+        self._claim_batch = min(settings.claim_batch_size, settings.max_in_flight)
+        # Claim in batches: with the pipeline nearly full, wait for a quarter of it to free
+        # up rather than claiming a row or two per transaction.
+        self._claim_low_water = max(1, self._claim_batch // 4)
         self._slot_freed = asyncio.Event()
         self._finished: list[Finished] = []
         self._finished_ready = asyncio.Event()
@@ -540,11 +544,8 @@ class OutboxDeliverer:
         there may be more due right now."""
         if not self._started:
             await self.start()
-        batch = min(self._settings.claim_batch_size, self._settings.max_in_flight)
-        # Claim in batches: with the pipeline nearly full, wait for a quarter of it to free
-        # up rather than claiming a row or two per transaction.
-        low_water = max(1, batch // 4)
-        while self._settings.max_in_flight - self._unfinished < low_water:
+        batch = self._claim_batch
+        while self._settings.max_in_flight - self._unfinished < self._claim_low_water:
             self._slot_freed.clear()
             await self._slot_freed.wait()
         capacity = self._settings.max_in_flight - self._unfinished
@@ -606,7 +607,10 @@ class OutboxDeliverer:
 
     def _finish_one(self) -> None:
         self._unfinished -= 1
-        self._slot_freed.set()
+        # Only once a claim is worth making: woken at every finished setpoint, the waiting
+        # step would run (and wait again) once per delivery.
+        if self._settings.max_in_flight - self._unfinished >= self._claim_low_water:
+            self._slot_freed.set()
 
     def _let_go(self, setpoint_id: UUID) -> None:
         """Finishes a claimed setpoint here without an attempt to record."""
