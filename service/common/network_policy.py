@@ -22,6 +22,12 @@ and make the service call the cloud metadata endpoint or an internal host. So:
 Registration (``webhook_url_violation``) can only judge literal addresses: a name may resolve
 anywhere and change later. Delivery therefore resolves every name itself and checks every
 resolved address with ``address_refused`` before connecting (see ``service/dispatch/delivery.py``).
+
+Both judge the host as the HTTP client will connect to it (``webhook_target``): parsed by
+yarl, as aiohttp parses it, not by ``urllib``. The two differ on hosts that are not ASCII:
+``urllib`` leaves ``１２７.０.０.１`` (full-width digits), ``127。0。0。1`` or circled digits as
+they are, which no address check recognises, while yarl's IDNA encoding turns them into
+``127.0.0.1``, which aiohttp then connects to without asking any resolver.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from urllib.parse import urlsplit
+from typing import NamedTuple
+
+from yarl import URL
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -50,6 +58,8 @@ CLOUD_METADATA_ADDRESSES: frozenset[IPAddress] = frozenset(
 
 _SHARED_CGNAT = ipaddress.ip_network("100.64.0.0/10")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# RFC 8215's local-use translation prefix: Python 3.11 counts it as global.
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 _SITE_LOCAL = ipaddress.ip_network("fec0::/10")
 _UNIQUE_LOCAL = ipaddress.ip_network("fc00::/7")
@@ -60,12 +70,21 @@ def reachable_address(ip: IPAddress) -> IPAddress:
     """The address a connection to ``ip`` really reaches: the IPv4 one an IPv6 form embeds."""
     if isinstance(ip, ipaddress.IPv4Address):
         return ip
+    if ip.scope_id is not None:
+        # A zone id does not change where an address leads, but it takes part in equality:
+        # fd00:ec2::254%eth0 is in no set of plain addresses.
+        ip = ipaddress.IPv6Address(int(ip))
     if ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     if ip.sixtofour is not None:
         return ip.sixtofour
     if ip in _NAT64 or (ip in _IPV4_COMPATIBLE and int(ip) > 1):
         return ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)
+    if ip in _LOCAL_NAT64:
+        # RFC 6052's layout for a /48 prefix: the IPv4 address's first half in bits 48-63,
+        # its second half in bits 72-87 (bits 64-71 are the zero "u" octet).
+        value = int(ip)
+        return ipaddress.IPv4Address((value >> 64 & 0xFFFF) << 16 | (value >> 40 & 0xFFFF))
     return ip
 
 
@@ -136,20 +155,41 @@ def legacy_ipv4(host: str) -> ipaddress.IPv4Address | None:
         return None
 
 
+class WebhookTarget(NamedTuple):
+    """Where a webhook URL leads, as the HTTP client reads it."""
+
+    # Parsed once: delivery sends to this object, so that what was judged is what is used.
+    url: URL
+    scheme: str
+    # Lowercase and IDNA-encoded (ASCII): the name resolved, or the address connected to.
+    host: str
+    port: int
+
+
+def webhook_target(url: str) -> WebhookTarget | None:
+    """``url`` parsed as aiohttp parses it (yarl), or None when it is not an absolute
+    http(s) URL with a host and a valid port. See the module's docstring for why not urllib."""
+    try:
+        parsed = URL(url)
+        host = parsed.raw_host
+        port = parsed.port
+    except ValueError:  # a malformed port, or a host IDNA cannot encode
+        return None
+    if not host or parsed.scheme not in ("http", "https") or port is None:
+        return None
+    return WebhookTarget(parsed, parsed.scheme, host.lower(), port)
+
+
 def webhook_url_violation(url: str, *, allow_private_networks: bool) -> str | None:
     """The rule ``url`` breaks as a webhook target (a field violation's text), or None.
 
     Checks the scheme, the host, and a literal address or ``localhost`` host; a host name is
     judged again at delivery, after DNS resolution.
     """
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        _ = parts.port  # raises on a malformed port
-    except ValueError:
-        host = None
-    if host is None or parts.scheme not in {"http", "https"}:
+    target = webhook_target(url)
+    if target is None:
         return "must be an absolute http:// or https:// URL with a host"
+    host = target.host
     if legacy_ipv4(host) is not None:
         return LEGACY_IPV4_RULE
     ip = literal_address(host)

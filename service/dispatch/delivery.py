@@ -63,15 +63,21 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from functools import lru_cache
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
+from yarl import URL
 
 from service.auth.signing import signing_key
 from service.common.clock import Clock
-from service.common.network_policy import legacy_ipv4, literal_address, refusal_reason
+from service.common.network_policy import (
+    WebhookTarget,
+    legacy_ipv4,
+    literal_address,
+    refusal_reason,
+    webhook_target,
+)
 from service.config import Settings, refuse_broken_values
 from service.dispatch.breaker import CircuitBreakers, Permit
 
@@ -191,7 +197,8 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     text = value.strip()
     if not text:
         return None
-    if text.isdigit():
+    # isdigit() alone admits other scripts' digits ("²", "٣"), which float() refuses.
+    if text.isascii() and text.isdigit():
         seconds = float(text)
     else:
         try:
@@ -228,33 +235,36 @@ def retry_delay_seconds(
     return delay
 
 
-def endpoint_key(url: str) -> str:
+def endpoint_key(target: WebhookTarget) -> str:
     """scheme://host:port of a URL: the unit of the breaker and the per-host limit."""
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
+    return f"{target.scheme}://{target.host}:{target.port}"
+
+
+class _Judged(NamedTuple):
+    # "" when refused.
+    endpoint: str
+    # Why the URL is refused before any lookup, or None.
+    refused: str | None
+    # What the request is sent to: the URL as judged (None when refused).
+    target: URL | None
 
 
 @lru_cache(maxsize=4096)
-def _judge_url(url: str, allow_private_networks: bool) -> tuple[str, str | None]:
-    """(endpoint key, why the URL is refused before any lookup or None); one parse per URL."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        _ = parts.port
-    except ValueError:
-        host = None
-    if not host or parts.scheme not in ("http", "https"):
-        return "", "not an http(s) URL with a host"
+def _judge_url(url: str, allow_private_networks: bool) -> _Judged:
+    """The URL judged by the address rule, parsed once (cached per URL)."""
+    target = webhook_target(url)
+    if target is None:
+        return _Judged("", "not an http(s) URL with a host", None)
+    host = target.host
     legacy = legacy_ipv4(host)
     if legacy is not None:
-        return "", f"legacy numeric IPv4 form {host} (of {legacy})"
+        return _Judged("", f"legacy numeric IPv4 form {host} (of {legacy})", None)
     literal = literal_address(host)
     if literal is not None:
         reason = refusal_reason(literal, allow_private_networks=allow_private_networks)
         if reason is not None:
-            return "", f"{reason} address {literal}"
-    return endpoint_key(url), None
+            return _Judged("", f"{reason} address {literal}", None)
+    return _Judged(endpoint_key(target), None, target.url)
 
 
 @lru_cache(maxsize=4096)
@@ -442,7 +452,7 @@ class WebhookSender:
     def endpoint(self, url: str) -> str:
         """The endpoint key (scheme://host:port) a URL's sends share limits and breaker
         under; "" for a URL refused before any lookup."""
-        return _judge_url(url, self._settings.allow_private_networks)[0]
+        return _judge_url(url, self._settings.allow_private_networks).endpoint
 
     async def send(self, delivery: Delivery) -> AttemptOutcome:
         """One attempt. Never raises for anything a receiver (or its DNS) does."""
@@ -460,8 +470,9 @@ class WebhookSender:
         session = self._session
         if session is None:
             raise RuntimeError("WebhookSender.start() was not called")
-        key, refused = _judge_url(delivery.url, self._settings.allow_private_networks)
-        if refused is not None:
+        key, refused, target = _judge_url(delivery.url, self._settings.allow_private_networks)
+        if target is None:
+            assert refused is not None
             return _outcome(OutcomeKind.REFUSED, error=refused)
         if self.breakers.reject_now(key):
             return self._circuit_open(key)
@@ -475,7 +486,7 @@ class WebhookSender:
             if permit is None:
                 return self._circuit_open(key)
             try:
-                outcome = await self._post(session, delivery)
+                outcome = await self._post(session, delivery, target)
             except BaseException:
                 permit.release()
                 raise
@@ -495,7 +506,9 @@ class WebhookSender:
             attempted_at=self._clock.now(),
         )
 
-    async def _post(self, session: aiohttp.ClientSession, delivery: Delivery) -> AttemptOutcome:
+    async def _post(
+        self, session: aiohttp.ClientSession, delivery: Delivery, target: URL
+    ) -> AttemptOutcome:
         at = self._clock.now()
         headers = signed_headers(delivery, at)
         started = time.perf_counter()
@@ -504,8 +517,9 @@ class WebhookSender:
             return (time.perf_counter() - started) * 1000.0
 
         try:
+            # The URL object the address rule judged: aiohttp connects to its host as it is.
             async with session.post(
-                delivery.url, data=delivery.body, headers=headers, allow_redirects=False
+                target, data=delivery.body, headers=headers, allow_redirects=False
             ) as response:
                 await _drain(response)
                 status = response.status

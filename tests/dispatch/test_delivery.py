@@ -144,6 +144,18 @@ async def test_retry_after_in_seconds_and_as_http_date(
     assert huge.retry_after_seconds == 86400.0
 
 
+@pytest.mark.parametrize("status", [429, 503])
+async def test_a_retry_after_in_another_script_s_digits_is_ignored(
+    sender: WebhookSender, receiver: Receiver, status: int
+) -> None:
+    # str.isdigit() says yes to "²", float() does not: the answer is still the receiver's.
+    outcome = await sender.send(delivery(receiver.url(f"/status/{status}?retry_after=²")))
+    assert outcome.kind is OutcomeKind.RETRYABLE
+    assert outcome.http_status == status
+    assert outcome.error == f"HTTP {status}"
+    assert outcome.retry_after_seconds is None
+
+
 async def test_retry_after_of_other_statuses_is_ignored(
     sender: WebhookSender, receiver: Receiver
 ) -> None:
@@ -427,6 +439,34 @@ async def test_legacy_numeric_forms_and_trailing_dots_are_refused(
             OutcomeKind.REFUSED
         )
     assert receiver.requests == []
+
+
+@pytest.mark.parametrize("host", ["１２７.０.０.１", "127。0。0。1", "①②⑦.0.0.1"])
+async def test_an_address_in_other_digits_is_judged_as_the_address_connected_to(
+    receiver: Receiver, clock: ManualClock, host: str
+) -> None:
+    # The HTTP client's URL parser (yarl) turns these into 127.0.0.1 and connects there
+    # without a lookup: the rule must judge that address, not the text.
+    url = f"http://{host}:{receiver.port}/hook"
+    async with WebhookSender(replace(LOCAL, allow_private_networks=False), clock) as strict:
+        refused = await strict.send(delivery(url))
+    assert refused.kind is OutcomeKind.REFUSED
+    assert refused.error == "loopback address 127.0.0.1"
+    assert receiver.requests == []
+    async with WebhookSender(LOCAL, clock) as lenient:
+        assert (await lenient.send(delivery(url))).kind is OutcomeKind.ACCEPTED
+    assert len(receiver.requests) == 1
+
+
+async def test_metadata_in_other_digits_or_with_a_zone_id_is_refused_always(
+    sender: WebhookSender,
+) -> None:
+    circled = await sender.send(delivery("http://①⑥⑨.②⑤④.①⑥⑨.②⑤④/latest/meta-data/"))
+    zoned = await sender.send(delivery("http://[fd00:ec2::254%25eth0]/latest/meta-data/"))
+    assert circled.kind is zoned.kind is OutcomeKind.REFUSED
+    assert circled.error == "cloud metadata address 169.254.169.254"
+    assert zoned.error is not None
+    assert zoned.error.startswith("cloud metadata address fd00:ec2::254")
 
 
 async def test_not_an_http_url_is_refused(sender: WebhookSender) -> None:

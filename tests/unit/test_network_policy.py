@@ -31,13 +31,24 @@ NON_PUBLIC = [
     ("::ffff:10.1.1.1", "private"),
     ("2002:c0a8:0101::1", "private"),  # 6to4 of 192.168.1.1
     ("64:ff9b::7f00:1", "loopback"),  # NAT64 of 127.0.0.1
+    ("64:ff9b:1:7f00:0:100::", "loopback"),  # local-use NAT64 (RFC 8215) of 127.0.0.1
+    ("fe80::1%eth0", "link-local"),
 ]
-METADATA = ["169.254.169.254", "fd00:ec2::254", "100.100.100.200", "::ffff:169.254.169.254"]
+METADATA = [
+    "169.254.169.254",
+    "fd00:ec2::254",
+    "100.100.100.200",
+    "::ffff:169.254.169.254",
+    # A zone id takes part in an address's equality, not in where it leads.
+    "fd00:ec2::254%eth0",
+    "64:ff9b:1:a9fe:a9:fe00::",  # local-use NAT64 of 169.254.169.254
+]
 PUBLIC = ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "::ffff:93.184.216.34"]
 
 
 def host(address: str) -> str:
-    return f"[{address}]" if ":" in address else address
+    # A zone id's "%" is written %25 in a URL (RFC 6874).
+    return f"[{address.replace('%', '%25')}]" if ":" in address else address
 
 
 @pytest.mark.parametrize(("address", "kind"), NON_PUBLIC)
@@ -108,6 +119,30 @@ def test_legacy_numeric_ipv4_forms_are_refused_always(host: str) -> None:
 @pytest.mark.parametrize("host", ["cafe.example", "deadbeef.be", "0x.example", "a1.b2"])
 def test_hex_looking_names_are_names(host: str) -> None:
     assert webhook_url_violation(f"http://{host}/", allow_private_networks=False) is None
+
+
+@pytest.mark.parametrize(
+    ("written", "rule"),
+    [
+        ("１２７.０.０.１", "must not be a loopback address unless"),  # full-width digits
+        ("127。0。0。1", "must not be a loopback address unless"),  # ideographic full stops
+        ("①⑥⑨.②⑤④.①⑥⑨.②⑤④", "must not be a cloud metadata address"),  # circled digits
+        ("①②⑦.①", "must write an IPv4 address as four decimal numbers"),
+    ],
+)
+def test_an_address_in_other_digits_is_judged_as_the_address_it_becomes(
+    written: str, rule: str
+) -> None:
+    # The HTTP client's URL parser (yarl) encodes these hosts to 127.0.0.1, 169.254.169.254
+    # and 127.1, and connects there without a lookup.
+    violation = webhook_url_violation(f"http://{written}:8080/hook", allow_private_networks=False)
+    assert violation is not None
+    assert violation.startswith(rule)
+
+
+def test_an_international_name_is_a_name() -> None:
+    url = "https://bücher.example/hook"
+    assert webhook_url_violation(url, allow_private_networks=False) is None
 
 
 def test_a_trailing_dot_does_not_hide_an_address() -> None:
