@@ -20,9 +20,12 @@ something to deliver (the setpoint, or the cancellation of an ACCEPTED one). A w
    ``OPENVPP_DISPATCH_RECHECK_AFTER_SECONDS`` since its last check is checked again once
    it holds them, right before it is sent (cancellation, eligibility, window; under lock,
    in one transaction for the queue's stale head), and one whose lease was lost meanwhile
-   is not sent at all. Nor is one whose lease was last renewed a whole lease ago (this
-   worker cannot reach the database, others may): another worker may own it by now. It is
-   handed back to the outbox once the database answers again;
+   is not sent at all. Nor is one whose lease was last renewed so long ago that it may
+   lapse before the request could end (a lease less one request timeout, or half a lease
+   when the lease is shorter than two; this worker cannot reach the database, others may):
+   another worker may own it by then. It is handed back to the outbox once the database
+   answers again. Whatever a worker still has of a claim whose lease may have lapsed, its
+   own claims do not take that setpoint again until that is settled;
 3. **records** finished attempts in batches, one transaction per batch: each row is
    re-read under lock (a CancelDispatch during the attempt is seen), its attempt stored, its
    next state set by :func:`service.dispatch.domain.after_attempt`, and only while this
@@ -113,6 +116,11 @@ WITH due AS (
       -- Never what this worker holds itself, even with its lease lapsed (renewals failed
       -- while the database was away): it is queued or in flight here, and would go twice.
       AND sp.lease_owner IS DISTINCT FROM $3
+      -- Nor what it still has anything of from a claim whose lease may have lapsed since
+      -- (queued, in flight, unrecorded, let go and not handed back): another worker may
+      -- have taken such a row and let it go again, and a new claim here would run beside
+      -- what the old one left (see OutboxDeliverer._maybe_taken_over).
+      AND NOT (sp.id = ANY ($5::uuid[]))
     ORDER BY sp.next_attempt_at
     LIMIT $2
     FOR UPDATE OF sp SKIP LOCKED
@@ -468,6 +476,12 @@ class OutboxDeliverer:
         self._abandoned: dict[UUID, bool] = {}
         self._renewer: asyncio.Task[None] | None = None
         self._lease_log = LogLimiter(60.0)
+        # A request may take up to its timeout: begun later than this after its lease was
+        # last set, it could still be under way when the lease lapses and another worker
+        # sends the same setpoint (with a lease too short for that, half of it is kept).
+        self._send_before_lease_age = settings.lease_seconds - min(
+            delivery_settings.timeout_seconds, settings.lease_seconds / 2
+        )
         self._claim_batch = min(settings.claim_batch_size, settings.max_in_flight)
         # Claim in batches: with the pipeline nearly full, wait for a quarter of it to free
         # up rather than claiming a row or two per transaction.
@@ -555,7 +569,7 @@ class OutboxDeliverer:
         # Before the claim's transaction begins, so the lease it writes lasts at least as
         # long from here.
         leased_at = time.monotonic()
-        claimed, claimed_count = await self._claim(limit)
+        claimed, claimed_count = await self._claim(limit, self._maybe_taken_over(leased_at))
         for item in claimed:
             self._held[item.setpoint_id] = leased_at
             if item.row.unrecorded_claim:
@@ -605,6 +619,16 @@ class OutboxDeliverer:
                 if not queue:
                     del self._queues[endpoint]
 
+    def _maybe_taken_over(self, now: float) -> list[UUID]:
+        """Setpoints this worker still has state of whose leases may have lapsed: let go
+        unsent and not yet handed back, or held (queued, in flight, finished unrecorded)
+        with no renewal for half a lease (a renewal every third of one failed or skipped
+        them). Normally none."""
+        horizon = now - self._settings.lease_seconds / 2
+        stale = [setpoint_id for setpoint_id, last_set in self._held.items() if last_set <= horizon]
+        stale.extend(self._abandoned)
+        return stale
+
     def _finish_one(self) -> None:
         self._unfinished -= 1
         # Only once a claim is worth making: woken at every finished setpoint, the waiting
@@ -619,15 +643,16 @@ class OutboxDeliverer:
         self._finish_one()
 
     def _abandon_if_lapsed(self, item: Claimed) -> bool:
-        """True, and ``item`` let go unsent, when its lease may have lapsed.
+        """True, and ``item`` let go unsent, when its lease may have lapsed, or may lapse
+        before its request could end (``_send_before_lease_age``).
 
-        Renewals failed for a whole lease (this worker cannot reach the database, other
-        replicas may): another worker may own the setpoint by now, which the re-check cannot
+        Renewals failed for most of a lease (this worker cannot reach the database, other
+        replicas may): another worker may own the setpoint by then, which the re-check cannot
         tell with the database away. Handed back by :meth:`_release_abandoned`."""
         setpoint_id = item.setpoint_id
         # Every setpoint being sent is held: one that is not counts as lapsed.
         last_set = self._held.get(setpoint_id, -math.inf)
-        if time.monotonic() - last_set < self._settings.lease_seconds:
+        if time.monotonic() - last_set < self._send_before_lease_age:
             return False
         dropped = self._lease_log.admit("lapsed")
         if dropped is not None:
@@ -695,11 +720,11 @@ class OutboxDeliverer:
         self._start_lanes(endpoint, queue, len(behind))
         return checked if first.setpoint_id in keep else None
 
-    async def _claim(self, limit: int) -> tuple[list[Claimed], int]:
+    async def _claim(self, limit: int, excluded: list[UUID]) -> tuple[list[Claimed], int]:
         now = self._clock.now()
         lease = timedelta(seconds=self._settings.lease_seconds)
         async with self._pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(_CLAIM_SQL, now, limit, self.owner, lease)
+            rows = await conn.fetch(_CLAIM_SQL, now, limit, self.owner, lease, excluded)
             if not rows:
                 return [], 0
             settled: list[tuple[UUID, Settled, bool]] = []

@@ -22,7 +22,10 @@ from openvpp.v1 import site_registry_pb2 as site_pb
 from openvpp.v1 import upstream_registry_pb2 as up_pb
 
 from service.auth.principal import Role
-from service.common.clock import ManualClock
+from service.auth.store import IdentityStore
+from service.common.clock import SYSTEM_CLOCK, ManualClock
+from service.dispatch.delivery import DeliverySettings
+from service.dispatch.outbox import OutboxDeliverer, OutboxSettings
 from service.dispatch.store import CHANGES_PER_NOTIFICATION
 from tests.conftest import Org
 from tests.dispatch.conftest import UPSTREAM_CASES, Cluster, Flow, Replica
@@ -716,6 +719,85 @@ async def test_setpoints_let_go_while_their_leases_may_have_lapsed_are_sent_late
     assert sorted(scene.receiver.answered.values()) == [1, 1, 1]
     # Never sent before being let go: released clean, no attempt counted beyond the one.
     assert all(len(s.attempts) == 1 for s in settled)
+
+
+async def test_a_setpoint_let_go_too_close_to_its_lease_s_end_is_not_sent_then(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Leases of 8 s, requests of up to 6 s (the timeout): a request may begin at most 4 s
+    # (half the lease, as it is shorter than two timeouts) after its lease was last set. The
+    # queued setpoints' renewals are held off for 4.5 s: within the lease, but a request
+    # begun then could outlast it and overlap another worker's send of the same setpoint.
+    # So they are let go unsent, and sent later, once each.
+    lengths = {"dispatch_lease_seconds": 8.0, "dispatch_timeout_seconds": 6.0}
+    async with held_first(cluster, sites=1, resources=3, **lengths) as scene:
+        queued = [
+            uuid.UUID(s.id)
+            for s in await scene.flow.setpoints(scene.operator, scene.dispatch.id)
+            if s.id != scene.first.body["setpoint_id"]
+        ]
+        async with scene.replica.pool.acquire() as holder, holder.transaction():
+            await holder.execute(
+                "SELECT 1 FROM setpoints WHERE id = ANY($1::uuid[]) FOR UPDATE", queued
+            )
+            await asyncio.sleep(4.5)
+            scene.answer.release.set()
+            await wait_until_blocked(holder, 1)
+        settled = await scene.flow.settle(scene.operator, scene.dispatch.id, within=15)
+    assert any("not sending setpoint" in record.getMessage() for record in caplog.records)
+    assert {s.state for s in settled} == {ACCEPTED}
+    assert sorted(scene.receiver.answered.values()) == [1, 1, 1]
+    assert all(len(s.attempts) == 1 for s in settled)
+
+
+@pytest.mark.parametrize("left", ["let go unsent", "held, its renewals failing"])
+async def test_a_worker_does_not_claim_again_what_it_still_has_of_a_lapsed_claim(
+    cluster: Cluster, left: str
+) -> None:
+    # A worker's lease on a setpoint lapsed (it lost the database); another worker took the
+    # setpoint over and let it go again, due. Until the first worker has settled what it
+    # still has of its old claim (a hand-back of what it let go, the record of what it
+    # held), its claims leave the setpoint alone: a hand-back would otherwise clear its new
+    # lease, and the old state act on the new claim.
+    api = await cluster.replica(dispatch_delivery_enabled=False)
+    flow = Flow(api)
+    operator, partner, supplier = await flow.parties()
+    async with running_receiver() as receiver:
+        receiver.trust(await flow.secret(partner))
+        await flow.site(partner, supplier, receiver.url())
+        dispatch = (await flow.dispatch(operator)).dispatch
+        (setpoint,) = await flow.setpoints(operator, dispatch.id)
+        setpoint_id = uuid.UUID(setpoint.id)
+        settings = api.service.settings
+        deliverer = OutboxDeliverer(
+            api.pool,
+            IdentityStore(api.pool),
+            SYSTEM_CLOCK,
+            OutboxSettings.from_settings(settings),
+            DeliverySettings.from_settings(settings),
+        )
+        try:
+            if left == "let go unsent":
+                deliverer._abandoned[setpoint_id] = False
+            else:
+                deliverer._held[setpoint_id] = time.monotonic() - settings.dispatch_lease_seconds
+            await deliverer.step()
+            owner = await api.pool.fetchval(
+                "SELECT lease_owner FROM setpoints WHERE id = $1", setpoint_id
+            )
+            assert owner is None
+            assert deliverer.in_flight == 0
+            if left == "let go unsent":
+                await deliverer._release_abandoned()
+            else:
+                del deliverer._held[setpoint_id]  # its attempt recorded
+            await deliverer.step()
+            await receiver.wait_for(1)
+            settled = await flow.settle(operator, dispatch.id)
+        finally:
+            await deliverer.stop()
+    assert [s.state for s in settled] == [ACCEPTED]
+    assert receiver.answered == {str(setpoint_id): 1}
 
 
 async def test_a_replica_whose_clock_runs_ahead_does_not_take_live_leases(
