@@ -183,10 +183,14 @@ WHERE s.id = ANY ($1::uuid[]) AND s.id = c.id
 # attempt is unrecorded keeps naming an owner (a fresh id, no worker's) with its lease
 # expired: the next claim, by any worker, then counts that attempt.
 _HAND_BACK_SQL = """
-UPDATE setpoints SET
-    lease_owner = CASE WHEN id = ANY ($3::uuid[]) THEN gen_random_uuid() END,
-    lease_expires_at = CASE WHEN id = ANY ($3::uuid[]) THEN now() END
-WHERE id = ANY ($1::uuid[]) AND lease_owner = $2
+UPDATE setpoints s SET
+    lease_owner = CASE WHEN s.id = ANY ($3::uuid[]) THEN gen_random_uuid() END,
+    lease_expires_at = CASE WHEN s.id = ANY ($3::uuid[]) THEN now() END
+-- Locked in id order, as CancelDispatch and the record lock a dispatch's rows: in the
+-- order of a scan, a hand-back beside a CancelDispatch of the same dispatch could deadlock.
+FROM (SELECT id FROM setpoints WHERE id = ANY ($1::uuid[]) AND lease_owner = $2
+      ORDER BY id FOR UPDATE) held
+WHERE s.id = held.id
 """
 
 _ATTEMPTS_SQL = """
