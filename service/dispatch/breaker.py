@@ -93,7 +93,13 @@ class CircuitBreakers:
         self._endpoints.pop(key, None)
 
     def _failed(self, key: str, probe: bool) -> None:
-        endpoint = self._endpoints.setdefault(key, _Endpoint())
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            # Closed: by no failure yet, or by a request admitted while closed that
+            # succeeded while this probe was out. Either way a first failure, not a failed
+            # probe: the circuit opens only at the threshold.
+            endpoint = self._endpoints[key] = _Endpoint()
+            probe = False
         endpoint.failures += 1
         if probe:
             endpoint.probing = False

@@ -72,3 +72,26 @@ def test_endpoints_are_independent_and_forgotten_when_healthy() -> None:
     other_again.succeeded()
     assert breakers.state(KEY) is BreakerState.OPEN
     assert len(breakers._endpoints) == 1  # only the failing endpoint is kept
+
+
+def test_a_probe_failing_after_another_request_closed_the_circuit_is_a_first_failure() -> None:
+    clock = ManualClock(datetime(2026, 1, 1, tzinfo=UTC))
+    breakers = CircuitBreakers(failure_threshold=2, reset_seconds=30, clock=clock)
+    admitted_while_closed = breakers.try_acquire(KEY)
+    assert admitted_while_closed is not None
+    for _ in range(2):
+        permit = breakers.try_acquire(KEY)
+        assert permit is not None
+        permit.failed()
+    clock.advance(timedelta(seconds=30))
+    probe = breakers.try_acquire(KEY)
+    assert probe is not None
+    assert probe.probe
+    admitted_while_closed.succeeded()  # the endpoint answers: closed
+    assert breakers.state(KEY) is BreakerState.CLOSED
+    probe.failed()
+    assert breakers.state(KEY) is BreakerState.CLOSED  # one failure, threshold 2
+    again = breakers.try_acquire(KEY)
+    assert again is not None
+    again.failed()
+    assert breakers.state(KEY) is BreakerState.OPEN
