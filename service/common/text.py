@@ -3,11 +3,14 @@
 PostgreSQL ``text`` (and ``jsonb``, which carries our NOTIFY payloads) cannot hold U+0000;
 every other character of a decoded protobuf string is storable (protobuf already refuses
 invalid UTF-8, so there are no lone surrogates). Lengths are bounded so that no field can
-carry megabytes into a row, an index or a log line.
+carry megabytes into a row, an index or a log line, and free text holds no control
+characters but tab, line feed and carriage return, so that a row's change event stays
+within PostgreSQL's NOTIFY limit.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from service.common.errors import ViolationCollector
@@ -36,6 +39,14 @@ DEFAULT_MAX_TEXT_LENGTH = 4096
 UNREAD_LENGTH = DEFAULT_MAX_TEXT_LENGTH
 
 NUL_RULE = "must not contain NUL characters (U+0000)"
+CONTROL_RULE = (
+    "must not contain control characters (U+0001 to U+001F other than tab, line feed and"
+    " carriage return)"
+)
+# No name, id or address holds these, and JSON (the rows in our NOTIFY payloads) writes each
+# as six bytes: a site's few hundred characters of them would take its change event past
+# PostgreSQL's 8,000-byte limit, which no 4-byte character at the longest lengths reaches.
+_CONTROL = re.compile(r"[\x01-\x08\x0b\x0c\x0e-\x1f]")
 
 
 def text_rule(value: str, max_length: int) -> str | None:
@@ -44,6 +55,8 @@ def text_rule(value: str, max_length: int) -> str | None:
         return f"must be at most {max_length} characters"
     if "\x00" in value:
         return NUL_RULE
+    if _CONTROL.search(value):
+        return CONTROL_RULE
     return None
 
 

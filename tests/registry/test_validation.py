@@ -238,6 +238,34 @@ async def test_largest_site_fits_its_change_event(registry: Stub, partner: Org) 
     assert site.name == wide * 200
 
 
+async def test_control_characters_are_refused_in_free_text_but_tabs_and_new_lines_kept(
+    registry: Stub, partner: Org
+) -> None:
+    # JSON writes each such character as six bytes: 200 of them in the name and id and 1,000
+    # in the address took the site's change event past PostgreSQL's 8,000-byte NOTIFY limit
+    # (the call then failed as INTERNAL, with a stack trace in the log).
+    request = site_request("Z" * 64, name="\x01" * 200, external_id="a\x1fb")
+    request.location.address = "\x7f\x1b" * 500
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await registry.CreateSite(request, metadata=partner.auth)
+    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    rule = (
+        "must not contain control characters (U+0001 to U+001F other than tab, line feed"
+        " and carriage return)"
+    )
+    assert field_violations(raised.value) == {
+        "name": rule,
+        "external_id": rule,
+        "location.address": rule,
+    }
+    listed = await registry.ListSites(pb.ListSitesRequest(), metadata=partner.auth)
+    assert list(listed.sites) == []
+    kept = site_request("Z" * 64, name="Dok\tNoord")
+    kept.location.address = "Dokweg 1\r\n1234 AB Noord\n" * 40
+    site = (await registry.CreateSite(kept, metadata=partner.auth)).site
+    assert site.location.address == kept.location.address.strip()  # trimmed, as ever
+
+
 # --- resource rules -------------------------------------------------------------------------
 
 RESOURCE_RULES: list[tuple[str, int, dict[str, Any], dict[str, Any]]] = [
