@@ -286,7 +286,10 @@ def check_register_group(
     stored (epoch µs, value) around them, in any order. A candidate at a stored timestamp
     replaces that value. Walking in time order, a candidate lower than the highest earlier
     value (stored or accepted candidate) or higher than the next later stored value is
-    rejected; the values already there stand.
+    rejected; the values already there stand, including the one a rejected candidate would
+    have replaced. A candidate whose acceptance hinged on replacing a stored value that then
+    stands may be rejected with it: the register never goes backwards, at the price of a
+    retry in such a batch.
     """
     if len(stored) <= 1:
         # The common append: at most the register before the batch is stored.
@@ -303,9 +306,32 @@ def check_register_group(
             floor is None or (floor[0] < candidates[0][0] and floor[1] <= candidates[0][1])
         ):
             return []
-    replaced = {ts for ts, _ in candidates}
+    stored_at = {ts for ts, _ in stored}
+    # Candidates whose stored value stands: a rejected candidate at a stored timestamp does
+    # not replace it, so that value still bounds every other candidate. Found by rejection,
+    # then the walk is made again with them left out, until no new one is found (each pass
+    # only adds to them; one pass when no such candidate is rejected).
+    standing: set[int] = set()
+    while True:
+        rejected = _register_walk(candidates, stored, standing)
+        found = {p for p in rejected if candidates[p][0] in stored_at} - standing
+        if not found:
+            return sorted(standing.union(rejected))
+        standing |= found
+
+
+def _register_walk(
+    candidates: Sequence[tuple[int, float]],
+    stored: Sequence[tuple[int, float]],
+    standing: set[int],
+) -> list[int]:
+    """One walk in time order over the candidates but ``standing`` (which replace nothing):
+    the positions rejected against the stored values they do not replace."""
+    replaced = {ts for position, (ts, _) in enumerate(candidates) if position not in standing}
     kept = sorted((ts, value) for ts, value in stored if ts not in replaced)
-    order = sorted(range(len(candidates)), key=lambda i: candidates[i][0])
+    order = sorted(
+        (i for i in range(len(candidates)) if i not in standing), key=lambda i: candidates[i][0]
+    )
     rejected: list[int] = []
     highest = -_INF
     cursor = 0
@@ -325,4 +351,4 @@ def check_register_group(
             rejected.append(position)
         else:
             highest = value
-    return sorted(rejected)
+    return rejected

@@ -131,6 +131,22 @@ async def test_register_decrease_against_stored_neighbours(setup: Setup) -> None
     assert ack.accepted_count == 1
 
 
+async def test_a_refused_correction_s_stored_value_still_bounds_the_batch(setup: Setup) -> None:
+    meter = await setup.meter()
+    await setup.ingest([register(meter, quarter(0), 100.0), register(meter, quarter(1), 200.0)])
+    ack = await setup.ingest(
+        [
+            register(meter, quarter(1), 50.0),  # a correction below the 100 before it
+            register(meter, quarter(2), 150.0),  # below the stored 200 that stands
+        ]
+    )
+    assert reasons(ack) == {
+        0: R.REJECT_REASON_REGISTER_DECREASED,
+        1: R.REJECT_REASON_REGISTER_DECREASED,
+    }
+    assert ack.accepted_count == 0
+
+
 async def test_concurrent_batches_of_one_meter_are_checked_against_each_other(
     setup: Setup, service: Service
 ) -> None:

@@ -8,6 +8,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openvpp.v1 import telemetry_pb2 as tpb
 
 from service.grid import PT1H, PT15M, SiteType
@@ -150,6 +152,38 @@ def test_register_group_against_stored_neighbours() -> None:
     assert check_register_group(candidates, stored) == [1, 2, 4]
     previous = RegisterPoint(datetime.fromtimestamp(10, UTC), 100.0)
     assert find_register_decreases(previous, None, RegisterPoint(previous.timestamp, 99.0))
+
+
+def test_a_rejected_correction_leaves_its_stored_value_to_bound_the_others() -> None:
+    # Stored 100 and 200; the batch corrects 200 down to 50 (refused) and adds 150 after it:
+    # with the stored 200 standing, 150 would take the register backwards.
+    assert check_register_group([(2, 50.0), (3, 150.0)], [(1, 100.0), (2, 200.0)]) == [0, 1]
+    # The same with a correction refused for being too high.
+    stored = [(1, 100.0), (2, 200.0), (3, 300.0)]
+    assert check_register_group([(2, 400.0), (3, 150.0)], stored) == [0, 1]
+    # Corrections that fit together still replace what they correct.
+    stored = [(1, 100.0), (2, 200.0), (3, 210.0)]
+    assert check_register_group([(2, 250.0), (3, 260.0)], stored) == []
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    stored=st.lists(st.integers(0, 40), max_size=8, unique=True).flatmap(
+        lambda stamps: st.lists(st.floats(0, 1000), min_size=len(stamps), max_size=len(stamps)).map(
+            lambda values: list(zip(sorted(stamps), sorted(values), strict=True))
+        )
+    ),
+    candidates=st.dictionaries(st.integers(0, 40), st.floats(0, 1000), min_size=1, max_size=8),
+)
+def test_what_the_register_check_accepts_never_takes_the_register_backwards(
+    stored: list[tuple[int, float]], candidates: dict[int, float]
+) -> None:
+    batch = list(candidates.items())
+    rejected = set(check_register_group(batch, stored))
+    series = dict(stored)
+    series.update(pair for position, pair in enumerate(batch) if position not in rejected)
+    values = [series[ts] for ts in sorted(series)]
+    assert values == sorted(values)
 
 
 def test_affected_intervals() -> None:
