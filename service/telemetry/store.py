@@ -534,17 +534,18 @@ async def queue_and_announce(
     the batch, in one statement."""
     ranges: set[BalancingRange] = set()
     sites: set[UUID] = set()
-    seen: set[tuple[UUID, int]] = set()
+    seen: set[tuple[UUID, int, bool]] = set()
     for meter_id, ts_us in changed:
         info = meters[meter_id]
-        key = (info.site_id, ts_us)
+        register = not info.load_profile
+        # By kind too: a register also ends the interval before it, an interval reading at
+        # the same site and instant does not.
+        key = (info.site_id, ts_us, register)
         if key in seen:
             continue
         seen.add(key)
         sites.add(info.site_id)
-        for start, end in _queue_ranges(
-            info.timezone.key, info.resolution.iso, ts_us, not info.load_profile
-        ):
+        for start, end in _queue_ranges(info.timezone.key, info.resolution.iso, ts_us, register):
             ranges.add((info.site_id, start, end))
     payload = readings_batch_payload(org_id, ingest_id, sites, from_us(first_us), from_us(last_us))
     await enqueue_balancing(conn, org_id, ranges, also_notify=(READINGS_CHANNEL, payload))

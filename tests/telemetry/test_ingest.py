@@ -350,6 +350,25 @@ async def test_a_batch_of_consecutive_registers_queues_one_range(
     assert [(row[0], row[1]) for row in rows] == [(quarter(0), quarter(97))]
 
 
+async def test_an_interval_reading_and_a_register_at_one_instant_queue_both_intervals(
+    setup: Setup, service: Service
+) -> None:
+    # The load profile's reading at 01:00 is the interval from 01:00; the register at 01:00
+    # also ends the interval before it. Both are queued, whichever comes first.
+    assert service.pool is not None
+    profile = await setup.meter(measuring=mpb.MEASURING_LOAD_PROFILE_ACCURATE)
+    meter = await setup.meter()
+    ack = await setup.ingest(
+        [interval(profile, quarter(4), 5.0), register(meter, quarter(4), 10.0)]
+    )
+    assert ack.accepted_count == 2
+    rows = await service.pool.fetch(
+        "SELECT interval_start, interval_end FROM balancing_queue WHERE site_id = $1",
+        uuid.UUID(setup.site.id),
+    )
+    assert [(row[0], row[1]) for row in rows] == [(quarter(3), quarter(5))]
+
+
 async def test_list_readings_rules(setup: Setup, other_partner: Org) -> None:
     meter = await setup.meter()
     await expect_invalid(setup.list(meter.id, quarter(4), quarter(0)), "end_time")
