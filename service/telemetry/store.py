@@ -342,10 +342,12 @@ async def stored_neighbours(
         _LATEST, [g[0] for g in groups], [g[1] for g in groups], [g[2] for g in groups], window
     )
     has_latest = [False] * len(groups)
+    latest_us = [0] * len(groups)
     full: list[int] = []
     for n, ts_us, value in latest:
         index = n - 1
         has_latest[index] = True
+        latest_us[index] = ts_us
         if ts_us < groups[index][2]:
             found[index].append((ts_us, value))
         else:
@@ -362,6 +364,7 @@ async def stored_neighbours(
         )
         for row in rows:
             found[full[row[0] - 1]].append((row[1], row[2]))
+        await _neighbours_beyond_the_window(conn, groups, full, latest_us, found)
     empty = [i for i, present in enumerate(has_latest) if not present]
     if empty:
         sub = [groups[i] for i in empty]
@@ -376,6 +379,43 @@ async def stored_neighbours(
             found[empty[row[0] - 1]].append((row[1], row[2]))
     in_full = set(full)
     return found, [i not in in_full for i in range(len(groups))]
+
+
+async def _neighbours_beyond_the_window(
+    conn: asyncpg.Connection,
+    groups: Sequence[tuple[UUID, int, int, int]],
+    full: list[int],
+    latest_us: list[int],
+    found: list[list[tuple[int, float]]],
+) -> None:
+    """Adds the nearest stored values the window left out: one before the batch when none
+    was stored within the window before it, one after when none was within the window after
+    it though a later value is stored (a gap of more than the window either side)."""
+    before: set[int] = set()
+    after: set[int] = set()
+    for index in full:
+        _, _, lo_us, hi_us = groups[index]
+        stamps = [ts for ts, _ in found[index]]
+        if not any(ts < lo_us for ts in stamps):
+            before.add(index)
+        if latest_us[index] > hi_us and not any(ts > hi_us for ts in stamps):
+            after.add(index)
+    missing = sorted(before | after)
+    if not missing:
+        return
+    sub = [groups[i] for i in missing]
+    rows = await conn.fetch(
+        _NEIGHBOURS_UNBOUNDED,
+        [g[0] for g in sub],
+        [g[1] for g in sub],
+        [g[2] for g in sub],
+        [g[3] for g in sub],
+    )
+    for n, ts_us, value in rows:
+        index = missing[n - 1]
+        lo_us, hi_us = groups[index][2], groups[index][3]
+        if (ts_us < lo_us and index in before) or (ts_us > hi_us and index in after):
+            found[index].append((ts_us, value))
 
 
 async def unoccupied(

@@ -147,6 +147,24 @@ async def test_a_refused_correction_s_stored_value_still_bounds_the_batch(setup:
     assert ack.accepted_count == 0
 
 
+async def test_stored_neighbours_beyond_the_check_window_still_bound_the_batch(
+    setup: Setup,
+) -> None:
+    # Stored 100 at day 0 and 200 at day 100: each is more than the 92 days of the check's
+    # window away from a batch value next to the other one.
+    meter = await setup.meter()
+    day = 96  # quarter-hours
+    await setup.ingest(
+        [register(meter, quarter(0), 100.0), register(meter, quarter(100 * day), 200.0)]
+    )
+    below = await setup.ingest([register(meter, quarter(99 * day), 50.0)])
+    above = await setup.ingest([register(meter, quarter(1 * day), 300.0)])
+    assert reasons(below) == {0: R.REJECT_REASON_REGISTER_DECREASED}
+    assert reasons(above) == {0: R.REJECT_REASON_REGISTER_DECREASED}
+    fits = await setup.ingest([register(meter, quarter(50 * day), 150.0)])
+    assert fits.accepted_count == 1
+
+
 async def test_concurrent_batches_of_one_meter_are_checked_against_each_other(
     setup: Setup, service: Service
 ) -> None:
