@@ -120,6 +120,17 @@ class Ingest:
 
     async def ingest(self, org_id: OrgId, readings: Sequence[Any]) -> IngestResult:
         """Validates, stores and commits one batch; returns only after COMMIT."""
+        try:
+            return await self._ingest_once(org_id, readings)
+        except asyncpg.ForeignKeyViolationError:
+            # A site of the batch was deleted after its meters were cached (its NOTIFY not
+            # yet seen here): the batch rolled back whole. Judged again on fresh meters,
+            # that site's readings are UNKNOWN_METER and the others are stored.
+            log.info("ingest met a site deleted meanwhile; validating the batch again")
+            self.meters.forget_org(str(org_id))
+            return await self._ingest_once(org_id, readings)
+
+    async def _ingest_once(self, org_id: OrgId, readings: Sequence[Any]) -> IngestResult:
         meters = await self.meters.lookup(org_id, {r.meter_id for r in readings})
         checked = validate_batch(readings, meters, int(time.time() * _US), self._max_future_us)
         rejected = list(checked.rejected)

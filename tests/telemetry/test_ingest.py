@@ -387,6 +387,21 @@ async def test_an_interval_reading_and_a_register_at_one_instant_queue_both_inte
     assert [(row[0], row[1]) for row in rows] == [(quarter(3), quarter(5))]
 
 
+async def test_a_site_deleted_behind_the_meter_cache_makes_its_readings_unknown(
+    setup: Setup, service: Service
+) -> None:
+    # The site goes without its NOTIFY having reached this replica (deleted straight in
+    # the database): its meters are still cached here, and the balancing queue's key to the
+    # site breaks the batch's transaction. The batch is judged again on fresh meters.
+    assert service.pool is not None
+    meter = await setup.meter()
+    await setup.ingest([register(meter, quarter(0), 1.0)])
+    await service.pool.execute("DELETE FROM sites WHERE id = $1", uuid.UUID(setup.site.id))
+    ack = await setup.ingest([register(meter, quarter(1), 2.0)])
+    assert reasons(ack) == {0: R.REJECT_REASON_UNKNOWN_METER}
+    assert ack.accepted_count == 0
+
+
 async def test_list_readings_rules(setup: Setup, other_partner: Org) -> None:
     meter = await setup.meter()
     await expect_invalid(setup.list(meter.id, quarter(4), quarter(0)), "end_time")
