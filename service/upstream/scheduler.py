@@ -21,6 +21,7 @@ import logging
 import asyncpg
 
 from service.common.clock import Clock
+from service.common.loglimit import LogLimiter, held_back
 from service.upstream.status import refresh_upstream_status, try_lock_identifier
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ class UpstreamScheduler:
         self._pool = pool
         self._clock = clock
         self._batch_size = batch_size
+        self._failure_log = LogLimiter(60.0)
+        # Identifiers whose recomputation failed, over this scheduler's life (tests, metrics).
+        self.failed_identifiers = 0
 
     async def run_once(self) -> int:
         """One tick: recomputes every identifier due now that no one else holds; returns the
@@ -58,9 +62,24 @@ class UpstreamScheduler:
                 return changed
             for row in due:
                 after = row["grid_identifier"]
-                async with self._pool.acquire() as conn, conn.transaction():
-                    if await try_lock_identifier(conn, after):
-                        changed += await refresh_upstream_status(conn, [after], now)
+                try:
+                    async with self._pool.acquire() as conn, conn.transaction():
+                        if await try_lock_identifier(conn, after):
+                            changed += await refresh_upstream_status(conn, [after], now)
+                except asyncpg.PostgresError as error:
+                    # One identifier's failure (its data, a bug) must not hold back the
+                    # others', of every organization: it stays due and is tried again next
+                    # tick. Without the database the next fetch fails and ends the tick.
+                    self.failed_identifiers += 1
+                    dropped = self._failure_log.admit("identifier")
+                    if dropped is not None:
+                        log.warning(
+                            "upstream scheduler: recomputing %s failed (%s: %s); it stays due%s",
+                            after,
+                            type(error).__name__,
+                            error,
+                            held_back(dropped),
+                        )
 
     async def tick(self) -> bool:
         """A worker pass: one tick. Due rows stay due after a failed tick, so the worker's

@@ -294,3 +294,49 @@ async def test_nothing_due_before_the_date(
     clock.set(BASE + timedelta(days=3))
     await scheduler.run_once()
     assert await api.status(partner, site.id) == site_pb.UPSTREAM_STATUS_CONTRACT_NEEDS_AGREEMENT
+
+
+async def test_one_identifier_failing_holds_back_no_other(
+    api: Api,
+    partner: Org,
+    other_partner: Org,
+    supplier: Org,
+    clock: FakeClock,
+    scheduler: UpstreamScheduler,
+    upstream_service: Service,
+) -> None:
+    # The tick walks the due identifiers in order; the first one's recomputation fails (a
+    # trigger stands in for whatever its data or a bug would do). The other organization's
+    # site, after it in the walk, still turns active; the failing one stays due.
+    failing, fine = sorted([random_identifier(), random_identifier()])
+    broken = await api.partner_site(partner, failing, timezone="UTC")
+    other = await api.partner_site(other_partner, fine, timezone="UTC")
+    for identifier in (failing, fine):
+        upstream_site = await api.upstream_site(supplier, identifier)
+        await api.contract(supplier, upstream_site.id, days(2))
+    pool = upstream_service.pool
+    assert pool is not None
+    await pool.execute(
+        f"""
+        CREATE FUNCTION refuse_{failing.lower()}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'refused for the test'; END $$;
+        CREATE TRIGGER refuse_{failing.lower()} BEFORE UPDATE ON sites FOR EACH ROW
+            WHEN (NEW.grid_identifier = '{failing}') EXECUTE FUNCTION refuse_{failing.lower()}();
+        """
+    )
+    try:
+        clock.set(midnight(2, "UTC"))
+        failures = scheduler.failed_identifiers
+        await scheduler.run_once()
+        assert scheduler.failed_identifiers == failures + 1
+        assert await api.status(other_partner, other.id) == (
+            site_pb.UPSTREAM_STATUS_CONTRACT_ACTIVE
+        )
+        assert await api.status(partner, broken.id) == site_pb.UPSTREAM_STATUS_CONTRACT_PENDING
+    finally:
+        await pool.execute(
+            f"DROP TRIGGER refuse_{failing.lower()} ON sites;"
+            f" DROP FUNCTION refuse_{failing.lower()}()"
+        )
+    await scheduler.run_once()
+    assert await api.status(partner, broken.id) == site_pb.UPSTREAM_STATUS_CONTRACT_ACTIVE
