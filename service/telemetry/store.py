@@ -327,9 +327,27 @@ async def lock_register_meters(conn: asyncpg.Connection, meter_ids: list[UUID]) 
     )
 
 
+Group = tuple[UUID, int, int, int]
+
+
+async def _fetch_for_groups(
+    conn: asyncpg.Connection, sql: str, groups: Sequence[Group], *extra: object
+) -> list[asyncpg.Record]:
+    """``sql`` over (meter, flow, lo µs, hi µs) groups passed as four arrays, then ``extra``."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        sql,
+        [g[0] for g in groups],
+        [g[1] for g in groups],
+        [g[2] for g in groups],
+        [g[3] for g in groups],
+        *extra,
+    )
+    return rows
+
+
 async def stored_neighbours(
     conn: asyncpg.Connection,
-    groups: Sequence[tuple[UUID, int, int, int]],
+    groups: Sequence[Group],
     window_days: int,
 ) -> tuple[list[list[tuple[int, float]]], list[bool]]:
     """For each (meter, flow, lo µs, hi µs): stored (µs, value) registers around it, and
@@ -354,27 +372,14 @@ async def stored_neighbours(
             full.append(index)
     if full:
         sub = [groups[i] for i in full]
-        rows = await conn.fetch(
-            _NEIGHBOURS,
-            [g[0] for g in sub],
-            [g[1] for g in sub],
-            [g[2] for g in sub],
-            [g[3] for g in sub],
-            window,
-        )
+        rows = await _fetch_for_groups(conn, _NEIGHBOURS, sub, window)
         for row in rows:
             found[full[row[0] - 1]].append((row[1], row[2]))
         await _neighbours_beyond_the_window(conn, groups, full, latest_us, found)
     empty = [i for i, present in enumerate(has_latest) if not present]
     if empty:
         sub = [groups[i] for i in empty]
-        rows = await conn.fetch(
-            _NEIGHBOURS_UNBOUNDED,
-            [g[0] for g in sub],
-            [g[1] for g in sub],
-            [g[2] for g in sub],
-            [g[3] for g in sub],
-        )
+        rows = await _fetch_for_groups(conn, _NEIGHBOURS_UNBOUNDED, sub)
         for row in rows:
             found[empty[row[0] - 1]].append((row[1], row[2]))
     in_full = set(full)
@@ -383,7 +388,7 @@ async def stored_neighbours(
 
 async def _neighbours_beyond_the_window(
     conn: asyncpg.Connection,
-    groups: Sequence[tuple[UUID, int, int, int]],
+    groups: Sequence[Group],
     full: list[int],
     latest_us: list[int],
     found: list[list[tuple[int, float]]],
@@ -403,14 +408,7 @@ async def _neighbours_beyond_the_window(
     missing = sorted(before | after)
     if not missing:
         return
-    sub = [groups[i] for i in missing]
-    rows = await conn.fetch(
-        _NEIGHBOURS_UNBOUNDED,
-        [g[0] for g in sub],
-        [g[1] for g in sub],
-        [g[2] for g in sub],
-        [g[3] for g in sub],
-    )
+    rows = await _fetch_for_groups(conn, _NEIGHBOURS_UNBOUNDED, [groups[i] for i in missing])
     for n, ts_us, value in rows:
         index = missing[n - 1]
         lo_us, hi_us = groups[index][2], groups[index][3]
@@ -418,19 +416,11 @@ async def _neighbours_beyond_the_window(
             found[index].append((ts_us, value))
 
 
-async def unoccupied(
-    conn: asyncpg.Connection, groups: Sequence[tuple[UUID, int, int, int]]
-) -> list[tuple[UUID, int]]:
+async def unoccupied(conn: asyncpg.Connection, groups: Sequence[Group]) -> list[tuple[UUID, int]]:
     """The (meter, flow) of ``groups`` with nothing stored between their first and last µs."""
     if not groups:
         return []
-    rows = await conn.fetch(
-        _OCCUPIED,
-        [g[0] for g in groups],
-        [g[1] for g in groups],
-        [g[2] for g in groups],
-        [g[3] for g in groups],
-    )
+    rows = await _fetch_for_groups(conn, _OCCUPIED, groups)
     occupied = {(row[0], row[1]) for row in rows}
     return [(g[0], g[1]) for g in groups if (g[0], g[1]) not in occupied]
 

@@ -692,44 +692,25 @@ async def test_a_send_whose_re_check_outlasted_its_lease_is_not_made(
     assert two.overlaps == 0
 
 
-async def test_setpoints_let_go_while_their_leases_may_have_lapsed_are_sent_later(
-    cluster: Cluster, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("lengths", "held_off"),
+    [
+        # Renewals held off for longer than the lease: it may have lapsed.
+        ({"dispatch_lease_seconds": 1.0}, 1.5),
+        # Leases of 8 s, requests of up to 6 s: a request may begin at most 4 s (half the
+        # lease, as it is shorter than two timeouts) after its lease was last set. Held off
+        # for 4.5 s, within the lease, a request begun then could outlast it and overlap
+        # another worker's send of the same setpoint.
+        ({"dispatch_lease_seconds": 8.0, "dispatch_timeout_seconds": 6.0}, 4.5),
+    ],
+    ids=["lapsed", "would lapse during the request"],
+)
+async def test_setpoints_let_go_while_their_leases_may_lapse_are_sent_later(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture, lengths: dict[str, float], held_off: float
 ) -> None:
-    # The only replica: the queued setpoints' renewals are held off for longer than a lease
-    # (their rows locked), so it lets them go unsent. Its own claims never take rows leased
-    # to it, so they would stay stuck unless it releases them once the database answers.
-    async with held_first(cluster, sites=1, resources=3, dispatch_lease_seconds=1.0) as scene:
-        queued = [
-            uuid.UUID(s.id)
-            for s in await scene.flow.setpoints(scene.operator, scene.dispatch.id)
-            if s.id != scene.first.body["setpoint_id"]
-        ]
-        async with scene.replica.pool.acquire() as holder, holder.transaction():
-            await holder.execute(
-                "SELECT 1 FROM setpoints WHERE id = ANY($1::uuid[]) FOR UPDATE", queued
-            )
-            await asyncio.sleep(1.5)
-            # The next one's re-check now waits for the lock; when it has it, the lease was
-            # last renewed 1.5 s ago.
-            scene.answer.release.set()
-            await wait_until_blocked(holder, 1)
-        settled = await scene.flow.settle(scene.operator, scene.dispatch.id, within=10)
-    assert any("not sending setpoint" in record.getMessage() for record in caplog.records)
-    assert {s.state for s in settled} == {ACCEPTED}
-    assert sorted(scene.receiver.answered.values()) == [1, 1, 1]
-    # Never sent before being let go: released clean, no attempt counted beyond the one.
-    assert all(len(s.attempts) == 1 for s in settled)
-
-
-async def test_a_setpoint_let_go_too_close_to_its_lease_s_end_is_not_sent_then(
-    cluster: Cluster, caplog: pytest.LogCaptureFixture
-) -> None:
-    # Leases of 8 s, requests of up to 6 s (the timeout): a request may begin at most 4 s
-    # (half the lease, as it is shorter than two timeouts) after its lease was last set. The
-    # queued setpoints' renewals are held off for 4.5 s: within the lease, but a request
-    # begun then could outlast it and overlap another worker's send of the same setpoint.
-    # So they are let go unsent, and sent later, once each.
-    lengths = {"dispatch_lease_seconds": 8.0, "dispatch_timeout_seconds": 6.0}
+    # The only replica: the queued setpoints' renewals are held off (their rows locked), so
+    # it lets them go unsent. Its own claims never take rows leased to it, so they would stay
+    # stuck unless it releases them once the database answers.
     async with held_first(cluster, sites=1, resources=3, **lengths) as scene:
         queued = [
             uuid.UUID(s.id)
@@ -740,13 +721,16 @@ async def test_a_setpoint_let_go_too_close_to_its_lease_s_end_is_not_sent_then(
             await holder.execute(
                 "SELECT 1 FROM setpoints WHERE id = ANY($1::uuid[]) FOR UPDATE", queued
             )
-            await asyncio.sleep(4.5)
+            await asyncio.sleep(held_off)
+            # The next one's re-check now waits for the lock; when it has it, the lease was
+            # last renewed that long ago.
             scene.answer.release.set()
             await wait_until_blocked(holder, 1)
         settled = await scene.flow.settle(scene.operator, scene.dispatch.id, within=15)
     assert any("not sending setpoint" in record.getMessage() for record in caplog.records)
     assert {s.state for s in settled} == {ACCEPTED}
     assert sorted(scene.receiver.answered.values()) == [1, 1, 1]
+    # Never sent before being let go: released clean, no attempt counted beyond the one.
     assert all(len(s.attempts) == 1 for s in settled)
 
 
