@@ -23,8 +23,9 @@ retries. ``Retry-After`` of a 429 or 503 (seconds or an HTTP-date) is returned a
 ``retry_after_seconds`` (at most one day).
 
 **Address policy** (``service/common/network_policy.py``): a literal address in the URL is
-checked before anything is sent, and every host name is resolved by our own resolver,
-which checks every address it returns; aiohttp connects only to addresses the resolver
+checked before anything is sent (the host as aiohttp reads it, from the very URL object the
+request then goes to: ``webhook_target``), and every host name is resolved by our own
+resolver, which checks every address it returns; aiohttp connects only to addresses the resolver
 returned, so a DNS answer that changes between a check and the connect (rebinding) cannot
 slip through. A name any of whose addresses is refused is refused whole: REFUSED, final,
 no connection made.
