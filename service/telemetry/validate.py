@@ -287,9 +287,9 @@ def check_register_group(
     replaces that value. Walking in time order, a candidate lower than the highest earlier
     value (stored or accepted candidate) or higher than the next later stored value is
     rejected; the values already there stand, including the one a rejected candidate would
-    have replaced. A candidate whose acceptance hinged on replacing a stored value that then
-    stands may be rejected with it: the register never goes backwards, at the price of a
-    retry in such a batch.
+    have replaced. The later bound counts the stored values later candidates of the batch
+    may replace (it is one walk, in O(n log n)), so a batch raising several stored registers
+    at once may see some of them refused; resent, they fit.
     """
     if len(stored) <= 1:
         # The common append: at most the register before the batch is stored.
@@ -306,36 +306,16 @@ def check_register_group(
             floor is None or (floor[0] < candidates[0][0] and floor[1] <= candidates[0][1])
         ):
             return []
-    stored_at = {ts for ts, _ in stored}
-    # Candidates whose stored value stands: a rejected candidate at a stored timestamp does
-    # not replace it, so that value still bounds every other candidate. Found by rejection,
-    # then the walk is made again with them left out, until no new one is found (each pass
-    # only adds to them; one pass when no such candidate is rejected).
-    standing: set[int] = set()
-    while True:
-        rejected = _register_walk(candidates, stored, standing)
-        found = {p for p in rejected if candidates[p][0] in stored_at} - standing
-        if not found:
-            return sorted(standing.union(rejected))
-        standing |= found
-
-
-def _register_walk(
-    candidates: Sequence[tuple[int, float]],
-    stored: Sequence[tuple[int, float]],
-    standing: set[int],
-) -> list[int]:
-    """One walk in time order over the candidates but ``standing`` (which replace nothing):
-    the positions rejected against the stored values they do not replace."""
-    replaced = {ts for position, (ts, _) in enumerate(candidates) if position not in standing}
-    kept = sorted((ts, value) for ts, value in stored if ts not in replaced)
-    order = sorted(
-        (i for i in range(len(candidates)) if i not in standing), key=lambda i: candidates[i][0]
-    )
+    candidate_at = {ts for ts, _ in candidates}
+    stored_value = dict(stored)
+    kept = sorted(stored)
+    order = sorted(range(len(candidates)), key=lambda i: candidates[i][0])
     rejected: list[int] = []
     highest = -_INF
     cursor = 0
-    # Minimum of stored values at or after each stored position, for the "later" bound.
+    # Minimum of the stored values at or after each stored position: the "later" bound. It
+    # counts the stored values later candidates may replace: whether they will is not known
+    # yet, and one that stands must not end up below this candidate.
     suffix_min = [0.0] * len(kept)
     running = _INF
     for i in range(len(kept) - 1, -1, -1):
@@ -344,11 +324,16 @@ def _register_walk(
     for position in order:
         ts, value = candidates[position]
         while cursor < len(kept) and kept[cursor][0] < ts:
-            highest = max(highest, kept[cursor][1])
+            # A stored value at a candidate's timestamp was judged with that candidate.
+            if kept[cursor][0] not in candidate_at:
+                highest = max(highest, kept[cursor][1])
             cursor += 1
-        later = suffix_min[cursor] if cursor < len(kept) else _INF
+        after = cursor + 1 if cursor < len(kept) and kept[cursor][0] == ts else cursor
+        later = suffix_min[after] if after < len(kept) else _INF
         if value < highest or value > later:
             rejected.append(position)
+            # Refused, it replaces nothing: the stored value at its timestamp stands.
+            highest = max(highest, stored_value.get(ts, -_INF))
         else:
             highest = value
-    return rejected
+    return sorted(rejected)
