@@ -613,6 +613,10 @@ def after_attempt(
     if outcome is Outcome.REJECTED:
         return _keep(row, state=SetpointState.REJECTED, reason=failure, attempt_count=attempts)
     if outcome is Outcome.REFUSED:
+        if row.cancel_requested:
+            # Cancelled while queued, and this attempt made no connection: only what earlier
+            # attempts may have delivered is withdrawn. The refusal stays in the history.
+            return _cancelled(row, attempts - 1, now)._replace(attempt_count=attempts)
         return _keep(
             row,
             state=SetpointState.FAILED,

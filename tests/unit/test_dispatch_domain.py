@@ -438,6 +438,24 @@ class TestSettling:
     def test_refused_endpoint_fails(self) -> None:
         assert settle(row(), Outcome.REFUSED).state is SetpointState.FAILED
 
+    def test_a_refused_attempt_of_a_setpoint_cancelled_meanwhile_is_a_cancellation(self) -> None:
+        # No connection was made: nothing was delivered by this attempt.
+        never = settle(row(cancel_requested=True), Outcome.REFUSED)
+        assert (never.state, never.reason, never.cancellation_state) == (
+            SetpointState.CANCELLED,
+            "cancelled before delivery",
+            None,
+        )
+        assert never.attempt_count == 1  # the refusal is in the history
+        assert never.next_attempt_at is None
+        # An earlier attempt may have arrived: that one is withdrawn.
+        earlier = settle(row(cancel_requested=True, attempt_count=1), Outcome.REFUSED)
+        assert (earlier.state, earlier.cancellation_state) == (
+            SetpointState.CANCELLED,
+            CancellationState.PENDING,
+        )
+        assert earlier.attempt_count == 2
+
     def test_cancel_during_an_attempt(self) -> None:
         accepted = settle(row(cancel_requested=True), Outcome.ACCEPTED, 200)
         assert accepted.state is SetpointState.ACCEPTED
