@@ -255,12 +255,13 @@ class MeterCache:
         wanted = set(meter_ids)
         missing = {m for m in wanted if m not in known}
         if missing:
-            parsed: dict[UUID, str] = {}
+            # Every spelling of an id (upper or lower case, braces) is its own key.
+            parsed: dict[UUID, list[str]] = {}
             for text in missing:
                 # Not a UUID: unknown, and not remembered (a client sending distinct garbage
                 # ids must not fill the cache; parsing again is cheap).
                 with contextlib.suppress(ValueError):
-                    parsed[UUID(text)] = text
+                    parsed.setdefault(UUID(text), []).append(text)
             if parsed:
                 rows = await self._pool.fetch(
                     """
@@ -273,7 +274,8 @@ class MeterCache:
                 )
                 for row in rows:
                     info = info_from_row(row)
-                    known[parsed.pop(info.id)] = info
+                    for text in parsed.pop(info.id):
+                        known[text] = info
         # Ids not found are not remembered: a meter created a moment ago on another replica
         # must not stay unknown here until the cache expires.
         return {m: known.get(m) for m in wanted}

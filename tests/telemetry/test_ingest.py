@@ -402,6 +402,14 @@ async def test_a_site_deleted_behind_the_meter_cache_makes_its_readings_unknown(
     assert ack.accepted_count == 0
 
 
+async def test_one_meter_in_two_spellings_in_one_batch(setup: Setup) -> None:
+    meter = await setup.meter()
+    upper = tpb.Reading(meter_id=meter.id.upper(), timestamp=stamp(quarter(1)), register_wh=2.0)
+    ack = await setup.ingest([register(meter, quarter(0), 1.0), upper])
+    assert reasons(ack) == {}
+    assert ack.accepted_count == 2
+
+
 async def test_list_readings_rules(setup: Setup, other_partner: Org) -> None:
     meter = await setup.meter()
     await expect_invalid(setup.list(meter.id, quarter(4), quarter(0)), "end_time")
