@@ -90,14 +90,15 @@ def contract_state(terms: ContractTerms, today: date) -> ContractState:
     """State of the contract on ``today``, checked in this order:
 
     1. ``INACTIVE`` if ``effective_end`` is set and ``today >= effective_end`` (ended or
-       terminated; the end day itself is already inactive);
+       terminated; the end day itself is already inactive), or ``effective_end`` is not
+       after ``start_date`` (terminated before it started: it will never be in force);
     2. ``NEEDS_AGREEMENT`` if agreement is required and not yet given, whether or not
        ``start_date`` has passed;
     3. ``PENDING`` if ``today < start_date``;
     4. ``ACTIVE`` otherwise (the start day itself is active).
     """
     end = terms.effective_end
-    if end is not None and today >= end:
+    if end is not None and (today >= end or end <= terms.start_date):
         return ContractState.INACTIVE
     if terms.requires_agreement and terms.agreed_at is None:
         return ContractState.NEEDS_AGREEMENT
@@ -154,8 +155,8 @@ def next_transition_date(contracts: Iterable[ContractTerms], today: date) -> dat
 
     Candidates are each contract's ``start_date`` and ``effective_end``; a candidate counts
     only if the state really differs from the day before (e.g. the ``start_date`` of a
-    contract still needing agreement changes nothing, nor does the ``start_date`` of a
-    contract terminated before it starts). Agreement and termination are API calls, not
+    contract still needing agreement changes nothing, nor does any date of a contract
+    terminated before it starts, inactive at once). Agreement and termination are API calls, not
     dates: whoever performs them recomputes. Meant for a scheduler deciding when to
     recompute ``upstream_status``.
     """

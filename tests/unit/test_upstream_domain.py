@@ -111,6 +111,17 @@ def test_state_terminated_inactive_from_termination_day() -> None:
     assert contract_state(t, date(2025, 6, 1)) is ContractState.INACTIVE
 
 
+def test_a_contract_terminated_before_its_start_is_inactive_at_once() -> None:
+    # Cancelled: it will never be in force, so it is neither pending nor in the way of a
+    # replacement that starts before its termination date.
+    cancelled = terms(date(2025, 3, 1), termination=date(2025, 2, 10))
+    assert contract_state(cancelled, date(2025, 2, 1)) is ContractState.INACTIVE
+    validate_new_contract(terms(date(2025, 2, 3)), [cancelled], date(2025, 2, 1))
+    assert derive_upstream_status([[cancelled]], date(2025, 2, 1)) is (
+        UpstreamStatus.CONTRACT_INACTIVE
+    )
+
+
 def test_state_values() -> None:
     assert [s.value for s in ContractState] == ["needs_agreement", "pending", "active", "inactive"]
 
@@ -243,10 +254,10 @@ def test_next_transition_ignores_start_of_unagreed_contract() -> None:
     assert next_transition_date([terms(date(2025, 3, 1), requires_agreement=True)], TODAY) is None
 
 
-def test_next_transition_ignores_start_after_cancelling_termination() -> None:
+def test_next_transition_none_for_a_contract_cancelled_before_its_start() -> None:
+    # Inactive from its termination on, whatever the calendar: nothing left to apply.
     t = terms(date(2025, 6, 1), termination=date(2025, 3, 1))
-    assert next_transition_date([t], TODAY) == date(2025, 3, 1)
-    assert next_transition_date([t], date(2025, 3, 1)) is None
+    assert next_transition_date([t], TODAY) is None
 
 
 def test_next_transition_supplier_switch() -> None:
