@@ -66,10 +66,11 @@ class UpstreamScheduler:
                     async with self._pool.acquire() as conn, conn.transaction():
                         if await try_lock_identifier(conn, after):
                             changed += await refresh_upstream_status(conn, [after], now)
-                except asyncpg.PostgresError as error:
-                    # One identifier's failure (its data, a bug) must not hold back the
-                    # others', of every organization: it stays due and is tried again next
-                    # tick. Without the database the next fetch fails and ends the tick.
+                except Exception as error:
+                    # One identifier's failure (its data, a bug, a time zone this replica's
+                    # tz data lacks) must not hold back the others', of every organization:
+                    # it stays due and is tried again next tick. Without the database the
+                    # next fetch fails and ends the tick.
                     self.failed_identifiers += 1
                     dropped = self._failure_log.admit("identifier")
                     if dropped is not None:
