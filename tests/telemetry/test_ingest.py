@@ -317,6 +317,17 @@ async def test_batch_resent_while_first_may_be_in_flight_is_stored_once(
     assert await stored_count(service, meter.id) == 50
 
 
+async def queued_ranges(service: Service, site_id: str) -> list[tuple[datetime, datetime]]:
+    """The site's balancing-queue rows as (start, end), in queue order."""
+    assert service.pool is not None
+    rows = await service.pool.fetch(
+        "SELECT interval_start, interval_end FROM balancing_queue WHERE site_id = $1"
+        " ORDER BY interval_start, id",
+        uuid.UUID(site_id),
+    )
+    return [(row[0], row[1]) for row in rows]
+
+
 async def test_changes_mark_site_intervals_for_balancing(setup: Setup, service: Service) -> None:
     assert service.pool is not None
     meter = await setup.meter()
@@ -352,7 +363,6 @@ async def test_a_batch_of_consecutive_registers_queues_one_range(
     setup: Setup, service: Service
 ) -> None:
     # 96 registers touch 97 intervals: one queue row to write, claim and delete, not 97.
-    assert service.pool is not None
     meter = await setup.meter()
     other = await setup.meter()
     ack = await setup.ingest(
@@ -360,12 +370,8 @@ async def test_a_batch_of_consecutive_registers_queues_one_range(
         + [register(other, quarter(n), float(n)) for n in (40, 60)]
     )
     assert ack.accepted_count == 98
-    rows = await service.pool.fetch(
-        "SELECT interval_start, interval_end FROM balancing_queue WHERE site_id = $1",
-        uuid.UUID(setup.site.id),
-    )
     # The other meter's intervals lie within the first one's: the site's range is one.
-    assert [(row[0], row[1]) for row in rows] == [(quarter(0), quarter(97))]
+    assert await queued_ranges(service, setup.site.id) == [(quarter(0), quarter(97))]
 
 
 async def test_an_interval_reading_and_a_register_at_one_instant_queue_both_intervals(
@@ -373,18 +379,13 @@ async def test_an_interval_reading_and_a_register_at_one_instant_queue_both_inte
 ) -> None:
     # The load profile's reading at 01:00 is the interval from 01:00; the register at 01:00
     # also ends the interval before it. Both are queued, whichever comes first.
-    assert service.pool is not None
     profile = await setup.meter(measuring=mpb.MEASURING_LOAD_PROFILE_ACCURATE)
     meter = await setup.meter()
     ack = await setup.ingest(
         [interval(profile, quarter(4), 5.0), register(meter, quarter(4), 10.0)]
     )
     assert ack.accepted_count == 2
-    rows = await service.pool.fetch(
-        "SELECT interval_start, interval_end FROM balancing_queue WHERE site_id = $1",
-        uuid.UUID(setup.site.id),
-    )
-    assert [(row[0], row[1]) for row in rows] == [(quarter(3), quarter(5))]
+    assert await queued_ranges(service, setup.site.id) == [(quarter(3), quarter(5))]
 
 
 async def test_a_site_deleted_behind_the_meter_cache_makes_its_readings_unknown(
