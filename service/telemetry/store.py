@@ -377,45 +377,29 @@ async def stored_neighbours(
         rows = await _fetch_for_groups(conn, _NEIGHBOURS, sub, window)
         for row in rows:
             found[full[row[0] - 1]].append((row[1], row[2]))
-        await _neighbours_beyond_the_window(conn, groups, full, latest_us, found)
-    empty = [i for i, present in enumerate(has_latest) if not present]
-    if empty:
-        sub = [groups[i] for i in empty]
-        rows = await _fetch_for_groups(conn, _NEIGHBOURS_UNBOUNDED, sub)
-        for row in rows:
-            found[empty[row[0] - 1]].append((row[1], row[2]))
-    in_full = set(full)
-    return found, [i not in in_full for i in range(len(groups))]
-
-
-async def _neighbours_beyond_the_window(
-    conn: asyncpg.Connection,
-    groups: Sequence[Group],
-    full: list[int],
-    latest_us: list[int],
-    found: list[list[tuple[int, float]]],
-) -> None:
-    """Adds the nearest stored values the window left out: one before the batch when none
-    was stored within the window before it, one after when none was within the window after
-    it though a later value is stored (a gap of more than the window either side)."""
-    before: set[int] = set()
-    after: set[int] = set()
+    # The nearest stored values anywhere, on each side the window may have left out: both
+    # sides of a group with nothing stored within the window; for the others, before the
+    # batch when nothing within the window came before it, and after it when nothing within
+    # the window came after it though a later value is stored (gaps longer than the window).
+    want_before = {i for i, present in enumerate(has_latest) if not present}
+    want_after = set(want_before)
     for index in full:
         _, _, lo_us, hi_us = groups[index]
         stamps = [ts for ts, _ in found[index]]
         if not any(ts < lo_us for ts in stamps):
-            before.add(index)
+            want_before.add(index)
         if latest_us[index] > hi_us and not any(ts > hi_us for ts in stamps):
-            after.add(index)
-    missing = sorted(before | after)
-    if not missing:
-        return
-    rows = await _fetch_for_groups(conn, _NEIGHBOURS_UNBOUNDED, [groups[i] for i in missing])
-    for n, ts_us, value in rows:
-        index = missing[n - 1]
-        lo_us, hi_us = groups[index][2], groups[index][3]
-        if (ts_us < lo_us and index in before) or (ts_us > hi_us and index in after):
-            found[index].append((ts_us, value))
+            want_after.add(index)
+    wanted = sorted(want_before | want_after)
+    if wanted:
+        rows = await _fetch_for_groups(conn, _NEIGHBOURS_UNBOUNDED, [groups[i] for i in wanted])
+        for n, ts_us, value in rows:
+            index = wanted[n - 1]
+            lo_us, hi_us = groups[index][2], groups[index][3]
+            if (ts_us < lo_us and index in want_before) or (ts_us > hi_us and index in want_after):
+                found[index].append((ts_us, value))
+    in_full = set(full)
+    return found, [i not in in_full for i in range(len(groups))]
 
 
 async def unoccupied(conn: asyncpg.Connection, groups: Sequence[Group]) -> list[tuple[UUID, int]]:
