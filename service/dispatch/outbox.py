@@ -200,16 +200,24 @@ SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::bool[], $4::int[], $5::t
                      $6::float8[])
 """
 
-# The same, leaving out the attempts of setpoints deleted meanwhile (their dispatch was
-# deleted with its operator organization): only after the plain insert broke the key, since
-# the lookup costs every attempt.
-_ATTEMPTS_OF_EXISTING_SQL = """
+# The same, leaving out what is already stored: the attempts of setpoints deleted meanwhile
+# (their dispatch was deleted with its operator organization), and attempts a batch whose
+# commit went unanswered (the connection dropped) stored after all. Used only after the plain
+# insert broke the key or a batch's recording failed, since the lookups cost every attempt.
+# An attempt is known by all it stored: two attempts of one setpoint alike in time, status,
+# error and latency to the microsecond are one.
+_ATTEMPTS_NOT_STORED_SQL = """
 INSERT INTO setpoint_attempts (setpoint_id, attempt_time, cancellation, http_status, error,
     latency_ms)
 SELECT a.* FROM unnest($1::uuid[], $2::timestamptz[], $3::bool[], $4::int[], $5::text[],
                        $6::float8[]) AS a (setpoint_id, attempt_time, cancellation,
                                            http_status, error, latency_ms)
 WHERE EXISTS (SELECT 1 FROM setpoints s WHERE s.id = a.setpoint_id)
+  AND NOT EXISTS (
+    SELECT 1 FROM setpoint_attempts o
+    WHERE o.setpoint_id = a.setpoint_id AND o.attempt_time = a.attempt_time
+      AND o.cancellation = a.cancellation AND o.http_status IS NOT DISTINCT FROM a.http_status
+      AND o.error = a.error AND o.latency_ms = a.latency_ms)
 """
 
 
@@ -494,6 +502,9 @@ class OutboxDeliverer:
         self._finished: list[Finished] = []
         self._finished_ready = asyncio.Event()
         self._recorder: asyncio.Task[None] | None = None
+        # The last recording failed: its batch is still to record, and its commit may have
+        # gone through with the answer lost.
+        self._record_failed = False
         self._started = False
         # Attempts this replica made (tests and operators see each replica's share).
         self.attempts_sent = 0
@@ -538,7 +549,7 @@ class OutboxDeliverer:
         if self._finished:
             batch = self._take_finished()
             try:
-                await self._record(batch)
+                await self._record(batch, retried=self._record_failed)
             except Exception:
                 unrecorded_attempts = {item.claimed.setpoint_id for item in batch}
         # What was claimed here and not recorded goes back to the outbox now, rather than
@@ -959,23 +970,31 @@ class OutboxDeliverer:
             if not batch:
                 continue
             try:
-                await self._record(batch)
+                await self._record(batch, retried=self._record_failed)
             except asyncio.CancelledError:
                 self._finished[:0] = batch  # stop() records them
                 raise
             except Exception:
                 log.warning("recording %d delivery attempts failed; retrying", len(batch))
+                self._record_failed = True
                 self._finished[:0] = batch
                 await asyncio.sleep(1.0)
                 self._finished_ready.set()
+            else:
+                self._record_failed = False
 
-    async def _record(self, batch: Sequence[Finished]) -> None:
+    async def _record(self, batch: Sequence[Finished], retried: bool = False) -> None:
+        """Records ``batch``; ``retried`` after a failed recording of any of it, whose commit
+        may have gone through unanswered: its attempts are then stored only once."""
+        if retried:
+            await self._record_once(batch, _ATTEMPTS_NOT_STORED_SQL)
+            return
         try:
             await self._record_once(batch, _ATTEMPTS_SQL)
         except asyncpg.ForeignKeyViolationError:
             # A setpoint of the batch is gone: without this, the batch (and every result
             # added to it later) would fail again on each retry.
-            await self._record_once(batch, _ATTEMPTS_OF_EXISTING_SQL)
+            await self._record_once(batch, _ATTEMPTS_NOT_STORED_SQL)
 
     async def _record_once(self, batch: Sequence[Finished], attempts_sql: str) -> None:
         now = self._clock.now()

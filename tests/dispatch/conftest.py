@@ -106,8 +106,11 @@ class Cluster:
         self.url = url
         self.replicas: list[Replica] = []
 
-    async def replica(self, clock: Clock = SYSTEM_CLOCK, **overrides: Any) -> Replica:
-        service = Service(dispatch_settings(**overrides), self.url, clock=clock)
+    async def replica(
+        self, clock: Clock = SYSTEM_CLOCK, url: str | None = None, **overrides: Any
+    ) -> Replica:
+        """A replica; ``url`` reaches the cluster's database another way (a proxy)."""
+        service = Service(dispatch_settings(**overrides), url or self.url, clock=clock)
         await service.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
         replica = Replica(service, channel)

@@ -31,6 +31,7 @@ from tests.conftest import Org
 from tests.dispatch.conftest import UPSTREAM_CASES, Cluster, Flow, Replica
 from tests.dispatch.setpoint_receiver import Received, SetpointReceiver, running_receiver
 from tests.helpers import eventually, wait_until_blocked
+from tests.pg_proxy import commit_answer_cutter
 from tests.upstream.conftest import day
 
 BATTERY = site_pb.RESOURCE_TYPE_STATIC_BATTERY
@@ -347,9 +348,9 @@ class HeldScene:
 
 @asynccontextmanager
 async def held_first(
-    cluster: Cluster, sites: int, resources: int, **settings: Any
+    cluster: Cluster, sites: int, resources: int, url: str | None = None, **settings: Any
 ) -> AsyncIterator[HeldScene]:
-    replica = await cluster.replica(**{**ONE_SLOT, **settings})
+    replica = await cluster.replica(url=url, **{**ONE_SLOT, **settings})
     flow = Flow(replica)
     operator, partner, supplier = await flow.parties()
     answer = HeldFirst()
@@ -711,7 +712,8 @@ async def test_setpoints_let_go_while_their_leases_may_lapse_are_sent_later(
     # The only replica: the queued setpoints' renewals are held off (their rows locked), so
     # it lets them go unsent. Its own claims never take rows leased to it, so they would stay
     # stuck unless it releases them once the database answers.
-    async with held_first(cluster, sites=1, resources=3, **lengths) as scene:
+    settings: dict[str, Any] = lengths
+    async with held_first(cluster, sites=1, resources=3, **settings) as scene:
         queued = [
             uuid.UUID(s.id)
             for s in await scene.flow.setpoints(scene.operator, scene.dispatch.id)
@@ -951,6 +953,26 @@ async def test_a_result_for_a_deleted_setpoint_does_not_stop_the_recording(
         settled = await scene.flow.settle(scene.operator, later.id)
     assert {s.state for s in settled} == {ACCEPTED}
     assert [len(s.attempts) for s in settled] == [1]
+
+
+async def test_a_recording_whose_commit_went_unanswered_stores_its_attempts_once(
+    cluster: Cluster,
+) -> None:
+    async with (
+        commit_answer_cutter(cluster.url) as proxy,
+        held_first(cluster, sites=1, resources=1, url=proxy.url) as scene,
+    ):
+        proxy.arm()
+        scene.answer.release.set()
+        await asyncio.wait_for(proxy.cut_done.wait(), timeout=10)
+        # The recording is retried on a new connection; a later dispatch's recording comes
+        # after it.
+        later = (await scene.flow.dispatch(scene.operator)).dispatch
+        await scene.flow.settle(scene.operator, later.id)
+        settled = await scene.flow.settle(scene.operator, scene.dispatch.id)
+    assert proxy.cuts == 1
+    assert [s.state for s in settled] == [ACCEPTED]
+    assert [[a.http_status for a in s.attempts] for s in settled] == [[200]]
 
 
 async def test_a_cancelled_setpoint_whose_attempt_may_have_arrived_is_withdrawn(

@@ -1,0 +1,123 @@
+"""A TCP proxy in front of PostgreSQL that can lose the answer to a commit.
+
+A commit whose answer never arrives is the one failure a client cannot tell apart: the
+transaction may have committed or not. The proxy makes it happen on a real connection: once
+armed, the first transaction that inserted rows has its COMMIT forwarded, the server's answer
+read and thrown away, and the connection cut, so the commit is known to be done while the
+client sees only a dropped connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+# The command tag of an INSERT's CommandComplete message, and the simple query asyncpg sends
+# to commit a transaction.
+_INSERT_TAG = b"INSERT 0 "
+_COMMIT = b"COMMIT"
+
+
+class CommitAnswerCutter:
+    def __init__(self, database_url: str) -> None:
+        self._database_url = database_url
+        self._server: asyncio.Server | None = None
+        self._armed = False
+        self.cuts = 0
+        self.cut_done = asyncio.Event()
+
+    @property
+    def url(self) -> str:
+        """The database's URL, through the proxy."""
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        parts = urlsplit(self._database_url)
+        user, at, _ = parts.netloc.rpartition("@")
+        # Any unix-socket ``host`` parameter goes: the proxy is reached over TCP.
+        query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "host"])
+        return urlunsplit(parts._replace(netloc=f"{user}{at}127.0.0.1:{port}", query=query))
+
+    async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        parts = urlsplit(self._database_url)
+        socket_dir = dict(parse_qsl(parts.query)).get("host")
+        if socket_dir is not None or parts.hostname is None:
+            # The embedded server of the suite listens on a unix socket only.
+            path = f"{socket_dir or '/tmp'}/.s.PGSQL.{parts.port or 5432}"
+            return await asyncio.open_unix_connection(path)
+        return await asyncio.open_connection(parts.hostname, parts.port or 5432)
+
+    def arm(self) -> None:
+        """Loses the answer to the next commit of a transaction that inserted rows."""
+        self._armed = True
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _connection(
+        self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
+    ) -> None:
+        server_reader, server_writer = await self._open_upstream()
+        state = _Link()
+        pumps = [
+            asyncio.create_task(self._to_server(client_reader, server_writer, state)),
+            asyncio.create_task(self._to_client(server_reader, client_writer, state)),
+        ]
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            for writer in (client_writer, server_writer):
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+
+    async def _to_server(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: _Link
+    ) -> None:
+        while data := await reader.read(65536):
+            if self._armed and state.inserted and _COMMIT in data:
+                self._armed = False
+                state.losing_answer = True
+            elif _COMMIT in data:
+                state.inserted = False
+            writer.write(data)
+            await writer.drain()
+
+    async def _to_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: _Link
+    ) -> None:
+        while data := await reader.read(65536):
+            if state.losing_answer:
+                # The server answered the commit: it is done. The client never hears of it.
+                self.cuts += 1
+                self.cut_done.set()
+                return
+            if _INSERT_TAG in data:
+                state.inserted = True
+            writer.write(data)
+            await writer.drain()
+
+
+class _Link:
+    def __init__(self) -> None:
+        self.inserted = False
+        self.losing_answer = False
+
+
+@asynccontextmanager
+async def commit_answer_cutter(database_url: str) -> AsyncIterator[CommitAnswerCutter]:
+    proxy = CommitAnswerCutter(database_url)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
