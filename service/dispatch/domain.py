@@ -123,7 +123,8 @@ class DispatchRequest:
     def digest(self) -> str:
         """Identifies the request (not dry_run) so a retry with other terms is told apart."""
         canonical = {
-            "power_kw": repr(float(self.power_kw)),
+            # + 0.0: -0.0 (which protobuf carries) is the same request as 0.0.
+            "power_kw": repr(float(self.power_kw) + 0.0),
             "start": self.start_time.timestamp(),
             "end": self.end_time.timestamp(),
             "type": str(self.dispatch_type),
@@ -195,6 +196,8 @@ def validate_request(
             errors.add("end_time", "must be in the future")
     if len(set(request.selection.site_ids)) != len(request.selection.site_ids):
         errors.add("selection.site_ids", "must not repeat a site")
+    if len(set(request.selection.resource_types)) != len(request.selection.resource_types):
+        errors.add("selection.resource_types", "must not repeat a resource type")
     for index, kind in enumerate(request.selection.resource_types):
         if kind is ResourceType.METER:
             errors.add(
@@ -249,27 +252,34 @@ def _round(value: float) -> float:
     return round(value, POWER_DECIMALS) + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
+_WATTS_PER_KW: int = 10**POWER_DECIMALS
+
+
 def _within(value: float, low: float, high: float) -> float:
     """The whole watt nearest to ``value`` within the bounds: a bound finer than a watt
-    (1.2346 kW) must not be sent as the watt beyond it (1.235). Bounds that hold no whole
-    watt (narrower than one) get the watt nearest to their middle. The same value again
-    gives itself, which is what ``outside_bounds`` relies on."""
-    scale: int = 10**POWER_DECIMALS
+    (1.2346 kW) must not be sent as the watt beyond it (1.235). The same value again gives
+    itself, which is what ``outside_bounds`` relies on. The bounds must hold a whole watt
+    (``holds_a_whole_watt``)."""
     lowest, highest = _whole_watts_within(low, high)
     if lowest > highest:
-        watts = round((low + high) / 2 * scale)
-    else:
-        watts = min(max(round(value * scale), lowest), highest)
-    return watts / scale + 0.0  # + 0.0 turns -0.0 into 0.0
+        raise ValueError(f"[{low}, {high}] kW holds no whole watt")
+    watts = min(max(round(value * _WATTS_PER_KW), lowest), highest)
+    return watts / _WATTS_PER_KW + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+def holds_a_whole_watt(low: float, high: float) -> bool:
+    """Whether any setpoint can be sent within [low, high] kW: setpoints are sent in watts,
+    and a range narrower than one (1.2341-1.2349 kW) may hold none."""
+    lowest, highest = _whole_watts_within(low, high)
+    return lowest <= highest
 
 
 @functools.lru_cache(maxsize=1024)
 def _whole_watts_within(low: float, high: float) -> tuple[int, int]:
     """The lowest and highest whole watt within [low, high] kW. Cached: the resources of a
     dispatch mostly share a few bound pairs, and each is asked once per setpoint."""
-    scale: int = 10**POWER_DECIMALS
     # Rounded first: 2.0 kW is 2000.0000000000002 W in floating point, and holds 2000 W.
-    return math.ceil(round(low * scale, 6)), math.floor(round(high * scale, 6))
+    return math.ceil(round(low * _WATTS_PER_KW, 6)), math.floor(round(high * _WATTS_PER_KW, 6))
 
 
 def _headroom(candidate: Candidate, upwards: bool) -> float:
@@ -284,54 +294,95 @@ def allocate(
 
     EXACT: the target is split in proportion to the candidates' headroom in its direction;
     where bounds that exclude zero make that split miss a target the candidates can reach,
-    the difference is spread over the room each has left (``_towards``). A target beyond
-    what the bounds allow takes every candidate to that bound and the rest is shortfall.
+    the difference is spread over the room each has left (``_towards``). The shares are
+    then apportioned in whole watts (``_in_whole_watts``), so that they add up to the target
+    in watts. A target beyond what the bounds allow takes every candidate to that bound and
+    the rest is shortfall, with its sign.
     MAXIMISE_*: every candidate at its bound; ``power_kw`` is then only a goal against which
     shortfall is measured (0 = no goal). A setpoint is rounded to watts and kept within the
     resource's bounds, so a resource whose range excludes zero (e.g. a minimum consumption)
-    keeps at least that.
+    keeps at least that. Every candidate's bounds must hold a whole watt
+    (``holds_a_whole_watt``).
     """
-    upwards = (
-        power_kw >= 0
-        if dispatch_type is DispatchType.EXACT
-        else dispatch_type is DispatchType.MAXIMISE_UPWARDS
-    )
-    setpoints: list[tuple[Candidate, float]] = []
-    unreachable = False
     if dispatch_type is DispatchType.EXACT:
+        upwards = power_kw >= 0
         total = sum(_headroom(c, upwards) for c in candidates)
         share = 0.0 if total == 0 else min(1.0, power_kw / total)
         shares = [
             min(max(_headroom(c, upwards) * share, c.power_min_kw), c.power_max_kw)
             for c in candidates
         ]
-        reached, left = _towards(power_kw, shares, candidates)
-        unreachable = abs(left) > _UNREACHABLE_KW
-        for candidate, wanted in zip(candidates, reached, strict=True):
-            setpoints.append(
-                (candidate, _within(wanted, candidate.power_min_kw, candidate.power_max_kw))
-            )
-    else:
-        for candidate in candidates:
-            bound = candidate.power_max_kw if upwards else candidate.power_min_kw
-            setpoints.append(
-                (candidate, _within(bound, candidate.power_min_kw, candidate.power_max_kw))
-            )
+        reached, _ = _towards(power_kw, shares, candidates)
+        target_watts = round(power_kw * _WATTS_PER_KW)
+        watts = _in_whole_watts(target_watts, reached, candidates)
+        allocated_watts = sum(watts)
+        return Allocation(
+            [(c, w / _WATTS_PER_KW + 0.0) for c, w in zip(candidates, watts, strict=True)],
+            allocated_watts / _WATTS_PER_KW + 0.0,
+            # What the bounds cannot reach, with its sign (also the other side of zero: a
+            # target below the resources' minimum consumption).
+            (target_watts - allocated_watts) / _WATTS_PER_KW + 0.0,
+        )
+    upwards = dispatch_type is DispatchType.MAXIMISE_UPWARDS
+    setpoints: list[tuple[Candidate, float]] = []
+    for candidate in candidates:
+        bound = candidate.power_max_kw if upwards else candidate.power_min_kw
+        setpoints.append(
+            (candidate, _within(bound, candidate.power_min_kw, candidate.power_max_kw))
+        )
     allocated = _round(math.fsum(value for _, value in setpoints))
-    if dispatch_type is not DispatchType.EXACT and power_kw == 0:
+    if power_kw == 0:
         # No goal, so nothing can fall short of it (resources whose range excludes zero
         # would otherwise show up as a shortfall of a goal nobody set).
         return Allocation(setpoints, allocated, 0.0)
     missing = power_kw - allocated
-    # Beyond what the bounds allow on either side (also the other side of zero: a target
-    # below the resources' minimum consumption), what is missing counts with its sign; a
-    # target reached but for the rounding to watts counts only a shortfall, not an excess.
-    shortfall = missing if unreachable else max(missing, 0.0) if upwards else min(missing, 0.0)
+    # Only what falls short of the goal counts, not a goal exceeded.
+    shortfall = max(missing, 0.0) if upwards else min(missing, 0.0)
     return Allocation(setpoints, allocated, _round(shortfall))
 
 
-# Left of an EXACT target after _towards, beyond floating-point noise: it cannot be reached.
-_UNREACHABLE_KW = 1e-9
+def _in_whole_watts(
+    target_watts: int, shares_kw: Sequence[float], candidates: Sequence[Candidate]
+) -> list[int]:
+    """``shares_kw`` (each within its candidate's bounds) in whole watts within the bounds,
+    adding up to ``target_watts`` as far as the bounds allow.
+
+    Each share rounded on its own would miss the target by up to half a watt per setpoint,
+    and the same way for every one of a fleet of like resources (1.5 kW over 1,000 batteries
+    would be 2 kW). So each share is taken down to its whole watt, and the watts still
+    missing go one by one to the shares that lost most to that (largest remainder); a
+    surplus, which bounds finer than a watt can leave, is taken back the same way.
+    """
+    scale = _WATTS_PER_KW
+    floor = math.floor
+    bounds = [_whole_watts_within(c.power_min_kw, c.power_max_kw) for c in candidates]
+    # A millionth of a watt up first, as the bounds are rounded: 0.3 kW is
+    # 299.99999999999994 W.
+    watts = [
+        min(max(floor(share * scale + 1e-6), lowest), highest)
+        for share, (lowest, highest) in zip(shares_kw, bounds, strict=True)
+    ]
+    left = target_watts - sum(watts)
+    if left == 0:
+        return watts
+    deficits = [share * scale - whole for share, whole in zip(shares_kw, watts, strict=True)]
+    step = 1 if left > 0 else -1
+    # Most short of its share first for a watt more, most over it first for a watt less;
+    # ties in the candidates' order.
+    order = sorted(range(len(watts)), key=deficits.__getitem__, reverse=step > 0)
+    while left:
+        moved = False
+        for index in order:
+            lowest, highest = bounds[index]
+            if lowest <= watts[index] + step <= highest:
+                watts[index] += step
+                left -= step
+                moved = True
+                if not left:
+                    break
+        if not moved:
+            break  # every candidate is at its bound that way: the rest is shortfall
+    return watts
 
 
 def _towards(
@@ -375,7 +426,10 @@ def outside_bounds(
     """
     if power_min_kw is None or power_max_kw is None:
         return "resource has no power bounds"
-    if _within(power_kw, power_min_kw, power_max_kw) == power_kw:
+    if (
+        holds_a_whole_watt(power_min_kw, power_max_kw)
+        and _within(power_kw, power_min_kw, power_max_kw) == power_kw
+    ):
         return None
     return (
         f"power_kw {format_power(power_kw)} outside the resource's bounds now "

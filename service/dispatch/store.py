@@ -40,6 +40,7 @@ from service.dispatch.domain import (
     SetpointState,
     SiteEligibility,
     allocate,
+    holds_a_whole_watt,
     ineligibility,
     require_open_window,
 )
@@ -257,7 +258,11 @@ async def wake_outbox(conn: asyncpg.Connection) -> None:
 
 
 def plan(request: DispatchRequest, rows: Sequence[Mapping[str, Any]]) -> Planned:
-    """Eligibility and allocation over the candidate rows of ``_CANDIDATES_SQL``."""
+    """Eligibility and allocation over the candidate rows of ``_CANDIDATES_SQL``.
+
+    An eligible site counts once it has a resource the dispatch can use: a controllable one
+    of a selected type, with a webhook and bounds that hold a whole watt (setpoints are
+    sent in watts). Every selected site that is not eligible counts as such."""
     candidates: list[Candidate] = []
     partner_of_site: dict[UUID, UUID] = {}
     eligible_sites: set[UUID] = set()
@@ -282,10 +287,14 @@ def plan(request: DispatchRequest, rows: Sequence[Mapping[str, Any]]) -> Planned
             if not eligible:
                 ineligible_sites.add(site_id)
             counted = False
-        if not eligible or row["resource_id"] is None:
+        if (
+            not eligible
+            or row["resource_id"] is None
+            or not holds_a_whole_watt(row["power_min_kw"], row["power_max_kw"])
+        ):
             continue
         if not counted:
-            # Once per site, at its first candidate: a site without one is not counted.
+            # Once per site, at its first usable resource.
             counted = True
             partner_of_site[site_id] = row["partner_org_id"]
             eligible_sites.add(site_id)

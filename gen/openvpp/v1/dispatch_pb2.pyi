@@ -179,8 +179,10 @@ class FlexibilityDispatch(_message.Message):
     allocated_power_kw: _builtins.float
     """Output only: the sum of the setpoints' power_kw."""
     shortfall_power_kw: _builtins.float
-    """Output only: the part of the target that could not be allocated (same sign as the
-    target; 0 when fully allocated or when no goal was given).
+    """Output only: what of the target the setpoints do not reach, at watt resolution. For
+    EXACT the target less allocated_power_kw, with its sign (opposite to the target's when
+    the resources' minimum consumption exceeds it); for the MAXIMISE types only what falls
+    short of the goal (0 when the goal is met or none was given).
     """
     pending_count: _builtins.int
     """Output only: setpoints per state, as of the response."""
@@ -192,8 +194,10 @@ class FlexibilityDispatch(_message.Message):
     expired_count: _builtins.int
     not_eligible_count: _builtins.int
     eligible_site_count: _builtins.int
-    """Output only: eligible sites that got setpoints, and selected sites that were not
-    eligible when the dispatch was made (they got none).
+    """Output only: eligible sites that got setpoints (those with a controllable resource of a
+    selected type, a webhook_url and power bounds that hold a whole watt), and sites chosen
+    by site_ids and organization_id, whatever their resources, that were not eligible when
+    the dispatch was made (they got none).
     """
     ineligible_site_count: _builtins.int
     @_builtins.property
