@@ -117,6 +117,7 @@ class BalancingServicer(pb_grpc.BalancingServicer):
         limit = page_size_or_default(request.page_size)
         store = self._store()
         page = await fetch_page(
+            "ListMeterBalancingSettings",
             lambda after, n: store.list_settings(site_id, meter_id, after, n),
             limit,
             request.page_token,
@@ -178,6 +179,7 @@ class BalancingServicer(pb_grpc.BalancingServicer):
         limit = page_size_or_default(request.page_size)
         store = self._store()
         page = await fetch_page(
+            "ListSiteBalancingPolicies",
             lambda after, n: store.list_policies(site_id, after, n),
             limit,
             request.page_token,

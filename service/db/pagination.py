@@ -143,14 +143,17 @@ class Page(Generic[RowT]):
 
 
 async def fetch_page(
+    list_name: str,
     list_rows: Callable[[Cursor | None, int], Awaitable[tuple[Sequence[RowT], int]]],
     limit: int,
     page_token: str,
     *filters: object,
 ) -> Page[RowT]:
-    """One page of a list RPC: the token is checked against ``filters``, then
-    ``list_rows(after, limit + 1)`` gives the rows after its cursor and the total count."""
-    fingerprint = filters_fingerprint(*filters)
+    """One page of the list RPC ``list_name``: the token is checked against the list and
+    ``filters`` (two lists with one filter, ListResources and ListMeters of a site, must not
+    take each other's tokens), then ``list_rows(after, limit + 1)`` gives the rows after its
+    cursor and the total count."""
+    fingerprint = filters_fingerprint(list_name, *filters)
     after = decode_page_token(page_token, fingerprint)
     rows, total = await list_rows(after, limit + 1)
     page, next_token = trim_page(rows, limit, fingerprint)

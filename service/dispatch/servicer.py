@@ -82,7 +82,7 @@ class DispatchServicer(pb_grpc.DispatchServicer):
     ) -> pb.ListDispatchesResponse:
         limit = page_size_or_default(request.page_size)
         store = self._store()
-        page = await fetch_page(store.list_dispatches, limit, request.page_token)
+        page = await fetch_page("ListDispatches", store.list_dispatches, limit, request.page_token)
         return pb.ListDispatchesResponse(
             dispatches=[convert.dispatch_to_proto(d) for d in page.rows],
             next_page_token=page.next_page_token,
@@ -112,6 +112,7 @@ class DispatchServicer(pb_grpc.DispatchServicer):
         )
         store = self._store()
         page = await fetch_page(
+            "ListSetpoints",
             lambda after, n: store.list_setpoints(setpoint_filter, after, n),
             limit,
             request.page_token,

@@ -92,6 +92,7 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
         )
         store = self._store()
         page = await fetch_page(
+            "ListSites",
             lambda after, n: store.list_sites(site_filter, after, n),
             limit,
             request.page_token,
@@ -202,6 +203,7 @@ class SiteRegistryServicer(pb_grpc.SiteRegistryServicer):
         limit = page_size_or_default(request.page_size)
         store = self._store()
         page = await fetch_page(
+            "ListResources",
             lambda after, n: store.list_resources(site_id, after, n),
             limit,
             request.page_token,

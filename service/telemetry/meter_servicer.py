@@ -54,7 +54,11 @@ class MeterRegistryServicer(pb_grpc.MeterRegistryServicer):
         limit = page_size_or_default(request.page_size)
         store = self._store()
         page = await fetch_page(
-            lambda after, n: store.list(site_id, after, n), limit, request.page_token, site_id
+            "ListMeters",
+            lambda after, n: store.list(site_id, after, n),
+            limit,
+            request.page_token,
+            site_id,
         )
         return pb.ListMetersResponse(
             meters=[convert.meter_to_proto(m) for m in page.rows],

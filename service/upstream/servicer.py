@@ -83,6 +83,7 @@ class UpstreamRegistryServicer(pb_grpc.UpstreamRegistryServicer):
         )
         reader = self._reader()
         page = await fetch_page(
+            "ListUpstreamSites",
             lambda after, n: reader.list_upstream_sites(site_filter, after, n),
             limit,
             request.page_token,
@@ -157,6 +158,7 @@ class UpstreamRegistryServicer(pb_grpc.UpstreamRegistryServicer):
         limit = page_size_or_default(request.page_size)
         reader = self._reader()
         page = await fetch_page(
+            "ListContracts",
             lambda after, n: reader.list_contracts(upstream_site_id, after, n),
             limit,
             request.page_token,

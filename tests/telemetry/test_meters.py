@@ -7,7 +7,7 @@ from openvpp.v1 import meter_registry_pb2_grpc, site_registry_pb2_grpc, telemetr
 from openvpp.v1 import site_registry_pb2 as spb
 
 from tests.conftest import Org
-from tests.helpers import expect_invalid, rpc_error
+from tests.helpers import battery_request, expect_invalid, rpc_error
 from tests.telemetry.conftest import METER_START, Setup, make_setup, stamp
 
 
@@ -124,3 +124,23 @@ async def test_other_org_sees_not_found(setup: Setup, other_partner: Org) -> Non
     ):
         error = await rpc_error(call)
         assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_resource_list_token_is_refused_by_the_meter_list_of_its_site(
+    setup: Setup,
+) -> None:
+    # Both lists are filtered by the site alone: the token must still name its list.
+    for _ in range(2):
+        await setup.registry.CreateResource(battery_request(setup.site.id), metadata=setup.org.auth)
+        await setup.meter()
+    resources = await setup.registry.ListResources(
+        spb.ListResourcesRequest(site_id=setup.site.id, page_size=1), metadata=setup.org.auth
+    )
+    assert resources.next_page_token
+    await expect_invalid(
+        setup.meters.ListMeters(
+            mpb.ListMetersRequest(site_id=setup.site.id, page_token=resources.next_page_token),
+            metadata=setup.org.auth,
+        ),
+        "page_token",
+    )
