@@ -263,7 +263,10 @@ def _within(value: float, low: float, high: float) -> float:
     lowest, highest = _whole_watts_within(low, high)
     if lowest > highest:
         raise ValueError(f"[{low}, {high}] kW holds no whole watt")
-    watts = min(max(round(value * _WATTS_PER_KW), lowest), highest)
+    return _kw(min(max(round(value * _WATTS_PER_KW), lowest), highest))
+
+
+def _kw(watts: int) -> float:
     return watts / _WATTS_PER_KW + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
@@ -312,16 +315,16 @@ def allocate(
             min(max(_headroom(c, upwards) * share, c.power_min_kw), c.power_max_kw)
             for c in candidates
         ]
-        reached, _ = _towards(power_kw, shares, candidates)
+        reached = _towards(power_kw, shares, candidates)
         target_watts = round(power_kw * _WATTS_PER_KW)
         watts = _in_whole_watts(target_watts, reached, candidates)
         allocated_watts = sum(watts)
         return Allocation(
-            [(c, w / _WATTS_PER_KW + 0.0) for c, w in zip(candidates, watts, strict=True)],
-            allocated_watts / _WATTS_PER_KW + 0.0,
+            [(c, _kw(w)) for c, w in zip(candidates, watts, strict=True)],
+            _kw(allocated_watts),
             # What the bounds cannot reach, with its sign (also the other side of zero: a
             # target below the resources' minimum consumption).
-            (target_watts - allocated_watts) / _WATTS_PER_KW + 0.0,
+            _kw(target_watts - allocated_watts),
         )
     upwards = dispatch_type is DispatchType.MAXIMISE_UPWARDS
     setpoints: list[tuple[Candidate, float]] = []
@@ -387,9 +390,9 @@ def _in_whole_watts(
 
 def _towards(
     target_kw: float, values: Sequence[float], candidates: Sequence[Candidate]
-) -> tuple[list[float], float]:
+) -> list[float]:
     """``values`` (each within its candidate's bounds) moved together towards ``target_kw``,
-    each in proportion to its room that way, never beyond a bound; and what is left.
+    each in proportion to its room that way, never beyond a bound.
 
     The split by headroom misses a target when a resource's range excludes zero: clamped to
     its bound nearest zero (a minimum consumption), it adds power the split did not count,
@@ -398,20 +401,20 @@ def _towards(
     """
     missing = target_kw - math.fsum(values)
     if missing == 0:
-        return list(values), 0.0
+        return list(values)
     rooms = [
         (c.power_max_kw if missing > 0 else c.power_min_kw) - value
         for c, value in zip(candidates, values, strict=True)
     ]
     room = math.fsum(rooms)
     if room == 0:
-        return list(values), missing
+        return list(values)
     share = min(1.0, missing / room)
     moved = [
         min(max(value + each * share, c.power_min_kw), c.power_max_kw)
         for c, value, each in zip(candidates, values, rooms, strict=True)
     ]
-    return moved, missing - room * share
+    return moved
 
 
 def outside_bounds(
