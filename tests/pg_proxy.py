@@ -4,7 +4,8 @@ A commit whose answer never arrives is the one failure a client cannot tell apar
 transaction may have committed or not. The proxy makes it happen on a real connection: once
 armed, the first transaction that inserted rows has its COMMIT forwarded, the server's answer
 read and thrown away, and the connection cut, so the commit is known to be done while the
-client sees only a dropped connection.
+client sees only a dropped connection. Armed to hold, the proxy keeps the client waiting for
+that answer until ``let_go``, so the client can be cancelled while its commit is done.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 # to commit a transaction.
 _INSERT_TAG = b"INSERT 0 "
 _COMMIT = b"COMMIT"
+# The first eight bytes of a CancelRequest: its length (16) and its request code, 80877102.
+_CANCEL_REQUEST = b"\x00\x00\x00\x10\x04\xd2\x16\x2e"
 
 
 class CommitAnswerCutter:
@@ -26,8 +29,13 @@ class CommitAnswerCutter:
         self._database_url = database_url
         self._server: asyncio.Server | None = None
         self._armed = False
+        self._holding = False
+        self._let_go = asyncio.Event()
         self.cuts = 0
         self.cut_done = asyncio.Event()
+        # The answer is held (when armed to hold), and a client asked to cancel its command.
+        self.answer_held = asyncio.Event()
+        self.cancel_requested = asyncio.Event()
 
     @property
     def url(self) -> str:
@@ -49,9 +57,14 @@ class CommitAnswerCutter:
             return await asyncio.open_unix_connection(path)
         return await asyncio.open_connection(parts.hostname, parts.port or 5432)
 
-    def arm(self) -> None:
-        """Loses the answer to the next commit of a transaction that inserted rows."""
+    def arm(self, hold: bool = False) -> None:
+        """Loses the answer to the next commit of a transaction that inserted rows; with
+        ``hold``, only once ``let_go`` is called."""
         self._armed = True
+        self._holding = hold
+
+    def let_go(self) -> None:
+        self._let_go.set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
@@ -84,6 +97,8 @@ class CommitAnswerCutter:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: _Link
     ) -> None:
         while data := await reader.read(65536):
+            if data.startswith(_CANCEL_REQUEST):
+                self.cancel_requested.set()
             if self._armed and state.inserted and _COMMIT in data:
                 self._armed = False
                 state.losing_answer = True
@@ -98,6 +113,9 @@ class CommitAnswerCutter:
         while data := await reader.read(65536):
             if state.losing_answer:
                 # The server answered the commit: it is done. The client never hears of it.
+                if self._holding:
+                    self.answer_held.set()
+                    await self._let_go.wait()
                 self.cuts += 1
                 self.cut_done.set()
                 return

@@ -972,7 +972,9 @@ class OutboxDeliverer:
             try:
                 await self._record(batch, retried=self._record_failed)
             except asyncio.CancelledError:
-                self._finished[:0] = batch  # stop() records them
+                # stop() records them; the commit may have gone through as it was cut off.
+                self._record_failed = True
+                self._finished[:0] = batch
                 raise
             except Exception:
                 log.warning("recording %d delivery attempts failed; retrying", len(batch))
@@ -1079,5 +1081,6 @@ class OutboxDeliverer:
         self._unrecorded.difference_update(by_id)
         lost = len(batch) - len(rows)
         if lost:
-            # The lease expired during the attempt and another worker owns the row now.
-            log.warning("%d delivery results arrived after their lease expired", lost)
+            # The lease expired during the attempt and another worker owns the row now, or
+            # (recorded again) a commit whose answer was lost already settled it.
+            log.warning("%d delivery results found their setpoints no longer leased here", lost)

@@ -975,6 +975,36 @@ async def test_a_recording_whose_commit_went_unanswered_stores_its_attempts_once
     assert [[a.http_status for a in s.attempts] for s in settled] == [[200]]
 
 
+async def test_a_recording_cut_off_by_a_stop_during_its_commit_stores_its_attempts_once(
+    cluster: Cluster,
+) -> None:
+    async with commit_answer_cutter(cluster.url) as proxy:
+        async with held_first(cluster, sites=1, resources=1, url=proxy.url) as scene:
+            proxy.arm(hold=True)
+            scene.answer.release.set()
+            await asyncio.wait_for(proxy.answer_held.wait(), timeout=10)
+            # The recording's commit is done; the replica stops while it waits for the answer.
+            stopping = asyncio.create_task(cluster.stop(scene.replica))
+            await asyncio.wait_for(proxy.cancel_requested.wait(), timeout=10)
+            proxy.let_go()
+            await asyncio.wait_for(stopping, timeout=10)
+            setpoint_id = uuid.UUID(scene.first.body["setpoint_id"])
+        attempts = await _stored_attempts(cluster.url, setpoint_id)
+    assert proxy.cuts == 1
+    assert attempts == [200]
+
+
+async def _stored_attempts(database_url: str, setpoint_id: uuid.UUID) -> list[int | None]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT http_status FROM setpoint_attempts WHERE setpoint_id = $1", setpoint_id
+        )
+    finally:
+        await conn.close()
+    return [row["http_status"] for row in rows]
+
+
 async def test_a_cancelled_setpoint_whose_attempt_may_have_arrived_is_withdrawn(
     cluster: Cluster,
 ) -> None:
