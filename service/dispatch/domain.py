@@ -74,7 +74,8 @@ TRANSITIONS: dict[SetpointState, frozenset[SetpointState]] = {
     ),
     SetpointState.ACCEPTED: frozenset({SetpointState.CANCELLED}),
     SetpointState.REJECTED: frozenset(),
-    SetpointState.FAILED: frozenset(),
+    # Attempts that failed may still have reached the partner: a CancelDispatch withdraws them.
+    SetpointState.FAILED: frozenset({SetpointState.CANCELLED}),
     SetpointState.CANCELLED: frozenset(),
     SetpointState.EXPIRED: frozenset(),
     SetpointState.NOT_ELIGIBLE: frozenset(),
@@ -99,7 +100,8 @@ def check_transition(current: SetpointState, new: SetpointState) -> SetpointStat
 
 
 def is_terminal(state: SetpointState) -> bool:
-    """No further change, not even a cancellation (ACCEPTED may still become CANCELLED)."""
+    """No further change, not even a cancellation (ACCEPTED and FAILED may still become
+    CANCELLED)."""
     return not TRANSITIONS[state]
 
 
@@ -524,6 +526,8 @@ def _keep(
 
 
 MAY_HAVE_ARRIVED = "cancelled after an attempt that may have arrived"
+# The reason of a setpoint FAILED by a refused endpoint: that last attempt sent nothing.
+ENDPOINT_REFUSED = "endpoint refused"
 
 
 def _cancelled(row: OutboxRow, attempts: int, now: datetime) -> Settled:
@@ -547,6 +551,17 @@ def _cancelled(row: OutboxRow, attempts: int, now: datetime) -> Settled:
     )
 
 
+def _failed_then_cancelled(row: OutboxRow, now: datetime) -> Settled:
+    """A FAILED setpoint of a dispatch cancelled since: every attempt may have reached the
+    partner (timeouts, 5xx, lost answers) but a refused endpoint's, which fails the setpoint
+    at once, so it is the last. Those that may have are withdrawn while the window lasts;
+    with none, or with the window over, the setpoint stays FAILED."""
+    may_have_arrived = row.attempt_count - row.reason.startswith(f"{ENDPOINT_REFUSED}:")
+    if row.cancellation_state is not None or may_have_arrived <= 0 or row.end_time <= now:
+        return _keep(row)
+    return _cancelled(row, may_have_arrived, now)._replace(attempt_count=row.attempt_count)
+
+
 def before_attempt(row: OutboxRow, not_eligible: str | None, now: datetime) -> Settled | None:
     """Settles a just-claimed setpoint that must not be sent; None = send it now.
 
@@ -562,6 +577,8 @@ def before_attempt(row: OutboxRow, not_eligible: str | None, now: datetime) -> S
                 "(the setpoint is no longer valid anyway)",
             )
         return None
+    if row.state is SetpointState.FAILED and row.cancel_requested:
+        return _failed_then_cancelled(row, now)
     if row.state not in OPEN_STATES:
         return _keep(row)  # nothing to deliver (a stale outbox entry)
     if row.cancel_requested:
@@ -677,7 +694,7 @@ def after_attempt(
         return _keep(
             row,
             state=SetpointState.FAILED,
-            reason=f"endpoint refused: {failure}",
+            reason=f"{ENDPOINT_REFUSED}: {failure}",
             attempt_count=attempts,
         )
     if row.cancel_requested:

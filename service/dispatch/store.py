@@ -535,8 +535,8 @@ class DispatchStore:
         did not send them) become CANCELLED now; the others are marked and settled by a
         worker (at once for one waiting for a retry, or whose lease expired with its attempt
         unrecorded: it may have reached the partner, so it is withdrawn); ACCEPTED ones
-        within their window get a cancellation delivery. Calling it again changes nothing
-        more."""
+        within their window get a cancellation delivery, and so do FAILED ones whose
+        attempts may have arrived. Calling it again changes nothing more."""
         self._require_operator()
         now = self._clock.now()
         async with self._pool.acquire() as conn, conn.transaction():
@@ -610,10 +610,26 @@ class DispatchStore:
                 dispatch_id,
                 now,
             )
+            # FAILED ones may have reached the partner too: a worker takes them now and
+            # withdraws what may have (before_attempt), or leaves them FAILED.
+            failed = await conn.fetchval(
+                """
+                WITH requested AS (
+                    UPDATE setpoints SET cancel_requested_at = $2, next_attempt_at = $2
+                    WHERE dispatch_id = $1 AND state = 'failed' AND attempt_count > 0
+                      AND cancel_requested_at IS NULL AND cancellation_state IS NULL
+                      AND end_time > $2
+                    RETURNING 1
+                )
+                SELECT count(*) FROM requested
+                """,
+                dispatch_id,
+                now,
+            )
             await notify_setpoint_changes(
                 conn, [SetpointChange(*row) for row in [*cancelled, *to_withdraw]]
             )
-            if to_withdraw or retried:
+            if to_withdraw or retried or failed:
                 await wake_outbox(conn)
             return DispatchRecord.from_row(row, await self._counts(conn, dispatch_id))
 

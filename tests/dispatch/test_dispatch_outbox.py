@@ -1040,6 +1040,85 @@ async def test_a_cancelled_setpoint_whose_attempt_may_have_arrived_is_withdrawn(
     assert withdrawal.webhook_id == f"{cancelled.id}.cancel"
 
 
+@pytest.mark.parametrize("answer", [503, "timeout"])
+async def test_a_failed_setpoint_whose_attempts_may_have_arrived_is_withdrawn_when_cancelled(
+    cluster: Cluster, answer: int | str
+) -> None:
+    replica = await cluster.replica(dispatch_max_attempts=2, dispatch_timeout_seconds=0.3)
+    flow = Flow(replica)
+    operator, partner, supplier = await flow.parties()
+
+    async def failing_then_fine(received: Received) -> int:
+        # The partner may have acted on a request it answered 503, or too late.
+        if received.body["type"] == "setpoint":
+            if answer == "timeout":
+                await asyncio.sleep(1.0)
+                return 204
+            return int(answer)
+        return 204
+
+    async with running_receiver(failing_then_fine) as receiver:
+        receiver.trust(await flow.secret(partner))
+        await flow.site(partner, supplier, receiver.url())
+        dispatch = (await flow.dispatch(operator)).dispatch
+        (failed,) = await flow.settle(operator, dispatch.id)
+        assert failed.state == pb.SETPOINT_STATE_FAILED
+        for _ in range(2):  # the second call changes nothing more
+            await replica.dispatch.CancelDispatch(
+                pb.CancelDispatchRequest(dispatch_id=dispatch.id), metadata=operator.auth
+            )
+        (cancelled,) = await _all_cancelled_and_withdrawn(flow, operator, dispatch.id)
+        await asyncio.sleep(0.3)  # a second withdrawal would go out now
+    assert cancelled.reason == (
+        "cancelled after an attempt that may have arrived; cancellation delivered"
+    )
+    assert [a.cancellation for a in cancelled.attempts] == [False, False, True]
+    assert [r.body["type"] for r in receiver.for_setpoint(cancelled.id)] == [
+        "setpoint",
+        "setpoint",
+        "setpoint.cancelled",
+    ]
+    got = await replica.dispatch.GetDispatch(
+        pb.GetDispatchRequest(dispatch_id=dispatch.id), metadata=operator.auth
+    )
+    assert (got.dispatch.failed_count, got.dispatch.cancelled_count) == (0, 1)
+
+
+async def test_a_failed_setpoint_refused_at_its_only_attempt_stays_failed_when_cancelled(
+    cluster: Cluster,
+) -> None:
+    # One replica registers the loopback receiver (local networks allowed) and delivers
+    # nothing; the one that delivers refuses loopback addresses.
+    replica = await cluster.replica(dispatch_delivery_enabled=False)
+    await cluster.replica(webhook_allow_private_networks=False)
+    flow = Flow(replica)
+    operator, partner, supplier = await flow.parties()
+    async with running_receiver() as receiver:
+        receiver.trust(await flow.secret(partner))
+        await flow.site(partner, supplier, receiver.url())
+        dispatch = (await flow.dispatch(operator)).dispatch
+        (failed,) = await flow.settle(operator, dispatch.id)
+        await replica.dispatch.CancelDispatch(
+            pb.CancelDispatchRequest(dispatch_id=dispatch.id), metadata=operator.auth
+        )
+        setpoint_id = uuid.UUID(failed.id)
+
+        async def settled_again() -> bool:
+            # Marked by the cancellation, claimed and left FAILED: nothing is due.
+            due = await replica.pool.fetchval(
+                "SELECT next_attempt_at FROM setpoints WHERE id = $1", setpoint_id
+            )
+            return due is None
+
+        await eventually(settled_again, "the worker settles the failed setpoint")
+        await asyncio.sleep(0.3)  # a withdrawal would go out now
+        (after,) = await flow.setpoints(operator, dispatch.id)
+    assert failed.state == pb.SETPOINT_STATE_FAILED
+    assert failed.reason.startswith("endpoint refused: ")
+    assert (after.state, after.reason, len(after.attempts)) == (failed.state, failed.reason, 1)
+    assert receiver.received == []
+
+
 async def _waits_for_retry(flow: Flow, operator: Org, dispatch_id: str) -> bool:
     (setpoint,) = await flow.setpoints(operator, dispatch_id)
     return setpoint.state == pb.SETPOINT_STATE_DELIVERING and len(setpoint.attempts) == 1

@@ -410,13 +410,15 @@ class TestStates:
     def test_terminal_states_have_no_way_out(self) -> None:
         for state in (
             SetpointState.REJECTED,
-            SetpointState.FAILED,
             SetpointState.CANCELLED,
             SetpointState.EXPIRED,
             SetpointState.NOT_ELIGIBLE,
         ):
             assert is_terminal(state)
-        assert not is_terminal(SetpointState.ACCEPTED)
+        # Either may have reached the partner, so a cancellation still withdraws it.
+        for state in (SetpointState.ACCEPTED, SetpointState.FAILED):
+            assert not is_terminal(state)
+            assert TRANSITIONS[state] == {SetpointState.CANCELLED}
 
     def test_allowed_and_refused_transitions(self) -> None:
         assert check_transition(SetpointState.PENDING, SetpointState.DELIVERING)
@@ -623,6 +625,61 @@ class TestSettling:
             cancellation_state=CancellationState.PENDING,
         )
         assert before_attempt(withdrawing, "site status paused", NOW) is None
+
+    def test_a_failed_setpoint_of_a_cancelled_dispatch_is_withdrawn(self) -> None:
+        failed = settle(row(attempt_count=2), Outcome.RETRYABLE, 503)
+        assert failed.state is SetpointState.FAILED
+        claimed = row(
+            state=failed.state,
+            reason=failed.reason,
+            attempt_count=failed.attempt_count,
+            cancel_requested=True,
+        )
+        withdrawn = before_attempt(claimed, "site status paused", NOW)
+        assert withdrawn is not None
+        check_transition(SetpointState.FAILED, withdrawn.state)
+        assert withdrawn == (
+            SetpointState.CANCELLED,
+            "cancelled after an attempt that may have arrived; cancellation pending",
+            3,
+            NOW,
+            CancellationState.PENDING,
+            0,
+        )
+
+    @pytest.mark.parametrize(
+        ("attempt_count", "cancelled"), [(1, False), (2, True)], ids=["only", "after another"]
+    )
+    def test_a_refused_attempt_of_a_failed_setpoint_is_not_withdrawn(
+        self, attempt_count: int, cancelled: bool
+    ) -> None:
+        failed = settle(row(attempt_count=attempt_count - 1), Outcome.REFUSED)
+        assert failed.reason.startswith("endpoint refused: ")
+        claimed = row(
+            state=failed.state,
+            reason=failed.reason,
+            attempt_count=failed.attempt_count,
+            cancel_requested=True,
+        )
+        settled = before_attempt(claimed, None, NOW)
+        assert settled is not None
+        assert settled.attempt_count == attempt_count
+        if cancelled:
+            assert settled.state is SetpointState.CANCELLED
+            assert settled.cancellation_state is CancellationState.PENDING
+        else:
+            assert settled == (SetpointState.FAILED, failed.reason, attempt_count, None, None, 0)
+
+    def test_a_failed_setpoint_whose_window_ended_is_not_withdrawn(self) -> None:
+        claimed = row(
+            state=SetpointState.FAILED,
+            reason="no success after 3 attempts (last: HTTP 503)",
+            attempt_count=3,
+            cancel_requested=True,
+        )
+        settled = before_attempt(claimed, None, END)
+        assert settled is not None
+        assert (settled.state, settled.next_attempt_at) == (SetpointState.FAILED, None)
 
 
 def test_plan_counts_each_site_once_and_only_sites_with_a_candidate() -> None:

@@ -68,11 +68,13 @@ class _SetpointStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Setpoin
     SETPOINT_STATE_REJECTED: _SetpointState.ValueType  # 4
     """The partner answered 406 or 422; not retried. Terminal."""
     SETPOINT_STATE_FAILED: _SetpointState.ValueType  # 5
-    """The attempt limit was reached, or the endpoint is refused. Terminal."""
+    """The attempt limit was reached, or the endpoint is refused. Terminal, except that
+    CancelDispatch makes it CANCELLED when an attempt may have arrived, and withdraws it.
+    """
     SETPOINT_STATE_CANCELLED: _SetpointState.ValueType  # 6
-    """Cancelled before delivery (never sent); after an attempt that may have arrived, with a
-    cancellation delivered too; or after acceptance with the cancellation delivered.
-    Terminal.
+    """Cancelled before delivery (never sent); after an attempt that may have arrived (of an
+    open or a FAILED setpoint), with a cancellation delivered too; or after acceptance with
+    the cancellation delivered. Terminal.
     """
     SETPOINT_STATE_EXPIRED: _SetpointState.ValueType  # 7
     """Its window ended before it was delivered. Terminal."""
@@ -93,11 +95,13 @@ its cancellation is delivered.
 SETPOINT_STATE_REJECTED: SetpointState.ValueType  # 4
 """The partner answered 406 or 422; not retried. Terminal."""
 SETPOINT_STATE_FAILED: SetpointState.ValueType  # 5
-"""The attempt limit was reached, or the endpoint is refused. Terminal."""
+"""The attempt limit was reached, or the endpoint is refused. Terminal, except that
+CancelDispatch makes it CANCELLED when an attempt may have arrived, and withdraws it.
+"""
 SETPOINT_STATE_CANCELLED: SetpointState.ValueType  # 6
-"""Cancelled before delivery (never sent); after an attempt that may have arrived, with a
-cancellation delivered too; or after acceptance with the cancellation delivered.
-Terminal.
+"""Cancelled before delivery (never sent); after an attempt that may have arrived (of an
+open or a FAILED setpoint), with a cancellation delivered too; or after acceptance with
+the cancellation delivered. Terminal.
 """
 SETPOINT_STATE_EXPIRED: SetpointState.ValueType  # 7
 """Its window ended before it was delivered. Terminal."""

@@ -135,7 +135,7 @@ class DispatchServicer:
 
     def CancelDispatch(self, request, context):
         """Setpoints not yet delivered become CANCELLED and are never sent; ACCEPTED ones, and
-        cancelled ones an earlier attempt may have reached (its answer lost, a 5xx), get a
+        open or FAILED ones an earlier attempt may have reached (its answer lost, a 5xx), get a
         cancellation delivery (`power_kw` null: back to normal operation). Idempotent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
