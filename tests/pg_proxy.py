@@ -1,4 +1,5 @@
-"""A TCP proxy in front of PostgreSQL that can lose the answer to a commit.
+"""TCP proxies in front of PostgreSQL: one that can lose the answer to a commit, one whose
+network can go silent or be slow to let a new connection through.
 
 A commit whose answer never arrives is the one failure a client cannot tell apart: the
 transaction may have committed or not. The proxy makes it happen on a real connection: once
@@ -6,6 +7,9 @@ armed, the first transaction that inserted rows has its COMMIT forwarded, the se
 read and thrown away, and the connection cut, so the commit is known to be done while the
 client sees only a dropped connection. Armed to hold, the proxy keeps the client waiting for
 that answer until ``let_go``, so the client can be cancelled while its commit is done.
+
+A silent network drops every byte both ways and keeps the sockets open (a partition): no
+reset, no error, the client only ever waits.
 """
 
 from __future__ import annotations
@@ -24,18 +28,12 @@ _COMMIT = b"COMMIT"
 _CANCEL_REQUEST = b"\x00\x00\x00\x10\x04\xd2\x16\x2e"
 
 
-class CommitAnswerCutter:
+class PgProxy:
+    """Forwards every connection to the database as it is; subclasses change the pumps."""
+
     def __init__(self, database_url: str) -> None:
         self._database_url = database_url
         self._server: asyncio.Server | None = None
-        self._armed = False
-        self._holding = False
-        self._let_go = asyncio.Event()
-        self.cuts = 0
-        self.cut_done = asyncio.Event()
-        # The answer is held (when armed to hold), and a client asked to cancel its command.
-        self.answer_held = asyncio.Event()
-        self.cancel_requested = asyncio.Event()
 
     @property
     def url(self) -> str:
@@ -57,15 +55,6 @@ class CommitAnswerCutter:
             return await asyncio.open_unix_connection(path)
         return await asyncio.open_connection(parts.hostname, parts.port or 5432)
 
-    def arm(self, hold: bool = False) -> None:
-        """Loses the answer to the next commit of a transaction that inserted rows; with
-        ``hold``, only once ``let_go`` is called."""
-        self._armed = True
-        self._holding = hold
-
-    def let_go(self) -> None:
-        self._let_go.set()
-
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
 
@@ -74,9 +63,13 @@ class CommitAnswerCutter:
             self._server.close()
             await self._server.wait_closed()
 
+    async def _before_upstream(self) -> None:
+        """Awaited for each new connection before it is forwarded."""
+
     async def _connection(
         self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
     ) -> None:
+        await self._before_upstream()
         server_reader, server_writer = await self._open_upstream()
         state = _Link()
         pumps = [
@@ -92,6 +85,86 @@ class CommitAnswerCutter:
                 writer.close()
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()
+
+    async def _to_server(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: _Link
+    ) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+
+    async def _to_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: _Link
+    ) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+
+
+class FlakyNetwork(PgProxy):
+    """Forwards until ``go_silent``, from then on dropping every byte both ways; and, while
+    told to hold them, keeps new connections waiting before they reach the database."""
+
+    def __init__(self, database_url: str) -> None:
+        super().__init__(database_url)
+        self._silent = False
+        self._let_through = asyncio.Event()
+        self._let_through.set()
+        self.connection_held = asyncio.Event()
+
+    def go_silent(self) -> None:
+        self._silent = True
+
+    def hold_new_connections(self) -> None:
+        self._let_through.clear()
+
+    def let_connections_through(self) -> None:
+        self._let_through.set()
+
+    async def _before_upstream(self) -> None:
+        if not self._let_through.is_set():
+            self.connection_held.set()
+            await self._let_through.wait()
+
+    async def _to_server(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: _Link
+    ) -> None:
+        await self._forward_until_silent(reader, writer)
+
+    async def _to_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: _Link
+    ) -> None:
+        await self._forward_until_silent(reader, writer)
+
+    async def _forward_until_silent(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while data := await reader.read(65536):
+            if not self._silent:
+                writer.write(data)
+                await writer.drain()
+
+
+class CommitAnswerCutter(PgProxy):
+    def __init__(self, database_url: str) -> None:
+        super().__init__(database_url)
+        self._armed = False
+        self._holding = False
+        self._let_go = asyncio.Event()
+        self.cuts = 0
+        self.cut_done = asyncio.Event()
+        # The answer is held (when armed to hold), and a client asked to cancel its command.
+        self.answer_held = asyncio.Event()
+        self.cancel_requested = asyncio.Event()
+
+    def arm(self, hold: bool = False) -> None:
+        """Loses the answer to the next commit of a transaction that inserted rows; with
+        ``hold``, only once ``let_go`` is called."""
+        self._armed = True
+        self._holding = hold
+
+    def let_go(self) -> None:
+        self._let_go.set()
 
     async def _to_server(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: _Link
@@ -134,6 +207,16 @@ class _Link:
 @asynccontextmanager
 async def commit_answer_cutter(database_url: str) -> AsyncIterator[CommitAnswerCutter]:
     proxy = CommitAnswerCutter(database_url)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
+@asynccontextmanager
+async def flaky_network(database_url: str) -> AsyncIterator[FlakyNetwork]:
+    proxy = FlakyNetwork(database_url)
     await proxy.start()
     try:
         yield proxy

@@ -181,12 +181,40 @@ class EventHub:
                 del per_key[subscription.key]
 
     async def _ensure_listening(self, channel: str) -> None:
+        # Outside the lock first: a LISTEN under way for another channel must not hold up
+        # subscribers of one already listened to.
+        if channel in self._channels:
+            return
         async with self._lock:
             if channel in self._channels:
                 return
+            conn = self._conn
+            if conn is None or conn.is_closed():
+                self._channels.add(channel)  # the reconnect listens to every known channel
+                return
+            try:
+                # Bounded like the probe: on a connection that went silent (a partition, no
+                # reset) the LISTEN would otherwise hold the lock, and with it the probe
+                # that notices the loss, for as long as the kernel keeps the socket.
+                await asyncio.wait_for(
+                    conn.add_listener(channel, self._dispatch), self._probe_interval
+                )
+            except (
+                OSError,
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                TimeoutError,
+            ) as error:
+                # Lost or stuck: the next probe reconnects, listening to this channel too.
+                self._channels.add(channel)
+                conn.terminate()
+                raise EventsInterrupted(
+                    "lost the database connection that carries events"
+                ) from error
+            # Only now: asyncpg keeps a listener only once its LISTEN has returned, so a
+            # subscriber cancelled during it must leave the channel to the next one to
+            # listen to, not marked as listened with nothing listening.
             self._channels.add(channel)
-            if self._conn is not None and not self._conn.is_closed():
-                await self._conn.add_listener(channel, self._dispatch)
 
     async def _connect(self) -> None:
         async with self._lock:
@@ -195,6 +223,9 @@ class EventHub:
                 await conn.add_listener(channel, self._dispatch)
             conn.add_termination_listener(self._terminated)
             self._conn = conn
+        # Again now that notifications arrive: a cache refilled while the connection was
+        # coming back may have missed a change committed meanwhile.
+        self._reset_listeners()
 
     def _dispatch(self, _conn: object, _pid: int, channel: str, payload: str) -> None:
         for callback in self._listeners.get(channel, ()):
@@ -225,6 +256,9 @@ class EventHub:
             for subs in per_key.values():
                 for sub in list(subs):
                     sub.end(EventsInterrupted(why))
+        self._reset_listeners()
+
+    def _reset_listeners(self) -> None:
         for callback in self._on_reset:
             callback()
 

@@ -1,0 +1,124 @@
+"""The event hub's LISTEN connection against a real PostgreSQL: what a subscriber that goes
+away, a silent network and a reconnect leave behind."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import pytest
+
+from service.events.hub import EventHub, EventsInterrupted, Subscription
+from tests.helpers import eventually
+from tests.pg_proxy import flaky_network
+
+CHANNEL = "test_hub_channel"
+OTHER_CHANNEL = "test_hub_other_channel"
+
+
+async def notify(database_url: str, channel: str, payload: dict[str, Any]) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("SELECT pg_notify($1, $2)", channel, json.dumps(payload))
+    finally:
+        await conn.close()
+
+
+@asynccontextmanager
+async def running_hub(database_url: str, probe_interval_seconds: float) -> AsyncIterator[EventHub]:
+    hub = EventHub(database_url, probe_interval_seconds=probe_interval_seconds)
+    await hub.start()
+    try:
+        yield hub
+    finally:
+        await hub.close()
+
+
+async def next_event(subscription: Subscription, within: float = 5.0) -> dict[str, Any]:
+    return await asyncio.wait_for(subscription.__anext__(), within)
+
+
+async def test_a_subscriber_cancelled_during_the_first_listen_leaves_the_channel_listened(
+    database_url: str,
+) -> None:
+    async with running_hub(database_url, probe_interval_seconds=30) as hub:
+        # The first subscriber of a channel (a client that goes away, a deadline) is
+        # cancelled while the hub's LISTEN for it is under way.
+        first = asyncio.create_task(hub.subscribe(CHANNEL, "org", 10))
+        await asyncio.sleep(0)
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        later = await hub.subscribe(CHANNEL, "org", 10)
+        await notify(database_url, CHANNEL, {"key": "org", "n": 1})
+        assert (await next_event(later))["n"] == 1
+
+
+async def test_a_listen_on_a_silent_connection_ends_the_subscribers_and_reconnects(
+    database_url: str,
+) -> None:
+    async with (
+        flaky_network(database_url) as network,
+        running_hub(network.url, probe_interval_seconds=0.3) as hub,
+    ):
+        listened = await hub.subscribe(OTHER_CHANNEL, "org", 10)
+        network.go_silent()  # no reset, no error: the connection only goes quiet
+        # The first subscriber of a new channel, during the partition: its LISTEN never
+        # gets an answer.
+        with pytest.raises(EventsInterrupted):
+            await asyncio.wait_for(hub.subscribe(CHANNEL, "org", 10), 3)
+        with pytest.raises(EventsInterrupted):
+            await next_event(listened, within=3)
+        assert not hub.connected
+
+
+async def test_a_subscriber_of_a_listened_channel_does_not_wait_for_another_listen(
+    database_url: str,
+) -> None:
+    async with (
+        flaky_network(database_url) as network,
+        running_hub(network.url, probe_interval_seconds=5) as hub,
+    ):
+        await hub.subscribe(OTHER_CHANNEL, "org", 10)
+        network.go_silent()
+        stuck = asyncio.create_task(hub.subscribe(CHANNEL, "org", 10))
+        await asyncio.sleep(0.1)  # its LISTEN holds the lock
+        assert not stuck.done()
+        # Already listened to: nothing to wait for.
+        await asyncio.wait_for(hub.subscribe(OTHER_CHANNEL, "org", 10), 1)
+        stuck.cancel()
+        with contextlib.suppress(asyncio.CancelledError, EventsInterrupted):
+            await stuck
+
+
+async def test_listeners_are_reset_once_the_reconnected_listen_is_back(
+    database_url: str,
+) -> None:
+    async with (
+        flaky_network(database_url) as network,
+        running_hub(network.url, probe_interval_seconds=0.2) as hub,
+    ):
+        seen: list[str] = []
+        await hub.listen(CHANNEL, lambda payload: seen.append("notified"))
+        hub.on_reset(lambda: seen.append("reset"))
+        network.hold_new_connections()
+        conn = await asyncpg.connect(database_url)
+        try:
+            assert hub._conn is not None
+            await conn.execute("SELECT pg_terminate_backend($1)", hub._conn.get_server_pid())
+        finally:
+            await conn.close()
+        # The hub has seen the loss (and reset its listeners) and is reconnecting. A cache
+        # refilled now, and a change committed before the LISTEN is back: nothing notifies
+        # it, so a reset must come after the reconnect.
+        await asyncio.wait_for(network.connection_held.wait(), 10)
+        seen.append("refilled")
+        await notify(database_url, CHANNEL, {"key": "k"})
+        network.let_connections_through()
+        await eventually(lambda: hub.connected, "the hub reconnects")
+        assert "reset" in seen[seen.index("refilled") :]
