@@ -249,6 +249,31 @@ async def test_terminating_frees_the_period_for_a_new_contract(api: Api, supplie
     assert new.state == pb.CONTRACT_STATE_PENDING
 
 
+async def test_contract_terminated_before_its_start_is_inactive_everywhere(
+    api: Api, supplier: Org, partner: Org
+) -> None:
+    # The contract, the supplier's upstream site (state computed in SQL) and the partner's
+    # site must agree: it will never be in force, so it is inactive at once.
+    identifier = random_identifier()
+    upstream_site = await api.upstream_site(supplier, identifier)
+    partner_site = await api.partner_site(partner, identifier)
+    contract = await api.contract(supplier, upstream_site.id, days(30))
+    terminated = await api.terminate(supplier, contract.id, days(10))
+    assert terminated.state == pb.CONTRACT_STATE_INACTIVE
+    shown = await api.get_upstream_site(supplier, upstream_site.id)
+    assert shown.contract_state == pb.CONTRACT_STATE_INACTIVE
+    assert await api.status(partner, partner_site.id) == site_pb.UPSTREAM_STATUS_CONTRACT_INACTIVE
+
+    async def listed(state: pb.ContractState.ValueType) -> list[str]:
+        page = await api.upstream.ListUpstreamSites(
+            pb.ListUpstreamSitesRequest(contract_state=state), metadata=supplier.auth
+        )
+        return [s.id for s in page.upstream_sites]
+
+    assert await listed(pb.CONTRACT_STATE_INACTIVE) == [upstream_site.id]
+    assert await listed(pb.CONTRACT_STATE_PENDING) == []
+
+
 async def test_list_upstream_sites_filters_and_pages(
     api: Api, supplier: Org, clock: FakeClock
 ) -> None:
