@@ -138,9 +138,18 @@ class ResourceFields:
     webhook_url: str
 
 
+# Names zoneinfo can find in the host's zone directory that are no place's IANA zone.
+# ``localtime`` is Debian's link to the host's /etc/localtime: a different zone on each
+# replica, and unknown to PostgreSQL, so SQL converting with AT TIME ZONE fails on it.
+# ``posixrules`` is zic's template for POSIX TZ strings, also unknown to PostgreSQL
+# (available_timezones() drops it itself; named here so the rule does not rest on that).
+# ``Factory`` is tzdata's placeholder for "no zone configured": its time is no one's.
+_NOT_SITE_TIMEZONES = frozenset({"localtime", "posixrules", "Factory"})
+
+
 @cache
 def _known_timezones() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones())
+    return frozenset(zoneinfo.available_timezones()) - _NOT_SITE_TIMEZONES
 
 
 def validate_site(site: SiteFields, prefix: str = "") -> SiteFields:
