@@ -34,12 +34,34 @@ class ValidationError(DomainError):
         self.violations = list(violations)
         if not self.violations:
             raise ValueError("ValidationError needs at least one violation")
-        summary = "; ".join(f"{v.field}: {v.rule}" for v in self.violations)
-        super().__init__(f"invalid request: {summary}")
+        super().__init__(f"invalid request: {_summary(self.violations)}")
 
     @classmethod
     def single(cls, field: str, rule: str) -> ValidationError:
         return cls([FieldViolation(field, rule)])
+
+
+# The message names the first violations only, within this many UTF-8 bytes: it travels in
+# the grpc-message trailer, whose size clients cap, and a request may break a rule in each
+# of thousands of items. Every violation is in the error details (as far as they fit).
+SUMMARY_MAX_BYTES = 400
+
+
+def _summary(violations: list[FieldViolation]) -> str:
+    parts: list[str] = []
+    size = 0
+    for shown, violation in enumerate(violations):
+        part = f"{violation.field}: {violation.rule}"
+        part_size = len(part.encode()) + 2
+        if size + part_size > SUMMARY_MAX_BYTES:
+            if not parts:  # the first one alone is too long: cut it, whole characters
+                parts.append(part.encode()[:SUMMARY_MAX_BYTES].decode(errors="ignore") + "...")
+                shown = 1
+            left = len(violations) - shown
+            return "; ".join(parts) + (f"; and {left} more" if left else "")
+        parts.append(part)
+        size += part_size
+    return "; ".join(parts)
 
 
 class NotFoundError(DomainError):

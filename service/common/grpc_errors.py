@@ -15,6 +15,7 @@ from service.common.errors import (
     AlreadyExistsError,
     DomainError,
     FailedPreconditionError,
+    FieldViolation,
     MalformedRequestError,
     NotFoundError,
     ValidationError,
@@ -41,6 +42,34 @@ CONCURRENT_CONFLICT = (
 )
 
 
+# Clients refuse trailers past a soft limit of 8 KiB (gRPC core: at random between 8 and
+# 16 KiB, always beyond): a BadRequest of thousands of violations arrives as
+# RESOURCE_EXHAUSTED with no details at all. It carries the first ones that fit in this many
+# bytes (base64 in grpc-status-details-bin), the message saying how many there were.
+MAX_FIELD_VIOLATION_BYTES = 3072
+# One violation's field path or rule is cut at this length, so that one long rule (quoting
+# a client's value) cannot crowd out all the others.
+MAX_VIOLATION_TEXT_CHARS = 300
+
+
+def _clipped(text: str) -> str:
+    if len(text) <= MAX_VIOLATION_TEXT_CHARS:
+        return text
+    return text[: MAX_VIOLATION_TEXT_CHARS - 3] + "..."
+
+
+def _bad_request(violations: list[FieldViolation]) -> error_details_pb2.BadRequest:
+    bad_request = error_details_pb2.BadRequest()
+    for violation in violations:
+        bad_request.field_violations.add(
+            field=_clipped(violation.field), description=_clipped(violation.rule)
+        )
+        if bad_request.ByteSize() > MAX_FIELD_VIOLATION_BYTES:
+            del bad_request.field_violations[-1]
+            break
+    return bad_request
+
+
 def _packed(message: object) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)  # type: ignore[arg-type]
@@ -51,20 +80,17 @@ def status_for(error: DomainError) -> grpc.Status:
     """The gRPC status (code, message and details) that tells the caller what went wrong."""
     code: int
     details: list[any_pb2.Any] = []
+    message = error.message
     if isinstance(error, ValidationError):
         code = code_pb2.INVALID_ARGUMENT
-        details.append(
-            _packed(
-                error_details_pb2.BadRequest(
-                    field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(
-                            field=v.field, description=v.rule
-                        )
-                        for v in error.violations
-                    ]
-                )
+        bad_request = _bad_request(error.violations)
+        details.append(_packed(bad_request))
+        reported = len(bad_request.field_violations)
+        if reported < len(error.violations):
+            message = (
+                f"{message} ({len(error.violations)} violations, the first {reported} "
+                "in the details)"
             )
-        )
     elif isinstance(error, NotFoundError):
         code = code_pb2.NOT_FOUND
         details.append(
@@ -110,7 +136,7 @@ def status_for(error: DomainError) -> grpc.Status:
     else:
         code = code_pb2.INVALID_ARGUMENT
     status: grpc.Status = rpc_status.to_status(
-        status_pb2.Status(code=code, message=error.message, details=details)
+        status_pb2.Status(code=code, message=message, details=details)
     )
     return status
 

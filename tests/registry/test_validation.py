@@ -503,3 +503,28 @@ async def test_list_filters_must_be_known_values(registry: Stub, partner: Org) -
         ),
         metadata=auth,
     )
+
+
+@pytest.mark.parametrize(
+    "identifier",
+    ["a\x00", "!!", "ü" * 64],
+    ids=["checked first (request limits)", "domain rule", "long and not ASCII"],
+)
+async def test_a_request_breaking_a_rule_in_every_item_still_gets_its_field_violations(
+    registry: Stub, partner: Org, identifier: str
+) -> None:
+    # One violation per item, hundreds of items: the trailers must stay within what gRPC
+    # clients accept (beyond it the call ends RESOURCE_EXHAUSTED with no details).
+    request = site_request("541448820000000008", country="BE")
+    del request.supply_points[:]
+    request.supply_points.extend(point(identifier) for _ in range(300))
+    error = await rpc_error(registry.CreateSite(request, metadata=partner.auth))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    violations = field_violations(error)
+    assert 0 < len(violations) < 300
+    assert all(field.startswith("supply_points[") for field in violations)
+    details = error.details()
+    assert details is not None
+    assert details.startswith("invalid request: supply_points[0].grid_identifier: ")
+    assert f", the first {len(violations)} in the details)" in details
+    assert len(details.encode()) < 1024
