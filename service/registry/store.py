@@ -232,6 +232,11 @@ class RegistryStore:
 
     async def create_site(self, fields: SiteFields) -> SiteRecord:
         async with self._pool.acquire() as conn, conn.transaction():
+            if fields.grid_identifier is not None:
+                # Waited for before the row is written, not after: the row's created_at
+                # (its place in ListSites' keyset) is then close to its commit, and a page
+                # read meanwhile cannot pass over it while a supplier holds the identifier.
+                await upstream_sync.lock_identifiers(conn, [fields.grid_identifier])
             try:
                 row = await conn.fetchrow(
                     """

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 
 import pytest
 from openvpp.v1 import site_registry_pb2 as pb
 
-from tests.conftest import Org
-from tests.helpers import battery_request, expect_invalid, site_request
+from service.app import Service
+from service.auth.principal import Role
+from service.upstream.status import identifier_lock_key
+from tests.conftest import MakeOrg, Org
+from tests.helpers import (
+    battery_request,
+    expect_invalid,
+    random_identifier,
+    site_request,
+    wait_until_blocked,
+)
 from tests.registry.support import Stub
 
 
@@ -274,3 +284,30 @@ async def test_resource_pages_with_a_concurrent_insert(
         request.page_token = page.next_page_token
     assert seen == created
     assert page.total_size == 6
+
+
+async def test_a_site_created_while_a_supplier_holds_its_identifier_is_not_passed_over(
+    service: Service, registry: Stub, make_org: MakeOrg
+) -> None:
+    partner = await make_org(Role.PARTNER)
+    identifier = random_identifier()
+    assert service.pool is not None
+    async with service.pool.acquire() as holder, holder.transaction():
+        # A supplier's write on the identifier (or the upstream scheduler) holds its lock.
+        await holder.execute("SELECT pg_advisory_xact_lock($1)", identifier_lock_key(identifier))
+        slow = asyncio.ensure_future(
+            registry.CreateSite(site_request(identifier), metadata=partner.auth)
+        )
+        await wait_until_blocked(holder, 1, slow)
+        others = await create_sites(registry, partner, 2)
+        first = await registry.ListSites(pb.ListSitesRequest(page_size=1), metadata=partner.auth)
+    slow_site = (await slow).site
+    seen = [site.id for site in first.sites]
+    token = first.next_page_token
+    while token:
+        page = await registry.ListSites(
+            pb.ListSitesRequest(page_size=1, page_token=token), metadata=partner.auth
+        )
+        seen += [site.id for site in page.sites]
+        token = page.next_page_token
+    assert seen == [*others, slow_site.id]
