@@ -89,13 +89,14 @@ class PgProxy:
     async def _to_server(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: _Link
     ) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
+        await self._forward(reader, writer)
 
     async def _to_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: _Link
     ) -> None:
+        await self._forward(reader, writer)
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while data := await reader.read(65536):
             writer.write(data)
             await writer.drain()
@@ -126,19 +127,7 @@ class FlakyNetwork(PgProxy):
             self.connection_held.set()
             await self._let_through.wait()
 
-    async def _to_server(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: _Link
-    ) -> None:
-        await self._forward_until_silent(reader, writer)
-
-    async def _to_client(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: _Link
-    ) -> None:
-        await self._forward_until_silent(reader, writer)
-
-    async def _forward_until_silent(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while data := await reader.read(65536):
             if not self._silent:
                 writer.write(data)
