@@ -19,7 +19,7 @@ from service.app import Service, check_settings
 from service.auth.principal import Role
 from service.auth.store import IdentityStore, IssuedToken
 from service.common.text import NAME_LENGTH, text_rule
-from service.config import Settings
+from service.config import LOG_LEVELS, Settings, check_log_level
 from service.db.database import EmbeddedPostgres
 from service.db.migrate import migrate
 from service.observability import setup_logging, setup_tracing
@@ -188,7 +188,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         metavar="LEVEL",
-        help="DEBUG, INFO (default), WARNING or ERROR (OPENVPP_LOG_LEVEL)",
+        help=f"one of {', '.join(LOG_LEVELS)}; default INFO (OPENVPP_LOG_LEVEL)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -292,6 +292,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse_unusable_settings(settings: Settings, command: str) -> None:
+    """Stops the command with one line naming every value it cannot run with, before it
+    starts anything (a traceback from deep inside logging or asyncpg names none)."""
+    checks: list[Callable[[Settings], None]] = [check_log_level]
+    if command == "serve":
+        checks.append(check_settings)
+    problems = []
+    for check in checks:
+        try:
+            check(settings)
+        except ValueError as problem:
+            problems.append(str(problem))
+    if problems:
+        raise SystemExit("; ".join(problems))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides: dict[str, Any] = {
@@ -308,11 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             # Checked before any database is started; the table enforces the same bounds.
             raise SystemExit(f"organization name must be 1 to {MAX_ORG_NAME_LENGTH} characters")
     settings = Settings.from_env(**overrides)
-    if args.command == "serve":
-        try:
-            check_settings(settings)
-        except ValueError as problem:
-            raise SystemExit(str(problem)) from None
+    _refuse_unusable_settings(settings, args.command)
     setup_logging(settings.log_level)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
 

@@ -9,6 +9,10 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "OPENVPP_"
+# The levels OPENVPP_LOG_LEVEL may name (any case). ``logging`` would also take NOTSET and
+# the aliases WARN and FATAL, but refuses anything else only once it is set up, with a
+# traceback; these are checked first.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @dataclass(frozen=True)
@@ -143,3 +147,43 @@ def refuse_broken_values(section: str, checks: Iterable[tuple[str, bool, str]]) 
     ]
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def check_log_level(settings: Settings) -> None:
+    """Raises ValueError naming the variable and the flag if the log level is not one of
+    LOG_LEVELS; every command logs, so every command checks it before it starts anything."""
+    if settings.log_level.upper() not in LOG_LEVELS:
+        raise ValueError(
+            f"{ENV_PREFIX}LOG_LEVEL (--log-level) must be one of {', '.join(LOG_LEVELS)},"
+            f" not {settings.log_level!r}"
+        )
+
+
+def check_pool_sizes(settings: Settings) -> None:
+    """Raises ValueError naming the pool sizes asyncpg would refuse (with a traceback,
+    after the embedded database was started)."""
+    low, high = settings.db_pool_min_size, settings.db_pool_max_size
+    refuse_broken_values(
+        "DB",
+        (
+            ("pool_min_size", low < 0, ">= 0"),
+            ("pool_max_size", high < 1, ">= 1"),
+            (
+                "pool_min_size",
+                1 <= high < low,
+                f"<= {ENV_PREFIX}DB_POOL_MAX_SIZE ({low} > {high})",
+            ),
+        ),
+    )
+
+
+def check_grpc_address(settings: Settings) -> None:
+    """Raises ValueError if the address names a port outside 0 to 65535: gRPC would listen
+    on that number modulo 65536 instead (99999 on 34463), and the start-up line would
+    still name 99999."""
+    _host, colon, port = settings.grpc_address.rpartition(":")
+    if colon and port.lstrip("-").isdigit() and not 0 <= int(port) <= 65535:
+        raise ValueError(
+            f"{ENV_PREFIX}GRPC_ADDRESS (serve --grpc-address) must name a port from 0 to"
+            f" 65535, not {port}"
+        )

@@ -48,10 +48,13 @@ def environment(data_dir: Path, **overrides: str) -> dict[str, str]:
     return env
 
 
-def cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(
+    data_dir: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``openvpp *args``; ``env`` adds to (or replaces) the harness's OPENVPP_* variables."""
     return subprocess.run(
         [OPENVPP, *args],
-        env=environment(data_dir),
+        env=environment(data_dir, **(env or {})),
         capture_output=True,
         text=True,
         timeout=START_TIMEOUT,

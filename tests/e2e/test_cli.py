@@ -4,6 +4,7 @@ on one data directory with embedded PostgreSQL, as an operator would run them.""
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -198,3 +199,50 @@ def test_serve_refuses_settings_that_would_stall_delivery_before_starting_anythi
         assert named in message
     assert "Traceback" not in message
     assert not Path(nowhere).exists()
+
+
+def refusal(result: subprocess.CompletedProcess[str]) -> str:
+    """The one line a command stopped with: exit code 1, no traceback, nothing on stdout."""
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    return line
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["migrate"], {"OPENVPP_LOG_LEVEL": "verbose"}),
+        (["--log-level", "verbose", "orgs", "list"], {}),
+        (["serve"], {"OPENVPP_LOG_LEVEL": "verbose"}),
+    ],
+)
+def test_an_unknown_log_level_stops_any_command_with_one_line(
+    data_dir: Path, args: list[str], env: dict[str, str]
+) -> None:
+    never_created = data_dir / "db"
+    line = refusal(cli(never_created, *args, env=env))
+    assert "OPENVPP_LOG_LEVEL" in line
+    assert "--log-level" in line
+    assert "DEBUG, INFO, WARNING, ERROR" in line
+    assert "'verbose'" in line
+    assert not never_created.exists()
+
+
+def test_serve_refuses_a_pool_minimum_above_its_maximum_before_starting_anything(
+    data_dir: Path,
+) -> None:
+    never_created = data_dir / "db"
+    sizes = {"OPENVPP_DB_POOL_MIN_SIZE": "5", "OPENVPP_DB_POOL_MAX_SIZE": "2"}
+    line = refusal(cli(never_created, "serve", env=sizes))
+    assert "OPENVPP_DB_POOL_MIN_SIZE must be <= OPENVPP_DB_POOL_MAX_SIZE (5 > 2)" in line
+    assert not never_created.exists()
+
+
+def test_serve_refuses_a_port_beyond_65535_before_starting_anything(data_dir: Path) -> None:
+    never_created = data_dir / "db"
+    line = refusal(cli(never_created, "serve", "--grpc-address", "127.0.0.1:99999"))
+    assert "OPENVPP_GRPC_ADDRESS (serve --grpc-address)" in line
+    assert "99999" in line
+    assert not never_created.exists()

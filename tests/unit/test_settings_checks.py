@@ -1,0 +1,76 @@
+"""Values no command can run with are refused at start-up, naming the variable (and flag)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from service.app import check_settings
+from service.config import Settings, check_grpc_address, check_log_level, check_pool_sizes
+
+
+@pytest.mark.parametrize("level", ["DEBUG", "info", "Warning", "error", "CRITICAL"])
+def test_the_log_levels_in_any_case_are_accepted(level: str) -> None:
+    check_log_level(Settings(log_level=level))
+
+
+@pytest.mark.parametrize("level", ["verbose", "TRACE", "10", "NOTSET"])
+def test_any_other_log_level_is_refused_naming_the_variable_the_flag_and_the_levels(
+    level: str,
+) -> None:
+    expected = (
+        "OPENVPP_LOG_LEVEL (--log-level) must be one of DEBUG, INFO, WARNING, ERROR,"
+        f" CRITICAL, not {level!r}"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        check_log_level(Settings(log_level=level))
+
+
+@pytest.mark.parametrize(("low", "high"), [(0, 1), (2, 20), (5, 5)])
+def test_pool_sizes_asyncpg_takes_are_accepted(low: int, high: int) -> None:
+    check_pool_sizes(Settings(db_pool_min_size=low, db_pool_max_size=high))
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "message"),
+    [
+        (5, 2, "OPENVPP_DB_POOL_MIN_SIZE must be <= OPENVPP_DB_POOL_MAX_SIZE (5 > 2)"),
+        (-1, 20, "OPENVPP_DB_POOL_MIN_SIZE must be >= 0"),
+        (2, 0, "OPENVPP_DB_POOL_MAX_SIZE must be >= 1"),
+    ],
+)
+def test_pool_sizes_asyncpg_refuses_are_named(low: int, high: int, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        check_pool_sizes(Settings(db_pool_min_size=low, db_pool_max_size=high))
+
+
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1:0", "0.0.0.0:65535", "[::]:50051", "localhost:50051", "unix:/tmp/s"]
+)
+def test_addresses_with_a_port_in_range_or_none_are_left_to_grpc(address: str) -> None:
+    check_grpc_address(Settings(grpc_address=address))
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:99999", "127.0.0.1:-1", "[::]:65536"])
+def test_a_port_grpc_would_wrap_around_is_refused(address: str) -> None:
+    with pytest.raises(ValueError, match=r"^OPENVPP_GRPC_ADDRESS \(serve --grpc-address\)"):
+        check_grpc_address(Settings(grpc_address=address))
+
+
+def test_serve_names_every_broken_value_at_once() -> None:
+    broken = Settings(
+        grpc_address="127.0.0.1:70000",
+        db_pool_min_size=30,
+        db_pool_max_size=20,
+        dispatch_max_in_flight=0,
+    )
+    with pytest.raises(ValueError, match="OPENVPP_") as refused:
+        check_settings(broken)
+    message = str(refused.value)
+    for named in (
+        "OPENVPP_GRPC_ADDRESS",
+        "OPENVPP_DB_POOL_MIN_SIZE",
+        "OPENVPP_DISPATCH_MAX_IN_FLIGHT",
+    ):
+        assert named in message
