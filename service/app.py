@@ -61,6 +61,14 @@ GRPC_OPTIONS = [
 HEALTH_DESCRIPTOR = health_pb2.DESCRIPTOR.services_by_name["Health"]
 
 
+class GrpcAddressUnusableError(RuntimeError):
+    """gRPC cannot listen on the configured address: it is taken, or not one it can bind."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(f"cannot bind {address} (in use, or not a valid HOST:PORT?)")
+        self.address = address
+
+
 def check_settings(settings: Settings) -> None:
     """Raises ValueError naming every ``OPENVPP_*`` value the service or a capability cannot
     run with; called before anything starts, so a bad value is one line, not a failed
@@ -150,8 +158,6 @@ class Service:
             signing_secret_grace=timedelta(seconds=settings.dispatch_signing_secret_grace_seconds),
         )
         self.identity = identity
-        if settings.bootstrap:
-            self.bootstrap_token = await identity.bootstrap_partner("default-partner")
 
         self.hub = EventHub(self.dsn, settings.health_interval_seconds)
         await self.hub.start()
@@ -194,7 +200,11 @@ class Service:
         except RuntimeError:
             self.port = 0
         if self.port == 0:
-            raise RuntimeError(f"cannot bind {settings.grpc_address} (in use?)")
+            raise GrpcAddressUnusableError(settings.grpc_address)
+        if settings.bootstrap:
+            # Only once the address is ours: the token is shown once, by the start that
+            # creates it, so a start that cannot listen must leave the database empty.
+            self.bootstrap_token = await identity.bootstrap_partner("default-partner")
         await self.server.start()
         await self._set_health(serving=True)
         self._serving = True

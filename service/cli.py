@@ -15,7 +15,7 @@ from uuid import UUID
 
 import asyncpg
 
-from service.app import Service, check_settings
+from service.app import GrpcAddressUnusableError, Service, check_settings
 from service.auth.principal import Role
 from service.auth.store import IdentityStore, IssuedToken
 from service.common.text import NAME_LENGTH, text_rule
@@ -331,7 +331,14 @@ def main(argv: list[str] | None = None) -> int:
     with database(settings) as dsn:
         if args.command == "serve":
             setup_tracing(settings.trace_exporter)
-            run_event_loop(_serve(settings, dsn))
+            try:
+                run_event_loop(_serve(settings, dsn))
+            except GrpcAddressUnusableError as unusable:
+                # Leaving the block stops the embedded database this command started.
+                raise SystemExit(
+                    f"cannot listen on {unusable.address!r}: it is in use or not a valid"
+                    " HOST:PORT (set serve --grpc-address or OPENVPP_GRPC_ADDRESS)"
+                ) from None
         elif args.command == "migrate":
             applied = run_event_loop(_migrate(dsn))
             print(

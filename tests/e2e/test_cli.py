@@ -4,6 +4,7 @@ on one data directory with embedded PostgreSQL, as an operator would run them.""
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -246,3 +247,30 @@ def test_serve_refuses_a_port_beyond_65535_before_starting_anything(data_dir: Pa
     assert "OPENVPP_GRPC_ADDRESS (serve --grpc-address)" in line
     assert "99999" in line
     assert not never_created.exists()
+
+
+def test_serve_on_an_address_it_cannot_bind_stops_with_one_line_and_creates_nothing(
+    data_dir: Path,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for address in (f"127.0.0.1:{port}", "no-such-host.invalid:50051"):
+            result = cli(data_dir, "serve", "--grpc-address", address)
+            assert result.returncode == 1, result.stderr
+            assert "Traceback" not in result.stderr
+            # gRPC core may log its own reason (one E line) before ours, which ends stderr.
+            last = result.stderr.splitlines()[-1]
+            assert f"cannot listen on {address!r}" in last
+            assert "--grpc-address" in last
+            assert "OPENVPP_GRPC_ADDRESS" in last
+            assert not postgres_processes(data_dir), "the embedded database must be stopped"
+
+    # The failed starts created no bootstrap partner: the first start that serves does.
+    server = Serve(data_dir)
+    try:
+        assert server.bootstrap_token is not None
+        assert server.stop(signal.SIGTERM) == 0
+    finally:
+        server.kill()
