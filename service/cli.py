@@ -17,15 +17,13 @@ import asyncpg
 
 from service.app import GrpcAddressUnusableError, Service, check_settings
 from service.auth.principal import Role
-from service.auth.store import IdentityStore, IssuedToken
-from service.common.text import NAME_LENGTH, text_rule
+from service.auth.store import ORG_NAME_LENGTH, IdentityStore, IssuedToken, org_name_rule
 from service.config import LOG_LEVELS, Settings, check_log_level
 from service.db.database import EmbeddedPostgres
 from service.db.migrate import migrate
 from service.observability import setup_logging, setup_tracing
 
 T = TypeVar("T")
-MAX_ORG_NAME_LENGTH = 200
 
 
 def run_event_loop(coro: Awaitable[T]) -> T:
@@ -236,7 +234,10 @@ def _parser() -> argparse.ArgumentParser:
         help="create an organization",
         description="Create an organization and print: <org id> <name> <role> (tab-separated).",
     )
-    create_org.add_argument("name", help="display name, 1 to 200 characters")
+    create_org.add_argument(
+        "name",
+        help=f"display name, 1 to {ORG_NAME_LENGTH} characters, no tab or line break",
+    )
     create_org.add_argument(
         "--role",
         required=True,
@@ -320,9 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.command == "orgs" and args.action == "create":
         args.name = args.name.strip()
-        if not 1 <= len(args.name) <= MAX_ORG_NAME_LENGTH:
-            # Checked before any database is started; the table enforces the same bounds.
-            raise SystemExit(f"organization name must be 1 to {MAX_ORG_NAME_LENGTH} characters")
+        # Checked before any database is started.
+        rule = org_name_rule(args.name)
+        if rule is not None:
+            raise SystemExit(f"organization name {rule}")
     settings = Settings.from_env(**overrides)
     _refuse_unusable_settings(settings, args.command)
     setup_logging(settings.log_level)
@@ -347,9 +349,6 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif args.command == "orgs" and args.action == "create":
             role = Role(args.role)
-            rule = "is required" if not args.name.strip() else text_rule(args.name, NAME_LENGTH)
-            if rule is not None:
-                raise SystemExit(f"organization name {rule}")
             org = run_event_loop(
                 _with_identity(dsn, lambda store: store.create_org(args.name, role))
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -12,11 +13,34 @@ import asyncpg
 from service.auth.principal import Principal, Role
 from service.auth.signing import new_signing_secret
 from service.auth.tokens import new_token, token_hash
+from service.common.text import NAME_LENGTH, text_rule
 from service.events.payloads import notify_token_revoked
 
 DEFAULT_SIGNING_SECRET_GRACE = timedelta(hours=24)
 # Never SELECT * from organizations: the signing secrets stay where they are asked for.
 _ORG_COLUMNS = "id, name, role, created_at"
+# The bounds of the organizations table's CHECK (migration 0001).
+ORG_NAME_LENGTH = NAME_LENGTH
+# What argv bytes that are not UTF-8 decode to (surrogateescape); PostgreSQL cannot store
+# them. Names from protobuf never hold them.
+_UNPAIRED_SURROGATE = re.compile("[\ud800-\udfff]")
+# `orgs list` prints one line per organization, its fields separated by tabs (the README
+# pipes it into `cut -f1`): a name holding one of these would break the line apart.
+_FIELD_OR_LINE_BREAK = re.compile("[\t\n\r]")
+
+
+def org_name_rule(name: str) -> str | None:
+    """The rule an organization name (as it is to be stored) breaks, or None."""
+    if not 1 <= len(name) <= ORG_NAME_LENGTH or not name.strip():
+        return f"must be 1 to {ORG_NAME_LENGTH} characters"
+    if _UNPAIRED_SURROGATE.search(name):
+        return "must be valid UTF-8 text (it holds bytes that are not UTF-8)"
+    if _FIELD_OR_LINE_BREAK.search(name):
+        return (
+            "must not contain tab, line feed or carriage return"
+            " (`orgs list` prints one tab-separated line per organization)"
+        )
+    return text_rule(name, ORG_NAME_LENGTH)
 
 
 @dataclass(frozen=True)
@@ -44,6 +68,10 @@ class IdentityStore:
         self._grace = signing_secret_grace
 
     async def create_org(self, name: str, role: Role) -> Organization:
+        """Raises ValueError if the name breaks org_name_rule (callers check it first)."""
+        rule = org_name_rule(name)
+        if rule is not None:
+            raise ValueError(f"organization name {rule}")
         # Its signing secret comes from the column default (migration 0015).
         row = await self._pool.fetchrow(
             f"INSERT INTO organizations (name, role) VALUES ($1, $2) RETURNING {_ORG_COLUMNS}",

@@ -3,6 +3,8 @@ on one data directory with embedded PostgreSQL, as an operator would run them.""
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import socket
 import subprocess
@@ -274,3 +276,37 @@ def test_serve_on_an_address_it_cannot_bind_stops_with_one_line_and_creates_noth
         assert server.stop(signal.SIGTERM) == 0
     finally:
         server.kill()
+
+
+def test_an_org_name_of_bytes_that_are_not_utf8_is_refused_before_the_database(
+    data_dir: Path,
+) -> None:
+    never_created = data_dir / "db"
+    # What the shell passes for $'Soci\xe9t\xe9' (Latin-1): Python decodes it to surrogates.
+    latin1 = os.fsdecode(b"Soci\xe9t\xe9")
+    line = refusal(cli(never_created, "orgs", "create", latin1, "--role", "partner"))
+    assert line.startswith("organization name must be valid UTF-8")
+    assert not never_created.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "rule"),
+    [
+        ("Volt\tSupply", "must not contain tab, line feed or carriage return"),
+        ("Volt\nSupply", "must not contain tab, line feed or carriage return"),
+        ("Volt\rSupply", "must not contain tab, line feed or carriage return"),
+        ("Volt\x00Supply", "must not contain NUL"),
+        ("Volt\x1bSupply", "must not contain control characters"),
+        ("Soci\udce9t\udce9", "must be valid UTF-8"),
+    ],
+)
+def test_org_names_that_would_break_orgs_list_are_refused_before_the_database(
+    data_dir: Path, name: str, rule: str
+) -> None:
+    from service.cli import main
+
+    never_created = data_dir / "db"
+    args = ["--data-dir", str(never_created), "orgs", "create", name, "--role", "partner"]
+    with pytest.raises(SystemExit, match=f"^organization name {re.escape(rule)}"):
+        main(args)
+    assert not never_created.exists()
