@@ -33,6 +33,8 @@ DATABASE_UNAVAILABLE = (
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.InterfaceError,
+    # SQLSTATE 53300: the server is at max_connections; a connection opens once others close.
+    asyncpg.exceptions.TooManyConnectionsError,
 )
 
 # Transaction aborted by PostgreSQL to resolve a conflict with another one: retryable.

@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -24,7 +25,10 @@ from tests.conftest import MakeOrg
 from tests.helpers import rpc_error
 
 SERVICE = "openvpp.test.Guarded"
-ROLES = {f"/{SERVICE}/{name}": frozenset({Role.PARTNER}) for name in ("Ok", "Missing", "Broken")}
+ROLES = {
+    f"/{SERVICE}/{name}": frozenset({Role.PARTNER})
+    for name in ("Ok", "Missing", "Broken", "Crowded")
+}
 
 
 async def _ok(request: pb.GetSiteRequest, _context: Any) -> pb.GetSiteRequest:
@@ -37,6 +41,11 @@ async def _missing(request: pb.GetSiteRequest, _context: Any) -> pb.GetSiteReque
 
 async def _broken(request: pb.GetSiteRequest, _context: Any) -> pb.GetSiteRequest:
     raise RuntimeError("secret detail")
+
+
+async def _crowded(request: pb.GetSiteRequest, _context: Any) -> pb.GetSiteRequest:
+    # What asyncpg raises when PostgreSQL is at max_connections (SQLSTATE 53300).
+    raise asyncpg.exceptions.TooManyConnectionsError("sorry, too many clients already")
 
 
 @pytest.fixture
@@ -56,7 +65,12 @@ async def traced(service: Service) -> AsyncIterator[tuple[grpc.aio.Channel, InMe
             ),
             ROLES,
         )
-        for name, behaviour in (("Ok", _ok), ("Missing", _missing), ("Broken", _broken))
+        for name, behaviour in (
+            ("Ok", _ok),
+            ("Missing", _missing),
+            ("Broken", _broken),
+            ("Crowded", _crowded),
+        )
     }
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
@@ -161,3 +175,17 @@ async def test_a_bug_logs_its_trace_once_and_rejections_one_line(
         f"rejected /{SERVICE}/Ok: UNAUTHENTICATED no valid token",
     ]
     assert org.token not in caplog.text
+
+
+async def test_a_database_at_max_connections_is_unavailable_not_a_bug(
+    traced: tuple[grpc.aio.Channel, InMemorySpanExporter],
+    make_org: MakeOrg,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    channel, _ = traced
+    org = await make_org(Role.PARTNER)
+    caplog.set_level(logging.INFO, "service.edge.call_guard")
+    crowded = await rpc_error(_method(channel, "Crowded")(pb.GetSiteRequest(), metadata=org.auth))
+    assert crowded.code() is grpc.StatusCode.UNAVAILABLE
+    assert crowded.details() == "database unavailable; retry later"
+    assert not [r for r in caplog.records if r.name == "service.edge.call_guard" and r.exc_info]
