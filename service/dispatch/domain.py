@@ -78,7 +78,8 @@ TRANSITIONS: dict[SetpointState, frozenset[SetpointState]] = {
     SetpointState.FAILED: frozenset({SetpointState.CANCELLED}),
     SetpointState.CANCELLED: frozenset(),
     SetpointState.EXPIRED: frozenset(),
-    SetpointState.NOT_ELIGIBLE: frozenset(),
+    # Attempts made before the site stopped being eligible may have reached the partner too.
+    SetpointState.NOT_ELIGIBLE: frozenset({SetpointState.CANCELLED}),
 }
 
 # States in which a setpoint still waits for (more) delivery attempts.
@@ -100,8 +101,8 @@ def check_transition(current: SetpointState, new: SetpointState) -> SetpointStat
 
 
 def is_terminal(state: SetpointState) -> bool:
-    """No further change, not even a cancellation (ACCEPTED and FAILED may still become
-    CANCELLED)."""
+    """No further change, not even a cancellation (ACCEPTED, FAILED and NOT_ELIGIBLE may
+    still become CANCELLED)."""
     return not TRANSITIONS[state]
 
 
@@ -551,11 +552,16 @@ def _cancelled(row: OutboxRow, attempts: int, now: datetime) -> Settled:
     )
 
 
-def _failed_then_cancelled(row: OutboxRow, now: datetime) -> Settled:
-    """A FAILED setpoint of a dispatch cancelled since: every attempt may have reached the
-    partner (timeouts, 5xx, lost answers) but a refused endpoint's, which fails the setpoint
-    at once, so it is the last. Those that may have are withdrawn while the window lasts;
-    with none, or with the window over, the setpoint stays FAILED."""
+# Settled without success, yet attempts may have reached the partner: CancelDispatch marks
+# these, and the worker that claims one withdraws it (before_attempt).
+WITHDRAWN_AFTER_SETTLING = frozenset({SetpointState.FAILED, SetpointState.NOT_ELIGIBLE})
+
+
+def _settled_then_cancelled(row: OutboxRow, now: datetime) -> Settled:
+    """A FAILED or NOT_ELIGIBLE setpoint of a dispatch cancelled since: every attempt may
+    have reached the partner (timeouts, 5xx, lost answers) but a refused endpoint's, which
+    fails the setpoint at once, so it is the last. Those that may have are withdrawn while
+    the window lasts; with none, or with the window over, the setpoint stays as it is."""
     may_have_arrived = row.attempt_count - row.reason.startswith(f"{ENDPOINT_REFUSED}:")
     if row.cancellation_state is not None or may_have_arrived <= 0 or row.end_time <= now:
         return _keep(row)
@@ -577,16 +583,26 @@ def before_attempt(row: OutboxRow, not_eligible: str | None, now: datetime) -> S
                 "(the setpoint is no longer valid anyway)",
             )
         return None
-    if row.state is SetpointState.FAILED and row.cancel_requested:
-        return _failed_then_cancelled(row, now)
+    if row.state in WITHDRAWN_AFTER_SETTLING and row.cancel_requested:
+        return _settled_then_cancelled(row, now)
     if row.state not in OPEN_STATES:
         return _keep(row)  # nothing to deliver (a stale outbox entry)
     if row.cancel_requested:
         return _cancelled(row, row.attempt_count + row.unrecorded_claim, now)
+    # An earlier claim's unrecorded attempt counts, as it would with one made now: a
+    # cancellation later withdraws what it may have delivered.
+    attempts = row.attempt_count + row.unrecorded_claim
     if row.end_time <= now:
-        return _keep(row, state=SetpointState.EXPIRED, reason=_expired_reason(row.reason))
+        return _keep(
+            row,
+            state=SetpointState.EXPIRED,
+            reason=_expired_reason(row.reason),
+            attempt_count=attempts,
+        )
     if not_eligible is not None:
-        return _keep(row, state=SetpointState.NOT_ELIGIBLE, reason=not_eligible)
+        return _keep(
+            row, state=SetpointState.NOT_ELIGIBLE, reason=not_eligible, attempt_count=attempts
+        )
     return None
 
 
@@ -598,7 +614,12 @@ def unsendable(row: OutboxRow, reason: str) -> Settled:
             cancellation_state=CancellationState.FAILED,
             reason=f"cancellation not delivered: {reason}",
         )
-    return _keep(row, state=SetpointState.FAILED, reason=reason)
+    return _keep(
+        row,
+        state=SetpointState.FAILED,
+        reason=reason,
+        attempt_count=row.attempt_count + row.unrecorded_claim,
+    )
 
 
 def _expired_reason(last: str) -> str:

@@ -505,6 +505,10 @@ class OutboxDeliverer:
         # The last recording failed: its batch is still to record, and its commit may have
         # gone through with the answer lost.
         self._record_failed = False
+        # The setpoints of batches whose recording failed, until one records them. Their
+        # rows may be settled and released already (the commit went through): claimed
+        # again here meanwhile, the new claim's lease would take the old result.
+        self._recorded_perhaps: set[UUID] = set()
         self._started = False
         # Attempts this replica made (tests and operators see each replica's share).
         self.attempts_sent = 0
@@ -566,6 +570,7 @@ class OutboxDeliverer:
         self._held.clear()
         self._unrecorded.clear()
         self._abandoned.clear()
+        self._recorded_perhaps.clear()
         await self._sender.close()
 
     async def step(self) -> bool:
@@ -642,6 +647,7 @@ class OutboxDeliverer:
         horizon = now - self._settings.lease_seconds / 2
         stale = [setpoint_id for setpoint_id, last_set in self._held.items() if last_set <= horizon]
         stale.extend(self._abandoned)
+        stale.extend(self._recorded_perhaps)
         return stale
 
     def _finish_one(self) -> None:
@@ -753,6 +759,10 @@ class OutboxDeliverer:
                 if verdict is None and not secrets_of[row["partner_org_id"]]:
                     # Never sent unsigned (the organization is gone, or has no secret).
                     verdict = unsendable(outbox_row, "partner organization has no signing secret")
+                if verdict is None and not row["webhook_url"]:
+                    # A cancellation is sent whatever the site's status, but not to nowhere:
+                    # the resource (and with it its endpoint) was deleted since.
+                    verdict = unsendable(outbox_row, "resource deleted")
                 if verdict is not None:
                     settled.append((row["id"], verdict, True))
                     if verdict.state is not outbox_row.state:
@@ -979,11 +989,13 @@ class OutboxDeliverer:
             except Exception:
                 log.warning("recording %d delivery attempts failed; retrying", len(batch))
                 self._record_failed = True
+                self._recorded_perhaps.update(item.claimed.setpoint_id for item in batch)
                 self._finished[:0] = batch
                 await asyncio.sleep(1.0)
                 self._finished_ready.set()
             else:
                 self._record_failed = False
+                self._recorded_perhaps.clear()
 
     async def _record(self, batch: Sequence[Finished], retried: bool = False) -> None:
         """Records ``batch``; ``retried`` after a failed recording of any of it, whose commit

@@ -32,6 +32,7 @@ from service.common.errors import AlreadyExistsError, NotFoundError
 from service.db.keyset import keyset_page
 from service.db.pagination import Cursor
 from service.dispatch.domain import (
+    WITHDRAWN_AFTER_SETTLING,
     Allocation,
     Candidate,
     DispatchRequest,
@@ -535,8 +536,8 @@ class DispatchStore:
         did not send them) become CANCELLED now; the others are marked and settled by a
         worker (at once for one waiting for a retry, or whose lease expired with its attempt
         unrecorded: it may have reached the partner, so it is withdrawn); ACCEPTED ones
-        within their window get a cancellation delivery, and so do FAILED ones whose
-        attempts may have arrived. Calling it again changes nothing more."""
+        within their window get a cancellation delivery, and so do FAILED and NOT_ELIGIBLE
+        ones whose attempts may have arrived. Calling it again changes nothing more."""
         self._require_operator()
         now = self._clock.now()
         async with self._pool.acquire() as conn, conn.transaction():
@@ -610,13 +611,14 @@ class DispatchStore:
                 dispatch_id,
                 now,
             )
-            # FAILED ones may have reached the partner too: a worker takes them now and
-            # withdraws what may have (before_attempt), or leaves them FAILED.
-            failed = await conn.fetchval(
+            # FAILED and NOT_ELIGIBLE ones attempted before may have reached the partner
+            # too: a worker takes them now and withdraws them, or leaves them as they are
+            # (before_attempt decides).
+            settled_unsuccessfully = await conn.fetchval(
                 """
                 WITH requested AS (
                     UPDATE setpoints SET cancel_requested_at = $2, next_attempt_at = $2
-                    WHERE dispatch_id = $1 AND state = 'failed' AND attempt_count > 0
+                    WHERE dispatch_id = $1 AND state = ANY ($3::text[]) AND attempt_count > 0
                       AND cancel_requested_at IS NULL AND cancellation_state IS NULL
                       AND end_time > $2
                     RETURNING 1
@@ -625,11 +627,12 @@ class DispatchStore:
                 """,
                 dispatch_id,
                 now,
+                [state.value for state in WITHDRAWN_AFTER_SETTLING],
             )
             await notify_setpoint_changes(
                 conn, [SetpointChange(*row) for row in [*cancelled, *to_withdraw]]
             )
-            if to_withdraw or retried or failed:
+            if to_withdraw or retried or settled_unsuccessfully:
                 await wake_outbox(conn)
             return DispatchRecord.from_row(row, await self._counts(conn, dispatch_id))
 

@@ -1119,6 +1119,124 @@ async def test_a_failed_setpoint_refused_at_its_only_attempt_stays_failed_when_c
     assert receiver.received == []
 
 
+@pytest.mark.parametrize("first_answer", [503, 204], ids=["failed", "accepted"])
+async def test_a_withdrawal_for_a_deleted_resource_is_not_delivered_and_stops_nothing(
+    cluster: Cluster, first_answer: int
+) -> None:
+    replica = await cluster.replica(dispatch_max_attempts=1)
+    flow = Flow(replica)
+    operator, partner, supplier = await flow.parties()
+
+    async def answer(received: Received) -> int:
+        return first_answer if received.body["type"] == "setpoint" else 204
+
+    async with running_receiver(answer) as receiver:
+        receiver.trust(await flow.secret(partner))
+        _site, (resource,) = await flow.site(partner, supplier, receiver.url())
+        dispatch = (await flow.dispatch(operator)).dispatch
+        await flow.settle(operator, dispatch.id)
+        await replica.registry.DeleteResource(
+            site_pb.DeleteResourceRequest(resource_id=resource.id), metadata=partner.auth
+        )
+        await replica.dispatch.CancelDispatch(
+            pb.CancelDispatchRequest(dispatch_id=dispatch.id), metadata=operator.auth
+        )
+        await eventually(
+            lambda: _nothing_pending(flow, operator, dispatch.id), "the withdrawal is settled"
+        )
+        (setpoint,) = await flow.setpoints(operator, dispatch.id)
+        # The worker goes on delivering.
+        _other_site, _ = await flow.site(partner, supplier, receiver.url())
+        later = (await flow.dispatch(operator)).dispatch
+        (delivered,) = await flow.settle(operator, later.id)
+    assert setpoint.reason == "cancellation not delivered: resource deleted"
+    assert [r.body["type"] for r in receiver.for_setpoint(setpoint.id)] == ["setpoint"]
+    assert delivered.state == (ACCEPTED if first_answer == 204 else pb.SETPOINT_STATE_FAILED)
+
+
+async def _nothing_pending(flow: Flow, operator: Org, dispatch_id: str) -> bool:
+    (setpoint,) = await flow.setpoints(operator, dispatch_id)
+    return setpoint.reason.startswith("cancellation not delivered")
+
+
+async def test_a_setpoint_whose_last_recording_went_unanswered_is_not_claimed_again_meanwhile(
+    cluster: Cluster,
+) -> None:
+    release = asyncio.Event()
+
+    async def answer(received: Received) -> int:
+        if received.body["type"] == "setpoint":
+            await release.wait()
+            return 503
+        await asyncio.sleep(1.5)  # a withdrawal slow to answer, still in flight at the retry
+        return 204
+
+    async with commit_answer_cutter(cluster.url) as proxy:
+        replica = await cluster.replica(url=proxy.url, dispatch_max_attempts=1)
+        flow = Flow(replica)
+        operator, partner, supplier = await flow.parties()
+        async with running_receiver(answer) as receiver:
+            receiver.trust(await flow.secret(partner))
+            await flow.site(partner, supplier, receiver.url())
+            dispatch = (await flow.dispatch(operator)).dispatch
+            await receiver.wait_for(1)
+            proxy.arm()
+            release.set()
+            # The FAILED recording commits, its answer is lost: it is recorded again in 1 s.
+            await asyncio.wait_for(proxy.cut_done.wait(), timeout=10)
+            await replica.dispatch.CancelDispatch(
+                pb.CancelDispatchRequest(dispatch_id=dispatch.id), metadata=operator.auth
+            )
+            (setpoint,) = await _all_cancelled_and_withdrawn(flow, operator, dispatch.id)
+    assert setpoint.reason == (
+        "cancelled after an attempt that may have arrived; cancellation delivered"
+    )
+    assert [(a.http_status, a.cancellation) for a in setpoint.attempts] == [
+        (503, False),
+        (204, True),
+    ]
+    assert [r.body["type"] for r in receiver.received] == ["setpoint", "setpoint.cancelled"]
+
+
+async def test_a_not_eligible_setpoint_attempted_before_is_withdrawn_when_cancelled(
+    cluster: Cluster,
+) -> None:
+    replica = await cluster.replica()
+    flow = Flow(replica)
+    operator, partner, supplier = await flow.parties()
+
+    async def busy(received: Received) -> int | tuple[int, dict[str, str]]:
+        if received.body["type"] == "setpoint":
+            return 503, {"Retry-After": "1"}
+        return 204
+
+    async with running_receiver(busy) as receiver:
+        receiver.trust(await flow.secret(partner))
+        site, _ = await flow.site(partner, supplier, receiver.url())
+        dispatch = (await flow.dispatch(operator)).dispatch
+        await receiver.wait_for(1)
+        # Paused before the retry: the partner may be acting on the first request.
+        await replica.registry.PauseSite(
+            site_pb.PauseSiteRequest(site_id=site.id), metadata=partner.auth
+        )
+        (not_eligible,) = await flow.settle(operator, dispatch.id)
+        await replica.dispatch.CancelDispatch(
+            pb.CancelDispatchRequest(dispatch_id=dispatch.id), metadata=operator.auth
+        )
+        (cancelled,) = await _all_cancelled_and_withdrawn(flow, operator, dispatch.id)
+    assert (not_eligible.state, not_eligible.reason) == (
+        pb.SETPOINT_STATE_NOT_ELIGIBLE,
+        "site status paused",
+    )
+    assert cancelled.reason == (
+        "cancelled after an attempt that may have arrived; cancellation delivered"
+    )
+    assert [r.body["type"] for r in receiver.for_setpoint(cancelled.id)] == [
+        "setpoint",
+        "setpoint.cancelled",
+    ]
+
+
 async def _waits_for_retry(flow: Flow, operator: Org, dispatch_id: str) -> bool:
     (setpoint,) = await flow.setpoints(operator, dispatch_id)
     return setpoint.state == pb.SETPOINT_STATE_DELIVERING and len(setpoint.attempts) == 1

@@ -412,11 +412,10 @@ class TestStates:
             SetpointState.REJECTED,
             SetpointState.CANCELLED,
             SetpointState.EXPIRED,
-            SetpointState.NOT_ELIGIBLE,
         ):
             assert is_terminal(state)
-        # Either may have reached the partner, so a cancellation still withdraws it.
-        for state in (SetpointState.ACCEPTED, SetpointState.FAILED):
+        # Each may have reached the partner, so a cancellation still withdraws it.
+        for state in (SetpointState.ACCEPTED, SetpointState.FAILED, SetpointState.NOT_ELIGIBLE):
             assert not is_terminal(state)
             assert TRANSITIONS[state] == {SetpointState.CANCELLED}
 
@@ -669,6 +668,44 @@ class TestSettling:
             assert settled.cancellation_state is CancellationState.PENDING
         else:
             assert settled == (SetpointState.FAILED, failed.reason, attempt_count, None, None, 0)
+
+    def test_a_not_eligible_setpoint_attempted_before_is_withdrawn(self) -> None:
+        claimed = row(
+            state=SetpointState.NOT_ELIGIBLE,
+            reason="site status paused",
+            attempt_count=1,
+            cancel_requested=True,
+        )
+        withdrawn = before_attempt(claimed, "site status paused", NOW)
+        assert withdrawn is not None
+        check_transition(SetpointState.NOT_ELIGIBLE, withdrawn.state)
+        assert (withdrawn.state, withdrawn.attempt_count, withdrawn.cancellation_state) == (
+            SetpointState.CANCELLED,
+            1,
+            CancellationState.PENDING,
+        )
+        never_sent = before_attempt(
+            row(state=SetpointState.NOT_ELIGIBLE, cancel_requested=True), None, NOW
+        )
+        assert never_sent is not None
+        assert (never_sent.state, never_sent.next_attempt_at) == (SetpointState.NOT_ELIGIBLE, None)
+
+    def test_an_earlier_claims_unrecorded_attempt_counts_when_a_setpoint_is_not_sent(
+        self,
+    ) -> None:
+        # Its worker died with the request perhaps sent: a later withdrawal must know.
+        lapsed = row(attempt_count=1, unrecorded_claim=True)
+        expired = before_attempt(lapsed, None, END)
+        not_eligible = before_attempt(lapsed, "site status paused", NOW)
+        assert expired is not None
+        assert not_eligible is not None
+        assert (expired.state, expired.attempt_count) == (SetpointState.EXPIRED, 2)
+        assert (not_eligible.state, not_eligible.attempt_count) == (
+            SetpointState.NOT_ELIGIBLE,
+            2,
+        )
+        no_secret = unsendable(lapsed, "partner organization has no signing secret")
+        assert (no_secret.state, no_secret.attempt_count) == (SetpointState.FAILED, 2)
 
     def test_a_failed_setpoint_whose_window_ended_is_not_withdrawn(self) -> None:
         claimed = row(

@@ -79,7 +79,10 @@ class _SetpointStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Setpoin
     SETPOINT_STATE_EXPIRED: _SetpointState.ValueType  # 7
     """Its window ended before it was delivered. Terminal."""
     SETPOINT_STATE_NOT_ELIGIBLE: _SetpointState.ValueType  # 8
-    """The site stopped being eligible before an attempt; `reason` names the status. Terminal."""
+    """The site stopped being eligible before an attempt; `reason` names the status. Terminal,
+    except that CancelDispatch makes it CANCELLED when an earlier attempt may have arrived,
+    and withdraws it.
+    """
 
 class SetpointState(_SetpointState, metaclass=_SetpointStateEnumTypeWrapper): ...
 
@@ -106,7 +109,10 @@ the cancellation delivered. Terminal.
 SETPOINT_STATE_EXPIRED: SetpointState.ValueType  # 7
 """Its window ended before it was delivered. Terminal."""
 SETPOINT_STATE_NOT_ELIGIBLE: SetpointState.ValueType  # 8
-"""The site stopped being eligible before an attempt; `reason` names the status. Terminal."""
+"""The site stopped being eligible before an attempt; `reason` names the status. Terminal,
+except that CancelDispatch makes it CANCELLED when an earlier attempt may have arrived,
+and withdraws it.
+"""
 Global___SetpointState: _TypeAlias = SetpointState  # noqa: Y015
 
 @_typing.final

@@ -135,8 +135,9 @@ class DispatchServicer:
 
     def CancelDispatch(self, request, context):
         """Setpoints not yet delivered become CANCELLED and are never sent; ACCEPTED ones, and
-        open or FAILED ones an earlier attempt may have reached (its answer lost, a 5xx), get a
-        cancellation delivery (`power_kw` null: back to normal operation). Idempotent.
+        open, FAILED or NOT_ELIGIBLE ones an earlier attempt may have reached (its answer lost,
+        a 5xx), get a cancellation delivery (`power_kw` null: back to normal operation).
+        Idempotent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -58,8 +58,9 @@ class DispatchStub:
     """Setpoints in creation order, with filters and cursor pagination."""
     CancelDispatch: _grpc.UnaryUnaryMultiCallable[_dispatch_pb2.CancelDispatchRequest, _dispatch_pb2.CancelDispatchResponse]
     """Setpoints not yet delivered become CANCELLED and are never sent; ACCEPTED ones, and
-    open or FAILED ones an earlier attempt may have reached (its answer lost, a 5xx), get a
-    cancellation delivery (`power_kw` null: back to normal operation). Idempotent.
+    open, FAILED or NOT_ELIGIBLE ones an earlier attempt may have reached (its answer lost,
+    a 5xx), get a cancellation delivery (`power_kw` null: back to normal operation).
+    Idempotent.
     """
     WatchSetpoints: _grpc.UnaryStreamMultiCallable[_dispatch_pb2.WatchSetpointsRequest, _dispatch_pb2.WatchSetpointsResponse]
     """Streams setpoint state changes as they are committed, from any replica. A reader that
@@ -96,8 +97,9 @@ class DispatchAsyncStub(DispatchStub):
     """Setpoints in creation order, with filters and cursor pagination."""
     CancelDispatch: _aio.UnaryUnaryMultiCallable[_dispatch_pb2.CancelDispatchRequest, _dispatch_pb2.CancelDispatchResponse]  # type: ignore[assignment]
     """Setpoints not yet delivered become CANCELLED and are never sent; ACCEPTED ones, and
-    open or FAILED ones an earlier attempt may have reached (its answer lost, a 5xx), get a
-    cancellation delivery (`power_kw` null: back to normal operation). Idempotent.
+    open, FAILED or NOT_ELIGIBLE ones an earlier attempt may have reached (its answer lost,
+    a 5xx), get a cancellation delivery (`power_kw` null: back to normal operation).
+    Idempotent.
     """
     WatchSetpoints: _aio.UnaryStreamMultiCallable[_dispatch_pb2.WatchSetpointsRequest, _dispatch_pb2.WatchSetpointsResponse]  # type: ignore[assignment]
     """Streams setpoint state changes as they are committed, from any replica. A reader that
@@ -167,8 +169,9 @@ class DispatchServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_dispatch_pb2.CancelDispatchResponse, _abc.Awaitable[_dispatch_pb2.CancelDispatchResponse]]:
         """Setpoints not yet delivered become CANCELLED and are never sent; ACCEPTED ones, and
-        open or FAILED ones an earlier attempt may have reached (its answer lost, a 5xx), get a
-        cancellation delivery (`power_kw` null: back to normal operation). Idempotent.
+        open, FAILED or NOT_ELIGIBLE ones an earlier attempt may have reached (its answer lost,
+        a 5xx), get a cancellation delivery (`power_kw` null: back to normal operation).
+        Idempotent.
         """
 
     @_abc_1.abstractmethod
