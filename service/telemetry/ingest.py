@@ -7,13 +7,15 @@ lost. One batch is one transaction:
 
 1. every reading is validated against its meter's cached context (``validate_batch``);
 2. the months it touches have partitions;
-3. in one transaction: register meters are locked and checked against their stored
-   neighbours (a register may never go backwards), interval groups with nothing stored are
-   found, and the rows are written (:func:`service.telemetry.store.write_rows`);
+3. in one transaction: the batch's meters are locked (a meter deleted since it was cached
+   is found gone), register meters are checked against their stored neighbours (a register
+   may never go backwards), interval groups with nothing stored are found, and the rows are
+   written (:func:`service.telemetry.store.write_rows`);
 4. a conflict with a concurrent writer is retried, at most three attempts: a unique
    violation on the plain-COPY path (someone stored keys we took for new) retries through
    the upsert; a deadlock or serialization failure retries the whole transaction; a lost
-   staging table (a new backend reusing a pid) retries once it is recreated.
+   staging table (a new backend reusing a pid) retries once it is recreated;
+5. a batch naming meters found gone rolls back and is validated again without them.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from service.telemetry.store import (
     MeterCache,
     Partitions,
     Row,
-    lock_register_meters,
+    lock_meters,
     stored_neighbours,
     unoccupied,
     write_rows,
@@ -68,6 +70,14 @@ class IngestResult:
     corrected: int
     duplicates: int
     rejected: list[tuple[int, RejectReason]]
+
+
+class MetersGoneError(Exception):
+    """Meters of a batch no longer exist; raised inside its transaction, which rolls back."""
+
+    def __init__(self, meter_ids: set[UUID]) -> None:
+        super().__init__(f"{len(meter_ids)} meters of the batch were deleted")
+        self.meter_ids = meter_ids
 
 
 class Ingest:
@@ -120,18 +130,39 @@ class Ingest:
 
     async def ingest(self, org_id: OrgId, readings: Sequence[Any]) -> IngestResult:
         """Validates, stores and commits one batch; returns only after COMMIT."""
-        try:
-            return await self._ingest_once(org_id, readings)
-        except asyncpg.ForeignKeyViolationError:
-            # A site of the batch was deleted after its meters were cached (its NOTIFY not
-            # yet seen here): the batch rolled back whole. Judged again on fresh meters,
-            # that site's readings are UNKNOWN_METER and the others are stored.
-            log.info("ingest met a site deleted meanwhile; validating the batch again")
-            self.meters.forget_org(str(org_id))
-            return await self._ingest_once(org_id, readings)
+        gone: set[UUID] = set()
+        site_retried = False
+        while True:
+            try:
+                return await self._ingest_once(org_id, readings, gone)
+            except MetersGoneError as error:
+                # Meters of the batch were deleted after they were cached (the NOTIFY not
+                # yet seen here): the batch rolled back before writing. Judged again without
+                # them, their readings are UNKNOWN_METER and the others are stored, as if
+                # the batch had come after the deletion. Each round drops at least one
+                # meter, so this ends.
+                log.info("ingest met meters deleted meanwhile; validating the batch again")
+                gone |= error.meter_ids
+                self.meters.forget_meters(str(org_id), error.meter_ids)
+            except asyncpg.ForeignKeyViolationError:
+                # A site of the batch was deleted after its meters were cached (its NOTIFY
+                # not yet seen here): the batch rolled back whole. Judged again on fresh
+                # meters, that site's readings are UNKNOWN_METER and the others are stored.
+                if site_retried:
+                    raise
+                site_retried = True
+                log.info("ingest met a site deleted meanwhile; validating the batch again")
+                self.meters.forget_org(str(org_id))
 
-    async def _ingest_once(self, org_id: OrgId, readings: Sequence[Any]) -> IngestResult:
+    async def _ingest_once(
+        self, org_id: OrgId, readings: Sequence[Any], gone: set[UUID]
+    ) -> IngestResult:
         meters = await self.meters.lookup(org_id, {r.meter_id for r in readings})
+        if gone:
+            meters = {
+                text: None if info is None or info.id in gone else info
+                for text, info in meters.items()
+            }
         checked = validate_batch(readings, meters, int(time.time() * _US), self._max_future_us)
         rejected = list(checked.rejected)
         inserted = updated = written = 0
@@ -181,6 +212,7 @@ class Ingest:
         self, org_id: OrgId, checked: ValidatedBatch, optimistic: bool
     ) -> tuple[int, int, int, list[tuple[int, RejectReason]]]:
         async with self._pool.acquire() as conn, conn.transaction():
+            await self._lock_meters(conn, checked)
             rows, register_rejects, fresh = await self._register_check(conn, checked)
             fresh += await self._fresh_intervals(conn, checked)
             inserted = updated = 0
@@ -189,6 +221,14 @@ class Ingest:
                 result = await write_rows(conn, org_id, rows, by_id, fresh if optimistic else ())
                 inserted, updated = result.inserted, result.updated
         return len(rows), inserted, updated, register_rejects
+
+    async def _lock_meters(self, conn: asyncpg.Connection, checked: ValidatedBatch) -> None:
+        """Holds the batch's meters until COMMIT; MetersGoneError when some were deleted."""
+        register_ids = list({meter_id for meter_id, _ in checked.registers})
+        profile_ids = list({meter_id for meter_id, _ in checked.intervals})
+        present = await lock_meters(conn, register_ids, profile_ids)
+        if len(present) < len(register_ids) + len(profile_ids):
+            raise MetersGoneError(set(register_ids).union(profile_ids) - present)
 
     async def _fresh_intervals(
         self, conn: asyncpg.Connection, checked: ValidatedBatch
@@ -212,8 +252,8 @@ class Ingest:
         rows = checked.rows
         if not checked.registers:
             return rows, [], []
+        # Locked by _lock_meters: no concurrent batch stores these registers before COMMIT.
         groups = list(checked.registers.items())
-        await lock_register_meters(conn, sorted({meter_id for (meter_id, _), _ in groups}))
         bounds = []
         for (meter_id, flow), positions in groups:
             stamps = [rows[p][2] for p in positions]

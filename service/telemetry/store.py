@@ -17,7 +17,7 @@ import contextlib
 import logging
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -238,6 +238,16 @@ class MeterCache:
     def forget_org(self, org_id: str) -> None:
         self._orgs.pop(org_id, None)
 
+    def forget_meters(self, org_id: str, meter_ids: Collection[UUID]) -> None:
+        """Drops these meters (every spelling of their ids), known to be gone, before their
+        deletion's NOTIFY gets here; the rest of the organization stays cached."""
+        entry = self._orgs.get(org_id)
+        if entry is None:
+            return
+        known = entry[1]
+        for text in [t for t, info in known.items() if info is not None and info.id in meter_ids]:
+            del known[text]
+
     def forget_all(self) -> None:
         self._orgs.clear()
 
@@ -314,19 +324,40 @@ def _queue_ranges(
     return tuple((start, grid.next_start(start, tz)) for start in starts)
 
 
-async def lock_register_meters(conn: asyncpg.Connection, meter_ids: list[UUID]) -> None:
-    """Serializes register checks per meter until this transaction ends.
+# Both sets in one statement (one round trip on the hot path); each set in id order. The
+# register locks are the only ones two batches can conflict on, so their order alone keeps
+# batches from deadlocking on each other.
+_LOCK_METERS = """
+WITH registers AS (
+    SELECT id FROM meters WHERE id = ANY($1::uuid[]) ORDER BY id FOR NO KEY UPDATE
+), profiles AS (
+    SELECT id FROM meters WHERE id = ANY($2::uuid[]) ORDER BY id FOR KEY SHARE
+)
+SELECT id FROM registers UNION ALL SELECT id FROM profiles
+"""
 
-    Each batch checks its register values against what is stored; two batches of one meter
-    in flight at once (two streams, two replicas) would each miss the other's values. The
-    second now waits for the first to commit, and its check then sees those values. Row
-    locks on the meters rather than advisory locks: a batch may name thousands of meters,
-    and advisory locks live in a shared table of bounded size. Taken in id order, so two
-    batches cannot deadlock on each other.
+
+async def lock_meters(
+    conn: asyncpg.Connection, register_ids: list[UUID], profile_ids: list[UUID]
+) -> set[UUID]:
+    """Locks the batch's meters until this transaction ends; the ids of those that exist.
+
+    ``readings`` has no foreign key to ``meters`` (migration 0005), so nothing else stops a
+    batch validated on a cached meter from storing readings of a meter deleted meanwhile:
+    they would outlive the meter's deletion, which has already removed its readings. Every
+    meter is held FOR KEY SHARE (what a foreign key would take), which waits for a deletion
+    in progress and then finds the meter gone; and a meter held so cannot be deleted before
+    this batch commits.
+
+    Register meters are held FOR NO KEY UPDATE instead, which serializes register checks per
+    meter: each batch checks its register values against what is stored, and two batches of
+    one meter in flight at once (two streams, two replicas) would each miss the other's
+    values. The second now waits for the first to commit, and its check then sees those
+    values. Row locks on the meters rather than advisory locks: a batch may name thousands
+    of meters, and advisory locks live in a shared table of bounded size.
     """
-    await conn.execute(
-        "SELECT FROM meters WHERE id = ANY($1::uuid[]) ORDER BY id FOR NO KEY UPDATE", meter_ids
-    )
+    rows = await conn.fetch(_LOCK_METERS, register_ids, profile_ids)
+    return {row[0] for row in rows}
 
 
 Group = tuple[UUID, int, int, int]

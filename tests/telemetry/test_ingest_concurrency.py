@@ -1,0 +1,72 @@
+"""Ingest racing other writers: a meter deleted meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+
+import pytest
+from openvpp.v1 import meter_registry_pb2 as mpb
+from openvpp.v1 import telemetry_pb2 as tpb
+
+from service.app import Service
+from tests.helpers import wait_until_blocked
+from tests.telemetry.conftest import Setup, interval, quarter, register
+
+R = tpb.RejectReason
+
+ReadingOf = Callable[[mpb.Meter, datetime, float], tpb.Reading]
+
+
+async def orphaned_readings(service: Service, meter: mpb.Meter) -> int:
+    """Readings left of a meter that is gone (no foreign key would refuse them)."""
+    assert service.pool is not None
+    count: int = await service.pool.fetchval(
+        "SELECT count(*) FROM readings r WHERE r.meter_id = $1"
+        " AND NOT EXISTS (SELECT 1 FROM meters m WHERE m.id = r.meter_id)",
+        uuid.UUID(meter.id),
+    )
+    return count
+
+
+@pytest.mark.parametrize(
+    ("measuring", "reading"),
+    [
+        (mpb.MEASURING_READINGS_ACCURATE, register),
+        (mpb.MEASURING_LOAD_PROFILE_ACCURATE, interval),
+    ],
+    ids=["register", "load_profile"],
+)
+async def test_a_reading_of_a_meter_deleted_meanwhile_is_unknown_and_not_stored(
+    setup: Setup, service: Service, measuring: int, reading: ReadingOf
+) -> None:
+    assert service.pool is not None
+    meter = await setup.meter(measuring=measuring)
+    # Cached now: the batch below passes validation on the cached context.
+    first = await setup.ingest([reading(meter, quarter(0), 1.0)])
+    assert first.accepted_count == 1
+    async with service.pool.acquire() as conn:
+        holding = conn.transaction()
+        await holding.start()
+        # DeleteMeter gets as far as queueing the range of the readings it deleted: the
+        # meter row is deleted but not yet committed while the batch arrives.
+        await conn.execute("LOCK TABLE balancing_queue IN SHARE ROW EXCLUSIVE MODE")
+        deleting = asyncio.ensure_future(
+            setup.meters.DeleteMeter(
+                mpb.DeleteMeterRequest(meter_id=meter.id), metadata=setup.org.auth
+            )
+        )
+        await wait_until_blocked(conn, 1, deleting)
+        ingesting = asyncio.ensure_future(setup.ingest([reading(meter, quarter(1), 2.0)]))
+        await wait_until_blocked(conn, 2, deleting, ingesting)
+        await holding.rollback()
+    await asyncio.wait_for(deleting, 10)
+    ack = await asyncio.wait_for(ingesting, 10)
+    assert {r.index: r.reason for r in ack.rejected} == {0: R.REJECT_REASON_UNKNOWN_METER}
+    assert ack.accepted_count == 0
+    assert await orphaned_readings(service, meter) == 0
+    # The meter is gone from the cache too: the next batch does not wait to find out.
+    again = await setup.ingest([reading(meter, quarter(2), 3.0)])
+    assert {r.index: r.reason for r in again.rejected} == {0: R.REJECT_REASON_UNKNOWN_METER}
