@@ -25,7 +25,7 @@ from service.identifiers.ids import MeterId, OrgId, SiteId
 from service.telemetry.convert import PROTO_FLOW_BY_CODE, ack_to_proto
 from service.telemetry.domain import Measuring
 from service.telemetry.energy_store import meter_readings
-from service.telemetry.ingest import Ingest
+from service.telemetry.ingest import Ingest, StreamWriteOrder, WriteTurn
 from service.telemetry.store import fetch_ingested, site_exists
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,10 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
 
     # -- ingest ---------------------------------------------------------------------------
 
-    async def _ack(self, org_id: OrgId, batch: pb.ReadingBatch) -> pb.ReadingBatchAck:
-        result = await self.ingest.ingest(org_id, batch.readings)
+    async def _ack(
+        self, org_id: OrgId, batch: pb.ReadingBatch, turn: WriteTurn | None = None
+    ) -> pb.ReadingBatchAck:
+        result = await self.ingest.ingest(org_id, batch.readings, turn)
         return ack_to_proto(batch.batch_id, result)
 
     async def StreamReadings(
@@ -87,12 +89,17 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
         pending: asyncio.Queue[asyncio.Task[pb.ReadingBatchAck] | BaseException | None] = (
             asyncio.Queue(maxsize=depth)
         )
+        # The loop below sends the acks in order; this orders the writes of batches that
+        # share a meter, which would otherwise commit in whatever order their locks allow.
+        order = StreamWriteOrder()
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
                     self.ingest.check_size(len(request.batch.readings))
-                    task = asyncio.create_task(self._ack(org_id, request.batch))
+                    turn = order.enter(request.batch.readings)
+                    task = asyncio.create_task(self._ack(org_id, request.batch, turn))
+                    turn.finish_with(task)
                     self._orphans.add(task)
                     task.add_done_callback(self._orphans.discard)
                     await pending.put(task)

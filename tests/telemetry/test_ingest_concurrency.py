@@ -1,4 +1,4 @@
-"""Ingest racing other writers: a meter deleted meanwhile."""
+"""Ingest racing other writers: a meter deleted meanwhile, a stream's batches held up."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import asyncio
 import uuid
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 import pytest
 from openvpp.v1 import meter_registry_pb2 as mpb
 from openvpp.v1 import telemetry_pb2 as tpb
 
 from service.app import Service
-from tests.helpers import wait_until_blocked
+from tests.helpers import eventually, wait_until_blocked
 from tests.telemetry.conftest import Setup, interval, quarter, register
 
 R = tpb.RejectReason
@@ -29,6 +30,24 @@ async def orphaned_readings(service: Service, meter: mpb.Meter) -> int:
         uuid.UUID(meter.id),
     )
     return count
+
+
+async def stored_value(service: Service, meter: mpb.Meter, at: datetime) -> float | None:
+    assert service.pool is not None
+    value: float | None = await service.pool.fetchval(
+        "SELECT value_wh FROM readings WHERE meter_id = $1 AND ts = $2", uuid.UUID(meter.id), at
+    )
+    return value
+
+
+def batch(batch_id: str, readings: list[tpb.Reading]) -> tpb.StreamReadingsRequest:
+    return tpb.StreamReadingsRequest(batch=tpb.ReadingBatch(batch_id=batch_id, readings=readings))
+
+
+async def read_ack(call: Any) -> tpb.ReadingBatchAck:
+    response = await call.read()
+    assert isinstance(response, tpb.StreamReadingsResponse), response
+    return response.ack
 
 
 @pytest.mark.parametrize(
@@ -70,3 +89,39 @@ async def test_a_reading_of_a_meter_deleted_meanwhile_is_unknown_and_not_stored(
     # The meter is gone from the cache too: the next batch does not wait to find out.
     again = await setup.ingest([reading(meter, quarter(2), 3.0)])
     assert {r.index: r.reason for r in again.rejected} == {0: R.REJECT_REASON_UNKNOWN_METER}
+
+
+async def test_a_later_batch_on_a_stream_is_not_overwritten_by_an_earlier_one_held_up(
+    setup: Setup, service: Service
+) -> None:
+    assert service.pool is not None
+    held = await setup.meter()
+    profile = await setup.meter(measuring=mpb.MEASURING_LOAD_PROFILE_ACCURATE)
+    unrelated = await setup.meter(measuring=mpb.MEASURING_LOAD_PROFILE_ACCURATE)
+    call = setup.telemetry.StreamReadings(metadata=setup.org.auth)
+    async with service.pool.acquire() as conn:
+        holding = conn.transaction()
+        await holding.start()
+        # Another writer of the register meter holds up the first batch in its transaction.
+        await conn.execute("SELECT FROM meters WHERE id = $1 FOR UPDATE", uuid.UUID(held.id))
+        await call.write(
+            batch("first", [register(held, quarter(0), 1.0), interval(profile, quarter(0), 100.0)])
+        )
+        await wait_until_blocked(conn, 1)
+        # The client's later value of the same key.
+        await call.write(batch("second", [interval(profile, quarter(0), 90.0)]))
+        # A batch sharing no meter with the held-up one is not held up; larger than the
+        # second, so that (without an order of writes) the second has committed by the time
+        # this one is stored.
+        await call.write(batch("third", [interval(unrelated, quarter(n), 5.0) for n in range(96)]))
+
+        async def third_stored() -> bool:
+            return await stored_value(service, unrelated, quarter(95)) == 5.0
+
+        await eventually(third_stored, "the batch sharing no meter stored")
+        await holding.rollback()
+    acks = [await asyncio.wait_for(read_ack(call), 10) for _ in range(3)]
+    await call.done_writing()
+    assert await stored_value(service, profile, quarter(0)) == 90.0
+    assert [a.batch_id for a in acks] == ["first", "second", "third"]
+    assert [(a.accepted_count, a.corrected_count) for a in acks] == [(2, 0), (0, 1), (96, 0)]
