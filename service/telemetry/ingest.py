@@ -304,11 +304,12 @@ class Ingest:
 
     async def _lock_meters(self, conn: asyncpg.Connection, checked: ValidatedBatch) -> None:
         """Holds the batch's meters until COMMIT; MetersGoneError when some were deleted."""
-        register_ids = list({meter_id for meter_id, _ in checked.registers})
-        profile_ids = list({meter_id for meter_id, _ in checked.intervals})
-        present = await lock_meters(conn, register_ids, profile_ids)
-        if len(present) < len(register_ids) + len(profile_ids):
-            raise MetersGoneError(set(register_ids).union(profile_ids) - present)
+        registers = {meter_id for meter_id, _ in checked.registers}
+        # A meter is locked once, the stronger way if it is in both.
+        profiles = {meter_id for meter_id, _ in checked.intervals} - registers
+        present = await lock_meters(conn, list(registers), list(profiles))
+        if len(present) < len(registers) + len(profiles):
+            raise MetersGoneError((registers | profiles) - present)
 
     async def _fresh_intervals(
         self, conn: asyncpg.Connection, checked: ValidatedBatch
