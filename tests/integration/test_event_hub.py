@@ -87,8 +87,7 @@ async def test_a_subscriber_of_a_listened_channel_does_not_wait_for_another_list
         await hub.subscribe(OTHER_CHANNEL, "org", 10)
         network.go_silent()
         stuck = asyncio.create_task(hub.subscribe(CHANNEL, "org", 10))
-        await asyncio.sleep(0.1)  # its LISTEN holds the lock
-        assert not stuck.done()
+        await eventually(hub._lock.locked, "the unanswered LISTEN holds the hub's lock")
         # Already listened to: nothing to wait for.
         await asyncio.wait_for(hub.subscribe(OTHER_CHANNEL, "org", 10), 1)
         stuck.cancel()
