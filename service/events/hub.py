@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
 
+# The least time a LISTEN gets before its connection counts as lost.
+LISTEN_TIMEOUT_FLOOR_SECONDS = 5.0
+
 
 class SubscriberTooSlow(Exception):
     """The subscriber's buffer overflowed; its stream must end."""
@@ -193,11 +196,13 @@ class EventHub:
                 self._channels.add(channel)  # the reconnect listens to every known channel
                 return
             try:
-                # Bounded like the probe: on a connection that went silent (a partition, no
-                # reset) the LISTEN would otherwise hold the lock, and with it the probe
-                # that notices the loss, for as long as the kernel keeps the socket.
+                # Bounded: on a connection that went silent (a partition, no reset) the
+                # LISTEN would otherwise hold the lock, and with it the probe that notices
+                # the loss, for as long as the kernel keeps the socket. Not as tight as the
+                # probe: the service's start listens too, and a busy machine must not fail it.
                 await asyncio.wait_for(
-                    conn.add_listener(channel, self._dispatch), self._probe_interval
+                    conn.add_listener(channel, self._dispatch),
+                    max(self._probe_interval, LISTEN_TIMEOUT_FLOOR_SECONDS),
                 )
             except (
                 OSError,

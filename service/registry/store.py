@@ -301,7 +301,7 @@ class RegistryStore:
         async with self._pool.acquire() as conn, conn.transaction():
             # The identifier's upstream lock before the row lock: the order every writer of
             # upstream_status keeps (see service.upstream.status). A change to a new
-            # identifier takes that one's lock later, after the row's; that reverse order only
+            # identifier takes that one's lock after the row's; that reverse order only
             # matters when identifiers change concurrently (two sites swapping them, or two
             # updates of one site), and PostgreSQL then aborts one transaction (deadlock
             # detected) rather than hang.
@@ -314,6 +314,11 @@ class RegistryStore:
                 await upstream_sync.lock_identifiers(conn, [identifier])
             current = await self._lock_site(conn, site_id)
             fields = change(current.fields)
+            if fields.grid_identifier is not None and fields.grid_identifier != identifier:
+                # Before the row takes the identifier: a CreateSite of it waits for this lock
+                # before its INSERT, so it then meets the committed row (ALREADY_EXISTS)
+                # rather than an uncommitted one while holding the lock (a deadlock).
+                await upstream_sync.lock_identifiers(conn, [fields.grid_identifier])
             try:
                 row = await conn.fetchrow(
                     """
@@ -355,6 +360,15 @@ class RegistryStore:
 
     async def delete_site(self, site_id: SiteId) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
+            # The site's meters before the site (whose deletion cascades to them): the order
+            # of a telemetry batch, which holds its meters and then needs the site (the
+            # balancing queue's foreign key). Site first, a batch in flight and the deletion
+            # would deadlock, and PostgreSQL would abort one of them.
+            await conn.execute(
+                "SELECT FROM meters WHERE site_id = $1 AND org_id = $2 ORDER BY id FOR UPDATE",
+                site_id,
+                self._org_id,
+            )
             await self._lock_site(conn, site_id)
             await notify_site_event(conn, site_id, SiteEventType.DELETED)
             await conn.execute(

@@ -71,7 +71,7 @@ async def test_a_listen_on_a_silent_connection_ends_the_subscribers_and_reconnec
         # The first subscriber of a new channel, during the partition: its LISTEN never
         # gets an answer.
         with pytest.raises(EventsInterrupted):
-            await asyncio.wait_for(hub.subscribe(CHANNEL, "org", 10), 3)
+            await asyncio.wait_for(hub.subscribe(CHANNEL, "org", 10), 10)
         with pytest.raises(EventsInterrupted):
             await next_event(listened, within=3)
         assert not hub.connected

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from openvpp.v1 import meter_registry_pb2 as mpb
+from openvpp.v1 import site_registry_pb2 as spb
 from openvpp.v1 import telemetry_pb2 as tpb
 
 from service.app import Service
@@ -125,3 +126,39 @@ async def test_a_later_batch_on_a_stream_is_not_overwritten_by_an_earlier_one_he
     assert await stored_value(service, profile, quarter(0)) == 90.0
     assert [a.batch_id for a in acks] == ["first", "second", "third"]
     assert [(a.accepted_count, a.corrected_count) for a in acks] == [(2, 0), (0, 1), (96, 0)]
+
+
+@pytest.mark.parametrize(
+    ("measuring", "reading"),
+    [
+        (mpb.MEASURING_READINGS_ACCURATE, register),
+        (mpb.MEASURING_LOAD_PROFILE_ACCURATE, interval),
+    ],
+    ids=["register", "load_profile"],
+)
+async def test_a_site_deleted_while_a_batch_of_its_meter_is_in_flight_is_deleted(
+    setup: Setup, service: Service, measuring: int, reading: ReadingOf
+) -> None:
+    assert service.pool is not None
+    meter = await setup.meter(measuring=measuring)
+    async with service.pool.acquire() as conn:
+        holding = conn.transaction()
+        await holding.start()
+        # The batch holds its meter and waits to queue its range (the queue's foreign key
+        # then needs the site) while the site's deletion comes in.
+        await conn.execute("LOCK TABLE balancing_queue IN SHARE ROW EXCLUSIVE MODE")
+        ingesting = asyncio.ensure_future(setup.ingest([reading(meter, quarter(0), 1.0)]))
+        await wait_until_blocked(conn, 1, ingesting)
+        deleting = asyncio.ensure_future(
+            setup.registry.DeleteSite(
+                spb.DeleteSiteRequest(site_id=setup.site.id), metadata=setup.org.auth
+            )
+        )
+        await wait_until_blocked(conn, 2, ingesting, deleting)
+        await holding.rollback()
+    # Neither is aborted: the deletion waits for the batch, then deletes it with the site.
+    ack = await asyncio.wait_for(ingesting, 10)
+    await asyncio.wait_for(deleting, 10)
+    assert ack.accepted_count == 1
+    assert await stored_value(service, meter, quarter(0)) is None
+    assert await orphaned_readings(service, meter) == 0

@@ -68,8 +68,9 @@ class _SetpointStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Setpoin
     SETPOINT_STATE_REJECTED: _SetpointState.ValueType  # 4
     """The partner answered 406 or 422; not retried. Terminal."""
     SETPOINT_STATE_FAILED: _SetpointState.ValueType  # 5
-    """The attempt limit was reached, or the endpoint is refused. Terminal, except that
-    CancelDispatch makes it CANCELLED when an attempt may have arrived, and withdraws it.
+    """The attempt limit was reached, or the endpoint is refused. Terminal, except that after
+    CancelDispatch a worker makes it CANCELLED and withdraws it, when an attempt may have
+    arrived and its window has not ended.
     """
     SETPOINT_STATE_CANCELLED: _SetpointState.ValueType  # 6
     """Cancelled before delivery (never sent); after an attempt that may have arrived (of an
@@ -80,8 +81,8 @@ class _SetpointStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Setpoin
     """Its window ended before it was delivered. Terminal."""
     SETPOINT_STATE_NOT_ELIGIBLE: _SetpointState.ValueType  # 8
     """The site stopped being eligible before an attempt; `reason` names the status. Terminal,
-    except that CancelDispatch makes it CANCELLED when an earlier attempt may have arrived,
-    and withdraws it.
+    except that after CancelDispatch a worker makes it CANCELLED and withdraws it, when an
+    earlier attempt may have arrived and its window has not ended.
     """
 
 class SetpointState(_SetpointState, metaclass=_SetpointStateEnumTypeWrapper): ...
@@ -98,8 +99,9 @@ its cancellation is delivered.
 SETPOINT_STATE_REJECTED: SetpointState.ValueType  # 4
 """The partner answered 406 or 422; not retried. Terminal."""
 SETPOINT_STATE_FAILED: SetpointState.ValueType  # 5
-"""The attempt limit was reached, or the endpoint is refused. Terminal, except that
-CancelDispatch makes it CANCELLED when an attempt may have arrived, and withdraws it.
+"""The attempt limit was reached, or the endpoint is refused. Terminal, except that after
+CancelDispatch a worker makes it CANCELLED and withdraws it, when an attempt may have
+arrived and its window has not ended.
 """
 SETPOINT_STATE_CANCELLED: SetpointState.ValueType  # 6
 """Cancelled before delivery (never sent); after an attempt that may have arrived (of an
@@ -110,8 +112,8 @@ SETPOINT_STATE_EXPIRED: SetpointState.ValueType  # 7
 """Its window ended before it was delivered. Terminal."""
 SETPOINT_STATE_NOT_ELIGIBLE: SetpointState.ValueType  # 8
 """The site stopped being eligible before an attempt; `reason` names the status. Terminal,
-except that CancelDispatch makes it CANCELLED when an earlier attempt may have arrived,
-and withdraws it.
+except that after CancelDispatch a worker makes it CANCELLED and withdraws it, when an
+earlier attempt may have arrived and its window has not ended.
 """
 Global___SetpointState: _TypeAlias = SetpointState  # noqa: Y015
 
