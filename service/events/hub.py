@@ -222,10 +222,17 @@ class EventHub:
             self._channels.add(channel)
 
     async def _connect(self) -> None:
+        # Bounded like a LISTEN: the lock is held throughout, and subscribers of a channel
+        # not listened to yet wait for it (to be told the events are interrupted).
+        timeout = max(self._probe_interval, LISTEN_TIMEOUT_FLOOR_SECONDS)
         async with self._lock:
-            conn = await asyncpg.connect(self._dsn)
-            for channel in self._channels:
-                await conn.add_listener(channel, self._dispatch)
+            conn = await asyncpg.connect(self._dsn, timeout=timeout)
+            try:
+                for channel in self._channels:
+                    await asyncio.wait_for(conn.add_listener(channel, self._dispatch), timeout)
+            except BaseException:
+                conn.terminate()  # not left open behind the next attempt
+                raise
             conn.add_termination_listener(self._terminated)
             self._conn = conn
         # Again now that notifications arrive: a cache refilled while the connection was

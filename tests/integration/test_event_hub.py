@@ -121,3 +121,27 @@ async def test_listeners_are_reset_once_the_reconnected_listen_is_back(
         network.let_connections_through()
         await eventually(lambda: hub.connected, "the hub reconnects")
         assert "reset" in seen[seen.index("refilled") :]
+
+
+async def test_a_reconnect_that_gets_no_answer_does_not_hold_up_new_subscribers(
+    database_url: str,
+) -> None:
+    async with (
+        flaky_network(database_url) as network,
+        running_hub(network.url, probe_interval_seconds=0.2) as hub,
+    ):
+        network.hold_new_connections()  # the database is unreachable for new connections
+        assert hub._conn is not None
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute("SELECT pg_terminate_backend($1)", hub._conn.get_server_pid())
+        finally:
+            await conn.close()
+        await asyncio.wait_for(network.connection_held.wait(), 10)
+        # The reconnect waits for an answer; a first subscriber of a channel is told at
+        # once that events are interrupted once the attempt gives up, not after asyncpg's
+        # 60 s connect timeout.
+        with pytest.raises(EventsInterrupted):
+            await asyncio.wait_for(hub.subscribe(CHANNEL, "org", 10), 10)
+        network.let_connections_through()
+        await eventually(lambda: hub.connected, "the hub reconnects", within=15)
