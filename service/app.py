@@ -22,7 +22,7 @@ from service.balancing.worker import BalancingQueueConsumer
 from service.common.clock import SYSTEM_CLOCK, Clock
 from service.common.loglimit import OutageLog, quiet_library_retries
 from service.common.worker import Worker
-from service.config import Settings, check_grpc_address, check_pool_sizes
+from service.config import Settings, check_grpc_address, check_pool_sizes, problems_of
 from service.db.database import create_pool
 from service.db.migrate import migrate
 from service.db.reads import ReadLane
@@ -73,17 +73,15 @@ def check_settings(settings: Settings) -> None:
     """Raises ValueError naming every ``OPENVPP_*`` value the service or a capability cannot
     run with; called before anything starts, so a bad value is one line, not a failed
     start-up."""
-    problems = []
-    for check in (
-        check_grpc_address,
-        check_pool_sizes,
-        OutboxSettings.from_settings,
-        DeliverySettings.from_settings,
-    ):
-        try:
-            check(settings)
-        except ValueError as problem:
-            problems.append(str(problem))
+    problems = problems_of(
+        settings,
+        (
+            check_grpc_address,
+            check_pool_sizes,
+            OutboxSettings.from_settings,
+            DeliverySettings.from_settings,
+        ),
+    )
     if problems:
         raise ValueError("; ".join(problems))
 

@@ -18,7 +18,7 @@ import asyncpg
 from service.app import GrpcAddressUnusableError, Service, check_settings
 from service.auth.principal import Role
 from service.auth.store import ORG_NAME_LENGTH, IdentityStore, IssuedToken, org_name_rule
-from service.config import LOG_LEVELS, Settings, check_log_level
+from service.config import LOG_LEVELS, Settings, check_log_level, problems_of
 from service.db.database import EmbeddedPostgres
 from service.db.migrate import migrate
 from service.observability import setup_logging, setup_tracing
@@ -299,12 +299,7 @@ def _refuse_unusable_settings(settings: Settings, command: str) -> None:
     checks: list[Callable[[Settings], None]] = [check_log_level]
     if command == "serve":
         checks.append(check_settings)
-    problems = []
-    for check in checks:
-        try:
-            check(settings)
-        except ValueError as problem:
-            problems.append(str(problem))
+    problems = problems_of(settings, checks)
     if problems:
         raise SystemExit("; ".join(problems))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -147,6 +147,18 @@ def refuse_broken_values(section: str, checks: Iterable[tuple[str, bool, str]]) 
     ]
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def problems_of(settings: Settings, checks: Iterable[Callable[[Settings], object]]) -> list[str]:
+    """What each of ``checks`` refuses in ``settings`` (the message of its ValueError), so
+    that one line can name every value a command cannot run with."""
+    problems = []
+    for check in checks:
+        try:
+            check(settings)
+        except ValueError as problem:
+            problems.append(str(problem))
+    return problems
 
 
 def check_log_level(settings: Settings) -> None:

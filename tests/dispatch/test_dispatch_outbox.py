@@ -29,7 +29,12 @@ from service.dispatch.outbox import OutboxDeliverer, OutboxSettings
 from service.dispatch.store import CHANGES_PER_NOTIFICATION
 from tests.conftest import Org
 from tests.dispatch.conftest import UPSTREAM_CASES, Cluster, Flow, Replica
-from tests.dispatch.setpoint_receiver import Received, SetpointReceiver, running_receiver
+from tests.dispatch.setpoint_receiver import (
+    Answer,
+    Received,
+    SetpointReceiver,
+    running_receiver,
+)
 from tests.helpers import eventually, wait_until_blocked
 from tests.pg_proxy import commit_answer_cutter
 from tests.upstream.conftest import day
@@ -1005,6 +1010,17 @@ async def _stored_attempts(database_url: str, setpoint_id: uuid.UUID) -> list[in
     return [row["http_status"] for row in rows]
 
 
+def busy_for_setpoints(retry_after_seconds: int) -> Answer:
+    """A partner answering every setpoint 503 (retry after so long) and every withdrawal 204."""
+
+    async def answer(received: Received) -> int | tuple[int, dict[str, str]]:
+        if received.body["type"] == "setpoint":
+            return 503, {"Retry-After": str(retry_after_seconds)}
+        return 204
+
+    return answer
+
+
 async def test_a_cancelled_setpoint_whose_attempt_may_have_arrived_is_withdrawn(
     cluster: Cluster,
 ) -> None:
@@ -1012,13 +1028,8 @@ async def test_a_cancelled_setpoint_whose_attempt_may_have_arrived_is_withdrawn(
     flow = Flow(replica)
     operator, partner, supplier = await flow.parties()
 
-    async def busy_then_fine(received: Received) -> int | tuple[int, dict[str, str]]:
-        # The partner may have acted on a request it answered 503; the retry is far off.
-        if received.body["type"] == "setpoint":
-            return 503, {"Retry-After": "600"}
-        return 204
-
-    async with running_receiver(busy_then_fine) as receiver:
+    # The partner may have acted on a request it answered 503; the retry is far off.
+    async with running_receiver(busy_for_setpoints(retry_after_seconds=600)) as receiver:
         receiver.trust(await flow.secret(partner))
         await flow.site(partner, supplier, receiver.url())
         dispatch = (await flow.dispatch(operator)).dispatch
@@ -1205,12 +1216,7 @@ async def test_a_not_eligible_setpoint_attempted_before_is_withdrawn_when_cancel
     flow = Flow(replica)
     operator, partner, supplier = await flow.parties()
 
-    async def busy(received: Received) -> int | tuple[int, dict[str, str]]:
-        if received.body["type"] == "setpoint":
-            return 503, {"Retry-After": "1"}
-        return 204
-
-    async with running_receiver(busy) as receiver:
+    async with running_receiver(busy_for_setpoints(retry_after_seconds=1)) as receiver:
         receiver.trust(await flow.secret(partner))
         site, _ = await flow.site(partner, supplier, receiver.url())
         dispatch = (await flow.dispatch(operator)).dispatch
