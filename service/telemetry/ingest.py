@@ -13,8 +13,7 @@ lost. One batch is one transaction:
    written (:func:`service.telemetry.store.write_rows`);
 4. a conflict with a concurrent writer is retried, at most three attempts: a unique
    violation on the plain-COPY path (someone stored keys we took for new) retries through
-   the upsert; a deadlock or serialization failure retries the whole transaction; a lost
-   staging table (a new backend reusing a pid) retries once it is recreated;
+   the upsert; a deadlock or serialization failure retries the whole transaction;
 5. a batch naming meters found gone rolls back and is validated again without them.
 
 On a stream, batches are validated concurrently, but a batch's write (step 3 on) waits for
@@ -281,11 +280,6 @@ class Ingest:
                     raise
                 optimistic = False
                 log.info("ingest transaction conflicted; retrying")
-            except asyncpg.UndefinedTableError:
-                # The backend lost its staging table (a new connection reusing a pid);
-                # write_rows forgot it, so the retry creates it.
-                if last:
-                    raise
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _write_once(

@@ -442,10 +442,6 @@ async def unoccupied(conn: asyncpg.Connection, groups: Sequence[Group]) -> list[
     return [(g[0], g[1]) for g in groups if (g[0], g[1]) not in occupied]
 
 
-# Server pids of connections that have the temporary staging table. A reused pid whose
-# table is gone raises UndefinedTableError: the caller forgets it and retries the batch.
-_STAGED_BACKENDS: set[int] = set()
-
 # Binary COPY of (meter_id uuid, flow smallint, ts timestamptz, value_wh float8,
 # ingest_id int8) rows: each field is preceded by its length; timestamptz is microseconds
 # since 2000-01-01 UTC.
@@ -543,19 +539,16 @@ async def upsert_staged_rows(
     """
     if not rows:
         return 0, 0
-    pid = conn.get_server_pid()
-    if pid not in _STAGED_BACKENDS:
-        await conn.execute(_STAGING_DDL)
-        _STAGED_BACKENDS.add(pid)
-    try:
-        await conn.copy_records_to_table(
-            "reading_staging",
-            records=rows,
-            columns=("meter_id", "flow", "ts_us", "value_wh"),
-        )
-    except asyncpg.UndefinedTableError:
-        _STAGED_BACKENDS.discard(pid)
-        raise
+    # Every time, in the batch's transaction: remembered per connection instead, a table
+    # made by a transaction that then rolled back would be gone while still counted on, and
+    # the next batch would spend an attempt finding out. Only batches with rows stored
+    # already come here (resends, corrections), and the table exists after the first.
+    await conn.execute(_STAGING_DDL)
+    await conn.copy_records_to_table(
+        "reading_staging",
+        records=rows,
+        columns=("meter_id", "flow", "ts_us", "value_wh"),
+    )
     result = await conn.fetchrow(_UPSERT, ingest_id)
     return result["inserted"], result["updated"]
 

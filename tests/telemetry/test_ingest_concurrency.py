@@ -14,6 +14,8 @@ from openvpp.v1 import site_registry_pb2 as spb
 from openvpp.v1 import telemetry_pb2 as tpb
 
 from service.app import Service
+from service.telemetry.energy import FLOW_IMPORT
+from service.telemetry.store import upsert_staged_rows
 from tests.helpers import eventually, wait_until_blocked
 from tests.telemetry.conftest import Setup, interval, quarter, register
 
@@ -162,3 +164,26 @@ async def test_a_site_deleted_while_a_batch_of_its_meter_is_in_flight_is_deleted
     assert ack.accepted_count == 1
     assert await stored_value(service, meter, quarter(0)) is None
     assert await orphaned_readings(service, meter) == 0
+
+
+async def test_a_correction_after_a_rolled_back_one_on_the_same_connection_is_stored(
+    setup: Setup, service: Service
+) -> None:
+    # Corrections go through the connection's staging table; a transaction that made it
+    # and then rolled back must not leave the next one without it.
+    assert service.pool is not None
+    meter = await setup.meter(measuring=mpb.MEASURING_LOAD_PROFILE_ACCURATE)
+    assert (await setup.ingest([interval(meter, quarter(0), 1.0)])).accepted_count == 1
+    at_us = int(quarter(0).timestamp() * 1_000_000)
+    correction = [(uuid.UUID(meter.id), FLOW_IMPORT, at_us, 2.0)]
+    async with service.pool.acquire() as conn:
+        # Whatever earlier batches left on this connection goes: the first transaction
+        # below makes the staging table.
+        await conn.execute("DISCARD TEMP")
+        rolled_back = conn.transaction()
+        await rolled_back.start()
+        assert await upsert_staged_rows(conn, correction, ingest_id=1) == (0, 1)
+        await rolled_back.rollback()
+        async with conn.transaction():
+            assert await upsert_staged_rows(conn, correction, ingest_id=2) == (0, 1)
+    assert await stored_value(service, meter, quarter(0)) == 2.0
