@@ -502,12 +502,11 @@ class OutboxDeliverer:
         self._finished: list[Finished] = []
         self._finished_ready = asyncio.Event()
         self._recorder: asyncio.Task[None] | None = None
-        # The last recording failed: its batch is still to record, and its commit may have
-        # gone through with the answer lost.
-        self._record_failed = False
-        # The setpoints of batches whose recording failed, until one records them. Their
-        # rows may be settled and released already (the commit went through): claimed
-        # again here meanwhile, the new claim's lease would take the old result.
+        # The setpoints of a batch whose recording failed (or was cut off), until one
+        # records them: its commit may have gone through with the answer lost. Recorded
+        # again, their attempts are stored only once; and their rows may be settled and
+        # released already, so this worker must not claim them meanwhile (the new claim's
+        # lease would take the old result).
         self._recorded_perhaps: set[UUID] = set()
         self._started = False
         # Attempts this replica made (tests and operators see each replica's share).
@@ -553,7 +552,7 @@ class OutboxDeliverer:
         if self._finished:
             batch = self._take_finished()
             try:
-                await self._record(batch, retried=self._record_failed)
+                await self._record(batch, retried=bool(self._recorded_perhaps))
             except Exception:
                 unrecorded_attempts = {item.claimed.setpoint_id for item in batch}
         # What was claimed here and not recorded goes back to the outbox now, rather than
@@ -980,21 +979,19 @@ class OutboxDeliverer:
             if not batch:
                 continue
             try:
-                await self._record(batch, retried=self._record_failed)
+                await self._record(batch, retried=bool(self._recorded_perhaps))
             except asyncio.CancelledError:
                 # stop() records them; the commit may have gone through as it was cut off.
-                self._record_failed = True
+                self._recorded_perhaps.update(item.claimed.setpoint_id for item in batch)
                 self._finished[:0] = batch
                 raise
             except Exception:
                 log.warning("recording %d delivery attempts failed; retrying", len(batch))
-                self._record_failed = True
                 self._recorded_perhaps.update(item.claimed.setpoint_id for item in batch)
                 self._finished[:0] = batch
                 await asyncio.sleep(1.0)
                 self._finished_ready.set()
             else:
-                self._record_failed = False
                 self._recorded_perhaps.clear()
 
     async def _record(self, batch: Sequence[Finished], retried: bool = False) -> None:

@@ -105,6 +105,11 @@ class EventHub:
     def __init__(self, dsn: str, probe_interval_seconds: float = 2.0) -> None:
         self._dsn = dsn
         self._probe_interval = probe_interval_seconds
+        # A LISTEN, and a reconnect, get this long before the connection counts as lost:
+        # bounded, since either holds the lock (and on a silent connection would hold it as
+        # long as the kernel keeps the socket), but not as tight as the probe, since the
+        # service's start listens too and a busy machine must not fail it.
+        self._listen_timeout = max(probe_interval_seconds, LISTEN_TIMEOUT_FLOOR_SECONDS)
         self._conn: asyncpg.Connection | None = None
         self._channels: set[str] = set()
         self._subscriptions: dict[str, dict[str, set[Subscription]]] = collections.defaultdict(
@@ -196,13 +201,8 @@ class EventHub:
                 self._channels.add(channel)  # the reconnect listens to every known channel
                 return
             try:
-                # Bounded: on a connection that went silent (a partition, no reset) the
-                # LISTEN would otherwise hold the lock, and with it the probe that notices
-                # the loss, for as long as the kernel keeps the socket. Not as tight as the
-                # probe: the service's start listens too, and a busy machine must not fail it.
                 await asyncio.wait_for(
-                    conn.add_listener(channel, self._dispatch),
-                    max(self._probe_interval, LISTEN_TIMEOUT_FLOOR_SECONDS),
+                    conn.add_listener(channel, self._dispatch), self._listen_timeout
                 )
             except (
                 OSError,
@@ -222,14 +222,14 @@ class EventHub:
             self._channels.add(channel)
 
     async def _connect(self) -> None:
-        # Bounded like a LISTEN: the lock is held throughout, and subscribers of a channel
-        # not listened to yet wait for it (to be told the events are interrupted).
-        timeout = max(self._probe_interval, LISTEN_TIMEOUT_FLOOR_SECONDS)
+        # Subscribers of a channel not listened to yet wait for the lock held here.
         async with self._lock:
-            conn = await asyncpg.connect(self._dsn, timeout=timeout)
+            conn = await asyncpg.connect(self._dsn, timeout=self._listen_timeout)
             try:
                 for channel in self._channels:
-                    await asyncio.wait_for(conn.add_listener(channel, self._dispatch), timeout)
+                    await asyncio.wait_for(
+                        conn.add_listener(channel, self._dispatch), self._listen_timeout
+                    )
             except BaseException:
                 conn.terminate()  # not left open behind the next attempt
                 raise
