@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from typing import Self
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 # The command tag of an INSERT's CommandComplete message, and the simple query asyncpg sends
@@ -62,6 +61,13 @@ class PgProxy:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
 
     async def _before_upstream(self) -> None:
         """Awaited for each new connection before it is forwarded."""
@@ -191,23 +197,3 @@ class _Link:
     def __init__(self) -> None:
         self.inserted = False
         self.losing_answer = False
-
-
-@asynccontextmanager
-async def commit_answer_cutter(database_url: str) -> AsyncIterator[CommitAnswerCutter]:
-    proxy = CommitAnswerCutter(database_url)
-    await proxy.start()
-    try:
-        yield proxy
-    finally:
-        await proxy.close()
-
-
-@asynccontextmanager
-async def flaky_network(database_url: str) -> AsyncIterator[FlakyNetwork]:
-    proxy = FlakyNetwork(database_url)
-    await proxy.start()
-    try:
-        yield proxy
-    finally:
-        await proxy.close()

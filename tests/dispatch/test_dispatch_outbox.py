@@ -36,7 +36,7 @@ from tests.dispatch.setpoint_receiver import (
     running_receiver,
 )
 from tests.helpers import eventually, wait_until_blocked
-from tests.pg_proxy import commit_answer_cutter
+from tests.pg_proxy import CommitAnswerCutter
 from tests.upstream.conftest import day
 
 BATTERY = site_pb.RESOURCE_TYPE_STATIC_BATTERY
@@ -964,7 +964,7 @@ async def test_a_recording_whose_commit_went_unanswered_stores_its_attempts_once
     cluster: Cluster,
 ) -> None:
     async with (
-        commit_answer_cutter(cluster.url) as proxy,
+        CommitAnswerCutter(cluster.url) as proxy,
         held_first(cluster, sites=1, resources=1, url=proxy.url) as scene,
     ):
         proxy.arm()
@@ -983,7 +983,7 @@ async def test_a_recording_whose_commit_went_unanswered_stores_its_attempts_once
 async def test_a_recording_cut_off_by_a_stop_during_its_commit_stores_its_attempts_once(
     cluster: Cluster,
 ) -> None:
-    async with commit_answer_cutter(cluster.url) as proxy:
+    async with CommitAnswerCutter(cluster.url) as proxy:
         async with held_first(cluster, sites=1, resources=1, url=proxy.url) as scene:
             proxy.arm(hold=True)
             scene.answer.release.set()
@@ -1182,7 +1182,7 @@ async def test_a_setpoint_whose_last_recording_went_unanswered_is_not_claimed_ag
         await asyncio.sleep(1.5)  # a withdrawal slow to answer, still in flight at the retry
         return 204
 
-    async with commit_answer_cutter(cluster.url) as proxy:
+    async with CommitAnswerCutter(cluster.url) as proxy:
         replica = await cluster.replica(url=proxy.url, dispatch_max_attempts=1)
         flow = Flow(replica)
         operator, partner, supplier = await flow.parties()

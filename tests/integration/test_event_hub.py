@@ -15,7 +15,7 @@ import pytest
 
 from service.events.hub import EventHub, EventsInterrupted, Subscription
 from tests.helpers import eventually
-from tests.pg_proxy import flaky_network
+from tests.pg_proxy import FlakyNetwork
 
 CHANNEL = "test_hub_channel"
 OTHER_CHANNEL = "test_hub_other_channel"
@@ -63,7 +63,7 @@ async def test_a_listen_on_a_silent_connection_ends_the_subscribers_and_reconnec
     database_url: str,
 ) -> None:
     async with (
-        flaky_network(database_url) as network,
+        FlakyNetwork(database_url) as network,
         running_hub(network.url, probe_interval_seconds=0.3) as hub,
     ):
         listened = await hub.subscribe(OTHER_CHANNEL, "org", 10)
@@ -81,7 +81,7 @@ async def test_a_subscriber_of_a_listened_channel_does_not_wait_for_another_list
     database_url: str,
 ) -> None:
     async with (
-        flaky_network(database_url) as network,
+        FlakyNetwork(database_url) as network,
         running_hub(network.url, probe_interval_seconds=5) as hub,
     ):
         await hub.subscribe(OTHER_CHANNEL, "org", 10)
@@ -99,7 +99,7 @@ async def test_listeners_are_reset_once_the_reconnected_listen_is_back(
     database_url: str,
 ) -> None:
     async with (
-        flaky_network(database_url) as network,
+        FlakyNetwork(database_url) as network,
         running_hub(network.url, probe_interval_seconds=0.2) as hub,
     ):
         seen: list[str] = []
@@ -127,7 +127,7 @@ async def test_a_reconnect_that_gets_no_answer_does_not_hold_up_new_subscribers(
     database_url: str,
 ) -> None:
     async with (
-        flaky_network(database_url) as network,
+        FlakyNetwork(database_url) as network,
         running_hub(network.url, probe_interval_seconds=0.2) as hub,
     ):
         network.hold_new_connections()  # the database is unreachable for new connections

@@ -24,6 +24,18 @@ R = tpb.RejectReason
 ReadingOf = Callable[[mpb.Meter, datetime, float], tpb.Reading]
 
 
+# A meter of each kind: register meters are locked for their register check, the others
+# only against their deletion.
+EACH_KIND_OF_METER = pytest.mark.parametrize(
+    ("measuring", "reading"),
+    [
+        (mpb.MEASURING_READINGS_ACCURATE, register),
+        (mpb.MEASURING_LOAD_PROFILE_ACCURATE, interval),
+    ],
+    ids=["register", "load_profile"],
+)
+
+
 async def orphaned_readings(service: Service, meter: mpb.Meter) -> int:
     """Readings left of a meter that is gone (no foreign key would refuse them)."""
     assert service.pool is not None
@@ -53,14 +65,7 @@ async def read_ack(call: Any) -> tpb.ReadingBatchAck:
     return response.ack
 
 
-@pytest.mark.parametrize(
-    ("measuring", "reading"),
-    [
-        (mpb.MEASURING_READINGS_ACCURATE, register),
-        (mpb.MEASURING_LOAD_PROFILE_ACCURATE, interval),
-    ],
-    ids=["register", "load_profile"],
-)
+@EACH_KIND_OF_METER
 async def test_a_reading_of_a_meter_deleted_meanwhile_is_unknown_and_not_stored(
     setup: Setup, service: Service, measuring: int, reading: ReadingOf
 ) -> None:
@@ -130,14 +135,7 @@ async def test_a_later_batch_on_a_stream_is_not_overwritten_by_an_earlier_one_he
     assert [(a.accepted_count, a.corrected_count) for a in acks] == [(2, 0), (0, 1), (96, 0)]
 
 
-@pytest.mark.parametrize(
-    ("measuring", "reading"),
-    [
-        (mpb.MEASURING_READINGS_ACCURATE, register),
-        (mpb.MEASURING_LOAD_PROFILE_ACCURATE, interval),
-    ],
-    ids=["register", "load_profile"],
-)
+@EACH_KIND_OF_METER
 async def test_a_site_deleted_while_a_batch_of_its_meter_is_in_flight_is_deleted(
     setup: Setup, service: Service, measuring: int, reading: ReadingOf
 ) -> None:
