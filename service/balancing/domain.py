@@ -15,15 +15,13 @@ from datetime import date, datetime
 from enum import StrEnum
 from uuid import UUID
 
-from service.balancing.engine import AllocationMethod
+from service.balancing.engine import SHARE_SUM_SLACK, AllocationMethod, static_keys_total
 from service.common.errors import ViolationCollector
 
 # Stands for "no end" in comparisons; never stored.
 OPEN_END = date.max
 DEFAULT_METHOD = AllocationMethod.EQUAL
 STATIC_METHODS = frozenset({AllocationMethod.STATIC, AllocationMethod.STATIC_REDISTRIBUTED})
-# Shares are doubles: a sum of keys such as 0.1 + 0.2 + 0.7 must not fail on rounding.
-SHARE_SUM_TOLERANCE = 1e-9
 # Tier number of meters without a priority: served after every numbered tier.
 UNPRIORITISED = 0
 
@@ -190,11 +188,13 @@ def static_share_excess(
     for day in _breakpoints([*(s.period for s in settings), *(p.period for p in policies)]):
         if method_on(policies, day) not in STATIC_METHODS:
             continue
-        totals: dict[int, float] = defaultdict(float)
+        keys: dict[int, list[float]] = defaultdict(list)
         for setting in participants_on(settings, day):
-            totals[setting.tier] += setting.share or 0.0
-        for tier, total in sorted(totals.items()):
-            if total > 1 + SHARE_SUM_TOLERANCE:
+            keys[setting.tier].append(setting.share or 0.0)
+        for tier, tier_keys in sorted(keys.items()):
+            # Added up as the engine adds a block's keys: what is accepted here, it takes.
+            total = static_keys_total(tier_keys)
+            if total > 1 + SHARE_SUM_SLACK:
                 return ShareExcess(day, tier, total)
     return None
 

@@ -36,7 +36,8 @@ One pass (shared by every method)
 
 STATIC (one pass per tier)
     ``o_ji = share_i * r_j`` for ``i != own(j)``, with the fixed keys ``share_i`` of the
-    tier (``consumer_share``; the tier's keys must add up to at most 1). An unset key (NaN)
+    tier (``consumer_share``; the tier's keys must add up to at most 1, and keys a little
+    over it, within :data:`SHARE_SUM_SLACK`, are scaled down to add up to 1). An unset key (NaN)
     is 0 under both STATIC methods: a meter without a key receives nothing from keys; set a
     key for every participant that should receive. What is not offered (keys adding up to
     less than 1, a prosumer's own key ``share_own(j)``, which stays with it) or not taken
@@ -143,6 +144,8 @@ Rounding of meter energy (:func:`round_energy_wh`)
 from __future__ import annotations
 
 import enum
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -175,8 +178,18 @@ _SNAP_REL = 2.0**-45
 _SMALL_INTERVAL_WH = int(_SNAP_ABS_WH / _SNAP_REL)
 # Cells (producers x consumers x intervals) allocated per chunk of intervals.
 _CHUNK_CELLS = 1 << 17
-# The sum of a tier's static keys may exceed 1 by float noise of the caller's arithmetic.
-_SHARE_SUM_SLACK = 1e-9
+# The sum of a tier's static keys may exceed 1 by float noise of the caller's arithmetic
+# (0.1 + 0.2 + 0.7): the API accepts such keys, and the engine scales them down to 1.
+SHARE_SUM_SLACK = 1e-9
+
+
+def static_keys_total(keys: Iterable[float]) -> float:
+    """A tier's static keys added up, correctly rounded (``math.fsum``): the same sum in
+    any order, so the API's check of a site's shares and the engine's check of a block's
+    agree on every set of keys (numpy's pairwise sum and a running sum differ by an ulp
+    from nine keys on, and a total right at the slack passed one check and failed the other).
+    """
+    return math.fsum(float(key) for key in keys)
 
 
 class AllocationMethod(enum.IntEnum):
@@ -369,7 +382,7 @@ def _validated(block: BalancingInput) -> tuple[Int64Array, Int64Array, Int64Arra
     if method in (AllocationMethod.STATIC, AllocationMethod.STATIC_REDISTRIBUTED):
         keys = np.nan_to_num(shares, nan=0.0)
         for tier in np.unique(tiers):
-            if float(keys[tiers == tier].sum()) > 1 + _SHARE_SUM_SLACK:
+            if static_keys_total(keys[tiers == tier]) > 1 + SHARE_SUM_SLACK:
                 raise ValueError(f"the static keys of tier {int(tier)} add up to more than 1")
     production = np.asarray(production, dtype=np.int64)
     demand = np.asarray(demand, dtype=np.int64)
@@ -423,6 +436,13 @@ def _tiers(block: BalancingInput) -> list[_Tier]:
                 if hits.size:
                     own_in_tier[producer] = hits[0]
         tier_shares = shares if columns.size == shares.size else shares[columns]
+        if block.method in (AllocationMethod.STATIC, AllocationMethod.STATIC_REDISTRIBUTED):
+            total = static_keys_total(tier_shares)
+            if total > 1:
+                # Within the slack (``_validated``), but keys over 1 offer more than a
+                # producer has: at 2e9 Wh an interval, 1e-9 too much is 2 Wh, beyond what
+                # the rounding may snap, and the margins no longer add up.
+                tier_shares = tier_shares / total
         tiers.append(_Tier(columns, own_in_tier, tier_shares))
     return tiers
 

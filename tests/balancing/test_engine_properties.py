@@ -486,3 +486,70 @@ def test_chunks_of_gathered_rows_give_each_interval_its_own_result(
         assert np.array_equal(chunked.shared_wh[interval], alone.shared_wh[0])
         assert np.array_equal(chunked.feed_in_wh[interval], alone.feed_in_wh[0])
         assert np.array_equal(chunked.grid_supply_wh[interval], alone.grid_supply_wh[0])
+
+
+@st.composite
+def keys_just_over_one(draw: st.DrawFn) -> list[float]:
+    """Static keys of one tier adding up to within the slack of 1, as the API accepts them:
+    random parts scaled to 1 and then nudged by up to the slack, either way."""
+    parts = draw(st.lists(st.floats(0.01, 1.0), min_size=1, max_size=12))
+    nudge = draw(st.floats(-engine_module.SHARE_SUM_SLACK, engine_module.SHARE_SUM_SLACK))
+    total = math.fsum(parts)
+    keys = [min(1.0, part / total * (1 + nudge)) for part in parts]
+    assert engine_module.static_keys_total(keys) <= 1 + 2 * engine_module.SHARE_SUM_SLACK
+    return keys
+
+
+@SETTINGS
+@example(keys=[0.6, 0.4000000009], energy_wh=2_000_000_000, method=AllocationMethod.STATIC)
+@given(
+    keys_just_over_one(),
+    st.one_of(st.integers(1, 1_000), st.integers(MAX_INTERVAL_WH // 16, MAX_INTERVAL_WH // 12)),
+    st.sampled_from(STATIC_METHODS),
+)
+def test_static_keys_the_api_accepts_allocate_with_exact_margins(
+    keys: list[float], energy_wh: int, method: AllocationMethod
+) -> None:
+    """Keys a little over 1 offered a producer's energy a little over what it had: from about
+    1e9 Wh an interval, more than the rounding snaps, and the allocation raised."""
+    if engine_module.static_keys_total(keys) > 1 + engine_module.SHARE_SUM_SLACK:
+        with pytest.raises(ValueError, match="add up to more than 1"):
+            allocate(_one_producer(method, keys, energy_wh))
+        return
+    block = _one_producer(method, keys, energy_wh)
+    result = allocate(block)
+    assert_exact_and_bounded(block, result)
+    # Everyone wants all of it and the keys add up to 1: nothing is fed in beyond rounding.
+    assert result.feed_in_wh.sum() <= len(keys)
+
+
+def _one_producer(method: AllocationMethod, keys: list[float], energy_wh: int) -> BalancingInput:
+    return BalancingInput(
+        method=method,
+        production_wh=np.array([[energy_wh]], dtype=np.int64),
+        demand_wh=np.full((1, len(keys)), energy_wh, dtype=np.int64),
+        producer_as_consumer=np.array([-1], dtype=np.int64),
+        consumer_tier=np.zeros(len(keys), dtype=np.int64),
+        consumer_share=np.array(keys, dtype=np.float64),
+    )
+
+
+def test_the_api_and_the_engine_add_the_keys_alike() -> None:
+    """Nine keys at 1 + 1e-9 one by one, one ulp above it as numpy pairs them up: the API
+    accepted them and the engine refused them, so RunBalancing answered INTERNAL."""
+    nine = [
+        0.14326733703072186,
+        0.11569730588112762,
+        0.05236256591434324,
+        0.10141866116745812,
+        0.15231925260463125,
+        0.14605691263981405,
+        0.08721392104667393,
+        0.10166404371523,
+        0.10000000100000007,
+    ]
+    assert float(np.array(nine).sum()) > 1 + engine_module.SHARE_SUM_SLACK  # the old check
+    total = engine_module.static_keys_total(nine)
+    assert total == engine_module.static_keys_total(reversed(nine))
+    if total <= 1 + engine_module.SHARE_SUM_SLACK:
+        allocate(_one_producer(AllocationMethod.STATIC, nine, 900))
