@@ -79,10 +79,14 @@ class SiteInfo:
 
 
 async def site_info(
-    conn: asyncpg.Connection | asyncpg.Pool, org_id: UUID, site_id: UUID
+    conn: asyncpg.Connection | asyncpg.Pool, org_id: UUID, site_id: UUID, *, lock: bool = False
 ) -> SiteInfo:
+    """The site's balancing facts, NOT_FOUND for a site not of ``org_id``. ``lock``: held
+    with ``FOR KEY SHARE`` until the transaction ends, so that a row about to reference the
+    site is not left pointing at a site deleted meanwhile (its DeleteSite waits instead)."""
     row = await conn.fetchrow(
-        "SELECT timezone, balance_resolution, site_type FROM sites WHERE id = $1 AND org_id = $2",
+        "SELECT timezone, balance_resolution, site_type FROM sites WHERE id = $1 AND org_id = $2"
+        + (" FOR KEY SHARE" if lock else ""),
         site_id,
         org_id,
     )
@@ -157,9 +161,18 @@ class BalancingStore:
 
     # -- settings -----------------------------------------------------------------------
 
-    async def _meter_site(self, conn: asyncpg.Connection, meter_id: UUID) -> UUID:
+    async def _meter_site(
+        self, conn: asyncpg.Connection, meter_id: UUID, *, lock: bool = True
+    ) -> UUID:
+        """The meter's site; ``lock``: the meter held (``FOR KEY SHARE``) until the
+        transaction ends. A setting written for it after the settings lock's wait would
+        otherwise reference a meter (or site) deleted during that wait, a foreign-key
+        violation; DeleteMeter and DeleteSite wait for it instead."""
         site_id: UUID | None = await conn.fetchval(
-            "SELECT site_id FROM meters WHERE id = $1 AND org_id = $2", meter_id, self._org_id
+            "SELECT site_id FROM meters WHERE id = $1 AND org_id = $2"
+            + (" FOR KEY SHARE" if lock else ""),
+            meter_id,
+            self._org_id,
         )
         if site_id is None:
             raise NotFoundError("meter", str(meter_id))
@@ -246,6 +259,9 @@ class BalancingStore:
             args: list[Any] = [site_id, self._org_id]
             matching = "SELECT * FROM meter_balancing_settings WHERE site_id = $1 AND org_id = $2"
             if meter_id is not None:
+                # Another organization's meter is NOT_FOUND, as in every other call; one of
+                # another site of this organization has no settings here.
+                await self._meter_site(conn, meter_id, lock=False)
                 args.append(meter_id)
                 matching += " AND meter_id = $3"
             rows, total = await keyset_page(conn, matching, args, after, limit)
@@ -260,8 +276,10 @@ class BalancingStore:
         if site_id is None:
             raise NotFoundError("meter_balancing_setting", str(setting_id))
         await lock_site_settings(conn, site_id)
+        # Locked: the deletion of its meter (which takes the setting with it, and no
+        # settings lock) may have begun; it is then waited for and the setting is gone.
         row = await conn.fetchrow(
-            "SELECT * FROM meter_balancing_settings WHERE id = $1 AND org_id = $2",
+            "SELECT * FROM meter_balancing_settings WHERE id = $1 AND org_id = $2 FOR UPDATE",
             setting_id,
             self._org_id,
         )
@@ -337,7 +355,7 @@ class BalancingStore:
         self, site_id: UUID, method: AllocationMethod, period: Period
     ) -> Policy:
         async with self._pool.acquire() as conn, conn.transaction():
-            site = await site_info(conn, self._org_id, site_id)
+            site = await site_info(conn, self._org_id, site_id, lock=True)
             await lock_site_settings(conn, site.id)
             policies = await site_policies(conn, self._org_id, site.id)
             errors = ViolationCollector()
@@ -630,8 +648,14 @@ class MeterRow:
 async def site_meters(
     conn: asyncpg.Connection, org_id: UUID, site_id: UUID
 ) -> dict[UUID, MeterRow]:
+    # Held (FOR KEY SHARE, in id order as DeleteSite locks them) until the re-balancing
+    # commits: a meter deleted between this read and the read of its energy made the pass
+    # fail with NOT_FOUND. A deletion waits now, and queues the days it changes.
     rows = await conn.fetch(
-        "SELECT id, direction, start_date, end_date FROM meters WHERE site_id = $1 AND org_id = $2",
+        """
+        SELECT id, direction, start_date, end_date FROM meters
+        WHERE site_id = $1 AND org_id = $2 ORDER BY id FOR KEY SHARE
+        """,
         site_id,
         org_id,
     )
