@@ -28,6 +28,9 @@ from service.upstream.domain import UpstreamStatus
 QUARTER_HOUR_SECONDS = 900
 MAX_WINDOW = timedelta(hours=24)
 MAX_REQUEST_ID_LENGTH = 128
+# 1 TW: far above any fleet (a resource is bounded to 1 GW), and its watts are exact in a
+# float. A finite target beyond it, ~1e306, overflowed to infinity in watts (INTERNAL).
+MAX_TARGET_POWER_KW = 1e9
 # Setpoints are sent with watt resolution: a decimal string with three decimals of kW.
 POWER_DECIMALS = 3
 
@@ -175,6 +178,8 @@ def validate_request(
         errors.add("request_id", "must be printable, without leading or trailing white space")
     if not math.isfinite(request.power_kw):
         errors.add("power_kw", "must be a finite number")
+    elif abs(request.power_kw) > MAX_TARGET_POWER_KW:
+        errors.add("power_kw", f"must be within +-{MAX_TARGET_POWER_KW:.0e} kW (1 TW)")
     elif request.dispatch_type is DispatchType.MAXIMISE_UPWARDS and request.power_kw < 0:
         errors.add("power_kw", "must be >= 0 (an optional goal) for DISPATCH_TYPE_MAXIMISE_UPWARDS")
     elif request.dispatch_type is DispatchType.MAXIMISE_DOWNWARDS and request.power_kw > 0:

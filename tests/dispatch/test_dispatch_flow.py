@@ -198,6 +198,9 @@ async def test_bad_requests_are_field_violations_and_store_nothing(cluster: Clus
 
     await expect_invalid(flow.dispatch(operator, request_id=""), "request_id")
     await expect_invalid(flow.dispatch(operator, power_kw=float("nan")), "power_kw")
+    # Finite, but beyond a float in watts: it was INTERNAL, with a traceback in the log.
+    await expect_invalid(flow.dispatch(operator, power_kw=1e306), "power_kw")
+    await expect_invalid(flow.dispatch(operator, power_kw=-1e306, dry_run=True), "power_kw")
     await expect_invalid(flow.dispatch(operator, dispatch_type=0), "type")
     await expect_invalid(flow.dispatch(operator, dispatch_type=99), "type")
     await expect_invalid(flow.dispatch(operator, minutes=24 * 60 + 15), "end_time")

@@ -79,6 +79,11 @@ class TestValidation:
             ({"request_id": "tab\there"}, "request_id"),
             ({"power_kw": math.nan}, "power_kw"),
             ({"power_kw": math.inf}, "power_kw"),
+            # Finite, but infinite in watts.
+            ({"power_kw": 1e306}, "power_kw"),
+            ({"power_kw": -1e306}, "power_kw"),
+            ({"power_kw": 1e9 + 1}, "power_kw"),
+            ({"dispatch_type": DispatchType.MAXIMISE_UPWARDS, "power_kw": 1e306}, "power_kw"),
             ({"dispatch_type": None}, "type"),
             ({"start_time": START + timedelta(minutes=1)}, "start_time"),
             ({"start_time": START + timedelta(seconds=0.5)}, "start_time"),
@@ -116,6 +121,13 @@ class TestValidation:
         found = violations(request(**changes))
         assert field in found, found
         assert found[field]
+
+    def test_a_target_of_one_terawatt_is_allowed_and_allocated(self) -> None:
+        for power_kw in (1e9, -1e9):
+            validate_request(request(power_kw=power_kw), NOW)
+            allocation = allocate(DispatchType.EXACT, power_kw, [candidate(-5, 5)])
+            assert allocation.allocated_power_kw == math.copysign(5.0, power_kw)
+            assert allocation.shortfall_power_kw == power_kw - allocation.allocated_power_kw
 
     def test_exactly_24_hours_is_allowed(self) -> None:
         validate_request(request(end_time=START + timedelta(hours=24)), NOW)

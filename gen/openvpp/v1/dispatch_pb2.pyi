@@ -377,7 +377,9 @@ class DispatchFlexibilityRequest(_message.Message):
     request_id: _builtins.str
     """Client-chosen idempotency key, 1 to 128 printable characters."""
     power_kw: _builtins.float
-    """Must be finite. EXACT: any sign; MAXIMISE_UPWARDS: >= 0; MAXIMISE_DOWNWARDS: <= 0."""
+    """Must be finite, within +-1e9 kW (1 TW). EXACT: any sign; MAXIMISE_UPWARDS: >= 0;
+    MAXIMISE_DOWNWARDS: <= 0.
+    """
     type: Global___DispatchType.ValueType
     dry_run: _builtins.bool
     """Compute the allocation and the setpoints, store and send nothing."""
