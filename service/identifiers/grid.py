@@ -92,9 +92,13 @@ def normalize_grid_identifier(raw: str) -> str:
     ``" ean 5414 4882 ..."`` becomes ``"54144882..."``. Other characters (dashes, dots)
     are kept on purpose: a scheme that forbids them rejects them in validation, and a
     scheme-less identifier keeps them as the operator wrote them.
+
+    Every leading ``EAN`` goes, not only the first: the form must normalise to itself
+    (ListSites normalises its filter, and must find what GetSite returned). With one
+    stripped, ``"EANEAN-7"`` was stored as ``"EAN-7"``, which a filter looked for as ``"-7"``.
     """
     compact = "".join(raw.split()).translate(_ASCII_UPPER)
-    if compact.startswith(_EAN_PREFIX):
+    while compact.startswith(_EAN_PREFIX):
         compact = compact[len(_EAN_PREFIX) :]
     return compact
 

@@ -8,6 +8,8 @@ otherwise the check digits were computed here and cross-checked with python-stdn
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import service.identifiers as identifiers_pkg
 from service.identifiers import (
@@ -113,7 +115,10 @@ def test_scheme_for_country_tolerates_lower_case() -> None:
         ("  it001e12345678 ", "IT001E12345678"),
         ("5414-4882", "5414-4882"),
         ("a.b/c_d-e", "A.B/C_D-E"),
-        ("EANEAN1", "EAN1"),
+        # Every leading EAN, so that the result normalises to itself ("EANEAN1" was
+        # "EAN1", which is "1" again).
+        ("EANEAN1", "1"),
+        ("ean EAN-METER-7", "-METER-7"),
         ("EAN", ""),
         ("   ", ""),
         ("", ""),
@@ -126,6 +131,12 @@ def test_normalize(raw: str, expected: str) -> None:
 def test_normalize_is_idempotent_for_valid_identifiers() -> None:
     for value in (VALID_EAN_BE, VALID_CUPS[1], VALID_PODS[0], "1234567890"):
         assert normalize_grid_identifier(normalize_grid_identifier(value)) == value
+
+
+@given(st.text(alphabet=st.sampled_from("EANean 0123456789-x\u0661\t"), max_size=12) | st.text())
+def test_normalize_is_idempotent(raw: str) -> None:
+    once = normalize_grid_identifier(raw)
+    assert normalize_grid_identifier(once) == once
 
 
 def test_normalize_upper_cases_ascii_only() -> None:
