@@ -24,7 +24,7 @@ from service.common.loglimit import OutageLog, quiet_library_retries
 from service.common.worker import Worker
 from service.config import Settings, check_grpc_address, check_pool_sizes, problems_of
 from service.db.database import create_pool
-from service.db.migrate import migrate
+from service.db.migrate import migrate_database
 from service.db.reads import ReadLane
 from service.dispatch import servicer as dispatch
 from service.dispatch.delivery import DeliverySettings
@@ -146,8 +146,7 @@ class Service:
         self.pool = await create_pool(
             self.dsn, settings.db_pool_min_size, settings.db_pool_max_size
         )
-        async with self.pool.acquire() as conn:
-            await migrate(conn)
+        await migrate_database(self.dsn)
         read_connections = min(settings.db_read_connections, settings.db_pool_max_size // 2)
         if read_connections > 0:
             self.reads = ReadLane(self.pool, read_connections)

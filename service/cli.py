@@ -20,7 +20,7 @@ from service.auth.principal import Role
 from service.auth.store import ORG_NAME_LENGTH, IdentityStore, IssuedToken, org_name_rule
 from service.config import LOG_LEVELS, Settings, check_log_level, problems_of
 from service.db.database import EmbeddedPostgres
-from service.db.migrate import migrate
+from service.db.migrate import migrate_database
 from service.observability import setup_logging, setup_tracing
 
 T = TypeVar("T")
@@ -134,22 +134,13 @@ def bootstrap_banner(token: IssuedToken, grpc_address: str, port: int) -> str:
 
 
 async def _with_identity(dsn: str, action: Callable[[IdentityStore], Awaitable[T]]) -> T:
+    await migrate_database(dsn)
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
     assert pool is not None
     try:
-        async with pool.acquire() as conn:
-            await migrate(conn)
         return await action(IdentityStore(pool))
     finally:
         await pool.close()
-
-
-async def _migrate(dsn: str) -> list[str]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await migrate(conn, report=False)
-    finally:
-        await conn.close()
 
 
 DESCRIPTION = """\
@@ -337,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                     " HOST:PORT (set serve --grpc-address or OPENVPP_GRPC_ADDRESS)"
                 ) from None
         elif args.command == "migrate":
-            applied = run_event_loop(_migrate(dsn))
+            applied = run_event_loop(migrate_database(dsn, report=False))
             print(
                 f"applied {len(applied)} migration(s)"
                 + (f": {', '.join(applied)}" if applied else "")

@@ -111,6 +111,10 @@ async def _keep_session(_conn: asyncpg.Connection) -> None:
     transaction left open before a connection goes back to the pool."""
 
 
+# A statement of a request that takes longer is cut off (UNAVAILABLE to its caller).
+COMMAND_TIMEOUT_SECONDS = 30.0
+
+
 async def create_pool(dsn: str, min_size: int, max_size: int) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         dsn,
@@ -118,7 +122,7 @@ async def create_pool(dsn: str, min_size: int, max_size: int) -> asyncpg.Pool:
         max_size=max_size,
         # Statements are prepared per connection; a bounded cache keeps memory flat.
         statement_cache_size=256,
-        command_timeout=30,
+        command_timeout=COMMAND_TIMEOUT_SECONDS,
         reset=_keep_session,
     )
     assert pool is not None

@@ -38,6 +38,19 @@ def load_migrations() -> list[Migration]:
     return [Migration(entry.name.removesuffix(".sql"), entry.read_text()) for entry in files]
 
 
+async def migrate_database(dsn: str, *, report: bool = True) -> list[str]:
+    """Applies pending migrations on a connection of their own, without a command timeout:
+    a replica waits for another's migrations (the lock) however long they take, and a
+    migration's statements take what they take. On a pool connection, with the pool's
+    command timeout, a replica starting beside a long migration died after that timeout,
+    and a migration longer than it could never be applied by ``serve``."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await migrate(conn, report=report)
+    finally:
+        await conn.close()
+
+
 async def migrate(conn: asyncpg.Connection, *, report: bool = True) -> list[str]:
     """Applies pending migrations in order; returns the versions applied now.
 

@@ -7,8 +7,12 @@ import uuid
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import pytest
 
-from service.db.migrate import load_migrations, migrate
+from service.app import Service
+from service.db import database as database_module
+from service.db.migrate import MIGRATION_LOCK_KEY, load_migrations, migrate
+from tests.conftest import test_settings as settings_for_tests
 
 
 async def test_concurrent_migrations_apply_each_file_once(database_url: str) -> None:
@@ -46,3 +50,23 @@ async def test_concurrent_migrations_apply_each_file_once(database_url: str) -> 
     finally:
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
         await admin.close()
+
+
+async def test_a_replica_waits_for_another_ones_migrations_past_the_command_timeout(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Serve migrated on a pool connection: waiting for the lock longer than the pool's
+    command timeout (30 s) while another replica migrated, it died with a TimeoutError."""
+    monkeypatch.setattr(database_module, "COMMAND_TIMEOUT_SECONDS", 0.5)
+    service = Service(settings_for_tests(), database_url)
+    holder = await asyncpg.connect(database_url)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+        starting = asyncio.ensure_future(service.start())
+        await asyncio.sleep(1.5)  # three command timeouts
+        assert not starting.done()
+        await holder.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+        assert await asyncio.wait_for(starting, 30) == service.port > 0
+    finally:
+        await holder.close()
+        await service.stop(grace=0)
