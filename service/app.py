@@ -22,7 +22,13 @@ from service.balancing.worker import BalancingQueueConsumer
 from service.common.clock import SYSTEM_CLOCK, Clock
 from service.common.loglimit import OutageLog, quiet_library_retries
 from service.common.worker import Worker
-from service.config import Settings, check_grpc_address, check_pool_sizes, problems_of
+from service.config import (
+    Settings,
+    check_grpc_address,
+    check_limits,
+    check_pool_sizes,
+    problems_of,
+)
 from service.db.database import create_pool
 from service.db.migrate import migrate_database
 from service.db.reads import ReadLane
@@ -78,6 +84,7 @@ def check_settings(settings: Settings) -> None:
         (
             check_grpc_address,
             check_pool_sizes,
+            check_limits,
             OutboxSettings.from_settings,
             DeliverySettings.from_settings,
         ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields, replace
@@ -129,7 +130,12 @@ def _coerce(name: str, type_name: Any, raw: str) -> Any:
         if "int" in text:
             return int(raw)
         if "float" in text:
-            return float(raw)
+            value = float(raw)
+            # float() takes "nan" and "inf", which no setting means: a NaN compares false
+            # with every bound, and an infinity overflows the first timedelta made of it.
+            if not math.isfinite(value):
+                raise ValueError("not a finite number")
+            return value
         if "Path" in text:
             return Path(raw)
     except ValueError as exc:
@@ -187,6 +193,66 @@ def check_pool_sizes(settings: Settings) -> None:
             ),
         ),
     )
+
+
+# The longest time any setting may name: beyond it a date computed from it (a rotated
+# secret's end of grace, the latest reading accepted) leaves what a datetime can hold.
+CENTURY_SECONDS = 100 * 365.25 * 86400
+
+
+def check_limits(settings: Settings) -> None:
+    """Raises ValueError naming every setting outside its range that no capability checks
+    itself. Each was taken as it was: a zero buffer ended every watch stream at its first
+    event, a zero health interval made the event connection reconnect in a loop, a NaN
+    or a grace of 1e15 s failed the start-up after the migrations, 1e12 s every delivery
+    of an organization that had rotated its secret."""
+    for spec in fields(Settings):
+        value = getattr(settings, spec.name)
+        # Set directly (tests, embedding code), not through _coerce.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{ENV_PREFIX}{spec.name.upper()} must be a finite number")
+    century = f"at most {CENTURY_SECONDS:.0f} (100 years)"
+    rules = (
+        ("shutdown_grace_seconds", settings.shutdown_grace_seconds >= 0, ">= 0"),
+        (
+            "health_interval_seconds",
+            0 < settings.health_interval_seconds <= CENTURY_SECONDS,
+            f"> 0 (the database and the event connection are probed at it) and {century}",
+        ),
+        ("watch_buffer_size", settings.watch_buffer_size >= 1, ">= 1"),
+        ("readings_watch_buffer_size", settings.readings_watch_buffer_size >= 1, ">= 1"),
+        ("token_cache_seconds", settings.token_cache_seconds >= 0, ">= 0"),
+        ("max_batch_readings", settings.max_batch_readings >= 1, ">= 1"),
+        (
+            "max_future_seconds",
+            0 <= settings.max_future_seconds <= CENTURY_SECONDS,
+            f">= 0 and {century}",
+        ),
+        (
+            "partitions_ahead_months",
+            0 <= settings.partitions_ahead_months <= 1200,
+            ">= 0 and at most 1200 (each is created at start)",
+        ),
+        ("meter_cache_seconds", settings.meter_cache_seconds >= 0, ">= 0"),
+        (
+            "register_check_window_days",
+            0 <= settings.register_check_window_days <= 36525,
+            ">= 0 and at most 36525 (100 years)",
+        ),
+        (
+            "upstream_scheduler_interval_seconds",
+            settings.upstream_scheduler_interval_seconds >= 0,
+            ">= 0 (0 disables the scheduler)",
+        ),
+        (
+            "dispatch_signing_secret_grace_seconds",
+            0 <= settings.dispatch_signing_secret_grace_seconds <= CENTURY_SECONDS,
+            f">= 0 and {century}",
+        ),
+    )
+    problems = [f"{ENV_PREFIX}{name.upper()} must be {rule}" for name, ok, rule in rules if not ok]
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def check_grpc_address(settings: Settings) -> None:

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import math
 import re
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from service.app import check_settings
-from service.config import Settings, check_grpc_address, check_log_level, check_pool_sizes
+from service.app import Service, check_settings
+from service.auth.principal import Role
+from service.auth.store import IdentityStore
+from service.config import (
+    CENTURY_SECONDS,
+    Settings,
+    check_grpc_address,
+    check_limits,
+    check_log_level,
+    check_pool_sizes,
+)
+from tests.conftest import MakeOrg
 
 
 @pytest.mark.parametrize("level", ["DEBUG", "info", "Warning", "error", "CRITICAL"])
@@ -74,3 +86,55 @@ def test_serve_names_every_broken_value_at_once() -> None:
         "OPENVPP_DISPATCH_MAX_IN_FLIGHT",
     ):
         assert named in message
+
+
+def test_the_defaults_pass_every_check() -> None:
+    check_settings(Settings())
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        # Each of these was taken and broke the service later (see check_limits).
+        ("health_interval_seconds", 0.0),
+        ("health_interval_seconds", -1.0),
+        ("watch_buffer_size", 0),
+        ("readings_watch_buffer_size", 0),
+        ("max_batch_readings", 0),
+        ("max_future_seconds", -1.0),
+        ("max_future_seconds", 1e12),
+        ("max_future_seconds", math.inf),
+        ("dispatch_signing_secret_grace_seconds", -1.0),
+        ("dispatch_signing_secret_grace_seconds", 1e12),
+        ("dispatch_signing_secret_grace_seconds", math.nan),
+        ("partitions_ahead_months", -1),
+        ("partitions_ahead_months", 100_000),
+        ("register_check_window_days", 10**6),
+        ("shutdown_grace_seconds", -1.0),
+        ("token_cache_seconds", -1.0),
+        ("meter_cache_seconds", -1.0),
+        ("upstream_scheduler_interval_seconds", -1.0),
+        ("dispatch_lease_seconds", math.nan),
+    ],
+)
+def test_a_value_out_of_its_range_is_refused_naming_it(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"OPENVPP_{field.upper()} must be"):
+        check_settings(Settings(**{field: value}))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "NaN", "1e999"])
+def test_a_float_variable_that_is_not_finite_is_refused(raw: str) -> None:
+    with pytest.raises(SystemExit, match="OPENVPP_HEALTH_INTERVAL_SECONDS: cannot use"):
+        Settings.from_env({"OPENVPP_HEALTH_INTERVAL_SECONDS": raw})
+
+
+async def test_a_grace_at_the_limit_still_signs(service: Service, make_org: MakeOrg) -> None:
+    """1e12 s passed the checks and then overflowed rotated_at + grace on every delivery of
+    an organization that had rotated its secret; the longest grace taken now signs."""
+    check_limits(Settings(dispatch_signing_secret_grace_seconds=CENTURY_SECONDS))
+    assert service.pool is not None
+    store = IdentityStore(service.pool, signing_secret_grace=timedelta(seconds=CENTURY_SECONDS))
+    org = await make_org(Role.PARTNER)
+    old = await store.signing_secret(org.id)
+    new = await store.rotate_signing_secret(org.id)
+    assert await store.signing_secrets(org.id, datetime.now(UTC)) == [new, old]
