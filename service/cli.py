@@ -11,6 +11,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID
 
 import asyncpg
@@ -20,7 +21,7 @@ from service.auth.principal import Role
 from service.auth.store import ORG_NAME_LENGTH, IdentityStore, IssuedToken, org_name_rule
 from service.config import LOG_LEVELS, Settings, check_log_level, problems_of
 from service.db.database import EmbeddedPostgres
-from service.db.migrate import migrate_database
+from service.db.migrate import MigrationChangedError, migrate_database
 from service.observability import setup_logging, setup_tracing
 
 T = TypeVar("T")
@@ -284,6 +285,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What stops a command before it can use its database: an address nothing answers at,
+# a URL asyncpg cannot read, credentials or a database name the server refuses, a data
+# directory that cannot be made. One line naming it, rather than asyncpg's traceback.
+CANNOT_REACH_DATABASE = (
+    OSError,
+    asyncpg.ClientConfigurationError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
 def _refuse_unusable_settings(settings: Settings, command: str) -> None:
     """Stops the command with one line naming every value it cannot run with, before it
     starts anything (a traceback from deep inside logging or asyncpg names none)."""
@@ -316,66 +338,77 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_level)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
-    with database(settings) as dsn:
-        if args.command == "serve":
-            setup_tracing(settings.trace_exporter)
-            try:
-                run_event_loop(_serve(settings, dsn))
-            except GrpcAddressUnusableError as unusable:
-                # Leaving the block stops the embedded database this command started.
-                raise SystemExit(
-                    f"cannot listen on {unusable.address!r}: it is in use or not a valid"
-                    " HOST:PORT (set serve --grpc-address or OPENVPP_GRPC_ADDRESS)"
-                ) from None
-        elif args.command == "migrate":
-            applied = run_event_loop(migrate_database(dsn, report=False))
-            print(
-                f"applied {len(applied)} migration(s)"
-                + (f": {', '.join(applied)}" if applied else "")
-            )
-        elif args.command == "orgs" and args.action == "create":
-            role = Role(args.role)
-            org = run_event_loop(
-                _with_identity(dsn, lambda store: store.create_org(args.name, role))
-            )
+    try:
+        with database(settings) as dsn:
+            return _run_command(args, settings, dsn)
+    except MigrationChangedError as changed:
+        raise SystemExit(str(changed)) from None
+    except CANNOT_REACH_DATABASE as error:
+        where = (
+            f"the database at {_without_password(settings.database_url)}"
+            if settings.database_url
+            else f"the embedded PostgreSQL under {settings.data_dir}"
+        )
+        raise SystemExit(f"cannot use {where}: {error}") from None
+
+
+def _run_command(args: argparse.Namespace, settings: Settings, dsn: str) -> int:
+    if args.command == "serve":
+        setup_tracing(settings.trace_exporter)
+        try:
+            run_event_loop(_serve(settings, dsn))
+        except GrpcAddressUnusableError as unusable:
+            # Leaving the block stops the embedded database this command started.
+            raise SystemExit(
+                f"cannot listen on {unusable.address!r}: it is in use or not a valid"
+                " HOST:PORT (set serve --grpc-address or OPENVPP_GRPC_ADDRESS)"
+            ) from None
+    elif args.command == "migrate":
+        applied = run_event_loop(migrate_database(dsn, report=False))
+        print(
+            f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else "")
+        )
+    elif args.command == "orgs" and args.action == "create":
+        role = Role(args.role)
+        org = run_event_loop(_with_identity(dsn, lambda store: store.create_org(args.name, role)))
+        print(f"{org.id}\t{org.name}\t{org.role}")
+    elif args.command == "orgs" and args.action == "list":
+        for org in run_event_loop(_with_identity(dsn, lambda store: store.list_orgs())):
             print(f"{org.id}\t{org.name}\t{org.role}")
-        elif args.command == "orgs" and args.action == "list":
-            for org in run_event_loop(_with_identity(dsn, lambda store: store.list_orgs())):
-                print(f"{org.id}\t{org.name}\t{org.role}")
-        elif args.command == "orgs" and args.action in ("signing-secret", "rotate-signing-secret"):
-            rotate = args.action == "rotate-signing-secret"
-            secret = run_event_loop(
-                _with_identity(
-                    dsn,
-                    lambda store: (
-                        store.rotate_signing_secret(args.org)
-                        if rotate
-                        else store.signing_secret(args.org)
-                    ),
-                )
+    elif args.command == "orgs" and args.action in ("signing-secret", "rotate-signing-secret"):
+        rotate = args.action == "rotate-signing-secret"
+        secret = run_event_loop(
+            _with_identity(
+                dsn,
+                lambda store: (
+                    store.rotate_signing_secret(args.org)
+                    if rotate
+                    else store.signing_secret(args.org)
+                ),
             )
-            if secret is None:
-                print(f"no organization {args.org}", file=sys.stderr)
-                return 1
-            print(secret)
-        elif args.command == "tokens" and args.action == "create":
+        )
+        if secret is None:
+            print(f"no organization {args.org}", file=sys.stderr)
+            return 1
+        print(secret)
+    elif args.command == "tokens" and args.action == "create":
 
-            async def issue(store: IdentityStore) -> Any:
-                if await store.get_org(args.org) is None:
-                    raise SystemExit(f"no organization {args.org}")
-                return await store.create_token(args.org)
+        async def issue(store: IdentityStore) -> Any:
+            if await store.get_org(args.org) is None:
+                raise SystemExit(f"no organization {args.org}")
+            return await store.create_token(args.org)
 
-            issued = run_event_loop(_with_identity(dsn, issue))
-            print(f"token id: {issued.id}", file=sys.stderr)
-            print(issued.token)
-        elif args.command == "tokens" and args.action == "revoke":
-            revoked = run_event_loop(
-                _with_identity(dsn, lambda store: store.revoke_token(args.token_id))
-            )
-            if not revoked:
-                print(f"no active token {args.token_id}", file=sys.stderr)
-                return 1
-            print(f"revoked {args.token_id}")
+        issued = run_event_loop(_with_identity(dsn, issue))
+        print(f"token id: {issued.id}", file=sys.stderr)
+        print(issued.token)
+    elif args.command == "tokens" and args.action == "revoke":
+        revoked = run_event_loop(
+            _with_identity(dsn, lambda store: store.revoke_token(args.token_id))
+        )
+        if not revoked:
+            print(f"no active token {args.token_id}", file=sys.stderr)
+            return 1
+        print(f"revoked {args.token_id}")
     return 0
 
 

@@ -19,6 +19,10 @@ log = logging.getLogger(__name__)
 MIGRATION_LOCK_KEY = 0x0FE7_7A11
 
 
+class MigrationChangedError(RuntimeError):
+    """An applied migration's file differs from what was applied: history is append-only."""
+
+
 @dataclass(frozen=True)
 class Migration:
     version: str
@@ -77,7 +81,7 @@ async def migrate(conn: asyncpg.Connection, *, report: bool = True) -> list[str]
             recorded = applied.get(migration.version)
             if recorded is not None:
                 if recorded != migration.checksum:
-                    raise RuntimeError(
+                    raise MigrationChangedError(
                         f"migration {migration.version} changed after it was applied; "
                         "add a new migration instead of editing an applied one"
                     )

@@ -310,3 +310,48 @@ def test_org_names_that_would_break_orgs_list_are_refused_before_the_database(
     with pytest.raises(SystemExit, match=f"^organization name {re.escape(rule)}"):
         main(args)
     assert not never_created.exists()
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize("command", [["migrate"], ["orgs", "list"], ["serve"]])
+@pytest.mark.parametrize("url", ["foo", "postgresql://nobody:s3cret@127.0.0.1:{port}/openvpp"])
+def test_a_database_a_command_cannot_use_is_one_line_naming_it(
+    data_dir: Path, command: list[str], url: str
+) -> None:
+    """An unreadable URL or nothing listening: asyncpg's traceback, and the URL's password
+    in it, was all the operator got."""
+    url = url.format(port=closed_port())
+    line = refusal(cli(data_dir, "--database-url", url, *command))
+    assert line.startswith("cannot use the database at ")
+    assert "s3cret" not in line
+    assert ("nobody:***@127.0.0.1" if "nobody" in url else "foo") in line
+
+
+def test_a_data_directory_that_is_a_file_is_one_line_naming_it(data_dir: Path) -> None:
+    not_a_directory = data_dir / "not-a-directory"
+    not_a_directory.write_text("")
+    line = refusal(cli(not_a_directory, "orgs", "list"))
+    assert line.startswith(f"cannot use the embedded PostgreSQL under {not_a_directory}: ")
+
+
+def test_a_changed_applied_migration_stops_migrate_with_one_line_naming_it(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.cli import main
+    from service.db import migrate as migrate_module
+
+    assert main(["--database-url", database_url, "migrate"]) == 0
+    applied = migrate_module.load_migrations()
+    edited = migrate_module.Migration(applied[0].version, applied[0].sql + "\n-- edited\n")
+    monkeypatch.setattr(migrate_module, "load_migrations", lambda: [edited, *applied[1:]])
+    with pytest.raises(SystemExit) as stopped:
+        main(["--database-url", database_url, "migrate"])
+    assert str(stopped.value.code) == (
+        f"migration {applied[0].version} changed after it was applied; add a new migration"
+        " instead of editing an applied one"
+    )
