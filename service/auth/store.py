@@ -26,7 +26,9 @@ ORG_NAME_LENGTH = NAME_LENGTH
 _UNPAIRED_SURROGATE = re.compile("[\ud800-\udfff]")
 # `orgs list` prints one line per organization, its fields separated by tabs (the README
 # pipes it into `cut -f1`): a name holding one of these would break the line apart.
-_FIELD_OR_LINE_BREAK = re.compile("[\t\n\r]")
+# Also the line breaks of Unicode (NEL, LINE and PARAGRAPH SEPARATOR): str.splitlines(),
+# and any reader that follows Unicode, breaks `orgs list`'s line there.
+_FIELD_OR_LINE_BREAK = re.compile("[\t\n\r\x85\u2028\u2029]")
 
 
 def org_name_rule(name: str) -> str | None:
@@ -37,7 +39,7 @@ def org_name_rule(name: str) -> str | None:
         return "must be valid UTF-8 text (it holds bytes that are not UTF-8)"
     if _FIELD_OR_LINE_BREAK.search(name):
         return (
-            "must not contain tab, line feed or carriage return"
+            "must not contain tab, line feed, carriage return or another line break"
             " (`orgs list` prints one tab-separated line per organization)"
         )
     return text_rule(name, ORG_NAME_LENGTH)

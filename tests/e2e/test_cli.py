@@ -292,9 +292,9 @@ def test_an_org_name_of_bytes_that_are_not_utf8_is_refused_before_the_database(
 @pytest.mark.parametrize(
     ("name", "rule"),
     [
-        ("Volt\tSupply", "must not contain tab, line feed or carriage return"),
-        ("Volt\nSupply", "must not contain tab, line feed or carriage return"),
-        ("Volt\rSupply", "must not contain tab, line feed or carriage return"),
+        ("Volt\tSupply", "must not contain tab, line feed, carriage return"),
+        ("Volt\nSupply", "must not contain tab, line feed, carriage return"),
+        ("Volt\rSupply", "must not contain tab, line feed, carriage return"),
         ("Volt\x00Supply", "must not contain NUL"),
         ("Volt\x1bSupply", "must not contain control characters"),
         ("Soci\udce9t\udce9", "must be valid UTF-8"),
