@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
@@ -93,6 +94,24 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
         # share a meter, which would otherwise commit in whatever order their locks allow.
         order = StreamWriteOrder()
 
+        # Cleared once the stream is gone: a batch still running then is nobody's to await.
+        stream_open = [True]
+
+        def settled(batch_id: str, task: asyncio.Task[pb.ReadingBatchAck]) -> None:
+            if task.cancelled():
+                return
+            # Retrieved here, whoever else awaits it: a task of a gone stream that failed
+            # was otherwise logged by asyncio once collected, "Task exception was never
+            # retrieved" with its traceback. A live stream's writer raises it to the client.
+            error = task.exception()
+            if error is not None and not stream_open[0]:
+                log.warning(
+                    "batch %r of a stream that ended before its ack was not stored: %s: %s",
+                    batch_id,
+                    type(error).__name__,
+                    error,
+                )
+
         async def read() -> None:
             try:
                 async for request in request_iterator:
@@ -102,6 +121,7 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
                     turn.finish_with(task)
                     self._orphans.add(task)
                     task.add_done_callback(self._orphans.discard)
+                    task.add_done_callback(functools.partial(settled, request.batch.batch_id))
                     await pending.put(task)
                 await pending.put(None)
             except asyncio.CancelledError:
@@ -120,6 +140,7 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
                 ack = await asyncio.shield(item)
                 yield pb.StreamReadingsResponse(ack=ack)
         finally:
+            stream_open[0] = False
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader

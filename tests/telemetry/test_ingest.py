@@ -1,12 +1,16 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import math
 import uuid
+import weakref
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import grpc
+import pytest
 from openvpp.v1 import meter_registry_pb2 as mpb
 from openvpp.v1 import meter_registry_pb2_grpc, site_registry_pb2_grpc, telemetry_pb2_grpc
 from openvpp.v1 import site_registry_pb2 as spb
@@ -506,3 +510,42 @@ async def test_batch_mixing_fresh_and_stored_groups(setup: Setup, service: Servi
     }
     again = await setup.ingest([register(appending, quarter(5), 6.0)])
     assert (again.accepted_count, again.duplicate_count) == (0, 1)
+
+
+async def test_a_batch_of_a_gone_stream_that_fails_is_logged_in_one_line(
+    setup: Setup, service: Service, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nobody awaits the ingest of a batch whose stream went away: when it failed (here its
+    database connection is cut while it waits for the meter's lock), asyncio logged "Task
+    exception was never retrieved" with a traceback once the task was collected."""
+    meter = await setup.meter()
+    batch = tpb.ReadingBatch(batch_id="orphan", readings=[register(meter, quarter(0), 1.0)])
+    assert service.pool is not None
+    assert service.telemetry_servicer is not None
+    caplog.set_level(logging.WARNING)
+    async with service.pool.acquire() as holder:
+        async with holder.transaction():
+            await holder.execute("SELECT FROM meters WHERE id = $1 FOR UPDATE", uuid.UUID(meter.id))
+            call = setup.telemetry.StreamReadings(metadata=setup.org.auth)
+            await call.write(tpb.StreamReadingsRequest(batch=batch))
+            await wait_until_blocked(holder, 1)
+            [task] = [weakref.ref(task) for task in service.telemetry_servicer._orphans]
+            call.cancel()
+            await asyncio.sleep(0.1)
+            terminated = await holder.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))"
+            )
+            assert terminated == 1
+        await service.telemetry_servicer.wait_in_flight()
+    # Until the task is collected: asyncio's complaint comes then.
+    for _ in range(50):
+        gc.collect()
+        await asyncio.sleep(0.02)
+        if task() is None:
+            break
+    assert task() is None
+    assert not [r for r in caplog.records if r.exc_info or "never retrieved" in r.getMessage()]
+    [line] = [r.getMessage() for r in caplog.records if "orphan" in r.getMessage()]
+    assert line.startswith("batch 'orphan' of a stream that ended before its ack was not stored: ")
+    assert await stored_count(service, meter.id) == 0
