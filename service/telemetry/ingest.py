@@ -243,6 +243,8 @@ class Ingest:
         checked = validate_batch(readings, meters, int(time.time() * _US), self._max_future_us)
         rejected = list(checked.rejected)
         inserted = updated = written = 0
+        in_batch_duplicates = checked.in_batch_duplicates
+        in_batch_corrections = checked.in_batch_corrections
         if checked.rows:
             stamps = [row[2] for row in checked.rows]
             await self.partitions.ensure_range(min(stamps), max(stamps))
@@ -253,10 +255,19 @@ class Ingest:
             )
             rejected.extend(register_rejects)
             rejected.sort()
+            if checked.superseded and register_rejects:
+                # Readings superseded in the batch by one refused are refused with it: each
+                # reading is counted once, and only for what was stored.
+                was_duplicate = dict(checked.superseded_by(checked.superseded))
+                for index, _ in register_rejects:
+                    duplicate = was_duplicate.get(index)
+                    if duplicate is not None:
+                        in_batch_duplicates -= duplicate
+                        in_batch_corrections -= not duplicate
         return IngestResult(
             accepted=inserted,
-            corrected=updated + checked.in_batch_corrections,
-            duplicates=written - inserted - updated + checked.in_batch_duplicates,
+            corrected=updated + in_batch_corrections,
+            duplicates=written - inserted - updated + in_batch_duplicates,
             rejected=rejected,
         )
 
@@ -345,5 +356,10 @@ class Ingest:
         if not dropped:
             return rows, [], fresh
         kept = [row for position, row in enumerate(rows) if position not in dropped]
+        # With the readings of their keys the batch superseded: nothing of those is stored.
         rejects = [(checked.row_index[p], RejectReason.REGISTER_DECREASED) for p in dropped]
+        rejects.extend(
+            (index, RejectReason.REGISTER_DECREASED)
+            for index, _ in checked.superseded_by(sorted(dropped))
+        )
         return kept, rejects, fresh

@@ -10,7 +10,7 @@ cross-checks it against ``check_reading``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -148,6 +148,14 @@ class ValidatedBatch:
     registers: dict[tuple[UUID, int], list[int]] = field(default_factory=dict)
     # The same for interval rows: (meter id, flow) -> [first µs, last µs].
     intervals: dict[tuple[UUID, int], list[int]] = field(default_factory=dict)
+    # Row position -> the earlier readings of its key in the batch, as (index, whether it
+    # was counted a duplicate rather than a correction): refused with the row, they are
+    # refused too, and no longer counted as repeated or corrected.
+    superseded: dict[int, list[tuple[int, bool]]] = field(default_factory=dict)
+
+    def superseded_by(self, rejected_rows: Iterable[int]) -> list[tuple[int, bool]]:
+        """The earlier readings of the rows at ``rejected_rows`` (positions)."""
+        return [earlier for p in rejected_rows for earlier in self.superseded.get(p, ())]
 
 
 def validate_batch(
@@ -247,11 +255,13 @@ def validate_batch(
         earlier = positions.get(key)
         if earlier is not None:
             # The last reading of a (meter, flow, timestamp) in the batch wins.
-            if rows[earlier][3] == value:
+            duplicate = rows[earlier][3] == value
+            if duplicate:
                 out.in_batch_duplicates += 1
             else:
                 out.in_batch_corrections += 1
                 rows[earlier] = (meter_id, flow, ts_us, value)
+            out.superseded.setdefault(earlier, []).append((row_index[earlier], duplicate))
             row_index[earlier] = index
             continue
         position = len(rows)

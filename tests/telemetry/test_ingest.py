@@ -549,3 +549,29 @@ async def test_a_batch_of_a_gone_stream_that_fails_is_logged_in_one_line(
     [line] = [r.getMessage() for r in caplog.records if "orphan" in r.getMessage()]
     assert line.startswith("batch 'orphan' of a stream that ended before its ack was not stored: ")
     assert await stored_count(service, meter.id) == 0
+
+
+def counts(ack: tpb.ReadingBatchAck) -> tuple[int, int, int, int]:
+    return (ack.accepted_count, ack.duplicate_count, ack.corrected_count, ack.rejected_count)
+
+
+async def test_readings_superseded_by_a_refused_one_are_refused_with_it(
+    setup: Setup, service: Service
+) -> None:
+    """The batch's earlier readings of a key were counted a duplicate or a correction at
+    once, so when the last one was refused (here its register falls below the one stored
+    after it) the ack reported a correction or duplicate that was never stored."""
+    meter = await setup.meter()
+    assert counts(await setup.ingest([register(meter, quarter(2), 300.0)])) == (1, 0, 0, 0)
+    decreased = tpb.REJECT_REASON_REGISTER_DECREASED
+    for values in ((100.0, 500.0), (500.0, 500.0), (100.0, 200.0, 500.0)):
+        ack = await setup.ingest([register(meter, quarter(1), value) for value in values])
+        assert counts(ack) == (0, 0, 0, len(values)), (values, ack)
+        assert [(r.index, r.reason) for r in ack.rejected] == [
+            (i, decreased) for i in range(len(values))
+        ]
+    assert await stored_count(service, meter.id) == 1
+    # Kept as before when the last one is stored: the earlier ones are repeated or corrected.
+    ack = await setup.ingest([register(meter, quarter(1), v) for v in (100.0, 250.0, 250.0)])
+    assert counts(ack) == (1, 1, 1, 0)
+    assert await stored_count(service, meter.id) == 2
