@@ -34,6 +34,7 @@ from service.balancing.engine import AllocationMethod
 from service.common.errors import NotFoundError, ViolationCollector
 from service.db.balancing_queue import days_with_data, enqueue_balancing
 from service.db.keyset import keyset_page
+from service.db.lock_order import METER_LOCK_ORDER
 from service.db.pagination import Cursor
 from service.grid import Resolution, SiteType, parse_resolution, site_type_is_balanced
 
@@ -275,6 +276,13 @@ class BalancingStore:
         )
         if site_id is None:
             raise NotFoundError("meter_balancing_setting", str(setting_id))
+        # The site first (FOR KEY SHARE, as CreateSiteBalancingPolicy holds it): with the
+        # setting's row locked before it, a DeleteSite (site locked, its cascade waiting for
+        # that row) and the queueing of this change (which needs the site) deadlocked.
+        try:
+            await site_info(conn, self._org_id, site_id, lock=True)
+        except NotFoundError:
+            raise NotFoundError("meter_balancing_setting", str(setting_id)) from None
         await lock_site_settings(conn, site_id)
         # Locked: the deletion of its meter (which takes the setting with it, and no
         # settings lock) may have begun; it is then waited for and the setting is gone.
@@ -648,13 +656,14 @@ class MeterRow:
 async def site_meters(
     conn: asyncpg.Connection, org_id: UUID, site_id: UUID
 ) -> dict[UUID, MeterRow]:
-    # Held (FOR KEY SHARE, in id order as DeleteSite locks them) until the re-balancing
-    # commits: a meter deleted between this read and the read of its energy made the pass
-    # fail with NOT_FOUND. A deletion waits now, and queues the days it changes.
+    # Held (FOR KEY SHARE, in the order of service.db.lock_order, as DeleteSite and ingest
+    # lock them) until the re-balancing commits: a meter deleted between this read and the
+    # read of its energy made the pass fail with NOT_FOUND. A deletion waits now, and
+    # queues the days it changes.
     rows = await conn.fetch(
-        """
+        f"""
         SELECT id, direction, start_date, end_date FROM meters
-        WHERE site_id = $1 AND org_id = $2 ORDER BY id FOR KEY SHARE
+        WHERE site_id = $1 AND org_id = $2 ORDER BY {METER_LOCK_ORDER} FOR KEY SHARE
         """,
         site_id,
         org_id,

@@ -4,7 +4,8 @@ deletes the rows in the one transaction that also replaces the results.
 - A crash, a cancelled pass or a lost connection rolls the transaction back: the rows are
   still queued and the old results still stored, so nothing acknowledged is lost.
 - Rows are claimed with ``FOR UPDATE SKIP LOCKED``: replicas never claim the same row, and
-  never wait for each other's rows.
+  never wait for each other's rows. A pass locks the site's meters and the site before its
+  rows, in DeleteSite's order, so the two never deadlock.
 - Each site is re-balanced under :func:`lock_site_results` (a transaction-scoped advisory
   lock) taken *before* its energy is read: two replicas that claimed different rows of one
   site take turns, and the later one reads what the earlier one's triggers committed, so an
@@ -30,6 +31,7 @@ from service.balancing.store import (
     SiteInfo,
     lock_site_results,
     site_info,
+    site_meters,
     try_lock_site_results,
 )
 from service.common.errors import NotFoundError
@@ -44,6 +46,9 @@ MAX_HOLD_BACK_SECONDS = 300.0
 # touching intervals of a site: usually one).
 MAX_CLAIM_ROWS = 5000
 
+# The oldest row no other pass has claimed (SKIP LOCKED); looked up in a savepoint that is
+# rolled back, so that the pass holds no queue row while it locks the site's meters and the
+# site (see _balance_site). Which pass takes a site is decided by its advisory lock.
 _CLAIM_HEAD = """
 SELECT org_id, site_id FROM balancing_queue WHERE NOT (site_id = ANY($1::uuid[]))
 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED
@@ -118,7 +123,7 @@ class BalancingQueueConsumer:
         busy: list[UUID] = []
         busy_org: dict[UUID, UUID] = {}
         while True:
-            head = await conn.fetchrow(_CLAIM_HEAD, [*skipped, *busy])
+            head = await self._head(conn, [*skipped, *busy])
             if head is None:
                 if not busy:
                     return None
@@ -129,6 +134,17 @@ class BalancingQueueConsumer:
                 return org_id, site_id
             busy.append(site_id)
             busy_org[site_id] = org_id
+
+    async def _head(self, conn: asyncpg.Connection, excluded: list[UUID]) -> asyncpg.Record | None:
+        """The (org, site) of the oldest queue row no other pass holds, without holding it:
+        the row lock taken in the savepoint goes with its rollback."""
+        savepoint = conn.transaction()
+        await savepoint.start()
+        try:
+            head: asyncpg.Record | None = await conn.fetchrow(_CLAIM_HEAD, excluded)
+        finally:
+            await savepoint.rollback()
+        return head
 
     async def step(self) -> bool:
         """One pass: one site's queued ranges. True when it claimed rows."""
@@ -152,12 +168,17 @@ class BalancingQueueConsumer:
     async def _balance_site(
         self, conn: asyncpg.Connection, org_id: UUID, site_id: UUID
     ) -> RebalanceResult:
-        rows = await conn.fetch(_CLAIM_SITE, site_id, self._max_rows, org_id)
-        ranges = [(row["interval_start"], row["interval_end"]) for row in rows]
+        # The site's meters, then the site, then its queue rows: DeleteSite's order (meters,
+        # site, and the rows its cascade deletes). With the rows claimed first, a DeleteSite
+        # holding the meters waited for them while this pass waited for the meters, and
+        # PostgreSQL aborted one.
+        await site_meters(conn, org_id, site_id)
         try:
-            site = await site_info(conn, org_id, site_id)
+            site = await site_info(conn, org_id, site_id, lock=True)
         except NotFoundError:
             site = None
+        rows = await conn.fetch(_CLAIM_SITE, site_id, self._max_rows, org_id)
+        ranges = [(row["interval_start"], row["interval_end"]) for row in rows]
         result = RebalanceResult()
         if site is not None:
             result = await rebalance(conn, site, ranges)

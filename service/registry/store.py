@@ -26,6 +26,7 @@ from service.db.balancing_queue import (
     span_range,
 )
 from service.db.keyset import keyset_page
+from service.db.lock_order import METER_LOCK_ORDER
 from service.db.pagination import Cursor
 from service.db.reads import Reads
 from service.db.site_children import list_site_children
@@ -363,9 +364,11 @@ class RegistryStore:
             # The site's meters before the site (whose deletion cascades to them): the order
             # of a telemetry batch, which holds its meters and then needs the site (the
             # balancing queue's foreign key). Site first, a batch in flight and the deletion
-            # would deadlock, and PostgreSQL would abort one of them.
+            # would deadlock, and PostgreSQL would abort one of them; in the one order of
+            # service.db.lock_order, for the same reason.
             await conn.execute(
-                "SELECT FROM meters WHERE site_id = $1 AND org_id = $2 ORDER BY id FOR UPDATE",
+                "SELECT FROM meters WHERE site_id = $1 AND org_id = $2"
+                f" ORDER BY {METER_LOCK_ORDER} FOR UPDATE",
                 site_id,
                 self._org_id,
             )

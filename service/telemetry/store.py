@@ -327,6 +327,7 @@ def _queue_ranges(
 # Both sets in one statement (one round trip on the hot path); each set in id order. The
 # register locks are the only ones two batches can conflict on, so their order alone keeps
 # batches from deadlocking on each other.
+# In the order of service.db.lock_order: registers, then load profiles, by id in each.
 _LOCK_METERS = """
 WITH registers AS (
     SELECT id FROM meters WHERE id = ANY($1::uuid[]) ORDER BY id FOR NO KEY UPDATE
