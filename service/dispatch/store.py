@@ -479,6 +479,13 @@ class DispatchStore:
             if not known:
                 raise NotFoundError("organization", str(selection.organization_id))
         if selection.site_ids:
+            # Held until the dispatch commits (FOR KEY SHARE, in id order): a site deleted
+            # between this check and the read of the candidates was counted neither eligible
+            # nor ineligible. Its DeleteSite waits instead; the outbox then finds it gone.
+            await conn.execute(
+                "SELECT FROM sites WHERE id = ANY($1::uuid[]) ORDER BY id FOR KEY SHARE",
+                list(selection.site_ids),
+            )
             missing = await conn.fetchval(
                 """
                 SELECT wanted FROM unnest($1::uuid[]) AS wanted
