@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 
 from service.common.clock import SYSTEM_CLOCK, Clock
-from service.common.errors import AlreadyExistsError, NotFoundError
+from service.common.errors import AlreadyExistsError, NotFoundError, ValidationError
 from service.db.balancing_queue import (
     enqueue_balancing,
     readings_spans,
@@ -44,6 +44,7 @@ from service.registry.domain import (
     SupplyPointDirection,
     derive_site_status,
 )
+from service.telemetry.domain import Measuring, measuring_allowed, measuring_rule
 from service.upstream import status as upstream_sync
 from service.upstream.domain import UpstreamStatus
 
@@ -315,6 +316,8 @@ class RegistryStore:
                 await upstream_sync.lock_identifiers(conn, [identifier])
             current = await self._lock_site(conn, site_id)
             fields = change(current.fields)
+            if fields.site_type is not None and fields.site_type != current.fields.site_type:
+                await self._check_meters_allow(conn, site_id, fields.site_type)
             if fields.grid_identifier is not None and fields.grid_identifier != identifier:
                 # Before the row takes the identifier: a CreateSite of it waits for this lock
                 # before its INSERT, so it then meets the committed row (ALREADY_EXISTS)
@@ -388,6 +391,30 @@ class RegistryStore:
                 paused,
             )
             return await self._refresh_status(conn, site_id)
+
+    async def _check_meters_allow(
+        self, conn: asyncpg.Connection, site_id: SiteId, site_type: SiteType
+    ) -> None:
+        """A field violation on ``site.type`` when a meter of the site measures in a way the
+        type refuses: CreateMeter refuses such a meter, and a change of type must not make
+        one. Meters are created under a share lock on the site, which the caller's lock
+        excludes, so none comes in meanwhile."""
+        refused = await conn.fetchrow(
+            f"""
+            SELECT id, measuring FROM meters
+            WHERE site_id = $1 AND org_id = $2 AND NOT (measuring = ANY($3::text[]))
+            ORDER BY {METER_LOCK_ORDER} LIMIT 1
+            """,
+            site_id,
+            self._org_id,
+            [str(measuring) for measuring in Measuring if measuring_allowed(site_type, measuring)],
+        )
+        if refused is not None:
+            raise ValidationError.single(
+                "site.type",
+                f"{measuring_rule(site_type)}, and meter {refused['id']} of the site measures"
+                f" {refused['measuring']}: change or delete that meter first",
+            )
 
     async def _lock_site(self, conn: asyncpg.Connection, site_id: SiteId) -> SiteRecord:
         row = await conn.fetchrow(

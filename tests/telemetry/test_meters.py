@@ -144,3 +144,39 @@ async def test_a_resource_list_token_is_refused_by_the_meter_list_of_its_site(
         ),
         "page_token",
     )
+
+
+async def test_a_site_type_its_meters_cannot_have_is_refused(
+    partner: Org,
+    registry: site_registry_pb2_grpc.SiteRegistryAsyncStub,
+    meters: meter_registry_pb2_grpc.MeterRegistryAsyncStub,
+    telemetry: telemetry_pb2_grpc.TelemetryAsyncStub,
+) -> None:
+    """CreateMeter refuses an inaccurate meter on an accurate site; UpdateSite made such a
+    site out of an inaccurate one with that meter."""
+    setup = await make_setup(
+        partner, registry, meters, telemetry, type=spb.SITE_TYPE_UNBALANCED_INACCURATE
+    )
+    meter = await setup.meter(measuring=mpb.MEASURING_READINGS_INACCURATE)
+
+    def retype(site_type: int) -> spb.UpdateSiteRequest:
+        return spb.UpdateSiteRequest(
+            site=spb.Site(id=setup.site.id, type=site_type),  # type: ignore[arg-type]
+            update_mask=field_mask_pb2.FieldMask(paths=["type"]),
+        )
+
+    for accurate in (spb.SITE_TYPE_BALANCED_ACCURATE, spb.SITE_TYPE_UNBALANCED_ACCURATE):
+        rule = await expect_invalid(
+            registry.UpdateSite(retype(accurate), metadata=partner.auth), "site.type"
+        )
+        assert meter.id in rule
+        assert "readings_inaccurate" in rule
+    got = await registry.GetSite(spb.GetSiteRequest(site_id=setup.site.id), metadata=partner.auth)
+    assert got.site.type == spb.SITE_TYPE_UNBALANCED_INACCURATE
+    # Another inaccurate type is fine, and an accurate one once the meter is gone.
+    await registry.UpdateSite(retype(spb.SITE_TYPE_BALANCED_INACCURATE), metadata=partner.auth)
+    await meters.DeleteMeter(mpb.DeleteMeterRequest(meter_id=meter.id), metadata=partner.auth)
+    updated = await registry.UpdateSite(
+        retype(spb.SITE_TYPE_BALANCED_ACCURATE), metadata=partner.auth
+    )
+    assert updated.site.type == spb.SITE_TYPE_BALANCED_ACCURATE
