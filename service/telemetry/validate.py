@@ -238,11 +238,17 @@ def validate_batch(
             rejected.append((index, RejectReason.OUTSIDE_METER_DATES))
             continue
         end_us = info.end_us
+        # A register's value at the end is the meter's last (its reading on removal): the
+        # last interval's energy needs it. An interval value is labelled by its start and
+        # must lie wholly before the end.
         if end_us is not None and (
-            ts_us >= end_us
+            ts_us > end_us
             or (
                 info.load_profile
-                and to_us(info.resolution.next_start(from_us(ts_us), info.timezone)) > end_us
+                and (
+                    ts_us == end_us
+                    or to_us(info.resolution.next_start(from_us(ts_us), info.timezone)) > end_us
+                )
             )
         ):
             rejected.append((index, RejectReason.OUTSIDE_METER_DATES))

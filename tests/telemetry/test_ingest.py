@@ -68,7 +68,7 @@ async def test_every_reject_reason_and_the_rest_stored(
         tpb.Reading(meter_id=foreign.id, timestamp=stamp(quarter(1)), register_wh=1),  # 2
         register(consumer, quarter(2) + timedelta(minutes=7), 101.0),  # 3 off grid
         register(consumer, METER_START - timedelta(minutes=15), 99.0),  # 4 before start
-        register(consumer, quarter(40), 300.0),  # 5 at end date (exclusive)
+        register(consumer, quarter(41), 300.0),  # 5 after the end date
         register(open_ended, future, 500.0),  # 6 future
         register(consumer, quarter(3), math.nan),  # 7
         register(consumer, quarter(4), math.inf),  # 8
@@ -575,3 +575,23 @@ async def test_readings_superseded_by_a_refused_one_are_refused_with_it(
     ack = await setup.ingest([register(meter, quarter(1), v) for v in (100.0, 250.0, 250.0)])
     assert counts(ack) == (1, 1, 1, 0)
     assert await stored_count(service, meter.id) == 2
+
+
+async def test_a_register_meters_last_interval_is_known_from_its_reading_at_the_end(
+    setup: Setup, service: Service
+) -> None:
+    """A register at the end date was refused, so the meter's last interval could never be
+    known (its energy is the difference of the registers at both its bounds). An interval
+    value at the end date still is: it is labelled by its start."""
+    meter = await setup.meter(end_date=stamp(quarter(4)))
+    ack = await setup.ingest([register(meter, quarter(n), 100.0 + n) for n in range(6)])
+    assert [(r.index, r.reason) for r in ack.rejected] == [(5, R.REJECT_REASON_OUTSIDE_METER_DATES)]
+    listed = await setup.list(meter.id, quarter(0), quarter(5))
+    assert [(i.interval_start.ToDatetime(tzinfo=UTC), i.energy_wh) for i in listed.intervals] == [
+        (quarter(n), 1.0) for n in range(4)
+    ]
+    profile = await setup.meter(
+        measuring=mpb.MEASURING_LOAD_PROFILE_ACCURATE, end_date=stamp(quarter(4))
+    )
+    ack = await setup.ingest([interval(profile, quarter(n), 5.0) for n in (3, 4)])
+    assert [(r.index, r.reason) for r in ack.rejected] == [(1, R.REJECT_REASON_OUTSIDE_METER_DATES)]

@@ -156,7 +156,9 @@ def check_reading(
     if ts < meter.start_date:
         return RejectReason.OUTSIDE_METER_DATES
     if meter.end_date is not None:
-        if ts >= meter.end_date:
+        # A register at the end date is the meter's last value; an interval value starting
+        # there is past it.
+        if ts > meter.end_date or (load_profile and ts == meter.end_date):
             return RejectReason.OUTSIDE_METER_DATES
         if load_profile and meter.resolution.next_start(ts, meter.timezone) > meter.end_date:
             return RejectReason.OUTSIDE_METER_DATES

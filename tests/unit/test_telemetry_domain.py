@@ -376,7 +376,9 @@ def test_outside_meter_dates_for_registers() -> None:
     )
     assert check(reading(METER_START), m) is None
     late = meter(end=utc(2025, 6, 1, 11, 0))
-    assert check(reading(utc(2025, 6, 1, 11, 0)), late) is RejectReason.OUTSIDE_METER_DATES
+    # The register at the end date is the meter's last value (its last interval needs it).
+    assert check(reading(utc(2025, 6, 1, 11, 0)), late) is None
+    assert check(reading(utc(2025, 6, 1, 11, 15)), late) is RejectReason.OUTSIDE_METER_DATES
     assert check(reading(utc(2025, 6, 1, 10, 45)), late) is None
     # outside dates is reported before too far in future
     ended = meter(end=utc(2025, 6, 1, 11, 0))

@@ -58,7 +58,9 @@ class _RejectReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RejectRe
     time zone (quarter-hour, full hour, or local midnight of the 1st).
     """
     REJECT_REASON_OUTSIDE_METER_DATES: _RejectReason.ValueType  # 3
-    """Before the meter's start_date or at/after its end_date."""
+    """Before the meter's start_date; after its end_date (a register at end_date is the
+    meter's last value), or an interval value whose interval ends after end_date.
+    """
     REJECT_REASON_TOO_FAR_IN_FUTURE: _RejectReason.ValueType  # 4
     """Later than now plus the configured limit (OPENVPP_MAX_FUTURE_SECONDS)."""
     REJECT_REASON_NON_FINITE_VALUE: _RejectReason.ValueType  # 5
@@ -98,7 +100,9 @@ REJECT_REASON_NOT_ON_GRID: RejectReason.ValueType  # 2
 time zone (quarter-hour, full hour, or local midnight of the 1st).
 """
 REJECT_REASON_OUTSIDE_METER_DATES: RejectReason.ValueType  # 3
-"""Before the meter's start_date or at/after its end_date."""
+"""Before the meter's start_date; after its end_date (a register at end_date is the
+meter's last value), or an interval value whose interval ends after end_date.
+"""
 REJECT_REASON_TOO_FAR_IN_FUTURE: RejectReason.ValueType  # 4
 """Later than now plus the configured limit (OPENVPP_MAX_FUTURE_SECONDS)."""
 REJECT_REASON_NON_FINITE_VALUE: RejectReason.ValueType  # 5
