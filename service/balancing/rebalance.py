@@ -107,6 +107,10 @@ async def rebalance(
     merged = merge_ranges(ranges)
     if not merged:
         return RebalanceResult()
+    # The participants first, held until the commit (FOR KEY SHARE, in the meters' lock
+    # order): before any result row is deleted here, which a DeleteSite (holding the
+    # meters, then the site) would otherwise wait for while this waited for the meters.
+    meters = await site_meters(conn, site.org_id, site.id)
     if not site.balanced:
         # Not (or no longer) balanced: no results at all.
         for start, end in merged:
@@ -116,7 +120,6 @@ async def rebalance(
     result = RebalanceResult(ranges=merged)
     settings = await site_settings(conn, site.org_id, site.id)
     policies = await site_policies(conn, site.org_id, site.id)
-    meters = await site_meters(conn, site.org_id, site.id)
 
     # Block start -> (block end, the ranges touching it), ascending.
     touched: dict[datetime, tuple[datetime, list[TimeRange]]] = {}

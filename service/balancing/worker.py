@@ -86,7 +86,9 @@ async def rebalance_now(
     """``RunBalancing``: re-balances ``ranges`` of the site in one transaction now."""
     async with pool.acquire() as conn, conn.transaction():
         await lock_site_results(conn, site_id)
-        site = await site_info(conn, org_id, site_id)
+        # The meters, then the site, before any result row: DeleteSite's order, as a pass.
+        await site_meters(conn, org_id, site_id)
+        site = await site_info(conn, org_id, site_id, lock=True)
         result = await rebalance(conn, site, ranges)
         await publish(conn, site, result)
     return result
