@@ -19,12 +19,12 @@ work must outlive an outage without filling the log. Time is read from the injec
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from service.common.clock import Clock
+from service.common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class Worker:
         self._retry_seconds = retry_seconds
         self._woken = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._failures_unreported = 0
         self._failing_since: float | None = None
         self._last_report = 0.0
@@ -85,12 +86,15 @@ class Worker:
 
     async def stop(self) -> None:
         """Cancels the loop; a pass in progress is cancelled, so its transaction rolls back
-        and whatever it claimed stays for the next pass (here or on another replica)."""
+        and whatever it claimed stays for the next pass (here or on another replica). The
+        loop ends even when the pass's cleanup turns the cancellation into an error."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            self._stopping = True
+            try:
+                await cancel_and_wait([task])
+            finally:
+                self._stopping = False
 
     def _notified(self, _payload: str) -> None:
         self._woken.set()
@@ -99,7 +103,7 @@ class Worker:
         # A timer worker's first pass runs at once (catching up after downtime); a worker
         # that is only woken waits for its first notification.
         more = self._interval > 0
-        while True:
+        while not self._stopping:
             if not more:
                 await self._idle()
             self._woken.clear()
@@ -108,6 +112,9 @@ class Worker:
             except asyncio.CancelledError:
                 raise
             except Exception as error:
+                if self._stopping:
+                    # stop() cancelled this pass, and its cleanup raised instead.
+                    return
                 self._failed(error)
                 await self._clock.sleep(self._retry_seconds)
                 more = False

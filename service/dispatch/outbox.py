@@ -59,6 +59,7 @@ import asyncpg
 from service.auth.store import IdentityStore
 from service.common.clock import Clock
 from service.common.loglimit import LogLimiter, held_back
+from service.common.tasks import cancel_and_wait
 from service.config import Settings, refuse_broken_values
 from service.dispatch.delivery import (
     AttemptOutcome,
@@ -550,19 +551,15 @@ class OutboxDeliverer:
         if not self._started:
             return
         self._started = False
-        for task in list(self._lanes):
-            task.cancel()
-        for task in list(self._lanes):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Cancelled for certain: a lane or loop whose cleanup raised in place of the
+        # cancellation would otherwise go on (and this would wait for ever). Again while any
+        # is left: a lane's re-check may start lanes as it ends.
+        while self._lanes:
+            await cancel_and_wait(self._lanes)
         self._queues.clear()
         self._lane_counts.clear()
         self._unfinished = 0
-        for background in (self._recorder, self._renewer):
-            if background is not None:
-                background.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await background
+        await cancel_and_wait(task for task in (self._recorder, self._renewer) if task is not None)
         self._recorder = self._renewer = None
         # Attempts that could not be recorded keep their rows leased, like the ones below.
         unrecorded_attempts: set[UUID] = set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -177,4 +178,48 @@ async def test_stop_cancels_a_pass_in_progress() -> None:
     await inside.wait()
     await worker.stop()
     assert cancelled.is_set()
+    assert not worker.running
+
+
+async def test_stop_ends_a_pass_whose_cleanup_turns_the_cancellation_into_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = ManualClock(START)
+    inside = asyncio.Event()
+
+    async def step() -> bool:
+        inside.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            # As an asyncpg transaction does when its rollback finds the connection that the
+            # cancellation broke: the rollback's error replaces the CancelledError.
+            raise ConnectionError("cannot perform operation: connection is closed") from None
+        return False
+
+    worker = Worker("cut-off", step, interval_seconds=1, clock=clock)
+    await worker.start()
+    await inside.wait()
+    with caplog.at_level(logging.INFO, logger="service.common.worker"):
+        await asyncio.wait_for(worker.stop(), timeout=5)
+    assert not worker.running
+    # Stopped, not failed: no "pass failed" line for what the stop itself caused.
+    assert not [r for r in caplog.records if r.name == "service.common.worker"]
+    assert worker.failures == 0
+
+
+async def test_stop_ends_a_pass_that_swallows_its_cancellation_and_returns() -> None:
+    clock = ManualClock(START)
+    inside = asyncio.Event()
+
+    async def step() -> bool:
+        inside.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+        return True  # "more work": the loop would run the next pass at once
+
+    worker = Worker("swallower", step, interval_seconds=1, clock=clock)
+    await worker.start()
+    await inside.wait()
+    await asyncio.wait_for(worker.stop(), timeout=5)
     assert not worker.running
