@@ -27,6 +27,9 @@ from service.auth.store import IdentityStore
 from service.config import Settings
 from service.db.database import EmbeddedPostgres
 
+# A test about to time out shows what each asyncio task is waiting for.
+pytest_plugins = ["tests.task_dump"]
+
 # Property tests check results, not speed (speed is the benchmarks' business): no example
 # fails for taking longer than hypothesis's default 200 ms on a busy CI machine.
 hypothesis.settings.register_profile("openvpp", deadline=None)
