@@ -14,7 +14,6 @@ import gc
 import sys
 import threading
 from collections.abc import Generator
-from types import CoroutineType
 from typing import Any
 
 import pytest
@@ -30,11 +29,7 @@ def _awaits(task: asyncio.Task[Any]) -> list[str]:
         frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
         if frame is not None:
             chain.append(f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
-        awaited = (
-            awaited.cr_await
-            if isinstance(awaited, CoroutineType)
-            else getattr(awaited, "gi_yieldfrom", None)
-        )
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
     return chain
 
 
@@ -61,7 +56,9 @@ def _timeout_seconds(item: pytest.Item) -> float:
     marker = item.get_closest_marker("timeout")
     if marker is not None and marker.args:
         return float(marker.args[0])
-    return float(item.config.getini("timeout") or 0)
+    # pytest-timeout's own order: the marker, then --timeout, then the ini file.
+    configured = item.config.getoption("timeout", None) or item.config.getini("timeout")
+    return float(configured or 0)
 
 
 def _watched(item: pytest.Item, phase: str) -> Generator[None, None, None]:

@@ -59,7 +59,6 @@ class Worker:
         self._retry_seconds = retry_seconds
         self._woken = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._stopping = False
         self._failures_unreported = 0
         self._failing_since: float | None = None
         self._last_report = 0.0
@@ -90,11 +89,7 @@ class Worker:
         loop ends even when the pass's cleanup turns the cancellation into an error."""
         task, self._task = self._task, None
         if task is not None:
-            self._stopping = True
-            try:
-                await cancel_and_wait([task])
-            finally:
-                self._stopping = False
+            await cancel_and_wait([task])
 
     def _notified(self, _payload: str) -> None:
         self._woken.set()
@@ -103,7 +98,7 @@ class Worker:
         # A timer worker's first pass runs at once (catching up after downtime); a worker
         # that is only woken waits for its first notification.
         more = self._interval > 0
-        while not self._stopping:
+        while not _cancel_requested():
             if not more:
                 await self._idle()
             self._woken.clear()
@@ -112,7 +107,7 @@ class Worker:
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                if self._stopping:
+                if _cancel_requested():
                     # stop() cancelled this pass, and its cleanup raised instead.
                     return
                 self._failed(error)
@@ -171,6 +166,13 @@ class Worker:
         log.info("background worker %s: recovered", self.name)
         self._failing_since = None
         self._failures_unreported = 0
+
+
+def _cancel_requested() -> bool:
+    """The running task was cancelled, though what it awaited may have swallowed the
+    CancelledError or raised another error in its place."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _first_line(error: Exception) -> str:
