@@ -3,10 +3,11 @@ network can go silent or be slow to let a new connection through.
 
 A commit whose answer never arrives is the one failure a client cannot tell apart: the
 transaction may have committed or not. The proxy makes it happen on a real connection: once
-armed, the first transaction that inserted rows has its COMMIT forwarded, the server's answer
-read and thrown away, and the connection cut, so the commit is known to be done while the
-client sees only a dropped connection. Armed to hold, the proxy keeps the client waiting for
-that answer until ``let_go``, so the client can be cancelled while its commit is done.
+armed, the first transaction of the kind it was armed for (by default one that inserted rows)
+has its COMMIT forwarded, the server's answer read and thrown away, and the connection cut, so
+the commit is known to be done while the client sees only a dropped connection. Armed to hold,
+the proxy keeps the client waiting for that answer until ``let_go``, so the client can be
+cancelled while its commit is done.
 
 A silent network drops every byte both ways and keeps the sockets open (a partition): no
 reset, no error, the client only ever waits.
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+from collections.abc import Callable
 from typing import Self
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -23,6 +26,12 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 # to commit a transaction.
 _INSERT_TAG = b"INSERT 0 "
 _COMMIT = b"COMMIT"
+_ROLLBACK = b"ROLLBACK"
+# Command tags of statements that updated or returned at least one row.
+_UPDATED = re.compile(rb"UPDATE [1-9]")
+_READ = re.compile(rb"SELECT [1-9]")
+# What the delivery worker's claim and re-check transactions begin with (and no other does).
+_PLANNED_AFRESH = b"plan_cache_mode"
 # The first eight bytes of a CancelRequest: its length (16) and its request code, 80877102.
 _CANCEL_REQUEST = b"\x00\x00\x00\x10\x04\xd2\x16\x2e"
 
@@ -145,6 +154,7 @@ class CommitAnswerCutter(PgProxy):
         super().__init__(database_url)
         self._armed = False
         self._holding = False
+        self._when: Callable[[_Link], bool] = _inserted_rows
         self._let_go = asyncio.Event()
         self.cuts = 0
         self.cut_done = asyncio.Event()
@@ -152,11 +162,13 @@ class CommitAnswerCutter(PgProxy):
         self.answer_held = asyncio.Event()
         self.cancel_requested = asyncio.Event()
 
-    def arm(self, hold: bool = False) -> None:
-        """Loses the answer to the next commit of a transaction that inserted rows; with
-        ``hold``, only once ``let_go`` is called."""
+    def arm(self, hold: bool = False, when: Callable[[_Link], bool] | None = None) -> None:
+        """Loses the answer to the next commit of a transaction that inserted rows (or, with
+        ``when``, of one it is true for: ``outbox_claim_that_took_rows``,
+        ``outbox_check_that_settled_rows``); with ``hold``, only once ``let_go`` is called."""
         self._armed = True
         self._holding = hold
+        self._when = when or _inserted_rows
 
     def let_go(self) -> None:
         self._let_go.set()
@@ -167,11 +179,13 @@ class CommitAnswerCutter(PgProxy):
         while data := await reader.read(65536):
             if data.startswith(_CANCEL_REQUEST):
                 self.cancel_requested.set()
-            if self._armed and state.inserted and _COMMIT in data:
+            if _PLANNED_AFRESH in data:
+                state.planned_afresh = True
+            if self._armed and self._when(state) and _COMMIT in data:
                 self._armed = False
                 state.losing_answer = True
-            elif _COMMIT in data:
-                state.inserted = False
+            elif _COMMIT in data or _ROLLBACK in data:
+                state.reset()
             writer.write(data)
             await writer.drain()
 
@@ -189,11 +203,37 @@ class CommitAnswerCutter(PgProxy):
                 return
             if _INSERT_TAG in data:
                 state.inserted = True
+            if _UPDATED.search(data):
+                state.updated = True
+            if _READ.search(data):
+                state.read_rows = True
             writer.write(data)
             await writer.drain()
 
 
 class _Link:
+    """What the transaction under way on one proxied connection has done so far."""
+
     def __init__(self) -> None:
-        self.inserted = False
         self.losing_answer = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.inserted = False
+        self.updated = False
+        self.read_rows = False
+        self.planned_afresh = False
+
+
+def _inserted_rows(link: _Link) -> bool:
+    return link.inserted
+
+
+def outbox_claim_that_took_rows(link: _Link) -> bool:
+    """The delivery worker's claim when it took setpoints (or a re-check that read some)."""
+    return link.planned_afresh and link.read_rows
+
+
+def outbox_check_that_settled_rows(link: _Link) -> bool:
+    """A re-check of queued setpoints that settled some (or a claim that settled some)."""
+    return link.planned_afresh and link.updated

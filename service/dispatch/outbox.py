@@ -31,6 +31,11 @@ something to deliver (the setpoint, or the cancellation of an ACCEPTED one). A w
    next state set by :func:`service.dispatch.domain.after_attempt`, and only while this
    worker still holds its lease.
 
+A commit whose answer never arrives (the connection dropped during it) may have gone
+through. Whatever such a claim or re-check may have leased or settled is not sent: it is
+handed back to the outbox once the database answers. Such a record is made again, storing
+each attempt once.
+
 A delivery is thus at least once: a worker killed after the partner's 2xx but before its
 record commits is retried by another one with the same ``webhook-id`` (the setpoint's id),
 which Standard Webhooks receivers use to drop duplicates.
@@ -718,10 +723,10 @@ class OutboxDeliverer:
             stale.append(queue.popleft())
         by_id = {item.setpoint_id: item for item in stale}
         keep: set[UUID] = set()
+        settled: list[tuple[UUID, Settled, bool]] = []
         try:
             async with self._transaction(plan_afresh=True) as conn:
                 rows = await conn.fetch(_RECHECK_SQL, list(by_id), self.owner)
-                settled: list[tuple[UUID, Settled, bool]] = []
                 changed: list[SetpointChange] = []
                 for row in rows:
                     item = by_id[row["id"]]
@@ -738,9 +743,17 @@ class OutboxDeliverer:
                 await self._apply(conn, settled)
                 await notify_setpoint_changes(conn, changed)
                 await _wake_if_due(conn, settled, now)
-        except Exception as error:  # the database is away: send as claimed, as before
+        except Exception as error:
             log.warning("re-checking %d queued setpoints failed: %s", len(stale), error)
-            keep = set(by_id)
+            # What this check settled (cancelled, no longer eligible, past its window) is not
+            # sent: its commit may have gone through with only the answer lost. Handed back
+            # once the database answers, which does nothing where the settlement committed
+            # (the row is no longer leased here). The rest was left as the claim found it,
+            # so it is sent as claimed (the database is away, the claim's check stands).
+            unsure = {setpoint_id for setpoint_id, _, _ in settled}
+            for setpoint_id in unsure:
+                self._abandoned[setpoint_id] = setpoint_id in self._unrecorded
+            keep = set(by_id) - unsure
         checked = self._clock.now()
         # Settled here, or no longer ours (the lease expired and another worker has it).
         for setpoint_id in by_id.keys() - keep:
@@ -766,60 +779,76 @@ class OutboxDeliverer:
     async def _claim(self, limit: int, excluded: list[UUID]) -> tuple[list[Claimed], int]:
         now = self._clock.now()
         lease = timedelta(seconds=self._settings.lease_seconds)
-        async with self._transaction(plan_afresh=True) as conn:
-            rows = await conn.fetch(_CLAIM_SQL, now, limit, self.owner, lease, excluded)
-            if not rows:
-                return [], 0
-            settled: list[tuple[UUID, Settled, bool]] = []
-            sendable: list[tuple[asyncpg.Record, OutboxRow, SetpointChange]] = []
-            changed: list[SetpointChange] = []
-            secrets_of = await self._signing_secrets(conn, {row["partner_org_id"] for row in rows})
-            for row in rows:
-                outbox_row = _outbox_row(row, row["unrecorded_claim"])
-                # Eligibility counts for the setpoint itself, never for its cancellation.
-                verdict = before_attempt(outbox_row, _not_eligible(row), now)
-                if verdict is None and not secrets_of[row["partner_org_id"]]:
-                    # Never sent unsigned (the organization is gone, or has no secret).
-                    verdict = unsendable(outbox_row, "partner organization has no signing secret")
-                if verdict is None and not row["webhook_url"]:
-                    # A cancellation is sent whatever the site's status, but not to nowhere:
-                    # the resource (and with it its endpoint) was deleted since.
-                    verdict = unsendable(outbox_row, "resource deleted")
-                if verdict is not None:
-                    settled.append((row["id"], verdict, True))
-                    if verdict.state is not outbox_row.state:
-                        # A bug, never input: the transaction rolls back, the row stays due.
-                        check_transition(outbox_row.state, verdict.state)
-                        changed.append(_change(row, verdict.state))
-                    continue
-                if outbox_row.state is SetpointState.PENDING:
-                    change = _change(row, SetpointState.DELIVERING)  # the claim set it
-                    changed.append(change)
-                else:
-                    change = _change(row, outbox_row.state)
-                sendable.append((row, outbox_row, change))
-            await self._apply(conn, settled)
-            await notify_setpoint_changes(conn, changed)
-            await _wake_if_due(conn, settled, now)
-        claimed = []
-        for row, outbox_row, change in sendable:
-            cancellation = outbox_row.delivers_cancellation
-            claimed.append(
-                Claimed(
-                    row["id"],
-                    outbox_row,
-                    Delivery(
-                        delivery_id=delivery_id(row["id"], cancellation),
-                        url=row["webhook_url"],
-                        body=setpoint_body(row, cancellation),
-                        signing_secrets=secrets_of[row["partner_org_id"]],
-                        traceparent=_traceparent(row["traceparent"]),
-                    ),
-                    change,
-                    now,
+        rows: list[asyncpg.Record] = []
+        try:
+            async with self._transaction(plan_afresh=True) as conn:
+                rows = await conn.fetch(_CLAIM_SQL, now, limit, self.owner, lease, excluded)
+                if not rows:
+                    return [], 0
+                settled: list[tuple[UUID, Settled, bool]] = []
+                sendable: list[tuple[asyncpg.Record, OutboxRow, SetpointChange]] = []
+                changed: list[SetpointChange] = []
+                secrets_of = await self._signing_secrets(
+                    conn, {row["partner_org_id"] for row in rows}
                 )
-            )
-        return claimed, len(rows)
+                for row in rows:
+                    outbox_row = _outbox_row(row, row["unrecorded_claim"])
+                    # Eligibility counts for the setpoint itself, never for its cancellation.
+                    verdict = before_attempt(outbox_row, _not_eligible(row), now)
+                    if verdict is None and not secrets_of[row["partner_org_id"]]:
+                        # Never sent unsigned (the organization is gone, or has no secret).
+                        verdict = unsendable(
+                            outbox_row, "partner organization has no signing secret"
+                        )
+                    if verdict is None and not row["webhook_url"]:
+                        # A cancellation is sent whatever the site's status, but not to nowhere:
+                        # the resource (and with it its endpoint) was deleted since.
+                        verdict = unsendable(outbox_row, "resource deleted")
+                    if verdict is not None:
+                        settled.append((row["id"], verdict, True))
+                        if verdict.state is not outbox_row.state:
+                            # A bug, never input: the transaction rolls back, the row stays due.
+                            check_transition(outbox_row.state, verdict.state)
+                            changed.append(_change(row, verdict.state))
+                        continue
+                    if outbox_row.state is SetpointState.PENDING:
+                        change = _change(row, SetpointState.DELIVERING)  # the claim set it
+                        changed.append(change)
+                    else:
+                        change = _change(row, outbox_row.state)
+                    sendable.append((row, outbox_row, change))
+                await self._apply(conn, settled)
+                await notify_setpoint_changes(conn, changed)
+                await _wake_if_due(conn, settled, now)
+            claimed = []
+            for row, outbox_row, change in sendable:
+                cancellation = outbox_row.delivers_cancellation
+                claimed.append(
+                    Claimed(
+                        row["id"],
+                        outbox_row,
+                        Delivery(
+                            delivery_id=delivery_id(row["id"], cancellation),
+                            url=row["webhook_url"],
+                            body=setpoint_body(row, cancellation),
+                            signing_secrets=secrets_of[row["partner_org_id"]],
+                            traceparent=_traceparent(row["traceparent"]),
+                        ),
+                        change,
+                        now,
+                    )
+                )
+            return claimed, len(rows)
+        except BaseException:
+            # The claim may have committed with only its answer lost (the connection dropped
+            # during the commit, or a stop cut it off): its rows are then leased to this
+            # worker, which never claims its own rows, and no renewal or stop knows of them;
+            # with no other replica they would never be sent. Let go of as rows whose lease
+            # may have lapsed: handed back once the database answers, which does nothing to
+            # a row the claim did not take after all.
+            for row in rows:
+                self._abandoned[row["id"]] = row["unrecorded_claim"]
+            raise
 
     async def _signing_secrets(
         self, conn: asyncpg.Connection, org_ids: set[UUID]

@@ -36,7 +36,11 @@ from tests.dispatch.setpoint_receiver import (
     running_receiver,
 )
 from tests.helpers import eventually, wait_until_blocked
-from tests.pg_proxy import CommitAnswerCutter
+from tests.pg_proxy import (
+    CommitAnswerCutter,
+    outbox_check_that_settled_rows,
+    outbox_claim_that_took_rows,
+)
 from tests.upstream.conftest import day
 
 BATTERY = site_pb.RESOURCE_TYPE_STATIC_BATTERY
@@ -997,6 +1001,56 @@ async def test_a_recording_cut_off_by_a_stop_during_its_commit_stores_its_attemp
         attempts = await _stored_attempts(cluster.url, setpoint_id)
     assert proxy.cuts == 1
     assert attempts == [200]
+
+
+async def test_a_claim_whose_commit_went_unanswered_is_delivered_all_the_same(
+    cluster: Cluster,
+) -> None:
+    # One replica: no other worker would ever take the rows the lost claim leased to it.
+    async with CommitAnswerCutter(cluster.url) as proxy:
+        replica = await cluster.replica(url=proxy.url)
+        flow = Flow(replica)
+        operator, partner, supplier = await flow.parties()
+        async with running_receiver() as receiver:
+            receiver.trust(await flow.secret(partner))
+            await flow.site(partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)] * 2)
+            proxy.arm(when=outbox_claim_that_took_rows)
+            dispatch = (await flow.dispatch(operator)).dispatch
+            await asyncio.wait_for(proxy.cut_done.wait(), timeout=10)
+            settled = await flow.settle(operator, dispatch.id)
+    assert proxy.cuts == 1
+    assert [s.state for s in settled] == [ACCEPTED, ACCEPTED]
+    # Nothing was sent by the lost claim: no attempt is counted for it.
+    assert [len(s.attempts) for s in settled] == [1, 1]
+    assert sorted(r.body["setpoint_id"] for r in receiver.received) == sorted(s.id for s in settled)
+
+
+async def test_a_re_check_whose_commit_went_unanswered_sends_nothing_it_settled(
+    cluster: Cluster,
+) -> None:
+    async with (
+        CommitAnswerCutter(cluster.url) as proxy,
+        held_first(cluster, sites=2, resources=2, url=proxy.url) as scene,
+    ):
+        in_flight_site = scene.first.body["site_id"]
+        (paused,) = [site for site in scene.sites if site.id != in_flight_site]
+        await pause(scene, paused)
+        await asyncio.sleep(0.2)  # the queued ones are now due for a check
+        # The first check to settle one of the paused site's setpoints commits it NOT_ELIGIBLE
+        # and never hears so.
+        proxy.arm(when=outbox_check_that_settled_rows)
+        scene.answer.release.set()
+        await asyncio.wait_for(proxy.cut_done.wait(), timeout=10)
+        settled = await scene.flow.settle(scene.operator, scene.dispatch.id)
+    assert proxy.cuts == 1
+    states = sorted((s.site_id == paused.id, s.state, s.reason, len(s.attempts)) for s in settled)
+    assert states == [
+        (False, ACCEPTED, "", 1),
+        (False, ACCEPTED, "", 1),
+        (True, pb.SETPOINT_STATE_NOT_ELIGIBLE, "site status paused", 0),
+        (True, pb.SETPOINT_STATE_NOT_ELIGIBLE, "site status paused", 0),
+    ]
+    assert {r.body["site_id"] for r in scene.receiver.received} == {in_flight_site}
 
 
 async def _stored_attempts(database_url: str, setpoint_id: uuid.UUID) -> list[int | None]:
