@@ -543,6 +543,17 @@ class OutboxDeliverer:
         if self._started:
             return
         self._started = True
+        timeout = self._delivery_settings.timeout_seconds
+        if self._settings.lease_seconds < 2 * timeout:
+            # Accepted (tests and demos use short leases), but the guarantee is weaker: told.
+            log.warning(
+                "OPENVPP_DISPATCH_LEASE_SECONDS (%g) is less than twice"
+                " OPENVPP_DISPATCH_TIMEOUT_SECONDS (%g): a request begun just before the"
+                " lease renewals fail may outlast the lease, and another replica may then send"
+                " the same setpoint while it is under way",
+                self._settings.lease_seconds,
+                timeout,
+            )
         # A fresh identity per run: rows a stopped run could not let go of (the database was
         # away) are then claimable again, by this worker too, once their leases expire.
         self.owner = uuid.uuid4()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -1051,6 +1052,21 @@ async def test_a_re_check_whose_commit_went_unanswered_sends_nothing_it_settled(
         (True, pb.SETPOINT_STATE_NOT_ELIGIBLE, "site status paused", 0),
     ]
     assert {r.body["site_id"] for r in scene.receiver.received} == {in_flight_site}
+
+
+@pytest.mark.parametrize(
+    ("lease_seconds", "warned"), [(3.9, True), (4.0, False)], ids=["short", "twice the timeout"]
+)
+async def test_a_lease_shorter_than_twice_the_request_timeout_is_warned_of_at_start(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture, lease_seconds: float, warned: bool
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="service.dispatch.outbox"):
+        await cluster.replica(dispatch_lease_seconds=lease_seconds, dispatch_timeout_seconds=2.0)
+    warnings = [r.getMessage() for r in caplog.records if "less than twice" in r.getMessage()]
+    assert len(warnings) == warned
+    if warned:
+        assert "OPENVPP_DISPATCH_LEASE_SECONDS (3.9)" in warnings[0]
+        assert "OPENVPP_DISPATCH_TIMEOUT_SECONDS (2)" in warnings[0]
 
 
 async def _stored_attempts(database_url: str, setpoint_id: uuid.UUID) -> list[int | None]:
