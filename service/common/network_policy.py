@@ -173,7 +173,9 @@ def webhook_target(url: str) -> WebhookTarget | None:
         parsed = URL(url)
         host = parsed.raw_host
         port = parsed.port
-    except ValueError:  # a malformed port, or a host IDNA cannot encode
+    # ValueError: a malformed port, or a host IDNA cannot encode. IndexError: yarl 1.25's
+    # split of a bracketed host followed by an empty authority ("https://[::1]@/hook").
+    except (ValueError, IndexError):
         return None
     if not host or parsed.scheme not in ("http", "https") or port is None:
         return None

@@ -3,8 +3,13 @@
 Run by the call guard right after decoding, so no handler (and no RPC added later) ever
 sees a string PostgreSQL cannot store, a string beyond ``text.UNREAD_LENGTH``, or a
 Timestamp, Date or Duration outside what the service accepts (see ``service.common.text`` and
-``service.common.protoconv`` for the rules). Field paths are those of the request
-(``site.name``, ``supply_points[1].grid_identifier``).
+``service.common.protoconv`` for the rules), nor a repeated field of more elements than
+``max_items`` allows. Field paths are those of the request (``site.name``,
+``supply_points[1].grid_identifier``).
+
+The element counts are checked first, and alone when one is exceeded: a 16 MiB request
+holds millions of empty elements, and judging each (in this module, then in the handler's
+domain rules) would hold the event loop, and every other call of the replica, for minutes.
 """
 
 from __future__ import annotations
@@ -29,18 +34,80 @@ _TIME_TYPES = frozenset({TIMESTAMP, DATE, DURATION})
 # reject reason (see service.telemetry.validate).
 CHECKED_BY_HANDLER = frozenset({"openvpp.v1.ReadingBatch.readings"})
 
+# Elements a repeated field of a request may hold: far above any use (a dispatch selecting
+# more sites than this selects them by organization), far below what stalls the service.
+DEFAULT_MAX_ITEMS = 10_000
+# Fields whose domain allows far fewer (a site has at most two supply points, a field mask
+# names a few fields, the resource types are a short enum): bounded near that, so that the
+# per-element rules run on a few elements at most.
+_MAX_ITEMS = {
+    "openvpp.v1.CreateSiteRequest.supply_points": 100,
+    "openvpp.v1.Site.supply_points": 100,
+    "openvpp.v1.DispatchSelection.resource_types": 100,
+    "google.protobuf.FieldMask.paths": 100,
+}
+
 _STRING = FieldDescriptor.TYPE_STRING
 _MESSAGE = FieldDescriptor.TYPE_MESSAGE
 
 
+def max_items(field: FieldDescriptor) -> int:
+    """The most elements the repeated ``field`` of a request may hold."""
+    return _MAX_ITEMS.get(field.full_name, DEFAULT_MAX_ITEMS)
+
+
 def check_request(message: Message) -> None:
     """Raises ValidationError naming every field that breaks a rule."""
-    if not _needs_check(message.DESCRIPTOR):
-        return
+    descriptor = message.DESCRIPTOR
     violations: list[FieldViolation] = []
+    if _has_repeated(descriptor):
+        _check_counts(message, "", violations)
+        if violations:
+            raise ValidationError(violations)
+    if not _needs_check(descriptor):
+        return
     _check(message, "", violations)
     if violations:
         raise ValidationError(violations)
+
+
+@functools.cache
+def _has_repeated(descriptor: Descriptor) -> bool:
+    """Whether a message of this type can hold a repeated field to count (cached per type)."""
+    return _reaches_repeated(descriptor, frozenset())
+
+
+def _reaches_repeated(descriptor: Descriptor, seen: frozenset[str]) -> bool:
+    seen = seen | {descriptor.full_name}
+    for field in descriptor.fields:
+        if field.full_name in CHECKED_BY_HANDLER:
+            continue
+        if field.is_repeated:
+            return True
+        nested = field.message_type
+        if nested is not None and (nested.full_name in seen or _reaches_repeated(nested, seen)):
+            return True
+    return False
+
+
+def _check_counts(message: Message, prefix: str, out: list[FieldViolation]) -> None:
+    for field, value in message.ListFields():
+        if field.full_name in CHECKED_BY_HANDLER:
+            continue
+        path = prefix + field.name
+        if field.is_repeated:
+            limit = max_items(field)
+            if len(value) > limit:
+                out.append(FieldViolation(path, f"must hold at most {limit:,} elements"))
+                continue
+        nested = field.message_type
+        if nested is None or not _has_repeated(nested) or nested.GetOptions().map_entry:
+            continue
+        if field.is_repeated:
+            for index, item in enumerate(value):
+                _check_counts(item, f"{path}[{index}]", out)
+        else:
+            _check_counts(value, path + ".", out)
 
 
 @functools.cache

@@ -528,3 +528,32 @@ async def test_a_request_breaking_a_rule_in_every_item_still_gets_its_field_viol
     assert details.startswith("invalid request: supply_points[0].grid_identifier: ")
     assert f", the first {len(violations)} in the details)" in details
     assert len(details.encode()) < 1024
+
+
+async def test_a_site_of_a_million_empty_supply_points_is_refused_by_its_count(
+    registry: Stub, partner: Org
+) -> None:
+    # 2 MB, well within gRPC's 16 MiB receive limit: refused before any element is judged.
+    valid = site_request()
+    request = pb.CreateSiteRequest.FromString(valid.SerializeToString() + b"\x2a\x00" * 1_000_000)
+    error = await rpc_error(registry.CreateSite(request, metadata=partner.auth))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(error) == {"supply_points": "must hold at most 100 elements"}
+    # Nothing was stored: its grid identifier is still free.
+    created = (await registry.CreateSite(valid, metadata=partner.auth)).site
+    assert created.grid_identifier == valid.supply_points[0].grid_identifier
+
+
+async def test_a_webhook_url_yarl_cannot_split_is_invalid_not_internal(
+    registry: Stub, partner: Org
+) -> None:
+    site = (await registry.CreateSite(site_request(), metadata=partner.auth)).site
+    for url in ("https://[::1]@/hook", "http://[x]@", "https://[::1]:443@"):
+        rule = await expect_invalid(
+            registry.CreateResource(
+                resource_request(site.id, pb.RESOURCE_TYPE_STATIC_BATTERY, webhook_url=url),
+                metadata=partner.auth,
+            ),
+            "webhook_url",
+        )
+        assert rule == "must be an absolute http:// or https:// URL with a host"

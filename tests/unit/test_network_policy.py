@@ -90,7 +90,18 @@ def test_localhost_names_are_loopback(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["ftp://h.example/", "https:///x", "h.example/x", "", "http://h.example:99999/"]
+    "url",
+    [
+        "ftp://h.example/",
+        "https:///x",
+        "h.example/x",
+        "",
+        "http://h.example:99999/",
+        # A bracketed host before an empty authority: yarl's parser raises IndexError.
+        "https://[::1]@/hook",
+        "http://[x]@",
+        "https://[::1]:443@",
+    ],
 )
 def test_not_an_http_url_with_a_host(url: str) -> None:
     for allow in (False, True):

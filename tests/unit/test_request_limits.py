@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from google.protobuf import field_mask_pb2, timestamp_pb2
 from google.type import date_pb2
+from openvpp.v1 import dispatch_pb2 as dpb
 from openvpp.v1 import meter_registry_pb2 as mpb
 from openvpp.v1 import site_registry_pb2 as spb
 from openvpp.v1 import telemetry_pb2 as tpb
@@ -16,7 +17,7 @@ from service.common.protoconv import (
     MIN_TIMESTAMP_SECONDS,
     from_timestamp,
 )
-from service.common.request_limits import check_request
+from service.common.request_limits import DEFAULT_MAX_ITEMS, check_request
 
 
 def violations(message: object) -> dict[str, str]:
@@ -102,3 +103,45 @@ def test_readings_of_a_batch_are_left_to_the_ingest() -> None:
     assert violations(tpb.IngestReadingsRequest(batch=batch)) == {}
     batch.batch_id = "\x00"
     assert set(violations(tpb.IngestReadingsRequest(batch=batch))) == {"batch.batch_id"}
+
+
+def test_millions_of_empty_elements_are_refused_by_their_count_alone() -> None:
+    # 1,000,000 empty supply points in 2 MB: the count is refused before any element is
+    # judged, so the answer is one violation, not two million.
+    request = spb.CreateSiteRequest.FromString(b"\x2a\x00" * 1_000_000)
+    assert violations(request) == {"supply_points": "must hold at most 100 elements"}
+
+
+def test_counts_are_checked_before_the_elements_and_alone() -> None:
+    request = spb.UpdateSiteRequest(
+        site=spb.Site(supply_points=[spb.SupplyPoint(grid_identifier="\x00")] * 101),
+        update_mask=field_mask_pb2.FieldMask(paths=["name"] * 101),
+    )
+    assert violations(request) == {
+        "site.supply_points": "must hold at most 100 elements",
+        "update_mask.paths": "must hold at most 100 elements",
+    }
+    # Within the limits, the elements are judged as before.
+    request.site.ClearField("supply_points")
+    request.site.supply_points.extend([spb.SupplyPoint(grid_identifier="\x00")] * 100)
+    del request.update_mask.paths[100:]
+    found = violations(request)
+    assert "site.supply_points" not in found
+    assert found["site.supply_points[99].grid_identifier"].startswith("must not contain NUL")
+
+
+def test_a_field_without_a_lower_limit_holds_up_to_the_default() -> None:
+    def selecting(count: int) -> dpb.DispatchFlexibilityRequest:
+        return dpb.DispatchFlexibilityRequest(
+            selection=dpb.DispatchSelection(site_ids=["x"] * count)
+        )
+
+    assert "selection.site_ids" not in violations(selecting(DEFAULT_MAX_ITEMS))
+    assert violations(selecting(DEFAULT_MAX_ITEMS + 1)) == {
+        "selection.site_ids": "must hold at most 10,000 elements"
+    }
+
+
+def test_the_readings_of_a_batch_are_left_to_the_ingest() -> None:
+    batch = tpb.ReadingBatch(readings=[tpb.Reading()] * 20_000)
+    assert violations(batch) == {}
