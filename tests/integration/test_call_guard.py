@@ -27,7 +27,7 @@ from tests.helpers import rpc_error
 SERVICE = "openvpp.test.Guarded"
 ROLES = {
     f"/{SERVICE}/{name}": frozenset({Role.PARTNER})
-    for name in ("Ok", "Missing", "Broken", "Crowded")
+    for name in ("Ok", "Missing", "Broken", "Crowded", "Misencoded")
 }
 
 
@@ -55,6 +55,13 @@ async def traced(service: Service) -> AsyncIterator[tuple[grpc.aio.Channel, InMe
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     guard = CallGuard(Authenticator(IdentityStore(service.pool), 30), provider.get_tracer("test"))
+    pool = service.pool
+
+    async def misencoded(request: pb.GetSiteRequest, _context: Any) -> pb.GetSiteRequest:
+        # Our bug, not an outage: an argument asyncpg cannot encode for its parameter's type.
+        await pool.fetchval("SELECT $1::int", request.site_id)
+        raise AssertionError("the query must fail")
+
     handlers = {
         name: guard.guarded(
             f"/{SERVICE}/{name}",
@@ -70,6 +77,7 @@ async def traced(service: Service) -> AsyncIterator[tuple[grpc.aio.Channel, InMe
             ("Missing", _missing),
             ("Broken", _broken),
             ("Crowded", _crowded),
+            ("Misencoded", misencoded),
         )
     }
     server = grpc.aio.server()
@@ -189,3 +197,23 @@ async def test_a_database_at_max_connections_is_unavailable_not_a_bug(
     assert crowded.code() is grpc.StatusCode.UNAVAILABLE
     assert crowded.details() == "database unavailable; retry later"
     assert not [r for r in caplog.records if r.name == "service.edge.call_guard" and r.exc_info]
+
+
+async def test_an_argument_the_driver_cannot_encode_is_a_bug_not_an_outage(
+    traced: tuple[grpc.aio.Channel, InMemorySpanExporter],
+    make_org: MakeOrg,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    channel, _ = traced
+    org = await make_org(Role.PARTNER)
+    caplog.set_level(logging.INFO, "service.edge.call_guard")
+    error = await rpc_error(
+        _method(channel, "Misencoded")(pb.GetSiteRequest(site_id="x"), metadata=org.auth)
+    )
+    assert error.code() is grpc.StatusCode.INTERNAL
+    assert error.details() == "internal error"
+    guard_records = [r for r in caplog.records if r.name == "service.edge.call_guard"]
+    # asyncpg raises its DataError (a PostgresError, not one of the InterfaceErrors the
+    # guard counts as the database being away).
+    assert [r.exc_info[0] for r in guard_records if r.exc_info] == [asyncpg.DataError]
+    assert not [r for r in guard_records if "unavailable" in r.getMessage()]
