@@ -246,8 +246,7 @@ class Ingest:
         in_batch_duplicates = checked.in_batch_duplicates
         in_batch_corrections = checked.in_batch_corrections
         if checked.rows:
-            stamps = [row[2] for row in checked.rows]
-            await self.partitions.ensure_range(min(stamps), max(stamps))
+            await self.partitions.ensure_for([row[2] for row in checked.rows])
             if turn is not None:
                 await turn.wait()
             written, inserted, updated, register_rejects = await self._write_with_retries(

@@ -13,6 +13,7 @@ watchers (:func:`write_rows`, one function per step). The ack is built only afte
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import struct
@@ -172,6 +173,10 @@ def month_start(year: int, month: int) -> datetime:
     return datetime(year, month, 1, tzinfo=UTC)
 
 
+def _month_start_us(year: int, month: int) -> int:
+    return int(month_start(year, month).timestamp()) * _US
+
+
 def partition_name(year: int, month: int) -> str:
     return f"readings_p{year:04d}{month:02d}"
 
@@ -201,9 +206,27 @@ class Partitions:
         await self.ensure([(now.year, now.month + k) for k in range(-1, months_ahead + 1)])
 
     async def ensure_range(self, first_us: int, last_us: int) -> None:
+        """Every month from the one of ``first_us`` to the one of ``last_us`` (epoch µs)."""
         first, last = from_us(first_us), from_us(last_us)
         months = (last.year - first.year) * 12 + last.month - first.month
         await self.ensure([(first.year, first.month + k) for k in range(months + 1)])
+
+    async def ensure_for(self, stamps_us: Sequence[int]) -> None:
+        """The partitions of the months that hold one of ``stamps_us`` (epoch µs), and of no
+        month between them: a batch of two readings decades apart makes two partitions."""
+        first, last = from_us(min(stamps_us)), from_us(max(stamps_us))
+        span = (last.year - first.year) * 12 + last.month - first.month
+        months = [(first.year, first.month + k) for k in range(span + 1)]
+        if span > 1:
+            # Months between the first and the last may hold nothing: found by bisection.
+            ordered = sorted(stamps_us)
+            months = [
+                (year, month)
+                for year, month in months
+                if bisect.bisect_left(ordered, _month_start_us(year, month))
+                < bisect.bisect_left(ordered, _month_start_us(year, month + 1))
+            ]
+        await self.ensure(months)
 
     async def ensure(self, months: Iterable[tuple[int, int]]) -> None:
         wanted = set()

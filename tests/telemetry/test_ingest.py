@@ -595,3 +595,38 @@ async def test_a_register_meters_last_interval_is_known_from_its_reading_at_the_
     )
     ack = await setup.ingest([interval(profile, quarter(n), 5.0) for n in (3, 4)])
     assert [(r.index, r.reason) for r in ack.rejected] == [(1, R.REJECT_REASON_OUTSIDE_METER_DATES)]
+
+
+async def _reading_partitions(service: Service) -> set[str]:
+    assert service.pool is not None
+    rows = await service.pool.fetch(
+        """
+        SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+        WHERE i.inhparent = 'readings'::regclass
+        """
+    )
+    return {row["relname"] for row in rows}
+
+
+async def test_a_batch_years_apart_makes_the_partitions_of_its_months_only(
+    setup: Setup, service: Service
+) -> None:
+    meter = await setup.meter(start_date=stamp(datetime(1993, 1, 1, tzinfo=UTC)))
+    before = await _reading_partitions(service)
+    ack = await setup.ingest(
+        [
+            register(meter, datetime(1993, 3, 10, 12, 0, tzinfo=UTC), 100.0),
+            register(meter, datetime(1993, 4, 10, 12, 0, tzinfo=UTC), 150.0),
+            register(meter, datetime(1997, 8, 20, 6, 15, tzinfo=UTC), 200.0),
+        ]
+    )
+    assert (ack.accepted_count, ack.rejected_count) == (3, 0)
+    after = await _reading_partitions(service)
+    months = {"readings_p199303", "readings_p199304", "readings_p199708"}
+    assert months <= after
+    # None of the 50 months between (another test may have made some of them before).
+    assert after - before <= months
+    listed = await setup.list(
+        meter.id, datetime(1997, 8, 1, tzinfo=UTC), datetime(1997, 8, 31, tzinfo=UTC)
+    )
+    assert [r.register_wh for r in listed.readings] == [200.0]
