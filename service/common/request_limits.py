@@ -15,6 +15,7 @@ domain rules) would hold the event loop, and every other call of the replica, fo
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -74,20 +75,11 @@ def check_request(message: Message) -> None:
 @functools.cache
 def _has_repeated(descriptor: Descriptor) -> bool:
     """Whether a message of this type can hold a repeated field to count (cached per type)."""
-    return _reaches_repeated(descriptor, frozenset())
+    return _reaches(descriptor, _is_repeated, frozenset())
 
 
-def _reaches_repeated(descriptor: Descriptor, seen: frozenset[str]) -> bool:
-    seen = seen | {descriptor.full_name}
-    for field in descriptor.fields:
-        if field.full_name in CHECKED_BY_HANDLER:
-            continue
-        if field.is_repeated:
-            return True
-        nested = field.message_type
-        if nested is not None and (nested.full_name in seen or _reaches_repeated(nested, seen)):
-            return True
-    return False
+def _is_repeated(field: FieldDescriptor) -> bool:
+    return bool(field.is_repeated)
 
 
 def _check_counts(message: Message, prefix: str, out: list[FieldViolation]) -> None:
@@ -113,20 +105,28 @@ def _check_counts(message: Message, prefix: str, out: list[FieldViolation]) -> N
 @functools.cache
 def _needs_check(descriptor: Descriptor) -> bool:
     """Whether a message of this type can hold anything to check (cached per type)."""
-    return _reaches_checked(descriptor, frozenset())
+    return descriptor.full_name in _TIME_TYPES or _reaches(descriptor, _is_checked, frozenset())
 
 
-def _reaches_checked(descriptor: Descriptor, seen: frozenset[str]) -> bool:
-    if descriptor.full_name in _TIME_TYPES:
-        return True
+def _is_checked(field: FieldDescriptor) -> bool:
+    return field.type == _STRING or (
+        field.message_type is not None and field.message_type.full_name in _TIME_TYPES
+    )
+
+
+def _reaches(
+    descriptor: Descriptor, wanted: Callable[[FieldDescriptor], bool], seen: frozenset[str]
+) -> bool:
+    """Whether a message of this type, or one nested in it, has a field ``wanted`` is true
+    for (the fields of CHECKED_BY_HANDLER aside); a recursive type counts as having one."""
     seen = seen | {descriptor.full_name}
     for field in descriptor.fields:
         if field.full_name in CHECKED_BY_HANDLER:
             continue
-        if field.type == _STRING:
+        if wanted(field):
             return True
         nested = field.message_type
-        if nested is not None and (nested.full_name in seen or _reaches_checked(nested, seen)):
+        if nested is not None and (nested.full_name in seen or _reaches(nested, wanted, seen)):
             return True
     return False
 
