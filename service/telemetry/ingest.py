@@ -143,10 +143,32 @@ class WriteTurn:
 
     def finish_with(self, task: asyncio.Task[Any]) -> None:
         """Lets the batches after this one write once ``task`` (the batch's ingest) ends,
-        however it ends (also cancelled before it ran)."""
-        task.add_done_callback(self._finish)
+        however it ends (also cancelled before it ran), and the batches this one was to
+        write after have finished too.
 
-    def _finish(self, _task: asyncio.Task[Any]) -> None:
+        The second condition makes the order transitive: a later batch waits only for the
+        latest earlier one naming its meter, and that one may end without having waited
+        (all its readings rejected, a failure before its write). Its end alone would let
+        the later batch overtake a still earlier one held up in its transaction.
+        """
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, _task: asyncio.Task[Any]) -> None:
+        waiting = [earlier for earlier in self.after if not earlier.done()]
+        if not waiting:
+            self._finish()
+            return
+        remaining = [len(waiting)]
+
+        def earlier_done(_earlier: asyncio.Future[None]) -> None:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                self._finish()
+
+        for earlier in waiting:
+            earlier.add_done_callback(earlier_done)
+
+    def _finish(self) -> None:
         self.finished.set_result(None)
         self._order._forget(self)
 

@@ -135,6 +135,38 @@ async def test_a_later_batch_on_a_stream_is_not_overwritten_by_an_earlier_one_he
     assert [(a.accepted_count, a.corrected_count) for a in acks] == [(2, 0), (0, 1), (96, 0)]
 
 
+async def test_a_batch_whose_readings_are_all_rejected_keeps_the_write_order(
+    setup: Setup, service: Service
+) -> None:
+    # The second batch names the meter but has nothing to write: the third, which waits
+    # for it, must still write after the first.
+    assert service.pool is not None
+    held = await setup.meter()
+    profile = await setup.meter(measuring=mpb.MEASURING_LOAD_PROFILE_ACCURATE)
+    call = setup.telemetry.StreamReadings(metadata=setup.org.auth)
+    async with service.pool.acquire() as conn:
+        holding = conn.transaction()
+        await holding.start()
+        await conn.execute("SELECT FROM meters WHERE id = $1 FOR UPDATE", uuid.UUID(held.id))
+        await call.write(
+            batch("first", [register(held, quarter(0), 1.0), interval(profile, quarter(0), 100.0)])
+        )
+        await wait_until_blocked(conn, 1)
+        await call.write(batch("refused", [interval(profile, quarter(1), -1.0)]))
+        await call.write(batch("later", [interval(profile, quarter(0), 90.0)]))
+        # Time for the later batch to commit if it did not wait; the first one's older value
+        # would then overwrite it.
+        await asyncio.sleep(0.5)
+        assert await stored_value(service, profile, quarter(0)) is None
+        await holding.rollback()
+    acks = [await asyncio.wait_for(read_ack(call), 10) for _ in range(3)]
+    await call.done_writing()
+    assert [a.batch_id for a in acks] == ["first", "refused", "later"]
+    assert {r.index: r.reason for r in acks[1].rejected} == {0: R.REJECT_REASON_NEGATIVE_VALUE}
+    assert [(a.accepted_count, a.corrected_count) for a in acks] == [(2, 0), (0, 0), (0, 1)]
+    assert await stored_value(service, profile, quarter(0)) == 90.0
+
+
 @EACH_KIND_OF_METER
 async def test_a_site_deleted_while_a_batch_of_its_meter_is_in_flight_is_deleted(
     setup: Setup, service: Service, measuring: int, reading: ReadingOf
