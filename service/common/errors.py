@@ -90,6 +90,11 @@ class FailedPreconditionError(DomainError):
         self.precondition_type = precondition_type
 
 
+class ConcurrentChangeError(Exception):
+    """What a call read kept changing under it; nothing of the call was written, and the
+    same call again normally succeeds (ABORTED, like a serialization failure)."""
+
+
 class MalformedRequestError(DomainError):
     """The request bytes are not an encoding of the method's request message."""
 

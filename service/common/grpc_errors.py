@@ -13,6 +13,7 @@ from grpc_status import rpc_status
 
 from service.common.errors import (
     AlreadyExistsError,
+    ConcurrentChangeError,
     DomainError,
     FailedPreconditionError,
     FieldViolation,
@@ -41,6 +42,7 @@ DATABASE_UNAVAILABLE = (
 CONCURRENT_CONFLICT = (
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.SerializationError,
+    ConcurrentChangeError,
 )
 
 

@@ -8,13 +8,15 @@ lost. One batch is one transaction:
 1. every reading is validated against its meter's cached context (``validate_batch``);
 2. the months it touches have partitions;
 3. in one transaction: the batch's meters are locked (a meter deleted since it was cached
-   is found gone), register meters are checked against their stored neighbours (a register
-   may never go backwards), interval groups with nothing stored are found, and the rows are
-   written (:func:`service.telemetry.store.write_rows`);
+   is found gone, one whose dates or site grid changed is found changed), register meters
+   are checked against their stored neighbours (a register may never go backwards),
+   interval groups with nothing stored are found, and the rows are written
+   (:func:`service.telemetry.store.write_rows`);
 4. a conflict with a concurrent writer is retried, at most three attempts: a unique
    violation on the plain-COPY path (someone stored keys we took for new) retries through
    the upsert; a deadlock or serialization failure retries the whole transaction;
-5. a batch naming meters found gone rolls back and is validated again without them.
+5. a batch naming meters found gone or changed rolls back and is validated again without
+   them or on their new context.
 
 On a stream, batches are validated concurrently, but a batch's write (step 3 on) waits for
 the earlier batches of the stream that name one of its meters (:class:`StreamWriteOrder`).
@@ -34,7 +36,7 @@ from uuid import UUID
 
 import asyncpg
 
-from service.common.errors import NotFoundError, ValidationError
+from service.common.errors import ConcurrentChangeError, NotFoundError, ValidationError
 from service.config import Settings
 from service.events.channels import METER_CHANGED_CHANNEL, SITE_EVENTS_CHANNEL
 from service.events.hub import EventHub
@@ -46,6 +48,7 @@ from service.telemetry.store import (
     MeterCache,
     Partitions,
     Row,
+    context_changed,
     lock_meters,
     stored_neighbours,
     unoccupied,
@@ -81,6 +84,15 @@ class MetersGoneError(Exception):
 
     def __init__(self, meter_ids: set[UUID]) -> None:
         super().__init__(f"{len(meter_ids)} meters of the batch were deleted")
+        self.meter_ids = meter_ids
+
+
+class MetersChangedError(Exception):
+    """Meters of a batch were validated on a cached context (dates, site grid) that an
+    update has changed since; raised inside its transaction, which rolls back."""
+
+    def __init__(self, meter_ids: set[UUID]) -> None:
+        super().__init__(f"{len(meter_ids)} meters of the batch changed since they were cached")
         self.meter_ids = meter_ids
 
 
@@ -231,9 +243,21 @@ class Ingest:
         """
         gone: set[UUID] = set()
         site_retried = False
+        changes_met = 0
         while True:
             try:
                 return await self._ingest_once(org_id, readings, gone, turn)
+            except MetersChangedError as error:
+                # Updated after they were cached (the NOTIFY not yet seen here): judged
+                # again on what is stored now, as if the batch had come after the update
+                # (which it did, if its client waited for the update's answer). The meters
+                # are locked once found, so only an update in the moment between loading
+                # and locking them changes them again.
+                changes_met += 1
+                if changes_met == _ATTEMPTS:
+                    raise ConcurrentChangeError(str(error)) from None
+                log.info("ingest met meters updated meanwhile; validating the batch again")
+                self.meters.forget_meters(str(org_id), error.meter_ids)
             except MetersGoneError as error:
                 # Meters of the batch were deleted after they were cached (the NOTIFY not
                 # yet seen here): the batch rolled back before writing. Judged again without
@@ -317,25 +341,39 @@ class Ingest:
     async def _write_once(
         self, org_id: OrgId, checked: ValidatedBatch, optimistic: bool
     ) -> tuple[int, int, int, list[tuple[int, RejectReason]]]:
+        by_id = {info.id: info for info in checked.row_meter}
         async with self._pool.acquire() as conn, conn.transaction():
-            await self._lock_meters(conn, checked)
+            await self._lock_meters(conn, org_id, checked, by_id)
             rows, register_rejects, fresh = await self._register_check(conn, checked)
             fresh += await self._fresh_intervals(conn, checked)
             inserted = updated = 0
             if rows:
-                by_id = {info.id: info for info in checked.row_meter}
                 result = await write_rows(conn, org_id, rows, by_id, fresh if optimistic else ())
                 inserted, updated = result.inserted, result.updated
         return len(rows), inserted, updated, register_rejects
 
-    async def _lock_meters(self, conn: asyncpg.Connection, checked: ValidatedBatch) -> None:
-        """Holds the batch's meters until COMMIT; MetersGoneError when some were deleted."""
+    async def _lock_meters(
+        self,
+        conn: asyncpg.Connection,
+        org_id: OrgId,
+        checked: ValidatedBatch,
+        validated_on: dict[UUID, MeterInfo],
+    ) -> None:
+        """Holds the batch's meters until COMMIT; MetersGoneError when some were deleted,
+        MetersChangedError when some were validated on a context no longer theirs."""
         registers = {meter_id for meter_id, _ in checked.registers}
         # A meter is locked once, the stronger way if it is in both.
         profiles = {meter_id for meter_id, _ in checked.intervals} - registers
-        present = await lock_meters(conn, list(registers), list(profiles))
+        present = await lock_meters(conn, org_id, list(registers), list(profiles))
         if len(present) < len(registers) + len(profiles):
-            raise MetersGoneError((registers | profiles) - present)
+            raise MetersGoneError((registers | profiles) - present.keys())
+        changed = {
+            meter_id
+            for meter_id, locked in present.items()
+            if context_changed(validated_on[meter_id], locked)
+        }
+        if changed:
+            raise MetersChangedError(changed)
 
     async def _fresh_intervals(
         self, conn: asyncpg.Connection, checked: ValidatedBatch

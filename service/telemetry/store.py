@@ -35,7 +35,7 @@ from service.grid import parse_resolution
 from service.identifiers.ids import MeterId, OrgId, SiteId
 from service.telemetry.domain import affected_intervals
 from service.telemetry.meter_store import MeterRecord
-from service.telemetry.validate import MeterInfo, from_us, meter_info
+from service.telemetry.validate import MeterInfo, from_us, meter_info, to_us
 
 log = logging.getLogger(__name__)
 
@@ -351,27 +351,35 @@ def _queue_ranges(
 # register locks are the only ones two batches can conflict on, so their order alone keeps
 # batches from deadlocking on each other.
 # In the order of service.db.lock_order: registers, then load profiles, by id in each.
+# With what validation read of each meter: the batch was validated on cached contexts.
 _LOCK_METERS = """
 WITH registers AS (
-    SELECT id FROM meters WHERE id = ANY($1::uuid[]) ORDER BY id FOR NO KEY UPDATE
+    SELECT id, site_id, start_date, end_date FROM meters
+    WHERE id = ANY($1::uuid[]) AND org_id = $3 ORDER BY id FOR NO KEY UPDATE
 ), profiles AS (
-    SELECT id FROM meters WHERE id = ANY($2::uuid[]) ORDER BY id FOR KEY SHARE
+    SELECT id, site_id, start_date, end_date FROM meters
+    WHERE id = ANY($2::uuid[]) AND org_id = $3 ORDER BY id FOR KEY SHARE
+), locked AS (
+    SELECT * FROM registers UNION ALL SELECT * FROM profiles
 )
-SELECT id FROM registers UNION ALL SELECT id FROM profiles
+SELECT l.id, l.start_date, l.end_date, s.timezone, s.balance_resolution
+FROM locked l JOIN sites s ON s.id = l.site_id
 """
 
 
 async def lock_meters(
-    conn: asyncpg.Connection, register_ids: list[UUID], profile_ids: list[UUID]
-) -> set[UUID]:
-    """Locks the batch's meters until this transaction ends; the ids of those that exist.
+    conn: asyncpg.Connection, org_id: OrgId, register_ids: list[UUID], profile_ids: list[UUID]
+) -> dict[UUID, asyncpg.Record]:
+    """Locks the batch's meters until this transaction ends; those that exist, each with
+    its dates (``start_date``, ``end_date``) and its site's ``timezone`` and
+    ``balance_resolution`` as they are now (see :func:`context_changed`).
 
     ``readings`` has no foreign key to ``meters`` (migration 0005), so nothing else stops a
     batch validated on a cached meter from storing readings of a meter deleted meanwhile:
     they would outlive the meter's deletion, which has already removed its readings. Every
     meter is held FOR KEY SHARE (what a foreign key would take), which waits for a deletion
-    in progress and then finds the meter gone; and a meter held so cannot be deleted before
-    this batch commits.
+    in progress and then finds the meter gone; and a meter held so cannot be deleted or
+    updated before this batch commits.
 
     Register meters are held FOR NO KEY UPDATE instead, which serializes register checks per
     meter: each batch checks its register values against what is stored, and two batches of
@@ -380,8 +388,20 @@ async def lock_meters(
     values. Row locks on the meters rather than advisory locks: a batch may name thousands
     of meters, and advisory locks live in a shared table of bounded size.
     """
-    rows = await conn.fetch(_LOCK_METERS, register_ids, profile_ids)
-    return {row[0] for row in rows}
+    rows = await conn.fetch(_LOCK_METERS, register_ids, profile_ids, org_id)
+    return {row[0]: row for row in rows}
+
+
+def context_changed(info: MeterInfo, locked: asyncpg.Record) -> bool:
+    """Whether what validation read of a meter (``info``, cached) differs from the meter
+    as :func:`lock_meters` found it: its dates, or its site's grid."""
+    end = locked[2]
+    return (
+        to_us(locked[1]) != info.start_us
+        or (None if end is None else to_us(end)) != info.end_us
+        or locked[3] != info.timezone.key
+        or locked[4] != info.resolution.iso
+    )
 
 
 Group = tuple[UUID, int, int, int]

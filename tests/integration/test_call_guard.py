@@ -19,7 +19,7 @@ from service.app import Service
 from service.auth.authenticator import Authenticator
 from service.auth.principal import Role, current_principal
 from service.auth.store import IdentityStore
-from service.common.errors import NotFoundError
+from service.common.errors import ConcurrentChangeError, NotFoundError
 from service.edge.call_guard import CallGuard
 from tests.conftest import MakeOrg
 from tests.helpers import rpc_error
@@ -27,7 +27,7 @@ from tests.helpers import rpc_error
 SERVICE = "openvpp.test.Guarded"
 ROLES = {
     f"/{SERVICE}/{name}": frozenset({Role.PARTNER})
-    for name in ("Ok", "Missing", "Broken", "Crowded", "Misencoded")
+    for name in ("Ok", "Missing", "Broken", "Crowded", "Misencoded", "Changing")
 }
 
 
@@ -46,6 +46,11 @@ async def _broken(request: pb.GetSiteRequest, _context: Any) -> pb.GetSiteReques
 async def _crowded(request: pb.GetSiteRequest, _context: Any) -> pb.GetSiteRequest:
     # What asyncpg raises when PostgreSQL is at max_connections (SQLSTATE 53300).
     raise asyncpg.exceptions.TooManyConnectionsError("sorry, too many clients already")
+
+
+async def _changing(request: pb.GetSiteRequest, _context: Any) -> pb.GetSiteRequest:
+    # What a readings batch raises when its meters changed under it round after round.
+    raise ConcurrentChangeError("3 meters of the batch changed since they were cached")
 
 
 @pytest.fixture
@@ -78,6 +83,7 @@ async def traced(service: Service) -> AsyncIterator[tuple[grpc.aio.Channel, InMe
             ("Broken", _broken),
             ("Crowded", _crowded),
             ("Misencoded", misencoded),
+            ("Changing", _changing),
         )
     }
     server = grpc.aio.server()
@@ -217,3 +223,17 @@ async def test_an_argument_the_driver_cannot_encode_is_a_bug_not_an_outage(
     # guard counts as the database being away).
     assert [r.exc_info[0] for r in guard_records if r.exc_info] == [asyncpg.DataError]
     assert not [r for r in guard_records if "unavailable" in r.getMessage()]
+
+
+async def test_what_kept_changing_under_a_call_is_aborted_for_a_retry_not_a_bug(
+    traced: tuple[grpc.aio.Channel, InMemorySpanExporter],
+    make_org: MakeOrg,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    channel, _ = traced
+    org = await make_org(Role.PARTNER)
+    caplog.set_level(logging.INFO, "service.edge.call_guard")
+    error = await rpc_error(_method(channel, "Changing")(pb.GetSiteRequest(), metadata=org.auth))
+    assert error.code() is grpc.StatusCode.ABORTED
+    assert error.details() == "conflicting concurrent change; retry the call"
+    assert not [r for r in caplog.records if r.name == "service.edge.call_guard" and r.exc_info]

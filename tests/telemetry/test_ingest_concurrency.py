@@ -217,3 +217,41 @@ async def test_a_correction_after_a_rolled_back_one_on_the_same_connection_is_st
         async with conn.transaction():
             assert await upsert_staged_rows(conn, correction, ingest_id=2) == (0, 1)
     assert await stored_value(service, meter, quarter(0)) == 2.0
+
+
+# Each change is made in SQL, with no NOTIFY: the cache has not heard of it yet, as on a
+# replica whose NOTIFY is still on its way when the batch comes in.
+@EACH_KIND_OF_METER
+async def test_a_batch_is_judged_on_the_meter_dates_an_update_committed_meanwhile(
+    setup: Setup, service: Service, measuring: int, reading: ReadingOf
+) -> None:
+    assert service.pool is not None
+    meter = await setup.meter(measuring=measuring)
+    assert (await setup.ingest([reading(meter, quarter(0), 1.0)])).accepted_count == 1
+    await service.pool.execute(
+        "UPDATE meters SET end_date = $2, updated_at = clock_timestamp() WHERE id = $1",
+        uuid.UUID(meter.id),
+        quarter(4),
+    )
+    ack = await setup.ingest([reading(meter, quarter(2), 2.0), reading(meter, quarter(6), 3.0)])
+    assert {r.index: r.reason for r in ack.rejected} == {1: R.REJECT_REASON_OUTSIDE_METER_DATES}
+    assert ack.accepted_count == 1
+    assert await stored_value(service, meter, quarter(2)) == 2.0
+    assert await stored_value(service, meter, quarter(6)) is None
+
+
+async def test_a_batch_is_judged_on_the_site_grid_an_update_committed_meanwhile(
+    setup: Setup, service: Service
+) -> None:
+    assert service.pool is not None
+    meter = await setup.meter(measuring=mpb.MEASURING_LOAD_PROFILE_ACCURATE)
+    assert (await setup.ingest([interval(meter, quarter(0), 1.0)])).accepted_count == 1
+    await service.pool.execute(
+        "UPDATE sites SET balance_resolution = 'PT1H', updated_at = clock_timestamp()"
+        " WHERE id = $1",
+        uuid.UUID(setup.site.id),
+    )
+    ack = await setup.ingest([interval(meter, quarter(4), 2.0), interval(meter, quarter(5), 3.0)])
+    assert {r.index: r.reason for r in ack.rejected} == {1: R.REJECT_REASON_NOT_ON_GRID}
+    assert await stored_value(service, meter, quarter(4)) == 2.0
+    assert await stored_value(service, meter, quarter(5)) is None
