@@ -35,7 +35,7 @@ from service.grid import parse_resolution
 from service.identifiers.ids import MeterId, OrgId, SiteId
 from service.telemetry.domain import affected_intervals
 from service.telemetry.meter_store import MeterRecord
-from service.telemetry.validate import MeterInfo, from_us, meter_info, to_us
+from service.telemetry.validate import MeterInfo, from_us, meter_info
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +362,8 @@ WITH registers AS (
 ), locked AS (
     SELECT * FROM registers UNION ALL SELECT * FROM profiles
 )
-SELECT l.id, l.start_date, l.end_date, s.timezone, s.balance_resolution
+SELECT l.id, (extract(epoch FROM l.start_date) * 1000000)::bigint,
+       (extract(epoch FROM l.end_date) * 1000000)::bigint, s.timezone, s.balance_resolution
 FROM locked l JOIN sites s ON s.id = l.site_id
 """
 
@@ -371,8 +372,8 @@ async def lock_meters(
     conn: asyncpg.Connection, org_id: OrgId, register_ids: list[UUID], profile_ids: list[UUID]
 ) -> dict[UUID, asyncpg.Record]:
     """Locks the batch's meters until this transaction ends; those that exist, each with
-    its dates (``start_date``, ``end_date``) and its site's ``timezone`` and
-    ``balance_resolution`` as they are now (see :func:`context_changed`).
+    its dates (epoch µs) and its site's ``timezone`` and ``balance_resolution`` as they are
+    now (see :func:`context_changed`).
 
     ``readings`` has no foreign key to ``meters`` (migration 0005), so nothing else stops a
     batch validated on a cached meter from storing readings of a meter deleted meanwhile:
@@ -395,10 +396,9 @@ async def lock_meters(
 def context_changed(info: MeterInfo, locked: asyncpg.Record) -> bool:
     """Whether what validation read of a meter (``info``, cached) differs from the meter
     as :func:`lock_meters` found it: its dates, or its site's grid."""
-    end = locked[2]
-    return (
-        to_us(locked[1]) != info.start_us
-        or (None if end is None else to_us(end)) != info.end_us
+    return bool(
+        locked[1] != info.start_us
+        or locked[2] != info.end_us
         or locked[3] != info.timezone.key
         or locked[4] != info.resolution.iso
     )

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from service.app import Service
 from service.telemetry.energy import FLOW_IMPORT
 from service.telemetry.store import upsert_staged_rows
 from tests.helpers import eventually, wait_until_blocked
-from tests.telemetry.conftest import Setup, interval, quarter, register
+from tests.telemetry.conftest import METER_START, Setup, interval, quarter, register
 
 R = tpb.RejectReason
 
@@ -255,3 +256,23 @@ async def test_a_batch_is_judged_on_the_site_grid_an_update_committed_meanwhile(
     assert {r.index: r.reason for r in ack.rejected} == {1: R.REJECT_REASON_NOT_ON_GRID}
     assert await stored_value(service, meter, quarter(4)) == 2.0
     assert await stored_value(service, meter, quarter(5)) is None
+
+
+async def test_a_meter_dated_to_the_microsecond_is_not_taken_for_changed(
+    setup: Setup, service: Service, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert service.pool is not None
+    meter = await setup.meter(measuring=mpb.MEASURING_LOAD_PROFILE_ACCURATE)
+    await service.pool.execute(
+        "UPDATE meters SET start_date = $2, end_date = $3 WHERE id = $1",
+        uuid.UUID(meter.id),
+        METER_START + timedelta(microseconds=123_457),
+        quarter(40) + timedelta(microseconds=999_999),
+    )
+    # Loaded into the cache fresh, then compared with what the lock reads.
+    assert service.telemetry_servicer is not None
+    service.telemetry_servicer.ingest.meters.forget_all()
+    caplog.set_level(logging.INFO, "service.telemetry.ingest")
+    ack = await setup.ingest([interval(meter, quarter(n), 1.0) for n in range(3)])
+    assert ack.accepted_count == 3
+    assert "updated meanwhile" not in caplog.text
