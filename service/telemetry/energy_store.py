@@ -285,7 +285,7 @@ async def meter_readings(
     bounds = grid_bounds_us(meter.resolution, meter.timezone, start, end)
     # A register at the end of the last interval is needed to difference it.
     upper = from_epoch_us(int(bounds[-1])) if len(bounds) else end
-    rows = await fetch_range(pool, MeterId(meter.id), start, upper)
+    rows = await fetch_range(pool, OrgId(meter.org_id), MeterId(meter.id), start, upper)
     columns = MeterColumns.of(
         [
             meter_column(

@@ -670,16 +670,24 @@ async def fetch_ingested(
 
 
 async def fetch_range(
-    pool: asyncpg.Pool, meter_id: MeterId, first: datetime, last_inclusive: datetime
+    pool: asyncpg.Pool,
+    org_id: OrgId,
+    meter_id: MeterId,
+    first: datetime,
+    last_inclusive: datetime,
 ) -> list[asyncpg.Record]:
+    """The stored readings of one of ``org_id``'s meters in [first, last_inclusive]."""
     rows: list[asyncpg.Record] = await pool.fetch(
         """
         SELECT flow, ts, value_wh FROM readings
-        WHERE meter_id = $1 AND ts >= $2 AND ts <= $3 ORDER BY flow, ts
+        WHERE meter_id = $1 AND ts >= $2 AND ts <= $3
+          AND EXISTS (SELECT 1 FROM meters WHERE id = $1 AND org_id = $4)
+        ORDER BY flow, ts
         """,
         meter_id,
         first,
         last_inclusive,
+        org_id,
     )
     return rows
 

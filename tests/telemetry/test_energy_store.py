@@ -18,9 +18,10 @@ from service.app import Service
 from service.common.errors import NotFoundError
 from service.grid import PT15M
 from service.grid.arrays import to_epoch_us
-from service.identifiers.ids import MeterId
+from service.identifiers.ids import MeterId, OrgId
 from service.telemetry import energy_store
 from service.telemetry.energy_store import site_interval_energy
+from service.telemetry.store import fetch_range
 from tests.conftest import Org
 from tests.telemetry.conftest import interval, make_setup, register, stamp
 from tests.unit.reference_rules import RegisterPoint, registers_to_intervals
@@ -175,3 +176,24 @@ def _expected(
         elif start in known:
             result[index] = known[start]
     return result
+
+
+async def test_a_meters_readings_are_read_only_in_its_own_organization(
+    partner: Org,
+    other_partner: Org,
+    registry: site_registry_pb2_grpc.SiteRegistryAsyncStub,
+    meters: meter_registry_pb2_grpc.MeterRegistryAsyncStub,
+    telemetry: telemetry_pb2_grpc.TelemetryAsyncStub,
+    service: Service,
+) -> None:
+    assert service.pool is not None
+    setup = await make_setup(partner, registry, meters, telemetry)
+    meter = await setup.meter(
+        measuring=mpb.MEASURING_LOAD_PROFILE_ACCURATE, start_date=stamp(START)
+    )
+    at = START + timedelta(minutes=15)
+    assert (await setup.ingest([interval(meter, at, 7.0)])).accepted_count == 1
+    meter_id = MeterId(_uuid(meter.id))
+    own = await fetch_range(service.pool, OrgId(partner.id), meter_id, START, END)
+    assert [(row["ts"], row["value_wh"]) for row in own] == [(at, 7.0)]
+    assert await fetch_range(service.pool, OrgId(other_partner.id), meter_id, START, END) == []
