@@ -102,8 +102,20 @@ class _Plan:
 
 
 async def rebalance(
-    conn: asyncpg.Connection, site: SiteInfo, ranges: Iterable[TimeRange]
+    conn: asyncpg.Connection,
+    site: SiteInfo,
+    ranges: Iterable[TimeRange],
+    *,
+    overlapping: bool = False,
 ) -> RebalanceResult:
+    """Re-balances the site's intervals that start in ``ranges`` (``RunBalancing``'s
+    rule), or with ``overlapping`` every interval a range overlaps.
+
+    The queue's ranges are re-balanced by overlap: a range queued on a grid other than the
+    site's current one (a replica's cached grid stale after UpdateSite) or clipped to a
+    settings range that starts inside an interval may hold no interval start, and by the
+    start rule would re-balance nothing while its queue row is deleted.
+    """
     merged = merge_ranges(ranges)
     if not merged:
         return RebalanceResult()
@@ -136,7 +148,9 @@ async def rebalance(
     # finished chunk's blocks are written once its allocation is done.
     computing: tuple[asyncio.Future[RebalanceResult], _Chunk] | None = None
     for chunk in chunks:
-        planned = await _plan_chunk(conn, site, chunk, touched, settings, policies, meters)
+        planned = await _plan_chunk(
+            conn, site, chunk, touched, settings, policies, meters, overlapping
+        )
         if computing is not None:
             await _finish(conn, site, computing, result)
         computing = (asyncio.ensure_future(asyncio.to_thread(_compute, planned)), planned)
@@ -220,6 +234,7 @@ async def _plan_chunk(
     settings: Sequence[Setting],
     policies: Sequence[Policy],
     meters: dict[UUID, MeterRow],
+    overlapping: bool,
 ) -> _Chunk:
     """The blocks of ``chunk`` to re-balance (stored ones reused when their layout holds),
     the stored blocks to remove, and the energy of their intervals: the database part."""
@@ -257,7 +272,10 @@ async def _plan_chunk(
         ends = np.append(grid[1:], np.int64(to_us(block_end)))
         wanted = np.zeros(len(grid), dtype=np.bool_)
         for start, end in block_ranges:
-            wanted |= (grid >= to_us(start)) & (grid < to_us(end))
+            if overlapping:
+                wanted |= (grid < to_us(end)) & (ends > to_us(start))
+            else:
+                wanted |= (grid >= to_us(start)) & (grid < to_us(end))
         rows = np.flatnonzero(wanted)
         if len(rows) == 0:
             continue

@@ -183,7 +183,7 @@ class BalancingQueueConsumer:
         ranges = [(row["interval_start"], row["interval_end"]) for row in rows]
         result = RebalanceResult()
         if site is not None:
-            result = await rebalance(conn, site, ranges)
+            result = await rebalance(conn, site, ranges, overlapping=True)
             await publish(conn, site, result)
         await conn.execute(
             "DELETE FROM balancing_queue WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]

@@ -18,6 +18,7 @@ from openvpp.v1 import meter_registry_pb2 as mpb
 
 from service.app import Service
 from service.balancing.worker import BalancingQueueConsumer
+from service.db.balancing_queue import enqueue_balancing
 from tests.balancing.conftest import Community, by_pair, community_site_request, drain, stamp
 from tests.conftest import test_settings as server_settings
 
@@ -272,3 +273,32 @@ async def test_the_worker_wakes_on_ingest_and_watch_balances_streams_the_commit(
         metadata=community.org.auth,
     )
     assert (response.balanced_intervals, response.incomplete_intervals) == (4, 4)
+
+
+async def test_a_queued_range_holding_no_interval_start_rebalances_the_intervals_it_overlaps(
+    community: Community, consumer: BalancingQueueConsumer, pool: asyncpg.Pool
+) -> None:
+    # Queued by a replica whose cached grid was stale, or clipped to a settings range that
+    # starts inside an interval: the interval it lies in is still to be re-balanced.
+    home, pv = await small_site(community)
+    await drain(consumer)
+    await community.profile(pv, DAY, [10])
+    site_id = UUID(community.site.id)
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("DELETE FROM balancing_queue WHERE site_id = $1", site_id)
+        await enqueue_balancing(
+            conn,
+            community.org.id,
+            [(site_id, DAY + timedelta(minutes=5), DAY + timedelta(minutes=10))],
+        )
+    assert await drain(consumer) == 1
+    cells = by_pair(
+        await community.balances(
+            site_id=community.site.id,
+            interval="PT15M",
+            start_time=stamp(DAY),
+            end_time=stamp(DAY + 4 * Q),
+        )
+    )
+    assert cells[(DAY, pv.id, home.id)] == 10
+    assert cells[(DAY + Q, pv.id, home.id)] == 30
