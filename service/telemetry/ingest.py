@@ -19,7 +19,8 @@ lost. One batch is one transaction:
    them or on their new context.
 
 On a stream, batches are validated concurrently, but a batch's write (step 3 on) waits for
-the earlier batches of the stream that name one of its meters (:class:`StreamWriteOrder`).
+the batches that arrived before it naming one of its meters, on this stream or another
+(:class:`WriteOrder`).
 """
 
 from __future__ import annotations
@@ -96,55 +97,61 @@ class MetersChangedError(Exception):
         self.meter_ids = meter_ids
 
 
-class StreamWriteOrder:
-    """The order of the writes of one stream's batches: a batch writes only once every
-    earlier batch of the stream naming one of its meters has finished (committed or failed).
+class WriteOrder:
+    """The order of the writes of the server's stream batches: a batch writes only once
+    every batch of its organization that arrived before it naming one of its meters has
+    finished (committed or failed).
 
     A stream's batches run concurrently, each in its own transaction. Without an order, a
     batch held up in its transaction (another writer holding one of its meters) could
     commit after a later batch of the stream and "correct" a key back to its older value:
-    the value the client sent last would be lost while both acks report success. Ordering
-    by meter rather than by batch keeps batches with no meter in common writing in parallel
-    (as in the benchmark's default layout, where consecutive batches name other meters).
+    the value the client sent last would be lost while both acks report success. The same
+    goes for a batch whose stream broke before its ack: it still runs to its commit, while
+    the client, reconnected, sends its later values on a new stream. So the order is one
+    per server rather than per stream, and kept per (organization, meter): another
+    organization naming a meter id cannot hold up its owner's batches. Ordering by meter
+    rather than by batch keeps batches with no meter in common writing in parallel (as in
+    the benchmark's default layout, where consecutive batches name other meters).
 
     A batch waits before it takes a connection and holds no transaction or lock while it
-    waits, and only for earlier batches, so the wait can deadlock neither with the database
-    nor with other batches.
+    waits, and only for batches that arrived before it, so the wait can deadlock neither
+    with the database nor with other batches. Another replica's batches are not ordered
+    with these: a client that reconnects elsewhere while its old batch is held up races it.
     """
 
     def __init__(self) -> None:
-        # Meter -> the turn of the latest batch naming it that has not finished yet.
-        self._latest: dict[UUID, WriteTurn] = {}
+        # (Organization, meter) -> the turn of the latest batch naming it not yet finished.
+        self._latest: dict[tuple[str, UUID], WriteTurn] = {}
 
-    def enter(self, readings: Sequence[Any]) -> WriteTurn:
-        """The turn of the stream's next batch; called for the batches in stream order."""
-        meter_ids: set[UUID] = set()
+    def enter(self, org_id: str, readings: Sequence[Any]) -> WriteTurn:
+        """The turn of a batch of ``org_id``'s; called for a stream's batches in order."""
+        keys: set[tuple[str, UUID]] = set()
         for text in {r.meter_id for r in readings}:
             # Not a UUID: UNKNOWN_METER, never written. Parsed, every spelling of an id is
             # one meter.
             with contextlib.suppress(ValueError):
-                meter_ids.add(UUID(text))
-        turn = WriteTurn(self, meter_ids)
-        for meter_id in meter_ids:
-            earlier = self._latest.get(meter_id)
+                keys.add((org_id, UUID(text)))
+        turn = WriteTurn(self, keys)
+        for key in keys:
+            earlier = self._latest.get(key)
             if earlier is not None:
                 turn.after.add(earlier.finished)
-            self._latest[meter_id] = turn
+            self._latest[key] = turn
         return turn
 
     def _forget(self, turn: WriteTurn) -> None:
-        # Bounded by the meters of the batches in flight, not by those the stream ever sent.
-        for meter_id in turn.meter_ids:
-            if self._latest.get(meter_id) is turn:
-                del self._latest[meter_id]
+        # Bounded by the meters of the batches in flight, not by those ever sent.
+        for key in turn.keys:
+            if self._latest.get(key) is turn:
+                del self._latest[key]
 
 
 class WriteTurn:
-    """One batch's place in its stream's :class:`StreamWriteOrder`."""
+    """One batch's place in the :class:`WriteOrder`."""
 
-    def __init__(self, order: StreamWriteOrder, meter_ids: set[UUID]) -> None:
+    def __init__(self, order: WriteOrder, keys: set[tuple[str, UUID]]) -> None:
         self._order = order
-        self.meter_ids = meter_ids
+        self.keys = keys
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.after: set[asyncio.Future[None]] = set()
 

@@ -26,7 +26,7 @@ from service.identifiers.ids import MeterId, OrgId, SiteId
 from service.telemetry.convert import PROTO_FLOW_BY_CODE, ack_to_proto
 from service.telemetry.domain import Measuring
 from service.telemetry.energy_store import meter_readings
-from service.telemetry.ingest import Ingest, StreamWriteOrder, WriteTurn
+from service.telemetry.ingest import Ingest, WriteOrder, WriteTurn
 from service.telemetry.store import fetch_ingested, site_exists
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,10 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
         self.watch_peak_buffered = 0
         # Batches whose stream went away keep running to their commit; held here.
         self._orphans: set[asyncio.Task[pb.ReadingBatchAck]] = set()
+        # The acks are sent in order by each stream; this orders the writes of batches that
+        # share a meter (also with those of a stream gone before their ack), which would
+        # otherwise commit in whatever order their locks allow.
+        self._write_order = WriteOrder()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -90,9 +94,6 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
         pending: asyncio.Queue[asyncio.Task[pb.ReadingBatchAck] | BaseException | None] = (
             asyncio.Queue(maxsize=depth)
         )
-        # The loop below sends the acks in order; this orders the writes of batches that
-        # share a meter, which would otherwise commit in whatever order their locks allow.
-        order = StreamWriteOrder()
 
         # Cleared once the stream is gone: a batch still running then is nobody's to await.
         stream_open = [True]
@@ -116,7 +117,7 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
             try:
                 async for request in request_iterator:
                     self.ingest.check_size(len(request.batch.readings))
-                    turn = order.enter(request.batch.readings)
+                    turn = self._write_order.enter(str(org_id), request.batch.readings)
                     task = asyncio.create_task(self._ack(org_id, request.batch, turn))
                     turn.finish_with(task)
                     self._orphans.add(task)

@@ -168,6 +168,35 @@ async def test_a_batch_whose_readings_are_all_rejected_keeps_the_write_order(
     assert await stored_value(service, profile, quarter(0)) == 90.0
 
 
+async def test_a_batch_left_running_by_a_dropped_stream_writes_before_the_resent_ones(
+    setup: Setup, service: Service
+) -> None:
+    # The client's stream broke before the ack; it reconnects and sends its later value.
+    # The batch of the gone stream still runs to its commit, and must not commit last.
+    assert service.pool is not None
+    held = await setup.meter()
+    profile = await setup.meter(measuring=mpb.MEASURING_LOAD_PROFILE_ACCURATE)
+    dropped = setup.telemetry.StreamReadings(metadata=setup.org.auth)
+    async with service.pool.acquire() as conn:
+        holding = conn.transaction()
+        await holding.start()
+        await conn.execute("SELECT FROM meters WHERE id = $1 FOR UPDATE", uuid.UUID(held.id))
+        await dropped.write(
+            batch("first", [register(held, quarter(0), 1.0), interval(profile, quarter(0), 100.0)])
+        )
+        await wait_until_blocked(conn, 1)
+        dropped.cancel()
+        again = setup.telemetry.StreamReadings(metadata=setup.org.auth)
+        await again.write(batch("later", [interval(profile, quarter(0), 90.0)]))
+        await asyncio.sleep(0.5)
+        assert await stored_value(service, profile, quarter(0)) is None
+        await holding.rollback()
+    ack = await asyncio.wait_for(read_ack(again), 10)
+    await again.done_writing()
+    assert ack.batch_id == "later"
+    assert await stored_value(service, profile, quarter(0)) == 90.0
+
+
 @EACH_KIND_OF_METER
 async def test_a_site_deleted_while_a_batch_of_its_meter_is_in_flight_is_deleted(
     setup: Setup, service: Service, measuring: int, reading: ReadingOf

@@ -1,4 +1,4 @@
-"""The order of a stream's writes (:class:`StreamWriteOrder`), without a server."""
+"""The order of stream batches' writes (:class:`WriteOrder`), without a server."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import asyncio
 import uuid
 from types import SimpleNamespace
 
-from service.telemetry.ingest import StreamWriteOrder
+from service.telemetry.ingest import WriteOrder
 
 METER = str(uuid.uuid4())
 OTHER = str(uuid.uuid4())
+ORG = str(uuid.uuid4())
 
 
 def readings(*meter_ids: str) -> list[SimpleNamespace]:
@@ -21,14 +22,14 @@ async def ends_when_released(release: asyncio.Event) -> None:
 
 
 async def test_a_turn_ending_before_the_one_it_waits_for_does_not_release_later_turns() -> None:
-    order = StreamWriteOrder()
+    order = WriteOrder()
     release_first = asyncio.Event()
-    first = order.enter(readings(METER))
+    first = order.enter(ORG, readings(METER))
     first.finish_with(asyncio.create_task(ends_when_released(release_first)))
     # Ends at once without waiting (all of its readings rejected).
-    skipped = order.enter(readings(METER))
+    skipped = order.enter(ORG, readings(METER))
     skipped.finish_with(asyncio.create_task(asyncio.sleep(0)))
-    later = order.enter(readings(METER))
+    later = order.enter(ORG, readings(METER))
     waiting = asyncio.create_task(later.wait())
     await asyncio.sleep(0.01)
     assert not waiting.done()
@@ -38,16 +39,30 @@ async def test_a_turn_ending_before_the_one_it_waits_for_does_not_release_later_
 
 
 async def test_turns_of_other_meters_do_not_wait_and_finished_turns_are_forgotten() -> None:
-    order = StreamWriteOrder()
+    order = WriteOrder()
     release = asyncio.Event()
-    held = order.enter(readings(METER))
+    held = order.enter(ORG, readings(METER))
     task = asyncio.create_task(ends_when_released(release))
     held.finish_with(task)
     # Any spelling of an id is the one meter; a text that is no id names none.
-    other = order.enter(readings(OTHER.upper(), "not-a-meter"))
+    other = order.enter(ORG, readings(OTHER.upper(), "not-a-meter"))
     await asyncio.wait_for(other.wait(), 1)
-    assert other.meter_ids == {uuid.UUID(OTHER)}
+    assert other.keys == {(ORG, uuid.UUID(OTHER))}
     release.set()
     await task
     await asyncio.sleep(0)
-    assert order._latest == {uuid.UUID(OTHER): other}
+    assert order._latest == {(ORG, uuid.UUID(OTHER)): other}
+
+
+async def test_another_organization_naming_a_meter_does_not_hold_up_its_owner() -> None:
+    order = WriteOrder()
+    release = asyncio.Event()
+    intruder = order.enter(str(uuid.uuid4()), readings(METER))
+    task = asyncio.create_task(ends_when_released(release))
+    intruder.finish_with(task)
+    owner = order.enter(ORG, readings(METER))
+    await asyncio.wait_for(owner.wait(), 1)
+    same_org = order.enter(ORG, readings(METER))
+    assert same_org.after == {owner.finished}
+    release.set()
+    await task
