@@ -32,6 +32,9 @@ class Aggregation:
     grid_supply_wh: NDArray[np.int64]  # [n, C]
     producer_present: NDArray[np.bool_]  # [n, P] the meter took part in the interval
     consumer_present: NDArray[np.bool_]  # [n, C]
+    # [n, P, C] the two took part together (in one block) in the interval: each may have
+    # taken part in it without the other (settings that end or start inside a day or month).
+    pair_present: NDArray[np.bool_]
 
     @property
     def complete(self) -> NDArray[np.bool_]:
@@ -72,6 +75,7 @@ def aggregate(
     grid_supply = np.zeros((n, c_all), dtype=np.int64)
     producer_present = np.zeros((n, p_all), dtype=np.bool_)
     consumer_present = np.zeros((n, c_all), dtype=np.bool_)
+    pair_present = np.zeros((n, p_all, c_all), dtype=np.bool_)
     complete = np.zeros(n, dtype=np.int64)
     grid_index = output_index(bounds, grid)
     inside = (grid_index >= 0) & (grid_index < n)
@@ -109,6 +113,7 @@ def aggregate(
         if len(p_cols) and len(c_cols):
             cells = block.shared_wh[np.ix_(rows, p_cols, c_cols)]
             shared[np.ix_(outputs, p_to, c_to)] += np.add.reduceat(cells, first, axis=0)
+            pair_present[np.ix_(outputs, p_to, c_to)] = True
     return Aggregation(
         bounds,
         balance_intervals,
@@ -120,6 +125,7 @@ def aggregate(
         grid_supply,
         producer_present,
         consumer_present,
+        pair_present,
     )
 
 
@@ -152,7 +158,7 @@ def pair_columns(agg: Aggregation, creditor: str | None, debitor: str | None) ->
             if cred != deb and wanted(cred, deb):
                 names.append((cred, deb))
                 columns.append(agg.shared_wh[:, p, c])
-                presence.append(agg.producer_present[:, p] & agg.consumer_present[:, c])
+                presence.append(agg.pair_present[:, p, c])
         if wanted(cred, GRID):
             names.append((cred, GRID))
             columns.append(agg.feed_in_wh[:, p])

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from uuid import UUID
 
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.balancing.aggregate import GRID, Aggregation, pair_columns
+from service.balancing.aggregate import GRID, Aggregation, aggregate, pair_columns
+from service.balancing.blocks import empty_block
 from service.balancing.reads import rows_per_interval
 
 METERS = [UUID(int=i + 1) for i in range(6)]
+QUARTER_US = 900_000_000
+
+
+def _at(quarters: int) -> datetime:
+    return datetime.fromtimestamp(quarters * QUARTER_US / 1_000_000, UTC)
 
 
 def one_interval(producers: list[UUID], consumers: list[UUID]) -> Aggregation:
@@ -27,6 +34,7 @@ def one_interval(producers: list[UUID], consumers: list[UUID]) -> Aggregation:
         grid_supply_wh=np.zeros((1, c), dtype=np.int64),
         producer_present=np.ones((1, p), dtype=np.bool_),
         consumer_present=np.ones((1, c), dtype=np.bool_),
+        pair_present=np.ones((1, p, c), dtype=np.bool_),
     )
 
 
@@ -51,3 +59,29 @@ def test_rows_per_interval_counts_the_rows_pair_columns_lists(
         consumers = consumers | {UUID(debitor)}
     listed = pair_columns(one_interval(sorted(producers), sorted(consumers)), creditor, debitor)
     assert estimate == max(1, len(listed.creditors))
+
+
+def test_a_pair_is_listed_only_where_its_two_meters_took_part_together() -> None:
+    # One output interval of two balance intervals: the producer takes part in the first
+    # only, the consumer in the second only (each block has its own participants).
+    producer, consumer, other = METERS[0], METERS[1], METERS[2]
+    first = empty_block(_at(0), _at(1), np.array([0], dtype=np.int64), (producer,), (other,))
+    second = empty_block(
+        _at(1), _at(2), np.array([QUARTER_US], dtype=np.int64), (other,), (consumer,)
+    )
+    bounds = np.array([0, 2 * QUARTER_US], dtype=np.int64)
+    agg = aggregate([first, second], bounds, np.array([0, QUARTER_US], dtype=np.int64))
+    listed = pair_columns(agg, None, None)
+    present = {
+        (cred, deb)
+        for k, (cred, deb) in enumerate(zip(listed.creditors, listed.debitors, strict=True))
+        if listed.present[0, k]
+    }
+    assert present == {
+        (str(producer), str(other)),
+        (str(other), str(consumer)),
+        (str(producer), GRID),
+        (str(other), GRID),
+        (GRID, str(other)),
+        (GRID, str(consumer)),
+    }
