@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -100,23 +102,53 @@ async def test_a_reading_of_a_meter_deleted_meanwhile_is_unknown_and_not_stored(
     assert {r.index: r.reason for r in again.rejected} == {0: R.REJECT_REASON_UNKNOWN_METER}
 
 
-async def test_a_later_batch_on_a_stream_is_not_overwritten_by_an_earlier_one_held_up(
-    setup: Setup, service: Service
-) -> None:
+@dataclass
+class HeldUp:
+    """A stream whose first batch (a register meter's reading and a load profile's value
+    100 at quarter 0) is held up in its transaction by another writer of the register."""
+
+    profile: mpb.Meter
+    call: Any
+    holding: Any
+
+
+@contextlib.asynccontextmanager
+async def first_batch_held_up(setup: Setup, service: Service) -> AsyncIterator[HeldUp]:
+    """Releases the first batch when the block ends."""
     assert service.pool is not None
     held = await setup.meter()
     profile = await setup.meter(measuring=mpb.MEASURING_LOAD_PROFILE_ACCURATE)
-    unrelated = await setup.meter(measuring=mpb.MEASURING_LOAD_PROFILE_ACCURATE)
     call = setup.telemetry.StreamReadings(metadata=setup.org.auth)
     async with service.pool.acquire() as conn:
         holding = conn.transaction()
         await holding.start()
-        # Another writer of the register meter holds up the first batch in its transaction.
-        await conn.execute("SELECT FROM meters WHERE id = $1 FOR UPDATE", uuid.UUID(held.id))
-        await call.write(
-            batch("first", [register(held, quarter(0), 1.0), interval(profile, quarter(0), 100.0)])
-        )
-        await wait_until_blocked(conn, 1)
+        try:
+            await conn.execute("SELECT FROM meters WHERE id = $1 FOR UPDATE", uuid.UUID(held.id))
+            await call.write(
+                batch(
+                    "first",
+                    [register(held, quarter(0), 1.0), interval(profile, quarter(0), 100.0)],
+                )
+            )
+            await wait_until_blocked(conn, 1)
+            yield HeldUp(profile, call, holding)
+        finally:
+            await holding.rollback()
+
+
+async def not_stored_meanwhile(service: Service, meter: mpb.Meter) -> None:
+    """Time for a batch that did not wait for the held-up one to commit, which the first
+    one's older value would then overwrite; nothing of the key is stored yet."""
+    await asyncio.sleep(0.5)
+    assert await stored_value(service, meter, quarter(0)) is None
+
+
+async def test_a_later_batch_on_a_stream_is_not_overwritten_by_an_earlier_one_held_up(
+    setup: Setup, service: Service
+) -> None:
+    unrelated = await setup.meter(measuring=mpb.MEASURING_LOAD_PROFILE_ACCURATE)
+    async with first_batch_held_up(setup, service) as scene:
+        profile, call = scene.profile, scene.call
         # The client's later value of the same key.
         await call.write(batch("second", [interval(profile, quarter(0), 90.0)]))
         # A batch sharing no meter with the held-up one is not held up; larger than the
@@ -128,7 +160,6 @@ async def test_a_later_batch_on_a_stream_is_not_overwritten_by_an_earlier_one_he
             return await stored_value(service, unrelated, quarter(95)) == 5.0
 
         await eventually(third_stored, "the batch sharing no meter stored")
-        await holding.rollback()
     acks = [await asyncio.wait_for(read_ack(call), 10) for _ in range(3)]
     await call.done_writing()
     assert await stored_value(service, profile, quarter(0)) == 90.0
@@ -141,25 +172,11 @@ async def test_a_batch_whose_readings_are_all_rejected_keeps_the_write_order(
 ) -> None:
     # The second batch names the meter but has nothing to write: the third, which waits
     # for it, must still write after the first.
-    assert service.pool is not None
-    held = await setup.meter()
-    profile = await setup.meter(measuring=mpb.MEASURING_LOAD_PROFILE_ACCURATE)
-    call = setup.telemetry.StreamReadings(metadata=setup.org.auth)
-    async with service.pool.acquire() as conn:
-        holding = conn.transaction()
-        await holding.start()
-        await conn.execute("SELECT FROM meters WHERE id = $1 FOR UPDATE", uuid.UUID(held.id))
-        await call.write(
-            batch("first", [register(held, quarter(0), 1.0), interval(profile, quarter(0), 100.0)])
-        )
-        await wait_until_blocked(conn, 1)
+    async with first_batch_held_up(setup, service) as scene:
+        profile, call = scene.profile, scene.call
         await call.write(batch("refused", [interval(profile, quarter(1), -1.0)]))
         await call.write(batch("later", [interval(profile, quarter(0), 90.0)]))
-        # Time for the later batch to commit if it did not wait; the first one's older value
-        # would then overwrite it.
-        await asyncio.sleep(0.5)
-        assert await stored_value(service, profile, quarter(0)) is None
-        await holding.rollback()
+        await not_stored_meanwhile(service, profile)
     acks = [await asyncio.wait_for(read_ack(call), 10) for _ in range(3)]
     await call.done_writing()
     assert [a.batch_id for a in acks] == ["first", "refused", "later"]
@@ -173,24 +190,12 @@ async def test_a_batch_left_running_by_a_dropped_stream_writes_before_the_resent
 ) -> None:
     # The client's stream broke before the ack; it reconnects and sends its later value.
     # The batch of the gone stream still runs to its commit, and must not commit last.
-    assert service.pool is not None
-    held = await setup.meter()
-    profile = await setup.meter(measuring=mpb.MEASURING_LOAD_PROFILE_ACCURATE)
-    dropped = setup.telemetry.StreamReadings(metadata=setup.org.auth)
-    async with service.pool.acquire() as conn:
-        holding = conn.transaction()
-        await holding.start()
-        await conn.execute("SELECT FROM meters WHERE id = $1 FOR UPDATE", uuid.UUID(held.id))
-        await dropped.write(
-            batch("first", [register(held, quarter(0), 1.0), interval(profile, quarter(0), 100.0)])
-        )
-        await wait_until_blocked(conn, 1)
-        dropped.cancel()
+    async with first_batch_held_up(setup, service) as scene:
+        profile = scene.profile
+        scene.call.cancel()
         again = setup.telemetry.StreamReadings(metadata=setup.org.auth)
         await again.write(batch("later", [interval(profile, quarter(0), 90.0)]))
-        await asyncio.sleep(0.5)
-        assert await stored_value(service, profile, quarter(0)) is None
-        await holding.rollback()
+        await not_stored_meanwhile(service, profile)
     ack = await asyncio.wait_for(read_ack(again), 10)
     await again.done_writing()
     assert ack.batch_id == "later"
