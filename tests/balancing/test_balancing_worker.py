@@ -52,6 +52,18 @@ async def small_site(community: Community, demand: float = 40) -> tuple[mpb.Mete
     return home, pv
 
 
+async def small_site_balances(community: Community) -> dict[tuple[datetime, str, str], int]:
+    """The four quarter-hours of :func:`small_site`, by (interval, creditor, debitor)."""
+    return by_pair(
+        await community.balances(
+            site_id=community.site.id,
+            interval="PT15M",
+            start_time=stamp(DAY),
+            end_time=stamp(DAY + 4 * Q),
+        )
+    )
+
+
 class Held:
     """A ``before_commit`` hook that parks the pass inside its transaction until released."""
 
@@ -96,14 +108,7 @@ async def test_two_consumers_on_one_queue_never_balance_one_site_at_once(
         held.release.set()
         running.cancel()
     assert await queued(pool, community.site.id) == 0
-    cells = by_pair(
-        await community.balances(
-            site_id=community.site.id,
-            interval="PT15M",
-            start_time=stamp(DAY),
-            end_time=stamp(DAY + 4 * Q),
-        )
-    )
+    cells = await small_site_balances(community)
     # The second pass ran after the first committed and saw the corrected reading.
     assert cells[(DAY, pv.id, home.id)] == 10
     assert cells[(DAY + Q, pv.id, home.id)] == 30
@@ -292,13 +297,6 @@ async def test_a_queued_range_holding_no_interval_start_rebalances_the_intervals
             [(site_id, DAY + timedelta(minutes=5), DAY + timedelta(minutes=10))],
         )
     assert await drain(consumer) == 1
-    cells = by_pair(
-        await community.balances(
-            site_id=community.site.id,
-            interval="PT15M",
-            start_time=stamp(DAY),
-            end_time=stamp(DAY + 4 * Q),
-        )
-    )
+    cells = await small_site_balances(community)
     assert cells[(DAY, pv.id, home.id)] == 10
     assert cells[(DAY + Q, pv.id, home.id)] == 30
