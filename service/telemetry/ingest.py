@@ -98,16 +98,17 @@ class MetersChangedError(Exception):
 
 
 class WriteOrder:
-    """The order of the writes of the server's stream batches: a batch writes only once
-    every batch of its organization that arrived before it naming one of its meters has
-    finished (committed or failed).
+    """The order of the writes of the server's batches (streamed or unary): a batch writes
+    only once every batch of its organization that arrived before it naming one of its
+    meters has finished (committed or failed).
 
     A stream's batches run concurrently, each in its own transaction. Without an order, a
     batch held up in its transaction (another writer holding one of its meters) could
     commit after a later batch of the stream and "correct" a key back to its older value:
     the value the client sent last would be lost while both acks report success. The same
     goes for a batch whose stream broke before its ack: it still runs to its commit, while
-    the client, reconnected, sends its later values on a new stream. So the order is one
+    the client, reconnected, sends its later values on a new stream or by IngestReadings.
+    So the order is one
     per server rather than per stream, and kept per (organization, meter): another
     organization naming a meter id cannot hold up its owner's batches. Ordering by meter
     rather than by batch keeps batches with no meter in common writing in parallel (as in
@@ -348,9 +349,12 @@ class Ingest:
     async def _write_once(
         self, org_id: OrgId, checked: ValidatedBatch, optimistic: bool
     ) -> tuple[int, int, int, list[tuple[int, RejectReason]]]:
-        by_id = {info.id: info for info in checked.row_meter}
+        # Each context validation used: a meter named in two spellings of its id may have
+        # one cached before an update and one after.
+        contexts = list({id(info): info for info in checked.row_meter}.values())
+        by_id = {info.id: info for info in contexts}
         async with self._pool.acquire() as conn, conn.transaction():
-            await self._lock_meters(conn, org_id, checked, by_id)
+            await self._lock_meters(conn, org_id, checked, contexts)
             rows, register_rejects, fresh = await self._register_check(conn, checked)
             fresh += await self._fresh_intervals(conn, checked)
             inserted = updated = 0
@@ -364,7 +368,7 @@ class Ingest:
         conn: asyncpg.Connection,
         org_id: OrgId,
         checked: ValidatedBatch,
-        validated_on: dict[UUID, MeterInfo],
+        validated_on: list[MeterInfo],
     ) -> None:
         """Holds the batch's meters until COMMIT; MetersGoneError when some were deleted,
         MetersChangedError when some were validated on a context no longer theirs."""
@@ -374,11 +378,7 @@ class Ingest:
         present = await lock_meters(conn, org_id, list(registers), list(profiles))
         if len(present) < len(registers) + len(profiles):
             raise MetersGoneError((registers | profiles) - present.keys())
-        changed = {
-            meter_id
-            for meter_id, locked in present.items()
-            if context_changed(validated_on[meter_id], locked)
-        }
+        changed = {info.id for info in validated_on if context_changed(info, present[info.id])}
         if changed:
             raise MetersChangedError(changed)
 

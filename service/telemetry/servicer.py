@@ -150,8 +150,14 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
         self, request: pb.IngestReadingsRequest, context: Any
     ) -> pb.IngestReadingsResponse:
         self.ingest.check_size(len(request.batch.readings))
-        ack = await self._ack(current_principal().org_id, request.batch)
-        return pb.IngestReadingsResponse(ack=ack)
+        org_id = current_principal().org_id
+        # In the server's write order too: a client whose stream broke may resend here
+        # while the stream's batch still runs to its commit. Cancelled with the call (its
+        # transaction rolls back), as before; the turn ends however the task does.
+        turn = self._write_order.enter(str(org_id), request.batch.readings)
+        task = asyncio.ensure_future(self._ack(org_id, request.batch, turn))
+        turn.finish_with(task)
+        return pb.IngestReadingsResponse(ack=await task)
 
     # -- reading back ---------------------------------------------------------------------
 

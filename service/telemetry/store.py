@@ -352,6 +352,11 @@ def _queue_ranges(
 # batches from deadlocking on each other.
 # In the order of service.db.lock_order: registers, then load profiles, by id in each.
 # With what validation read of each meter: the batch was validated on cached contexts.
+# The meters are locked, so their dates cannot change before COMMIT. The site is only read:
+# an UpdateSite that commits while the batch waits or writes is one the batch came before
+# (it was sent before that update answered), and readings stored before a grid change
+# stay stored, off the new grid, as they would had the batch committed first. A batch
+# sent after the update answered reads the new grid here.
 _LOCK_METERS = """
 WITH registers AS (
     SELECT id, site_id, start_date, end_date FROM meters

@@ -170,19 +170,34 @@ async def test_stored_neighbours_beyond_the_check_window_still_bound_the_batch(
 
 
 async def test_concurrent_batches_of_one_meter_are_checked_against_each_other(
-    setup: Setup, service: Service
+    setup: Setup, service: Service, replica_channel: grpc.aio.Channel
 ) -> None:
     meter = await setup.meter()
     assert service.pool is not None
+    # Through two replicas: one server orders its own batches of a meter before they
+    # reach the database, two only meet there.
+    elsewhere = telemetry_pb2_grpc.TelemetryStub(replica_channel)
     async with service.pool.acquire() as conn:
-        # Hold the meter so both batches are in flight together, as from two streams.
+        # Hold the meter so both batches are in flight together.
         holding = conn.transaction()
         await holding.start()
         await conn.execute("SELECT FROM meters WHERE id = $1 FOR UPDATE", uuid.UUID(meter.id))
         earlier_higher = asyncio.ensure_future(
             setup.ingest([register(meter, quarter(1), 100.0)], "a")
         )
-        later_lower = asyncio.ensure_future(setup.ingest([register(meter, quarter(2), 50.0)], "b"))
+
+        async def later_lower_call() -> tpb.ReadingBatchAck:
+            response = await elsewhere.IngestReadings(
+                tpb.IngestReadingsRequest(
+                    batch=tpb.ReadingBatch(
+                        batch_id="b", readings=[register(meter, quarter(2), 50.0)]
+                    )
+                ),
+                metadata=setup.org.auth,
+            )
+            return response.ack
+
+        later_lower = asyncio.ensure_future(later_lower_call())
         # Both wait for the meter's lock inside their transactions.
         await wait_until_blocked(conn, 2, earlier_higher, later_lower)
         await holding.rollback()

@@ -202,6 +202,19 @@ async def test_a_batch_left_running_by_a_dropped_stream_writes_before_the_resent
     assert await stored_value(service, profile, quarter(0)) == 90.0
 
 
+async def test_a_batch_left_running_by_a_dropped_stream_writes_before_a_unary_resend(
+    setup: Setup, service: Service
+) -> None:
+    async with first_batch_held_up(setup, service) as scene:
+        profile = scene.profile
+        scene.call.cancel()
+        resent = asyncio.ensure_future(setup.ingest([interval(profile, quarter(0), 90.0)]))
+        await not_stored_meanwhile(service, profile)
+    ack = await asyncio.wait_for(resent, 10)
+    assert ack.corrected_count == 1
+    assert await stored_value(service, profile, quarter(0)) == 90.0
+
+
 @EACH_KIND_OF_METER
 async def test_a_site_deleted_while_a_batch_of_its_meter_is_in_flight_is_deleted(
     setup: Setup, service: Service, measuring: int, reading: ReadingOf
@@ -310,3 +323,20 @@ async def test_a_meter_dated_to_the_microsecond_is_not_taken_for_changed(
     ack = await setup.ingest([interval(meter, quarter(n), 1.0) for n in range(3)])
     assert ack.accepted_count == 3
     assert "updated meanwhile" not in caplog.text
+
+
+async def test_each_spelling_of_a_meter_id_is_judged_on_the_meter_as_stored_now(
+    setup: Setup, service: Service
+) -> None:
+    # The cache holds a context per spelling: one cached before the change, one after.
+    assert service.pool is not None
+    meter = await setup.meter(measuring=mpb.MEASURING_LOAD_PROFILE_ACCURATE)
+    upper = mpb.Meter(id=meter.id.upper())
+    assert (await setup.ingest([interval(upper, quarter(0), 1.0)])).accepted_count == 1
+    await service.pool.execute(
+        "UPDATE meters SET end_date = $2 WHERE id = $1", uuid.UUID(meter.id), quarter(4)
+    )
+    ack = await setup.ingest([interval(upper, quarter(6), 2.0), interval(meter, quarter(2), 2.0)])
+    assert {r.index: r.reason for r in ack.rejected} == {0: R.REJECT_REASON_OUTSIDE_METER_DATES}
+    assert await stored_value(service, meter, quarter(6)) is None
+    assert await stored_value(service, meter, quarter(2)) == 2.0
