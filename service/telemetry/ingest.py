@@ -108,11 +108,11 @@ class WriteOrder:
     the value the client sent last would be lost while both acks report success. The same
     goes for a batch whose stream broke before its ack: it still runs to its commit, while
     the client, reconnected, sends its later values on a new stream or by IngestReadings.
-    So the order is one
-    per server rather than per stream, and kept per (organization, meter): another
-    organization naming a meter id cannot hold up its owner's batches. Ordering by meter
-    rather than by batch keeps batches with no meter in common writing in parallel (as in
-    the benchmark's default layout, where consecutive batches name other meters).
+    So the order is one per server rather than per stream, and kept per (organization,
+    meter): another organization naming a meter id cannot hold up its owner's batches.
+    Ordering by meter rather than by batch keeps batches with no meter in common writing in
+    parallel (as in the benchmark's default layout, where consecutive batches name other
+    meters).
 
     A batch waits before it takes a connection and holds no transaction or lock while it
     waits, and only for batches that arrived before it, so the wait can deadlock neither
@@ -125,7 +125,8 @@ class WriteOrder:
         self._latest: dict[tuple[str, UUID], WriteTurn] = {}
 
     def enter(self, org_id: str, readings: Sequence[Any]) -> WriteTurn:
-        """The turn of a batch of ``org_id``'s; called for a stream's batches in order."""
+        """The turn of a batch of ``org_id``'s, called as it arrives (a stream's batches in
+        stream order)."""
         keys: set[tuple[str, UUID]] = set()
         for text in {r.meter_id for r in readings}:
             # Not a UUID: UNKNOWN_METER, never written. Parsed, every spelling of an id is
