@@ -315,6 +315,13 @@ class RegistryStore:
             if identifier is not None:
                 await upstream_sync.lock_identifiers(conn, [identifier])
             current = await self._lock_site(conn, site_id)
+            if current.fields.grid_identifier != identifier:
+                # A concurrent update committed a change of identifier between the read and
+                # the row lock: what follows is decided on the locked row, and its
+                # identifier's lock is taken too (the reverse order again, see above).
+                identifier = current.fields.grid_identifier
+                if identifier is not None:
+                    await upstream_sync.lock_identifiers(conn, [identifier])
             fields = change(current.fields)
             if fields.site_type is not None and fields.site_type != current.fields.site_type:
                 await self._check_meters_allow(conn, site_id, fields.site_type)

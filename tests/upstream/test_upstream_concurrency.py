@@ -8,9 +8,12 @@ import asyncio
 from google.protobuf import field_mask_pb2
 from openvpp.v1 import site_registry_pb2 as site_pb
 
+from service.app import Service
+from service.upstream.status import identifier_lock_key
 from tests.conftest import Org
-from tests.helpers import random_identifier
+from tests.helpers import random_identifier, wait_until_blocked
 from tests.upstream.conftest import Api, days
+from tests.upstream.test_sites_without_supply_points import community_request
 
 
 async def test_partner_create_racing_supplier_writes_never_leaves_a_stale_status(
@@ -62,3 +65,57 @@ async def test_partner_updates_racing_supplier_writes_do_not_deadlock(
     await asyncio.gather(partner_updates(), supplier_writes(), partner_updates())
     # Today (days(0)) lies in the first contract, terminated from days(1): active.
     assert await api.status(partner, site.id) == site_pb.UPSTREAM_STATUS_CONTRACT_ACTIVE
+
+
+async def test_a_site_losing_the_identifier_another_update_just_gave_it_is_reset(
+    api: Api, partner: Org, supplier: Org, service: Service
+) -> None:
+    # One update gives a community site its first supply point (with an active contract
+    # upstream); a second, sent meanwhile, removes every supply point. The second read the
+    # site's identifier (none) before the first committed, and must judge by the row it
+    # locks: the site ends without identifier and with no upstream status.
+    assert service.pool is not None
+    identifier = random_identifier()
+    upstream_site = await api.upstream_site(supplier, identifier)
+    await api.contract(supplier, upstream_site.id, days(-1))
+    community = (
+        await api.sites.CreateSite(
+            community_request(location=site_pb.Location()), metadata=partner.auth
+        )
+    ).site
+    supply_points = field_mask_pb2.FieldMask(paths=["supply_points"])
+    add = site_pb.UpdateSiteRequest(
+        site=site_pb.Site(
+            id=community.id,
+            supply_points=[
+                site_pb.SupplyPoint(
+                    grid_identifier=identifier,
+                    direction=site_pb.SUPPLY_POINT_DIRECTION_BIDIRECTIONAL,
+                )
+            ],
+        ),
+        update_mask=supply_points,
+    )
+    remove = site_pb.UpdateSiteRequest(
+        site=site_pb.Site(id=community.id), update_mask=supply_points
+    )
+    async with service.pool.acquire() as holder:
+        holding = holder.transaction()
+        await holding.start()
+        # Any concurrent writer of the identifier (a supplier's contract call) holds it.
+        await holder.execute("SELECT pg_advisory_xact_lock($1)", identifier_lock_key(identifier))
+        adding = asyncio.ensure_future(api.sites.UpdateSite(add, metadata=partner.auth))
+        await wait_until_blocked(holder, 1, adding)
+        removing = asyncio.ensure_future(api.sites.UpdateSite(remove, metadata=partner.auth))
+        # The second waits for the site's row, which the first holds.
+        await wait_until_blocked(holder, 2, adding, removing)
+        await holding.rollback()
+    added = (await asyncio.wait_for(adding, 10)).site
+    assert added.upstream_status == site_pb.UPSTREAM_STATUS_CONTRACT_ACTIVE
+    removed = (await asyncio.wait_for(removing, 10)).site
+    assert removed.grid_identifier == ""
+    assert removed.upstream_status == site_pb.UPSTREAM_STATUS_NO_UPSTREAM_REGISTERED
+    got = (
+        await api.sites.GetSite(site_pb.GetSiteRequest(site_id=community.id), metadata=partner.auth)
+    ).site
+    assert got == removed
