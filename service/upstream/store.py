@@ -34,7 +34,7 @@ from service.upstream.domain import (
     validate_termination,
 )
 from service.upstream.sites import UpstreamSiteFields, local_date, validate_agreement_input
-from service.upstream.status import refresh_upstream_status, terms_from_row
+from service.upstream.status import lock_identifiers, refresh_upstream_status, terms_from_row
 
 
 @dataclass(frozen=True)
@@ -199,6 +199,10 @@ class SupplierStore(UpstreamReader):
 
     async def create_upstream_site(self, fields: UpstreamSiteFields) -> UpstreamSiteRecord:
         async with self._pool.acquire() as conn, conn.transaction():
+            # The identifier's lock before the INSERT takes its created_at: waiting for it
+            # after, the row would commit later than rows created after it, and a
+            # ListUpstreamSites paging by created_at meanwhile would pass it by for good.
+            await lock_identifiers(conn, [fields.grid_identifier])
             try:
                 site_id = await conn.fetchval(
                     """

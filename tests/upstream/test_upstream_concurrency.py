@@ -7,6 +7,7 @@ import asyncio
 
 from google.protobuf import field_mask_pb2
 from openvpp.v1 import site_registry_pb2 as site_pb
+from openvpp.v1 import upstream_registry_pb2 as upstream_pb
 
 from service.app import Service
 from service.upstream.status import identifier_lock_key
@@ -119,3 +120,35 @@ async def test_a_site_losing_the_identifier_another_update_just_gave_it_is_reset
         await api.sites.GetSite(site_pb.GetSiteRequest(site_id=community.id), metadata=partner.auth)
     ).site
     assert got == removed
+
+
+async def test_an_upstream_site_created_while_its_identifier_is_busy_is_not_paged_past(
+    api: Api, supplier: Org, service: Service
+) -> None:
+    assert service.pool is not None
+    before = await api.upstream_site(supplier, random_identifier())
+    busy = random_identifier()
+    async with service.pool.acquire() as holder:
+        holding = holder.transaction()
+        await holding.start()
+        await holder.execute("SELECT pg_advisory_xact_lock($1)", identifier_lock_key(busy))
+        creating = asyncio.ensure_future(api.upstream_site(supplier, busy))
+        await wait_until_blocked(holder, 1, creating)
+        later = [await api.upstream_site(supplier, random_identifier()) for _ in range(2)]
+        first = await api.upstream.ListUpstreamSites(
+            upstream_pb.ListUpstreamSitesRequest(page_size=2), metadata=supplier.auth
+        )
+        await holding.rollback()
+    created = await asyncio.wait_for(creating, 10)
+    seen = [site.id for site in first.upstream_sites]
+    token = first.next_page_token
+    while token:
+        page = await api.upstream.ListUpstreamSites(
+            upstream_pb.ListUpstreamSitesRequest(page_size=2, page_token=token),
+            metadata=supplier.auth,
+        )
+        seen.extend(site.id for site in page.upstream_sites)
+        token = page.next_page_token
+    mine = {before.id, created.id, *(site.id for site in later)}
+    assert mine <= set(seen)
+    assert len(seen) == len(set(seen))
