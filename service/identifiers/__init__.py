@@ -3,7 +3,7 @@
 Plain functions, shared by both registries.
 """
 
-from service.identifiers.countries import default_timezone, is_country_code
+from service.identifiers.countries import default_timezone, is_country_code, normalize_country
 from service.identifiers.grid import (
     MAX_GRID_IDENTIFIER_LENGTH,
     InvalidGridIdentifier,
@@ -18,6 +18,7 @@ __all__ = [
     "InvalidGridIdentifier",
     "default_timezone",
     "is_country_code",
+    "normalize_country",
     "normalize_grid_identifier",
     "parse_grid_identifier",
     "scheme_for_country",

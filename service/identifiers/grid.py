@@ -30,6 +30,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from service.identifiers.countries import normalize_country
+
 __all__ = [
     "MAX_GRID_IDENTIFIER_LENGTH",
     "InvalidGridIdentifier",
@@ -74,7 +76,7 @@ class InvalidGridIdentifier(ValueError):
 def _country_code(country: str | None) -> str | None:
     if country is None:
         return None
-    code = country.strip().upper()
+    code = normalize_country(country)
     return code or None
 
 

@@ -21,6 +21,7 @@ from service.identifiers import (
     InvalidGridIdentifier,
     default_timezone,
     is_country_code,
+    normalize_country,
     parse_grid_identifier,
 )
 
@@ -159,7 +160,7 @@ def validate_site(site: SiteFields, prefix: str = "") -> SiteFields:
     _check_length(errors, prefix + "external_id", site.external_id, MAX_NAME_LENGTH)
 
     location = site.location
-    country = location.country.strip().upper()
+    country = normalize_country(location.country)
     loc = prefix + "location."
     _check_length(errors, loc + "address", location.address, MAX_ADDRESS_LENGTH)
     if country and not is_country_code(country):

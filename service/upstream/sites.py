@@ -19,6 +19,7 @@ from service.identifiers import (
     InvalidGridIdentifier,
     default_timezone,
     is_country_code,
+    normalize_country,
     parse_grid_identifier,
 )
 
@@ -48,7 +49,7 @@ def validate_upstream_site(
     exactly when they denote the same connection point.
     """
     errors = ViolationCollector()
-    code = country.strip().upper()
+    code = normalize_country(country)
     if code and not is_country_code(code):
         errors.add("country", "must be an ISO 3166-1 alpha-2 code, e.g. BE or GB")
         code = ""

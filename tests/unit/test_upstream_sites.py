@@ -7,6 +7,13 @@ from datetime import UTC, date, datetime, timedelta
 import pytest
 
 from service.common.errors import ValidationError
+from service.registry.domain import (
+    Location,
+    SiteFields,
+    SupplyPoint,
+    SupplyPointDirection,
+    validate_site,
+)
 from service.upstream.sites import (
     MIN_RECHECK,
     local_date,
@@ -87,3 +94,34 @@ def test_next_check_at() -> None:
     # A date whose midnight is already past (clock moved back) is looked at again soon,
     # never "due forever".
     assert next_check_at(date(2031, 1, 15), "UTC", now) == now + MIN_RECHECK
+
+
+# str.upper() makes ASCII of these: "SS" (South Sudan), "IT", "IE".
+NOT_ASCII_COUNTRIES = pytest.mark.parametrize("country", ["ß", "ıt", "ıe", "ＢＥ"])
+
+
+@NOT_ASCII_COUNTRIES
+def test_a_country_in_letters_that_upper_case_to_ascii_is_refused(country: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        validate_upstream_site("abc-123", country, "")
+    assert violations(caught.value) == {
+        "country": "must be an ISO 3166-1 alpha-2 code, e.g. BE or GB"
+    }
+
+
+@NOT_ASCII_COUNTRIES
+def test_a_partner_site_country_in_such_letters_is_refused(country: str) -> None:
+    site = SiteFields(
+        name="Dok Noord",
+        external_id="",
+        location=Location(country=country),
+        timezone="",
+        supply_points=(SupplyPoint("T0123456789ABCDEF", SupplyPointDirection.BIDIRECTIONAL),),
+        site_type=None,
+        balance_resolution="",
+    )
+    with pytest.raises(ValidationError) as caught:
+        validate_site(site)
+    assert violations(caught.value) == {
+        "location.country": "must be an ISO 3166-1 alpha-2 code, e.g. BE or GB"
+    }
