@@ -27,6 +27,7 @@ from service.config import (
     check_grpc_address,
     check_limits,
     check_pool_sizes,
+    check_trace_exporter,
     problems_of,
 )
 from service.db.database import create_pool
@@ -85,6 +86,7 @@ def check_settings(settings: Settings) -> None:
             check_grpc_address,
             check_pool_sizes,
             check_limits,
+            check_trace_exporter,
             OutboxSettings.from_settings,
             DeliverySettings.from_settings,
         ),

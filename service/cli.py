@@ -19,7 +19,13 @@ import asyncpg
 from service.app import GrpcAddressUnusableError, Service, check_settings
 from service.auth.principal import Role
 from service.auth.store import ORG_NAME_LENGTH, IdentityStore, IssuedToken, org_name_rule
-from service.config import LOG_LEVELS, Settings, check_log_level, problems_of
+from service.config import (
+    LOG_LEVELS,
+    Settings,
+    check_database_url,
+    check_log_level,
+    problems_of,
+)
 from service.db.database import EmbeddedPostgres
 from service.db.migrate import MigrationChangedError, migrate_database
 from service.observability import setup_logging, setup_tracing
@@ -171,7 +177,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--data-dir",
-        type=Path,
+        type=_directory,
         metavar="DIR",
         help="home of the embedded database, default ./.openvpp (OPENVPP_DATA_DIR)",
     )
@@ -285,6 +291,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _directory(text: str) -> Path:
+    # An empty --data-dir was the current directory, while an empty OPENVPP_DATA_DIR is
+    # the default: refused rather than either.
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a directory")
+    return Path(text)
+
+
 # What stops a command before it can use its database: an address nothing answers at,
 # a URL asyncpg cannot read, credentials or a database name the server refuses, a data
 # directory that cannot be made. One line naming it, rather than asyncpg's traceback.
@@ -299,9 +313,12 @@ CANNOT_REACH_DATABASE = (
 
 
 def _without_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:
+        return "(an unreadable URL)"
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
@@ -309,7 +326,7 @@ def _without_password(url: str) -> str:
 def _refuse_unusable_settings(settings: Settings, command: str) -> None:
     """Stops the command with one line naming every value it cannot run with, before it
     starts anything (a traceback from deep inside logging or asyncpg names none)."""
-    checks: list[Callable[[Settings], None]] = [check_log_level]
+    checks: list[Callable[[Settings], None]] = [check_log_level, check_database_url]
     if command == "serve":
         checks.append(check_settings)
     problems = problems_of(settings, checks)

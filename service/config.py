@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 ENV_PREFIX = "OPENVPP_"
 # The levels OPENVPP_LOG_LEVEL may name (any case). ``logging`` would also take NOTSET and
@@ -212,6 +213,13 @@ def check_limits(settings: Settings) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{ENV_PREFIX}{spec.name.upper()} must be a finite number")
     century = f"at most {CENTURY_SECONDS:.0f} (100 years)"
+    # Every duration, also those a capability checks otherwise: a lease or breaker reset of
+    # 1e300 s overflowed once used (a timer, a datetime), after the migrations had run.
+    too_long = [
+        f"{ENV_PREFIX}{spec.name.upper()} must be {century}"
+        for spec in fields(Settings)
+        if spec.name.endswith("_seconds") and getattr(settings, spec.name) > CENTURY_SECONDS
+    ]
     rules = (
         ("shutdown_grace_seconds", settings.shutdown_grace_seconds >= 0, ">= 0"),
         (
@@ -221,6 +229,8 @@ def check_limits(settings: Settings) -> None:
         ),
         ("watch_buffer_size", settings.watch_buffer_size >= 1, ">= 1"),
         ("readings_watch_buffer_size", settings.readings_watch_buffer_size >= 1, ">= 1"),
+        ("stream_pipeline_depth", settings.stream_pipeline_depth >= 1, ">= 1"),
+        ("db_read_connections", settings.db_read_connections >= 0, ">= 0"),
         ("token_cache_seconds", settings.token_cache_seconds >= 0, ">= 0"),
         ("max_batch_readings", settings.max_batch_readings >= 1, ">= 1"),
         (
@@ -251,17 +261,59 @@ def check_limits(settings: Settings) -> None:
         ),
     )
     problems = [f"{ENV_PREFIX}{name.upper()} must be {rule}" for name, ok, rule in rules if not ok]
+    # A duration its own rule bounds already is named once.
+    named = {problem.split(" ", 1)[0] for problem in problems}
+    problems += [problem for problem in too_long if problem.split(" ", 1)[0] not in named]
     if problems:
         raise ValueError("; ".join(problems))
 
 
 def check_grpc_address(settings: Settings) -> None:
-    """Raises ValueError if the address names a port outside 0 to 65535: gRPC would listen
-    on that number modulo 65536 instead (99999 on 34463), and the start-up line would
-    still name 99999."""
-    _host, colon, port = settings.grpc_address.rpartition(":")
-    if colon and port.lstrip("-").isdigit() and not 0 <= int(port) <= 65535:
+    """Raises ValueError if the address is not HOST:PORT with a port from 0 to 65535 (or a
+    unix socket, ``unix:PATH``): gRPC would listen on that number modulo 65536 instead
+    (99999 on 34463), and on 443 when the port is left out, while the start-up line named
+    what was given."""
+    address = settings.grpc_address
+    if address.startswith(("unix:", "unix-abstract:")):
+        return
+    host, colon, port = address.rpartition(":")
+    if not (colon and host and port.lstrip("-").isdigit()):
+        raise ValueError(
+            f"{ENV_PREFIX}GRPC_ADDRESS (serve --grpc-address) must be HOST:PORT, e.g."
+            f" 127.0.0.1:50051 (or unix:PATH), not {address!r}"
+        )
+    if not 0 <= int(port) <= 65535:
         raise ValueError(
             f"{ENV_PREFIX}GRPC_ADDRESS (serve --grpc-address) must name a port from 0 to"
             f" 65535, not {port}"
         )
+
+
+TRACE_EXPORTERS = ("", "console")
+
+
+def check_trace_exporter(settings: Settings) -> None:
+    """Raises ValueError for an exporter the service does not know (found only once the
+    embedded database had started, before)."""
+    if settings.trace_exporter not in TRACE_EXPORTERS:
+        raise ValueError(
+            f"{ENV_PREFIX}TRACE_EXPORTER (serve --trace-exporter): unknown exporter"
+            f" {settings.trace_exporter!r} (use 'console', or leave it empty for none)"
+        )
+
+
+def check_database_url(settings: Settings) -> None:
+    """Raises ValueError for a database URL that cannot be read as one (a port that is no
+    number, a broken IPv6 host), which asyncpg reports with a traceback. The URL itself is
+    not repeated: it may hold a password."""
+    url = settings.database_url
+    if not url:
+        return
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError as error:
+        raise ValueError(
+            f"{ENV_PREFIX}DATABASE_URL (--database-url) is not a URL PostgreSQL can be reached"
+            f" at: {error}"
+        ) from None

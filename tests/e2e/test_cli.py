@@ -355,3 +355,26 @@ def test_a_changed_applied_migration_stops_migrate_with_one_line_naming_it(
         f"migration {applied[0].version} changed after it was applied; add a new migration"
         " instead of editing an applied one"
     )
+
+
+@pytest.mark.parametrize("command", [["migrate"], ["orgs", "list"]])
+@pytest.mark.parametrize(
+    "url", ["postgresql://u:s3cret@host:abc/db", "postgresql://u:s3cret@[::1/db"]
+)
+def test_a_database_url_that_cannot_be_read_is_one_line_before_anything_starts(
+    data_dir: Path, command: list[str], url: str
+) -> None:
+    never_created = data_dir / "db"
+    line = refusal(cli(never_created, "--database-url", url, *command))
+    assert line.startswith("OPENVPP_DATABASE_URL (--database-url) is not a URL")
+    assert "s3cret" not in line
+    assert not never_created.exists()
+
+
+def test_an_empty_data_dir_flag_is_refused_rather_than_taken_for_the_current_directory(
+    data_dir: Path,
+) -> None:
+    result = cli(data_dir, "--data-dir", "", "migrate")
+    assert result.returncode == 2
+    assert "argument --data-dir: must name a directory" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -14,6 +14,7 @@ from service.auth.store import IdentityStore
 from service.config import (
     CENTURY_SECONDS,
     Settings,
+    check_database_url,
     check_grpc_address,
     check_limits,
     check_log_level,
@@ -70,6 +71,28 @@ def test_a_port_grpc_would_wrap_around_is_refused(address: str) -> None:
         check_grpc_address(Settings(grpc_address=address))
 
 
+# Without a port gRPC listened on 443; the others it could not bind.
+@pytest.mark.parametrize("address", ["127.0.0.1", "[::1]", "", ":50051", "127.0.0.1:abc"])
+def test_an_address_that_is_not_host_and_port_is_refused(address: str) -> None:
+    with pytest.raises(ValueError, match=r"must be HOST:PORT, e\.g\. 127\.0\.0\.1:50051"):
+        check_grpc_address(Settings(grpc_address=address))
+
+
+def test_an_unknown_trace_exporter_is_refused_before_anything_starts() -> None:
+    with pytest.raises(ValueError, match=r"OPENVPP_TRACE_EXPORTER .*unknown exporter 'bogus'"):
+        check_settings(Settings(trace_exporter="bogus"))
+    check_settings(Settings(trace_exporter="console"))
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://u:pw@host:abc/db", "postgresql://u:pw@[::1/db", "postgresql://u@h:1e3/d"]
+)
+def test_a_database_url_that_is_not_one_is_refused_without_its_password(url: str) -> None:
+    with pytest.raises(ValueError, match=r"^OPENVPP_DATABASE_URL \(--database-url\)") as caught:
+        check_database_url(Settings(database_url=url))
+    assert "pw" not in str(caught.value)
+
+
 def test_serve_names_every_broken_value_at_once() -> None:
     broken = Settings(
         grpc_address="127.0.0.1:70000",
@@ -115,6 +138,15 @@ def test_the_defaults_pass_every_check() -> None:
         ("meter_cache_seconds", -1.0),
         ("upstream_scheduler_interval_seconds", -1.0),
         ("dispatch_lease_seconds", math.nan),
+        # Durations past a century overflowed a timer or a datetime once used.
+        ("dispatch_lease_seconds", 1e300),
+        ("dispatch_recheck_after_seconds", 1e300),
+        ("dispatch_breaker_reset_seconds", 1e300),
+        ("dispatch_timeout_seconds", 1e300),
+        ("dispatch_backoff_max_seconds", 1e300),
+        ("balancing_poll_seconds", 1e300),
+        ("stream_pipeline_depth", 0),
+        ("db_read_connections", -1),
     ],
 )
 def test_a_value_out_of_its_range_is_refused_naming_it(field: str, value: float) -> None:
