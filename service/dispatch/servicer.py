@@ -111,6 +111,7 @@ class DispatchServicer(pb_grpc.DispatchServicer):
             ),
         )
         store = self._store()
+        await store.check_filter(setpoint_filter.dispatch_id, setpoint_filter.site_id)
         page = await fetch_page(
             "ListSetpoints",
             lambda after, n: store.list_setpoints(setpoint_filter, after, n),
@@ -150,6 +151,7 @@ class DispatchServicer(pb_grpc.DispatchServicer):
             return any(wanted(change) for change in event.get("changes", ()))
 
         store = self._store()
+        await store.check_filter(dispatch_id, site_id)
         subscription = await self._hub.subscribe(
             SETPOINT_EVENTS_CHANNEL,
             str(current_principal().org_id),

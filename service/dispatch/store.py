@@ -645,6 +645,41 @@ class DispatchStore:
 
     # Setpoints
 
+    async def check_filter(self, dispatch_id: UUID | None, site_id: UUID | None) -> None:
+        """NotFoundError for a filter naming a dispatch or a site the caller cannot see:
+        an operator its own dispatches and every partner site (it dispatches across them),
+        a partner the dispatches that gave it setpoints and its own sites. Without it, a
+        list answered empty and a watch stayed silent for good on a mistyped id."""
+        operator = self._role is Role.OPERATOR
+        async with self._pool.acquire() as conn:
+            if dispatch_id is not None:
+                visible = await conn.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM dispatches WHERE id = $1 AND org_id = $2)"
+                    if operator
+                    else "SELECT EXISTS (SELECT 1 FROM setpoints"
+                    " WHERE dispatch_id = $1 AND partner_org_id = $2)",
+                    dispatch_id,
+                    self._org_id,
+                )
+                if not visible:
+                    raise NotFoundError("dispatch", str(dispatch_id))
+            if site_id is not None:
+                visible = await (
+                    conn.fetchval(
+                        "SELECT EXISTS (SELECT 1 FROM sites s JOIN organizations o"
+                        " ON o.id = s.org_id WHERE s.id = $1 AND o.role = 'partner')",
+                        site_id,
+                    )
+                    if operator
+                    else conn.fetchval(
+                        "SELECT EXISTS (SELECT 1 FROM sites WHERE id = $1 AND org_id = $2)",
+                        site_id,
+                        self._org_id,
+                    )
+                )
+                if not visible:
+                    raise NotFoundError("site", str(site_id))
+
     async def get_setpoint(self, setpoint_id: UUID) -> SetpointRecord:
         found = await self.setpoints_by_id([setpoint_id])
         if not found:

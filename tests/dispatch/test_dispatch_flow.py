@@ -16,6 +16,7 @@ from openvpp.v1 import site_registry_pb2 as site_pb
 from service.auth.principal import Role
 from service.common.clock import ManualClock
 from service.common.protoconv import from_timestamp, to_timestamp
+from tests.conftest import Org
 from tests.dispatch.conftest import Cluster, Flow, window
 from tests.dispatch.setpoint_receiver import Received, running_receiver
 from tests.helpers import expect_invalid, field_violations, rpc_error
@@ -327,8 +328,32 @@ async def test_a_partner_reads_only_its_own_setpoints(cluster: Cluster) -> None:
             )
         )
         assert error.code() == grpc.StatusCode.NOT_FOUND
-    # Filtering by another partner's site shows nothing rather than its setpoints.
-    assert await flow.setpoints(alice, site_id=bob_site.id) == []
+    # A filter naming another organization's site or dispatch is NOT_FOUND, like an id that
+    # does not exist, for the list and for the watch (which otherwise stayed silent).
+    foreign_filters: list[tuple[Org, str, str]] = [
+        (alice, "", bob_site.id),
+        (alice, str(uuid.uuid4()), ""),
+        (other_operator, dispatch.id, ""),
+    ]
+    for caller, dispatch_id, site_id in foreign_filters:
+        error = await rpc_error(
+            replica.dispatch.ListSetpoints(
+                pb.ListSetpointsRequest(dispatch_id=dispatch_id, site_id=site_id),
+                metadata=caller.auth,
+            )
+        )
+        assert error.code() == grpc.StatusCode.NOT_FOUND, (dispatch_id, site_id)
+        watch = replica.dispatch.WatchSetpoints(
+            pb.WatchSetpointsRequest(dispatch_id=dispatch_id, site_id=site_id),
+            metadata=caller.auth,
+        )
+        error = await rpc_error(asyncio.wait_for(watch.read(), 10))
+        assert error.code() == grpc.StatusCode.NOT_FOUND, (dispatch_id, site_id)
+    # A partner's own filters still work: the dispatch that gave it setpoints, its site.
+    assert [s.site_id for s in await flow.setpoints(alice, dispatch.id)] == [alice_site.id]
+    assert [s.site_id for s in await flow.setpoints(alice, site_id=alice_site.id)] == [
+        alice_site.id
+    ]
     got = await replica.dispatch.GetSetpoint(
         pb.GetSetpointRequest(setpoint_id=bobs_setpoint.id), metadata=bob.auth
     )
