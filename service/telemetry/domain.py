@@ -174,6 +174,9 @@ MAX_METER_TEXT_LENGTH = NAME_LENGTH
 # Partitions are created for every month a meter can have readings in; an earlier start is
 # almost certainly a typo (epoch 0 from an unset field) and would create decades of them.
 EARLIEST_METER_START = datetime(1990, 1, 1, tzinfo=UTC)
+# Current times voltage transformer ratios reach a few million at transmission level; beyond
+# this a reading's energy (bounded per reading) could overflow to an infinity in the API.
+MAX_TRANSFORMER_FACTOR = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -224,8 +227,10 @@ def validate_meter(
     elif meter.end_date is not None and meter.end_date <= meter.start_date:
         violations.append((prefix + "end_date", "must be after start_date"))
     factor = meter.transformer_factor
-    if factor is not None and not (math.isfinite(factor) and factor > 0):
-        violations.append((prefix + "transformer_factor", "must be a finite number > 0"))
+    if factor is not None and not (math.isfinite(factor) and 0 < factor <= MAX_TRANSFORMER_FACTOR):
+        violations.append(
+            (prefix + "transformer_factor", f"must be > 0 and at most {MAX_TRANSFORMER_FACTOR:,}")
+        )
     return violations
 
 

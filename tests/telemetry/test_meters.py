@@ -58,6 +58,10 @@ async def test_field_rules(setup: Setup) -> None:
     await expect_invalid(setup.meter(start_date=None), "start_date")
     await expect_invalid(setup.meter(end_date=stamp(METER_START)), "end_date")
     await expect_invalid(setup.meter(transformer_factor=0), "transformer_factor")
+    # 1e308 made a reading's interval energy an infinity in ListReadings.
+    await expect_invalid(setup.meter(transformer_factor=1e308), "transformer_factor")
+    await expect_invalid(setup.meter(transformer_factor=100_000_001), "transformer_factor")
+    assert (await setup.meter(transformer_factor=100_000_000)).transformer_factor == 1e8
     await expect_invalid(setup.meter(site_id="nope"), "site_id")
 
 
