@@ -3,7 +3,8 @@
 A review found that one absurd reading (2e16 Wh in a quarter-hour, a unit mix-up) made
 RunBalancing answer INTERNAL and the worker fail the site's whole pass again and again.
 Ingest now refuses such readings; what was stored before, and energy that accepted input
-can still make too large (a register jump, a transformer factor), leaves just its interval
+can still make too large (a register jump, a transformer factor stored before the API bounded
+it), leaves just its interval
 unbalanced and counted as out of range, and the rest of the site is balanced.
 """
 
@@ -16,7 +17,6 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 import pytest
-from google.protobuf import field_mask_pb2
 from openvpp.v1 import balancing_pb2 as bpb
 from openvpp.v1 import meter_registry_pb2 as mpb
 from openvpp.v1 import telemetry_pb2 as tpb
@@ -176,20 +176,22 @@ async def test_a_register_jump_beyond_the_exact_range_leaves_its_interval_unbala
     assert (await summary_at(community, AT + Q)).complete_intervals == 0
 
 
+async def store_factor(pool: asyncpg.Pool, meter: mpb.Meter, factor: float) -> None:
+    """A factor stored before the API bounded it (at most 1e8): balancing still meets it."""
+    changed = await pool.execute(
+        "UPDATE meters SET transformer_factor = $2 WHERE id = $1", uuid.UUID(meter.id), factor
+    )
+    assert changed == "UPDATE 1"
+
+
 @pytest.mark.parametrize("factor", [1e300, 1e308])
 async def test_a_transformer_factor_beyond_the_exact_range_leaves_the_meter_unbalanced(
-    community: Community, consumer: BalancingQueueConsumer, factor: float
+    community: Community, consumer: BalancingQueueConsumer, pool: asyncpg.Pool, factor: float
 ) -> None:
     """The factor multiplies every reading: 1e300 makes 4e301 Wh, 1e308 an infinity."""
     *_, pv = await three_meters(community)
     await drain(consumer)
-    await community.meters.UpdateMeter(
-        mpb.UpdateMeterRequest(
-            meter=mpb.Meter(id=pv.id, transformer_factor=factor),
-            update_mask=field_mask_pb2.FieldMask(paths=["transformer_factor"]),
-        ),
-        metadata=community.org.auth,
-    )
+    await store_factor(pool, pv, factor)
     await drain(consumer)
     assert consumer.held_back() == []
     answer = await run_balancing(community, AT, AT + 3 * Q)
@@ -198,7 +200,7 @@ async def test_a_transformer_factor_beyond_the_exact_range_leaves_the_meter_unba
 
 
 async def test_watch_balances_counts_the_intervals_out_of_range(
-    community: Community, consumer: BalancingQueueConsumer
+    community: Community, consumer: BalancingQueueConsumer, pool: asyncpg.Pool
 ) -> None:
     *_, pv = await three_meters(community)
     await drain(consumer)
@@ -207,21 +209,18 @@ async def test_watch_balances_counts_the_intervals_out_of_range(
     )
     await stream.initial_metadata()
     # 1e300 times every reading of the producer: its three intervals out of range.
-    await community.meters.UpdateMeter(
-        mpb.UpdateMeterRequest(
-            meter=mpb.Meter(id=pv.id, transformer_factor=1e300),
-            update_mask=field_mask_pb2.FieldMask(paths=["transformer_factor"]),
-        ),
-        metadata=community.org.auth,
-    )
+    await store_factor(pool, pv, 1e300)
+    async with pool.acquire() as conn:
+        await enqueue_balancing(
+            conn, community.org.id, [(uuid.UUID(community.site.id), AT, AT + 3 * Q)]
+        )
     await drain(consumer)
     async with asyncio.timeout(10):
         event = await stream.read()
     stream.cancel()
     assert isinstance(event, bpb.WatchBalancesResponse)
-    # The change queues the span of the meter's readings on the grid (it may reach an
-    # interval beyond them): every interval of it is incomplete, the three with readings
-    # because they are out of range, any other for want of readings.
+    # Every interval of the queued range is incomplete, the three with readings because
+    # they are out of range, any other for want of readings.
     start = event.start_time.ToDatetime(UTC)
     end = event.end_time.ToDatetime(UTC)
     assert start <= AT
