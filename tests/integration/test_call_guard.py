@@ -191,17 +191,29 @@ async def test_a_bug_logs_its_trace_once_and_rejections_one_line(
     assert org.token not in caplog.text
 
 
-async def test_a_database_at_max_connections_is_unavailable_not_a_bug(
+@pytest.mark.parametrize(
+    ("method", "code", "details"),
+    [
+        # PostgreSQL at max_connections (SQLSTATE 53300): an outage to wait out.
+        ("Crowded", grpc.StatusCode.UNAVAILABLE, "database unavailable; retry later"),
+        # What a call read kept changing under it: the same call again normally succeeds.
+        ("Changing", grpc.StatusCode.ABORTED, "conflicting concurrent change; retry the call"),
+    ],
+)
+async def test_a_retryable_failure_is_its_status_not_a_bug(
     traced: tuple[grpc.aio.Channel, InMemorySpanExporter],
     make_org: MakeOrg,
     caplog: pytest.LogCaptureFixture,
+    method: str,
+    code: grpc.StatusCode,
+    details: str,
 ) -> None:
     channel, _ = traced
     org = await make_org(Role.PARTNER)
     caplog.set_level(logging.INFO, "service.edge.call_guard")
-    crowded = await rpc_error(_method(channel, "Crowded")(pb.GetSiteRequest(), metadata=org.auth))
-    assert crowded.code() is grpc.StatusCode.UNAVAILABLE
-    assert crowded.details() == "database unavailable; retry later"
+    error = await rpc_error(_method(channel, method)(pb.GetSiteRequest(), metadata=org.auth))
+    assert error.code() is code
+    assert error.details() == details
     assert not [r for r in caplog.records if r.name == "service.edge.call_guard" and r.exc_info]
 
 
@@ -223,17 +235,3 @@ async def test_an_argument_the_driver_cannot_encode_is_a_bug_not_an_outage(
     # guard counts as the database being away).
     assert [r.exc_info[0] for r in guard_records if r.exc_info] == [asyncpg.DataError]
     assert not [r for r in guard_records if "unavailable" in r.getMessage()]
-
-
-async def test_what_kept_changing_under_a_call_is_aborted_for_a_retry_not_a_bug(
-    traced: tuple[grpc.aio.Channel, InMemorySpanExporter],
-    make_org: MakeOrg,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    channel, _ = traced
-    org = await make_org(Role.PARTNER)
-    caplog.set_level(logging.INFO, "service.edge.call_guard")
-    error = await rpc_error(_method(channel, "Changing")(pb.GetSiteRequest(), metadata=org.auth))
-    assert error.code() is grpc.StatusCode.ABORTED
-    assert error.details() == "conflicting concurrent change; retry the call"
-    assert not [r for r in caplog.records if r.name == "service.edge.call_guard" and r.exc_info]
