@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import pytz
 
-# Only ASCII letters: str.upper() turns "ß" into "SS" and the dotless "ı" into "I", so
-# "ß", "ıt" or "ıe" would pass as South Sudan, Italy or Ireland.
-_ASCII_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# Only ASCII letters are upper-cased: str.upper() turns "ß" into "SS", the dotless "ı" into
+# "I" and the ligature "ﬁ" into "FI", so non-ASCII input would pass as ASCII ("ß", "ıt" as
+# South Sudan and Italy). Shared with the grid identifiers.
+ASCII_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 def normalize_country(text: str) -> str:
     """A country as given, stripped and upper-cased in ASCII only (check it with
     :func:`is_country_code`)."""
-    return text.strip().translate(_ASCII_UPPER)
+    return text.strip().translate(ASCII_UPPER)
 
 
 def default_timezone(country: str) -> str:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from service.identifiers.countries import normalize_country
+from service.identifiers.countries import ASCII_UPPER, normalize_country
 
 __all__ = [
     "MAX_GRID_IDENTIFIER_LENGTH",
@@ -45,9 +45,6 @@ MAX_GRID_IDENTIFIER_LENGTH = 64
 
 _ASCII_DIGITS = frozenset("0123456789")
 _ALLOWED_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_./")
-# Only ASCII letters are upper-cased: str.upper() would turn e.g. the ligature "ﬁ" into
-# "FI" and so let a non-ASCII input pass as ASCII.
-_ASCII_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _EAN_PREFIX = "EAN"
 
 _SCHEME_BY_COUNTRY: dict[str, str] = {
@@ -99,7 +96,7 @@ def normalize_grid_identifier(raw: str) -> str:
     (ListSites normalises its filter, and must find what GetSite returned). With one
     stripped, ``"EANEAN-7"`` was stored as ``"EAN-7"``, which a filter looked for as ``"-7"``.
     """
-    compact = "".join(raw.split()).translate(_ASCII_UPPER)
+    compact = "".join(raw.split()).translate(ASCII_UPPER)
     while compact.startswith(_EAN_PREFIX):
         compact = compact[len(_EAN_PREFIX) :]
     return compact
