@@ -213,13 +213,6 @@ def check_limits(settings: Settings) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{ENV_PREFIX}{spec.name.upper()} must be a finite number")
     century = f"at most {CENTURY_SECONDS:.0f} (100 years)"
-    # Every duration, also those a capability checks otherwise: a lease or breaker reset of
-    # 1e300 s overflowed once used (a timer, a datetime), after the migrations had run.
-    too_long = [
-        f"{ENV_PREFIX}{spec.name.upper()} must be {century}"
-        for spec in fields(Settings)
-        if spec.name.endswith("_seconds") and getattr(settings, spec.name) > CENTURY_SECONDS
-    ]
     rules = (
         ("shutdown_grace_seconds", settings.shutdown_grace_seconds >= 0, ">= 0"),
         (
@@ -260,10 +253,18 @@ def check_limits(settings: Settings) -> None:
             f">= 0 and {century}",
         ),
     )
-    problems = [f"{ENV_PREFIX}{name.upper()} must be {rule}" for name, ok, rule in rules if not ok]
-    # A duration its own rule bounds already is named once.
-    named = {problem.split(" ", 1)[0] for problem in problems}
-    problems += [problem for problem in too_long if problem.split(" ", 1)[0] not in named]
+    broken = [(name, rule) for name, ok, rule in rules if not ok]
+    # Every other duration too, also those a capability checks otherwise: a lease or breaker
+    # reset of 1e300 s overflowed once used (a timer, a datetime), after the migrations.
+    named = {name for name, _ in broken}
+    broken += [
+        (spec.name, century)
+        for spec in fields(Settings)
+        if spec.name.endswith("_seconds")
+        and spec.name not in named
+        and getattr(settings, spec.name) > CENTURY_SECONDS
+    ]
+    problems = [f"{ENV_PREFIX}{name.upper()} must be {rule}" for name, rule in broken]
     if problems:
         raise ValueError("; ".join(problems))
 
