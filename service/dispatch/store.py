@@ -317,6 +317,23 @@ FROM setpoint_attempts WHERE setpoint_id = ANY($1::uuid[]) ORDER BY setpoint_id,
 """
 
 
+# Whether the dispatch_id ($1) and site_id ($2) filters of a setpoint read name what the
+# caller ($3) can see (a NULL filter is visible); see DispatchStore.check_filter.
+_OPERATOR_FILTER_SQL = """
+SELECT ($1::uuid IS NULL OR EXISTS (SELECT 1 FROM dispatches WHERE id = $1 AND org_id = $3))
+           AS dispatch_visible,
+       ($2::uuid IS NULL OR EXISTS (SELECT 1 FROM sites s JOIN organizations o ON o.id = s.org_id
+                                    WHERE s.id = $2 AND o.role = 'partner')) AS site_visible
+"""
+_PARTNER_FILTER_SQL = """
+SELECT ($1::uuid IS NULL OR EXISTS (SELECT 1 FROM setpoints
+                                    WHERE dispatch_id = $1 AND partner_org_id = $3))
+           AS dispatch_visible,
+       ($2::uuid IS NULL OR EXISTS (SELECT 1 FROM sites WHERE id = $2 AND org_id = $3))
+           AS site_visible
+"""
+
+
 class DispatchStore:
     """One caller's view: ``role`` operator or partner decides the scope (see module doc)."""
 
@@ -650,35 +667,14 @@ class DispatchStore:
         an operator its own dispatches and every partner site (it dispatches across them),
         a partner the dispatches that gave it setpoints and its own sites. Without it, a
         list answered empty and a watch stayed silent for good on a mistyped id."""
-        operator = self._role is Role.OPERATOR
-        async with self._pool.acquire() as conn:
-            if dispatch_id is not None:
-                visible = await conn.fetchval(
-                    "SELECT EXISTS (SELECT 1 FROM dispatches WHERE id = $1 AND org_id = $2)"
-                    if operator
-                    else "SELECT EXISTS (SELECT 1 FROM setpoints"
-                    " WHERE dispatch_id = $1 AND partner_org_id = $2)",
-                    dispatch_id,
-                    self._org_id,
-                )
-                if not visible:
-                    raise NotFoundError("dispatch", str(dispatch_id))
-            if site_id is not None:
-                visible = await (
-                    conn.fetchval(
-                        "SELECT EXISTS (SELECT 1 FROM sites s JOIN organizations o"
-                        " ON o.id = s.org_id WHERE s.id = $1 AND o.role = 'partner')",
-                        site_id,
-                    )
-                    if operator
-                    else conn.fetchval(
-                        "SELECT EXISTS (SELECT 1 FROM sites WHERE id = $1 AND org_id = $2)",
-                        site_id,
-                        self._org_id,
-                    )
-                )
-                if not visible:
-                    raise NotFoundError("site", str(site_id))
+        if dispatch_id is None and site_id is None:
+            return
+        sql = _OPERATOR_FILTER_SQL if self._role is Role.OPERATOR else _PARTNER_FILTER_SQL
+        row = await self._pool.fetchrow(sql, dispatch_id, site_id, self._org_id)
+        if not row["dispatch_visible"]:
+            raise NotFoundError("dispatch", str(dispatch_id))
+        if not row["site_visible"]:
+            raise NotFoundError("site", str(site_id))
 
     async def get_setpoint(self, setpoint_id: UUID) -> SetpointRecord:
         found = await self.setpoints_by_id([setpoint_id])
