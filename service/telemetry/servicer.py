@@ -79,8 +79,16 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
 
     # -- ingest ---------------------------------------------------------------------------
 
+    def _start(self, org_id: OrgId, batch: pb.ReadingBatch) -> asyncio.Task[pb.ReadingBatchAck]:
+        """The batch's ingest as a task with its turn in the server's write order (taken
+        now, in arrival order), which ends however the task does."""
+        turn = self._write_order.enter(str(org_id), batch.readings)
+        task = asyncio.create_task(self._ack(org_id, batch, turn))
+        turn.finish_with(task)
+        return task
+
     async def _ack(
-        self, org_id: OrgId, batch: pb.ReadingBatch, turn: WriteTurn | None = None
+        self, org_id: OrgId, batch: pb.ReadingBatch, turn: WriteTurn
     ) -> pb.ReadingBatchAck:
         result = await self.ingest.ingest(org_id, batch.readings, turn)
         return ack_to_proto(batch.batch_id, result)
@@ -117,9 +125,7 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
             try:
                 async for request in request_iterator:
                     self.ingest.check_size(len(request.batch.readings))
-                    turn = self._write_order.enter(str(org_id), request.batch.readings)
-                    task = asyncio.create_task(self._ack(org_id, request.batch, turn))
-                    turn.finish_with(task)
+                    task = self._start(org_id, request.batch)
                     self._orphans.add(task)
                     task.add_done_callback(self._orphans.discard)
                     task.add_done_callback(functools.partial(settled, request.batch.batch_id))
@@ -150,13 +156,10 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
         self, request: pb.IngestReadingsRequest, context: Any
     ) -> pb.IngestReadingsResponse:
         self.ingest.check_size(len(request.batch.readings))
-        org_id = current_principal().org_id
         # In the server's write order too: a client whose stream broke may resend here
         # while the stream's batch still runs to its commit. Cancelled with the call (its
-        # transaction rolls back), as before; the turn ends however the task does.
-        turn = self._write_order.enter(str(org_id), request.batch.readings)
-        task = asyncio.ensure_future(self._ack(org_id, request.batch, turn))
-        turn.finish_with(task)
+        # transaction rolls back), as before.
+        task = self._start(current_principal().org_id, request.batch)
         return pb.IngestReadingsResponse(ack=await task)
 
     # -- reading back ---------------------------------------------------------------------
