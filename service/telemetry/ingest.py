@@ -242,13 +242,11 @@ class Ingest:
             raise NotFoundError("meter", str(meter_id))
         return info
 
-    async def ingest(
-        self, org_id: OrgId, readings: Sequence[Any], turn: WriteTurn | None = None
-    ) -> IngestResult:
+    async def ingest(self, org_id: OrgId, readings: Sequence[Any], turn: WriteTurn) -> IngestResult:
         """Validates, stores and commits one batch; returns only after COMMIT.
 
-        With a ``turn`` (a stream's batch), the write waits for that turn; the caller ends
-        the turn when this call ends (:meth:`WriteTurn.finish_with`).
+        The write waits for the batch's ``turn`` in the server's write order; the caller
+        ends the turn when this call ends (:meth:`WriteTurn.finish_with`).
         """
         gone: set[UUID] = set()
         site_retried = False
@@ -287,7 +285,7 @@ class Ingest:
                 self.meters.forget_org(str(org_id))
 
     async def _ingest_once(
-        self, org_id: OrgId, readings: Sequence[Any], gone: set[UUID], turn: WriteTurn | None
+        self, org_id: OrgId, readings: Sequence[Any], gone: set[UUID], turn: WriteTurn
     ) -> IngestResult:
         meters = await self.meters.lookup(org_id, {r.meter_id for r in readings})
         if gone:
@@ -302,8 +300,7 @@ class Ingest:
         in_batch_corrections = checked.in_batch_corrections
         if checked.rows:
             await self.partitions.ensure_for([row[2] for row in checked.rows])
-            if turn is not None:
-                await turn.wait()
+            await turn.wait()
             written, inserted, updated, register_rejects = await self._write_with_retries(
                 org_id, checked
             )
