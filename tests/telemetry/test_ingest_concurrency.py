@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -185,32 +185,35 @@ async def test_a_batch_whose_readings_are_all_rejected_keeps_the_write_order(
     assert await stored_value(service, profile, quarter(0)) == 90.0
 
 
+async def resend_on_a_new_stream(setup: Setup, later: tpb.Reading) -> tpb.ReadingBatchAck:
+    again = setup.telemetry.StreamReadings(metadata=setup.org.auth)
+    await again.write(batch("later", [later]))
+    ack = await read_ack(again)
+    await again.done_writing()
+    return ack
+
+
+async def resend_by_ingest_readings(setup: Setup, later: tpb.Reading) -> tpb.ReadingBatchAck:
+    return await setup.ingest([later], "later")
+
+
+@pytest.mark.parametrize(
+    "resend", [resend_on_a_new_stream, resend_by_ingest_readings], ids=["stream", "unary"]
+)
 async def test_a_batch_left_running_by_a_dropped_stream_writes_before_the_resent_ones(
-    setup: Setup, service: Service
+    setup: Setup,
+    service: Service,
+    resend: Callable[[Setup, tpb.Reading], Awaitable[tpb.ReadingBatchAck]],
 ) -> None:
     # The client's stream broke before the ack; it reconnects and sends its later value.
     # The batch of the gone stream still runs to its commit, and must not commit last.
     async with first_batch_held_up(setup, service) as scene:
         profile = scene.profile
         scene.call.cancel()
-        again = setup.telemetry.StreamReadings(metadata=setup.org.auth)
-        await again.write(batch("later", [interval(profile, quarter(0), 90.0)]))
-        await not_stored_meanwhile(service, profile)
-    ack = await asyncio.wait_for(read_ack(again), 10)
-    await again.done_writing()
-    assert ack.batch_id == "later"
-    assert await stored_value(service, profile, quarter(0)) == 90.0
-
-
-async def test_a_batch_left_running_by_a_dropped_stream_writes_before_a_unary_resend(
-    setup: Setup, service: Service
-) -> None:
-    async with first_batch_held_up(setup, service) as scene:
-        profile = scene.profile
-        scene.call.cancel()
-        resent = asyncio.ensure_future(setup.ingest([interval(profile, quarter(0), 90.0)]))
+        resent = asyncio.ensure_future(resend(setup, interval(profile, quarter(0), 90.0)))
         await not_stored_meanwhile(service, profile)
     ack = await asyncio.wait_for(resent, 10)
+    assert ack.batch_id == "later"
     assert ack.corrected_count == 1
     assert await stored_value(service, profile, quarter(0)) == 90.0
 
