@@ -29,6 +29,7 @@ from service.common.errors import (
 from service.common.field_mask import require_mask
 from service.common.protoconv import (
     date_from_proto,
+    end_time_rule,
     from_timestamp,
     optional_uuid,
     parse_uuid,
@@ -60,14 +61,11 @@ def _time_range(request: Any, longest: timedelta = MAX_LIST_RANGE) -> tuple[date
     errors.raise_if_any()
     start = from_timestamp(request.start_time, "start_time")
     end = from_timestamp(request.end_time, "end_time")
-    if end <= start:
-        raise ValidationError.single("end_time", "must be after start_time")
-    if end - start > longest:
-        # The README's bound on a request's range (a page's work is bounded by the page,
-        # whatever the range).
-        raise ValidationError.single(
-            "end_time", f"must be at most {longest.days} days after start_time"
-        )
+    # The README's bound on a request's range (a page's work is bounded by the page,
+    # whatever the range).
+    rule = end_time_rule(request.start_time, request.end_time, longest)
+    if rule is not None:
+        raise ValidationError.single("end_time", rule)
     return start, end
 
 

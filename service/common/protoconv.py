@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from typing import Any, TypeAlias, TypeVar
 from uuid import UUID
@@ -116,6 +116,20 @@ def from_timestamp(stamp: timestamp_pb2.Timestamp, field: str = "timestamp") -> 
     if rule is not None:
         raise ValidationError.single(field, rule)
     return stamp.ToDatetime(tzinfo=UTC)
+
+
+def end_time_rule(
+    start: timestamp_pb2.Timestamp, end: timestamp_pb2.Timestamp, longest: timedelta
+) -> str | None:
+    """The rule the ``end_time`` of a range from ``start`` to ``end`` breaks, or None: after
+    the start, by at most ``longest`` (whole days). Judged on the stamps as sent, since the
+    datetimes read from them have lost what is below a microsecond."""
+    length_ns = (end.seconds - start.seconds) * _NANOS + (end.nanos - start.nanos)
+    if length_ns <= 0:
+        return "must be after start_time"
+    if length_ns > longest // timedelta(microseconds=1) * 1000:
+        return f"must be at most {longest.days} days after start_time"
+    return None
 
 
 def parse_uuid(value: str, field: str) -> UUID:

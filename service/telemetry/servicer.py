@@ -16,7 +16,7 @@ from openvpp.v1 import telemetry_pb2_grpc as pb_grpc
 
 from service.auth.principal import Role, current_principal
 from service.common.errors import NotFoundError, ValidationError
-from service.common.protoconv import from_timestamp, parse_uuid, to_timestamp
+from service.common.protoconv import end_time_rule, from_timestamp, parse_uuid, to_timestamp
 from service.config import Settings
 from service.events.channels import (
     READINGS_CHANNEL,
@@ -174,10 +174,9 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
             raise ValidationError.single("end_time", "is required")
         start = from_timestamp(request.start_time, "start_time")
         end = from_timestamp(request.end_time, "end_time")
-        if end <= start:
-            raise ValidationError.single("end_time", "must be after start_time")
-        if end - start > MAX_LIST_RANGE:
-            raise ValidationError.single("end_time", "must be at most 31 days after start_time")
+        rule = end_time_rule(request.start_time, request.end_time, MAX_LIST_RANGE)
+        if rule is not None:
+            raise ValidationError.single("end_time", rule)
         info = await self.ingest.meter(current_principal().org_id, meter_id)
         listed = await meter_readings(self._pool, info, start, end)
         response = pb.ListReadingsResponse()

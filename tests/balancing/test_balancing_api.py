@@ -198,6 +198,47 @@ async def test_field_rules_are_reported_all_at_once(community: Community) -> Non
     )
 
 
+async def test_ranges_are_judged_to_the_nanosecond(community: Community) -> None:
+    """A range's length is judged on the stamps as sent: one nanosecond over the bound is
+    refused, and a range shorter than the microsecond the instants are read at is a valid
+    one."""
+    api, auth = community.balancing, community.org.auth
+    site_id = community.site.id
+    start = stamp(BERLIN_NEW_YEAR)
+    over = stamp(BERLIN_NEW_YEAR + timedelta(days=400))
+    over.nanos += 1
+    rule = await expect_invalid(
+        api.RunBalancing(
+            bpb.RunBalancingRequest(site_id=site_id, start_time=start, end_time=over),
+            metadata=auth,
+        ),
+        "end_time",
+    )
+    assert "400 days" in rule
+    tiny = stamp(BERLIN_NEW_YEAR)
+    tiny.nanos += 1
+    ran = await api.RunBalancing(
+        bpb.RunBalancingRequest(site_id=site_id, start_time=start, end_time=tiny), metadata=auth
+    )
+    assert (ran.balanced_intervals, ran.incomplete_intervals) == (0, 0)
+    aggregated = await api.ListAggregatedBalances(
+        bpb.ListAggregatedBalancesRequest(site_id=site_id, start_time=start, end_time=tiny),
+        metadata=auth,
+    )
+    assert list(aggregated.balances) == []
+    # Summaries are of the output intervals the range overlaps: the first one, as for a
+    # microsecond.
+    summaries = [
+        await api.ListBalanceSummaries(
+            bpb.ListBalanceSummariesRequest(site_id=site_id, start_time=start, end_time=end),
+            metadata=auth,
+        )
+        for end in (tiny, stamp(BERLIN_NEW_YEAR + timedelta(microseconds=1)))
+    ]
+    assert [s.interval_start for s in summaries[0].summaries] == [start]
+    assert summaries[0] == summaries[1]
+
+
 async def test_static_shares_of_a_tier_must_not_exceed_one(community: Community) -> None:
     api, auth = community.balancing, community.org.auth
     first = await community.meter()

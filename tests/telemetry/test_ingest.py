@@ -3,7 +3,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import math
 import uuid
 import weakref
 from datetime import UTC, datetime, timedelta
@@ -443,6 +442,32 @@ async def test_list_readings_rules(setup: Setup, other_partner: Org) -> None:
         metadata=other_partner.auth,
     ).code()
     assert error == grpc.StatusCode.NOT_FOUND
+
+
+async def test_list_readings_range_is_judged_to_the_nanosecond(setup: Setup) -> None:
+    """Nanoseconds below a microsecond are cut off the instants read, not off the range's
+    length: 31 days and 1 ns is longer than 31 days."""
+    meter = await setup.meter()
+    start = stamp(quarter(0))
+    end = stamp(quarter(0) + timedelta(days=31))
+    end.nanos += 1
+    await expect_invalid(
+        setup.telemetry.ListReadings(
+            tpb.ListReadingsRequest(meter_id=meter.id, start_time=start, end_time=end),
+            metadata=setup.org.auth,
+        ),
+        "end_time",
+    )
+    exactly = stamp(quarter(0) + timedelta(days=31))
+    listed = await setup.telemetry.ListReadings(
+        tpb.ListReadingsRequest(meter_id=meter.id, start_time=start, end_time=exactly),
+        metadata=setup.org.auth,
+    )
+    assert list(listed.readings) == []
+    # Within one microsecond: both instants read the same, yet end is after start.
+    later = tpb.ListReadingsRequest(meter_id=meter.id, start_time=start, end_time=start)
+    later.end_time.nanos += 1
+    await setup.telemetry.ListReadings(later, metadata=setup.org.auth)
 
 
 async def test_same_new_batch_sent_concurrently_is_stored_once(
