@@ -86,7 +86,8 @@ def request_from_proto(
             errors.add(field, QUARTER_HOUR_RULE)
     parsed = DispatchRequest(
         request_id=request.request_id,
-        power_kw=request.power_kw,
+        # + 0.0 makes -0.0 the 0 it means (echoed, it would read "-0").
+        power_kw=request.power_kw + 0.0,
         # Missing instants are violations above; the rules of the window skip them.
         start_time=from_timestamp(request.start_time, "start_time"),
         end_time=from_timestamp(request.end_time, "end_time"),

@@ -204,6 +204,8 @@ def validate_batch(
         if value < 0:
             rejected.append((index, RejectReason.NEGATIVE_VALUE))
             continue
+        if not value:
+            value = 0.0  # -0.0 passes `< 0`: stored as sent, it would read back as "-0"
         if value > info.max_value:
             rejected.append((index, RejectReason.VALUE_TOO_LARGE))
             continue

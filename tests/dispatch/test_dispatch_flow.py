@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -181,6 +182,11 @@ async def test_allocation_with_bounds_and_shortfall_per_type(cluster: Cluster) -
     down = await dry(0.0, pb.DISPATCH_TYPE_MAXIMISE_DOWNWARDS)
     assert [s.power_kw for s in down.setpoints] == [-5.0, 2.0, -8.0]
     assert down.dispatch.shortfall_power_kw == 0.0
+    # -0.0 is the same target as 0.0, and is echoed as 0, not "-0".
+    negative_zero = await dry(-0.0, pb.DISPATCH_TYPE_MAXIMISE_DOWNWARDS)
+    assert [s.power_kw for s in negative_zero.setpoints] == [-5.0, 2.0, -8.0]
+    assert math.copysign(1.0, negative_zero.dispatch.power_kw) == 1.0
+    assert math.copysign(1.0, negative_zero.dispatch.shortfall_power_kw) == 1.0
     # The selection narrows by resource type.
     only_pv = await flow.dispatch(
         operator,

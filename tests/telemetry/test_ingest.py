@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import uuid
 import weakref
 from datetime import UTC, datetime, timedelta
@@ -442,6 +443,19 @@ async def test_list_readings_rules(setup: Setup, other_partner: Org) -> None:
         metadata=other_partner.auth,
     ).code()
     assert error == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_negative_zero_reading_is_stored_as_zero(setup: Setup) -> None:
+    meter = await setup.meter()
+    ack = await setup.ingest([register(meter, quarter(0), -0.0), register(meter, quarter(1), 1.0)])
+    assert ack.accepted_count == 2
+    listed = await setup.list(meter.id, quarter(0), quarter(2))
+    assert [r.register_wh for r in listed.readings] == [0.0, 1.0]
+    # Read back as 0, not "-0".
+    assert math.copysign(1.0, listed.readings[0].register_wh) == 1.0
+    # A resend of 0 is the same reading.
+    again = await setup.ingest([register(meter, quarter(0), 0.0)])
+    assert again.duplicate_count == 1
 
 
 async def test_list_readings_range_is_judged_to_the_nanosecond(setup: Setup) -> None:
