@@ -323,13 +323,12 @@ def _without_password(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
-def _refuse_unusable_settings(settings: Settings, command: str) -> None:
+def _refuse_unusable_settings(settings: Settings) -> None:
     """Stops the command with one line naming every value it cannot run with, before it
-    starts anything (a traceback from deep inside logging or asyncpg names none)."""
-    checks: list[Callable[[Settings], None]] = [check_log_level, check_database_url]
-    if command == "serve":
-        checks.append(check_settings)
-    problems = problems_of(settings, checks)
+    starts anything (a traceback from deep inside logging or asyncpg names none). Every
+    command checks every setting: one configuration serves them all, and a value `serve`
+    would refuse is not one for `migrate` or `orgs` to take silently."""
+    problems = problems_of(settings, (check_log_level, check_database_url, check_settings))
     if problems:
         raise SystemExit("; ".join(problems))
 
@@ -351,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         if rule is not None:
             raise SystemExit(f"organization name {rule}")
     settings = Settings.from_env(**overrides)
-    _refuse_unusable_settings(settings, args.command)
+    _refuse_unusable_settings(settings)
     setup_logging(settings.log_level)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
 

@@ -105,11 +105,18 @@ class Settings:
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
+        unreadable: list[str] = []
         for spec in fields(cls):
             raw = env.get(ENV_PREFIX + spec.name.upper())
             if raw is None or raw == "":
                 continue
-            values[spec.name] = _coerce(spec.name, spec.type, raw)
+            try:
+                values[spec.name] = _coerce(spec.name, spec.type, raw)
+            except ValueError as problem:
+                unreadable.append(str(problem))
+        if unreadable:
+            # Every one at once: fixed one by one, each run would name only the next.
+            raise SystemExit("; ".join(unreadable))
         settings = cls(**values)
         given = {k: v for k, v in overrides.items() if v is not None}
         return replace(settings, **given) if given else settings
@@ -140,7 +147,7 @@ def _coerce(name: str, type_name: Any, raw: str) -> Any:
         if "Path" in text:
             return Path(raw)
     except ValueError as exc:
-        raise SystemExit(f"{ENV_PREFIX}{name.upper()}: cannot use {raw!r} ({exc})") from exc
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}: cannot use {raw!r} ({exc})") from None
     return raw
 
 

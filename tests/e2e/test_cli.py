@@ -233,6 +233,18 @@ def test_an_unknown_log_level_stops_any_command_with_one_line(
     assert not never_created.exists()
 
 
+@pytest.mark.parametrize("command", [["migrate"], ["orgs", "list"], ["serve"]])
+def test_a_setting_serve_would_refuse_stops_every_command_with_one_line(
+    data_dir: Path, command: list[str]
+) -> None:
+    never_created = data_dir / "db"
+    broken = {"OPENVPP_DB_POOL_MAX_SIZE": "0", "OPENVPP_WATCH_BUFFER_SIZE": "0"}
+    line = refusal(cli(never_created, *command, env=broken))
+    assert "OPENVPP_DB_POOL_MAX_SIZE must be >= 1" in line
+    assert "OPENVPP_WATCH_BUFFER_SIZE must be >= 1" in line
+    assert not never_created.exists()
+
+
 def test_serve_refuses_a_pool_minimum_above_its_maximum_before_starting_anything(
     data_dir: Path,
 ) -> None:

@@ -160,6 +160,26 @@ def test_a_float_variable_that_is_not_finite_is_refused(raw: str) -> None:
         Settings.from_env({"OPENVPP_HEALTH_INTERVAL_SECONDS": raw})
 
 
+def test_every_unreadable_variable_is_named_at_once() -> None:
+    with pytest.raises(SystemExit) as stopped:
+        Settings.from_env(
+            {
+                "OPENVPP_DB_POOL_MAX_SIZE": "many",
+                "OPENVPP_WATCH_BUFFER_SIZE": "y",
+                "OPENVPP_DISPATCH_DELIVERY_ENABLED": "perhaps",
+                "OPENVPP_LOG_LEVEL": "loud",
+            }
+        )
+    message = str(stopped.value)
+    for named in (
+        "OPENVPP_DB_POOL_MAX_SIZE: cannot use 'many'",
+        "OPENVPP_WATCH_BUFFER_SIZE: cannot use 'y'",
+        "OPENVPP_DISPATCH_DELIVERY_ENABLED: cannot use 'perhaps'",
+    ):
+        assert named in message
+    assert "\n" not in message
+
+
 async def test_a_grace_at_the_limit_still_signs(service: Service, make_org: MakeOrg) -> None:
     """1e12 s passed the checks and then overflowed rotated_at + grace on every delivery of
     an organization that had rotated its secret; the longest grace taken now signs."""
