@@ -149,4 +149,4 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except grpc.RpcError as error:
-        sys.exit(f"{error.code().name}: {error.details()}")
+        sys.exit(openvpp_client.failure_line(error))

@@ -10,7 +10,7 @@
 See ``openvpp_client.channel`` for how the token travels and what is retried.
 """
 
-from openvpp_client.args import add_connection_arguments, channel_from_args
+from openvpp_client.args import add_connection_arguments, channel_from_args, failure_line
 from openvpp_client.channel import (
     DEFAULT_RETRY,
     DEFAULT_TARGET,
@@ -31,4 +31,5 @@ __all__ = [
     "channel",
     "channel_from_args",
     "channel_options",
+    "failure_line",
 ]

@@ -32,3 +32,16 @@ def channel_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
     if not args.token:
         parser.error(f"a token is needed: --token or {TOKEN_VARIABLE}")
     return channel(args.address, args.token)
+
+
+def failure_line(error: grpc.RpcError) -> str:
+    """The line a client script exits with for a failed call: its status and details, and
+    for UNAVAILABLE what a newcomer most often got wrong (no server at the address)."""
+    code = error.code()
+    line = f"{code.name}: {error.details()}"
+    if code is grpc.StatusCode.UNAVAILABLE:
+        line += (
+            "\n(is the service running there? Start it with ./scripts/serve, or point"
+            f" --address or {ADDRESS_VARIABLE} at it)"
+        )
+    return line

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sys
 from pathlib import Path
+
+import pytest
 
 from service.app import Service
 from service.auth.principal import Role
@@ -37,6 +40,30 @@ def test_every_example_is_tested() -> None:
     # its receiver counts exactly this flow's deliveries).
     tested = {"powernaut_sites.py", "solarize_metering.py", "dispatch_flow.py"}
     assert scripts == tested, "a new example needs its test here"
+
+
+@pytest.mark.parametrize(
+    ("name", "args"),
+    [
+        ("powernaut_sites.py", ()),
+        ("solarize_metering.py", ()),
+        (
+            "dispatch_flow.py",
+            ("--partner-token", "p", "--supplier-token", "s", "--signing-secret", "whsec_AA=="),
+        ),
+    ],
+)
+async def test_an_example_with_no_server_at_its_address_says_what_to_check(
+    name: str, args: tuple[str, ...]
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again before the example runs: nobody listens
+    code, output = await run_example(name, "--address", f"127.0.0.1:{port}", "--token", "t", *args)
+    assert code == 1, output
+    assert output.startswith("UNAVAILABLE: "), output
+    assert "is the service running there? Start it with ./scripts/serve" in output
+    assert "Traceback" not in output
 
 
 async def test_powernaut_sites_with_the_supplier_side(service: Service, make_org: MakeOrg) -> None:

@@ -85,8 +85,13 @@ def test_the_walkthrough_runs_as_written(data_dir: Path) -> None:
 def sample_identifiers() -> list[tuple[str, str]]:
     start = README.index("### Sample grid identifiers")
     section = README[start : README.index("\n## ", start)]
-    rows = re.findall(r"^\| (\S[^|]*?) \| [^|]+ \| `([^`]+)` \|$", section, re.MULTILINE)
-    return [(country, sample) for country, sample in rows if country != "Country"]
+    rows = re.findall(r"^\| (\S[^|]*?) \| [^|]+ \| (`[^|]+`) \|$", section, re.MULTILINE)
+    return [
+        (country, sample)
+        for country, samples in rows
+        if country != "Country"
+        for sample in re.findall(r"`([^`]+)`", samples)
+    ]
 
 
 def test_the_sample_table_covers_every_scheme() -> None:
