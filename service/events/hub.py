@@ -93,12 +93,23 @@ class Subscription:
         return self
 
     async def __anext__(self) -> Event:
+        await self._ready()
+        return self._buffer.popleft()
+
+    async def next_events(self) -> list[Event]:
+        """Every buffered event, waiting for one if there is none: a consumer that does one
+        round trip per wake-up (not per event) keeps up with any burst its buffer holds."""
+        await self._ready()
+        events = list(self._buffer)
+        self._buffer.clear()
+        return events
+
+    async def _ready(self) -> None:
         while not self._buffer:
             if self._ended is not None:
                 raise self._ended
             self._wakeup.clear()
             await self._wakeup.wait()
-        return self._buffer.popleft()
 
 
 class EventHub:

@@ -27,7 +27,7 @@ from service.telemetry.convert import PROTO_FLOW_BY_CODE, ack_to_proto
 from service.telemetry.domain import Measuring
 from service.telemetry.energy_store import meter_readings
 from service.telemetry.ingest import Ingest, WriteOrder, WriteTurn
-from service.telemetry.store import fetch_ingested, site_exists
+from service.telemetry.store import IngestedBatch, fetch_ingested, site_exists
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,22 @@ METHOD_ROLES: dict[str, frozenset[Role]] = {
 
 MAX_LIST_RANGE = timedelta(days=31)
 PARTITION_CHECK_SECONDS = 3600.0
+
+
+def _readings_response(rows: list[Any]) -> pb.WatchReadingsResponse:
+    """One committed batch's rows as one message."""
+    response = pb.WatchReadingsResponse()
+    for row in rows:
+        reading = response.readings.add(
+            meter_id=str(row["meter_id"]),
+            timestamp=to_timestamp(row["ts"]),
+            flow=PROTO_FLOW_BY_CODE[row["flow"]],
+        )
+        if row["measuring"] == Measuring.LOAD_PROFILE_ACCURATE:
+            reading.interval_wh = row["value_wh"]
+        else:
+            reading.register_wh = row["value_wh"]
+    return response
 
 
 class TelemetryServicer(pb_grpc.TelemetryServicer):
@@ -224,30 +240,28 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
         try:
             # Headers first, so a client knows it is subscribed before any reading exists.
             await context.send_initial_metadata(())
-            async for event in subscription:
-                rows = await fetch_ingested(
+            while True:
+                # All that is buffered in one statement: a fetch per event fell behind a
+                # site's devices committing together, and ended readers that kept up.
+                events = await subscription.next_events()
+                batches = [
+                    IngestedBatch(
+                        int(event["ingest"]),
+                        datetime.fromisoformat(event["from"]),
+                        datetime.fromisoformat(event["to"]),
+                    )
+                    for event in events
+                ]
+                fetched = await fetch_ingested(
                     self._pool,
                     org_id,
-                    int(event["ingest"]),
-                    datetime.fromisoformat(event["from"]),
-                    datetime.fromisoformat(event["to"]),
+                    batches,
                     None if meter_id is not None else site_id,
                     meter_id,
                 )
-                if not rows:
-                    continue
-                response = pb.WatchReadingsResponse()
-                for row in rows:
-                    reading = response.readings.add(
-                        meter_id=str(row["meter_id"]),
-                        timestamp=to_timestamp(row["ts"]),
-                        flow=PROTO_FLOW_BY_CODE[row["flow"]],
-                    )
-                    if row["measuring"] == Measuring.LOAD_PROFILE_ACCURATE:
-                        reading.interval_wh = row["value_wh"]
-                    else:
-                        reading.register_wh = row["value_wh"]
-                yield response
+                for rows in fetched:
+                    if rows:
+                        yield _readings_response(rows)
         finally:
             subscription.close()
             self.watch_peak_buffered = max(self.watch_peak_buffered, subscription.peak_buffered)

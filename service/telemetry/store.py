@@ -22,7 +22,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
@@ -643,35 +643,48 @@ async def queue_and_announce(
 RETRYABLE = _RETRYABLE
 
 
+class IngestedBatch(NamedTuple):
+    """A committed batch as its event names it: its ingest id and the span of its readings."""
+
+    ingest_id: int
+    first: datetime
+    last: datetime
+
+
 async def fetch_ingested(
     pool: asyncpg.Pool,
     org_id: OrgId,
-    ingest_id: int,
-    first: datetime,
-    last: datetime,
+    batches: Sequence[IngestedBatch],
     site_id: SiteId | None,
     meter_id: MeterId | None,
-) -> list[asyncpg.Record]:
-    """Rows a committed batch changed, of one site or one meter of ``org_id``."""
+) -> list[list[asyncpg.Record]]:
+    """Rows each of ``batches`` changed, of one site or one meter of ``org_id``: one list per
+    batch, in their order, from one statement (a watcher catching up on a burst of commits
+    makes one round trip, not one per commit)."""
     arg: UUID | None = site_id
     where = "m.site_id = $5"
     if meter_id is not None:
         where, arg = "m.id = $5", meter_id
-    rows: list[asyncpg.Record] = await pool.fetch(
+    rows = await pool.fetch(
         f"""
-        SELECT r.meter_id, r.flow, r.ts, r.value_wh, m.measuring FROM meters m
-        JOIN readings r ON r.meter_id = m.id
-        WHERE m.org_id = $1 AND {where} AND r.ingest_id IN ($2::bigint, -$2::bigint)
-          AND r.ts BETWEEN $3 AND $4
-        ORDER BY r.meter_id, r.flow, r.ts
+        SELECT b.n, r.meter_id, r.flow, r.ts, r.value_wh, m.measuring
+        FROM unnest($2::bigint[], $3::timestamptz[], $4::timestamptz[])
+             WITH ORDINALITY AS b(ingest_id, first, last, n)
+        JOIN meters m ON m.org_id = $1 AND {where}
+        JOIN readings r ON r.meter_id = m.id AND r.ingest_id IN (b.ingest_id, -b.ingest_id)
+          AND r.ts BETWEEN b.first AND b.last
+        ORDER BY b.n, r.meter_id, r.flow, r.ts
         """,
         org_id,
-        ingest_id,
-        first,
-        last,
+        [batch.ingest_id for batch in batches],
+        [batch.first for batch in batches],
+        [batch.last for batch in batches],
         arg,
     )
-    return rows
+    per_batch: list[list[asyncpg.Record]] = [[] for _ in batches]
+    for row in rows:
+        per_batch[row["n"] - 1].append(row)
+    return per_batch
 
 
 async def fetch_range(
