@@ -135,6 +135,7 @@ class Service:
     database_outage: OutageLog = field(default_factory=lambda: OutageLog("database", log))
     _serving: bool = False
     _probe: Worker | None = None
+    _authenticator: Authenticator | None = None
     _workers: list[Worker] = field(default_factory=list)
     _service_names: list[str] = field(default_factory=list)
     _capability_list: list[Capability] = field(default_factory=list)
@@ -171,6 +172,7 @@ class Service:
         authenticator = Authenticator(
             identity, settings.token_cache_seconds, cache_allowed=lambda: hub.connected
         )
+        self._authenticator = authenticator
         await self.hub.listen(TOKEN_REVOKED_CHANNEL, authenticator.forget)
         self.hub.on_reset(authenticator.forget_all)
 
@@ -405,6 +407,8 @@ class Service:
         for capability in self._capability_list:
             if capability.stop is not None:
                 await capability.stop()
+        if self._authenticator is not None:
+            await self._authenticator.close()
         if self.reads is not None:
             await self.reads.close()
         if self.pool is not None:

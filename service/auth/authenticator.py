@@ -1,13 +1,19 @@
-"""Resolves bearer tokens to principals, with a short cache that revocations clear at once."""
+"""Resolves bearer tokens to principals, with a short cache that revocations clear at once,
+and tells the calls still running on a token when it is revoked."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import Callable
 
 from service.auth.principal import Principal
 from service.auth.store import IdentityStore
 from service.auth.tokens import token_hash
+
+log = logging.getLogger(__name__)
 
 MAX_CACHED_TOKENS = 10_000
 
@@ -29,6 +35,9 @@ class Authenticator:
         self._cache: dict[bytes, tuple[float, Principal]] = {}
         # Bumped by every invalidation: a lookup that raced with one must not be cached.
         self._generation = 0
+        # Token hash -> what to call when it is revoked: the long calls running on it.
+        self._watchers: dict[bytes, set[Callable[[], None]]] = {}
+        self._recheck: asyncio.Task[None] | None = None
 
     async def authenticate(self, token: str) -> Principal | None:
         digest = token_hash(token)
@@ -49,14 +58,60 @@ class Authenticator:
             self._cache[digest] = (now + self._cache_seconds, principal)
         return principal
 
+    def on_revoked(self, token: str, revoked: Callable[[], None]) -> Callable[[], None]:
+        """Calls ``revoked`` once the token is revoked (by any replica or the CLI) while the
+        returned function has not been called. For streams, which are admitted once and may
+        run for days: the check at admission does not reach them."""
+        digest = token_hash(token)
+        self._watchers.setdefault(digest, set()).add(revoked)
+
+        def unwatch() -> None:
+            watchers = self._watchers.get(digest)
+            if watchers is not None:
+                watchers.discard(revoked)
+                if not watchers:
+                    del self._watchers[digest]
+
+        return unwatch
+
     def forget(self, token_hash_hex: str) -> None:
         """A token was revoked (by any replica or the CLI)."""
         self._generation += 1
         try:
-            self._cache.pop(bytes.fromhex(token_hash_hex), None)
+            digest = bytes.fromhex(token_hash_hex)
         except ValueError:
-            self._cache.clear()
+            self.forget_all()
+            return
+        self._cache.pop(digest, None)
+        self._tell_revoked(digest)
 
     def forget_all(self) -> None:
+        """Revocations may have been missed (the listening connection was lost): nothing
+        cached is trusted, and the tokens of running streams are looked up again."""
         self._generation += 1
         self._cache.clear()
+        if self._watchers and (self._recheck is None or self._recheck.done()):
+            self._recheck = asyncio.get_running_loop().create_task(
+                self._recheck_watched(), name="token-recheck"
+            )
+
+    async def close(self) -> None:
+        if self._recheck is not None:
+            self._recheck.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._recheck
+
+    def _tell_revoked(self, digest: bytes) -> None:
+        for revoked in list(self._watchers.pop(digest, ())):
+            revoked()
+
+    async def _recheck_watched(self) -> None:
+        digests = list(self._watchers)
+        try:
+            live = await self._store.active_token_hashes(digests)
+        except Exception as error:  # the database is away too: the next reset tries again
+            log.warning("checking the tokens of %d open streams failed: %s", len(digests), error)
+            return
+        for digest in digests:
+            if digest not in live:
+                self._tell_revoked(digest)

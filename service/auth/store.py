@@ -176,6 +176,15 @@ class IdentityStore:
     async def principal_for(self, token: str) -> Principal | None:
         return await self.principal_for_hash(token_hash(token))
 
+    async def active_token_hashes(self, digests: list[bytes]) -> set[bytes]:
+        """Which of ``digests`` are hashes of tokens that are not revoked."""
+        rows = await self._pool.fetch(
+            "SELECT token_hash FROM api_tokens WHERE token_hash = ANY($1::bytea[])"
+            " AND revoked_at IS NULL",
+            digests,
+        )
+        return {bytes(row["token_hash"]) for row in rows}
+
     async def principal_for_hash(self, digest: bytes) -> Principal | None:
         row = await self._pool.fetchrow(
             "SELECT t.id AS token_id, o.id AS org_id, o.role FROM api_tokens t "

@@ -18,6 +18,7 @@ it, so a bad one ends the stream after the responses already sent.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import inspect
 import logging
@@ -59,18 +60,80 @@ Admit = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[Principal | Non
 Decode = Callable[[Any], Any]
 Fail = Callable[[Exception, Span | None], grpc.Status]
 SpanFactory = Callable[[grpc.aio.ServicerContext[Any, Any]], Span | None]
+WatchRevocation = Callable[[grpc.aio.ServicerContext[Any, Any]], "_Revocation"]
 
 
 class _Steps:
     """What the guard does around every call of one method."""
 
-    __slots__ = ("admit", "decode", "fail", "span_for")
+    __slots__ = ("admit", "decode", "fail", "span_for", "watch")
 
-    def __init__(self, admit: Admit, decode: Decode, fail: Fail, span_for: SpanFactory) -> None:
+    def __init__(
+        self,
+        admit: Admit,
+        decode: Decode,
+        fail: Fail,
+        span_for: SpanFactory,
+        watch: WatchRevocation | None,
+    ) -> None:
         self.admit = admit
         self.decode = decode
         self.fail = fail
         self.span_for = span_for
+        self.watch = watch
+
+
+TOKEN_REVOKED_STATUS = status_with_reason(
+    grpc.StatusCode.UNAUTHENTICATED,
+    "the token of this call was revoked while it ran; call again with a valid token",
+    "TOKEN_REVOKED",
+)
+
+
+class _Revocation:
+    """Ends a streaming call whose token is revoked while it runs, with UNAUTHENTICATED.
+
+    Watched from before admission, so a revocation during the token's lookup is not missed;
+    armed once admitted. An armed call waiting inside its handler (for an event, the next
+    request, the database) is cancelled there and ends with the status; one whose response
+    is being written ends once the write is done, so that gRPC's own writing is never cut
+    off."""
+
+    __slots__ = ("_cancelled", "_task", "_unwatch", "revoked", "sending")
+
+    def __init__(self, authenticator: Authenticator, token: str) -> None:
+        self.revoked = False
+        self.sending = False
+        self._cancelled = False
+        self._task: asyncio.Task[Any] | None = None
+        self._unwatch = authenticator.on_revoked(token, self._on_revoked)
+
+    def arm(self) -> None:
+        self.check()
+        self._task = asyncio.current_task()
+
+    def check(self) -> None:
+        if self.revoked:
+            raise _Refused(TOKEN_REVOKED_STATUS)
+
+    def cancelled_by_us(self) -> bool:
+        """Whether the CancelledError being handled is this revocation's (not the client's
+        going away); if so the task's cancellation is taken back, the call goes on to end."""
+        if self._cancelled and self._task is not None:
+            self._task.uncancel()
+            self._task = None
+            return True
+        return False
+
+    def close(self) -> None:
+        self._task = None
+        self._unwatch()
+
+    def _on_revoked(self) -> None:
+        self.revoked = True
+        if self._task is not None and not self.sending:
+            self._cancelled = True
+            self._task.cancel()
 
 
 class _Guarded:
@@ -133,6 +196,7 @@ def _wrap(handler: Any, steps: _Steps) -> Any:
     kind = (handler.request_streaming, handler.response_streaming)
     inner = getattr(handler, _BEHAVIOURS[kind])
     decode = steps.decode
+    watch = steps.watch
     guarded: Any
     arguments: Decode = decode
     if handler.request_streaming:
@@ -143,16 +207,59 @@ def _wrap(handler: Any, steps: _Steps) -> Any:
     if handler.response_streaming:
 
         async def guarded_stream(raw: Any, context: Any) -> AsyncIterator[Any]:
-            async with _Guarded(steps, context):
-                produced = inner(arguments(raw), context)
-                if inspect.isawaitable(produced):
-                    # A handler that sends with context.write (grpc's Health/Watch).
-                    await produced
-                    return
-                async for response in produced:
-                    yield response
+            revocation = watch(context) if watch is not None else None
+            try:
+                async with _Guarded(steps, context):
+                    if revocation is None:
+                        produced = inner(arguments(raw), context)
+                        if inspect.isawaitable(produced):
+                            # A handler that sends with context.write (grpc's Health/Watch).
+                            await produced
+                            return
+                        async for response in produced:
+                            yield response
+                        return
+                    revocation.arm()
+                    responses = inner(arguments(raw), context)
+                    try:
+                        async for response in responses:
+                            revocation.sending = True
+                            yield response
+                            revocation.sending = False
+                            if revocation.revoked:
+                                # Its clean-up (a subscription, a reader task) runs now.
+                                await responses.aclose()
+                                revocation.check()
+                    except asyncio.CancelledError:
+                        if revocation.cancelled_by_us():
+                            raise _Refused(TOKEN_REVOKED_STATUS) from None
+                        raise
+                    finally:
+                        revocation.close()
+            finally:
+                if revocation is not None:
+                    revocation.close()
 
         guarded = guarded_stream
+    elif handler.request_streaming and watch is not None:
+
+        async def guarded_client_stream(raw: Any, context: Any) -> Any:
+            revocation = watch(context)
+            try:
+                async with _Guarded(steps, context):
+                    revocation.arm()
+                    try:
+                        return await inner(arguments(raw), context)
+                    except asyncio.CancelledError:
+                        if revocation.cancelled_by_us():
+                            raise _Refused(TOKEN_REVOKED_STATUS) from None
+                        raise
+                    finally:
+                        revocation.close()
+            finally:
+                revocation.close()
+
+        guarded = guarded_client_stream
     else:
 
         async def guarded_unary(raw: Any, context: Any) -> Any:
@@ -357,7 +464,15 @@ class CallGuard:
                 span.set_status(trace.StatusCode.ERROR)
             return plain_status(grpc.StatusCode.INTERNAL, "internal error")
 
-        return _wrap(handler, _Steps(admit, decode, fail, span_for))
+        watch: WatchRevocation | None = None
+        if not public:
+
+            def watch(context: grpc.aio.ServicerContext[Any, Any]) -> _Revocation:
+                # Admission refuses a call without one before the handler runs.
+                token = _authorization_token(context.invocation_metadata()) or ""
+                return _Revocation(authenticator, token)
+
+        return _wrap(handler, _Steps(admit, decode, fail, span_for, watch))
 
 
 # (request streaming, response streaming) -> the RpcMethodHandler attribute holding the
@@ -410,10 +525,12 @@ def _text_metadata(metadata: Any) -> dict[str, str]:
 
 
 def _authorization_token(metadata: Any) -> str | None:
-    for key, value in metadata or ():
-        if key == "authorization":
-            return bearer_token(_as_text(value))
-    return None
+    """The bearer token of the one ``authorization`` entry; None without one, or with more
+    than one (a proxy's next to the client's): which of them counts is not ours to guess."""
+    found: list[str | bytes] = [value for key, value in metadata or () if key == "authorization"]
+    if len(found) != 1:
+        return None
+    return bearer_token(_as_text(found[0]))
 
 
 def _as_text(value: str | bytes | None) -> str | None:

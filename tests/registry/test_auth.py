@@ -131,6 +131,23 @@ async def test_revoked_token_stops_working_on_every_replica(
     assert not await IdentityStore(service.pool).revoke_token(partner.token_id)
 
 
+async def test_two_authorization_entries_are_refused_whichever_is_valid(
+    registry: Stub, partner: Org, make_org: MakeOrg
+) -> None:
+    other = await make_org(Role.PARTNER)
+    valid = f"Bearer {partner.token}"
+    for pair in (
+        (valid, "Bearer nonsense"),
+        ("Bearer nonsense", valid),
+        (valid, valid),
+        (valid, f"Bearer {other.token}"),
+    ):
+        metadata = tuple(("authorization", value) for value in pair)
+        error = await call_error(registry, "ListSites", metadata)
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert reason(error) == "INVALID_TOKEN"
+
+
 async def test_other_tokens_of_the_org_keep_working(
     registry: Stub, partner: Org, service: Service
 ) -> None:

@@ -1,0 +1,121 @@
+"""A token revoked while its streams run: they end UNAUTHENTICATED (TOKEN_REVOKED), on every
+replica, while the organization's other tokens and other organizations' streams go on."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from openvpp.v1 import site_registry_pb2 as spb
+from openvpp.v1 import site_registry_pb2_grpc, telemetry_pb2_grpc
+from openvpp.v1 import telemetry_pb2 as tpb
+
+from service.app import Service
+from service.auth.authenticator import Authenticator
+from service.auth.principal import Role
+from service.auth.store import IdentityStore
+from service.auth.tokens import token_hash
+from tests.conftest import MakeOrg
+from tests.helpers import site_request
+from tests.telemetry.conftest import Setup, quarter, register
+
+ENDED_WITHIN = 10.0
+
+
+def _reason(error: grpc.aio.AioRpcError) -> str:
+    status = rpc_status.from_call(error)
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    return str(info.reason)
+
+
+async def _ended(read: object) -> grpc.aio.AioRpcError:
+    try:
+        while True:
+            await asyncio.wait_for(read(), ENDED_WITHIN)  # type: ignore[operator]
+    except grpc.aio.AioRpcError as error:
+        return error
+
+
+async def test_a_revoked_tokens_streams_end_on_every_replica(
+    setup: Setup,
+    service: Service,
+    replica: Service,
+    replica_channel: grpc.aio.Channel,
+    make_org: MakeOrg,
+) -> None:
+    assert service.pool is not None
+    store = IdentityStore(service.pool)
+    meter = await setup.meter()
+    second = await store.create_token(setup.org.id)
+    second_auth = (("authorization", f"Bearer {second.token}"),)
+    other = await make_org(setup.org.role)
+
+    replica_telemetry = telemetry_pb2_grpc.TelemetryStub(replica_channel)
+    replica_sites = site_registry_pb2_grpc.SiteRegistryStub(replica_channel)
+    # On the replica: a watch of each kind of stream, one waiting for its client's next
+    # request (StreamReadings), one for events (WatchSites, WatchReadings).
+    ingest = replica_telemetry.StreamReadings(metadata=setup.org.auth)
+    await ingest.write(
+        tpb.StreamReadingsRequest(
+            batch=tpb.ReadingBatch(batch_id="before", readings=[register(meter, quarter(0), 1.0)])
+        )
+    )
+    acked = await ingest.read()
+    assert isinstance(acked, tpb.StreamReadingsResponse)
+    assert acked.ack.accepted_count == 1
+    sites = replica_sites.WatchSites(spb.WatchSitesRequest(), metadata=setup.org.auth)
+    readings = replica_telemetry.WatchReadings(
+        tpb.WatchReadingsRequest(site_id=setup.site.id), metadata=setup.org.auth
+    )
+    kept = replica_sites.WatchSites(spb.WatchSitesRequest(), metadata=second_auth)
+    others = replica_sites.WatchSites(spb.WatchSitesRequest(), metadata=other.auth)
+    for watch in (sites, readings, kept, others):
+        await watch.initial_metadata()
+
+    # Revoked through the other server: the replica hears of it by NOTIFY.
+    assert await store.revoke_token(setup.org.token_id)
+    for ended in (ingest, sites, readings):
+        error = await _ended(ended.read)
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.details()
+        assert _reason(error) == "TOKEN_REVOKED"
+    # The organization's other token and the other organization watch on.
+    created = await replica_sites.CreateSite(site_request(name="after"), metadata=second_auth)
+    for watch, site in (
+        (kept, created.site),
+        (others, (await replica_sites.CreateSite(site_request(), metadata=other.auth)).site),
+    ):
+        event = await asyncio.wait_for(watch.read(), ENDED_WITHIN)
+        assert isinstance(event, spb.WatchSitesResponse)
+        assert event.site.id == site.id
+    kept.cancel()
+    others.cancel()
+
+
+async def test_after_a_lost_listener_the_tokens_of_open_streams_are_looked_up_again(
+    service: Service, make_org: MakeOrg
+) -> None:
+    """Revocations may have been missed while the listening connection was away: on its
+    reset every token a stream runs on is checked, and the revoked ones' streams told."""
+    assert service.pool is not None
+    store = IdentityStore(service.pool)
+    org = await make_org(Role.PARTNER)
+    live = await store.create_token(org.id)
+    authenticator = Authenticator(store, cache_seconds=30)
+    told: list[str] = []
+    authenticator.on_revoked(org.token, lambda: told.append("revoked"))
+    authenticator.on_revoked(live.token, lambda: told.append("live"))
+    # Revoked without the notification, as if it was sent while nobody listened.
+    await service.pool.execute(
+        "UPDATE api_tokens SET revoked_at = now() WHERE token_hash = $1", token_hash(org.token)
+    )
+    authenticator.forget_all()
+    for _ in range(200):
+        if told:
+            break
+        await asyncio.sleep(0.02)
+    await authenticator.close()
+    assert told == ["revoked"]
