@@ -36,6 +36,7 @@ from service.balancing.store import (
 )
 from service.common.errors import NotFoundError
 from service.events.channels import BALANCES_CHANNEL
+from service.grid.ranges import cover_with_at_most
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,13 @@ MAX_HOLD_BACK_SECONDS = 300.0
 # Queue rows of one site handled by one pass (an ingest batch queues a row per run of
 # touching intervals of a site: usually one).
 MAX_CLAIM_ROWS = 5000
+
+# Ranges one commit announces at most: PostgreSQL hands a transaction's notifications over
+# together, so more than a watcher's buffer (OPENVPP_WATCH_BUFFER_SIZE) from one pass ended
+# every watcher of the site at once, however fast it read (a daily register ingested over
+# three years queues over a thousand disjoint ranges). Beyond it, neighbouring ranges are
+# announced joined across the smallest gaps.
+MAX_ANNOUNCED_RANGES = 32
 
 # The oldest row no other pass has claimed (SKIP LOCKED); looked up in a savepoint that is
 # rolled back, so that the pass holds no queue row while it locks the site's meters and the
@@ -60,11 +68,12 @@ WHERE site_id = $1 AND org_id = $3 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED
 
 
 async def publish(conn: asyncpg.Connection, site: SiteInfo, result: RebalanceResult) -> None:
-    """One notification per re-balanced range, delivered when the transaction commits."""
+    """One notification per re-balanced range, delivered when the transaction commits; at
+    most MAX_ANNOUNCED_RANGES of them (see there)."""
     if not result.ranges:
         return
     now = datetime.now(UTC).isoformat()
-    for start, end in result.ranges:
+    for start, end in cover_with_at_most(result.ranges, MAX_ANNOUNCED_RANGES):
         payload = {
             "key": str(site.org_id),
             "site": str(site.id),

@@ -15,9 +15,10 @@ import asyncpg
 import pytest
 from openvpp.v1 import balancing_pb2 as bpb
 from openvpp.v1 import meter_registry_pb2 as mpb
+from openvpp.v1 import telemetry_pb2 as tpb
 
 from service.app import Service
-from service.balancing.worker import BalancingQueueConsumer
+from service.balancing.worker import MAX_ANNOUNCED_RANGES, BalancingQueueConsumer
 from service.db.balancing_queue import enqueue_balancing
 from tests.balancing.conftest import Community, by_pair, community_site_request, drain, stamp
 from tests.conftest import test_settings as server_settings
@@ -300,3 +301,40 @@ async def test_a_queued_range_holding_no_interval_start_rebalances_the_intervals
     cells = await small_site_balances(community)
     assert cells[(DAY, pv.id, home.id)] == 10
     assert cells[(DAY + Q, pv.id, home.id)] == 30
+
+
+async def test_one_pass_over_many_scattered_ranges_announces_a_bounded_cover(
+    community: Community, consumer: BalancingQueueConsumer, service: Service
+) -> None:
+    """A daily register over three years queues 1,100 disjoint ranges; their pass commits
+    once. Announced one message each, they overflowed every watcher's buffer at once."""
+    assert len(range(1100)) > service.settings.watch_buffer_size
+    start = datetime(2022, 1, 1, tzinfo=UTC)
+    meter = await community.meter(measuring=mpb.MEASURING_READINGS_ACCURATE, start=start)
+    await community.ingest(
+        [
+            tpb.Reading(
+                meter_id=meter.id, timestamp=stamp(start + timedelta(days=d)), register_wh=float(d)
+            )
+            for d in range(1, 1101)
+        ]
+    )
+    assert service.pool is not None
+    assert await queued(service.pool, community.site.id) > MAX_ANNOUNCED_RANGES
+    stream = community.balancing.WatchBalances(
+        bpb.WatchBalancesRequest(site_id=community.site.id), metadata=community.org.auth
+    )
+    await stream.initial_metadata()
+    await drain(consumer)
+    announced: list[tuple[datetime, datetime]] = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            event = await asyncio.wait_for(stream.read(), 2.0)
+            assert isinstance(event, bpb.WatchBalancesResponse)
+            announced.append((event.start_time.ToDatetime(UTC), event.end_time.ToDatetime(UTC)))
+    # Still open (the last read timed out), and what was re-balanced is covered.
+    assert 1 <= len(announced) <= MAX_ANNOUNCED_RANGES
+    assert announced == sorted(announced)
+    assert announced[0][0] <= start + timedelta(days=1)
+    assert announced[-1][1] >= start + timedelta(days=1099)
+    stream.cancel()

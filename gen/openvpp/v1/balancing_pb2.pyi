@@ -811,7 +811,9 @@ class WatchBalancesResponse(_message.Message):
     site_id: _builtins.str
     balanced_intervals: _builtins.int
     """Counts of the whole re-balancing that committed this range (one commit may carry
-    several ranges of the site, each its own message).
+    several ranges of the site, each its own message: at most 32, beyond which neighbouring
+    ranges are joined across their smallest gaps, so that a range may also cover intervals
+    between them that were not re-balanced).
     """
     incomplete_intervals: _builtins.int
     out_of_range_intervals: _builtins.int
