@@ -30,6 +30,10 @@ Event = dict[str, Any]
 LISTEN_TIMEOUT_FLOOR_SECONDS = 5.0
 
 
+# What a lost or stuck listening connection raises.
+_CONNECTION_LOST = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+
+
 class SubscriberTooSlow(Exception):
     """The subscriber's buffer overflowed; its stream must end."""
 
@@ -147,7 +151,8 @@ class EventHub:
         self._closing = True
         if self._supervisor is not None:
             self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # Whatever ended it, shutting down goes on to close the pool.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._supervisor
             self._supervisor = None
         for per_key in self._subscriptions.values():
@@ -158,7 +163,7 @@ class EventHub:
         if conn is not None and not conn.is_closed():
             try:
                 await asyncio.wait_for(conn.close(), timeout=5)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            except _CONNECTION_LOST:
                 # The database is gone or stuck: shutting down must not wait for it.
                 conn.terminate()
 
@@ -215,12 +220,7 @@ class EventHub:
                 await asyncio.wait_for(
                     conn.add_listener(channel, self._dispatch), self._listen_timeout
                 )
-            except (
-                OSError,
-                asyncpg.PostgresError,
-                asyncpg.InterfaceError,
-                TimeoutError,
-            ) as error:
+            except _CONNECTION_LOST as error:
                 # Lost or stuck: the next probe reconnects, listening to this channel too.
                 self._channels.add(channel)
                 conn.terminate()
@@ -283,7 +283,13 @@ class EventHub:
 
     def _reset_listeners(self) -> None:
         for callback in self._on_reset:
-            callback()
+            try:
+                callback()
+            except Exception:
+                # A bug; it must not stop the other callbacks nor the reconnect that calls it.
+                dropped = self._listener_failures.admit("reset")
+                if dropped is not None:
+                    log.exception("reset callback failed%s", held_back(dropped))
 
     async def _supervise(self) -> None:
         """Probes the listening connection and reconnects it when it is gone."""
@@ -297,9 +303,14 @@ class EventHub:
                     if conn is None or conn.is_closed():
                         raise ConnectionError("not connected")
                     await asyncio.wait_for(conn.execute("SELECT 1"), self._probe_interval)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            except Exception as error:
                 if self._closing:
                     return
+                if not isinstance(error, _CONNECTION_LOST):
+                    # Anything else (an asyncpg protocol error behind a misbehaving proxy)
+                    # is treated as a lost connection too: left to end this task, nothing
+                    # would reconnect and every watch would be UNAVAILABLE until a restart.
+                    log.warning("event listener probe failed unexpectedly: %r", error)
                 self._interrupt("lost the database connection that carries events")
                 if self._conn is not None:
                     self._conn.terminate()
@@ -308,5 +319,7 @@ class EventHub:
                 try:
                     await self._connect()
                     self._outage.up()
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                except Exception as error:
+                    if not isinstance(error, _CONNECTION_LOST):
+                        log.warning("event listener reconnect failed unexpectedly: %r", error)
                     self._outage.tick()

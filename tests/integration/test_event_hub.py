@@ -145,3 +145,35 @@ async def test_a_reconnect_that_gets_no_answer_does_not_hold_up_new_subscribers(
             await asyncio.wait_for(hub.subscribe(CHANNEL, "org", 10), 10)
         network.let_connections_through()
         await eventually(lambda: hub.connected, "the hub reconnects", within=15)
+
+
+async def test_a_failing_reset_callback_does_not_stop_the_reconnects(database_url: str) -> None:
+    async with running_hub(database_url, probe_interval_seconds=0.2) as hub:
+        resets: list[str] = []
+
+        def broken() -> None:
+            resets.append("broken")
+            raise RuntimeError("a bug in a cache's reset")
+
+        hub.on_reset(broken)
+        hub.on_reset(lambda: resets.append("next"))
+        for _ in range(2):
+            # Lost twice: the second loss is only noticed if the first reconnect survived.
+            assert hub._conn is not None
+            pid = hub._conn.get_server_pid()
+            conn = await asyncpg.connect(database_url)
+            try:
+                await conn.execute("SELECT pg_terminate_backend($1)", pid)
+            finally:
+                await conn.close()
+
+            def reconnected(old: int = pid) -> bool:
+                return hub.connected and hub._conn is not None and hub._conn.get_server_pid() != old
+
+            await eventually(reconnected, "the hub reconnects")
+        # Every reset ran the callback after the broken one too.
+        assert resets.count("next") == resets.count("broken") >= 2
+        subscription = await hub.subscribe(CHANNEL, "k", 10)
+        await notify(database_url, CHANNEL, {"key": "k", "n": 1})
+        assert (await next_event(subscription))["n"] == 1
+    # Closed without raising, above.
