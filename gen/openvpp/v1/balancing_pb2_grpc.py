@@ -178,7 +178,10 @@ class BalancingServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchBalances(self, request, context):
-        """Streams a site's re-balanced ranges as they are committed, from any replica.
+        """Streams a site's re-balanced ranges as they are committed, from any replica. A reader
+        that falls too far behind is ended with RESOURCE_EXHAUSTED, and every reader with
+        UNAVAILABLE when events may have been missed; either may reconnect and re-read the
+        ranges it cares about.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

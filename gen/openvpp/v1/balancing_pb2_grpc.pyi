@@ -65,7 +65,11 @@ class BalancingStub:
     ListBalanceSummaries: _grpc.UnaryUnaryMultiCallable[_balancing_pb2.ListBalanceSummariesRequest, _balancing_pb2.ListBalanceSummariesResponse]
     """Site totals per output interval."""
     WatchBalances: _grpc.UnaryStreamMultiCallable[_balancing_pb2.WatchBalancesRequest, _balancing_pb2.WatchBalancesResponse]
-    """Streams a site's re-balanced ranges as they are committed, from any replica."""
+    """Streams a site's re-balanced ranges as they are committed, from any replica. A reader
+    that falls too far behind is ended with RESOURCE_EXHAUSTED, and every reader with
+    UNAVAILABLE when events may have been missed; either may reconnect and re-read the
+    ranges it cares about.
+    """
 
 @_typing.type_check_only
 class BalancingAsyncStub(BalancingStub):
@@ -104,7 +108,11 @@ class BalancingAsyncStub(BalancingStub):
     ListBalanceSummaries: _aio.UnaryUnaryMultiCallable[_balancing_pb2.ListBalanceSummariesRequest, _balancing_pb2.ListBalanceSummariesResponse]  # type: ignore[assignment]
     """Site totals per output interval."""
     WatchBalances: _aio.UnaryStreamMultiCallable[_balancing_pb2.WatchBalancesRequest, _balancing_pb2.WatchBalancesResponse]  # type: ignore[assignment]
-    """Streams a site's re-balanced ranges as they are committed, from any replica."""
+    """Streams a site's re-balanced ranges as they are committed, from any replica. A reader
+    that falls too far behind is ended with RESOURCE_EXHAUSTED, and every reader with
+    UNAVAILABLE when events may have been missed; either may reconnect and re-read the
+    ranges it cares about.
+    """
 
 class BalancingServicer(metaclass=_abc_1.ABCMeta):
     """Balancing shares the energy of a balanced site's producers among its consumers, per
@@ -200,6 +208,10 @@ class BalancingServicer(metaclass=_abc_1.ABCMeta):
         request: _balancing_pb2.WatchBalancesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_balancing_pb2.WatchBalancesResponse], _abc.AsyncIterator[_balancing_pb2.WatchBalancesResponse]]:
-        """Streams a site's re-balanced ranges as they are committed, from any replica."""
+        """Streams a site's re-balanced ranges as they are committed, from any replica. A reader
+        that falls too far behind is ended with RESOURCE_EXHAUSTED, and every reader with
+        UNAVAILABLE when events may have been missed; either may reconnect and re-read the
+        ranges it cares about.
+        """
 
 def add_BalancingServicer_to_server(servicer: BalancingServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -112,8 +112,9 @@ class TelemetryServicer:
     def WatchReadings(self, request, context):
         """Readings of a site or a meter as they are committed, by any replica. Only changes are
         sent (accepted and corrected readings, not duplicates). A reader that falls too far
-        behind is ended with RESOURCE_EXHAUSTED and may reconnect and catch up with
-        ListReadings.
+        behind is ended with RESOURCE_EXHAUSTED, and every reader with UNAVAILABLE when events
+        may have been missed; either may reconnect and re-read with ListReadings the ranges it
+        cares about (there is no query of what changed while it was away).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

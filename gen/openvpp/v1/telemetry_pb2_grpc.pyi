@@ -61,8 +61,9 @@ class TelemetryStub:
     WatchReadings: _grpc.UnaryStreamMultiCallable[_telemetry_pb2.WatchReadingsRequest, _telemetry_pb2.WatchReadingsResponse]
     """Readings of a site or a meter as they are committed, by any replica. Only changes are
     sent (accepted and corrected readings, not duplicates). A reader that falls too far
-    behind is ended with RESOURCE_EXHAUSTED and may reconnect and catch up with
-    ListReadings.
+    behind is ended with RESOURCE_EXHAUSTED, and every reader with UNAVAILABLE when events
+    may have been missed; either may reconnect and re-read with ListReadings the ranges it
+    cares about (there is no query of what changed while it was away).
     """
 
 @_typing.type_check_only
@@ -98,8 +99,9 @@ class TelemetryAsyncStub(TelemetryStub):
     WatchReadings: _aio.UnaryStreamMultiCallable[_telemetry_pb2.WatchReadingsRequest, _telemetry_pb2.WatchReadingsResponse]  # type: ignore[assignment]
     """Readings of a site or a meter as they are committed, by any replica. Only changes are
     sent (accepted and corrected readings, not duplicates). A reader that falls too far
-    behind is ended with RESOURCE_EXHAUSTED and may reconnect and catch up with
-    ListReadings.
+    behind is ended with RESOURCE_EXHAUSTED, and every reader with UNAVAILABLE when events
+    may have been missed; either may reconnect and re-read with ListReadings the ranges it
+    cares about (there is no query of what changed while it was away).
     """
 
 class TelemetryServicer(metaclass=_abc_1.ABCMeta):
@@ -156,8 +158,9 @@ class TelemetryServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_telemetry_pb2.WatchReadingsResponse], _abc.AsyncIterator[_telemetry_pb2.WatchReadingsResponse]]:
         """Readings of a site or a meter as they are committed, by any replica. Only changes are
         sent (accepted and corrected readings, not duplicates). A reader that falls too far
-        behind is ended with RESOURCE_EXHAUSTED and may reconnect and catch up with
-        ListReadings.
+        behind is ended with RESOURCE_EXHAUSTED, and every reader with UNAVAILABLE when events
+        may have been missed; either may reconnect and re-read with ListReadings the ranges it
+        cares about (there is no query of what changed while it was away).
         """
 
 def add_TelemetryServicer_to_server(servicer: TelemetryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
