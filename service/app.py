@@ -136,6 +136,7 @@ class Service:
     _serving: bool = False
     _probe: Worker | None = None
     _authenticator: Authenticator | None = None
+    call_guard: CallGuard | None = None
     _workers: list[Worker] = field(default_factory=list)
     _service_names: list[str] = field(default_factory=list)
     _capability_list: list[Capability] = field(default_factory=list)
@@ -189,7 +190,13 @@ class Service:
             method_roles.update(capability.method_roles)
         self.server = grpc.aio.server(options=GRPC_OPTIONS)
         tracer = trace.get_tracer("openvpp") if settings.trace_exporter else None
-        guard = CallGuard(authenticator, tracer, self.database_outage)
+        guard = CallGuard(
+            authenticator,
+            tracer,
+            self.database_outage,
+            max_watch_streams_per_org=settings.max_watch_streams_per_org,
+        )
+        self.call_guard = guard
         served = [c for c in capabilities if c.descriptor is not None]
         for capability in served:
             assert capability.descriptor is not None

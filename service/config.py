@@ -36,6 +36,9 @@ class Settings:
     health_interval_seconds: float = 2.0
     # Events buffered per WatchSites subscriber before it is cut off as too slow.
     watch_buffer_size: int = 1000
+    # Watch* streams one organization may have open on one replica: each costs a buffer,
+    # and for WatchReadings and WatchSetpoints a database read per matching event.
+    max_watch_streams_per_org: int = 100
     # Seconds an authenticated token stays cached; revocations also clear it at once.
     token_cache_seconds: float = 30.0
     # Telemetry: readings per batch above which the batch is refused (INVALID_ARGUMENT).
@@ -228,6 +231,7 @@ def check_limits(settings: Settings) -> None:
             f"> 0 (the database and the event connection are probed at it) and {century}",
         ),
         ("watch_buffer_size", settings.watch_buffer_size >= 1, ">= 1"),
+        ("max_watch_streams_per_org", settings.max_watch_streams_per_org >= 1, ">= 1"),
         ("readings_watch_buffer_size", settings.readings_watch_buffer_size >= 1, ">= 1"),
         ("stream_pipeline_depth", settings.stream_pipeline_depth >= 1, ">= 1"),
         ("db_read_connections", settings.db_read_connections >= 0, ">= 0"),

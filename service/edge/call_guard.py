@@ -33,7 +33,13 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Span
 
 from service.auth.authenticator import Authenticator
-from service.auth.principal import Principal, Role, bind_principal, unbind_principal
+from service.auth.principal import (
+    Principal,
+    Role,
+    bind_principal,
+    current_principal,
+    unbind_principal,
+)
 from service.auth.tokens import bearer_token
 from service.common.errors import DomainError, MalformedRequestError
 from service.common.grpc_errors import (
@@ -46,6 +52,7 @@ from service.common.grpc_errors import (
 from service.common.loglimit import LogLimiter, OutageLog, held_back
 from service.common.request_limits import check_request
 from service.events.hub import EventsInterrupted, SubscriberTooSlow
+from service.identifiers.ids import OrgId
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +73,7 @@ WatchRevocation = Callable[[grpc.aio.ServicerContext[Any, Any]], "_Revocation"]
 class _Steps:
     """What the guard does around every call of one method."""
 
-    __slots__ = ("admit", "decode", "fail", "span_for", "watch")
+    __slots__ = ("admit", "decode", "fail", "span_for", "watch", "watch_streams")
 
     def __init__(
         self,
@@ -75,12 +82,49 @@ class _Steps:
         fail: Fail,
         span_for: SpanFactory,
         watch: WatchRevocation | None,
+        watch_streams: StreamQuota | None,
     ) -> None:
         self.admit = admit
         self.decode = decode
         self.fail = fail
         self.span_for = span_for
         self.watch = watch
+        self.watch_streams = watch_streams
+
+
+class StreamQuota:
+    """How many server streams (the Watch* RPCs) each organization has open on this
+    replica, refused beyond ``limit`` with RESOURCE_EXHAUSTED: every one holds a buffer, and
+    some a database read per event, so one tenant's thousands would slow every other's."""
+
+    __slots__ = ("_open", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[OrgId, int] = {}
+
+    def take(self, org_id: OrgId) -> None:
+        held = self._open.get(org_id, 0)
+        if held >= self.limit:
+            raise _Refused(
+                status_with_reason(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"this organization has {held} watch streams open on this server, the"
+                    f" most it may (OPENVPP_MAX_WATCH_STREAMS_PER_ORG); close one first",
+                    "TOO_MANY_WATCH_STREAMS",
+                )
+            )
+        self._open[org_id] = held + 1
+
+    def give_back(self, org_id: OrgId) -> None:
+        held = self._open[org_id] - 1
+        if held:
+            self._open[org_id] = held
+        else:
+            del self._open[org_id]
+
+    def open_streams(self, org_id: OrgId) -> int:
+        return self._open.get(org_id, 0)
 
 
 TOKEN_REVOKED_STATUS = status_with_reason(
@@ -220,6 +264,10 @@ def _wrap(handler: Any, steps: _Steps) -> Any:
                             yield response
                         return
                     revocation.arm()
+                    quota = steps.watch_streams if not handler.request_streaming else None
+                    org_id = current_principal().org_id
+                    if quota is not None:
+                        quota.take(org_id)
                     responses = inner(arguments(raw), context)
                     try:
                         async for response in responses:
@@ -236,6 +284,8 @@ def _wrap(handler: Any, steps: _Steps) -> Any:
                         raise
                     finally:
                         revocation.close()
+                        if quota is not None:
+                            quota.give_back(org_id)
             finally:
                 if revocation is not None:
                     revocation.close()
@@ -323,10 +373,12 @@ class CallGuard:
         authenticator: Authenticator,
         tracer: trace.Tracer | None = None,
         database_outage: OutageLog | None = None,
+        max_watch_streams_per_org: int = 100,
     ) -> None:
         self._authenticator = authenticator
         self._tracer = tracer
         self.database_outage = database_outage or OutageLog("database", log)
+        self.watch_streams = StreamQuota(max_watch_streams_per_org)
         self._rejections = LogLimiter(REJECTION_LOG_SECONDS)
         self._internal_traces = LogLimiter(INTERNAL_TRACE_SECONDS)
         self._conflicts = LogLimiter(REJECTION_LOG_SECONDS)
@@ -472,7 +524,10 @@ class CallGuard:
                 token = _authorization_token(context.invocation_metadata()) or ""
                 return _Revocation(authenticator, token)
 
-        return _wrap(handler, _Steps(admit, decode, fail, span_for, watch))
+        return _wrap(
+            handler,
+            _Steps(admit, decode, fail, span_for, watch, None if public else self.watch_streams),
+        )
 
 
 # (request streaming, response streaming) -> the RpcMethodHandler attribute holding the
