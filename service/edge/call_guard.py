@@ -582,10 +582,13 @@ def _text_metadata(metadata: Any) -> dict[str, str]:
 def _authorization_token(metadata: Any) -> str | None:
     """The bearer token of the one ``authorization`` entry; None without one, or with more
     than one (a proxy's next to the client's): which of them counts is not ours to guess."""
-    found: list[str | bytes] = [value for key, value in metadata or () if key == "authorization"]
-    if len(found) != 1:
-        return None
-    return bearer_token(_as_text(found[0]))
+    found: str | bytes | None = None
+    for key, value in metadata or ():
+        if key == "authorization":
+            if found is not None:
+                return None
+            found = value
+    return None if found is None else bearer_token(_as_text(found))
 
 
 def _as_text(value: str | bytes | None) -> str | None:
