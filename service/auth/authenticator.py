@@ -16,6 +16,9 @@ from service.auth.tokens import token_hash
 log = logging.getLogger(__name__)
 
 MAX_CACHED_TOKENS = 10_000
+# Pauses between checks of the open streams' tokens while the database does not answer.
+RECHECK_FIRST_PAUSE_SECONDS = 1.0
+RECHECK_MAX_PAUSE_SECONDS = 30.0
 
 
 class Authenticator:
@@ -38,6 +41,7 @@ class Authenticator:
         # Token hash -> what to call when it is revoked: the long calls running on it.
         self._watchers: dict[bytes, set[Callable[[], None]]] = {}
         self._recheck: asyncio.Task[None] | None = None
+        self._recheck_again = False
 
     async def authenticate(self, token: str) -> Principal | None:
         digest = token_hash(token)
@@ -90,7 +94,12 @@ class Authenticator:
         cached is trusted, and the tokens of running streams are looked up again."""
         self._generation += 1
         self._cache.clear()
-        if self._watchers and (self._recheck is None or self._recheck.done()):
+        if not self._watchers:
+            return
+        # A reset during a check counts too: the check running may have read before the
+        # revocations the new reset stands for, or be stuck on the lost connection.
+        self._recheck_again = True
+        if self._recheck is None or self._recheck.done():
             self._recheck = asyncio.get_running_loop().create_task(
                 self._recheck_watched(), name="token-recheck"
             )
@@ -106,12 +115,25 @@ class Authenticator:
             revoked()
 
     async def _recheck_watched(self) -> None:
-        digests = list(self._watchers)
-        try:
-            live = await self._store.active_token_hashes(digests)
-        except Exception as error:  # the database is away too: the next reset tries again
-            log.warning("checking the tokens of %d open streams failed: %s", len(digests), error)
-            return
-        for digest in digests:
-            if digest not in live:
-                self._tell_revoked(digest)
+        """Until a check has read after the latest reset: the streams' tokens looked up,
+        retried with a growing pause while the database does not answer."""
+        pause = RECHECK_FIRST_PAUSE_SECONDS
+        while self._recheck_again and self._watchers:
+            self._recheck_again = False
+            digests = list(self._watchers)
+            try:
+                live = await self._store.active_token_hashes(digests)
+            except Exception as error:
+                log.warning(
+                    "checking the tokens of %d open streams failed (retrying in %.0f s): %s",
+                    len(digests),
+                    pause,
+                    error,
+                )
+                self._recheck_again = True
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, RECHECK_MAX_PAUSE_SECONDS)
+                continue
+            for digest in digests:
+                if digest not in live:
+                    self._tell_revoked(digest)

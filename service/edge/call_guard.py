@@ -127,6 +127,29 @@ class StreamQuota:
         return self._open.get(org_id, 0)
 
 
+class _RevocableContext:
+    """The call's context as its handler sees it: while gRPC sends the response headers a
+    revocation must not cancel the call (the status could then never be sent), so that send
+    counts as a write, and a revocation during it ends the call right after it."""
+
+    __slots__ = ("_context", "_revocation")
+
+    def __init__(self, context: Any, revocation: _Revocation) -> None:
+        self._context = context
+        self._revocation = revocation
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def send_initial_metadata(self, metadata: Any) -> None:
+        self._revocation.sending = True
+        try:
+            await self._context.send_initial_metadata(metadata)
+        finally:
+            self._revocation.sending = False
+        self._revocation.check()
+
+
 TOKEN_REVOKED_STATUS = status_with_reason(
     grpc.StatusCode.UNAUTHENTICATED,
     "the token of this call was revoked while it ran; call again with a valid token",
@@ -263,13 +286,15 @@ def _wrap(handler: Any, steps: _Steps) -> Any:
                         async for response in produced:
                             yield response
                         return
-                    revocation.arm()
+                    # Decoded (and refused, if it must be) before a place is taken.
+                    request = arguments(raw)
                     quota = steps.watch_streams if not handler.request_streaming else None
                     org_id = current_principal().org_id
                     if quota is not None:
                         quota.take(org_id)
-                    responses = inner(arguments(raw), context)
                     try:
+                        revocation.arm()
+                        responses = inner(request, _RevocableContext(context, revocation))
                         async for response in responses:
                             revocation.sending = True
                             yield response
@@ -297,9 +322,10 @@ def _wrap(handler: Any, steps: _Steps) -> Any:
             revocation = watch(context)
             try:
                 async with _Guarded(steps, context):
-                    revocation.arm()
+                    request = arguments(raw)
                     try:
-                        return await inner(arguments(raw), context)
+                        revocation.arm()
+                        return await inner(request, _RevocableContext(context, revocation))
                     except asyncio.CancelledError:
                         if revocation.cancelled_by_us():
                             raise _Refused(TOKEN_REVOKED_STATUS) from None

@@ -42,6 +42,15 @@ async def test_one_watch_stream_too_many_is_refused_until_one_closes(
         sites = site_registry_pb2_grpc.SiteRegistryStub(channel)
         telemetry = telemetry_pb2_grpc.TelemetryStub(channel)
         site = (await sites.CreateSite(site_request(), metadata=org.auth)).site
+        # Refused requests take no place: three undecodable ones, then the two allowed.
+        raw_watch: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(
+            "/openvpp.v1.SiteRegistry/WatchSites"
+        )
+        for _ in range(3):
+            with pytest.raises(grpc.aio.AioRpcError) as malformed:
+                await asyncio.wait_for(raw_watch(b"\xff\xff\xff", metadata=org.auth).read(), 10)
+            assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert quota.open_streams(OrgId(org.id)) == 0
         first = sites.WatchSites(spb.WatchSitesRequest(), metadata=org.auth)
         second = telemetry.WatchReadings(
             tpb.WatchReadingsRequest(site_id=site.id), metadata=org.auth

@@ -4,8 +4,11 @@ replica, while the organization's other tokens and other organizations' streams 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
+import asyncpg
 import grpc
+import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from openvpp.v1 import site_registry_pb2 as spb
@@ -17,6 +20,7 @@ from service.auth.authenticator import Authenticator
 from service.auth.principal import Role
 from service.auth.store import IdentityStore
 from service.auth.tokens import token_hash
+from service.events.hub import Subscription
 from tests.conftest import MakeOrg
 from tests.helpers import site_request
 from tests.telemetry.conftest import Setup, quarter, register
@@ -119,3 +123,59 @@ async def test_after_a_lost_listener_the_tokens_of_open_streams_are_looked_up_ag
         await asyncio.sleep(0.02)
     await authenticator.close()
     assert told == ["revoked"]
+
+
+async def test_a_recheck_that_fails_is_retried_until_it_has_read(
+    service: Service, make_org: MakeOrg, database_url: str
+) -> None:
+    """The lookup after a reset often meets the same lost connection: given up after one
+    failure, a token revoked during the outage kept its streams open for good."""
+    assert service.pool is not None
+    org = await make_org(Role.PARTNER)
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    try:
+        authenticator = Authenticator(IdentityStore(pool), cache_seconds=30)
+        told: list[str] = []
+        authenticator.on_revoked(org.token, lambda: told.append("revoked"))
+        await service.pool.execute(
+            "UPDATE api_tokens SET revoked_at = now() WHERE token_hash = $1", token_hash(org.token)
+        )
+        # The check's connection is lost under it, as the listener's was.
+        backend = await pool.fetchval("SELECT pg_backend_pid()")
+        await service.pool.execute("SELECT pg_terminate_backend($1)", backend)
+        authenticator.forget_all()
+        for _ in range(300):
+            if told:
+                break
+            await asyncio.sleep(0.02)
+        await authenticator.close()
+        assert told == ["revoked"]
+    finally:
+        await pool.close()
+
+
+async def test_a_revocation_while_the_headers_are_sent_still_ends_the_call(
+    service: Service, make_org: MakeOrg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled inside gRPC's header send, the call could never send its status: the
+    client waited for good. The revocation is made to arrive exactly then (the NOTIFY's
+    callback, run at the handler's next await after it subscribed)."""
+    assert service.hub is not None
+    assert service._authenticator is not None
+    org = await make_org(Role.PARTNER)
+    hub, authenticator = service.hub, service._authenticator
+    subscribe = hub.subscribe
+
+    async def subscribe_then_revoke(*args: Any, **kwargs: Any) -> Subscription:
+        subscription = await subscribe(*args, **kwargs)
+        asyncio.get_running_loop().call_soon(authenticator.forget, token_hash(org.token).hex())
+        return subscription
+
+    monkeypatch.setattr(hub, "subscribe", subscribe_then_revoke)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        call = site_registry_pb2_grpc.SiteRegistryStub(channel).WatchSites(
+            spb.WatchSitesRequest(), metadata=org.auth
+        )
+        error = await _ended(call.read)
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.details()
+    assert _reason(error) == "TOKEN_REVOKED"
