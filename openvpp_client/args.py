@@ -36,10 +36,12 @@ def channel_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
 
 def failure_line(error: grpc.RpcError) -> str:
     """The line a client script exits with for a failed call: its status and details, and
-    for UNAVAILABLE what a newcomer most often got wrong (no server at the address)."""
+    when nothing answers at the address, what a newcomer most often got wrong."""
     code = error.code()
     line = f"{code.name}: {error.details()}"
-    if code is grpc.StatusCode.UNAVAILABLE:
+    # gRPC's own words when nothing answers, not the server's UNAVAILABLE (e.g. its
+    # database is away), for which starting it is no advice.
+    if code is grpc.StatusCode.UNAVAILABLE and "failed to connect" in str(error.details()).lower():
         line += (
             "\n(is the service running there? Start it with ./scripts/serve, or point"
             f" --address or {ADDRESS_VARIABLE} at it)"

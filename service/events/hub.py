@@ -100,13 +100,13 @@ class Subscription:
         await self._ready()
         return self._buffer.popleft()
 
-    async def next_events(self) -> list[Event]:
-        """Every buffered event, waiting for one if there is none: a consumer that does one
-        round trip per wake-up (not per event) keeps up with any burst its buffer holds."""
+    async def next_events(self, limit: int) -> list[Event]:
+        """Up to ``limit`` buffered events, oldest first, waiting for one if there is none: a
+        consumer that does one round trip per handful of events (not per event) keeps up
+        with a burst its buffer holds, and bounds what one round trip reads."""
         await self._ready()
-        events = list(self._buffer)
-        self._buffer.clear()
-        return events
+        buffer = self._buffer
+        return [buffer.popleft() for _ in range(min(limit, len(buffer)))]
 
     async def _ready(self) -> None:
         while not self._buffer:

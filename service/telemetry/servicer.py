@@ -38,6 +38,10 @@ METHOD_ROLES: dict[str, frozenset[Role]] = {
 }
 
 MAX_LIST_RANGE = timedelta(days=31)
+# Committed batches a WatchReadings stream reads back in one statement: a backlog is caught
+# up in a few round trips, and one of them holds at most this many batches' rows (each up
+# to OPENVPP_MAX_BATCH_READINGS).
+WATCH_EVENTS_PER_READ = 16
 PARTITION_CHECK_SECONDS = 3600.0
 
 
@@ -241,9 +245,9 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
             # Headers first, so a client knows it is subscribed before any reading exists.
             await context.send_initial_metadata(())
             while True:
-                # All that is buffered in one statement: a fetch per event fell behind a
+                # What is buffered in one statement: a fetch per event fell behind a
                 # site's devices committing together, and ended readers that kept up.
-                events = await subscription.next_events()
+                events = await subscription.next_events(WATCH_EVENTS_PER_READ)
                 batches = [
                     IngestedBatch(
                         int(event["ingest"]),
