@@ -183,6 +183,17 @@ class _Revocation:
         if self.revoked:
             raise _Refused(TOKEN_REVOKED_STATUS)
 
+    def __enter__(self) -> _Revocation:
+        self.arm()
+        return self
+
+    def __exit__(self, _type: object, error: BaseException | None, _tb: object) -> None:
+        """Disarmed whatever happened; this revocation's cancellation becomes its status."""
+        ours = isinstance(error, asyncio.CancelledError) and self.cancelled_by_us()
+        self.close()
+        if ours:
+            raise _Refused(TOKEN_REVOKED_STATUS) from None
+
     def cancelled_by_us(self) -> bool:
         """Whether the CancelledError being handled is this revocation's (not the client's
         going away); if so the task's cancellation is taken back, the call goes on to end."""
@@ -293,22 +304,17 @@ def _wrap(handler: Any, steps: _Steps) -> Any:
                     if quota is not None:
                         quota.take(org_id)
                     try:
-                        revocation.arm()
-                        responses = inner(request, _RevocableContext(context, revocation))
-                        async for response in responses:
-                            revocation.sending = True
-                            yield response
-                            revocation.sending = False
-                            if revocation.revoked:
-                                # Its clean-up (a subscription, a reader task) runs now.
-                                await responses.aclose()
-                                revocation.check()
-                    except asyncio.CancelledError:
-                        if revocation.cancelled_by_us():
-                            raise _Refused(TOKEN_REVOKED_STATUS) from None
-                        raise
+                        with revocation:
+                            responses = inner(request, _RevocableContext(context, revocation))
+                            async for response in responses:
+                                revocation.sending = True
+                                yield response
+                                revocation.sending = False
+                                if revocation.revoked:
+                                    # Its clean-up (a subscription, a reader task) runs now.
+                                    await responses.aclose()
+                                    revocation.check()
                     finally:
-                        revocation.close()
                         if quota is not None:
                             quota.give_back(org_id)
             finally:
@@ -323,15 +329,8 @@ def _wrap(handler: Any, steps: _Steps) -> Any:
             try:
                 async with _Guarded(steps, context):
                     request = arguments(raw)
-                    try:
-                        revocation.arm()
+                    with revocation:
                         return await inner(request, _RevocableContext(context, revocation))
-                    except asyncio.CancelledError:
-                        if revocation.cancelled_by_us():
-                            raise _Refused(TOKEN_REVOKED_STATUS) from None
-                        raise
-                    finally:
-                        revocation.close()
             finally:
                 revocation.close()
 
