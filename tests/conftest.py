@@ -6,6 +6,7 @@ isolated by the same tenant scoping that isolates production callers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -90,6 +91,17 @@ def test_settings(**overrides: object) -> Settings:
     from dataclasses import replace
 
     return replace(base, **overrides)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def running_service(database_url: str, **overrides: object) -> AsyncIterator[Service]:
+    """A server of its own on ``database_url``, with ``overrides`` of the test settings."""
+    running = Service(test_settings(**overrides), database_url)
+    await running.start()
+    try:
+        yield running
+    finally:
+        await running.stop(grace=1)
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,18 @@ async def rpc_error(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
     return caught.value
 
 
+def error_reason(error: grpc.aio.AioRpcError) -> str:
+    """The ``google.rpc.ErrorInfo`` reason of a failed call ("" without one)."""
+    status = rpc_status.from_call(error)
+    assert status is not None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return str(info.reason)
+    return ""
+
+
 def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
     """field -> rule from the error's google.rpc.BadRequest detail."""
     status = rpc_status.from_call(error)

@@ -6,30 +6,17 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
-from grpc_status import rpc_status
 
 from service.app import GRPC_OPTIONS
 from tests.conftest import Org
-from tests.helpers import raw_method, rpc_error
+from tests.helpers import error_reason, raw_method, rpc_error
 
 GARBAGE = b"\xff\xff\xff\xff\x0f"  # a field tag with an invalid wire type
 
 
 def _raw(channel: grpc.aio.Channel, method: str) -> Any:
     return raw_method(channel, method, "unary_unary")
-
-
-def _reason(error: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(error)
-    assert status is not None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return str(info.reason)
-    return ""
 
 
 async def test_an_undecodable_request_without_a_token_is_unauthenticated(
@@ -47,7 +34,7 @@ async def test_an_undecodable_request_with_a_token_names_the_message(
     )
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert error.details() == "request is not a valid `openvpp.v1.CreateSiteRequest`"
-    assert _reason(error) == "MALFORMED_REQUEST"
+    assert error_reason(error) == "MALFORMED_REQUEST"
 
 
 @pytest.mark.parametrize("with_token", [False, True])

@@ -7,16 +7,14 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 from openvpp.v1 import site_registry_pb2 as pb
 
 from service.app import Service
 from service.auth.principal import Role
 from service.auth.store import IdentityStore
 from tests.conftest import MakeOrg, Org
-from tests.helpers import rpc_error, site_request
+from tests.helpers import error_reason, rpc_error, site_request
 from tests.registry.support import Stub
 
 METHODS = sorted(pb.DESCRIPTOR.services_by_name["SiteRegistry"].methods_by_name)
@@ -35,14 +33,6 @@ async def call_error(registry: Stub, method: str, metadata: Any) -> grpc.aio.Aio
             await call.read()
         return caught.value
     return await rpc_error(call)
-
-
-def reason(error: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(error)
-    assert status is not None
-    info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info)
-    return str(info.reason)
 
 
 def test_every_method_is_covered() -> None:
@@ -69,7 +59,7 @@ async def test_missing_malformed_or_unknown_token_is_unauthenticated(
     metadata = None if header is None else (("authorization", header),)
     error = await call_error(registry, method, metadata)
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert reason(error) == "INVALID_TOKEN"
+    assert error_reason(error) == "INVALID_TOKEN"
 
 
 @pytest.mark.parametrize("role", [Role.SUPPLIER, Role.OPERATOR])
@@ -80,7 +70,7 @@ async def test_other_roles_are_permission_denied_on_every_method(
     for method in METHODS:
         error = await call_error(registry, method, org.auth)
         assert error.code() == grpc.StatusCode.PERMISSION_DENIED, method
-        assert reason(error) == "ROLE_NOT_ALLOWED"
+        assert error_reason(error) == "ROLE_NOT_ALLOWED"
         assert "partner" in (error.details() or "")
 
 
@@ -145,7 +135,7 @@ async def test_two_authorization_entries_are_refused_whichever_is_valid(
         metadata = tuple(("authorization", value) for value in pair)
         error = await call_error(registry, "ListSites", metadata)
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert reason(error) == "INVALID_TOKEN"
+        assert error_reason(error) == "INVALID_TOKEN"
 
 
 async def test_other_tokens_of_the_org_keep_working(

@@ -15,20 +15,14 @@ from openvpp.v1 import telemetry_pb2 as tpb
 from service.app import Service
 from service.auth.principal import Role
 from service.identifiers.ids import OrgId
-from tests.conftest import MakeOrg
-from tests.conftest import test_settings as server_settings
-from tests.helpers import eventually, site_request
-from tests.registry.test_auth import reason
+from tests.conftest import MakeOrg, running_service
+from tests.helpers import error_reason, eventually, site_request
 
 
 @pytest.fixture
 async def two_watches_server(database_url: str) -> AsyncIterator[Service]:
-    running = Service(server_settings(max_watch_streams_per_org=2), database_url)
-    await running.start()
-    try:
+    async with running_service(database_url, max_watch_streams_per_org=2) as running:
         yield running
-    finally:
-        await running.stop(grace=1)
 
 
 async def test_one_watch_stream_too_many_is_refused_until_one_closes(
@@ -63,7 +57,7 @@ async def test_one_watch_stream_too_many_is_refused_until_one_closes(
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await asyncio.wait_for(third.read(), 10)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert reason(refused.value) == "TOO_MANY_WATCH_STREAMS"
+        assert error_reason(refused.value) == "TOO_MANY_WATCH_STREAMS"
         assert "OPENVPP_MAX_WATCH_STREAMS_PER_ORG" in (refused.value.details() or "")
 
         # Unary calls, and another organization's streams, go on.

@@ -9,8 +9,6 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from openvpp.v1 import site_registry_pb2 as spb
 from openvpp.v1 import site_registry_pb2_grpc, telemetry_pb2_grpc
 from openvpp.v1 import telemetry_pb2 as tpb
@@ -22,18 +20,10 @@ from service.auth.store import IdentityStore
 from service.auth.tokens import token_hash
 from service.events.hub import Subscription
 from tests.conftest import MakeOrg
-from tests.helpers import site_request
+from tests.helpers import error_reason, eventually, site_request
 from tests.telemetry.conftest import Setup, quarter, register
 
 ENDED_WITHIN = 10.0
-
-
-def _reason(error: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(error)
-    assert status is not None
-    info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info)
-    return str(info.reason)
 
 
 async def _ended(read: object) -> grpc.aio.AioRpcError:
@@ -85,7 +75,7 @@ async def test_a_revoked_tokens_streams_end_on_every_replica(
     for ended in (ingest, sites, readings):
         error = await _ended(ended.read)
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.details()
-        assert _reason(error) == "TOKEN_REVOKED"
+        assert error_reason(error) == "TOKEN_REVOKED"
     # The organization's other token and the other organization watch on.
     created = await replica_sites.CreateSite(site_request(name="after"), metadata=second_auth)
     for watch, site in (
@@ -117,10 +107,7 @@ async def test_after_a_lost_listener_the_tokens_of_open_streams_are_looked_up_ag
         "UPDATE api_tokens SET revoked_at = now() WHERE token_hash = $1", token_hash(org.token)
     )
     authenticator.forget_all()
-    for _ in range(200):
-        if told:
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: bool(told), "the revoked token's stream to be told")
     await authenticator.close()
     assert told == ["revoked"]
 
@@ -144,10 +131,7 @@ async def test_a_recheck_that_fails_is_retried_until_it_has_read(
         backend = await pool.fetchval("SELECT pg_backend_pid()")
         await service.pool.execute("SELECT pg_terminate_backend($1)", backend)
         authenticator.forget_all()
-        for _ in range(300):
-            if told:
-                break
-            await asyncio.sleep(0.02)
+        await eventually(lambda: bool(told), "the revoked token's stream to be told")
         await authenticator.close()
         assert told == ["revoked"]
     finally:
@@ -178,4 +162,4 @@ async def test_a_revocation_while_the_headers_are_sent_still_ends_the_call(
         )
         error = await _ended(call.read)
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.details()
-    assert _reason(error) == "TOKEN_REVOKED"
+    assert error_reason(error) == "TOKEN_REVOKED"

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import asyncpg
@@ -16,9 +16,8 @@ from openvpp.v1 import telemetry_pb2 as tpb
 from service.app import Service
 from service.events.channels import READINGS_CHANNEL
 from service.events.payloads import readings_batch_payload
-from tests.conftest import Org
-from tests.conftest import test_settings as server_settings
-from tests.helpers import rpc_error
+from tests.conftest import Org, running_service
+from tests.helpers import eventually, rpc_error
 from tests.telemetry.conftest import Setup, interval, make_setup, quarter, register
 
 # Upper bound for a committed batch to reach a watcher; a hang fails instead of blocking.
@@ -145,27 +144,14 @@ async def _lock_waiters(conn: asyncpg.Connection) -> int:
     return waiting
 
 
-async def _until(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    for _ in range(400):
-        if await check():
-            return
-        await asyncio.sleep(0.025)
-    pytest.fail(f"timed out waiting for {what}")
-
-
 @pytest.fixture
 async def one_connection_server(database_url: str) -> AsyncIterator[Service]:
     """A server with one database connection and a watch buffer of 3: its reads are one
     round trip each once their statement is prepared, so table locks order them exactly."""
-    running = Service(
-        server_settings(db_pool_min_size=1, db_pool_max_size=1, readings_watch_buffer_size=3),
-        database_url,
-    )
-    await running.start()
-    try:
+    async with running_service(
+        database_url, db_pool_min_size=1, db_pool_max_size=1, readings_watch_buffer_size=3
+    ) as running:
         yield running
-    finally:
-        await running.stop(grace=1)
 
 
 async def test_a_reader_that_keeps_up_is_not_cut_off_while_the_server_catches_up(
@@ -236,24 +222,26 @@ async def test_a_reader_that_keeps_up_is_not_cut_off_while_the_server_catches_up
             await held.start()
             await first_lock.execute("LOCK TABLE readings IN ACCESS EXCLUSIVE MODE")
             await commit_event(0)
-            await _until(lambda: waiters(1), "the server's read of the first batch to wait")
+            await eventually(lambda: waiters(1), "the server's read of the first batch to wait")
             queued = second_lock.transaction()
             await queued.start()
             second = asyncio.create_task(
                 second_lock.execute("LOCK TABLE readings IN ACCESS EXCLUSIVE MODE")
             )
-            await _until(lambda: waiters(2), "the second lock to queue behind the server's read")
+            await eventually(
+                lambda: waiters(2), "the second lock to queue behind the server's read"
+            )
             await commit_event(1)
             await commit_event(2)
-            await _until(lambda: buffered_is(2), "two events buffered")
+            await eventually(lambda: buffered_is(2), "two events buffered")
             # The held read runs; the second lock is granted before the server reads again.
             await held.commit()
             await second
             assert [r.register_wh for r in await next_readings(call)] == [0.0]
-            await _until(lambda: waiters(1), "the server's next read to wait")
+            await eventually(lambda: waiters(1), "the server's next read to wait")
             for n in (3, 4, 5):
                 await commit_event(n)
-            await _until(lambda: buffered_is(3), "the last three events buffered")
+            await eventually(lambda: buffered_is(3), "the last three events buffered")
             await queued.commit()
             values = [[r.register_wh for r in await next_readings(call)] for _ in range(5)]
             assert values == [[1.0], [2.0], [3.0], [4.0], [5.0]]
