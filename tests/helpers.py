@@ -35,6 +35,18 @@ def error_reason(error: grpc.aio.AioRpcError) -> str:
     return ""
 
 
+def resource_info(error: grpc.aio.AioRpcError) -> tuple[str, str]:
+    """(resource_type, resource_name) of the error's ``google.rpc.ResourceInfo``."""
+    status = rpc_status.from_call(error)
+    assert status is not None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ResourceInfo.DESCRIPTOR):
+            info = error_details_pb2.ResourceInfo()
+            detail.Unpack(info)
+            return str(info.resource_type), str(info.resource_name)
+    raise AssertionError(f"no ResourceInfo in {error.code()}: {error.details()}")
+
+
 def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
     """field -> rule from the error's google.rpc.BadRequest detail."""
     status = rpc_status.from_call(error)

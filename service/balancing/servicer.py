@@ -313,15 +313,17 @@ class BalancingServicer(pb_grpc.BalancingServicer):
     ) -> AsyncIterator[pb.WatchBalancesResponse]:
         org_id = current_principal().org_id
         site_id = parse_uuid(request.site_id, "site_id")
-        await site_info(self._pool, org_id, site_id)
         site_text = str(site_id)
         subscription = await self._hub.subscribe(
             BALANCES_CHANNEL,
             str(org_id),
             self._watch_buffer_size,
             lambda event: event.get("site") == site_text,
+            site_id=site_text,
         )
         try:
+            # After subscribing: a deletion from now on ends the subscription.
+            await site_info(self._pool, org_id, site_id)
             # Headers first: a client knows it is subscribed before anything is re-balanced.
             await context.send_initial_metadata(())
             async for event in subscription:

@@ -73,6 +73,16 @@ class NotFoundError(DomainError):
         self.entity_id = entity_id
 
 
+class DeletedWhileWatchedError(NotFoundError):
+    """What a watch stream ends with when the entity it watches is deleted: the same status
+    as a watch opened on it afterwards."""
+
+    def __init__(self, kind: str, entity_id: str) -> None:
+        super().__init__(kind, entity_id)
+        self.message = f"{kind} {entity_id!r} was deleted"
+        self.args = (self.message,)
+
+
 class AlreadyExistsError(DomainError):
     """A uniqueness rule forbids the write; ``field`` names what collides."""
 

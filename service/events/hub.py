@@ -5,7 +5,8 @@ One dedicated connection per process LISTENs; every replica that commits a chang
 committed changes. Each subscriber has a bounded buffer: one that cannot keep up is ended
 (``SubscriberTooSlow``) instead of growing memory. When the listening connection is lost,
 every subscriber is ended (``EventsInterrupted``) so clients reconnect and re-read rather
-than silently missing events.
+than silently missing events. A subscription that watches one site is also ended when that
+site is deleted (``DeletedWhileWatchedError``), so a watch never stays open on nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from typing import Any
 
 import asyncpg
 
+from service.common.errors import DeletedWhileWatchedError
 from service.common.loglimit import LogLimiter, OutageLog, held_back
+from service.events.channels import SITE_EVENTS_CHANNEL
+from service.events.payloads import SiteEventType
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +54,12 @@ class Subscription:
         key: str,
         max_buffered: int,
         matches: Callable[[Event], bool] | None,
+        site_id: str | None = None,
     ) -> None:
         self._hub = hub
         self.channel = channel
         self.key = key
+        self.site_id = site_id
         self._max_buffered = max_buffered
         self._matches = matches
         self._buffer: collections.deque[Event] = collections.deque()
@@ -75,10 +81,13 @@ class Subscription:
         self.peak_buffered = max(self.peak_buffered, len(self._buffer))
         self._wakeup.set()
 
-    def end(self, reason: Exception) -> None:
+    def end(self, reason: Exception, *, keep_buffered: bool = False) -> None:
+        """Ends the subscription with ``reason``, raised to its reader once it has read
+        what ``keep_buffered`` leaves in the buffer (by default: nothing)."""
         if self._ended is None:
             self._ended = reason
-            self._buffer.clear()
+            if not keep_buffered:
+                self._buffer.clear()
             self._wakeup.set()
 
     @property
@@ -131,6 +140,9 @@ class EventHub:
             lambda: collections.defaultdict(set)
         )
         self._listeners: dict[str, list[Callable[[str], None]]] = collections.defaultdict(list)
+        # Subscriptions that end when their site is deleted, by site id (any organization's:
+        # an operator may watch a partner's site).
+        self._site_watchers: dict[str, set[Subscription]] = {}
         self._on_reset: list[Callable[[], None]] = []
         self._supervisor: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -182,15 +194,26 @@ class EventHub:
         key: str,
         max_buffered: int,
         matches: Callable[[Event], bool] | None = None,
+        *,
+        site_id: str | None = None,
     ) -> Subscription:
-        """Events on ``channel`` whose JSON payload has ``"key": key`` (the owning org)."""
+        """Events on ``channel`` whose JSON payload has ``"key": key`` (the owning org).
+
+        With ``site_id``, the subscription also ends with ``DeletedWhileWatchedError`` once
+        that site's deletion commits. Check that the site exists after subscribing, not
+        before: a deletion committed in between is then either seen by the check or
+        delivered here."""
         if self._closing:
             raise EventsInterrupted("server is shutting down")
         await self._ensure_listening(channel)
+        if site_id is not None:
+            await self._ensure_listening(SITE_EVENTS_CHANNEL)
         if not self.connected:
             raise EventsInterrupted("event source is not connected")
-        subscription = Subscription(self, channel, key, max_buffered, matches)
+        subscription = Subscription(self, channel, key, max_buffered, matches, site_id)
         self._subscriptions[channel][key].add(subscription)
+        if site_id is not None:
+            self._site_watchers.setdefault(site_id, set()).add(subscription)
         return subscription
 
     def subscriber_count(self, channel: str) -> int:
@@ -203,6 +226,13 @@ class EventHub:
             subs.discard(subscription)
             if not subs:
                 del per_key[subscription.key]
+        site_id = subscription.site_id
+        if site_id is not None:
+            watchers = self._site_watchers.get(site_id)
+            if watchers is not None:
+                watchers.discard(subscription)
+                if not watchers:
+                    del self._site_watchers[site_id]
 
     async def _ensure_listening(self, channel: str) -> None:
         # Outside the lock first: a LISTEN under way for another channel must not hold up
@@ -260,7 +290,8 @@ class EventHub:
                 if dropped is not None:
                     log.exception("listener for %s failed%s", channel, held_back(dropped))
         per_key = self._subscriptions.get(channel)
-        if not per_key:
+        site_deletion = channel == SITE_EVENTS_CHANNEL and bool(self._site_watchers)
+        if not per_key and not site_deletion:
             return
         try:
             event = json.loads(payload)
@@ -268,8 +299,19 @@ class EventHub:
             if self._listener_failures.admit(("malformed", channel)) is not None:
                 log.warning("dropping malformed notification on %s", channel)
             return
-        for subscription in list(per_key.get(str(event.get("key", "")), ())):
-            subscription.deliver(event)
+        if per_key:
+            for subscription in list(per_key.get(str(event.get("key", "")), ())):
+                subscription.deliver(event)
+        if site_deletion and event.get("event_type") == SiteEventType.DELETED:
+            self._end_site_watchers(event)
+
+    def _end_site_watchers(self, event: Event) -> None:
+        site = event.get("site")
+        site_id = str(site.get("id", "")) if isinstance(site, dict) else ""
+        for subscription in list(self._site_watchers.get(site_id, ())):
+            # Events buffered before the deletion are still read: they happened.
+            subscription.end(DeletedWhileWatchedError("site", site_id), keep_buffered=True)
+            self._remove(subscription)
 
     def _terminated(self, _conn: object) -> None:
         self._interrupt("lost the database connection that carries events")

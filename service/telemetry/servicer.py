@@ -228,8 +228,6 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
             site_id = SiteId((await self.ingest.meter(org_id, meter_id)).site_id)
         elif which == "site_id":
             site_id = SiteId(parse_uuid(request.site_id, "site_id"))
-            if not await site_exists(self._pool, org_id, site_id):
-                raise NotFoundError("site", str(site_id))
         else:
             raise ValidationError.single("site_id", "site_id or meter_id is required")
         site_text = str(site_id)
@@ -239,9 +237,16 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):
             return sites is None or site_text in sites
 
         subscription = await self._hub.subscribe(
-            READINGS_CHANNEL, str(org_id), self._settings.readings_watch_buffer_size, matches
+            READINGS_CHANNEL,
+            str(org_id),
+            self._settings.readings_watch_buffer_size,
+            matches,
+            site_id=site_text,
         )
         try:
+            # After subscribing: a deletion from now on ends the subscription.
+            if not await site_exists(self._pool, org_id, site_id):
+                raise NotFoundError("site", site_text)
             # Headers first, so a client knows it is subscribed before any reading exists.
             await context.send_initial_metadata(())
             while True:

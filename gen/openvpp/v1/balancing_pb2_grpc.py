@@ -181,7 +181,7 @@ class BalancingServicer:
         """Streams a site's re-balanced ranges as they are committed, from any replica. A reader
         that falls too far behind is ended with RESOURCE_EXHAUSTED, and every reader with
         UNAVAILABLE when events may have been missed; either may reconnect and re-read the
-        ranges it cares about.
+        ranges it cares about. Ends with NOT_FOUND once the site is deleted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -68,7 +68,7 @@ class BalancingStub:
     """Streams a site's re-balanced ranges as they are committed, from any replica. A reader
     that falls too far behind is ended with RESOURCE_EXHAUSTED, and every reader with
     UNAVAILABLE when events may have been missed; either may reconnect and re-read the
-    ranges it cares about.
+    ranges it cares about. Ends with NOT_FOUND once the site is deleted.
     """
 
 @_typing.type_check_only
@@ -111,7 +111,7 @@ class BalancingAsyncStub(BalancingStub):
     """Streams a site's re-balanced ranges as they are committed, from any replica. A reader
     that falls too far behind is ended with RESOURCE_EXHAUSTED, and every reader with
     UNAVAILABLE when events may have been missed; either may reconnect and re-read the
-    ranges it cares about.
+    ranges it cares about. Ends with NOT_FOUND once the site is deleted.
     """
 
 class BalancingServicer(metaclass=_abc_1.ABCMeta):
@@ -211,7 +211,7 @@ class BalancingServicer(metaclass=_abc_1.ABCMeta):
         """Streams a site's re-balanced ranges as they are committed, from any replica. A reader
         that falls too far behind is ended with RESOURCE_EXHAUSTED, and every reader with
         UNAVAILABLE when events may have been missed; either may reconnect and re-read the
-        ranges it cares about.
+        ranges it cares about. Ends with NOT_FOUND once the site is deleted.
         """
 
 def add_BalancingServicer_to_server(servicer: BalancingServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

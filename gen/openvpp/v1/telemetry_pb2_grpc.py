@@ -114,7 +114,8 @@ class TelemetryServicer:
         sent (accepted and corrected readings, not duplicates). A reader that falls too far
         behind is ended with RESOURCE_EXHAUSTED, and every reader with UNAVAILABLE when events
         may have been missed; either may reconnect and re-read with ListReadings the ranges it
-        cares about (there is no query of what changed while it was away).
+        cares about (there is no query of what changed while it was away). Ends with
+        NOT_FOUND once the site is deleted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -63,7 +63,8 @@ class TelemetryStub:
     sent (accepted and corrected readings, not duplicates). A reader that falls too far
     behind is ended with RESOURCE_EXHAUSTED, and every reader with UNAVAILABLE when events
     may have been missed; either may reconnect and re-read with ListReadings the ranges it
-    cares about (there is no query of what changed while it was away).
+    cares about (there is no query of what changed while it was away). Ends with
+    NOT_FOUND once the site is deleted.
     """
 
 @_typing.type_check_only
@@ -101,7 +102,8 @@ class TelemetryAsyncStub(TelemetryStub):
     sent (accepted and corrected readings, not duplicates). A reader that falls too far
     behind is ended with RESOURCE_EXHAUSTED, and every reader with UNAVAILABLE when events
     may have been missed; either may reconnect and re-read with ListReadings the ranges it
-    cares about (there is no query of what changed while it was away).
+    cares about (there is no query of what changed while it was away). Ends with
+    NOT_FOUND once the site is deleted.
     """
 
 class TelemetryServicer(metaclass=_abc_1.ABCMeta):
@@ -160,7 +162,8 @@ class TelemetryServicer(metaclass=_abc_1.ABCMeta):
         sent (accepted and corrected readings, not duplicates). A reader that falls too far
         behind is ended with RESOURCE_EXHAUSTED, and every reader with UNAVAILABLE when events
         may have been missed; either may reconnect and re-read with ListReadings the ranges it
-        cares about (there is no query of what changed while it was away).
+        cares about (there is no query of what changed while it was away). Ends with
+        NOT_FOUND once the site is deleted.
         """
 
 def add_TelemetryServicer_to_server(servicer: TelemetryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
