@@ -146,8 +146,11 @@ class DispatchServicer(pb_grpc.DispatchServicer):
             )
 
         def matches(event: Event) -> bool:
-            if "created" in event:
-                return wanted_dispatch is None or event["created"] == wanted_dispatch
+            # A new dispatch, or many of one dispatch's setpoints changed at once: the
+            # watcher reads that dispatch's setpoints (of its site, if filtered).
+            whole = event.get("created") or event.get("changed")
+            if whole is not None:
+                return wanted_dispatch is None or whole == wanted_dispatch
             return any(wanted(change) for change in event.get("changes", ()))
 
         store = self._store()
@@ -173,6 +176,16 @@ class DispatchServicer(pb_grpc.DispatchServicer):
                         message = convert.setpoint_to_proto(created)
                         message.state = convert.state_to_proto(SetpointState.PENDING)
                         yield pb.WatchSetpointsResponse(setpoint=message, event_time=event_time)
+                    continue
+                if "changed" in event:
+                    # Too many changes of one dispatch to send one by one: its setpoints as
+                    # they are now (also those the transaction did not change).
+                    for current in await store.setpoints_of_dispatch(
+                        UUID(event["changed"]), site_id
+                    ):
+                        yield pb.WatchSetpointsResponse(
+                            setpoint=convert.setpoint_to_proto(current), event_time=event_time
+                        )
                     continue
                 changes = [change for change in event["changes"] if wanted(change)]
                 records = {

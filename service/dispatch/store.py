@@ -51,6 +51,13 @@ from service.upstream.domain import UpstreamStatus
 
 # Changes per notification (about 140 bytes each): below PostgreSQL's 8000-byte payload limit.
 CHANGES_PER_NOTIFICATION = 50
+# A transaction that changes more setpoints of one dispatch than this for one scope (the
+# CancelDispatch of a large dispatch) publishes one event for them, ``"changed"`` with the
+# dispatch's id, whose watchers read that dispatch's setpoints as they are. A notification
+# per 50 changes would overflow every watcher's buffer (1,000 events by default) beyond
+# 50,000 setpoints, however fast the watcher read. Claims and records (at most
+# OPENVPP_DISPATCH_MAX_IN_FLIGHT rows) normally stay below it and are sent change by change.
+BULK_CHANGES_PER_DISPATCH = 1000
 
 
 # The id of what a dry run computed but did not store (shown as an empty id).
@@ -207,7 +214,7 @@ class SetpointChange(NamedTuple):
 # as much per change as recording the attempt did. The instant is still the database's.
 _NOTIFY_SQL = """
 SELECT pg_notify($1, '{"key":"' || k || '","at":' || to_json(clock_timestamp())::text
-    || ',"changes":' || c || '}')
+    || ',' || c || '}')
 FROM unnest($2::text[], $3::text[]) AS n (k, c)
 """
 
@@ -215,25 +222,36 @@ FROM unnest($2::text[], $3::text[]) AS n (k, c)
 async def notify_setpoint_changes(
     conn: asyncpg.Connection, changes: Sequence[SetpointChange]
 ) -> None:
-    """Publishes the changes to both scopes, at most CHANGES_PER_NOTIFICATION a payload; sent
-    only if the caller's transaction commits. A change is [setpoint id, dispatch id, site
-    id, state]; watchers read the rest from the row."""
+    """Publishes the changes to both scopes, at most CHANGES_PER_NOTIFICATION a payload, or
+    one ``changed`` event per scope and dispatch beyond BULK_CHANGES_PER_DISPATCH; sent only
+    if the caller's transaction commits. A change is [setpoint id, dispatch id, site id,
+    state]; watchers read the rest from the row."""
     if not changes:
         return
-    by_key: dict[UUID, list[str]] = {}
+    # By (scope, dispatch): a scope is the organization whose watchers see the change.
+    by_dispatch: dict[tuple[UUID, UUID], list[str]] = {}
     for change in changes:
         text = (
             f'["{change.setpoint_id}","{change.dispatch_id}","{change.site_id}","{change.state}"]'
         )
-        by_key.setdefault(change.operator_org_id, []).append(text)
+        by_dispatch.setdefault((change.operator_org_id, change.dispatch_id), []).append(text)
         if change.partner_org_id != change.operator_org_id:
-            by_key.setdefault(change.partner_org_id, []).append(text)
+            by_dispatch.setdefault((change.partner_org_id, change.dispatch_id), []).append(text)
     keys: list[str] = []
     payloads: list[str] = []
-    for key, texts in by_key.items():
+    one_by_one: dict[UUID, list[str]] = {}
+    for (key, dispatch_id), texts in by_dispatch.items():
+        if len(texts) > BULK_CHANGES_PER_DISPATCH:
+            keys.append(str(key))
+            payloads.append(f'"changed":"{dispatch_id}"')
+        else:
+            one_by_one.setdefault(key, []).extend(texts)
+    for key, texts in one_by_one.items():
         for first in range(0, len(texts), CHANGES_PER_NOTIFICATION):
             keys.append(str(key))
-            payloads.append("[" + ",".join(texts[first : first + CHANGES_PER_NOTIFICATION]) + "]")
+            payloads.append(
+                '"changes":[' + ",".join(texts[first : first + CHANGES_PER_NOTIFICATION]) + "]"
+            )
     await conn.execute(_NOTIFY_SQL, SETPOINT_EVENTS_CHANNEL, keys, payloads)
 
 

@@ -25,6 +25,7 @@ from openvpp.v1 import upstream_registry_pb2 as up_pb
 from service.auth.principal import Role
 from service.auth.store import IdentityStore
 from service.common.clock import SYSTEM_CLOCK, ManualClock
+from service.dispatch import store as dispatch_store
 from service.dispatch.delivery import DeliverySettings
 from service.dispatch.outbox import OutboxDeliverer, OutboxSettings
 from service.dispatch.store import CHANGES_PER_NOTIFICATION
@@ -1428,6 +1429,70 @@ async def test_watchers_of_both_scopes_see_every_change_of_a_dispatch_larger_tha
         for watch in watches:
             watch.cancel()
         assert receiver.received == []
+
+
+async def test_a_cancellation_of_more_setpoints_than_a_watcher_buffers_is_one_event(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beyond BULK_CHANGES_PER_DISPATCH changes of one dispatch in one transaction, each
+    scope gets one event and its watchers read the dispatch's setpoints: a notification per
+    CHANGES_PER_NOTIFICATION changes would overflow the watchers' buffers, however fast
+    they read (here 12 notifications into a buffer of 3; in production 50,000 setpoints)."""
+    monkeypatch.setattr(dispatch_store, "CHANGES_PER_NOTIFICATION", 5)
+    monkeypatch.setattr(dispatch_store, "BULK_CHANGES_PER_DISPATCH", 20)
+    replica = await cluster.replica(dispatch_delivery_enabled=False, watch_buffer_size=3)
+    flow = Flow(replica)
+    operator, partner, supplier = await flow.parties()
+    sites = [
+        await flow.site(partner, supplier, "http://127.0.0.1:9/", resources=[(BATTERY, -5, 5)] * 10)
+        for _ in range(6)
+    ]
+    one_site = sites[0][0].id
+    watches = {
+        "operator": replica.dispatch.WatchSetpoints(
+            pb.WatchSetpointsRequest(), metadata=operator.auth
+        ),
+        "partner": replica.dispatch.WatchSetpoints(
+            pb.WatchSetpointsRequest(), metadata=partner.auth
+        ),
+        "one site": replica.dispatch.WatchSetpoints(
+            pb.WatchSetpointsRequest(site_id=one_site), metadata=partner.auth
+        ),
+    }
+    for watch in watches.values():
+        await watch.initial_metadata()
+    dispatch = (await flow.dispatch(operator)).dispatch
+    assert dispatch.pending_count == 60
+    cancelled = await replica.dispatch.CancelDispatch(
+        pb.CancelDispatchRequest(dispatch_id=dispatch.id), metadata=operator.auth
+    )
+    assert cancelled.dispatch.cancelled_count == 60
+
+    async def states_seen(watch: Any, count: int) -> dict[str, list[int]]:
+        seen: dict[str, list[int]] = defaultdict(list)
+        settled = 0
+        async for event in watch:
+            assert event.setpoint.dispatch_id == dispatch.id
+            seen[event.setpoint.id].append(event.setpoint.state)
+            settled += event.setpoint.state == pb.SETPOINT_STATE_CANCELLED
+            if settled == count:
+                return seen
+        raise AssertionError("the stream ended")
+
+    async with asyncio.timeout(20):
+        for name, watch in watches.items():
+            count = 10 if name == "one site" else 60
+            seen = await states_seen(watch, count)
+            assert len(seen) == count, name
+            assert all(
+                states == [pb.SETPOINT_STATE_PENDING, pb.SETPOINT_STATE_CANCELLED]
+                for states in seen.values()
+            ), (name, seen)
+            if name == "one site":
+                listed = await flow.setpoints(partner, dispatch.id, site_id=one_site)
+                assert set(seen) == {setpoint.id for setpoint in listed}
+    for watch in watches.values():
+        watch.cancel()
 
 
 @pytest.mark.timeout(120)
