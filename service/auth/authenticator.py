@@ -12,6 +12,7 @@ from collections.abc import Callable
 from service.auth.principal import Principal
 from service.auth.store import IdentityStore
 from service.auth.tokens import token_hash
+from service.common.backoff import doubling_delay
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +118,17 @@ class Authenticator:
     async def _recheck_watched(self) -> None:
         """Until a check has read after the latest reset: the streams' tokens looked up,
         retried with a growing pause while the database does not answer."""
-        pause = RECHECK_FIRST_PAUSE_SECONDS
+        failures = 0
         while self._recheck_again and self._watchers:
             self._recheck_again = False
             digests = list(self._watchers)
             try:
                 live = await self._store.active_token_hashes(digests)
             except Exception as error:
+                failures += 1
+                pause = doubling_delay(
+                    failures, RECHECK_FIRST_PAUSE_SECONDS, RECHECK_MAX_PAUSE_SECONDS
+                )
                 log.warning(
                     "checking the tokens of %d open streams failed (retrying in %.0f s): %s",
                     len(digests),
@@ -132,7 +137,6 @@ class Authenticator:
                 )
                 self._recheck_again = True
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, RECHECK_MAX_PAUSE_SECONDS)
                 continue
             for digest in digests:
                 if digest not in live:

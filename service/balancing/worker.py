@@ -34,6 +34,7 @@ from service.balancing.store import (
     site_meters,
     try_lock_site_results,
 )
+from service.common.backoff import doubling_delay
 from service.common.errors import NotFoundError
 from service.events.channels import BALANCES_CHANNEL
 from service.grid.ranges import cover_with_at_most
@@ -203,7 +204,7 @@ class BalancingQueueConsumer:
 
     def _hold_back(self, site_id: UUID) -> None:
         failures = self._held_back.get(site_id, (0, 0.0))[0] + 1
-        delay = min(MAX_HOLD_BACK_SECONDS, FIRST_HOLD_BACK_SECONDS * 2 ** (failures - 1))
+        delay = doubling_delay(failures, FIRST_HOLD_BACK_SECONDS, MAX_HOLD_BACK_SECONDS)
         self._held_back[site_id] = (failures, asyncio.get_running_loop().time() + delay)
         log.warning(
             "balancing site %s failed (%d time(s) in a row); its queue rows stay, it is "

@@ -71,6 +71,7 @@ from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
 from service.auth.signing import signing_key
+from service.common.backoff import doubling_delay
 from service.common.clock import Clock
 from service.common.network_policy import (
     WebhookTarget,
@@ -228,8 +229,9 @@ def retry_delay_seconds(
     in-process, while the outbox stores the next attempt's time in the database and any
     replica may make it; the arithmetic is the part we need, and it is these lines.
     """
-    exponent = min(max(attempt_number, 1) - 1, 62)
-    ceiling = min(settings.backoff_max_seconds, settings.backoff_initial_seconds * 2.0**exponent)
+    ceiling = doubling_delay(
+        attempt_number, settings.backoff_initial_seconds, settings.backoff_max_seconds
+    )
     delay = (rng or random).uniform(0.0, ceiling)
     if retry_after is not None:
         delay = max(delay, retry_after)
