@@ -154,16 +154,16 @@ class DispatchServicer(pb_grpc.DispatchServicer):
             return any(wanted(change) for change in event.get("changes", ()))
 
         store = self._store()
+        await store.check_filter(dispatch_id, site_id)
+        # Not ended when the site is deleted: its setpoints outlive it, and those still open
+        # are settled after it (NOT_ELIGIBLE, "site deleted").
         subscription = await self._hub.subscribe(
             SETPOINT_EVENTS_CHANNEL,
             str(current_principal().org_id),
             self._watch_buffer_size,
             matches,
-            site_id=wanted_site,
         )
         try:
-            # After subscribing: a deletion of the site from now on ends the subscription.
-            await store.check_filter(dispatch_id, site_id)
             # Headers out first, so a client knows it is subscribed before any event exists.
             await context.send_initial_metadata(())
             async for event in subscription:

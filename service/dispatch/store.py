@@ -337,18 +337,23 @@ FROM setpoint_attempts WHERE setpoint_id = ANY($1::uuid[]) ORDER BY setpoint_id,
 
 # Whether the dispatch_id ($1) and site_id ($2) filters of a setpoint read name what the
 # caller ($3) can see (a NULL filter is visible); see DispatchStore.check_filter.
+# A site is also visible once deleted where the caller has setpoints of it: they outlive the
+# site, and its id is the filter for their history.
 _OPERATOR_FILTER_SQL = """
 SELECT ($1::uuid IS NULL OR EXISTS (SELECT 1 FROM dispatches WHERE id = $1 AND org_id = $3))
            AS dispatch_visible,
        ($2::uuid IS NULL OR EXISTS (SELECT 1 FROM sites s JOIN organizations o ON o.id = s.org_id
-                                    WHERE s.id = $2 AND o.role = 'partner')) AS site_visible
+                                    WHERE s.id = $2 AND o.role = 'partner')
+                         OR EXISTS (SELECT 1 FROM setpoints
+                                    WHERE site_id = $2 AND operator_org_id = $3)) AS site_visible
 """
 _PARTNER_FILTER_SQL = """
 SELECT ($1::uuid IS NULL OR EXISTS (SELECT 1 FROM setpoints
                                     WHERE dispatch_id = $1 AND partner_org_id = $3))
            AS dispatch_visible,
-       ($2::uuid IS NULL OR EXISTS (SELECT 1 FROM sites WHERE id = $2 AND org_id = $3))
-           AS site_visible
+       ($2::uuid IS NULL OR EXISTS (SELECT 1 FROM sites WHERE id = $2 AND org_id = $3)
+                         OR EXISTS (SELECT 1 FROM setpoints
+                                    WHERE site_id = $2 AND partner_org_id = $3)) AS site_visible
 """
 
 

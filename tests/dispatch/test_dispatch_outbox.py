@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 from openvpp.v1 import dispatch_pb2 as pb
@@ -122,6 +123,56 @@ async def test_a_site_paused_after_the_dispatch_is_not_delivered_to(cluster: Clu
         assert settled[ended_site.id].reason == "upstream_status contract_inactive"
         assert settled[kept_site.id].state == ACCEPTED
         assert [r.body["site_id"] for r in receiver.received] == [kept_site.id]
+
+
+async def test_a_deleted_sites_setpoints_stay_listed_and_watched_by_its_id(
+    cluster: Cluster,
+) -> None:
+    """Setpoints outlive their site: its id stays a valid ListSetpoints and WatchSetpoints
+    filter for both scopes, and a watch of it opened before the deletion sees its setpoint
+    settled after it (NOT_ELIGIBLE). An id of no site and no setpoint is still NOT_FOUND."""
+    api = await cluster.replica(dispatch_delivery_enabled=False)
+    flow = Flow(api)
+    operator, partner, supplier = await flow.parties()
+    async with running_receiver() as receiver:
+        receiver.trust(await flow.secret(partner))
+        site, _ = await flow.site(partner, supplier, receiver.url())
+        dispatch = (await flow.dispatch(operator)).dispatch
+        watches = [
+            api.dispatch.WatchSetpoints(
+                pb.WatchSetpointsRequest(site_id=site.id), metadata=party.auth
+            )
+            for party in (operator, partner)
+        ]
+        for watch in watches:
+            await watch.initial_metadata()
+        await api.registry.DeleteSite(
+            site_pb.DeleteSiteRequest(site_id=site.id), metadata=partner.auth
+        )
+        for party in (operator, partner):
+            (listed,) = await flow.setpoints(party, site_id=site.id)
+            assert (listed.dispatch_id, listed.site_id) == (dispatch.id, site.id)
+            # A watch opened now is accepted too.
+            late = api.dispatch.WatchSetpoints(
+                pb.WatchSetpointsRequest(site_id=site.id), metadata=party.auth
+            )
+            await asyncio.wait_for(late.initial_metadata(), 10)
+            late.cancel()
+        await cluster.replica()  # a delivering replica settles it
+        async with asyncio.timeout(20):
+            for watch in watches:
+                async for event in watch:
+                    assert event.setpoint.site_id == site.id
+                    if event.setpoint.state == pb.SETPOINT_STATE_NOT_ELIGIBLE:
+                        assert event.setpoint.reason == "site deleted"
+                        break
+                watch.cancel()
+        assert receiver.received == []
+        unknown = str(uuid.uuid4())
+        for party in (operator, partner):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await flow.setpoints(party, site_id=unknown)
+            assert refused.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 async def set_power_bounds(

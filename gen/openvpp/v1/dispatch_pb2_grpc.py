@@ -145,8 +145,8 @@ class DispatchServicer:
 
     def WatchSetpoints(self, request, context):
         """Streams setpoint state changes as they are committed, from any replica. A reader that
-        falls too far behind is ended with RESOURCE_EXHAUSTED and may reconnect. Filtered by
-        site, it ends with NOT_FOUND once that site is deleted.
+        falls too far behind is ended with RESOURCE_EXHAUSTED and may reconnect. A deleted
+        site's id stays a valid filter for a caller with setpoints of it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

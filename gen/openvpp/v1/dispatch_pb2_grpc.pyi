@@ -64,8 +64,8 @@ class DispatchStub:
     """
     WatchSetpoints: _grpc.UnaryStreamMultiCallable[_dispatch_pb2.WatchSetpointsRequest, _dispatch_pb2.WatchSetpointsResponse]
     """Streams setpoint state changes as they are committed, from any replica. A reader that
-    falls too far behind is ended with RESOURCE_EXHAUSTED and may reconnect. Filtered by
-    site, it ends with NOT_FOUND once that site is deleted.
+    falls too far behind is ended with RESOURCE_EXHAUSTED and may reconnect. A deleted
+    site's id stays a valid filter for a caller with setpoints of it.
     """
 
 @_typing.type_check_only
@@ -104,8 +104,8 @@ class DispatchAsyncStub(DispatchStub):
     """
     WatchSetpoints: _aio.UnaryStreamMultiCallable[_dispatch_pb2.WatchSetpointsRequest, _dispatch_pb2.WatchSetpointsResponse]  # type: ignore[assignment]
     """Streams setpoint state changes as they are committed, from any replica. A reader that
-    falls too far behind is ended with RESOURCE_EXHAUSTED and may reconnect. Filtered by
-    site, it ends with NOT_FOUND once that site is deleted.
+    falls too far behind is ended with RESOURCE_EXHAUSTED and may reconnect. A deleted
+    site's id stays a valid filter for a caller with setpoints of it.
     """
 
 class DispatchServicer(metaclass=_abc_1.ABCMeta):
@@ -183,8 +183,8 @@ class DispatchServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_dispatch_pb2.WatchSetpointsResponse], _abc.AsyncIterator[_dispatch_pb2.WatchSetpointsResponse]]:
         """Streams setpoint state changes as they are committed, from any replica. A reader that
-        falls too far behind is ended with RESOURCE_EXHAUSTED and may reconnect. Filtered by
-        site, it ends with NOT_FOUND once that site is deleted.
+        falls too far behind is ended with RESOURCE_EXHAUSTED and may reconnect. A deleted
+        site's id stays a valid filter for a caller with setpoints of it.
         """
 
 def add_DispatchServicer_to_server(servicer: DispatchServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
