@@ -627,7 +627,15 @@ def unsendable(row: OutboxRow, reason: str) -> Settled:
     )
 
 
+# The reason of a setpoint waiting for its next attempt, around the last attempt's failure.
+_RETRYING_BEFORE, _RETRYING_AFTER = "retrying (last: ", ")"
+
+
 def _expired_reason(last: str) -> str:
+    # The last failure itself, whether it is what an attempt just ended with or what the
+    # stored "retrying (...)" reason of a row expired before its next attempt holds.
+    if last.startswith(_RETRYING_BEFORE) and last.endswith(_RETRYING_AFTER):
+        last = last[len(_RETRYING_BEFORE) : -len(_RETRYING_AFTER)]
     return "window ended before delivery" + (f" (last: {last})" if last else "")
 
 
@@ -742,7 +750,7 @@ def after_attempt(
     return _keep(
         row,
         state=SetpointState.DELIVERING,
-        reason=f"retrying (last: {failure})",
+        reason=f"{_RETRYING_BEFORE}{failure}{_RETRYING_AFTER}",
         attempt_count=attempts,
         next_attempt_at=retry_at,
     )

@@ -702,6 +702,21 @@ class TestSettling:
         assert never_sent is not None
         assert (never_sent.state, never_sent.next_attempt_at) == (SetpointState.NOT_ELIGIBLE, None)
 
+    def test_an_expiry_names_the_last_failure_whichever_step_finds_it(self) -> None:
+        # The attempt's own outcome finds that no retry fits the window...
+        tried = settle(row(end_time=NOW + timedelta(seconds=5)), Outcome.RETRYABLE, 503)
+        assert tried.reason == "window ended before delivery (last: HTTP 503)"
+        # ...or the retry is due only after it (a worker down or late): the same reason, not
+        # the waiting row's "retrying (last: ...)" inside it.
+        waiting = settle(row(), Outcome.RETRYABLE, 503)
+        assert waiting.reason == "retrying (last: HTTP 503)"
+        expired = before_attempt(row(reason=waiting.reason, attempt_count=1), None, END)
+        assert expired is not None
+        assert expired.reason == "window ended before delivery (last: HTTP 503)"
+        never_tried = before_attempt(row(state=SetpointState.PENDING), None, END)
+        assert never_tried is not None
+        assert never_tried.reason == "window ended before delivery"
+
     def test_an_earlier_claims_unrecorded_attempt_counts_when_a_setpoint_is_not_sent(
         self,
     ) -> None:
