@@ -27,6 +27,7 @@ from service.auth.principal import Role
 from service.auth.store import IdentityStore
 from service.config import Settings
 from service.db.database import EmbeddedPostgres
+from service.db.migrate import migrate
 
 # A test about to time out shows what each asyncio task is waiting for.
 pytest_plugins = ["tests.task_dump"]
@@ -67,6 +68,41 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield urlunsplit(parts._replace(path="/" + name))
     finally:
         asyncio.run(admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+
+def with_database(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path="/" + name))
+
+
+async def admin(url: str, sql: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+async def migrated_template(database_url: str) -> AsyncIterator[str]:
+    name = f"openvpp_template_{uuid.uuid4().hex[:10]}"
+    await admin(database_url, f'CREATE DATABASE "{name}"')
+    conn = await asyncpg.connect(with_database(database_url, name))
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    yield name
+    await admin(database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def fresh_database(database_url: str, migrated_template: str) -> AsyncIterator[str]:
+    """A migrated database of the test's own (a copy of a template migrated once a session),
+    for tests that change what other tests' servers would see."""
+    name = f"openvpp_fresh_{uuid.uuid4().hex[:12]}"
+    await admin(database_url, f'CREATE DATABASE "{name}" TEMPLATE "{migrated_template}"')
+    yield with_database(database_url, name)
+    await admin(database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_settings(**overrides: object) -> Settings:

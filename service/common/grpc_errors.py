@@ -38,6 +38,14 @@ DATABASE_UNAVAILABLE = (
     asyncpg.exceptions.TooManyConnectionsError,
 )
 
+# A statement prepared on a connection before a migration changed its tables (a newer
+# replica's, during a rolling upgrade): asyncpg prepares it afresh by itself only outside a
+# transaction. Inside one, the transaction rolled back, and the same call again succeeds.
+SCHEMA_CHANGED = (
+    asyncpg.exceptions.InvalidCachedStatementError,
+    asyncpg.exceptions.OutdatedSchemaCacheError,
+)
+
 # Transaction aborted by PostgreSQL to resolve a conflict with another one: retryable.
 CONCURRENT_CONFLICT = (
     asyncpg.exceptions.DeadlockDetectedError,

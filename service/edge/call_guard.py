@@ -45,6 +45,7 @@ from service.common.errors import DomainError, MalformedRequestError
 from service.common.grpc_errors import (
     CONCURRENT_CONFLICT,
     DATABASE_UNAVAILABLE,
+    SCHEMA_CHANGED,
     plain_status,
     status_for,
     status_with_reason,
@@ -513,6 +514,19 @@ class CallGuard:
             if isinstance(error, EventsInterrupted):
                 return plain_status(
                     grpc.StatusCode.UNAVAILABLE, f"stream ended: {error}; reconnect"
+                )
+            if isinstance(error, SCHEMA_CHANGED):
+                dropped = conflicts.admit(type(error).__name__)
+                if dropped is not None:
+                    log.info(
+                        "%s found a statement prepared before a schema change (%s)%s",
+                        method,
+                        type(error).__name__,
+                        held_back(dropped),
+                    )
+                return plain_status(
+                    grpc.StatusCode.ABORTED,
+                    "the database schema changed during the call (a migration); retry the call",
                 )
             if isinstance(error, CONCURRENT_CONFLICT):
                 # PostgreSQL aborted this transaction for another's sake; nothing of it was

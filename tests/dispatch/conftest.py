@@ -13,7 +13,6 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
@@ -28,44 +27,10 @@ from service.auth.principal import Role
 from service.auth.store import IdentityStore
 from service.common.clock import SYSTEM_CLOCK, Clock
 from service.common.protoconv import to_timestamp
-from service.db.migrate import migrate
 from service.dispatch.domain import QUARTER_HOUR_SECONDS
 from tests.conftest import Org, test_settings
 from tests.helpers import random_identifier, site_request
 from tests.upstream.conftest import day
-
-
-def with_database(url: str, name: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path="/" + name))
-
-
-async def admin(url: str, sql: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-@pytest.fixture(scope="session")
-async def dispatch_template(database_url: str) -> AsyncIterator[str]:
-    name = f"openvpp_dispatch_tpl_{uuid.uuid4().hex[:10]}"
-    await admin(database_url, f'CREATE DATABASE "{name}"')
-    conn = await asyncpg.connect(with_database(database_url, name))
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    yield name
-    await admin(database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture
-async def fresh_database(database_url: str, dispatch_template: str) -> AsyncIterator[str]:
-    name = f"openvpp_dispatch_{uuid.uuid4().hex[:12]}"
-    await admin(database_url, f'CREATE DATABASE "{name}" TEMPLATE "{dispatch_template}"')
-    yield with_database(database_url, name)
-    await admin(database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def dispatch_settings(**overrides: Any) -> Any:
