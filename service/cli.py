@@ -11,7 +11,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 from uuid import UUID
 
 import asyncpg
@@ -172,6 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--database-url",
+        type=_database_url,
         metavar="URL",
         help="PostgreSQL URL; unset = embedded PostgreSQL (OPENVPP_DATABASE_URL)",
     )
@@ -291,6 +292,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _database_url(text: str) -> str:
+    # An empty flag would override OPENVPP_DATABASE_URL with "none" and start an embedded
+    # database in its place: a script passing an unset variable must not do that silently.
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a PostgreSQL URL (leave the flag out for none)")
+    return text
+
+
 def _directory(text: str) -> Path:
     # An empty --data-dir was the current directory, while an empty OPENVPP_DATA_DIR is
     # the default: refused rather than either.
@@ -313,14 +322,21 @@ CANNOT_REACH_DATABASE = (
 
 
 def _without_password(url: str) -> str:
+    """The URL with its password (in the address or a ``password`` parameter) as ***."""
     try:
         parts = urlsplit(url)
-        if parts.password is None:
-            return url
+        password = parts.password
     except ValueError:
         return "(an unreadable URL)"
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    if password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    pieces = parts.query.split("&") if parts.query else []
+    for index, piece in enumerate(pieces):
+        name = piece.partition("=")[0]
+        if unquote_plus(name) == "password":
+            pieces[index] = name + "=***"
+    return urlunsplit(parts._replace(query="&".join(pieces)))
 
 
 def _refuse_unusable_settings(settings: Settings) -> None:

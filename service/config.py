@@ -323,7 +323,11 @@ def check_database_url(settings: Settings) -> None:
         return
     try:
         parts = urlsplit(url)
-        _ = parts.port
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ValueError("it must begin with postgresql:// (or postgres://)")
+        # host:port, or several of them for a fail-over list, as libpq and asyncpg take.
+        for host in parts.netloc.rpartition("@")[2].split(","):
+            _ = urlsplit("//" + host).port
     except ValueError as error:
         raise ValueError(
             f"{ENV_PREFIX}DATABASE_URL (--database-url) is not a URL PostgreSQL can be reached"

@@ -331,17 +331,33 @@ def closed_port() -> int:
 
 
 @pytest.mark.parametrize("command", [["migrate"], ["orgs", "list"], ["serve"]])
-@pytest.mark.parametrize("url", ["foo", "postgresql://nobody:s3cret@127.0.0.1:{port}/openvpp"])
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("foo", "OPENVPP_DATABASE_URL (--database-url) is not a URL"),
+        ("postgresql://nobody:s3cret@127.0.0.1:{port}/openvpp", "nobody:***@127.0.0.1"),
+        ("postgresql://nobody@127.0.0.1:{port}/openvpp?password=s3cret", "?password=***"),
+    ],
+)
 def test_a_database_a_command_cannot_use_is_one_line_naming_it(
-    data_dir: Path, command: list[str], url: str
+    data_dir: Path, command: list[str], url: str, shown: str
 ) -> None:
     """An unreadable URL or nothing listening: asyncpg's traceback, and the URL's password
     in it, was all the operator got."""
     url = url.format(port=closed_port())
     line = refusal(cli(data_dir, "--database-url", url, *command))
-    assert line.startswith("cannot use the database at ")
+    assert line.startswith("cannot use the database at " if "://" in url else shown)
     assert "s3cret" not in line
-    assert ("nobody:***@127.0.0.1" if "nobody" in url else "foo") in line
+    assert shown in line
+
+
+def test_an_empty_database_url_flag_is_refused_not_taken_for_none(data_dir: Path) -> None:
+    """It overrode OPENVPP_DATABASE_URL with nothing and started an embedded database."""
+    url = f"postgresql://nobody@127.0.0.1:{closed_port()}/openvpp"
+    result = cli(data_dir, "--database-url", "", "orgs", "list", env={"OPENVPP_DATABASE_URL": url})
+    assert result.returncode == 2, result.stderr
+    assert "--database-url: must be a PostgreSQL URL" in result.stderr
+    assert list(data_dir.iterdir()) == []  # no embedded database was made
 
 
 def test_a_data_directory_that_is_a_file_is_one_line_naming_it(data_dir: Path) -> None:

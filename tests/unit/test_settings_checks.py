@@ -85,12 +85,34 @@ def test_an_unknown_trace_exporter_is_refused_before_anything_starts() -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["postgresql://u:pw@host:abc/db", "postgresql://u:pw@[::1/db", "postgresql://u@h:1e3/d"]
+    "url",
+    [
+        "postgresql://u:pw@host:abc/db",
+        "postgresql://u:pw@[::1/db",
+        "postgresql://u@h:1e3/d",
+        "u:pw@host/db",
+        "mysql://u:pw@host/db",
+        "postgresql://u:pw@h1:5432,h2:x/db",
+    ],
 )
 def test_a_database_url_that_is_not_one_is_refused_without_its_password(url: str) -> None:
     with pytest.raises(ValueError, match=r"^OPENVPP_DATABASE_URL \(--database-url\)") as caught:
         check_database_url(Settings(database_url=url))
     assert "pw" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:pw@host:5432/db",
+        "postgres://host/db",
+        # A fail-over list, and a Unix socket directory: both are asyncpg's to take.
+        "postgresql://u:pw@h1:5432,h2:5433/db?target_session_attrs=read-write",
+        "postgresql:///db?host=/var/run/postgresql",
+    ],
+)
+def test_a_database_url_postgresql_takes_passes(url: str) -> None:
+    check_database_url(Settings(database_url=url))
 
 
 def test_serve_names_every_broken_value_at_once() -> None:
