@@ -44,6 +44,16 @@ class LogLimiter:
         return 0 if seen is None else seen[1]
 
 
+def error_key(error: BaseException) -> tuple[str, str, int]:
+    """A LogLimiter key that tells one bug from another: its type and where it was raised."""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    if frame is None:
+        return (type(error).__qualname__, "", 0)
+    return (type(error).__qualname__, frame.tb_frame.f_code.co_filename, frame.tb_lineno)
+
+
 def held_back(count: int) -> str:
     """The suffix telling how many like lines were not written."""
     return f" ({count} more like it not logged)" if count else ""

@@ -63,7 +63,7 @@ import asyncpg
 
 from service.auth.store import IdentityStore
 from service.common.clock import Clock
-from service.common.loglimit import LogLimiter, held_back
+from service.common.loglimit import LogLimiter, error_key, held_back
 from service.common.tasks import cancel_and_wait
 from service.config import Settings, refuse_broken_values
 from service.dispatch.delivery import (
@@ -511,6 +511,7 @@ class OutboxDeliverer:
         self._abandoned: dict[UUID, bool] = {}
         self._renewer: asyncio.Task[None] | None = None
         self._lease_log = LogLimiter(60.0)
+        self._bug_log = LogLimiter(60.0)
         # A request may take up to its timeout: begun later than this after its lease was
         # last set, it could still be under way when the lease lapses and another worker
         # sends the same setpoint (with a lease too short for that, half of it is kept).
@@ -957,7 +958,15 @@ class OutboxDeliverer:
                 self._finished.append(Finished(item, attempt_time, interrupted))
             raise
         except Exception as error:  # a transport bug must not lose the setpoint
-            log.exception("delivery of setpoint %s failed unexpectedly", item.setpoint_id)
+            # A bug fails every send alike: one trace per bug a minute, not one per attempt.
+            dropped = self._bug_log.admit(error_key(error))
+            if dropped is not None:
+                log.error(
+                    "delivery of setpoint %s failed unexpectedly%s",
+                    item.setpoint_id,
+                    held_back(dropped),
+                    exc_info=error,
+                )
             outcome = AttemptOutcome(
                 kind=OutcomeKind.RETRYABLE,
                 http_status=None,

@@ -50,7 +50,7 @@ from service.common.grpc_errors import (
     status_for,
     status_with_reason,
 )
-from service.common.loglimit import LogLimiter, OutageLog, held_back
+from service.common.loglimit import LogLimiter, OutageLog, error_key, held_back
 from service.common.request_limits import check_request
 from service.events.hub import EventsInterrupted, SubscriberTooSlow
 from service.identifiers.ids import OrgId
@@ -548,7 +548,7 @@ class CallGuard:
                 return plain_status(
                     grpc.StatusCode.UNAVAILABLE, "database unavailable; retry later"
                 )
-            dropped = internal_traces.admit(_error_key(error))
+            dropped = internal_traces.admit(error_key(error))
             if dropped is not None:
                 log.error("unexpected error in %s%s", method, held_back(dropped), exc_info=error)
             if span is not None:
@@ -595,16 +595,6 @@ def _method_handler(method: MethodDescriptor, behavior: Any) -> Any:
         request_deserializer=request.FromString,
         response_serializer=response.SerializeToString,
     )
-
-
-def _error_key(error: BaseException) -> tuple[str, str, int]:
-    """What tells one bug from another: its type and where it was raised."""
-    frame = error.__traceback__
-    while frame is not None and frame.tb_next is not None:
-        frame = frame.tb_next
-    if frame is None:
-        return (type(error).__qualname__, "", 0)
-    return (type(error).__qualname__, frame.tb_frame.f_code.co_filename, frame.tb_lineno)
 
 
 def _loggable(text: str) -> str:

@@ -27,7 +27,7 @@ from service.auth.principal import Role
 from service.auth.store import IdentityStore
 from service.common.clock import SYSTEM_CLOCK, ManualClock
 from service.dispatch import store as dispatch_store
-from service.dispatch.delivery import DeliverySettings
+from service.dispatch.delivery import DeliverySettings, WebhookSender
 from service.dispatch.outbox import OutboxDeliverer, OutboxSettings
 from service.dispatch.store import CHANGES_PER_NOTIFICATION
 from tests.conftest import Org
@@ -173,6 +173,32 @@ async def test_a_deleted_sites_setpoints_stay_listed_and_watched_by_its_id(
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await flow.setpoints(party, site_id=unknown)
             assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_transport_bug_fails_attempts_with_one_trace_a_minute_not_one_each(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in sending fails every attempt alike: at 512 in flight and 10 attempts each, a
+    trace per attempt would be thousands. The setpoints still end FAILED, attempt by
+    attempt."""
+
+    async def broken(*_args: object) -> None:
+        raise RuntimeError("a bug in the transport")
+
+    monkeypatch.setattr(WebhookSender, "send_unless_withdrawn", broken)
+    replica = await cluster.replica(dispatch_max_attempts=3)
+    flow = Flow(replica)
+    operator, partner, supplier = await flow.parties()
+    await flow.site(partner, supplier, "http://127.0.0.1:9/", resources=[(BATTERY, -5, 5)] * 5)
+    with caplog.at_level(logging.ERROR, logger="service.dispatch.outbox"):
+        dispatch = (await flow.dispatch(operator)).dispatch
+        settled = await flow.settle(operator, dispatch.id)
+    assert [s.state for s in settled] == [pb.SETPOINT_STATE_FAILED] * 5
+    assert all(len(s.attempts) == 3 for s in settled)
+    assert all(a.error == "internal error: RuntimeError" for s in settled for a in s.attempts)
+    traces = [r for r in caplog.records if "failed unexpectedly" in r.getMessage()]
+    assert len(traces) == 1, [r.getMessage() for r in traces]
+    assert traces[0].exc_info is not None
 
 
 async def set_power_bounds(
