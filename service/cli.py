@@ -27,7 +27,7 @@ from service.config import (
     problems_of,
 )
 from service.db.database import EmbeddedPostgres
-from service.db.migrate import MigrationChangedError, migrate_database
+from service.db.migrate import MigrationError, migrate_database
 from service.observability import setup_logging, setup_tracing
 
 T = TypeVar("T")
@@ -373,8 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with database(settings) as dsn:
             return _run_command(args, settings, dsn)
-    except MigrationChangedError as changed:
-        raise SystemExit(str(changed)) from None
+    except MigrationError as refused:
+        raise SystemExit(str(refused)) from None
     except CANNOT_REACH_DATABASE as error:
         where = (
             f"the database at {_without_password(settings.database_url)}"

@@ -1,9 +1,12 @@
-"""Migrations from replicas starting together: each file runs exactly once."""
+"""Migrations: each file runs exactly once, also from replicas starting together, in one
+order everywhere, and what stops them says why in one line."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
+from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -11,8 +14,16 @@ import pytest
 
 from service.app import Service
 from service.db import database as database_module
-from service.db.migrate import MIGRATION_LOCK_KEY, load_migrations, migrate
+from service.db import migrate as migrate_module
+from service.db.migrate import (
+    MIGRATION_LOCK_KEY,
+    Migration,
+    MigrationError,
+    load_migrations,
+    migrate,
+)
 from tests.conftest import test_settings as settings_for_tests
+from tests.helpers import eventually
 
 
 async def test_concurrent_migrations_apply_each_file_once(database_url: str) -> None:
@@ -70,3 +81,93 @@ async def test_a_replica_waits_for_another_ones_migrations_past_the_command_time
     finally:
         await holder.close()
         await service.stop(grace=0)
+
+
+def with_extra(*extra: Migration) -> Callable[[], list[Migration]]:
+    shipped = load_migrations()
+    return lambda: sorted([*shipped, *extra], key=lambda migration: migration.version)
+
+
+async def test_a_new_file_numbered_before_an_applied_one_is_refused(
+    fresh_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Applied after the later ones here, but in number order on a fresh database: the two
+    would then have different histories."""
+    latest = load_migrations()[-1].version
+    late = Migration("0008_added_late", "CREATE TABLE added_late (id int)")
+    monkeypatch.setattr(migrate_module, "load_migrations", with_extra(late))
+    conn = await asyncpg.connect(fresh_database)
+    try:
+        with pytest.raises(MigrationError) as refused:
+            await migrate(conn)
+        assert str(refused.value) == (
+            f"migration 0008_added_late is not applied, but {latest} after it is; number a"
+            " new migration after the latest applied one"
+        )
+        assert await conn.fetchval("SELECT to_regclass('added_late')") is None
+        # The lock went back: the next run is not held up.
+        assert await conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK_KEY)
+    finally:
+        await conn.close()
+
+
+async def test_a_failing_migration_is_named_and_leaves_nothing(
+    fresh_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = Migration("0099_broken", "CREATE TABLE half_done (id int); SELECT 1 / 0")
+    monkeypatch.setattr(migrate_module, "load_migrations", with_extra(broken))
+    conn = await asyncpg.connect(fresh_database)
+    try:
+        with pytest.raises(MigrationError) as failed:
+            await migrate(conn)
+        assert str(failed.value) == (
+            "migration 0099_broken failed, nothing of it was applied: DivisionByZeroError:"
+            " division by zero"
+        )
+        assert await conn.fetchval("SELECT to_regclass('half_done')") is None
+        assert not await conn.fetchval(
+            "SELECT count(*) FROM schema_migrations WHERE version = '0099_broken'"
+        )
+    finally:
+        await conn.close()
+
+
+async def test_a_database_of_a_newer_release_is_used_with_a_warning(
+    fresh_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """During a rolling upgrade the newer replicas migrate first; the older ones, starting
+    again meanwhile, must still run."""
+    conn = await asyncpg.connect(fresh_database)
+    try:
+        await conn.execute(
+            "INSERT INTO schema_migrations (version, checksum) VALUES ('0099_newer', 'x')"
+        )
+        with caplog.at_level(logging.WARNING, logger="service.db.migrate"):
+            assert await migrate(conn) == []
+        [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert "migrations this release does not know (0099_newer)" in warning
+    finally:
+        await conn.close()
+
+
+async def test_a_replica_waiting_for_anothers_migrations_says_so(
+    fresh_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    holder = await asyncpg.connect(fresh_database)
+    waiter = await asyncpg.connect(fresh_database)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+        with caplog.at_level(logging.INFO, logger="service.db.migrate"):
+            waiting = asyncio.ensure_future(migrate(waiter))
+            await eventually(
+                lambda: any(
+                    "waiting for another replica" in r.getMessage() for r in caplog.records
+                ),
+                "the waiting line",
+            )
+            assert not waiting.done()
+            await holder.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+            assert await asyncio.wait_for(waiting, 10) == []
+    finally:
+        await holder.close()
+        await waiter.close()
