@@ -240,12 +240,23 @@ class Partitions:
             # Replicas creating the same partition at once would collide.
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('openvpp_partitions'))")
             for year, month in sorted(missing):
+                name = partition_name(year, month)
+                if await conn.fetchval("SELECT to_regclass($1)", name) is not None:
+                    continue  # another replica made it (made and attached in one commit)
                 start = month_start(year, month)
                 end = month_start(year, month + 1)
+                # Made apart and then attached: CREATE TABLE ... PARTITION OF locks
+                # readings exclusively, so it waited for every transaction reading any
+                # month, and all readings traffic queued behind it (a backfill of an old
+                # month while balancing read). ATTACH takes SHARE UPDATE EXCLUSIVE, which
+                # reads and writes do not conflict with; the table is empty, so its check
+                # scans nothing, and it gains the parent's key index and CHECK as it joins.
                 await conn.execute(
-                    f"CREATE TABLE IF NOT EXISTS {partition_name(year, month)} "
-                    f"PARTITION OF readings FOR VALUES FROM ('{start.isoformat()}') "
-                    f"TO ('{end.isoformat()}')"
+                    f"CREATE TABLE {name} (LIKE readings INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+                )
+                await conn.execute(
+                    f"ALTER TABLE readings ATTACH PARTITION {name} FOR VALUES FROM"
+                    f" ('{start.isoformat()}') TO ('{end.isoformat()}')"
                 )
         self._known |= missing
 
