@@ -368,16 +368,26 @@ class Service:
 
     async def _probe_database(self) -> bool:
         """SERVING only while the database answers."""
-        assert self.pool is not None
+        pool = self.pool
+        assert pool is not None
         interval = self.settings.health_interval_seconds
         cause = "the event listener is not connected"
+        acquired = False
         try:
-            async with asyncio.timeout(interval):
-                await self.pool.fetchval("SELECT 1")
+            async with asyncio.timeout(interval), pool.acquire() as conn:
+                acquired = True
+                await conn.fetchval("SELECT 1")
             healthy = self.hub is not None and self.hub.connected
         except Exception as error:
             healthy = False
             cause = f"health probe: {type(error).__name__}"
+            if not acquired and isinstance(error, TimeoutError) and _all_in_use(pool):
+                # Busy, not down: every pooled connection is at work. Load must not take a
+                # replica out of rotation (its peers would then fill up the same way); the
+                # hub's connection, probed every interval too, tells whether the database
+                # answers.
+                healthy = self.hub is not None and self.hub.connected
+                cause = "the event listener is not connected"
         # Logged as one outage (start, summaries, end) with the calls it refused.
         if healthy:
             self.database_outage.up()
@@ -425,3 +435,9 @@ class Service:
             except TimeoutError:
                 log.warning("database pool did not close in time; terminating it")
                 self.pool.terminate()
+
+
+def _all_in_use(pool: asyncpg.Pool) -> bool:
+    size: int = pool.get_size()
+    idle: int = pool.get_idle_size()
+    return size >= pool.get_max_size() and idle == 0
