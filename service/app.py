@@ -30,7 +30,7 @@ from service.config import (
     check_trace_exporter,
     problems_of,
 )
-from service.db.database import create_pool
+from service.db.database import SESSION_SETTINGS, create_pool
 from service.db.migrate import migrate_database
 from service.db.reads import ReadLane
 from service.dispatch import servicer as dispatch
@@ -167,7 +167,7 @@ class Service:
         )
         self.identity = identity
 
-        self.hub = EventHub(self.dsn, settings.health_interval_seconds)
+        self.hub = EventHub(self.dsn, settings.health_interval_seconds, SESSION_SETTINGS)
         await self.hub.start()
         hub = self.hub
         authenticator = Authenticator(

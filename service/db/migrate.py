@@ -17,6 +17,8 @@ from importlib import resources
 
 import asyncpg
 
+from service.db.database import SESSION_SETTINGS
+
 log = logging.getLogger(__name__)
 
 # Arbitrary constant: the advisory lock key that serializes migrations across replicas.
@@ -56,7 +58,7 @@ async def migrate_database(dsn: str, *, report: bool = True) -> list[str]:
     migration's statements take what they take. On a pool connection, with the pool's
     command timeout, a replica starting beside a long migration died after that timeout,
     and a migration longer than it could never be applied by ``serve``."""
-    conn = await asyncpg.connect(dsn)
+    conn = await asyncpg.connect(dsn, server_settings=SESSION_SETTINGS)
     try:
         return await migrate(conn, report=report)
     finally:

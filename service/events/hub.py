@@ -126,8 +126,15 @@ class Subscription:
 
 
 class EventHub:
-    def __init__(self, dsn: str, probe_interval_seconds: float = 2.0) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        probe_interval_seconds: float = 2.0,
+        server_settings: dict[str, str] | None = None,
+    ) -> None:
         self._dsn = dsn
+        # Of the listening connection's session (service.db.database.SESSION_SETTINGS).
+        self._server_settings = server_settings
         self._probe_interval = probe_interval_seconds
         # A LISTEN, and a reconnect, get this long before the connection counts as lost:
         # bounded, since either holds the lock (and on a silent connection would hold it as
@@ -265,7 +272,9 @@ class EventHub:
     async def _connect(self) -> None:
         # Subscribers of a channel not listened to yet wait for the lock held here.
         async with self._lock:
-            conn = await asyncpg.connect(self._dsn, timeout=self._listen_timeout)
+            conn = await asyncpg.connect(
+                self._dsn, timeout=self._listen_timeout, server_settings=self._server_settings
+            )
             try:
                 for channel in self._channels:
                     await asyncio.wait_for(
