@@ -73,7 +73,8 @@ class Settings:
     # Dispatch outbox: whether this replica runs a delivery worker at all.
     dispatch_delivery_enabled: bool = True
     log_level: str = "INFO"
-    # "console" prints OpenTelemetry spans to stderr; empty disables tracing export.
+    # "otlp" exports OpenTelemetry spans by OTLP/gRPC (OTEL_EXPORTER_OTLP_* say where),
+    # "console" prints them to stderr; empty disables tracing.
     trace_exporter: str = ""
     # Seconds between ticks of the scheduler that applies date-driven upstream_status changes
     # (contracts starting or ending at local midnight); 0 disables it.
@@ -301,7 +302,7 @@ def check_grpc_address(settings: Settings) -> None:
         )
 
 
-TRACE_EXPORTERS = ("", "console")
+TRACE_EXPORTERS = ("", "console", "otlp")
 
 
 def check_trace_exporter(settings: Settings) -> None:
@@ -310,7 +311,7 @@ def check_trace_exporter(settings: Settings) -> None:
     if settings.trace_exporter not in TRACE_EXPORTERS:
         raise ValueError(
             f"{ENV_PREFIX}TRACE_EXPORTER (serve --trace-exporter): unknown exporter"
-            f" {settings.trace_exporter!r} (use 'console', or leave it empty for none)"
+            f" {settings.trace_exporter!r} (use 'otlp' or 'console', or leave it empty for none)"
         )
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-import secrets
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
@@ -22,6 +20,7 @@ from service.dispatch.domain import SetpointState, validate_request
 from service.dispatch.store import DispatchStore, SetpointFilter
 from service.events.channels import SETPOINT_EVENTS_CHANNEL
 from service.events.hub import Event, EventHub
+from service.observability import outgoing_traceparent
 
 DESCRIPTOR = pb.DESCRIPTOR.services_by_name["Dispatch"]
 SERVICE = DESCRIPTOR.full_name
@@ -32,18 +31,6 @@ METHOD_ROLES: dict[str, frozenset[Role]] = {
     else frozenset({Role.OPERATOR})
     for method in DESCRIPTOR.methods_by_name
 }
-
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
-
-
-def _dispatch_traceparent(context: Any) -> str:
-    """The caller's trace when it sent W3C trace context, else a new trace for the dispatch."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "traceparent" and isinstance(value, str):
-            match = _TRACEPARENT.match(value.strip())
-            if match and match.group(1) != "0" * 32:
-                return f"00-{match.group(1)}-{secrets.token_hex(8)}-01"
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
 
 
 class DispatchServicer(pb_grpc.DispatchServicer):
@@ -65,7 +52,9 @@ class DispatchServicer(pb_grpc.DispatchServicer):
         # The window's end is checked by the store, after a retry was recognised.
         parsed, malformed = convert.request_from_proto(request)
         dispatch_request = validate_request(parsed, now=None, malformed=malformed)
-        result = await self._store().dispatch(dispatch_request, _dispatch_traceparent(context))
+        result = await self._store().dispatch(
+            dispatch_request, outgoing_traceparent(context.invocation_metadata())
+        )
         return pb.DispatchFlexibilityResponse(
             dispatch=convert.dispatch_to_proto(result.dispatch),
             setpoints=[convert.setpoint_to_proto(s) for s in result.setpoints],

@@ -54,6 +54,7 @@ from service.common.loglimit import LogLimiter, OutageLog, error_key, held_back
 from service.common.request_limits import check_request
 from service.events.hub import EventsInterrupted, SubscriberTooSlow
 from service.identifiers.ids import OrgId
+from service.observability import bind_call_span, unbind_call_span
 
 log = logging.getLogger(__name__)
 
@@ -221,19 +222,25 @@ class _Guarded:
     A class rather than ``@asynccontextmanager``: the generator behind that one cost about
     as much per call as everything else the guard does."""
 
-    __slots__ = ("_bound", "_context", "_span", "_steps")
+    __slots__ = ("_bound", "_context", "_span", "_span_bound", "_steps")
 
     def __init__(self, steps: _Steps, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self._steps = steps
         self._context = context
         self._span: Span | None = None
         self._bound: contextvars.Token[Principal] | None = None
+        self._span_bound: contextvars.Token[Span | None] | None = None
 
     async def __aenter__(self) -> None:
         self._span = self._steps.span_for(self._context)
+        if self._span is not None:
+            # What the handler hands on (a dispatch's traceparent) continues this span.
+            self._span_bound = bind_call_span(self._span)
         try:
             principal = await self._steps.admit(self._context)
         except BaseException as error:
+            if self._span_bound is not None:
+                unbind_call_span(self._span_bound)
             await self._leave(error)
             raise
         if principal is not None:
@@ -242,6 +249,8 @@ class _Guarded:
     async def __aexit__(self, _type: object, error: BaseException | None, _tb: object) -> None:
         if self._bound is not None:
             unbind_principal(self._bound)
+        if self._span_bound is not None:
+            unbind_call_span(self._span_bound)
         await self._leave(error)
 
     async def _leave(self, error: BaseException | None) -> None:
@@ -252,6 +261,10 @@ class _Guarded:
         finally:
             # Ended before the status goes out: whoever sees the status sees the span.
             if self._span is not None:
+                if error is None:
+                    self._span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
+                elif status is not None:
+                    self._span.set_attribute("rpc.grpc.status_code", status.code.value[0])
                 self._span.end()
         if status is not None:
             await self._context.abort_with_status(status)
@@ -451,6 +464,13 @@ class CallGuard:
         conflicts = self._conflicts
         deserializer = handler.request_deserializer
         decode = _decoder(deserializer, _request_type_name(deserializer))
+        # OpenTelemetry's semantic conventions for RPC server spans.
+        service_name, _, method_name = method.strip("/").rpartition("/")
+        span_attributes = {
+            "rpc.system": "grpc",
+            "rpc.service": service_name,
+            "rpc.method": method_name,
+        }
 
         def span_for(context: grpc.aio.ServicerContext[Any, Any]) -> Span | None:
             # A child of the caller's span when it sends W3C trace context (traceparent).
@@ -459,7 +479,9 @@ class CallGuard:
             if tracer is None:
                 return None
             caller = propagate.extract(_text_metadata(context.invocation_metadata()))
-            return tracer.start_span(method, context=caller, kind=trace.SpanKind.SERVER)
+            return tracer.start_span(
+                method, context=caller, kind=trace.SpanKind.SERVER, attributes=span_attributes
+            )
 
         async def admit(context: grpc.aio.ServicerContext[Any, Any]) -> Principal | None:
             if public:

@@ -21,18 +21,24 @@ from service.auth.principal import Role, current_principal
 from service.auth.store import IdentityStore
 from service.common.errors import ConcurrentChangeError, NotFoundError
 from service.edge.call_guard import CallGuard
+from service.observability import outgoing_traceparent
 from tests.conftest import MakeOrg
 from tests.helpers import rpc_error
 
 SERVICE = "openvpp.test.Guarded"
 ROLES = {
     f"/{SERVICE}/{name}": frozenset({Role.PARTNER})
-    for name in ("Ok", "Missing", "Broken", "Crowded", "Misencoded", "Changing")
+    for name in ("Ok", "Missing", "Broken", "Crowded", "Misencoded", "Changing", "HandsOn")
 }
 
 
 async def _ok(request: pb.GetSiteRequest, _context: Any) -> pb.GetSiteRequest:
     return pb.GetSiteRequest(site_id=str(current_principal().org_id))
+
+
+async def _hands_on(request: pb.GetSiteRequest, context: Any) -> pb.GetSiteRequest:
+    # What a dispatch gives its webhooks as their traceparent.
+    return pb.GetSiteRequest(site_id=outgoing_traceparent(context.invocation_metadata()))
 
 
 async def _missing(request: pb.GetSiteRequest, _context: Any) -> pb.GetSiteRequest:
@@ -84,6 +90,7 @@ async def traced(service: Service) -> AsyncIterator[tuple[grpc.aio.Channel, InMe
             ("Crowded", _crowded),
             ("Misencoded", misencoded),
             ("Changing", _changing),
+            ("HandsOn", _hands_on),
         )
     }
     server = grpc.aio.server()
@@ -92,6 +99,30 @@ async def traced(service: Service) -> AsyncIterator[tuple[grpc.aio.Channel, InMe
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield channel, exporter
+    await server.stop(0)
+
+
+@pytest.fixture
+async def untraced(service: Service) -> AsyncIterator[grpc.aio.Channel]:
+    assert service.pool is not None
+    guard = CallGuard(Authenticator(IdentityStore(service.pool), 30), None)
+    handler = guard.guarded(
+        f"/{SERVICE}/HandsOn",
+        grpc.unary_unary_rpc_method_handler(
+            _hands_on,
+            request_deserializer=pb.GetSiteRequest.FromString,
+            response_serializer=pb.GetSiteRequest.SerializeToString,
+        ),
+        ROLES,
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE, {"HandsOn": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield channel
     await server.stop(0)
 
 
@@ -146,7 +177,10 @@ async def test_domain_and_unexpected_errors_are_mapped_and_marked_on_the_span(
     assert broken.code() is grpc.StatusCode.INTERNAL
     assert broken.details() == "internal error"
     spans = {span.name: span for span in exporter.get_finished_spans()}
-    assert spans[f"/{SERVICE}/Missing"].attributes == {"rpc.grpc.error": "NotFoundError"}
+    marked = spans[f"/{SERVICE}/Missing"].attributes
+    assert marked is not None
+    assert marked["rpc.grpc.error"] == "NotFoundError"
+    assert marked["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
     assert spans[f"/{SERVICE}/Broken"].status.status_code is StatusCode.ERROR
 
 
@@ -235,3 +269,65 @@ async def test_an_argument_the_driver_cannot_encode_is_a_bug_not_an_outage(
     # guard counts as the database being away).
     assert [r.exc_info[0] for r in guard_records if r.exc_info] == [asyncpg.DataError]
     assert not [r for r in guard_records if "unavailable" in r.getMessage()]
+
+
+TRACE_ID, PARENT_ID = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+
+
+async def test_what_a_call_hands_on_continues_its_server_span(
+    traced: tuple[grpc.aio.Channel, InMemorySpanExporter], make_org: MakeOrg
+) -> None:
+    """A dispatch's webhooks carry a traceparent whose parent is the DispatchFlexibility
+    span: before, a random span id that no exporter ever saw, in a trace of its own when
+    the caller sent none."""
+    channel, exporter = traced
+    org = await make_org(Role.PARTNER)
+    hands_on = _method(channel, "HandsOn")
+    for sent in ((), (("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01"),)):
+        exporter.clear()
+        answer = await hands_on(pb.GetSiteRequest(), metadata=(*org.auth, *sent))
+        [span] = exporter.get_finished_spans()
+        assert span.context is not None
+        ours = span.context
+        flags = int(ours.trace_flags)
+        assert flags & 1  # sampled
+        assert answer.site_id == f"00-{ours.trace_id:032x}-{ours.span_id:016x}-{flags:02x}"
+        if sent:
+            assert f"{span.context.trace_id:032x}" == TRACE_ID
+        assert span.attributes is not None
+        assert dict(span.attributes) == {
+            "rpc.system": "grpc",
+            "rpc.service": SERVICE,
+            "rpc.method": "HandsOn",
+            "rpc.grpc.status_code": 0,
+        }
+    # A caller that did not sample: nothing recorded, and the webhooks say so too.
+    exporter.clear()
+    answer = await hands_on(
+        pb.GetSiteRequest(),
+        metadata=(*org.auth, ("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-00")),
+    )
+    assert exporter.get_finished_spans() == ()
+    assert answer.site_id.startswith(f"00-{TRACE_ID}-")
+    assert not int(answer.site_id.rpartition("-")[2], 16) & 1
+
+
+async def test_without_tracing_a_call_hands_on_its_callers_trace_context(
+    untraced: grpc.aio.Channel, make_org: MakeOrg
+) -> None:
+    """This hop records nothing, so the receiver's spans hang off the caller's span, with
+    the caller's sampling decision; a call without one starts a trace."""
+    org = await make_org(Role.PARTNER)
+    hands_on = _method(untraced, "HandsOn")
+    for flags in ("00", "01"):
+        sent = f"00-{TRACE_ID}-{PARENT_ID}-{flags}"
+        answer = await hands_on(pb.GetSiteRequest(), metadata=(*org.auth, ("traceparent", sent)))
+        assert answer.site_id == sent
+    fresh = (await hands_on(pb.GetSiteRequest(), metadata=org.auth)).site_id
+    version, trace_id, parent_id, flags = fresh.split("-")
+    assert (version, len(trace_id), len(parent_id), flags) == ("00", 32, 16, "01")
+    # Not a valid W3C context (an all-zero trace id, another version): a new trace.
+    for bad in ("00-" + "0" * 32 + f"-{PARENT_ID}-01", "garbage", f"01-{TRACE_ID}-{PARENT_ID}-01"):
+        answer = await hands_on(pb.GetSiteRequest(), metadata=(*org.auth, ("traceparent", bad)))
+        assert answer.site_id != bad
+        assert TRACE_ID not in answer.site_id
