@@ -13,6 +13,7 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2
 from opentelemetry import trace
+from opentelemetry.metrics import MeterProvider
 
 from service.auth.authenticator import Authenticator
 from service.auth.principal import Role
@@ -26,6 +27,7 @@ from service.config import (
     Settings,
     check_grpc_address,
     check_limits,
+    check_metrics,
     check_pool_sizes,
     check_trace_exporter,
     problems_of,
@@ -44,6 +46,7 @@ from service.events.channels import (
     TOKEN_REVOKED_CHANNEL,
 )
 from service.events.hub import EventHub
+from service.observability import ServiceMetrics
 from service.registry import servicer as registry
 from service.telemetry import meter_servicer as meters
 from service.telemetry import servicer as telemetry
@@ -87,6 +90,7 @@ def check_settings(settings: Settings) -> None:
             check_pool_sizes,
             check_limits,
             check_trace_exporter,
+            check_metrics,
             OutboxSettings.from_settings,
             DeliverySettings.from_settings,
         ),
@@ -124,6 +128,10 @@ class Service:
     identity: IdentityStore | None = None
     # Injectable so tests move time instead of sleeping.
     clock: Clock = SYSTEM_CLOCK
+    # Where the instruments record: the global provider (setup_metrics) while
+    # OPENVPP_METRICS_EXPORTER is set; injectable so tests read what was recorded.
+    meter_provider: MeterProvider | None = None
+    metrics: ServiceMetrics | None = None
     upstream_scheduler: UpstreamScheduler | None = None
     telemetry_servicer: telemetry.TelemetryServicer | None = None
     # This replica's dispatch delivery worker (None when dispatch_delivery_enabled is off).
@@ -152,6 +160,8 @@ class Service:
 
     async def _start(self) -> int:
         settings = self.settings
+        if settings.metrics_exporter or self.meter_provider is not None:
+            self.metrics = ServiceMetrics(self.meter_provider)
         # asyncpg logs every reconnect attempt of the pool with a stack trace.
         quiet_library_retries("asyncpg.pool")
         self.pool = await create_pool(
@@ -195,8 +205,11 @@ class Service:
             tracer,
             self.database_outage,
             max_watch_streams_per_org=settings.max_watch_streams_per_org,
+            metrics=self.metrics,
         )
         self.call_guard = guard
+        if self.metrics is not None:
+            self._observe(self.metrics, guard)
         served = [c for c in capabilities if c.descriptor is not None]
         for capability in served:
             assert capability.descriptor is not None
@@ -247,7 +260,9 @@ class Service:
         upstream_servicer = upstream.UpstreamRegistryServicer(self.pool, self.clock)
         self.upstream_scheduler = UpstreamScheduler(self.pool, self.clock)
         meter_servicer = meters.MeterRegistryServicer(self.pool)
-        telemetry_servicer = telemetry.TelemetryServicer(self.pool, self.hub, self.settings)
+        telemetry_servicer = telemetry.TelemetryServicer(
+            self.pool, self.hub, self.settings, self.metrics
+        )
         self.telemetry_servicer = telemetry_servicer
         self.balancing_consumer = BalancingQueueConsumer(self.pool)
         poll = self.settings.balancing_poll_seconds
@@ -335,6 +350,7 @@ class Service:
             self.clock,
             outbox_settings,
             DeliverySettings.from_settings(settings),
+            self.metrics,
         )
         # Woken at the commit of every dispatch (NOTIFY), so setpoints go out at once; the
         # timer brings due retries and claims whose lease expired.
@@ -355,6 +371,43 @@ class Service:
             stop=deliverer.stop,
             workers=[worker],
         )
+
+    def _observe(self, metrics: ServiceMetrics, guard: CallGuard) -> None:
+        """The gauges and totals read from state the service keeps anyway, at each export."""
+        workers = self._workers
+        metrics.counter(
+            "openvpp.worker.passes",
+            "Passes of each background worker that completed",
+            lambda: {(("worker", w.name),): w.passes for w in workers},
+            unit="{pass}",
+        )
+        metrics.counter(
+            "openvpp.worker.failures",
+            "Passes of each background worker that failed (each is retried)",
+            lambda: {(("worker", w.name),): w.failures for w in workers},
+            unit="{pass}",
+        )
+        metrics.gauge(
+            "openvpp.health.serving",
+            "1 while this replica reports SERVING (the database and the event listener"
+            " answer), else 0",
+            lambda: {(): 1.0 if self._serving else 0.0},
+        )
+        metrics.gauge(
+            "openvpp.watch.streams",
+            "Watch* streams open on this replica",
+            lambda: {(): float(guard.watch_streams.total_open())},
+            unit="{stream}",
+        )
+        deliverer = self.dispatch_deliverer
+        if deliverer is not None:
+            metrics.gauge(
+                "openvpp.dispatch.in_flight",
+                "Setpoints this replica claimed and has not finished (queued, being sent or"
+                " being recorded)",
+                lambda: {(): float(deliverer.in_flight)},
+                unit="{setpoint}",
+            )
 
     async def _set_health(self, serving: bool) -> None:
         assert self._health is not None

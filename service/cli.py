@@ -28,7 +28,7 @@ from service.config import (
 )
 from service.db.database import EmbeddedPostgres
 from service.db.migrate import MigrationError, migrate_database
-from service.observability import setup_logging, setup_tracing
+from service.observability import setup_logging, setup_metrics, setup_tracing
 
 T = TypeVar("T")
 
@@ -212,8 +212,19 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--trace-exporter",
         metavar="EXPORTER",
-        help="'console' prints OpenTelemetry spans to stderr; empty = no tracing "
-        "(OPENVPP_TRACE_EXPORTER)",
+        help="'otlp' exports OpenTelemetry spans by OTLP/gRPC (OTEL_EXPORTER_OTLP_*), "
+        "'console' prints them to stderr; empty = no tracing (OPENVPP_TRACE_EXPORTER)",
+    )
+    serve.add_argument(
+        "--metrics-exporter",
+        metavar="EXPORTER",
+        help="'prometheus' serves metrics at http://ADDRESS/metrics, 'otlp' pushes them by "
+        "OTLP/gRPC; empty = none (OPENVPP_METRICS_EXPORTER)",
+    )
+    serve.add_argument(
+        "--metrics-address",
+        metavar="HOST:PORT",
+        help="where 'prometheus' listens, default 127.0.0.1:9464 (OPENVPP_METRICS_ADDRESS)",
     )
 
     commands.add_parser(
@@ -358,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         "grpc_address": getattr(args, "grpc_address", None),
         "shutdown_grace_seconds": getattr(args, "shutdown_grace_seconds", None),
         "trace_exporter": getattr(args, "trace_exporter", None),
+        "metrics_exporter": getattr(args, "metrics_exporter", None),
+        "metrics_address": getattr(args, "metrics_address", None),
     }
     if args.command == "orgs" and args.action == "create":
         args.name = args.name.strip()
@@ -387,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run_command(args: argparse.Namespace, settings: Settings, dsn: str) -> int:
     if args.command == "serve":
         setup_tracing(settings.trace_exporter)
+        setup_metrics(settings.metrics_exporter, settings.metrics_address)
         try:
             run_event_loop(_serve(settings, dsn))
         except GrpcAddressUnusableError as unusable:

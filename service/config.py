@@ -76,6 +76,10 @@ class Settings:
     # "otlp" exports OpenTelemetry spans by OTLP/gRPC (OTEL_EXPORTER_OTLP_* say where),
     # "console" prints them to stderr; empty disables tracing.
     trace_exporter: str = ""
+    # "prometheus" serves OpenTelemetry metrics at http://metrics_address/metrics, "otlp"
+    # exports them by OTLP/gRPC; empty records none.
+    metrics_exporter: str = ""
+    metrics_address: str = "127.0.0.1:9464"
     # Seconds between ticks of the scheduler that applies date-driven upstream_status changes
     # (contracts starting or ending at local midnight); 0 disables it.
     upstream_scheduler_interval_seconds: float = 60.0
@@ -312,6 +316,28 @@ def check_trace_exporter(settings: Settings) -> None:
         raise ValueError(
             f"{ENV_PREFIX}TRACE_EXPORTER (serve --trace-exporter): unknown exporter"
             f" {settings.trace_exporter!r} (use 'otlp' or 'console', or leave it empty for none)"
+        )
+
+
+METRICS_EXPORTERS = ("", "prometheus", "otlp")
+
+
+def check_metrics(settings: Settings) -> None:
+    """Raises ValueError for a metrics exporter the service does not know, or an address
+    the Prometheus endpoint cannot listen on."""
+    if settings.metrics_exporter not in METRICS_EXPORTERS:
+        raise ValueError(
+            f"{ENV_PREFIX}METRICS_EXPORTER (serve --metrics-exporter): unknown exporter"
+            f" {settings.metrics_exporter!r} (use 'prometheus' or 'otlp', or leave it empty"
+            " for none)"
+        )
+    if settings.metrics_exporter != "prometheus":
+        return
+    host, colon, port = settings.metrics_address.rpartition(":")
+    if not (colon and host and port.isdigit() and int(port) <= 65535):
+        raise ValueError(
+            f"{ENV_PREFIX}METRICS_ADDRESS (serve --metrics-address) must be HOST:PORT with a"
+            f" port from 0 to 65535, e.g. 127.0.0.1:9464, not {settings.metrics_address!r}"
         )
 
 

@@ -1,4 +1,5 @@
-"""Logging and OpenTelemetry tracing setup, and the trace context of the RPC being handled."""
+"""Logging, OpenTelemetry tracing and metrics setup, the service's instruments, and the trace
+context of the RPC being handled."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import logging
 import re
 import secrets
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 
-from opentelemetry import trace
+from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
@@ -33,10 +35,7 @@ def setup_tracing(exporter: str) -> None:
     if not exporter:
         # The API's default no-op tracer: recording spans nobody exports costs every call.
         return
-    resource = Resource.create()  # reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES
-    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
-        resource = resource.merge(Resource({"service.name": "openvpp"}))
-    provider = TracerProvider(resource=resource)
+    provider = TracerProvider(resource=_resource())
     if exporter == "console":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
     elif exporter == "otlp":
@@ -49,6 +48,98 @@ def setup_tracing(exporter: str) -> None:
             f"OPENVPP_TRACE_EXPORTER: unknown exporter {exporter!r} (use 'otlp' or 'console')"
         )
     trace.set_tracer_provider(provider)
+
+
+def _resource() -> Resource:
+    resource = Resource.create()  # reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES
+    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": "openvpp"}))
+    return resource
+
+
+log = logging.getLogger(__name__)
+
+
+def setup_metrics(exporter: str, address: str) -> None:
+    """The global meter provider for ``exporter`` ("" = none: the service records nothing).
+
+    "prometheus": an HTTP endpoint at ``address`` (HOST:PORT) serving /metrics, in a thread
+    of its own (a scrape never waits for the event loop); "otlp": pushed by OTLP/gRPC every
+    OTEL_METRIC_EXPORT_INTERVAL ms (60 s), where OTEL_EXPORTER_OTLP_* say."""
+    if not exporter:
+        return
+    # Imported only when chosen: each loads a client library of its own.
+    from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
+    from opentelemetry.sdk.metrics.export import MetricReader
+
+    if exporter == "prometheus":
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import start_http_server
+
+        host, _, port = address.rpartition(":")
+        try:
+            server, _thread = start_http_server(int(port), addr=host.strip("[]"))
+        except OSError as error:
+            raise SystemExit(
+                f"cannot serve metrics on {address!r}: {error.strerror or error}"
+            ) from None
+        bound_host, bound_port = server.server_address[:2]
+        log.info("serving metrics on http://%s:%d/metrics", bound_host, bound_port)
+        reader: MetricReader = PrometheusMetricReader()
+    elif exporter == "otlp":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        reader = PeriodicExportingMetricReader(OTLPMetricExporter())
+    else:
+        raise SystemExit(f"OPENVPP_METRICS_EXPORTER: unknown exporter {exporter!r}")
+    metrics.set_meter_provider(SdkMeterProvider(resource=_resource(), metric_readers=[reader]))
+
+
+Gauge = Callable[[], Mapping[tuple[tuple[str, str], ...], float]]
+
+
+class ServiceMetrics:
+    """The service's instruments: recorded where the work happens, exported by the provider
+    ``setup_metrics`` made. Only made while metrics are on, so nothing is recorded (and no
+    attributes are built) on the hot paths otherwise."""
+
+    def __init__(self, provider: MeterProvider | None = None) -> None:
+        meter: Meter = (provider or metrics.get_meter_provider()).get_meter("openvpp")
+        self._meter = meter
+        # OpenTelemetry's semantic convention for RPC servers.
+        self.rpc_duration = meter.create_histogram(
+            "rpc.server.duration",
+            unit="ms",
+            description="Duration of gRPC calls, by service, method and status code",
+        )
+        self.readings = meter.create_counter(
+            "openvpp.telemetry.readings",
+            unit="{reading}",
+            description="Readings of ingested batches, by outcome (accepted, corrected,"
+            " duplicate, rejected)",
+        )
+        self.delivery_attempts = meter.create_counter(
+            "openvpp.dispatch.delivery.attempts",
+            unit="{attempt}",
+            description="Webhook delivery attempts of setpoints and cancellations, by outcome",
+        )
+
+    def gauge(self, name: str, description: str, read: Gauge, unit: str = "1") -> None:
+        """An observable gauge: ``read()`` gives value by attribute pairs, at each export."""
+
+        def observe(_options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(value, dict(pairs)) for pairs, value in read().items()]
+
+        self._meter.create_observable_gauge(name, [observe], unit=unit, description=description)
+
+    def counter(self, name: str, description: str, read: Gauge, unit: str = "1") -> None:
+        """An observable monotonic counter: ``read()`` gives its running totals."""
+
+        def observe(_options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(value, dict(pairs)) for pairs, value in read().items()]
+
+        self._meter.create_observable_counter(name, [observe], unit=unit, description=description)
 
 
 # The server span of the RPC being handled, while tracing is on (set by the call guard; not

@@ -20,6 +20,7 @@ import asyncpg
 import grpc
 import hypothesis
 import pytest
+from opentelemetry.metrics import MeterProvider
 from openvpp.v1 import meter_registry_pb2_grpc, site_registry_pb2_grpc, telemetry_pb2_grpc
 
 from service.app import Service
@@ -130,9 +131,12 @@ def test_settings(**overrides: object) -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def running_service(database_url: str, **overrides: object) -> AsyncIterator[Service]:
-    """A server of its own on ``database_url``, with ``overrides`` of the test settings."""
-    running = Service(test_settings(**overrides), database_url)
+async def running_service(
+    database_url: str, meter_provider: MeterProvider | None = None, **overrides: object
+) -> AsyncIterator[Service]:
+    """A server of its own on ``database_url``, with ``overrides`` of the test settings;
+    ``meter_provider`` records its metrics."""
+    running = Service(test_settings(**overrides), database_url, meter_provider=meter_provider)
     await running.start()
     try:
         yield running

@@ -90,6 +90,7 @@ from service.dispatch.domain import (
     unsendable,
 )
 from service.dispatch.store import SetpointChange, notify_setpoint_changes, wake_outbox
+from service.observability import ServiceMetrics
 from service.registry.domain import SiteStatus
 from service.upstream.domain import UpstreamStatus
 
@@ -478,9 +479,13 @@ class OutboxDeliverer:
         clock: Clock,
         settings: OutboxSettings,
         delivery_settings: DeliverySettings,
+        metrics: ServiceMetrics | None = None,
     ) -> None:
         self._pool = pool
         self._identity = identity
+        # Attempts by outcome, while metrics are on (one attribute set per kind, made once).
+        self._attempts_counter = None if metrics is None else metrics.delivery_attempts
+        self._outcome_attributes = {kind: {"outcome": kind.value} for kind in OutcomeKind}
         self._clock = clock
         self._settings = settings
         self._delivery_settings = delivery_settings
@@ -977,6 +982,8 @@ class OutboxDeliverer:
         if outcome is None:
             return False
         self.attempts_sent += 1
+        if self._attempts_counter is not None:
+            self._attempts_counter.add(1, self._outcome_attributes[outcome.kind])
         self._finished.append(Finished(item, attempt_time, outcome))
         self._finished_ready.set()
         return True

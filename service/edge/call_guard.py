@@ -22,6 +22,7 @@ import asyncio
 import contextvars
 import inspect
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -54,7 +55,7 @@ from service.common.loglimit import LogLimiter, OutageLog, error_key, held_back
 from service.common.request_limits import check_request
 from service.events.hub import EventsInterrupted, SubscriberTooSlow
 from service.identifiers.ids import OrgId
-from service.observability import bind_call_span, unbind_call_span
+from service.observability import ServiceMetrics, bind_call_span, unbind_call_span
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,14 @@ Admit = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[Principal | Non
 Decode = Callable[[Any], Any]
 Fail = Callable[[Exception, Span | None], grpc.Status]
 SpanFactory = Callable[[grpc.aio.ServicerContext[Any, Any]], Span | None]
+Record = Callable[[float, int | None], None]
 WatchRevocation = Callable[[grpc.aio.ServicerContext[Any, Any]], "_Revocation"]
 
 
 class _Steps:
     """What the guard does around every call of one method."""
 
-    __slots__ = ("admit", "decode", "fail", "span_for", "watch", "watch_streams")
+    __slots__ = ("admit", "decode", "fail", "record", "span_for", "watch", "watch_streams")
 
     def __init__(
         self,
@@ -85,6 +87,7 @@ class _Steps:
         span_for: SpanFactory,
         watch: WatchRevocation | None,
         watch_streams: StreamQuota | None,
+        record: Record | None,
     ) -> None:
         self.admit = admit
         self.decode = decode
@@ -92,6 +95,8 @@ class _Steps:
         self.span_for = span_for
         self.watch = watch
         self.watch_streams = watch_streams
+        # The call's duration (ms) and status code, while metrics are on.
+        self.record = record
 
 
 class StreamQuota:
@@ -127,6 +132,9 @@ class StreamQuota:
 
     def open_streams(self, org_id: OrgId) -> int:
         return self._open.get(org_id, 0)
+
+    def total_open(self) -> int:
+        return sum(self._open.values())
 
 
 class _RevocableContext:
@@ -222,7 +230,7 @@ class _Guarded:
     A class rather than ``@asynccontextmanager``: the generator behind that one cost about
     as much per call as everything else the guard does."""
 
-    __slots__ = ("_bound", "_context", "_span", "_span_bound", "_steps")
+    __slots__ = ("_bound", "_context", "_span", "_span_bound", "_started", "_steps")
 
     def __init__(self, steps: _Steps, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self._steps = steps
@@ -230,8 +238,11 @@ class _Guarded:
         self._span: Span | None = None
         self._bound: contextvars.Token[Principal] | None = None
         self._span_bound: contextvars.Token[Span | None] | None = None
+        self._started = 0.0
 
     async def __aenter__(self) -> None:
+        if self._steps.record is not None:
+            self._started = time.perf_counter()
         self._span = self._steps.span_for(self._context)
         if self._span is not None:
             # What the handler hands on (a dispatch's traceparent) continues this span.
@@ -259,15 +270,53 @@ class _Guarded:
             if isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
                 status = self._steps.fail(error, self._span)
         finally:
+            code = _status_code(error, status, self._context)
             # Ended before the status goes out: whoever sees the status sees the span.
             if self._span is not None:
-                if error is None:
-                    self._span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
-                elif status is not None:
-                    self._span.set_attribute("rpc.grpc.status_code", status.code.value[0])
+                if code is not None:
+                    self._span.set_attribute("rpc.grpc.status_code", code)
                 self._span.end()
+            record = self._steps.record
+            if record is not None:
+                record((time.perf_counter() - self._started) * 1000.0, code)
         if status is not None:
             await self._context.abort_with_status(status)
+
+
+def _duration_recorder(metrics: ServiceMetrics, attributes: dict[str, str]) -> Record:
+    histogram = metrics.rpc_duration
+    # One attribute set per status code of the method, made once.
+    by_code: dict[int | None, dict[str, str | int]] = {}
+
+    def record(milliseconds: float, code: int | None) -> None:
+        labelled = by_code.get(code)
+        if labelled is None:
+            labelled = by_code[code] = dict(attributes)
+            if code is not None:
+                labelled["rpc.grpc.status_code"] = code
+        histogram.record(milliseconds, labelled)
+
+    return record
+
+
+def _status_code(
+    error: BaseException | None, status: grpc.Status | None, context: Any
+) -> int | None:
+    """The numeric status a call ends with, where it is known here."""
+    if error is None:
+        return 0
+    if status is not None:
+        code: grpc.StatusCode = status.code
+        return int(code.value[0])
+    if isinstance(error, grpc.aio.AbortError):
+        # The handler aborted with a status of its own (context.abort).
+        aborted = context.code()
+        if isinstance(aborted, grpc.StatusCode):
+            return int(aborted.value[0])
+        return aborted if isinstance(aborted, int) else None
+    if isinstance(error, asyncio.CancelledError):
+        return int(grpc.StatusCode.CANCELLED.value[0])
+    return None
 
 
 class _Refused(Exception):
@@ -413,9 +462,11 @@ class CallGuard:
         tracer: trace.Tracer | None = None,
         database_outage: OutageLog | None = None,
         max_watch_streams_per_org: int = 100,
+        metrics: ServiceMetrics | None = None,
     ) -> None:
         self._authenticator = authenticator
         self._tracer = tracer
+        self._metrics = metrics
         self.database_outage = database_outage or OutageLog("database", log)
         self.watch_streams = StreamQuota(max_watch_streams_per_org)
         self._rejections = LogLimiter(REJECTION_LOG_SECONDS)
@@ -585,10 +636,10 @@ class CallGuard:
                 token = _authorization_token(context.invocation_metadata()) or ""
                 return _Revocation(authenticator, token)
 
-        return _wrap(
-            handler,
-            _Steps(admit, decode, fail, span_for, watch, None if public else self.watch_streams),
-        )
+        metrics = self._metrics
+        record = None if metrics is None else _duration_recorder(metrics, span_attributes)
+        quota = None if public else self.watch_streams
+        return _wrap(handler, _Steps(admit, decode, fail, span_for, watch, quota, record))
 
 
 # (request streaming, response streaming) -> the RpcMethodHandler attribute holding the

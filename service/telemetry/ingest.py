@@ -43,6 +43,7 @@ from service.events.channels import METER_CHANGED_CHANNEL, SITE_EVENTS_CHANNEL
 from service.events.hub import EventHub
 from service.events.payloads import event_org
 from service.identifiers.ids import MeterId, OrgId
+from service.observability import ServiceMetrics
 from service.telemetry.domain import RejectReason
 from service.telemetry.store import (
     RETRYABLE,
@@ -68,6 +69,13 @@ _US = 1_000_000
 _ATTEMPTS = 3
 # Average readings per interval group from which probing for plain inserts pays off.
 FRESH_PROBE_MIN_RUN = 10
+
+
+# The outcomes the readings counter is labelled with (committed batches only).
+_ACCEPTED = {"outcome": "accepted"}
+_CORRECTED = {"outcome": "corrected"}
+_DUPLICATE = {"outcome": "duplicate"}
+_REJECTED = {"outcome": "rejected"}
 
 
 @dataclass(frozen=True)
@@ -197,10 +205,17 @@ class WriteTurn:
 class Ingest:
     """Batches in, committed results out; owns the meter cache and the partitions."""
 
-    def __init__(self, pool: asyncpg.Pool, hub: EventHub, settings: Settings) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        hub: EventHub,
+        settings: Settings,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
         self._pool = pool
         self._hub = hub
         self._settings = settings
+        self._readings_counter = None if metrics is None else metrics.readings
         self.meters = MeterCache(pool, settings.meter_cache_seconds)
         self.partitions = Partitions(pool)
         self._max_future_us = int(settings.max_future_seconds * _US)
@@ -253,7 +268,10 @@ class Ingest:
         changes_met = 0
         while True:
             try:
-                return await self._ingest_once(org_id, readings, gone, turn)
+                result = await self._ingest_once(org_id, readings, gone, turn)
+                if self._readings_counter is not None:
+                    self._count(result)
+                return result
             except MetersChangedError as error:
                 # Updated after they were cached (the NOTIFY not yet seen here): judged
                 # again on what is stored now, as if the batch had come after the update
@@ -283,6 +301,18 @@ class Ingest:
                 site_retried = True
                 log.info("ingest met a site deleted meanwhile; validating the batch again")
                 self.meters.forget_org(str(org_id))
+
+    def _count(self, result: IngestResult) -> None:
+        counter = self._readings_counter
+        assert counter is not None
+        for attributes, count in (
+            (_ACCEPTED, result.accepted),
+            (_CORRECTED, result.corrected),
+            (_DUPLICATE, result.duplicates),
+            (_REJECTED, len(result.rejected)),
+        ):
+            if count:
+                counter.add(count, attributes)
 
     async def _ingest_once(
         self, org_id: OrgId, readings: Sequence[Any], gone: set[UUID], turn: WriteTurn

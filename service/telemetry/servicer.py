@@ -23,6 +23,7 @@ from service.events.channels import (
 )
 from service.events.hub import EventHub
 from service.identifiers.ids import MeterId, OrgId, SiteId
+from service.observability import ServiceMetrics
 from service.telemetry.convert import PROTO_FLOW_BY_CODE, ack_to_proto
 from service.telemetry.domain import Measuring
 from service.telemetry.energy_store import meter_readings
@@ -64,11 +65,17 @@ def _readings_response(rows: list[Any]) -> pb.WatchReadingsResponse:
 class TelemetryServicer(pb_grpc.TelemetryServicer):
     """Converts messages and delegates: ingest to :class:`Ingest`, reads to the store."""
 
-    def __init__(self, pool: asyncpg.Pool, hub: EventHub, settings: Settings) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        hub: EventHub,
+        settings: Settings,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
         self._pool = pool
         self._hub = hub
         self._settings = settings
-        self.ingest = Ingest(pool, hub, settings)
+        self.ingest = Ingest(pool, hub, settings, metrics)
         # Highest number of events any finished watch subscription had buffered (for tests
         # and diagnostics: it never exceeds readings_watch_buffer_size).
         self.watch_peak_buffered = 0

@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
+from opentelemetry.metrics import MeterProvider
 from openvpp.v1 import dispatch_pb2 as pb
 from openvpp.v1 import dispatch_pb2_grpc, site_registry_pb2_grpc, upstream_registry_pb2_grpc
 from openvpp.v1 import site_registry_pb2 as site_pb
@@ -72,10 +73,20 @@ class Cluster:
         self.replicas: list[Replica] = []
 
     async def replica(
-        self, clock: Clock = SYSTEM_CLOCK, url: str | None = None, **overrides: Any
+        self,
+        clock: Clock = SYSTEM_CLOCK,
+        url: str | None = None,
+        meter_provider: MeterProvider | None = None,
+        **overrides: Any,
     ) -> Replica:
-        """A replica; ``url`` reaches the cluster's database another way (a proxy)."""
-        service = Service(dispatch_settings(**overrides), url or self.url, clock=clock)
+        """A replica; ``url`` reaches the cluster's database another way (a proxy);
+        ``meter_provider`` records its metrics."""
+        service = Service(
+            dispatch_settings(**overrides),
+            url or self.url,
+            clock=clock,
+            meter_provider=meter_provider,
+        )
         await service.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
         replica = Replica(service, channel)

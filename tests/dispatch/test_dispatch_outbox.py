@@ -39,6 +39,7 @@ from tests.dispatch.setpoint_receiver import (
     running_receiver,
 )
 from tests.helpers import eventually, wait_until_blocked
+from tests.metrics_reader import RecordedMetrics
 from tests.pg_proxy import (
     CommitAnswerCutter,
     outbox_check_that_settled_rows,
@@ -199,6 +200,31 @@ async def test_a_transport_bug_fails_attempts_with_one_trace_a_minute_not_one_ea
     traces = [r for r in caplog.records if "failed unexpectedly" in r.getMessage()]
     assert len(traces) == 1, [r.getMessage() for r in traces]
     assert traces[0].exc_info is not None
+
+
+async def test_delivery_attempts_are_counted_by_outcome(cluster: Cluster) -> None:
+    recorded = RecordedMetrics()
+    replica = await cluster.replica(meter_provider=recorded.provider)
+    flow = Flow(replica)
+    operator, partner, supplier = await flow.parties()
+    answered: list[int] = []
+
+    async def first_unavailable(_received: Received) -> int:
+        answered.append(503 if not answered else 200)
+        return answered[-1]
+
+    async with running_receiver(first_unavailable) as receiver:
+        receiver.trust(await flow.secret(partner))
+        await flow.site(partner, supplier, receiver.url(), resources=[(BATTERY, -5, 5)] * 3)
+        dispatch = (await flow.dispatch(operator)).dispatch
+        settled = await flow.settle(operator, dispatch.id, frozenset({ACCEPTED}))
+    assert len(settled) == 3
+    attempts = "openvpp.dispatch.delivery.attempts"
+    assert recorded.value(attempts, outcome="accepted") == 3
+    assert recorded.value(attempts, outcome="retryable") == 1
+    await eventually(
+        lambda: recorded.value("openvpp.dispatch.in_flight") == 0, "nothing left in flight"
+    )
 
 
 async def set_power_bounds(

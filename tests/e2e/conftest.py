@@ -62,6 +62,15 @@ def cli(
     )
 
 
+def refusal(result: subprocess.CompletedProcess[str]) -> str:
+    """The one line a command stopped with: exit code 1, no traceback, nothing on stdout."""
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    return line
+
+
 def postgres_processes(data_dir: Path) -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["name", "cmdline"]):

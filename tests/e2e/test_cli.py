@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from openvpp.v1 import site_registry_pb2 as pb
 from openvpp.v1 import site_registry_pb2_grpc
 from standardwebhooks import Webhook
 
-from tests.e2e.conftest import Serve, cli, postgres_processes
+from tests.e2e.conftest import Serve, cli, postgres_processes, refusal
 from tests.helpers import site_request
 
 
@@ -202,15 +201,6 @@ def test_serve_refuses_settings_that_would_stall_delivery_before_starting_anythi
         assert named in message
     assert "Traceback" not in message
     assert not Path(nowhere).exists()
-
-
-def refusal(result: subprocess.CompletedProcess[str]) -> str:
-    """The one line a command stopped with: exit code 1, no traceback, nothing on stdout."""
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert result.stdout == ""
-    [line] = result.stderr.splitlines()
-    return line
 
 
 @pytest.mark.parametrize(

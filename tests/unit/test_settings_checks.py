@@ -18,6 +18,7 @@ from service.config import (
     check_grpc_address,
     check_limits,
     check_log_level,
+    check_metrics,
     check_pool_sizes,
 )
 from tests.conftest import MakeOrg
@@ -212,3 +213,25 @@ async def test_a_grace_at_the_limit_still_signs(service: Service, make_org: Make
     old = await store.signing_secret(org.id)
     new = await store.rotate_signing_secret(org.id)
     assert await store.signing_secrets(org.id, datetime.now(UTC)) == [new, old]
+
+
+@pytest.mark.parametrize(
+    ("exporter", "address", "wrong"),
+    [
+        ("statsd", "127.0.0.1:9464", r"OPENVPP_METRICS_EXPORTER .*unknown exporter 'statsd'"),
+        ("prometheus", "9464", r"OPENVPP_METRICS_ADDRESS .*must be HOST:PORT"),
+        ("prometheus", "127.0.0.1:70000", r"OPENVPP_METRICS_ADDRESS .*must be HOST:PORT"),
+        ("prometheus", "127.0.0.1:-1", r"OPENVPP_METRICS_ADDRESS .*must be HOST:PORT"),
+    ],
+)
+def test_a_metrics_setting_that_cannot_serve_is_refused(
+    exporter: str, address: str, wrong: str
+) -> None:
+    with pytest.raises(ValueError, match=wrong):
+        check_metrics(Settings(metrics_exporter=exporter, metrics_address=address))
+
+
+def test_the_metrics_address_matters_only_for_prometheus() -> None:
+    for exporter in ("", "otlp"):
+        check_metrics(Settings(metrics_exporter=exporter, metrics_address="nonsense"))
+    check_metrics(Settings(metrics_exporter="prometheus", metrics_address="0.0.0.0:9464"))
