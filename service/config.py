@@ -61,7 +61,7 @@ class Settings:
     # Dispatch outbox: attempts per setpoint (and per cancellation) before it is FAILED.
     dispatch_max_attempts: int = 10
     # Dispatch outbox: seconds between polls for due retries and expired claims (new
-    # setpoints wake the workers at once by NOTIFY); 0 = only when woken.
+    # setpoints wake the workers at once by NOTIFY); > 0, since only a poll finds those.
     dispatch_poll_interval_seconds: float = 1.0
     # Dispatch outbox: setpoints claimed per transaction, and in flight per replica.
     dispatch_claim_batch_size: int = 500
@@ -142,7 +142,7 @@ def _coerce(name: str, type_name: Any, raw: str) -> Any:
                 return True
             if raw.lower() in {"0", "false", "no", "off"}:
                 return False
-            raise ValueError(raw)
+            raise ValueError("use true or false, yes or no, on or off, 1 or 0")
         if "int" in text:
             return int(raw)
         if "float" in text:
@@ -280,9 +280,19 @@ def check_limits(settings: Settings) -> None:
         and spec.name not in named
         and getattr(settings, spec.name) > CENTURY_SECONDS
     ]
-    problems = [f"{ENV_PREFIX}{name.upper()} must be {rule}" for name, rule in broken]
+    problems = [
+        f"{ENV_PREFIX}{name.upper()}{_flag_of(name)} must be {rule}" for name, rule in broken
+    ]
     if problems:
         raise ValueError("; ".join(problems))
+
+
+# Settings a flag of `serve` sets too: a refusal names both, as either may have set it.
+_SERVE_FLAGS = frozenset({"shutdown_grace_seconds"})
+
+
+def _flag_of(name: str) -> str:
+    return f" (serve --{name.replace('_', '-')})" if name in _SERVE_FLAGS else ""
 
 
 def check_grpc_address(settings: Settings) -> None:

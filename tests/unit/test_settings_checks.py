@@ -173,7 +173,9 @@ def test_the_defaults_pass_every_check() -> None:
     ],
 )
 def test_a_value_out_of_its_range_is_refused_naming_it(field: str, value: float) -> None:
-    with pytest.raises(ValueError, match=f"OPENVPP_{field.upper()} must be"):
+    with pytest.raises(
+        ValueError, match=rf"OPENVPP_{field.upper()} (\(serve --[a-z-]+\) )?must be"
+    ):
         check_settings(Settings(**{field: value}))  # type: ignore[arg-type]
 
 
@@ -235,3 +237,19 @@ def test_the_metrics_address_matters_only_for_prometheus() -> None:
     for exporter in ("", "otlp"):
         check_metrics(Settings(metrics_exporter=exporter, metrics_address="nonsense"))
     check_metrics(Settings(metrics_exporter="prometheus", metrics_address="0.0.0.0:9464"))
+
+
+def test_a_value_that_is_no_boolean_is_refused_naming_the_ones_that_are() -> None:
+    with pytest.raises(SystemExit) as refused:
+        Settings.from_env({"OPENVPP_BOOTSTRAP": "maybe"})
+    assert str(refused.value.code) == (
+        "OPENVPP_BOOTSTRAP: cannot use 'maybe' (use true or false, yes or no, on or off, 1 or 0)"
+    )
+
+
+def test_a_setting_a_flag_sets_too_is_refused_naming_the_flag() -> None:
+    with pytest.raises(ValueError, match=r"\(serve --shutdown-grace-seconds\)") as refused:
+        check_limits(Settings(shutdown_grace_seconds=-1))
+    assert str(refused.value) == (
+        "OPENVPP_SHUTDOWN_GRACE_SECONDS (serve --shutdown-grace-seconds) must be >= 0"
+    )
