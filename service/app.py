@@ -459,6 +459,7 @@ class Service:
             await self._probe.stop()
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        self._serving = False
         stopping: asyncio.Task[None] | None = None
         if self.server is not None:
             stopping = asyncio.create_task(self.server.stop(grace))

@@ -148,7 +148,12 @@ _call_span: contextvars.ContextVar[trace.Span | None] = contextvars.ContextVar(
     "openvpp_call_span", default=None
 )
 
-_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+# W3C trace context: version 00 exactly; a later version is read as far as 00 defines it
+# (its first four fields), and ff is invalid.
+_TRACEPARENT = re.compile(
+    r"^(?:00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})"
+    r"|(?!00|ff)[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(?:-.*)?)$"
+)
 
 
 def bind_call_span(span: trace.Span) -> contextvars.Token[trace.Span | None]:
@@ -176,6 +181,11 @@ def outgoing_traceparent(metadata: Iterable[tuple[str, str | bytes]] | None) -> 
     for key, value in metadata or ():
         if key == "traceparent" and isinstance(value, str):
             match = _TRACEPARENT.match(value.strip().lower())
-            if match and match.group(1) != "0" * 32 and match.group(2) != "0" * 16:
-                return match.group(0)
+            if match is None:
+                continue
+            trace_id, parent_id, flags = (
+                match.groups()[:3] if match.group(1) is not None else match.groups()[3:]
+            )
+            if trace_id != "0" * 32 and parent_id != "0" * 16:
+                return f"00-{trace_id}-{parent_id}-{flags}"
     return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"

@@ -41,10 +41,9 @@ DATABASE_UNAVAILABLE = (
 # A statement prepared on a connection before a migration changed its tables (a newer
 # replica's, during a rolling upgrade): asyncpg prepares it afresh by itself only outside a
 # transaction. Inside one, the transaction rolled back, and the same call again succeeds.
-SCHEMA_CHANGED = (
-    asyncpg.exceptions.InvalidCachedStatementError,
-    asyncpg.exceptions.OutdatedSchemaCacheError,
-)
+# (Not asyncpg's OutdatedSchemaCacheError: it is raised after its statement ran, so a write
+# may have committed, and a retry could apply it twice.)
+SCHEMA_CHANGED = (asyncpg.exceptions.InvalidCachedStatementError,)
 
 # Transaction aborted by PostgreSQL to resolve a conflict with another one: retryable.
 CONCURRENT_CONFLICT = (

@@ -270,15 +270,16 @@ class _Guarded:
             if isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
                 status = self._steps.fail(error, self._span)
         finally:
-            code = _status_code(error, status, self._context)
-            # Ended before the status goes out: whoever sees the status sees the span.
-            if self._span is not None:
-                if code is not None:
-                    self._span.set_attribute("rpc.grpc.status_code", code)
-                self._span.end()
-            record = self._steps.record
-            if record is not None:
-                record((time.perf_counter() - self._started) * 1000.0, code)
+            span, record = self._span, self._steps.record
+            if span is not None or record is not None:
+                code = _status_code(error, status, self._context)
+                # Ended before the status goes out: whoever sees the status sees the span.
+                if span is not None:
+                    if code is not None:
+                        span.set_attribute("rpc.grpc.status_code", code)
+                    span.end()
+                if record is not None:
+                    record((time.perf_counter() - self._started) * 1000.0, code)
         if status is not None:
             await self._context.abort_with_status(status)
 

@@ -241,8 +241,18 @@ class Partitions:
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('openvpp_partitions'))")
             for year, month in sorted(missing):
                 name = partition_name(year, month)
-                if await conn.fetchval("SELECT to_regclass($1)", name) is not None:
+                attached = await conn.fetchval(
+                    "SELECT c.relispartition FROM pg_class c WHERE c.oid = to_regclass($1)", name
+                )
+                if attached:
                     continue  # another replica made it (made and attached in one commit)
+                if attached is not None:
+                    # Detached by hand (an archive?): not ours to attach again, nor to drop.
+                    raise RuntimeError(
+                        f"table {name} exists but is not a partition of readings: attach it"
+                        f" again (ALTER TABLE readings ATTACH PARTITION {name} ...) or rename"
+                        " it, so that readings of its month can be stored"
+                    )
                 start = month_start(year, month)
                 end = month_start(year, month + 1)
                 # Made apart and then attached: CREATE TABLE ... PARTITION OF locks
@@ -250,10 +260,9 @@ class Partitions:
                 # month, and all readings traffic queued behind it (a backfill of an old
                 # month while balancing read). ATTACH takes SHARE UPDATE EXCLUSIVE, which
                 # reads and writes do not conflict with; the table is empty, so its check
-                # scans nothing, and it gains the parent's key index and CHECK as it joins.
-                await conn.execute(
-                    f"CREATE TABLE {name} (LIKE readings INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
-                )
+                # scans nothing. LIKE ... INCLUDING ALL copies what ATTACH requires to match
+                # (defaults, CHECKs, generated columns, storage); the key index it gains.
+                await conn.execute(f"CREATE TABLE {name} (LIKE readings INCLUDING ALL)")
                 await conn.execute(
                     f"ALTER TABLE readings ATTACH PARTITION {name} FOR VALUES FROM"
                     f" ('{start.isoformat()}') TO ('{end.isoformat()}')"

@@ -326,8 +326,17 @@ async def test_without_tracing_a_call_hands_on_its_callers_trace_context(
     fresh = (await hands_on(pb.GetSiteRequest(), metadata=org.auth)).site_id
     version, trace_id, parent_id, flags = fresh.split("-")
     assert (version, len(trace_id), len(parent_id), flags) == ("00", 32, 16, "01")
-    # Not a valid W3C context (an all-zero trace id, another version): a new trace.
-    for bad in ("00-" + "0" * 32 + f"-{PARENT_ID}-01", "garbage", f"01-{TRACE_ID}-{PARENT_ID}-01"):
+    # A later version is read as far as version 00 defines it, and handed on as 00.
+    later = f"01-{TRACE_ID}-{PARENT_ID}-01-what-01-adds"
+    answer = await hands_on(pb.GetSiteRequest(), metadata=(*org.auth, ("traceparent", later)))
+    assert answer.site_id == f"00-{TRACE_ID}-{PARENT_ID}-01"
+    # Not a valid W3C context (an all-zero trace id, version ff, 00 with more fields): a new
+    # trace.
+    for bad in (
+        "00-" + "0" * 32 + f"-{PARENT_ID}-01",
+        "garbage",
+        f"ff-{TRACE_ID}-{PARENT_ID}-01",
+        f"00-{TRACE_ID}-{PARENT_ID}-01-more",
+    ):
         answer = await hands_on(pb.GetSiteRequest(), metadata=(*org.auth, ("traceparent", bad)))
-        assert answer.site_id != bad
-        assert TRACE_ID not in answer.site_id
+        assert TRACE_ID not in answer.site_id, bad

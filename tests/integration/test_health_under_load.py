@@ -33,7 +33,7 @@ async def every_connection_busy(service: Service, seconds: float) -> AsyncIterat
 async def test_a_pool_all_at_work_stays_serving(database_url: str) -> None:
     async with (
         running_service(
-            database_url, db_pool_min_size=1, db_pool_max_size=2, health_interval_seconds=0.2
+            database_url, db_pool_min_size=1, db_pool_max_size=2, health_interval_seconds=0.5
         ) as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
     ):
@@ -45,9 +45,9 @@ async def test_a_pool_all_at_work_stays_serving(database_url: str) -> None:
 
         assert await status() == health_pb2.HealthCheckResponse.SERVING
         seen: set[int] = set()
-        async with every_connection_busy(server, seconds=2.0):
-            # Ten probes' time (each gives up on a connection after one interval).
-            for _ in range(20):
+        async with every_connection_busy(server, seconds=3.5):
+            # Six probes' time (each gives up on a connection after one interval).
+            for _ in range(30):
                 seen.add(await status())
                 await asyncio.sleep(0.1)
         assert seen == {health_pb2.HealthCheckResponse.SERVING}

@@ -129,7 +129,7 @@ async def test_every_watch_of_a_site_ends_not_found_when_it_is_deleted(
     )
 
 
-async def test_a_watch_of_a_site_deleted_before_its_check_is_not_found(
+async def test_a_watch_opened_on_a_deleted_site_is_not_found_and_leaves_nothing(
     service: Service,
     channel: grpc.aio.Channel,
     registry: site_registry_pb2_grpc.SiteRegistryAsyncStub,

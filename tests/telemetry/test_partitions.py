@@ -51,3 +51,14 @@ async def test_a_new_partition_is_made_beside_a_long_reader_and_keeps_the_rules(
     finally:
         await reader.close()
         await pool.close()
+
+
+async def test_a_months_table_detached_by_hand_is_named_not_skipped(fresh_database: str) -> None:
+    """Skipped as made, it left every reading of its month refused without a word."""
+    pool = await create_pool(fresh_database, 1, 2)
+    try:
+        await pool.execute("CREATE TABLE readings_p199801 (LIKE readings INCLUDING ALL)")
+        with pytest.raises(RuntimeError, match="readings_p199801 exists but is not a partition"):
+            await Partitions(pool).ensure([(1998, 1)])
+    finally:
+        await pool.close()
