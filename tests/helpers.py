@@ -10,8 +10,10 @@ from typing import Any, TypeVar
 import asyncpg
 import grpc
 import pytest
+from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from openvpp.v1 import meter_registry_pb2 as mpb
 from openvpp.v1 import site_registry_pb2 as pb
 
 T = TypeVar("T")
@@ -101,6 +103,22 @@ def site_request(
         **fields,
     )
     return request
+
+
+def meter_request(site_id: str, identifier: str = "M1", **fields: Any) -> mpb.CreateMeterRequest:
+    """A consumer's accurate register meter of the site, from the last hour of 2024 (UTC)."""
+    start = timestamp_pb2.Timestamp(seconds=1735686000)  # 2024-12-31T23:00:00Z
+    values: dict[str, Any] = {
+        "site_id": site_id,
+        "identifier": identifier,
+        "serial": "S",
+        "mpo": "MPO-1",
+        "direction": mpb.METER_DIRECTION_CONSUMER,
+        "measuring": mpb.MEASURING_READINGS_ACCURATE,
+        "start_date": start,
+    }
+    values.update(fields)
+    return mpb.CreateMeterRequest(**values)
 
 
 def battery_request(site_id: str, **fields: Any) -> pb.CreateResourceRequest:

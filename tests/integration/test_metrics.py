@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from openvpp.v1 import meter_registry_pb2 as mpb
 from openvpp.v1 import meter_registry_pb2_grpc, site_registry_pb2_grpc, telemetry_pb2_grpc
 from openvpp.v1 import site_registry_pb2 as spb
 from openvpp.v1 import telemetry_pb2 as tpb
@@ -16,7 +15,7 @@ from service.app import Service
 from service.auth.principal import Role
 from service.auth.store import IdentityStore
 from tests.conftest import running_service
-from tests.helpers import eventually, rpc_error, site_request
+from tests.helpers import eventually, meter_request, rpc_error, site_request
 from tests.metrics_reader import RecordedMetrics
 from tests.telemetry.conftest import METER_START, stamp
 
@@ -64,20 +63,7 @@ async def test_calls_readings_workers_and_streams_are_measured(
         assert recorded.value(DURATION, **rpc("GetSite", grpc.StatusCode.UNAUTHENTICATED)) == 1
         assert recorded.value(DURATION, **rpc("CreateSite", grpc.StatusCode.OK)) == 1
 
-        meter = (
-            await meters.CreateMeter(
-                mpb.CreateMeterRequest(
-                    site_id=site.id,
-                    identifier="M1",
-                    serial="S",
-                    mpo="MPO-1",
-                    direction=mpb.METER_DIRECTION_CONSUMER,
-                    measuring=mpb.MEASURING_READINGS_ACCURATE,
-                    start_date=stamp(METER_START),
-                ),
-                metadata=auth,
-            )
-        ).meter
+        meter = (await meters.CreateMeter(meter_request(site.id), metadata=auth)).meter
         day = 24 * 3600
 
         def reading(meter_id: str, offset: int, value: float) -> tpb.Reading:

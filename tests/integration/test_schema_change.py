@@ -13,8 +13,7 @@ from openvpp.v1 import meter_registry_pb2_grpc, site_registry_pb2_grpc
 from service.auth.principal import Role
 from service.auth.store import IdentityStore
 from tests.conftest import running_service
-from tests.helpers import rpc_error, site_request
-from tests.telemetry.conftest import METER_START, stamp
+from tests.helpers import meter_request, rpc_error, site_request
 
 
 async def test_a_statement_prepared_before_a_migration_is_aborted_then_succeeds(
@@ -32,20 +31,7 @@ async def test_a_statement_prepared_before_a_migration_is_aborted_then_succeeds(
             sites = site_registry_pb2_grpc.SiteRegistryStub(channel)
             meters = meter_registry_pb2_grpc.MeterRegistryStub(channel)
             site = (await sites.CreateSite(site_request(), metadata=auth)).site
-            meter = (
-                await meters.CreateMeter(
-                    mpb.CreateMeterRequest(
-                        site_id=site.id,
-                        identifier="M1",
-                        serial="S0",
-                        mpo="MPO-1",
-                        direction=mpb.METER_DIRECTION_CONSUMER,
-                        measuring=mpb.MEASURING_READINGS_ACCURATE,
-                        start_date=stamp(METER_START),
-                    ),
-                    metadata=auth,
-                )
-            ).meter
+            meter = (await meters.CreateMeter(meter_request(site.id), metadata=auth)).meter
 
             def update(serial: str) -> mpb.UpdateMeterRequest:
                 return mpb.UpdateMeterRequest(

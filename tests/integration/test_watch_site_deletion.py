@@ -6,7 +6,7 @@ their site, tests/dispatch.)"""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -19,14 +19,13 @@ from openvpp.v1 import (
     site_registry_pb2_grpc,
     telemetry_pb2_grpc,
 )
-from openvpp.v1 import meter_registry_pb2 as mpb
 from openvpp.v1 import site_registry_pb2 as spb
 from openvpp.v1 import telemetry_pb2 as tpb
 
 from service.app import Service
 from service.auth.principal import Role
-from tests.conftest import MakeOrg, Org
-from tests.helpers import eventually, resource_info, site_request
+from tests.conftest import MakeOrg
+from tests.helpers import eventually, meter_request, resource_info, site_request
 
 Watch = Any  # a grpc.aio server-streaming call
 
@@ -53,21 +52,6 @@ def stamp(value: datetime) -> timestamp_pb2.Timestamp:
     return result
 
 
-async def make_meter(
-    meters: meter_registry_pb2_grpc.MeterRegistryAsyncStub, org: Org, site_id: str
-) -> mpb.Meter:
-    request = mpb.CreateMeterRequest(
-        site_id=site_id,
-        identifier=f"1ISK{datetime.now().timestamp()}",
-        serial="1ISK0001",
-        mpo="MPO-1",
-        direction=mpb.METER_DIRECTION_CONSUMER,
-        measuring=mpb.MEASURING_READINGS_ACCURATE,
-        start_date=stamp(datetime(2024, 12, 31, 23, 0, tzinfo=UTC)),
-    )
-    return (await meters.CreateMeter(request, metadata=org.auth)).meter
-
-
 def no_watchers_of(service: Service, *site_ids: str) -> bool:
     assert service.hub is not None
     return not any(site_id in service.hub._site_watchers for site_id in site_ids)
@@ -85,7 +69,7 @@ async def test_every_watch_of_a_site_ends_not_found_when_it_is_deleted(
     balancing = balancing_pb2_grpc.BalancingStub(channel)
     doomed = (await registry.CreateSite(site_request(), metadata=partner.auth)).site
     kept = (await registry.CreateSite(site_request(), metadata=partner.auth)).site
-    meter = await make_meter(meters, partner, doomed.id)
+    meter = (await meters.CreateMeter(meter_request(doomed.id), metadata=partner.auth)).meter
 
     def watches_of(site_id: str) -> list[Watch]:
         return [
